@@ -1,0 +1,1 @@
+//! vu-mem: being written; see the crate description.

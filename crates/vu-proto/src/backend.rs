@@ -1,0 +1,1 @@
+//! TODO: backend (being written).

@@ -1,0 +1,1 @@
+//! TODO: header (being written).

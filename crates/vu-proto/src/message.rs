@@ -1,0 +1,1 @@
+//! TODO: message (being written).

@@ -1,0 +1,1 @@
+//! TODO: payloads (being written).

@@ -1,0 +1,1 @@
+//! vu-vring: being written; see the crate description.
