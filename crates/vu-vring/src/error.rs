@@ -1,0 +1,99 @@
+//! The error type of this crate.
+
+use std::io;
+
+/// The part of a split virtqueue a ring address belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RingPart {
+    /// The descriptor table (16-byte aligned).
+    Descriptors,
+    /// The available ring, written by the driver (2-byte aligned).
+    Avail,
+    /// The used ring, written by the device (4-byte aligned).
+    Used,
+}
+
+impl RingPart {
+    /// The alignment the virtio specification requires for this part, in bytes.
+    pub const fn align(self) -> u64 {
+        match self {
+            RingPart::Descriptors => 16,
+            RingPart::Avail => 2,
+            RingPart::Used => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for RingPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingPart::Descriptors => "descriptor table",
+            RingPart::Avail => "available ring",
+            RingPart::Used => "used ring",
+        })
+    }
+}
+
+/// Errors of vring operations.
+///
+/// Each variant carries the value that was refused, so that the daemon can log it and answer
+/// the frontend without guessing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The maximum queue size given at creation is not a power of two between 1 and 32768.
+    #[error("invalid maximum queue size {max}: must be a power of two between 1 and 32768")]
+    InvalidMaxQueueSize {
+        /// The refused maximum size.
+        max: u16,
+    },
+    /// A queue size (SET_VRING_NUM) is zero, not a power of two, or above the maximum.
+    #[error("invalid queue size {size}: must be a power of two between 1 and {max}")]
+    InvalidQueueSize {
+        /// The refused size.
+        size: u16,
+        /// The maximum size this vring was created with.
+        max: u16,
+    },
+    /// A ring address (SET_VRING_ADDR) breaks the alignment the virtio specification requires.
+    #[error("{part} address {addr:#x} is not aligned to {} bytes", part.align())]
+    MisalignedRing {
+        /// Which part of the virtqueue the address is for.
+        part: RingPart,
+        /// The refused guest address.
+        addr: u64,
+    },
+    /// Putting a descriptor chain into the used ring failed.
+    #[error("adding head {head} to the used ring failed: {source}")]
+    AddUsed {
+        /// The head index of the chain that could not be added.
+        head: u16,
+        /// What virtio-queue reported (for example an out of range head or unmapped memory).
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Another virtio-queue operation failed (notification suppression, ring index access).
+    #[error("virtqueue operation failed: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// Reading a driver field (avail flags or `used_event`) from guest memory failed.
+    #[error("reading guest memory at {addr:#x} failed: {source}")]
+    GuestMemory {
+        /// The guest address that could not be read.
+        addr: u64,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A guest address computed from the ring address and size overflows `u64`.
+    #[error("ring address {base:#x} + offset {offset:#x} overflows")]
+    AddressOverflow {
+        /// The ring base address.
+        base: u64,
+        /// The offset that was added to it.
+        offset: u64,
+    },
+    /// Writing the call eventfd failed.
+    #[error("signalling the call eventfd failed: {0}")]
+    Io(#[from] io::Error),
+}

@@ -1,0 +1,496 @@
+//! [`VringData`]: the plain state of one vring, which every [`VringT`](crate::VringT) guard
+//! dereferences to.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::num::Wrapping;
+use std::ops::Deref;
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+use crate::error::{Error, RingPart};
+
+/// The largest queue size the split virtqueue format allows (virtio 1.2, 2.7: "Queue Size
+/// value is always a power of 2. The maximum Queue Size value is 32768").
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Bit 0 of the available ring's `flags`: the driver asks the device not to interrupt it
+/// (only meaningful without `VIRTIO_F_EVENT_IDX`).
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Offset of `used_event` in the available ring is `AVAIL_HEADER + 2 * size`: the header is
+/// `flags: u16` and `idx: u16`.
+const AVAIL_HEADER: u64 = 4;
+/// Size of one `ring[]` entry of the available ring.
+const AVAIL_ELEM: u64 = 2;
+/// The used ring header: `flags: u16`, `idx: u16`.
+const USED_HEADER: u64 = 4;
+/// Size of one used element: `id: u32`, `len: u32`.
+const USED_ELEM: u64 = 8;
+/// The trailing `avail_event: u16` of the used ring.
+const USED_TRAILER: u64 = 2;
+
+/// The three states a vring can be in (vhost-user spec, "Ring states").
+///
+/// A ring is *started* from the moment the daemon marks it ready (on `SET_VRING_KICK`) until
+/// it is stopped (on `GET_VRING_BASE` or a reset); a started ring is processed only when it is
+/// also *enabled* (`SET_VRING_ENABLE`, or from the start when `VHOST_USER_F_PROTOCOL_FEATURES`
+/// was not negotiated). The daemon decides the transitions; the vring only stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RingState {
+    /// Not started: the backend must not touch the rings.
+    Stopped,
+    /// Started but disabled: the backend consumes kicks but does not process buffers.
+    Disabled,
+    /// Started and enabled: the backend processes buffers.
+    Enabled,
+}
+
+/// The plain, unsynchronised state of one vring.
+///
+/// Every guard of a [`VringT`](crate::VringT) implementation dereferences to this type, so
+/// code holding `vring.get_mut()` calls these methods directly. It owns the
+/// [`virtio_queue::Queue`], the guest memory handle, the three eventfds (stored as [`File`]s),
+/// the enabled flag and the dirty-log address of the used ring.
+#[derive(Debug)]
+pub struct VringData<M: GuestAddressSpace> {
+    queue: Queue,
+    mem: M,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    log_guest_addr: Option<u64>,
+    /// `next_used` when the notification decision was last taken; entries past it are the
+    /// ones a notification would announce.
+    notified_used: Wrapping<u16>,
+}
+
+impl<M: GuestAddressSpace> VringData<M> {
+    /// Creates the state of a stopped, disabled vring whose size is `max_queue_size`.
+    ///
+    /// Refuses a maximum size that is not a power of two between 1 and [`MAX_QUEUE_SIZE`].
+    pub fn new(mem: M, max_queue_size: u16) -> Result<Self, Error> {
+        if !is_valid_size(max_queue_size, MAX_QUEUE_SIZE) {
+            return Err(Error::InvalidMaxQueueSize {
+                max: max_queue_size,
+            });
+        }
+        let queue = Queue::new(max_queue_size)?;
+        Ok(VringData {
+            queue,
+            mem,
+            kick: None,
+            call: None,
+            err: None,
+            enabled: false,
+            log_guest_addr: None,
+            notified_used: Wrapping(0),
+        })
+    }
+
+    /// The underlying virtio-queue [`Queue`] (named as in the reference implementation, see
+    /// the crate documentation).
+    pub fn get_queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The underlying virtio-queue [`Queue`], mutably: iterate over available chains with
+    /// `get_queue_mut().iter(mem)` and complete them with `get_queue_mut().add_used(..)`.
+    pub fn get_queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    /// The guest memory handle this vring reads and writes through.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// Pops the next available descriptor chain, or `None` when the driver has offered
+    /// nothing new (or the ring is not valid in guest memory).
+    pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
+        self.queue.pop_descriptor_chain(self.mem.memory())
+    }
+
+    /// Puts one completed chain into the used ring and publishes the new used index.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), Error> {
+        let mem = self.mem.memory();
+        self.queue
+            .add_used(mem.deref(), head, len)
+            .map_err(|source| Error::AddUsed { head, source })
+    }
+
+    /// Puts many completed chains `(head, len)` into the used ring, taking the memory
+    /// snapshot once, and returns how many were added.
+    ///
+    /// It does not notify: call [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)
+    /// once after the batch. On error the entries before the failing one are already
+    /// published in the used ring.
+    pub fn add_used_batch<I>(&mut self, used: I) -> Result<u16, Error>
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
+        let mem = self.mem.memory();
+        let mut added = 0u16;
+        for (head, len) in used {
+            self.queue
+                .add_used(mem.deref(), head, len)
+                .map_err(|source| Error::AddUsed { head, source })?;
+            added = added.wrapping_add(1);
+        }
+        Ok(added)
+    }
+
+    /// Writes the call eventfd, telling the frontend that the used ring has new entries.
+    ///
+    /// Does nothing when no call fd is set (the frontend then expects an in-band
+    /// `VRING_CALL` message, which the daemon sends). This is unconditional: prefer
+    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed).
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        match &self.call {
+            Some(call) => eventfd_add_one(call),
+            None => Ok(()),
+        }
+    }
+
+    /// Decides whether the driver wants to be notified of the used entries added since the
+    /// last decision, and restarts the count.
+    ///
+    /// - Nothing added since the last decision: `false`.
+    /// - With `VIRTIO_F_EVENT_IDX`: `true` when the driver's `used_event` lies in the window
+    ///   of indices added since the last decision (the "crossed `used_event`" test of the
+    ///   virtio specification, applied to a whole batch as Linux's `vring_need_event` does).
+    /// - Without: `true` unless the driver set [`VRING_AVAIL_F_NO_INTERRUPT`] in the
+    ///   available ring's flags.
+    ///
+    /// The window is computed from `next_used` itself, so entries added directly through
+    /// [`get_queue_mut`](Self::get_queue_mut) count as well. virtio-queue's own
+    /// `Queue::needs_notification` is not used: it ignores `VRING_AVAIL_F_NO_INTERRUPT` and
+    /// answers `true` when nothing was added.
+    pub fn needs_notification(&mut self) -> Result<bool, Error> {
+        let used = Wrapping(self.queue.next_used());
+        let old = self.notified_used;
+        if used == old {
+            return Ok(false);
+        }
+        // The used index store in `add_used` (Release) must be visible to the driver before
+        // we read what the driver asked for; otherwise both sides can miss each other's update
+        // and the driver sleeps forever.
+        fence(Ordering::SeqCst);
+        let needed = if self.queue.event_idx_enabled() {
+            let offset = AVAIL_HEADER + AVAIL_ELEM * u64::from(self.queue.size());
+            let used_event = Wrapping(self.read_avail_u16(offset)?);
+            used - used_event - Wrapping(1) < used - old
+        } else {
+            self.read_avail_u16(0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
+        };
+        self.notified_used = used;
+        Ok(needed)
+    }
+
+    /// Signals the call eventfd once if the entries added since the last decision need a
+    /// notification (see [`needs_notification`](Self::needs_notification)).
+    ///
+    /// Returns whether a notification was needed. When it was but no call fd is set, the
+    /// caller (the daemon) is responsible for the in-band `VRING_CALL`.
+    pub fn signal_used_queue_if_needed(&mut self) -> Result<bool, Error> {
+        let needed = self.needs_notification()?;
+        if needed {
+            self.signal_used_queue()?;
+        }
+        Ok(needed)
+    }
+
+    /// Re-enables driver notifications (kicks) and returns whether new chains arrived in the
+    /// meantime, in which case the caller processes the queue again.
+    pub fn enable_notification(&mut self) -> Result<bool, Error> {
+        let mem = self.mem.memory();
+        Ok(self.queue.enable_notification(mem.deref())?)
+    }
+
+    /// Asks the driver not to kick while the queue is being processed.
+    pub fn disable_notification(&mut self) -> Result<(), Error> {
+        let mem = self.mem.memory();
+        Ok(self.queue.disable_notification(mem.deref())?)
+    }
+
+    /// Whether the ring is enabled (`SET_VRING_ENABLE`).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Sets the enabled flag (`SET_VRING_ENABLE`).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// Whether the ring is started (ready): set by the daemon on `SET_VRING_KICK`, cleared on
+    /// `GET_VRING_BASE`.
+    pub fn ready(&self) -> bool {
+        self.queue.ready()
+    }
+
+    /// Marks the ring started or stopped.
+    pub fn set_queue_ready(&mut self, ready: bool) {
+        self.queue.set_ready(ready);
+    }
+
+    /// The spec's ring state, derived from `ready` and `enabled`.
+    pub fn ring_state(&self) -> RingState {
+        match (self.ready(), self.enabled) {
+            (false, _) => RingState::Stopped,
+            (true, false) => RingState::Disabled,
+            (true, true) => RingState::Enabled,
+        }
+    }
+
+    /// Sets the guest addresses of the descriptor table, the available ring and the used ring
+    /// (`SET_VRING_ADDR`, after the daemon translated the frontend's VMM addresses).
+    ///
+    /// All three are checked before any is stored, so a refused request changes nothing.
+    pub fn set_queue_info(&mut self, desc: u64, avail: u64, used: u64) -> Result<(), Error> {
+        for (part, addr) in [
+            (RingPart::Descriptors, desc),
+            (RingPart::Avail, avail),
+            (RingPart::Used, used),
+        ] {
+            if addr % part.align() != 0 {
+                return Err(Error::MisalignedRing { part, addr });
+            }
+        }
+        self.queue.try_set_desc_table_address(GuestAddress(desc))?;
+        self.queue.try_set_avail_ring_address(GuestAddress(avail))?;
+        self.queue.try_set_used_ring_address(GuestAddress(used))?;
+        Ok(())
+    }
+
+    /// The guest addresses of the descriptor table, available ring and used ring.
+    pub fn queue_info(&self) -> (u64, u64, u64) {
+        (
+            self.queue.desc_table(),
+            self.queue.avail_ring(),
+            self.queue.used_ring(),
+        )
+    }
+
+    /// Sets the queue size (`SET_VRING_NUM`).
+    ///
+    /// Refuses 0, a size that is not a power of two, or one above the maximum given at
+    /// creation (itself at most [`MAX_QUEUE_SIZE`]); the size is then unchanged.
+    pub fn set_queue_size(&mut self, size: u16) -> Result<(), Error> {
+        let max = self.queue.max_size();
+        if !is_valid_size(size, max) {
+            return Err(Error::InvalidQueueSize { size, max });
+        }
+        self.queue
+            .try_set_size(size)
+            .map_err(|_| Error::InvalidQueueSize { size, max })
+    }
+
+    /// The current queue size.
+    pub fn queue_size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// The maximum queue size given at creation.
+    pub fn max_queue_size(&self) -> u16 {
+        self.queue.max_size()
+    }
+
+    /// Turns `VIRTIO_F_RING_EVENT_IDX` handling on or off (from the acked features).
+    pub fn set_queue_event_idx(&mut self, enabled: bool) {
+        self.queue.set_event_idx(enabled);
+    }
+
+    /// Whether `VIRTIO_F_RING_EVENT_IDX` handling is on.
+    pub fn event_idx(&self) -> bool {
+        self.queue.event_idx_enabled()
+    }
+
+    /// The index of the next available entry the device will read (`GET_VRING_BASE`).
+    pub fn queue_next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Sets the index of the next available entry (`SET_VRING_BASE`).
+    pub fn set_queue_next_avail(&mut self, idx: u16) {
+        self.queue.set_next_avail(idx);
+    }
+
+    /// The index of the next used entry the device will write.
+    pub fn queue_next_used(&self) -> u16 {
+        self.queue.next_used()
+    }
+
+    /// Sets the index of the next used entry, typically to
+    /// [`queue_used_idx`](Self::queue_used_idx) once the ring addresses are known. This also
+    /// restarts the notification window.
+    pub fn set_queue_next_used(&mut self, idx: u16) {
+        self.queue.set_next_used(idx);
+        self.notified_used = Wrapping(idx);
+    }
+
+    /// Reads the used ring's `idx` from guest memory.
+    pub fn queue_used_idx(&self) -> Result<u16, Error> {
+        let mem = self.mem.memory();
+        Ok(self.queue.used_idx(mem.deref(), Ordering::Acquire)?.0)
+    }
+
+    /// The kick eventfd (driver to device), if set.
+    pub fn get_kick(&self) -> Option<&File> {
+        self.kick.as_ref()
+    }
+
+    /// The call eventfd (device to driver), if set.
+    pub fn get_call(&self) -> Option<&File> {
+        self.call.as_ref()
+    }
+
+    /// The error eventfd (device to frontend), if set.
+    pub fn get_err(&self) -> Option<&File> {
+        self.err.as_ref()
+    }
+
+    /// Sets or clears the kick eventfd (`SET_VRING_KICK`), closing the previous one.
+    pub fn set_kick(&mut self, fd: Option<File>) {
+        self.kick = fd;
+    }
+
+    /// Sets or clears the call eventfd (`SET_VRING_CALL`), closing the previous one.
+    pub fn set_call(&mut self, fd: Option<File>) {
+        self.call = fd;
+    }
+
+    /// Sets or clears the error eventfd (`SET_VRING_ERR`), closing the previous one.
+    pub fn set_err(&mut self, fd: Option<File>) {
+        self.err = fd;
+    }
+
+    /// Consumes the kick eventfd's counter and returns whether the ring is enabled, i.e.
+    /// whether the kick should lead to processing the queue.
+    ///
+    /// An empty counter on a non-blocking eventfd (a spurious wake-up) is not an error.
+    pub fn read_kick(&self) -> io::Result<bool> {
+        if let Some(kick) = &self.kick {
+            eventfd_take(kick)?;
+        }
+        Ok(self.enabled)
+    }
+
+    /// Delivers a kick that arrived in-band (`VHOST_USER_VRING_KICK`) by adding one to the
+    /// kick eventfd, so the worker wakes exactly as for a kick from the driver.
+    ///
+    /// With in-band notifications the frontend sends no kick fd; the daemon then installs an
+    /// eventfd of its own with [`set_kick`](Self::set_kick). Returns `false` when no kick fd
+    /// is set, so the kick could not be delivered.
+    pub fn deliver_kick(&self) -> io::Result<bool> {
+        match &self.kick {
+            Some(kick) => eventfd_add_one(kick).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Writes the error eventfd, telling the frontend that this vring hit an error.
+    /// Does nothing when none is set.
+    pub fn signal_error(&self) -> io::Result<()> {
+        match &self.err {
+            Some(err) => eventfd_add_one(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets where used-ring writes must be logged during migration: `Some(log_guest_addr)`
+    /// when `SET_VRING_ADDR` carried `VHOST_VRING_F_LOG`, `None` otherwise.
+    pub fn set_log_guest_addr(&mut self, log_guest_addr: Option<u64>) {
+        self.log_guest_addr = log_guest_addr;
+    }
+
+    /// The used ring's address for dirty logging, when `VHOST_VRING_F_LOG` is set.
+    pub fn log_guest_addr(&self) -> Option<u64> {
+        self.log_guest_addr
+    }
+
+    /// The log-address range covering the whole used ring (header, `size` elements and
+    /// `avail_event`), when logging is on and the range does not overflow.
+    ///
+    /// After completing chains the daemon marks this range dirty in the log (vu-mem's
+    /// bitmap); marking the whole ring is a little coarser than per element but never
+    /// misses a write.
+    pub fn log_used(&self) -> Option<std::ops::Range<u64>> {
+        let start = self.log_guest_addr?;
+        let len = USED_HEADER + USED_ELEM * u64::from(self.queue.size()) + USED_TRAILER;
+        Some(start..start.checked_add(len)?)
+    }
+
+    /// Returns the vring to its state at creation (`RESET_OWNER`, `RESET_DEVICE`): stopped,
+    /// disabled, size back to the maximum, default addresses, indices zero, no eventfds, no
+    /// event index, no logging. The memory handle is kept.
+    pub fn reset(&mut self) {
+        self.queue.reset();
+        self.kick = None;
+        self.call = None;
+        self.err = None;
+        self.enabled = false;
+        self.log_guest_addr = None;
+        self.notified_used = Wrapping(0);
+    }
+
+    fn read_avail_u16(&self, offset: u64) -> Result<u16, Error> {
+        let base = self.queue.avail_ring();
+        let addr = base
+            .checked_add(offset)
+            .ok_or(Error::AddressOverflow { base, offset })?;
+        let mem = self.mem.memory();
+        mem.load::<u16>(GuestAddress(addr), Ordering::Relaxed)
+            .map(u16::from_le)
+            .map_err(|source| Error::GuestMemory { addr, source })
+    }
+}
+
+/// A queue size is valid when it is a non-zero power of two no larger than `max`.
+fn is_valid_size(size: u16, max: u16) -> bool {
+    size.is_power_of_two() && size <= max && size <= MAX_QUEUE_SIZE
+}
+
+/// Adds one to an eventfd counter. A full counter (EAGAIN) already wakes the reader, so it
+/// counts as delivered.
+fn eventfd_add_one(fd: &File) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    loop {
+        match (&*fd).write(&one) {
+            Ok(n) if n == one.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short eventfd write of {n} bytes"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads (and so resets) an eventfd counter, returning it; 0 when a non-blocking eventfd was
+/// empty.
+fn eventfd_take(fd: &File) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    loop {
+        match (&*fd).read(&mut buf) {
+            Ok(n) if n == buf.len() => return Ok(u64::from_ne_bytes(buf)),
+            Ok(n) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short eventfd read of {n} bytes"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
+        }
+    }
+}

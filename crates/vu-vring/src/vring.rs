@@ -1,0 +1,996 @@
+//! The [`VringT`] trait and its three implementations.
+
+use std::cell::{Ref, RefCell, RefMut};
+use std::fs::File;
+use std::io;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestAddressSpace;
+
+use crate::error::Error;
+use crate::state::{RingState, VringData};
+
+/// Names the shared guard type a [`VringT`] returns from [`get_ref`](VringT::get_ref).
+///
+/// A separate trait with a lifetime parameter lets each implementation choose a guard that
+/// borrows from it (a `Ref`, a `MutexGuard`, a read guard).
+pub trait VringStateGuard<'a, M: GuestAddressSpace> {
+    /// The shared guard; it dereferences to the vring's [`VringData`].
+    type G: Deref<Target = VringData<M>>;
+}
+
+/// Names the exclusive guard type a [`VringT`] returns from [`get_mut`](VringT::get_mut).
+pub trait VringStateMutGuard<'a, M: GuestAddressSpace> {
+    /// The exclusive guard; it dereferences mutably to the vring's [`VringData`].
+    type G: DerefMut<Target = VringData<M>>;
+}
+
+/// Access to one vring through `&self`, whatever the synchronisation.
+///
+/// Every method takes `&self` and locks (or borrows) for the duration of that one call, so
+/// never call a method of the same vring while holding one of its guards: [`VringMutex`] and
+/// [`VringRwLock`] deadlock, [`VringState`] panics. In particular the temporaries of a
+/// `while let` condition live until the end of the loop body, so pop the chain in a `let`
+/// (or use [`pop_descriptor_chain`](Self::pop_descriptor_chain)) before completing it.
+///
+/// The trait has no `Send`/`Sync` supertraits; see the crate documentation.
+pub trait VringT<M: GuestAddressSpace>:
+    for<'a> VringStateGuard<'a, M> + for<'a> VringStateMutGuard<'a, M>
+{
+    /// Creates a stopped, disabled vring of size `max_queue_size` over `mem`.
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, Error>
+    where
+        Self: Sized;
+
+    /// Shared access to the state (a read lock for [`VringRwLock`]).
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, M>>::G;
+
+    /// Exclusive access to the state.
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, M>>::G;
+
+    /// Pops the next available descriptor chain; see [`VringData::pop_descriptor_chain`].
+    fn pop_descriptor_chain(&self) -> Option<DescriptorChain<M::T>> {
+        self.get_mut().pop_descriptor_chain()
+    }
+
+    /// Puts one completed chain into the used ring; see [`VringData::add_used`].
+    fn add_used(&self, head: u16, len: u32) -> Result<(), Error> {
+        self.get_mut().add_used(head, len)
+    }
+
+    /// Puts many completed chains into the used ring under one lock; see
+    /// [`VringData::add_used_batch`].
+    fn add_used_batch<I>(&self, used: I) -> Result<u16, Error>
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
+        self.get_mut().add_used_batch(used)
+    }
+
+    /// Writes the call eventfd unconditionally; see [`VringData::signal_used_queue`].
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.get_ref().signal_used_queue()
+    }
+
+    /// Signals once if the entries added since the last decision need it; see
+    /// [`VringData::signal_used_queue_if_needed`].
+    fn signal_used_queue_if_needed(&self) -> Result<bool, Error> {
+        self.get_mut().signal_used_queue_if_needed()
+    }
+
+    /// Re-enables driver notifications, returning whether chains arrived meanwhile; see
+    /// [`VringData::enable_notification`].
+    fn enable_notification(&self) -> Result<bool, Error> {
+        self.get_mut().enable_notification()
+    }
+
+    /// Suppresses driver notifications; see [`VringData::disable_notification`].
+    fn disable_notification(&self) -> Result<(), Error> {
+        self.get_mut().disable_notification()
+    }
+
+    /// Whether the driver wants a notification; see [`VringData::needs_notification`].
+    fn needs_notification(&self) -> Result<bool, Error> {
+        self.get_mut().needs_notification()
+    }
+
+    /// Whether the ring is enabled.
+    fn is_enabled(&self) -> bool {
+        self.get_ref().is_enabled()
+    }
+
+    /// Sets the enabled flag (`SET_VRING_ENABLE`).
+    fn set_enabled(&self, enabled: bool) {
+        self.get_mut().set_enabled(enabled);
+    }
+
+    /// Whether the ring is started.
+    fn ready(&self) -> bool {
+        self.get_ref().ready()
+    }
+
+    /// Marks the ring started or stopped.
+    fn set_queue_ready(&self, ready: bool) {
+        self.get_mut().set_queue_ready(ready);
+    }
+
+    /// The spec's ring state; see [`RingState`].
+    fn ring_state(&self) -> RingState {
+        self.get_ref().ring_state()
+    }
+
+    /// Sets the ring guest addresses; see [`VringData::set_queue_info`].
+    fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), Error> {
+        self.get_mut().set_queue_info(desc, avail, used)
+    }
+
+    /// The ring guest addresses `(desc, avail, used)`.
+    fn queue_info(&self) -> (u64, u64, u64) {
+        self.get_ref().queue_info()
+    }
+
+    /// Sets the queue size; see [`VringData::set_queue_size`].
+    fn set_queue_size(&self, size: u16) -> Result<(), Error> {
+        self.get_mut().set_queue_size(size)
+    }
+
+    /// The current queue size.
+    fn queue_size(&self) -> u16 {
+        self.get_ref().queue_size()
+    }
+
+    /// Turns `VIRTIO_F_RING_EVENT_IDX` handling on or off.
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.get_mut().set_queue_event_idx(enabled);
+    }
+
+    /// Whether `VIRTIO_F_RING_EVENT_IDX` handling is on.
+    fn event_idx(&self) -> bool {
+        self.get_ref().event_idx()
+    }
+
+    /// The next available index (`GET_VRING_BASE`).
+    fn queue_next_avail(&self) -> u16 {
+        self.get_ref().queue_next_avail()
+    }
+
+    /// Sets the next available index (`SET_VRING_BASE`).
+    fn set_queue_next_avail(&self, idx: u16) {
+        self.get_mut().set_queue_next_avail(idx);
+    }
+
+    /// The next used index.
+    fn queue_next_used(&self) -> u16 {
+        self.get_ref().queue_next_used()
+    }
+
+    /// Sets the next used index; see [`VringData::set_queue_next_used`].
+    fn set_queue_next_used(&self, idx: u16) {
+        self.get_mut().set_queue_next_used(idx);
+    }
+
+    /// Reads the used ring's `idx` from guest memory.
+    fn queue_used_idx(&self) -> Result<u16, Error> {
+        self.get_ref().queue_used_idx()
+    }
+
+    /// Sets or clears the kick eventfd.
+    fn set_kick(&self, fd: Option<File>) {
+        self.get_mut().set_kick(fd);
+    }
+
+    /// Sets or clears the call eventfd.
+    fn set_call(&self, fd: Option<File>) {
+        self.get_mut().set_call(fd);
+    }
+
+    /// Sets or clears the error eventfd.
+    fn set_err(&self, fd: Option<File>) {
+        self.get_mut().set_err(fd);
+    }
+
+    /// Consumes the kick counter and returns whether the ring is enabled; see
+    /// [`VringData::read_kick`].
+    fn read_kick(&self) -> io::Result<bool> {
+        self.get_ref().read_kick()
+    }
+
+    /// Delivers an in-band kick through the kick eventfd; see [`VringData::deliver_kick`].
+    fn deliver_kick(&self) -> io::Result<bool> {
+        self.get_ref().deliver_kick()
+    }
+
+    /// Writes the error eventfd; see [`VringData::signal_error`].
+    fn signal_error(&self) -> io::Result<()> {
+        self.get_ref().signal_error()
+    }
+
+    /// Sets the used-ring log address; see [`VringData::set_log_guest_addr`].
+    fn set_log_guest_addr(&self, log_guest_addr: Option<u64>) {
+        self.get_mut().set_log_guest_addr(log_guest_addr);
+    }
+
+    /// The log range of the used ring, when logging is on; see [`VringData::log_used`].
+    fn log_used(&self) -> Option<std::ops::Range<u64>> {
+        self.get_ref().log_used()
+    }
+
+    /// Returns the vring to its state at creation; see [`VringData::reset`].
+    fn reset(&self) {
+        self.get_mut().reset();
+    }
+}
+
+/// A vring for one thread: a [`RefCell`] around [`VringData`], no lock, no atomics.
+///
+/// It is `Send` (when `M` is) but not `Sync`, so the compiler keeps it on the thread of a
+/// single-threaded daemon. Holding a guard while calling another method of the same vring
+/// panics ("already borrowed") instead of deadlocking.
+#[derive(Debug)]
+pub struct VringState<M: GuestAddressSpace> {
+    state: RefCell<VringData<M>>,
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateGuard<'a, M> for VringState<M> {
+    type G = Ref<'a, VringData<M>>;
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateMutGuard<'a, M> for VringState<M> {
+    type G = RefMut<'a, VringData<M>>;
+}
+
+impl<M: 'static + GuestAddressSpace> VringT<M> for VringState<M> {
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, Error> {
+        Ok(VringState {
+            state: RefCell::new(VringData::new(mem, max_queue_size)?),
+        })
+    }
+
+    fn get_ref(&self) -> Ref<'_, VringData<M>> {
+        self.state.borrow()
+    }
+
+    fn get_mut(&self) -> RefMut<'_, VringData<M>> {
+        self.state.borrow_mut()
+    }
+}
+
+/// A vring shared between threads behind an `Arc<Mutex<_>>`; clones share the same vring.
+///
+/// A poisoned lock (a thread panicked while holding it) is entered anyway: the state is plain
+/// data whose every update is a single store, so there is no half-made invariant to protect,
+/// and the daemon should keep serving the other rings.
+#[derive(Debug)]
+pub struct VringMutex<M: GuestAddressSpace> {
+    state: Arc<Mutex<VringData<M>>>,
+}
+
+impl<M: GuestAddressSpace> Clone for VringMutex<M> {
+    fn clone(&self) -> Self {
+        VringMutex {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateGuard<'a, M> for VringMutex<M> {
+    type G = MutexGuard<'a, VringData<M>>;
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateMutGuard<'a, M> for VringMutex<M> {
+    type G = MutexGuard<'a, VringData<M>>;
+}
+
+impl<M: 'static + GuestAddressSpace> VringT<M> for VringMutex<M> {
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, Error> {
+        Ok(VringMutex {
+            state: Arc::new(Mutex::new(VringData::new(mem, max_queue_size)?)),
+        })
+    }
+
+    fn get_ref(&self) -> MutexGuard<'_, VringData<M>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get_mut(&self) -> MutexGuard<'_, VringData<M>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A vring shared between threads behind an `Arc<RwLock<_>>`; clones share the same vring.
+///
+/// Read-only operations ([`read_kick`](VringT::read_kick),
+/// [`signal_used_queue`](VringT::signal_used_queue), index reads) take the read lock, so a
+/// kick can be consumed while another thread inspects the ring. Poisoning is handled as for
+/// [`VringMutex`].
+#[derive(Debug)]
+pub struct VringRwLock<M: GuestAddressSpace> {
+    state: Arc<RwLock<VringData<M>>>,
+}
+
+impl<M: GuestAddressSpace> Clone for VringRwLock<M> {
+    fn clone(&self) -> Self {
+        VringRwLock {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateGuard<'a, M> for VringRwLock<M> {
+    type G = RwLockReadGuard<'a, VringData<M>>;
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateMutGuard<'a, M> for VringRwLock<M> {
+    type G = RwLockWriteGuard<'a, VringData<M>>;
+}
+
+impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, Error> {
+        Ok(VringRwLock {
+            state: Arc::new(RwLock::new(VringData::new(mem, max_queue_size)?)),
+        })
+    }
+
+    fn get_ref(&self) -> RwLockReadGuard<'_, VringData<M>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get_mut(&self) -> RwLockWriteGuard<'_, VringData<M>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::ops::Deref;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::sync::atomic::Ordering;
+
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::state::{RingState, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
+    use crate::RingPart;
+
+    type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+    const MAX: u16 = 256;
+    const SIZE: u16 = 16;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFFERS: u64 = 0x10000;
+    const BUF_LEN: u32 = 0x100;
+    const MEM_LEN: usize = 0x20000;
+
+    /// Plays the driver: writes descriptors and the available ring by hand, reads the used
+    /// ring back.
+    struct Driver {
+        mem: Mem,
+        avail_idx: u16,
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap();
+            Driver {
+                mem: GuestMemoryAtomic::new(mmap),
+                avail_idx: 0,
+            }
+        }
+
+        /// Offers `n` one-descriptor chains; the head of each is its slot in the table.
+        fn offer(&mut self, n: u16) {
+            let m = self.mem.memory();
+            for _ in 0..n {
+                let head = self.avail_idx % SIZE;
+                let desc = DESC + 16 * u64::from(head);
+                let buf = BUFFERS + u64::from(BUF_LEN) * u64::from(head);
+                m.write_obj(buf.to_le(), GuestAddress(desc)).unwrap();
+                m.write_obj(BUF_LEN.to_le(), GuestAddress(desc + 8))
+                    .unwrap();
+                m.write_obj(0u16, GuestAddress(desc + 12)).unwrap();
+                m.write_obj(0u16, GuestAddress(desc + 14)).unwrap();
+                let slot = AVAIL + 4 + 2 * u64::from(head);
+                m.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+                self.avail_idx = self.avail_idx.wrapping_add(1);
+            }
+            m.store(
+                self.avail_idx.to_le(),
+                GuestAddress(AVAIL + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        }
+
+        fn set_avail_flags(&self, flags: u16) {
+            let m = self.mem.memory();
+            m.write_obj(flags.to_le(), GuestAddress(AVAIL)).unwrap();
+        }
+
+        fn set_used_event(&self, used_event: u16) {
+            let m = self.mem.memory();
+            let addr = AVAIL + 4 + 2 * u64::from(SIZE);
+            m.write_obj(used_event.to_le(), GuestAddress(addr)).unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            let m = self.mem.memory();
+            u16::from_le(m.read_obj(GuestAddress(USED + 2)).unwrap())
+        }
+
+        fn used_flags(&self) -> u16 {
+            let m = self.mem.memory();
+            u16::from_le(m.read_obj(GuestAddress(USED)).unwrap())
+        }
+
+        fn avail_event(&self) -> u16 {
+            let m = self.mem.memory();
+            let addr = USED + 4 + 8 * u64::from(SIZE);
+            u16::from_le(m.read_obj(GuestAddress(addr)).unwrap())
+        }
+
+        fn used_elem(&self, i: u16) -> (u32, u32) {
+            let m = self.mem.memory();
+            let addr = USED + 4 + 8 * u64::from(i % SIZE);
+            let id: u32 = m.read_obj(GuestAddress(addr)).unwrap();
+            let len: u32 = m.read_obj(GuestAddress(addr + 4)).unwrap();
+            (u32::from_le(id), u32::from_le(len))
+        }
+    }
+
+    /// A non-blocking eventfd as two `File`s sharing one counter: one for the vring, one for
+    /// the test to read.
+    fn eventfd_pair() -> (File, File) {
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: `into_raw_fd` gives up the EventFd's ownership of a valid, open fd, so the
+        // File becomes its only owner.
+        let file = unsafe { File::from_raw_fd(efd.into_raw_fd()) };
+        let other = file.try_clone().unwrap();
+        (file, other)
+    }
+
+    /// Takes the eventfd counter (0 when empty).
+    fn counter(fd: &File) -> u64 {
+        let mut buf = [0u8; 8];
+        match (&*fd).read(&mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            other => panic!("unexpected eventfd read {other:?}"),
+        }
+    }
+
+    /// A started, enabled vring of size `SIZE` over the driver's memory.
+    fn started<V: VringT<Mem>>() -> (V, Driver) {
+        let driver = Driver::new();
+        let vring = V::new(driver.mem.clone(), MAX).unwrap();
+        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        (vring, driver)
+    }
+
+    /// Pops every offered chain and returns their heads.
+    fn pop_all<V: VringT<Mem>>(vring: &V) -> Vec<u16> {
+        let mut heads = Vec::new();
+        while let Some(chain) = vring.pop_descriptor_chain() {
+            heads.push(chain.head_index());
+        }
+        heads
+    }
+
+    fn new_refuses_bad_max_sizes<V: VringT<Mem>>() {
+        let mem = Driver::new().mem;
+        for max in [0, 3, 65535] {
+            let err = V::new(mem.clone(), max).err().unwrap();
+            assert!(matches!(err, Error::InvalidMaxQueueSize { max: m } if m == max));
+        }
+    }
+
+    fn new_vring_is_stopped_disabled_and_at_max_size<V: VringT<Mem>>() {
+        let vring = V::new(Driver::new().mem, MAX).unwrap();
+        assert_eq!(vring.ring_state(), RingState::Stopped);
+        assert!(!vring.is_enabled());
+        assert_eq!(vring.queue_size(), MAX);
+        assert!(!vring.event_idx());
+    }
+
+    fn largest_max_size_is_accepted<V: VringT<Mem>>() {
+        let vring = V::new(Driver::new().mem, MAX_QUEUE_SIZE).unwrap();
+        vring.set_queue_size(MAX_QUEUE_SIZE).unwrap();
+        assert_eq!(vring.queue_size(), MAX_QUEUE_SIZE);
+    }
+
+    fn queue_size_zero_is_refused<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let err = vring.set_queue_size(0).unwrap_err();
+        assert!(matches!(err, Error::InvalidQueueSize { size: 0, max: MAX }));
+        assert_eq!(vring.queue_size(), SIZE);
+    }
+
+    fn queue_size_not_power_of_two_is_refused<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let err = vring.set_queue_size(3).unwrap_err();
+        assert!(matches!(err, Error::InvalidQueueSize { size: 3, max: MAX }));
+        assert_eq!(vring.queue_size(), SIZE);
+    }
+
+    fn queue_size_65535_is_refused<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let err = vring.set_queue_size(65535).unwrap_err();
+        assert!(matches!(err, Error::InvalidQueueSize { size: 65535, .. }));
+        assert_eq!(vring.queue_size(), SIZE);
+    }
+
+    fn queue_size_above_max_is_refused<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let err = vring.set_queue_size(2 * MAX).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::InvalidQueueSize {
+                size: 512,
+                max: MAX
+            }
+        ));
+        assert_eq!(vring.queue_size(), SIZE);
+    }
+
+    fn queue_info_is_stored<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        assert_eq!(vring.queue_info(), (DESC, AVAIL, USED));
+        assert_eq!(vring.get_ref().get_queue().used_ring(), USED);
+    }
+
+    fn misaligned_used_ring_is_refused_and_nothing_changes<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let err = vring.set_queue_info(0x8000, 0x9000, 0xa002).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MisalignedRing {
+                part: RingPart::Used,
+                addr: 0xa002
+            }
+        ));
+        assert_eq!(vring.queue_info(), (DESC, AVAIL, USED));
+    }
+
+    fn pops_offered_chains_in_order<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        driver.offer(3);
+        assert_eq!(pop_all(&vring), vec![0, 1, 2]);
+        assert_eq!(vring.queue_next_avail(), 3);
+    }
+
+    fn add_used_writes_used_ring_and_index<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        driver.offer(1);
+        let head = pop_all(&vring)[0];
+        vring.add_used(head, 42).unwrap();
+        assert_eq!(driver.used_elem(0), (u32::from(head), 42));
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(vring.queue_next_used(), 1);
+        assert_eq!(vring.queue_used_idx().unwrap(), 1);
+    }
+
+    fn add_used_out_of_range_head_is_refused<V: VringT<Mem>>() {
+        let (vring, driver) = started::<V>();
+        let err = vring.add_used(SIZE, 1).unwrap_err();
+        assert!(matches!(err, Error::AddUsed { head: SIZE, .. }));
+        assert_eq!(driver.used_idx(), 0);
+    }
+
+    fn batch_without_event_idx_signals_once<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.offer(8);
+        let heads = pop_all(&vring);
+        let added = vring
+            .add_used_batch(heads.iter().map(|&h| (h, BUF_LEN)))
+            .unwrap();
+        assert_eq!(added, 8);
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(driver.used_idx(), 8);
+        assert_eq!(counter(&observer), 1);
+    }
+
+    fn second_decision_without_new_entries_does_not_signal<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.offer(2);
+        let heads = pop_all(&vring);
+        vring.add_used_batch(heads.iter().map(|&h| (h, 0))).unwrap();
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+        assert!(!vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(counter(&observer), 1);
+    }
+
+    fn no_interrupt_flag_suppresses_the_signal<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        driver.offer(4);
+        let heads = pop_all(&vring);
+        vring.add_used_batch(heads.iter().map(|&h| (h, 0))).unwrap();
+        assert!(!vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(counter(&observer), 0);
+    }
+
+    fn event_idx_used_event_inside_batch_signals_once<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        // The driver wants an interrupt once entry 5 is used; the batch covers 0..8.
+        driver.set_used_event(5);
+        driver.offer(8);
+        let heads = pop_all(&vring);
+        vring.add_used_batch(heads.iter().map(|&h| (h, 0))).unwrap();
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(counter(&observer), 1);
+    }
+
+    fn event_idx_used_event_at_batch_end_is_not_yet_crossed<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        // Entries 0..4 are used (new used idx 4); used_event 4 is crossed only when entry 4
+        // is used.
+        driver.set_used_event(4);
+        driver.offer(4);
+        let heads = pop_all(&vring);
+        vring.add_used_batch(heads.iter().map(|&h| (h, 0))).unwrap();
+        assert!(!vring.needs_notification().unwrap());
+    }
+
+    fn event_idx_used_event_before_batch_does_not_signal<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.set_used_event(0);
+        driver.offer(2);
+        let first = pop_all(&vring);
+        vring.add_used_batch(first.iter().map(|&h| (h, 0))).unwrap();
+        // used_event 0 was crossed by the first batch, which was signalled.
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+        driver.offer(3);
+        let second = pop_all(&vring);
+        vring
+            .add_used_batch(second.iter().map(|&h| (h, 0)))
+            .unwrap();
+        // The driver did not move used_event: the second batch (2..5) does not cross it.
+        assert!(!vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(counter(&observer), 1);
+    }
+
+    fn event_idx_ignores_no_interrupt_flag<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        driver.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        driver.set_used_event(0);
+        driver.offer(1);
+        let heads = pop_all(&vring);
+        vring.add_used(heads[0], 0).unwrap();
+        assert!(vring.needs_notification().unwrap());
+    }
+
+    fn nothing_added_needs_no_notification<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        assert!(!vring.needs_notification().unwrap());
+    }
+
+    fn entries_added_through_the_queue_count_for_notification<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        driver.offer(1);
+        let head = pop_all(&vring)[0];
+        let mem = driver.mem.memory();
+        vring
+            .get_mut()
+            .get_queue_mut()
+            .add_used(mem.deref(), head, 7)
+            .unwrap();
+        assert!(vring.needs_notification().unwrap());
+    }
+
+    fn set_queue_next_used_restarts_the_notification_window<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        vring.set_queue_next_used(9);
+        assert_eq!(vring.queue_next_used(), 9);
+        assert!(!vring.needs_notification().unwrap());
+    }
+
+    fn signal_without_call_fd_is_a_no_op<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        driver.offer(1);
+        let head = pop_all(&vring)[0];
+        vring.add_used(head, 0).unwrap();
+        vring.signal_used_queue().unwrap();
+        // Needed, but with no call fd the daemon sends the in-band call.
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+    }
+
+    fn signal_used_queue_always_writes_call<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        vring.signal_used_queue().unwrap();
+        vring.signal_used_queue().unwrap();
+        assert_eq!(counter(&observer), 2);
+    }
+
+    fn disable_notification_sets_no_notify_without_event_idx<V: VringT<Mem>>() {
+        let (vring, driver) = started::<V>();
+        vring.disable_notification().unwrap();
+        assert_eq!(driver.used_flags(), 1);
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.used_flags(), 0);
+    }
+
+    fn enable_notification_reports_chains_offered_meanwhile<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.disable_notification().unwrap();
+        driver.offer(1);
+        assert!(vring.enable_notification().unwrap());
+    }
+
+    fn enable_notification_with_event_idx_publishes_avail_event<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        driver.offer(3);
+        pop_all(&vring);
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.avail_event(), 3);
+    }
+
+    fn event_idx_processing_loop_drains_the_queue<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        driver.offer(5);
+        let mut done = 0;
+        loop {
+            vring.disable_notification().unwrap();
+            while let Some(chain) = vring.pop_descriptor_chain() {
+                vring.add_used(chain.head_index(), 0).unwrap();
+                done += 1;
+            }
+            if !vring.enable_notification().unwrap() {
+                break;
+            }
+        }
+        assert_eq!(done, 5);
+        assert_eq!(driver.used_idx(), 5);
+    }
+
+    fn reference_shaped_guard_access_works<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        let (kick, _peer) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        assert!(vring.get_ref().get_kick().is_some());
+        driver.offer(2);
+        let mem = driver.mem.memory();
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(mem.clone())
+            .unwrap()
+            .collect();
+        for chain in chains {
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(mem.deref(), chain.head_index(), 1)
+                .unwrap();
+            vring.signal_used_queue().unwrap();
+        }
+        assert_eq!(vring.get_ref().get_queue().next_used(), 2);
+    }
+
+    fn read_kick_consumes_the_counter_and_reports_enabled<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (kick, driver_side) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        (&driver_side).write_all(&3u64.to_ne_bytes()).unwrap();
+        assert!(vring.read_kick().unwrap());
+        assert_eq!(counter(&driver_side), 0);
+    }
+
+    fn read_kick_on_disabled_ring_reports_disabled<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        vring.set_enabled(false);
+        let (kick, driver_side) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        (&driver_side).write_all(&1u64.to_ne_bytes()).unwrap();
+        assert!(!vring.read_kick().unwrap());
+    }
+
+    fn read_kick_with_empty_counter_is_not_an_error<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (kick, _driver_side) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        assert!(vring.read_kick().unwrap());
+    }
+
+    fn deliver_kick_adds_to_the_kick_counter<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (kick, observer) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        assert!(vring.deliver_kick().unwrap());
+        assert_eq!(counter(&observer), 1);
+    }
+
+    fn deliver_kick_without_kick_fd_reports_false<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        assert!(!vring.deliver_kick().unwrap());
+    }
+
+    fn signal_error_writes_err_fd<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (err, observer) = eventfd_pair();
+        vring.set_err(Some(err));
+        vring.signal_error().unwrap();
+        assert_eq!(counter(&observer), 1);
+        assert!(vring.get_ref().get_err().is_some());
+    }
+
+    fn ring_state_follows_ready_and_enabled<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        assert_eq!(vring.ring_state(), RingState::Enabled);
+        vring.set_enabled(false);
+        assert_eq!(vring.ring_state(), RingState::Disabled);
+        vring.set_queue_ready(false);
+        assert!(!vring.ready());
+        assert_eq!(vring.ring_state(), RingState::Stopped);
+    }
+
+    fn vring_base_round_trips<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        vring.set_queue_next_avail(77);
+        assert_eq!(vring.queue_next_avail(), 77);
+    }
+
+    fn log_used_covers_the_whole_used_ring<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        assert_eq!(vring.log_used(), None);
+        vring.set_log_guest_addr(Some(0x4000));
+        assert_eq!(vring.get_ref().log_guest_addr(), Some(0x4000));
+        assert_eq!(vring.log_used(), Some(0x4000..0x4000 + 4 + 8 * 16 + 2));
+    }
+
+    fn log_used_overflow_is_none<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        vring.set_log_guest_addr(Some(u64::MAX - 8));
+        assert_eq!(vring.log_used(), None);
+    }
+
+    fn reset_returns_to_the_initial_state<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        let (kick, _k) = eventfd_pair();
+        let (call, _c) = eventfd_pair();
+        vring.set_kick(Some(kick));
+        vring.set_call(Some(call));
+        vring.set_queue_event_idx(true);
+        vring.set_log_guest_addr(Some(0x4000));
+        driver.offer(2);
+        let heads = pop_all(&vring);
+        vring.add_used(heads[0], 0).unwrap();
+
+        vring.reset();
+
+        let fresh = V::new(driver.mem.clone(), MAX).unwrap();
+        assert_eq!(vring.ring_state(), RingState::Stopped);
+        assert!(!vring.is_enabled());
+        assert_eq!(vring.queue_size(), MAX);
+        assert_eq!(vring.queue_info(), fresh.queue_info());
+        assert_eq!(vring.queue_next_avail(), 0);
+        assert_eq!(vring.queue_next_used(), 0);
+        assert!(!vring.event_idx());
+        assert!(vring.get_ref().get_kick().is_none());
+        assert!(vring.get_ref().get_call().is_none());
+        assert_eq!(vring.log_used(), None);
+        assert!(!vring.needs_notification().unwrap());
+    }
+
+    macro_rules! instantiate {
+        ($module:ident, $vring:ty, [$($test:ident),* $(,)?]) => {
+            mod $module {
+                $(
+                    #[test]
+                    fn $test() {
+                        super::$test::<$vring>();
+                    }
+                )*
+            }
+        };
+    }
+
+    macro_rules! for_each_vring {
+        ($($test:ident),* $(,)?) => {
+            instantiate!(state, super::VringState<super::Mem>, [$($test),*]);
+            instantiate!(mutex, super::VringMutex<super::Mem>, [$($test),*]);
+            instantiate!(rwlock, super::VringRwLock<super::Mem>, [$($test),*]);
+        };
+    }
+
+    for_each_vring!(
+        new_refuses_bad_max_sizes,
+        new_vring_is_stopped_disabled_and_at_max_size,
+        largest_max_size_is_accepted,
+        queue_size_zero_is_refused,
+        queue_size_not_power_of_two_is_refused,
+        queue_size_65535_is_refused,
+        queue_size_above_max_is_refused,
+        queue_info_is_stored,
+        misaligned_used_ring_is_refused_and_nothing_changes,
+        pops_offered_chains_in_order,
+        add_used_writes_used_ring_and_index,
+        add_used_out_of_range_head_is_refused,
+        batch_without_event_idx_signals_once,
+        second_decision_without_new_entries_does_not_signal,
+        no_interrupt_flag_suppresses_the_signal,
+        event_idx_used_event_inside_batch_signals_once,
+        event_idx_used_event_at_batch_end_is_not_yet_crossed,
+        event_idx_used_event_before_batch_does_not_signal,
+        event_idx_ignores_no_interrupt_flag,
+        nothing_added_needs_no_notification,
+        entries_added_through_the_queue_count_for_notification,
+        set_queue_next_used_restarts_the_notification_window,
+        signal_without_call_fd_is_a_no_op,
+        signal_used_queue_always_writes_call,
+        disable_notification_sets_no_notify_without_event_idx,
+        enable_notification_reports_chains_offered_meanwhile,
+        enable_notification_with_event_idx_publishes_avail_event,
+        event_idx_processing_loop_drains_the_queue,
+        reference_shaped_guard_access_works,
+        read_kick_consumes_the_counter_and_reports_enabled,
+        read_kick_on_disabled_ring_reports_disabled,
+        read_kick_with_empty_counter_is_not_an_error,
+        deliver_kick_adds_to_the_kick_counter,
+        deliver_kick_without_kick_fd_reports_false,
+        signal_error_writes_err_fd,
+        ring_state_follows_ready_and_enabled,
+        vring_base_round_trips,
+        log_used_covers_the_whole_used_ring,
+        log_used_overflow_is_none,
+        reset_returns_to_the_initial_state,
+    );
+
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn vring_state_is_send() {
+        assert_send::<VringState<Mem>>();
+    }
+
+    #[test]
+    fn locked_vrings_are_send_and_sync() {
+        assert_send_sync::<VringMutex<Mem>>();
+        assert_send_sync::<VringRwLock<Mem>>();
+    }
+
+    #[test]
+    fn vring_state_guard_held_across_a_call_panics_instead_of_deadlocking() {
+        let (vring, _driver) = started::<VringState<Mem>>();
+        let guard = vring.get_mut();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vring.ready()));
+        drop(guard);
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn mutex_clones_share_one_vring() {
+        let (vring, _driver) = started::<VringMutex<Mem>>();
+        let other = vring.clone();
+        other.set_queue_next_avail(5);
+        assert_eq!(vring.queue_next_avail(), 5);
+    }
+}
