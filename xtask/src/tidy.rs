@@ -62,15 +62,22 @@ fn is_comment(line: &str) -> bool {
     line.trim_start().starts_with("//")
 }
 
+/// Is this line an attribute that ignores a test: `#[ignore]`, `#[ignore = "why"]`, or
+/// `#[cfg_attr(cond, ignore)]`? Only attribute lines count, not strings that mention one.
+fn ignores_a_test(line: &str) -> bool {
+    let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+    compact.starts_with("#[")
+        && (compact.contains("#[ignore]")
+            || compact.contains("#[ignore=")
+            || (compact.contains("#[cfg_attr(")
+                && (compact.contains(",ignore)") || compact.contains(",ignore="))))
+}
+
 /// No test is switched off with `#[ignore]`: a test that cannot run is deleted or fixed.
 pub(crate) fn check_no_ignore(text: &str) -> Vec<Finding> {
     text.lines()
         .enumerate()
-        .filter(|(_, line)| !is_comment(line))
-        .filter(|(_, line)| {
-            let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
-            compact.contains("#[ignore]") || compact.contains("#[ignore=")
-        })
+        .filter(|(_, line)| ignores_a_test(line))
         .map(|(i, _)| finding(i + 1, "#[ignore] test: fix it or delete it"))
         .collect()
 }
@@ -392,6 +399,17 @@ mod tests {
     fn ignored_test_is_found() {
         let text = "#[test]\n#[ignore]\nfn slow() {}\n#[ignore = \"flaky\"]\nfn flaky() {}\n";
         assert_eq!(lines(&check_no_ignore(text)), [2, 4]);
+    }
+
+    #[test]
+    fn conditionally_ignored_test_is_found() {
+        let text = "#[test]\n#[cfg_attr(miri, ignore)]\nfn f() {}\n";
+        assert_eq!(lines(&check_no_ignore(text)), [2]);
+    }
+
+    #[test]
+    fn ignore_in_a_string_is_not_an_attribute() {
+        assert!(check_no_ignore("let about = \"no #[ignore] allowed\";\n").is_empty());
     }
 
     #[test]
