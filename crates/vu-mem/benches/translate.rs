@@ -1,0 +1,96 @@
+//! VMM-to-guest translation and dirty-log marking.
+//!
+//! `cargo bench -p vu-mem --bench translate` (add `-- --quick` for a smoke run).
+
+// criterion_group! generates a public function that cannot carry a doc comment.
+#![allow(missing_docs)]
+
+use std::fs::File;
+use std::hint::black_box;
+use std::os::fd::FromRawFd;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vu_mem::{GuestMemoryManager, RegionSpec};
+
+const REGION: u64 = 0x10_0000;
+
+fn memfd(size: u64) -> File {
+    // SAFETY: a valid NUL-terminated name; the result is checked below.
+    let fd = unsafe { libc::memfd_create(c"vu-mem-bench".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
+}
+
+/// VMM address of region `i` of `n`: scattered, so VMM order differs from guest order.
+fn vmm_of(i: u64, n: u64) -> u64 {
+    0x7f00_0000_0000 + ((i * 263) % n) * 2 * REGION
+}
+
+fn manager(n: u64) -> GuestMemoryManager {
+    let mut m = GuestMemoryManager::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+    let table = (0..n)
+        .map(|i| RegionSpec::new(i * REGION, REGION, vmm_of(i, n), 0, memfd(REGION)))
+        .collect();
+    m.set_table(table).unwrap();
+    m
+}
+
+fn translate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("vmm_to_guest");
+    for n in [1u64, 8, 64, 509] {
+        let m = manager(n);
+        // A ring-sized range in every region, visited in turn.
+        let addrs: Vec<u64> = (0..n).map(|i| vmm_of(i, n) + 0x1000).collect();
+        group.bench_with_input(BenchmarkId::from_parameter(n), &addrs, |b, addrs| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % addrs.len();
+                black_box(m.vmm_to_guest(black_box(addrs[i]), 0x1000)).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn dirty_log(c: &mut Criterion) {
+    let mut m = manager(8);
+    let log = memfd(4096);
+    m.set_log_base(&log, 4096, 0).unwrap();
+    let mem = m.memory().memory();
+    let mut group = c.benchmark_group("dirty_log");
+    m.set_logging(false);
+    group.bench_function("write_obj_u64_logging_off", |b| {
+        b.iter(|| {
+            mem.write_obj(black_box(1u64), GuestAddress(0x1_2340))
+                .unwrap()
+        })
+    });
+    m.set_logging(true);
+    group.bench_function("write_obj_u64_logging_on", |b| {
+        b.iter(|| {
+            mem.write_obj(black_box(1u64), GuestAddress(0x1_2340))
+                .unwrap()
+        })
+    });
+    let buf = vec![0u8; 64 * 1024];
+    group.bench_function("write_slice_64k_logging_on", |b| {
+        b.iter(|| {
+            mem.write_slice(black_box(&buf), GuestAddress(0x2_0000))
+                .unwrap()
+        })
+    });
+    group.bench_function("mark_dirty_16_pages", |b| {
+        b.iter(|| {
+            m.mark_dirty(black_box(GuestAddress(0x3_0000)), 0x10000)
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, translate, dirty_log);
+criterion_main!(benches);

@@ -1,0 +1,445 @@
+//! Dirty-page logging for live migration.
+//!
+//! The spec (vhost-user.rst, "Migration") describes the log as one bit per
+//! `VHOST_LOG_PAGE` (0x1000) bytes of guest physical memory, "from address 0 to the maximum of
+//! guest regions", set with atomic operations "as the log may be concurrently manipulated":
+//!
+//! ```text
+//! page = addr / VHOST_LOG_PAGE
+//! log[page / 8] |= 1 << page % 8
+//! ```
+//!
+//! [`DirtyLog`] is the shared state every region's [`LogBitmap`] points at: the LOG_ALL switch,
+//! the current log mapping (replaced by each `SET_LOG_BASE`), and the `SET_LOG_FD` eventfd.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
+use vm_memory::GuestAddress;
+
+use crate::error::MemError;
+
+/// Bytes of guest memory covered by one bit of the log (`VHOST_LOG_PAGE` in the spec).
+pub const LOG_PAGE_SIZE: u64 = 0x1000;
+
+/// Guest pages covered by one byte of the log.
+const PAGES_PER_LOG_BYTE: u64 = 8;
+
+/// The log size in bytes that covers guest addresses `0..end`: one bit per started 4 KiB page.
+pub fn log_size_for(end: u64) -> u64 {
+    end.div_ceil(LOG_PAGE_SIZE).div_ceil(PAGES_PER_LOG_BYTE)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system and touches no memory of ours.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(LOG_PAGE_SIZE)
+}
+
+/// One mapping of the frontend's log fd.
+struct LogArea {
+    /// Start of the mapping (the log offset rounded down to a page).
+    map: *mut libc::c_void,
+    /// Length of the mapping.
+    map_len: usize,
+    /// First byte of the log inside the mapping.
+    log: *const u8,
+    /// Length of the log in bytes, as the frontend sent it.
+    len: u64,
+}
+
+// SAFETY: the area is a plain shared mapping; it is only read and written through atomics
+// (`cell`), and it is unmapped only on drop, which needs exclusive ownership.
+unsafe impl Send for LogArea {}
+// SAFETY: as above, every shared access goes through `AtomicU8`.
+unsafe impl Sync for LogArea {}
+
+impl LogArea {
+    /// Maps `size` bytes of `fd` from `offset`, MAP_SHARED, read-write.
+    fn map(fd: impl AsFd, size: u64, offset: u64) -> Result<Self, MemError> {
+        if size == 0 {
+            return Err(MemError::EmptyLog);
+        }
+        let overflow = MemError::LogOverflow { size, offset };
+        let end = offset.checked_add(size).ok_or(overflow)?;
+        // mmap wants a page-aligned file offset; the spec does not promise one, so map from the
+        // page below and step over the difference.
+        let aligned = offset & !(page_size() - 1);
+        let map_len =
+            usize::try_from(end - aligned).map_err(|_| MemError::LogOverflow { size, offset })?;
+        let file_offset =
+            libc::off_t::try_from(aligned).map_err(|_| MemError::LogOverflow { size, offset })?;
+        let delta = usize::try_from(offset - aligned)
+            .map_err(|_| MemError::LogOverflow { size, offset })?;
+        // SAFETY: a fresh mapping (no MAP_FIXED) of a borrowed fd; it replaces no memory of
+        // ours, and the result is checked for MAP_FAILED below.
+        let map = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_fd().as_raw_fd(),
+                file_offset,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(MemError::LogMmap(io::Error::last_os_error()));
+        }
+        // `delta < page size <= map_len`, so the log start lies inside the mapping.
+        let log = map.cast::<u8>().wrapping_add(delta).cast_const();
+        Ok(LogArea {
+            map,
+            map_len,
+            log,
+            len: size,
+        })
+    }
+
+    /// The log byte at `index`, which must be below `self.len`.
+    fn cell(&self, index: u64) -> &AtomicU8 {
+        debug_assert!(index < self.len);
+        // `index < len` and `len` bytes from `log` are mapped, so this stays in the mapping.
+        let byte = self.log.wrapping_add(index as usize).cast_mut();
+        // SAFETY: `byte` points into this live mapping (checked by every caller against
+        // `self.len`); u8 has no alignment needs; this process touches the log only through
+        // atomics, and the mapping outlives the returned reference, which borrows `self`.
+        unsafe { AtomicU8::from_ptr(byte) }
+    }
+
+    /// Sets the bits of pages `first..=last`, clipped to the log; true if any bit was clear.
+    fn mark_pages(&self, first: u64, last: u64) -> bool {
+        let first_byte = first / PAGES_PER_LOG_BYTE;
+        let last_byte = last / PAGES_PER_LOG_BYTE;
+        let mut changed = false;
+        for index in first_byte..=last_byte.min(self.len.saturating_sub(1)) {
+            let lo = if index == first_byte { first % 8 } else { 0 };
+            let hi = if index == last_byte { last % 8 } else { 7 };
+            let mask = (((1u16 << (hi - lo + 1)) - 1) << lo) as u8;
+            // Release: the guest-memory writes this bit reports happened before it, so a
+            // frontend that sees the bit and copies the page sees the data too. The bit is set
+            // even when it looks set already: the frontend may be clearing it right now.
+            let old = self.cell(index).fetch_or(mask, Ordering::Release);
+            changed |= old & mask != mask;
+        }
+        changed
+    }
+
+    fn page_dirty(&self, page: u64) -> bool {
+        let index = page / PAGES_PER_LOG_BYTE;
+        index < self.len && self.cell(index).load(Ordering::Acquire) & (1 << (page % 8)) != 0
+    }
+}
+
+impl Drop for LogArea {
+    fn drop(&mut self) {
+        // SAFETY: `map`/`map_len` are exactly what mmap returned in `LogArea::map`, and no
+        // reference from `cell` outlives `&self`, so nothing uses the mapping any more.
+        unsafe {
+            libc::munmap(self.map, self.map_len);
+        }
+    }
+}
+
+struct LogState {
+    /// The LOG_ALL switch: bits are set only while it is on.
+    active: AtomicBool,
+    /// The current log; replaced or dropped under the write lock so no marker uses a stale one.
+    area: RwLock<Option<LogArea>>,
+    /// A bit went from 0 to 1 since the last `notify_changed`.
+    changed: AtomicBool,
+    /// The eventfd from `SET_LOG_FD`.
+    notify: Mutex<Option<File>>,
+}
+
+/// A handle to the dirty log that regions, rings and the daemon share.
+///
+/// Cheap to clone (an `Arc`). All methods take `&self` and may be called from any thread.
+#[derive(Clone)]
+pub struct DirtyLog {
+    state: Arc<LogState>,
+}
+
+impl fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("logging", &self.is_logging())
+            .field("log_size", &self.log_size())
+            .finish()
+    }
+}
+
+impl Default for DirtyLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DirtyLog {
+    /// A log with no mapping and logging off.
+    pub fn new() -> Self {
+        DirtyLog {
+            state: Arc::new(LogState {
+                active: AtomicBool::new(false),
+                area: RwLock::new(None),
+                changed: AtomicBool::new(false),
+                notify: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Turns logging on or off: the daemon follows the `VHOST_F_LOG_ALL` feature bit.
+    pub fn set_logging(&self, on: bool) {
+        self.state.active.store(on, Ordering::Release);
+    }
+
+    /// Whether logging is on.
+    pub fn is_logging(&self) -> bool {
+        self.state.active.load(Ordering::Acquire)
+    }
+
+    /// The size in bytes of the current log, if one is mapped.
+    pub fn log_size(&self) -> Option<u64> {
+        self.read_area().as_ref().map(|area| area.len)
+    }
+
+    /// Marks the pages of guest range `gpa..gpa+len` dirty, if logging is on and a log is set.
+    ///
+    /// For writes that bypass guest memory, and for used-ring writes of a ring whose
+    /// `VHOST_VRING_F_LOG` flag is set (pass the ring's `log_guest_addr` plus the offset of
+    /// the write). The spec lets `log_guest_addr` lie outside guest RAM but not outside the
+    /// log, so a range reaching past the log is refused whole with [`MemError::OutsideLog`].
+    pub fn mark_dirty(&self, gpa: GuestAddress, len: u64) -> Result<(), MemError> {
+        if len == 0 || !self.state.active.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let outside = MemError::OutsideLog { addr: gpa.0, len };
+        let last = gpa.0.checked_add(len - 1).ok_or(outside)?;
+        let area = self.read_area();
+        let Some(area) = area.as_ref() else {
+            return Ok(());
+        };
+        if last / LOG_PAGE_SIZE / PAGES_PER_LOG_BYTE >= area.len {
+            return Err(MemError::OutsideLog { addr: gpa.0, len });
+        }
+        self.note_change(area.mark_pages(gpa.0 / LOG_PAGE_SIZE, last / LOG_PAGE_SIZE));
+        Ok(())
+    }
+
+    /// Whether the log bit of the page holding `gpa` is set (false without a log).
+    pub fn is_dirty(&self, gpa: GuestAddress) -> bool {
+        self.read_area()
+            .as_ref()
+            .is_some_and(|area| area.page_dirty(gpa.0 / LOG_PAGE_SIZE))
+    }
+
+    /// Signals the `SET_LOG_FD` eventfd if a log bit was set since the last call.
+    ///
+    /// The spec: the eventfd "may be used to inform the front-end that the log has been
+    /// modified". Signalling on every bit would cost a syscall per write, so the daemon calls
+    /// this once per batch (after publishing used entries). Returns whether it signalled.
+    pub fn notify_changed(&self) -> Result<bool, MemError> {
+        if !self.state.changed.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let notify = self
+            .state
+            .notify
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(mut fd) = notify.as_ref() else {
+            return Ok(false);
+        };
+        match fd.write(&1u64.to_ne_bytes()) {
+            Ok(_) => Ok(true),
+            // A full counter is already a pending signal.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(MemError::LogFd(e)),
+        }
+    }
+
+    /// Bitmap path: marks `gpa..gpa+len`, clipped to the log; never fails.
+    fn mark_clipped(&self, gpa: u64, len: usize) {
+        let Some(last) = gpa.checked_add(len as u64 - 1) else {
+            return;
+        };
+        if let Some(area) = self.read_area().as_ref() {
+            self.note_change(area.mark_pages(gpa / LOG_PAGE_SIZE, last / LOG_PAGE_SIZE));
+        }
+    }
+
+    fn note_change(&self, changed: bool) {
+        // Load first so that writers hitting already-dirty pages do not bounce the line.
+        if changed && !self.state.changed.load(Ordering::Relaxed) {
+            self.state.changed.store(true, Ordering::Release);
+        }
+    }
+
+    fn read_area(&self) -> std::sync::RwLockReadGuard<'_, Option<LogArea>> {
+        self.state
+            .area
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Maps a new log and makes it current; the old one is unmapped after no marker uses it.
+    pub(crate) fn map_log(&self, fd: impl AsFd, size: u64, offset: u64) -> Result<(), MemError> {
+        let area = LogArea::map(fd, size, offset)?;
+        self.replace_area(Some(area));
+        Ok(())
+    }
+
+    /// Drops the current log (and unmaps it).
+    pub(crate) fn clear_log(&self) {
+        self.replace_area(None);
+    }
+
+    fn replace_area(&self, area: Option<LogArea>) {
+        let mut guard = self
+            .state
+            .area
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(&mut *guard, area);
+        drop(guard);
+        drop(old);
+    }
+
+    /// Stores (or, with `None`, drops) the `SET_LOG_FD` eventfd.
+    pub(crate) fn set_notify_fd(&self, fd: Option<File>) {
+        let old = std::mem::replace(
+            &mut *self
+                .state
+                .notify
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            fd,
+        );
+        drop(old);
+    }
+}
+
+/// A region bitmap that the manager can point at the shared dirty log.
+///
+/// The manager calls [`bind`](RegionBitmap::bind) once for every region it maps, before the
+/// region becomes visible, with the region's guest base address. vm-memory creates bitmaps
+/// through [`NewBitmap::with_len`], which knows nothing of addresses or logs, hence this
+/// second step. Implemented by [`LogBitmap`] (logging) and `()` (no logging); a device that
+/// wants its own tracking as well can implement it and forward to [`DirtyLog::mark_dirty`].
+pub trait RegionBitmap: NewBitmap + Send + Sync + 'static {
+    /// Points this bitmap, belonging to the region at `guest_base`, at `log`.
+    fn bind(&self, guest_base: GuestAddress, log: &DirtyLog);
+}
+
+impl RegionBitmap for () {
+    fn bind(&self, _guest_base: GuestAddress, _log: &DirtyLog) {}
+}
+
+#[derive(Debug)]
+struct Binding {
+    guest_base: u64,
+    log: DirtyLog,
+}
+
+/// The bitmap each guest region carries: it sets bits in the shared migration log.
+///
+/// Every write device code makes through `GuestMemory` (`write_obj`, `write_slice`, `store`,
+/// volatile slices) reaches [`Bitmap::mark_dirty`] with an offset in the region; this adds the
+/// region's guest base and sets the log bits. With logging off that costs one atomic load.
+#[derive(Debug, Default)]
+pub struct LogBitmap {
+    binding: OnceLock<Binding>,
+}
+
+impl RegionBitmap for LogBitmap {
+    fn bind(&self, guest_base: GuestAddress, log: &DirtyLog) {
+        // A second bind is ignored: a region never moves and the manager has one log.
+        let _ = self.binding.set(Binding {
+            guest_base: guest_base.0,
+            log: log.clone(),
+        });
+    }
+}
+
+/// A view of a [`LogBitmap`] from an offset in its region (vm-memory's bitmap slice).
+#[derive(Clone, Copy, Debug)]
+pub struct LogSlice<'a> {
+    binding: Option<&'a Binding>,
+    offset: usize,
+}
+
+fn mark(binding: Option<&Binding>, offset: usize, len: usize) {
+    let Some(binding) = binding else {
+        return;
+    };
+    if len == 0 || !binding.log.state.active.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some(gpa) = binding.guest_base.checked_add(offset as u64) {
+        binding.log.mark_clipped(gpa, len);
+    }
+}
+
+fn dirty_at(binding: Option<&Binding>, offset: usize) -> bool {
+    binding.is_some_and(|b| {
+        b.guest_base
+            .checked_add(offset as u64)
+            .is_some_and(|gpa| b.log.is_dirty(GuestAddress(gpa)))
+    })
+}
+
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = LogSlice<'a>;
+}
+
+impl Bitmap for LogBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        mark(self.binding.get(), offset, len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        dirty_at(self.binding.get(), offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> LogSlice<'_> {
+        LogSlice {
+            binding: self.binding.get(),
+            offset,
+        }
+    }
+}
+
+impl NewBitmap for LogBitmap {
+    fn with_len(_len: usize) -> Self {
+        Self::default()
+    }
+}
+
+impl<'a> WithBitmapSlice<'_> for LogSlice<'a> {
+    type S = LogSlice<'a>;
+}
+
+impl BitmapSlice for LogSlice<'_> {}
+
+impl Bitmap for LogSlice<'_> {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        mark(self.binding, self.offset.saturating_add(offset), len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        dirty_at(self.binding, self.offset.saturating_add(offset))
+    }
+
+    fn slice_at(&self, offset: usize) -> Self {
+        LogSlice {
+            binding: self.binding,
+            offset: self.offset.saturating_add(offset),
+        }
+    }
+}

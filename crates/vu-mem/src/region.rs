@@ -1,0 +1,205 @@
+//! One region of the frontend's memory table, and mapping it.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+
+use crate::dirty::RegionBitmap;
+use crate::error::{AddressSpace, MemError};
+
+/// The Xen fields of a region description (spec: "Memory region description", Xen mmap
+/// description), present when the frontend is a Xen device model.
+#[cfg(feature = "xen")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XenMapping {
+    /// `xen_mmap_flags`: 0 for a plain Unix mapping, `FOREIGN` (1) or `GRANT` (2), optionally
+    /// with `NO_ADVANCE_MAP` (8); see `vm_memory::MmapXenFlags`.
+    pub mmap_flags: u32,
+    /// `xen_mmap_data`: the Xen domain id for foreign and grant mappings.
+    pub mmap_data: u32,
+}
+
+/// One region as the frontend describes it (spec: "Memory region description"), with its fd.
+///
+/// Built with [`RegionSpec::new`] (and, with feature `xen`, `RegionSpec::with_xen`) so that code
+/// building it compiles the same with and without the `xen` feature.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RegionSpec {
+    /// Guest physical address of the region's first byte.
+    pub guest_phys_addr: u64,
+    /// Size of the region in bytes.
+    pub memory_size: u64,
+    /// Where the frontend has the region mapped in its own address space (ring addresses
+    /// arrive in this form).
+    pub userspace_addr: u64,
+    /// Offset of the region in `file`.
+    pub mmap_offset: u64,
+    /// The fd that backs the region; kept open as long as the region is mapped.
+    pub file: File,
+    /// The Xen mapping, if the frontend sent one.
+    #[cfg(feature = "xen")]
+    pub xen: Option<XenMapping>,
+}
+
+impl RegionSpec {
+    /// A region backed by `file` from `mmap_offset`, mapped MAP_SHARED.
+    pub fn new(
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+        mmap_offset: u64,
+        file: File,
+    ) -> Self {
+        RegionSpec {
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            mmap_offset,
+            file,
+            #[cfg(feature = "xen")]
+            xen: None,
+        }
+    }
+
+    /// The same region with the Xen fields the frontend sent.
+    #[cfg(feature = "xen")]
+    pub fn with_xen(mut self, xen: XenMapping) -> Self {
+        self.xen = Some(xen);
+        self
+    }
+
+    /// Checks size and the three overflows; the checked ranges.
+    pub(crate) fn ranges(&self) -> Result<Ranges, MemError> {
+        let size = self.memory_size;
+        if size == 0 {
+            return Err(MemError::ZeroSize {
+                guest_phys_addr: self.guest_phys_addr,
+            });
+        }
+        let check = |space, start: u64| {
+            start
+                .checked_add(size)
+                .ok_or(MemError::Overflow { space, start, size })
+        };
+        check(AddressSpace::Guest, self.guest_phys_addr)?;
+        check(AddressSpace::Vmm, self.userspace_addr)?;
+        let file_end = check(AddressSpace::File, self.mmap_offset)?;
+        // mmap takes a signed off_t and a usize length.
+        if libc::off_t::try_from(file_end).is_err() || usize::try_from(size).is_err() {
+            return Err(MemError::Overflow {
+                space: AddressSpace::File,
+                start: self.mmap_offset,
+                size,
+            });
+        }
+        Ok(Ranges {
+            guest: self.guest_phys_addr,
+            vmm: self.userspace_addr,
+            size,
+        })
+    }
+}
+
+/// A region's validated addresses: `guest + size` and `vmm + size` do not overflow, size > 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ranges {
+    pub(crate) guest: u64,
+    pub(crate) vmm: u64,
+    pub(crate) size: u64,
+}
+
+impl Ranges {
+    pub(crate) fn guest_end(&self) -> u64 {
+        self.guest + self.size
+    }
+
+    pub(crate) fn vmm_end(&self) -> u64 {
+        self.vmm + self.size
+    }
+
+    pub(crate) fn guest_overlaps(&self, other: &Ranges) -> bool {
+        self.guest < other.guest_end() && other.guest < self.guest_end()
+    }
+
+    pub(crate) fn vmm_overlaps(&self, other: &Ranges) -> bool {
+        self.vmm < other.vmm_end() && other.vmm < self.vmm_end()
+    }
+}
+
+/// `HUGETLBFS_MAGIC` from linux/magic.h.
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
+/// Whether `file` lives on hugetlbfs (None if the kernel will not say).
+fn is_hugetlbfs(file: &File) -> Option<bool> {
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is borrowed from a live File and `stat` is a valid out-pointer.
+    let rc = unsafe { libc::fstatfs(file.as_fd().as_raw_fd(), &mut stat) };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs.
+    (rc == 0).then_some(stat.f_type as u64 == HUGETLBFS_MAGIC)
+}
+
+/// Maps `spec` (already checked by [`RegionSpec::ranges`]) as a guest region.
+pub(crate) fn map_region<B: RegionBitmap>(
+    spec: RegionSpec,
+    ranges: Ranges,
+) -> Result<GuestRegionMmap<B>, MemError> {
+    let gpa = spec.guest_phys_addr;
+    let size = usize::try_from(ranges.size).map_err(|_| MemError::Overflow {
+        space: AddressSpace::File,
+        start: spec.mmap_offset,
+        size: ranges.size,
+    })?;
+    let hugetlbfs = is_hugetlbfs(&spec.file);
+    let file_offset = FileOffset::new(spec.file, spec.mmap_offset);
+    let mmap_err = |source| MemError::Mmap {
+        guest_phys_addr: gpa,
+        source,
+    };
+
+    #[cfg(not(feature = "xen"))]
+    let mapping = {
+        let mut mapping = MmapRegion::<B>::from_file(file_offset, size).map_err(mmap_err)?;
+        if let Some(h) = hugetlbfs {
+            mapping.set_hugetlbfs(h);
+        }
+        mapping
+    };
+
+    #[cfg(feature = "xen")]
+    let mapping = {
+        use vm_memory::{MmapRange, MmapXenFlags};
+        let mut range = match spec.xen {
+            // A plain fd: vm-memory's xen mode maps it as MmapXenFlags::UNIX, MAP_SHARED.
+            None => MmapRange::new_unix(size, Some(file_offset), GuestAddress(gpa)),
+            Some(xen) => {
+                let valid = MmapXenFlags::from_bits(xen.mmap_flags).is_some_and(|f| f.is_valid());
+                if !valid {
+                    return Err(MemError::XenFlags {
+                        guest_phys_addr: gpa,
+                        flags: xen.mmap_flags,
+                    });
+                }
+                MmapRange::new(
+                    size,
+                    Some(file_offset),
+                    GuestAddress(gpa),
+                    xen.mmap_flags,
+                    xen.mmap_data,
+                )
+            }
+        };
+        if let Some(h) = hugetlbfs {
+            range.set_hugetlbfs(h);
+        }
+        MmapRegion::<B>::from_range(range).map_err(mmap_err)?
+    };
+
+    GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemError::Overflow {
+        space: AddressSpace::Guest,
+        start: gpa,
+        size: ranges.size,
+    })
+}
