@@ -180,10 +180,13 @@ fn classify(header: &str) -> (Table, Option<String>) {
         .trim_end_matches(']')
         .trim();
     let header = match header.strip_prefix("target.") {
-        Some(rest) => rest
-            .rsplit_once("'.")
-            .or_else(|| rest.rsplit_once("\"."))
-            .map_or(rest, |(_, t)| t),
+        // The target is a quoted `cfg(..)` (which may hold dots) or a bare triple (which may not).
+        Some(rest) => match rest.chars().next() {
+            Some(quote @ ('\'' | '"')) => rest[1..]
+                .split_once(quote)
+                .map_or(rest, |(_, t)| t.trim_start_matches('.')),
+            _ => rest.split_once('.').map_or(rest, |(_, t)| t),
+        },
         None => header,
     };
     let (table, name) = match header.split_once('.') {
@@ -511,6 +514,13 @@ mod tests {
     #[test]
     fn target_specific_and_table_form_dependencies_are_checked() {
         let manifest = "[target.'cfg(unix)'.dependencies]\nnix = \"0.29\"\n\n[dependencies.tokio]\nversion = \"1\"\n";
+        assert_eq!(lines(&check_dependencies(manifest)), [2, 4]);
+    }
+
+    #[test]
+    fn target_triple_dependencies_are_checked() {
+        let manifest = "[target.x86_64-unknown-linux-gnu.dependencies]\nnix = \"0.29\"\n\
+                        [target.'cfg(target_os = \"linux\")'.build-dependencies]\ncc = \"1\"\n";
         assert_eq!(lines(&check_dependencies(manifest)), [2, 4]);
     }
 
