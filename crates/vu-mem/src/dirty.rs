@@ -443,3 +443,119 @@ impl Bitmap for LogSlice<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{dirty_pages, memfd};
+
+    fn logging(size: u64) -> (DirtyLog, File) {
+        let file = memfd(size);
+        let log = DirtyLog::new();
+        log.map_log(&file, size, 0).unwrap();
+        log.set_logging(true);
+        (log, file)
+    }
+
+    #[test]
+    fn log_size_is_one_bit_per_started_page() {
+        assert_eq!(log_size_for(0), 0);
+        assert_eq!(log_size_for(1), 1);
+        assert_eq!(log_size_for(8 * LOG_PAGE_SIZE), 1);
+        assert_eq!(log_size_for(8 * LOG_PAGE_SIZE + 1), 2);
+        assert_eq!(log_size_for(u64::MAX), 1 << 49);
+    }
+
+    #[test]
+    fn bits_within_one_byte_set_only_that_run() {
+        let (log, file) = logging(4);
+        log.mark_dirty(GuestAddress(2 * LOG_PAGE_SIZE), 3 * LOG_PAGE_SIZE)
+            .unwrap();
+        assert_eq!(dirty_pages(&file, 0, 4), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_range_over_several_bytes_sets_every_bit_between() {
+        let (log, file) = logging(4);
+        log.mark_dirty(GuestAddress(6 * LOG_PAGE_SIZE), 20 * LOG_PAGE_SIZE)
+            .unwrap();
+        assert_eq!(dirty_pages(&file, 0, 4), (6..26).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_last_page_of_the_log_can_be_marked() {
+        let (log, file) = logging(4);
+        log.mark_dirty(GuestAddress(31 * LOG_PAGE_SIZE + 5), 1)
+            .unwrap();
+        assert_eq!(dirty_pages(&file, 0, 4), vec![31]);
+        assert!(log.is_dirty(GuestAddress(31 * LOG_PAGE_SIZE)));
+    }
+
+    #[test]
+    fn bits_the_frontend_set_are_kept() {
+        let (log, file) = logging(1);
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0b1000_0001], 0).unwrap();
+        log.mark_dirty(GuestAddress(LOG_PAGE_SIZE), 1).unwrap();
+        assert_eq!(dirty_pages(&file, 0, 1), vec![0, 1, 7]);
+    }
+
+    #[test]
+    fn an_unbound_bitmap_marks_nothing() {
+        let bitmap = LogBitmap::with_len(4096);
+        bitmap.mark_dirty(0, 4096);
+        assert!(!bitmap.dirty_at(0));
+    }
+
+    #[test]
+    fn a_bitmap_slice_adds_its_offset_and_the_region_base() {
+        let (log, file) = logging(4);
+        let bitmap = LogBitmap::with_len(0x10000);
+        bitmap.bind(GuestAddress(4 * LOG_PAGE_SIZE), &log);
+        let slice = bitmap
+            .slice_at(LOG_PAGE_SIZE as usize)
+            .slice_at(LOG_PAGE_SIZE as usize);
+        slice.mark_dirty(LOG_PAGE_SIZE as usize, 1);
+        assert_eq!(dirty_pages(&file, 0, 4), vec![7]);
+        assert!(bitmap.dirty_at(3 * LOG_PAGE_SIZE as usize));
+        assert!(slice.dirty_at(LOG_PAGE_SIZE as usize));
+    }
+
+    #[test]
+    fn a_write_with_no_log_mapped_is_a_no_op() {
+        let log = DirtyLog::new();
+        log.set_logging(true);
+        log.mark_dirty(GuestAddress(0), 1).unwrap();
+        assert!(!log.is_dirty(GuestAddress(0)));
+    }
+
+    #[test]
+    fn a_zero_length_mark_is_a_no_op() {
+        let (log, file) = logging(1);
+        log.mark_dirty(GuestAddress(u64::MAX), 0).unwrap();
+        assert!(dirty_pages(&file, 0, 1).is_empty());
+    }
+
+    #[test]
+    fn cleared_log_stops_marking() {
+        let (log, file) = logging(1);
+        log.clear_log();
+        log.mark_dirty(GuestAddress(0), 1).unwrap();
+        assert_eq!(log.log_size(), None);
+        assert!(dirty_pages(&file, 0, 1).is_empty());
+    }
+
+    #[test]
+    fn notify_without_a_log_fd_reports_no_signal() {
+        let (log, _file) = logging(1);
+        log.mark_dirty(GuestAddress(0), 1).unwrap();
+        assert!(!log.notify_changed().unwrap());
+    }
+
+    #[test]
+    fn log_handles_and_bitmaps_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DirtyLog>();
+        send_sync::<LogBitmap>();
+        send_sync::<LogSlice<'static>>();
+    }
+}

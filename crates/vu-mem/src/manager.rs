@@ -946,6 +946,26 @@ mod tests {
     }
 
     #[test]
+    fn atomic_store_marks_its_page() {
+        let (m, log) = logged();
+        let mem = m.memory().memory();
+        mem.store(
+            1u16,
+            GuestAddress(0x7002),
+            std::sync::atomic::Ordering::Release,
+        )
+        .unwrap();
+        assert_eq!(dirty_pages(&log, 0, 1024), vec![7]);
+    }
+
+    #[test]
+    fn manager_and_memory_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<GuestMemoryManager>();
+        send_sync::<GuestMemoryAtomic<GuestMemoryMmap<LogBitmap>>>();
+    }
+
+    #[test]
     fn unit_bitmap_manager_maps_without_logging() {
         let mut m = GuestMemoryManager::<()>::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
         m.set_table(vec![region(0, MIB, 0x1000_0000)]).unwrap();

@@ -203,3 +203,120 @@ pub(crate) fn map_region<B: RegionBitmap>(
         size: ranges.size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::LogBitmap;
+    use crate::testutil::memfd;
+
+    #[test]
+    fn ranges_of_a_region_ending_at_u64_max_are_accepted() {
+        let spec = RegionSpec::new(u64::MAX - 0x1000, 0x1000, u64::MAX - 0x1000, 0, memfd(1));
+        let r = spec.ranges().unwrap();
+        assert_eq!(r.guest_end(), u64::MAX);
+    }
+
+    #[test]
+    fn an_offset_beyond_off_t_is_refused() {
+        let spec = RegionSpec::new(0, 0x1000, 0x1000, 1 << 63, memfd(1));
+        let err = spec.ranges().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::Overflow {
+                    space: AddressSpace::File,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn touching_ranges_do_not_overlap() {
+        let a = Ranges {
+            guest: 0,
+            vmm: 0x1000,
+            size: 0x1000,
+        };
+        let b = Ranges {
+            guest: 0x1000,
+            vmm: 0x2000,
+            size: 0x1000,
+        };
+        assert!(!a.guest_overlaps(&b) && !a.vmm_overlaps(&b));
+        let c = Ranges {
+            guest: 0xfff,
+            vmm: 0x1fff,
+            size: 2,
+        };
+        assert!(a.guest_overlaps(&c) && a.vmm_overlaps(&c) && c.guest_overlaps(&b));
+    }
+
+    #[test]
+    fn mapping_an_invalid_fd_offset_is_a_typed_error() {
+        // mmap needs a page-aligned file offset.
+        let spec = RegionSpec::new(0, 0x1000, 0x1000, 1, memfd(0x2000));
+        let ranges = spec.ranges().unwrap();
+        let err = map_region::<LogBitmap>(spec, ranges).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::Mmap {
+                    guest_phys_addr: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "xen")]
+    #[test]
+    fn xen_unix_flags_map_a_plain_fd() {
+        use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+        let spec = RegionSpec::new(0x1000, 0x2000, 0x5000, 0, memfd(0x2000)).with_xen(XenMapping {
+            mmap_flags: 0,
+            mmap_data: 0,
+        });
+        let ranges = spec.ranges().unwrap();
+        let region = map_region::<LogBitmap>(spec, ranges).unwrap();
+        assert_eq!(region.start_addr(), GuestAddress(0x1000));
+        region.write_obj(5u32, MemoryRegionAddress(0x1ffc)).unwrap();
+        assert_eq!(
+            region.read_obj::<u32>(MemoryRegionAddress(0x1ffc)).unwrap(),
+            5
+        );
+    }
+
+    #[cfg(feature = "xen")]
+    #[test]
+    fn xen_foreign_and_grant_together_are_refused() {
+        let spec = RegionSpec::new(0, 0x1000, 0x1000, 0, memfd(0x1000)).with_xen(XenMapping {
+            mmap_flags: 0x3,
+            mmap_data: 1,
+        });
+        let ranges = spec.ranges().unwrap();
+        let err = map_region::<LogBitmap>(spec, ranges).unwrap_err();
+        assert!(
+            matches!(err, MemError::XenFlags { flags: 0x3, .. }),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "xen")]
+    #[test]
+    fn xen_unknown_flag_bits_are_refused() {
+        let spec = RegionSpec::new(0, 0x1000, 0x1000, 0, memfd(0x1000)).with_xen(XenMapping {
+            mmap_flags: 0x10,
+            mmap_data: 1,
+        });
+        let ranges = spec.ranges().unwrap();
+        let err = map_region::<LogBitmap>(spec, ranges).unwrap_err();
+        assert!(
+            matches!(err, MemError::XenFlags { flags: 0x10, .. }),
+            "{err}"
+        );
+    }
+}
