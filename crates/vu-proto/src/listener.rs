@@ -1,1 +1,237 @@
-//! TODO: listener (being written).
+//! The listening socket a backend accepts its frontend connection on.
+//!
+//! The spec's "Backend program conventions" give a backend two ways to get it:
+//! `--socket-path=PATH` (the backend binds and listens on a new socket at `PATH`) and
+//! `--fd=FDNUM` (the backend inherits a listening socket). [`Listener::bind`] and
+//! [`Listener::from_fd`] are those two.
+//!
+//! # Invariants
+//!
+//! - A listener removes its socket file on drop only if it created that file, and only
+//!   if the path still names the very socket it bound (same device and inode): a file
+//!   that someone replaced meanwhile is left alone. An inherited socket's path is never
+//!   touched.
+//! - [`Listener::bind`] never deletes anything. An existing file at the path is refused
+//!   with [`SocketError::AddressInUse`], which names the path. A socket file left behind
+//!   by a crashed backend can be replaced with [`Listener::bind_replacing_stale`], which
+//!   removes the file only when it is a socket and nobody listens on it.
+//! - An inherited fd is checked (`SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`) before use and
+//!   made close-on-exec, so it does not leak into programs the backend may start.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use crate::socket::{Endpoint, NotListenerReason, SocketError};
+
+/// A listening `AF_UNIX` stream socket that accepts vhost-user connections.
+#[derive(Debug)]
+pub struct Listener {
+    socket: UnixListener,
+    created: Option<CreatedPath>,
+}
+
+/// The socket file a listener created, identified so that drop removes only that file.
+#[derive(Debug)]
+struct CreatedPath {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Listener {
+    /// Binds and listens on a new socket at `path`.
+    ///
+    /// Refuses with [`SocketError::AddressInUse`] if anything exists at `path`; nothing
+    /// is deleted. The socket file is removed when the listener is dropped.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Self, SocketError> {
+        let path = path.as_ref();
+        let socket = UnixListener::bind(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                SocketError::AddressInUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                SocketError::Bind {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        // If the file is already gone (someone removed it in between), there is nothing
+        // of ours to remove on drop.
+        let created = fs::symlink_metadata(path).ok().map(|meta| CreatedPath {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        });
+        Ok(Listener { socket, created })
+    }
+
+    /// Like [`Listener::bind`], but first removes a stale socket file at `path`.
+    ///
+    /// The file is removed only if it is a socket and connecting to it is refused
+    /// (`ECONNREFUSED`: nobody listens on it). If somebody does listen, the probe
+    /// connection is closed at once (that listener sees a connection that ends
+    /// immediately) and the call fails with [`SocketError::AddressInUse`]; a file that is
+    /// not a socket is never removed. Between the probe and the new bind another process
+    /// could take the path; that race ends in [`SocketError::AddressInUse`], not in
+    /// removing a live socket, unless that process binds in the instant between the
+    /// probe and the removal.
+    pub fn bind_replacing_stale(path: impl AsRef<Path>) -> Result<Self, SocketError> {
+        let path = path.as_ref();
+        match Listener::bind(path) {
+            Err(SocketError::AddressInUse { .. }) => {}
+            other => return other,
+        }
+        let in_use = || SocketError::AddressInUse {
+            path: path.to_path_buf(),
+        };
+        let is_socket = fs::symlink_metadata(path)
+            .map(|meta| meta.file_type().is_socket())
+            .unwrap_or(false);
+        if !is_socket {
+            return Err(in_use());
+        }
+        match UnixStream::connect(path) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            _ => return Err(in_use()),
+        }
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SocketError::Bind {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        Listener::bind(path)
+    }
+
+    /// Adopts an inherited listening socket (the `--fd` convention).
+    ///
+    /// Checks that `fd` is an `AF_UNIX` `SOCK_STREAM` socket on which `listen` was
+    /// called, and sets close-on-exec on it. On failure the fd is closed. The listener
+    /// never removes any file for an inherited socket.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, SocketError> {
+        let refuse = |reason| SocketError::NotAListener {
+            fd: fd.as_raw_fd(),
+            reason,
+        };
+        let domain = match socket_option(fd.as_fd(), libc::SO_DOMAIN) {
+            Ok(domain) => domain,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                return Err(refuse(NotListenerReason::NotASocket))
+            }
+            Err(e) => return Err(SocketError::Io(e)),
+        };
+        if domain != libc::AF_UNIX {
+            return Err(refuse(NotListenerReason::Domain(domain)));
+        }
+        let kind = socket_option(fd.as_fd(), libc::SO_TYPE)?;
+        if kind != libc::SOCK_STREAM {
+            return Err(refuse(NotListenerReason::Type(kind)));
+        }
+        if socket_option(fd.as_fd(), libc::SO_ACCEPTCONN)? == 0 {
+            return Err(refuse(NotListenerReason::NotListening));
+        }
+        set_cloexec(fd.as_fd())?;
+        Ok(Listener {
+            socket: UnixListener::from(fd),
+            created: None,
+        })
+    }
+
+    /// Waits for and accepts one connection. The accepted socket is close-on-exec and
+    /// blocking, whatever the listener's mode.
+    pub fn accept(&self) -> Result<Endpoint, SocketError> {
+        let (stream, _addr) = self.socket.accept()?;
+        Ok(Endpoint::new(stream))
+    }
+
+    /// The path of the socket file this listener created, if it created one.
+    pub fn path(&self) -> Option<&Path> {
+        self.created.as_ref().map(|created| created.path.as_path())
+    }
+
+    /// Puts the listener in or out of non-blocking mode; a non-blocking
+    /// [`Listener::accept`] with no pending connection fails with [`SocketError::Io`] of
+    /// kind `WouldBlock`.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), SocketError> {
+        Ok(self.socket.set_nonblocking(nonblocking)?)
+    }
+
+    /// The underlying listening socket.
+    pub fn socket(&self) -> &UnixListener {
+        &self.socket
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let Some(created) = &self.created else {
+            return;
+        };
+        let still_ours = fs::symlink_metadata(&created.path)
+            .map(|meta| meta.dev() == created.dev && meta.ino() == created.ino)
+            .unwrap_or(false);
+        if still_ours {
+            if let Err(e) = fs::remove_file(&created.path) {
+                log::warn!("cannot remove socket {}: {e}", created.path.display());
+            }
+        }
+    }
+}
+
+/// An integer `SOL_SOCKET` option of `fd`.
+fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals valid for writes, and `len` holds the size
+    // of `value`, so the kernel writes at most that many bytes; `fd` is borrowed, open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets `FD_CLOEXEC` on `fd`.
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD takes an integer argument and touches no memory; `fd` is open.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,1 +1,747 @@
-//! TODO: socket (being written).
+//! The socket endpoint: the one place where vhost-user bytes and file descriptors cross
+//! the kernel boundary.
+//!
+//! vhost-user runs over an `AF_UNIX` `SOCK_STREAM` socket and passes file descriptors
+//! (memory regions, eventfds, log and inflight areas) as `SCM_RIGHTS` ancillary data. Fd
+//! passing is where backends leak descriptors, leak them into children, or desynchronise
+//! the stream, so this module keeps the whole job small and in one place.
+//!
+//! # Invariants
+//!
+//! 1. `recvmsg` and `sendmsg` are called in this module and nowhere else in the workspace.
+//! 2. Every received fd becomes an [`OwnedFd`] inside the function that called `recvmsg`,
+//!    right after the call returns and before the byte count or the flags are looked at.
+//!    From then on, every path out of the function either hands the fds to the caller or
+//!    drops (closes) them; none can forget one.
+//! 3. Fds are always received with `MSG_CMSG_CLOEXEC`, so no fd is ever open without
+//!    close-on-exec, not even for the instant a concurrent `fork` + `exec` could see it.
+//! 4. `MSG_CTRUNC`, more than [`MAX_FDS`] fds for one message, the peer closing
+//!    mid-message, a stalled peer and any I/O error mid-message close every fd received
+//!    for that message and are a typed [`SocketError`].
+//! 5. Reads are exact-length. A stream socket has no message boundaries: a read that ran
+//!    past the end of the current message could take the next message's bytes and, worse,
+//!    its fds. [`Endpoint::recv_message`] therefore reads exactly [`Header::SIZE`] bytes,
+//!    validates the header (so a hostile size is refused before anything is allocated),
+//!    then reads exactly `size` body bytes: one `recvmsg` for a message without payload,
+//!    two otherwise, more only when the kernel hands the bytes over in pieces.
+//!
+//! # Stalled peers
+//!
+//! A peer that sends half a message and then stops would block a reader forever. Set a
+//! read timeout with [`Endpoint::set_read_timeout`]: when it expires before the first byte
+//! of a message, the read fails with [`SocketError::Io`] of kind
+//! [`std::io::ErrorKind::WouldBlock`] and nothing was consumed, so the caller may simply
+//! wait again; when it expires mid-message, the read fails with [`SocketError::Stalled`],
+//! the stream is out of sync and the connection must be closed. The same rules apply to a
+//! non-blocking endpoint, which is therefore only useful together with readiness
+//! notification (wait until readable, then read one message).
+
+use std::io::{self, IoSlice};
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::time::Duration;
+
+use crate::header::{Header, MAX_FDS};
+use crate::message::RawMessage;
+use crate::wire::WireError;
+
+/// Why a socket operation failed.
+///
+/// Three send errors are refusals before anything is written and leave the stream
+/// intact: [`SocketError::TooManyFdsToSend`], [`SocketError::FdsWithoutData`] and
+/// [`SocketError::SizeMismatch`]; so does an [`SocketError::Io`] of kind `WouldBlock`
+/// before the first byte of a message is read. After any other error the stream is out
+/// of sync and the connection should be closed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The peer closed the connection cleanly, between two messages.
+    #[error("the peer closed the connection")]
+    Disconnected,
+    /// The peer closed the connection in the middle of a message.
+    #[error("the peer closed the connection mid-message: {received} of {expected} bytes received")]
+    UnexpectedEof {
+        /// The length of the whole message (or of the buffer given to
+        /// [`Endpoint::recv_exact`]).
+        expected: usize,
+        /// How many of those bytes arrived before the end of the stream.
+        received: usize,
+    },
+    /// The peer sent more fds than the control buffer holds (`MSG_CTRUNC`); the kernel
+    /// closed the excess and every fd received for the message was closed too.
+    #[error("ancillary data truncated (MSG_CTRUNC): the peer sent more than {max} fds", max = MAX_FDS)]
+    ControlTruncated,
+    /// The peer sent more fds for one message than any message may carry; every fd
+    /// received for the message was closed.
+    #[error("{received} fds received for one message, at most {max} allowed")]
+    TooManyFds {
+        /// The most fds one message may carry, [`MAX_FDS`].
+        max: usize,
+        /// How many fds arrived.
+        received: usize,
+    },
+    /// The caller asked to send more fds than any message may carry.
+    #[error("asked to send {given} fds, at most {max} allowed")]
+    TooManyFdsToSend {
+        /// The most fds one message may carry, [`MAX_FDS`].
+        max: usize,
+        /// How many fds the caller gave.
+        given: usize,
+    },
+    /// The caller asked to send fds without any byte to carry them: a stream socket
+    /// cannot deliver ancillary data on its own.
+    #[error("asked to send {fds} fds with no data bytes")]
+    FdsWithoutData {
+        /// How many fds the caller gave.
+        fds: usize,
+    },
+    /// The header given to [`Endpoint::send_message`] announces a size other than the
+    /// body's length.
+    #[error("header announces {header_size} payload bytes but the body has {body_len}")]
+    SizeMismatch {
+        /// The size field of the header.
+        header_size: u32,
+        /// The length of the body given.
+        body_len: usize,
+    },
+    /// The read timeout expired, or a non-blocking endpoint ran out of data, in the
+    /// middle of a message; every fd received for the message was closed.
+    #[error("the peer stalled mid-message: {received} of {expected} bytes received")]
+    Stalled {
+        /// The length of the whole message (or of the buffer given to
+        /// [`Endpoint::recv_exact`]).
+        expected: usize,
+        /// How many of those bytes arrived.
+        received: usize,
+    },
+    /// A send failed after part of the data was written: the peer saw a partial
+    /// message.
+    #[error("send failed after {sent} of {expected} bytes")]
+    SendIncomplete {
+        /// How many bytes the caller asked to send.
+        expected: usize,
+        /// How many were written before the failure.
+        sent: usize,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// The received header is not a valid vhost-user header (the body was not read).
+    #[error("invalid header: {0}")]
+    Wire(#[from] WireError),
+    /// Connecting to a socket path failed.
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect {
+        /// The path given.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// Something already exists at the path a listener was asked to bind: a socket in
+    /// use, a stale socket (see [`crate::listener::Listener::bind_replacing_stale`]) or
+    /// another kind of file.
+    #[error("cannot bind {}: the path already exists", path.display())]
+    AddressInUse {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// Binding a listener to a path failed for another reason.
+    #[error("cannot bind {}: {source}", path.display())]
+    Bind {
+        /// The path given.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// An inherited fd is not a listening `AF_UNIX` stream socket.
+    #[error("inherited fd {fd} is not a listening AF_UNIX stream socket: {reason}")]
+    NotAListener {
+        /// The fd number, for the log.
+        fd: RawFd,
+        /// What is wrong with it.
+        reason: NotListenerReason,
+    },
+    /// Any other I/O error, including a read timeout or `WouldBlock` before the first
+    /// byte of a message (nothing was consumed).
+    #[error("socket I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why an inherited fd cannot serve as a listener; see [`SocketError::NotAListener`].
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotListenerReason {
+    /// The fd is not a socket.
+    #[error("not a socket")]
+    NotASocket,
+    /// The socket is not in the `AF_UNIX` domain.
+    #[error("socket domain {0}, expected AF_UNIX")]
+    Domain(i32),
+    /// The socket is not a `SOCK_STREAM` socket.
+    #[error("socket type {0}, expected SOCK_STREAM")]
+    Type(i32),
+    /// The socket is not listening (`listen` was never called on it).
+    #[error("not listening")]
+    NotListening,
+}
+
+/// The size of one fd in `SCM_RIGHTS` data.
+const FD_SIZE: usize = mem::size_of::<RawFd>();
+
+/// `CMSG_SPACE(len)`: the control buffer bytes a message with `len` data bytes takes,
+/// header and padding included.
+const fn cmsg_space(len: usize) -> usize {
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument and dereferences nothing;
+    // every caller passes a length of at most MAX_FDS fds, far below c_uint::MAX.
+    unsafe { libc::CMSG_SPACE(len as libc::c_uint) as usize }
+}
+
+/// `CMSG_LEN(len)`: the `cmsg_len` of a message with `len` data bytes (header included,
+/// trailing padding not).
+const fn cmsg_len(len: usize) -> usize {
+    // SAFETY: as for `cmsg_space`: pure arithmetic on a small length.
+    unsafe { libc::CMSG_LEN(len as libc::c_uint) as usize }
+}
+
+/// Offset of the data in a control message: the aligned header length.
+const CMSG_DATA_OFFSET: usize = cmsg_len(0);
+
+/// Control buffer length: room for one `SCM_RIGHTS` message of [`MAX_FDS`] fds.
+const CONTROL_LEN: usize = cmsg_space(MAX_FDS * FD_SIZE);
+
+// The control buffer holds a header and MAX_FDS fds; `take_rights` reads a whole
+// cmsghdr from any offset that leaves CMSG_DATA_OFFSET bytes.
+const _: () = assert!(CONTROL_LEN >= CMSG_DATA_OFFSET + MAX_FDS * FD_SIZE);
+const _: () = assert!(CMSG_DATA_OFFSET >= mem::size_of::<libc::cmsghdr>());
+
+/// How many slices [`Endpoint::send`] gathers without allocating.
+const INLINE_IOV: usize = 4;
+
+/// A control buffer aligned for `cmsghdr` (whose strictest field is a `size_t`): the
+/// kernel and the `CMSG_*` arithmetic assume this alignment.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; CONTROL_LEN]);
+
+/// One end of a vhost-user connection.
+///
+/// Sends and receives whole messages with their fds; see the [module docs](self) for the
+/// guarantees. All methods take `&self`: a reader and a writer thread may share an
+/// endpoint, but two concurrent readers (or writers) would interleave messages.
+#[derive(Debug)]
+pub struct Endpoint {
+    stream: UnixStream,
+}
+
+impl Endpoint {
+    /// Wraps a connected `AF_UNIX` stream socket.
+    pub fn new(stream: UnixStream) -> Self {
+        Endpoint { stream }
+    }
+
+    /// Connects to the socket at `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, SocketError> {
+        let path = path.as_ref();
+        UnixStream::connect(path)
+            .map(Endpoint::new)
+            .map_err(|source| SocketError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Two endpoints connected to each other (`socketpair`), both close-on-exec.
+    pub fn pair() -> Result<(Self, Self), SocketError> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Endpoint::new(a), Endpoint::new(b)))
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Unwraps the underlying stream.
+    pub fn into_inner(self) -> UnixStream {
+        self.stream
+    }
+
+    /// Sets how long a read may wait for data; `None` waits forever. A zero duration is
+    /// refused by the standard library with [`io::ErrorKind::InvalidInput`].
+    ///
+    /// See the [module docs](self#stalled-peers) for what a timeout means before and in
+    /// the middle of a message.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), SocketError> {
+        Ok(self.stream.set_read_timeout(timeout)?)
+    }
+
+    /// Sets how long a send may wait for buffer space; `None` waits forever. A send that
+    /// times out after writing part of a message fails with
+    /// [`SocketError::SendIncomplete`].
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), SocketError> {
+        Ok(self.stream.set_write_timeout(timeout)?)
+    }
+
+    /// Puts the socket in or out of non-blocking mode; see the
+    /// [module docs](self#stalled-peers).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), SocketError> {
+        Ok(self.stream.set_nonblocking(nonblocking)?)
+    }
+
+    /// Sends every byte of `iov`, in order, with `fds` attached to the first byte.
+    ///
+    /// The fds ride with the first `sendmsg` only; the kernel duplicates them, so the
+    /// caller keeps its own. `MSG_NOSIGNAL` is set: a closed peer is an error
+    /// (`EPIPE`), never a `SIGPIPE`. `EINTR` is retried.
+    pub fn send(&self, iov: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<(), SocketError> {
+        if fds.len() > MAX_FDS {
+            return Err(SocketError::TooManyFdsToSend {
+                max: MAX_FDS,
+                given: fds.len(),
+            });
+        }
+        let expected = iov
+            .iter()
+            .map(|s| s.len())
+            .fold(0usize, usize::saturating_add);
+        if expected == 0 {
+            return if fds.is_empty() {
+                Ok(())
+            } else {
+                Err(SocketError::FdsWithoutData { fds: fds.len() })
+            };
+        }
+
+        let mut inline = [IoSlice::new(&[]); INLINE_IOV];
+        let mut heap: Vec<IoSlice<'_>>;
+        let mut slices: &mut [IoSlice<'_>] = if iov.len() <= INLINE_IOV {
+            for (slot, bytes) in inline.iter_mut().zip(iov) {
+                *slot = IoSlice::new(bytes);
+            }
+            &mut inline[..iov.len()]
+        } else {
+            heap = iov.iter().map(|bytes| IoSlice::new(bytes)).collect();
+            &mut heap
+        };
+        // Drop leading empty slices so that every sendmsg below carries data.
+        IoSlice::advance_slices(&mut slices, 0);
+
+        let mut control = ControlBuffer([0; CONTROL_LEN]);
+        let mut control_len = 0;
+        if !fds.is_empty() {
+            control_len = fill_rights(&mut control, fds);
+        }
+
+        let mut sent = 0usize;
+        while !slices.is_empty() {
+            match sendmsg_once(self.stream.as_fd(), slices, &mut control, control_len) {
+                Ok(0) => {
+                    let source = io::Error::from(io::ErrorKind::WriteZero);
+                    return Err(SocketError::SendIncomplete {
+                        expected,
+                        sent,
+                        source,
+                    });
+                }
+                Ok(n) => {
+                    // The fds went with the bytes just written.
+                    control_len = 0;
+                    sent = sent.saturating_add(n);
+                    IoSlice::advance_slices(&mut slices, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if sent == 0 => return Err(SocketError::Io(e)),
+                Err(source) => {
+                    return Err(SocketError::SendIncomplete {
+                        expected,
+                        sent,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives exactly `buf.len()` bytes, appending the fds that come with them to
+    /// `fds`.
+    ///
+    /// The bound of [`MAX_FDS`] applies to `fds.len()` as a whole, so a caller reading
+    /// one message in several pieces passes the same vector each time. On error, every
+    /// fd this call appended is closed (the vector is truncated back to its length on
+    /// entry). End of stream before the first byte is [`SocketError::Disconnected`],
+    /// after it [`SocketError::UnexpectedEof`]. `EINTR` is retried.
+    pub fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), SocketError> {
+        let expected = buf.len();
+        self.recv_part(buf, fds, 0, expected)
+    }
+
+    /// Sends one message: `header`, then `body`, with `fds`, in a single `sendmsg` unless
+    /// the socket buffer is full.
+    ///
+    /// The header's size must equal `body.len()`; anything else would desynchronise the
+    /// stream, so it is refused with [`SocketError::SizeMismatch`] before anything is
+    /// sent.
+    pub fn send_message(
+        &self,
+        header: &Header,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), SocketError> {
+        if usize::try_from(header.size) != Ok(body.len()) {
+            return Err(SocketError::SizeMismatch {
+                header_size: header.size,
+                body_len: body.len(),
+            });
+        }
+        let head = header.to_bytes();
+        self.send(&[&head, body], fds)
+    }
+
+    /// Receives one whole message with its fds.
+    ///
+    /// Reads exactly the header, checks it with [`Header::read`] (so a size above
+    /// [`crate::header::MAX_PAYLOAD_SIZE`] is refused before the body is allocated or
+    /// read), then reads exactly `size` body bytes. After a [`SocketError::Wire`] error
+    /// the body is still in the stream: the connection must be closed.
+    pub fn recv_message(&self) -> Result<RawMessage, SocketError> {
+        let mut head = [0u8; Header::SIZE];
+        let mut fds = Vec::new();
+        self.recv_part(&mut head, &mut fds, 0, Header::SIZE)?;
+        // On a bad header, `fds` is dropped here: its fds are closed.
+        let header = Header::read(&head)?;
+        let size = header.size as usize;
+        let mut body = vec![0u8; size];
+        self.recv_part(
+            &mut body,
+            &mut fds,
+            Header::SIZE,
+            Header::SIZE.saturating_add(size),
+        )?;
+        Ok(RawMessage { header, body, fds })
+    }
+
+    /// Fills `buf` from the stream; `before` bytes of a message of `expected` bytes were
+    /// received by earlier calls (for the error counts).
+    fn recv_part(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        before: usize,
+        expected: usize,
+    ) -> Result<(), SocketError> {
+        let fds_on_entry = fds.len();
+        let result = self.fill(buf, fds, before, expected);
+        if result.is_err() {
+            // Close every fd received by this call (invariant 4).
+            fds.truncate(fds_on_entry);
+        }
+        result
+    }
+
+    fn fill(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        before: usize,
+        expected: usize,
+    ) -> Result<(), SocketError> {
+        let mut got = 0usize;
+        while let Some(rest) = buf.get_mut(got..).filter(|rest| !rest.is_empty()) {
+            // `recvmsg_once` has already made every received fd an OwnedFd in `fds`, so
+            // every early return below closes them through the caller's truncate.
+            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), rest, fds) {
+                Ok(result) => result,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) && before == 0 && got == 0 => {
+                    return Err(SocketError::Io(e))
+                }
+                Err(e) if is_timeout(&e) => {
+                    return Err(SocketError::Stalled {
+                        expected,
+                        received: before.saturating_add(got),
+                    })
+                }
+                Err(e) => return Err(SocketError::Io(e)),
+            };
+            if truncated {
+                return Err(SocketError::ControlTruncated);
+            }
+            if fds.len() > MAX_FDS {
+                return Err(SocketError::TooManyFds {
+                    max: MAX_FDS,
+                    received: fds.len(),
+                });
+            }
+            if n == 0 {
+                let received = before.saturating_add(got);
+                return Err(if received == 0 {
+                    SocketError::Disconnected
+                } else {
+                    SocketError::UnexpectedEof { expected, received }
+                });
+            }
+            got = got.saturating_add(n);
+        }
+        Ok(())
+    }
+}
+
+impl From<UnixStream> for Endpoint {
+    fn from(stream: UnixStream) -> Self {
+        Endpoint::new(stream)
+    }
+}
+
+impl AsFd for Endpoint {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+impl AsRawFd for Endpoint {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+/// Whether `e` is what a read timeout or an empty non-blocking socket reports.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes one `SCM_RIGHTS` control message carrying `fds` (at most [`MAX_FDS`], checked
+/// by the caller) into `control`; returns the control length to pass to `sendmsg`.
+fn fill_rights(control: &mut ControlBuffer, fds: &[BorrowedFd<'_>]) -> usize {
+    let data_len = fds.len() * FD_SIZE;
+    // SAFETY: cmsghdr is a C struct of integers (and, on some targets, integer padding
+    // fields), for which all-zero bytes are a valid value.
+    let mut header: libc::cmsghdr = unsafe { mem::zeroed() };
+    header.cmsg_len = cmsg_len(data_len) as _;
+    header.cmsg_level = libc::SOL_SOCKET;
+    header.cmsg_type = libc::SCM_RIGHTS;
+    // SAFETY: CONTROL_LEN = CMSG_SPACE(MAX_FDS * FD_SIZE) is at least the size of a
+    // cmsghdr, so the write stays inside `control`; write_unaligned has no alignment
+    // requirement (the buffer is 8-aligned anyway).
+    unsafe { ptr::write_unaligned(control.0.as_mut_ptr().cast::<libc::cmsghdr>(), header) };
+    let data = &mut control.0[CMSG_DATA_OFFSET..CMSG_DATA_OFFSET + data_len];
+    for (slot, fd) in data.chunks_exact_mut(FD_SIZE).zip(fds) {
+        slot.copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
+    }
+    cmsg_space(data_len)
+}
+
+/// One `sendmsg(MSG_NOSIGNAL)` of `slices` with the first `control_len` bytes of
+/// `control` as ancillary data; returns the number of bytes written.
+fn sendmsg_once(
+    socket: BorrowedFd<'_>,
+    slices: &[IoSlice<'_>],
+    control: &mut ControlBuffer,
+    control_len: usize,
+) -> io::Result<usize> {
+    // SAFETY: msghdr is a C struct of integers and raw pointers (plus integer padding on
+    // some targets), for which all-zero bytes (null pointers, zero lengths) are valid.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with iovec on Unix. The kernel only reads
+    // through msg_iov, so the const-to-mut cast is never used to write.
+    msg.msg_iov = slices.as_ptr().cast::<libc::iovec>().cast_mut();
+    msg.msg_iovlen = slices.len().min(libc::UIO_MAXIOV as usize) as _;
+    if control_len > 0 {
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control_len.min(CONTROL_LEN) as _;
+    }
+    // SAFETY: every pointer in `msg` borrows memory that outlives the call: the iovecs
+    // and the bytes they describe come from `slices` (lengths from the slices
+    // themselves, count capped at slices.len()), and the control data is at most
+    // CONTROL_LEN bytes of `control`. The fds in the control data are borrowed by the
+    // caller and stay open for the call; the kernel duplicates them, so no ownership
+    // moves.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One `recvmsg(MSG_CMSG_CLOEXEC)` into `buf`; every fd received is appended to `fds`
+/// as an [`OwnedFd`] before anything else is examined. Returns the byte count and
+/// whether the control data was truncated (`MSG_CTRUNC`).
+fn recvmsg_once(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
+    let mut control = ControlBuffer([0; CONTROL_LEN]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is a C struct of integers and raw pointers (plus integer padding on
+    // some targets), for which all-zero bytes (null pointers, zero lengths) are valid.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL_LEN as _;
+    // SAFETY: `iov` describes exactly `buf` (pointer and length taken from it), which is
+    // exclusively borrowed for the call; the control pointer and length describe
+    // `control`, CONTROL_LEN bytes aligned for cmsghdr. The kernel writes at most those
+    // lengths. Fds it installs are taken into ownership just below, exactly once.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        // On failure the kernel installs no fd.
+        return Err(io::Error::last_os_error());
+    }
+    let control_len = (msg.msg_controllen as usize).min(CONTROL_LEN);
+    take_rights(&control.0[..control_len], fds);
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    Ok((n as usize, truncated))
+}
+
+/// Walks the control messages in `control` (as filled in by `recvmsg`) and takes
+/// ownership of every fd of every `SCM_RIGHTS` message.
+fn take_rights(control: &[u8], fds: &mut Vec<OwnedFd>) {
+    let mut offset = 0usize;
+    while let Some(rest) = control.get(offset..) {
+        if rest.len() < CMSG_DATA_OFFSET {
+            break;
+        }
+        // SAFETY: `rest` holds at least CMSG_DATA_OFFSET >= size_of::<cmsghdr>() bytes
+        // (checked just above); read_unaligned needs no alignment, and cmsghdr is plain
+        // integers, valid for any bit pattern.
+        let header: libc::cmsghdr = unsafe { ptr::read_unaligned(rest.as_ptr().cast()) };
+        let len = header.cmsg_len as usize;
+        let Some(data) = rest.get(CMSG_DATA_OFFSET..len) else {
+            // A length shorter than a header or past the buffer: the kernel never writes
+            // one, and there is nothing sound to read after it.
+            break;
+        };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            for chunk in data.chunks_exact(FD_SIZE) {
+                let mut bytes = [0u8; FD_SIZE];
+                bytes.copy_from_slice(chunk);
+                let raw = RawFd::from_ne_bytes(bytes);
+                if raw < 0 {
+                    continue;
+                }
+                // SAFETY: the kernel installed `raw` in our fd table for this recvmsg
+                // (with close-on-exec), and nothing else knows its number yet; this loop
+                // visits each fd slot once, so ownership is taken exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // The next header starts at CMSG_ALIGN(len) = CMSG_SPACE(data length).
+        offset = offset.saturating_add(cmsg_space(data.len()));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::header::HeaderFlags;
+
+    fn probe() -> (UnixStream, UnixStream) {
+        UnixStream::pair().unwrap()
+    }
+
+    #[test]
+    fn send_and_recv_exact_round_trip_bytes_and_fds() {
+        let (a, b) = Endpoint::pair().unwrap();
+        let (x, _y) = probe();
+        a.send(&[b"hel", b"", b"lo"], &[x.as_fd()]).unwrap();
+        let mut buf = [0u8; 5];
+        let mut fds = Vec::new();
+        b.recv_exact(&mut buf, &mut fds).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn send_of_more_than_inline_slices_sends_all_bytes() {
+        let (a, b) = Endpoint::pair().unwrap();
+        let parts: Vec<&[u8]> = vec![b"a", b"b", b"c", b"d", b"e", b"f"];
+        a.send(&parts, &[]).unwrap();
+        let mut buf = [0u8; 6];
+        b.recv_exact(&mut buf, &mut Vec::new()).unwrap();
+        assert_eq!(&buf, b"abcdef");
+    }
+
+    #[test]
+    fn send_refuses_more_than_max_fds() {
+        let (a, _b) = Endpoint::pair().unwrap();
+        let (x, _y) = probe();
+        let fds = vec![x.as_fd(); MAX_FDS + 1];
+        let err = a.send(&[b"x"], &fds).unwrap_err();
+        assert!(matches!(
+            err,
+            SocketError::TooManyFdsToSend { max: MAX_FDS, given } if given == MAX_FDS + 1
+        ));
+    }
+
+    #[test]
+    fn send_refuses_fds_without_data() {
+        let (a, _b) = Endpoint::pair().unwrap();
+        let (x, _y) = probe();
+        let err = a.send(&[b""], &[x.as_fd()]).unwrap_err();
+        assert!(matches!(err, SocketError::FdsWithoutData { fds: 1 }));
+    }
+
+    #[test]
+    fn send_message_refuses_size_mismatch() {
+        let (a, _b) = Endpoint::pair().unwrap();
+        let header = Header::new(crate::request::RequestCode(1), HeaderFlags::empty(), 4);
+        let err = a.send_message(&header, &[0; 3], &[]).unwrap_err();
+        assert!(matches!(
+            err,
+            SocketError::SizeMismatch {
+                header_size: 4,
+                body_len: 3
+            }
+        ));
+    }
+
+    #[test]
+    fn recv_exact_failure_keeps_fds_received_earlier() {
+        let (a, b) = Endpoint::pair().unwrap();
+        let (x, _y) = probe();
+        a.send(&[b"ab"], &[x.as_fd()]).unwrap();
+        let mut fds = Vec::new();
+        b.recv_exact(&mut [0u8; 2], &mut fds).unwrap();
+        a.stream().write_all(b"c").unwrap();
+        drop(a);
+        let err = b.recv_exact(&mut [0u8; 2], &mut fds).unwrap_err();
+        assert!(matches!(
+            err,
+            SocketError::UnexpectedEof {
+                expected: 2,
+                received: 1
+            }
+        ));
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn take_rights_ignores_a_length_past_the_buffer() {
+        let mut control = ControlBuffer([0; CONTROL_LEN]);
+        // SAFETY: as in fill_rights: all-zero is a valid cmsghdr.
+        let mut header: libc::cmsghdr = unsafe { mem::zeroed() };
+        header.cmsg_len = (CONTROL_LEN + 4) as _;
+        header.cmsg_level = libc::SOL_SOCKET;
+        header.cmsg_type = libc::SCM_RIGHTS;
+        // SAFETY: the buffer holds at least one cmsghdr (the const assertions above).
+        unsafe { ptr::write_unaligned(control.0.as_mut_ptr().cast::<libc::cmsghdr>(), header) };
+        let mut fds = Vec::new();
+        take_rights(&control.0, &mut fds);
+        assert!(fds.is_empty());
+    }
+}
