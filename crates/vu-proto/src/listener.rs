@@ -2,8 +2,10 @@
 //!
 //! The spec's "Backend program conventions" give a backend two ways to get it:
 //! `--socket-path=PATH` (the backend binds and listens on a new socket at `PATH`) and
-//! `--fd=FDNUM` (the backend inherits a listening socket). [`Listener::bind`] and
-//! [`Listener::from_fd`] are those two.
+//! `--fd=FDNUM` (the backend inherits the socket). [`Listener::bind`] and
+//! [`Listener::from_fd`] are those two; the spec does not say whether an inherited socket
+//! is listening or already connected, and launchers do both, so a connected one is
+//! adopted with [`Endpoint::from_fd`] instead.
 //!
 //! # Invariants
 //!
@@ -17,6 +19,8 @@
 //!   removes the file only when it is a socket and nobody listens on it.
 //! - An inherited fd is checked (`SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`) before use and
 //!   made close-on-exec, so it does not leak into programs the backend may start.
+//!
+//! [`Endpoint::from_fd`]: crate::socket::Endpoint::from_fd
 
 use std::fs;
 use std::io;
@@ -25,7 +29,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use crate::socket::{Endpoint, NotListenerReason, SocketError};
+use crate::socket::{adopt_inherited, Endpoint, Role, SocketError};
 
 /// A listening `AF_UNIX` stream socket that accepts vhost-user connections.
 #[derive(Debug)]
@@ -76,7 +80,8 @@ impl Listener {
     /// The file is removed only if it is a socket and connecting to it is refused
     /// (`ECONNREFUSED`: nobody listens on it). If somebody does listen, the probe
     /// connection is closed at once (that listener sees a connection that ends
-    /// immediately) and the call fails with [`SocketError::AddressInUse`]; a file that is
+    /// immediately; if its backlog is full, the probe waits for room) and the call fails
+    /// with [`SocketError::AddressInUse`]; a file that is
     /// not a socket is never removed. Between the probe and the new bind another process
     /// could take the path; that race ends in [`SocketError::AddressInUse`], not in
     /// removing a live socket, unless that process binds in the instant between the
@@ -116,31 +121,12 @@ impl Listener {
     /// Adopts an inherited listening socket (the `--fd` convention).
     ///
     /// Checks that `fd` is an `AF_UNIX` `SOCK_STREAM` socket on which `listen` was
-    /// called, and sets close-on-exec on it. On failure the fd is closed. The listener
-    /// never removes any file for an inherited socket.
+    /// called, and sets close-on-exec on it; on failure the fd is closed and the error is
+    /// [`SocketError::UnusableFd`]. The listener never removes any file for an inherited
+    /// socket. The spec leaves open whether the inherited socket is listening or
+    /// connected; a connected one is adopted with [`Endpoint::from_fd`].
     pub fn from_fd(fd: OwnedFd) -> Result<Self, SocketError> {
-        let refuse = |reason| SocketError::NotAListener {
-            fd: fd.as_raw_fd(),
-            reason,
-        };
-        let domain = match socket_option(fd.as_fd(), libc::SO_DOMAIN) {
-            Ok(domain) => domain,
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
-                return Err(refuse(NotListenerReason::NotASocket))
-            }
-            Err(e) => return Err(SocketError::Io(e)),
-        };
-        if domain != libc::AF_UNIX {
-            return Err(refuse(NotListenerReason::Domain(domain)));
-        }
-        let kind = socket_option(fd.as_fd(), libc::SO_TYPE)?;
-        if kind != libc::SOCK_STREAM {
-            return Err(refuse(NotListenerReason::Type(kind)));
-        }
-        if socket_option(fd.as_fd(), libc::SO_ACCEPTCONN)? == 0 {
-            return Err(refuse(NotListenerReason::NotListening));
-        }
-        set_cloexec(fd.as_fd())?;
+        adopt_inherited(fd.as_fd(), Role::Listening)?;
         Ok(Listener {
             socket: UnixListener::from(fd),
             created: None,
@@ -198,40 +184,4 @@ impl Drop for Listener {
             }
         }
     }
-}
-
-/// An integer `SOL_SOCKET` option of `fd`.
-fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are live locals valid for writes, and `len` holds the size
-    // of `value`, so the kernel writes at most that many bytes; `fd` is borrowed, open.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-/// Sets `FD_CLOEXEC` on `fd`.
-fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFD takes an integer argument and touches no memory; `fd` is open.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -158,13 +158,15 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
-    /// An inherited fd is not a listening `AF_UNIX` stream socket.
-    #[error("inherited fd {fd} is not a listening AF_UNIX stream socket: {reason}")]
-    NotAListener {
-        /// The fd number, for the log.
+    /// An inherited fd is not the kind of socket it was adopted as: an `AF_UNIX`
+    /// stream socket, listening for [`crate::listener::Listener::from_fd`], connected
+    /// for [`Endpoint::from_fd`].
+    #[error("inherited fd {fd} is unusable: {problem}")]
+    UnusableFd {
+        /// The fd number, for the log (the fd itself has been closed).
         fd: RawFd,
         /// What is wrong with it.
-        reason: NotListenerReason,
+        problem: FdProblem,
     },
     /// Any other I/O error, including a read timeout or `WouldBlock` before the first
     /// byte of a message (nothing was consumed).
@@ -172,10 +174,10 @@ pub enum SocketError {
     Io(#[from] io::Error),
 }
 
-/// Why an inherited fd cannot serve as a listener; see [`SocketError::NotAListener`].
+/// What is wrong with an inherited fd; see [`SocketError::UnusableFd`].
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotListenerReason {
+pub enum FdProblem {
     /// The fd is not a socket.
     #[error("not a socket")]
     NotASocket,
@@ -185,9 +187,108 @@ pub enum NotListenerReason {
     /// The socket is not a `SOCK_STREAM` socket.
     #[error("socket type {0}, expected SOCK_STREAM")]
     Type(i32),
-    /// The socket is not listening (`listen` was never called on it).
-    #[error("not listening")]
+    /// A listener was expected, but `listen` was never called on the socket (a
+    /// connected socket belongs in [`Endpoint::from_fd`]).
+    #[error("not listening (a connected socket is adopted with Endpoint::from_fd)")]
     NotListening,
+    /// A connected socket was expected, but the socket is listening (a listening socket
+    /// belongs in [`crate::listener::Listener::from_fd`]).
+    #[error("listening (a listening socket is adopted with Listener::from_fd)")]
+    Listening,
+    /// A connected socket was expected, but the socket has no peer.
+    #[error("not connected")]
+    NotConnected,
+}
+
+/// The kind of socket an inherited fd is adopted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A listening socket, for [`crate::listener::Listener::from_fd`].
+    Listening,
+    /// A connected socket, for [`Endpoint::from_fd`].
+    Connected,
+}
+
+/// Checks that an inherited `fd` is an `AF_UNIX` `SOCK_STREAM` socket in `role`, and
+/// sets close-on-exec on it so that it does not leak into programs this process starts.
+pub(crate) fn adopt_inherited(fd: BorrowedFd<'_>, role: Role) -> Result<(), SocketError> {
+    let refuse = |problem| SocketError::UnusableFd {
+        fd: fd.as_raw_fd(),
+        problem,
+    };
+    let domain = match socket_option(fd, libc::SO_DOMAIN) {
+        Ok(domain) => domain,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+            return Err(refuse(FdProblem::NotASocket))
+        }
+        Err(e) => return Err(SocketError::Io(e)),
+    };
+    if domain != libc::AF_UNIX {
+        return Err(refuse(FdProblem::Domain(domain)));
+    }
+    let kind = socket_option(fd, libc::SO_TYPE)?;
+    if kind != libc::SOCK_STREAM {
+        return Err(refuse(FdProblem::Type(kind)));
+    }
+    let listening = socket_option(fd, libc::SO_ACCEPTCONN)? != 0;
+    match (role, listening) {
+        (Role::Listening, false) => return Err(refuse(FdProblem::NotListening)),
+        (Role::Connected, true) => return Err(refuse(FdProblem::Listening)),
+        (Role::Listening, true) => {}
+        (Role::Connected, false) => {
+            let mut address = [0u8; mem::size_of::<libc::sockaddr_un>()];
+            let mut len = address.len() as libc::socklen_t;
+            // SAFETY: `address` and `len` are live locals valid for writes, and `len`
+            // holds the size of `address`, so the kernel writes at most that many bytes.
+            let rc =
+                unsafe { libc::getpeername(fd.as_raw_fd(), address.as_mut_ptr().cast(), &mut len) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOTCONN) {
+                    return Err(refuse(FdProblem::NotConnected));
+                }
+                return Err(SocketError::Io(e));
+            }
+        }
+    }
+    set_cloexec(fd)?;
+    Ok(())
+}
+
+/// An integer `SOL_SOCKET` option of `fd`.
+fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals valid for writes, and `len` holds the size
+    // of `value`, so the kernel writes at most that many bytes; `fd` is borrowed, open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets `FD_CLOEXEC` on `fd`.
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD takes an integer argument and touches no memory; `fd` is open.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The size of one fd in `SCM_RIGHTS` data.
@@ -252,6 +353,17 @@ impl Endpoint {
                 path: path.to_path_buf(),
                 source,
             })
+    }
+
+    /// Adopts an inherited connected socket (the `--fd` convention, for a launcher that
+    /// hands the backend one end of a connection rather than a listening socket).
+    ///
+    /// Checks that `fd` is a connected `AF_UNIX` `SOCK_STREAM` socket and sets
+    /// close-on-exec on it; on failure the fd is closed and the error is
+    /// [`SocketError::UnusableFd`].
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, SocketError> {
+        adopt_inherited(fd.as_fd(), Role::Connected)?;
+        Ok(Endpoint::new(UnixStream::from(fd)))
     }
 
     /// Two endpoints connected to each other (`socketpair`), both close-on-exec.

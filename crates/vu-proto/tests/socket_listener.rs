@@ -1,10 +1,11 @@
 //! `vu_proto::listener::Listener`: binding a path, adopting an inherited fd, accepting,
-//! and which socket files it removes (only its own) or refuses to bind over.
+//! and which socket files it removes (only its own) or refuses to bind over; and
+//! `Endpoint::from_fd`, the other way to adopt an inherited socket.
 
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use vu_proto::header::{Header, HeaderFlags};
 use vu_proto::listener::Listener;
 use vu_proto::request::RequestCode;
-use vu_proto::socket::{Endpoint, NotListenerReason, SocketError};
+use vu_proto::socket::{Endpoint, FdProblem, SocketError};
 
 /// A directory of its own for one test, removed on drop.
 struct TempDir(PathBuf);
@@ -212,8 +213,8 @@ fn from_fd_refuses_a_file_that_is_not_a_socket() {
     let file = OwnedFd::from(fs::File::open("/dev/null").unwrap());
     assert!(matches!(
         Listener::from_fd(file),
-        Err(SocketError::NotAListener {
-            reason: NotListenerReason::NotASocket,
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::NotASocket,
             ..
         })
     ));
@@ -224,8 +225,8 @@ fn from_fd_refuses_a_connected_stream_socket() {
     let (a, _b) = UnixStream::pair().unwrap();
     assert!(matches!(
         Listener::from_fd(OwnedFd::from(a)),
-        Err(SocketError::NotAListener {
-            reason: NotListenerReason::NotListening,
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::NotListening,
             ..
         })
     ));
@@ -236,8 +237,8 @@ fn from_fd_refuses_a_datagram_socket() {
     let socket = UnixDatagram::unbound().unwrap();
     assert!(matches!(
         Listener::from_fd(OwnedFd::from(socket)),
-        Err(SocketError::NotAListener {
-            reason: NotListenerReason::Type(libc::SOCK_DGRAM),
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::Type(libc::SOCK_DGRAM),
             ..
         })
     ));
@@ -248,8 +249,8 @@ fn from_fd_refuses_a_socket_of_another_domain() {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     assert!(matches!(
         Listener::from_fd(OwnedFd::from(tcp)),
-        Err(SocketError::NotAListener {
-            reason: NotListenerReason::Domain(libc::AF_INET),
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::Domain(libc::AF_INET),
             ..
         })
     ));
@@ -264,4 +265,60 @@ fn nonblocking_accept_without_a_pending_connection_is_would_block() {
         Err(SocketError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
         other => panic!("expected WouldBlock, got {other:?}"),
     }
+}
+
+#[test]
+fn endpoint_from_fd_adopts_a_connected_socket() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let inherited = OwnedFd::from(a);
+    // SAFETY: F_SETFD takes an integer and touches no memory; the fd is open.
+    let rc = unsafe { libc::fcntl(inherited.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(rc, 0);
+    let endpoint = Endpoint::from_fd(inherited).unwrap();
+    assert!(cloexec(endpoint.as_fd()));
+    let peer = Endpoint::new(b);
+    let header = Header::new(RequestCode(1), HeaderFlags::empty(), 2);
+    peer.send_message(&header, b"hi", &[]).unwrap();
+    assert_eq!(endpoint.recv_message().unwrap().body, b"hi");
+}
+
+#[test]
+fn endpoint_from_fd_refuses_a_listening_socket() {
+    let dir = TempDir::new();
+    let inherited = OwnedFd::from(UnixListener::bind(dir.path("sock")).unwrap());
+    assert!(matches!(
+        Endpoint::from_fd(inherited),
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::Listening,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn endpoint_from_fd_refuses_an_unconnected_socket() {
+    // SAFETY: socket() takes integers and touches no memory.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(raw >= 0);
+    // SAFETY: `raw` was just returned by socket() and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    assert!(matches!(
+        Endpoint::from_fd(fd),
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::NotConnected,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn endpoint_from_fd_refuses_a_file_that_is_not_a_socket() {
+    let file = OwnedFd::from(fs::File::open("/dev/null").unwrap());
+    assert!(matches!(
+        Endpoint::from_fd(file),
+        Err(SocketError::UnusableFd {
+            problem: FdProblem::NotASocket,
+            ..
+        })
+    ));
 }
