@@ -14,7 +14,9 @@
 //! | [`VringMutex`]  | `Arc<Mutex<_>>`        | yes    | yes    | yes (shares)    |
 //! | [`VringRwLock`] | `Arc<RwLock<_>>`       | yes    | yes    | yes (shares)    |
 //!
-//! (`Send`/`Sync` as far as the memory handle `M` is; `GuestMemoryAtomic` is both.)
+//! (`Send`/`Sync` as far as the memory handle `M` is; `GuestMemoryAtomic` is both.) The
+//! memory type parameter defaults to [`DefaultMem`] (`GuestMemoryAtomic<GuestMemoryMmap>`),
+//! as in the reference, so a bare `&VringMutex` names the usual vring.
 //!
 //! # What it is not
 //!
@@ -160,7 +162,9 @@ mod vring;
 
 pub use error::{Error, RingPart};
 pub use state::{RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
-pub use vring::{VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
+pub use vring::{
+    DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
+};
 
 // The crates whose types appear in this API, so users can name them with matching versions.
 pub use virtio_queue;

@@ -39,7 +39,6 @@ const USED_TRAILER: u64 = 2;
 /// also *enabled* (`SET_VRING_ENABLE`, or from the start when `VHOST_USER_F_PROTOCOL_FEATURES`
 /// was not negotiated). The daemon decides the transitions; the vring only stores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum RingState {
     /// Not started: the backend must not touch the rings.
     Stopped,
@@ -56,7 +55,7 @@ pub enum RingState {
 /// [`virtio_queue::Queue`], the guest memory handle, the three eventfds (stored as [`File`]s),
 /// the enabled flag and the dirty-log address of the used ring.
 #[derive(Debug)]
-pub struct VringData<M: GuestAddressSpace> {
+pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     queue: Queue,
     mem: M,
     kick: Option<File>,
@@ -129,17 +128,17 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// It does not notify: call [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)
     /// once after the batch. On error the entries before the failing one are already
     /// published in the used ring.
-    pub fn add_used_batch<I>(&mut self, used: I) -> Result<u16, Error>
+    pub fn add_used_batch<I>(&mut self, used: I) -> Result<usize, Error>
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
         let mem = self.mem.memory();
-        let mut added = 0u16;
+        let mut added = 0;
         for (head, len) in used {
             self.queue
                 .add_used(mem.deref(), head, len)
                 .map_err(|source| Error::AddUsed { head, source })?;
-            added = added.wrapping_add(1);
+            added += 1;
         }
         Ok(added)
     }

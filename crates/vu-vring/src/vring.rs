@@ -7,10 +7,14 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::error::Error;
 use crate::state::{RingState, VringData};
+
+/// The memory handle the vring types default to, as in the reference implementation, so
+/// that `&VringMutex` names `VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>`.
+pub type DefaultMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Names the shared guard type a [`VringT`] returns from [`get_ref`](VringT::get_ref).
 ///
@@ -62,7 +66,7 @@ pub trait VringT<M: GuestAddressSpace>:
 
     /// Puts many completed chains into the used ring under one lock; see
     /// [`VringData::add_used_batch`].
-    fn add_used_batch<I>(&self, used: I) -> Result<u16, Error>
+    fn add_used_batch<I>(&self, used: I) -> Result<usize, Error>
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
@@ -229,7 +233,7 @@ pub trait VringT<M: GuestAddressSpace>:
 /// single-threaded daemon. Holding a guard while calling another method of the same vring
 /// panics ("already borrowed") instead of deadlocking.
 #[derive(Debug)]
-pub struct VringState<M: GuestAddressSpace> {
+pub struct VringState<M: GuestAddressSpace = DefaultMem> {
     state: RefCell<VringData<M>>,
 }
 
@@ -263,7 +267,7 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringState<M> {
 /// data whose every update is a single store, so there is no half-made invariant to protect,
 /// and the daemon should keep serving the other rings.
 #[derive(Debug)]
-pub struct VringMutex<M: GuestAddressSpace> {
+pub struct VringMutex<M: GuestAddressSpace = DefaultMem> {
     state: Arc<Mutex<VringData<M>>>,
 }
 
@@ -306,7 +310,7 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringMutex<M> {
 /// kick can be consumed while another thread inspects the ring. Poisoning is handled as for
 /// [`VringMutex`].
 #[derive(Debug)]
-pub struct VringRwLock<M: GuestAddressSpace> {
+pub struct VringRwLock<M: GuestAddressSpace = DefaultMem> {
     state: Arc<RwLock<VringData<M>>>,
 }
 
@@ -683,6 +687,37 @@ mod tests {
         assert!(vring.needs_notification().unwrap());
     }
 
+    fn event_idx_window_across_index_wrap_signals<V: VringT<Mem>>() {
+        let (vring, driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_next_used(65534);
+        // The batch takes the used index from 65534 to 2 (wrapping); used_event 0 is inside.
+        driver.set_used_event(0);
+        vring.add_used_batch((0..4).map(|h| (h, 0))).unwrap();
+        assert_eq!(vring.queue_next_used(), 2);
+        assert!(vring.needs_notification().unwrap());
+    }
+
+    fn event_idx_window_across_index_wrap_excludes_later_used_event<V: VringT<Mem>>() {
+        let (vring, driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_next_used(65534);
+        driver.set_used_event(2);
+        vring.add_used_batch((0..4).map(|h| (h, 0))).unwrap();
+        assert!(!vring.needs_notification().unwrap());
+    }
+
+    fn unreadable_avail_ring_is_an_error_and_keeps_the_window<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let outside = MEM_LEN as u64;
+        vring.set_queue_info(DESC, outside, USED).unwrap();
+        vring.add_used(0, 0).unwrap();
+        let err = vring.needs_notification().unwrap_err();
+        assert!(matches!(err, Error::GuestMemory { addr, .. } if addr == outside));
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        assert!(vring.needs_notification().unwrap());
+    }
+
     fn nothing_added_needs_no_notification<V: VringT<Mem>>() {
         let (vring, _driver) = started::<V>();
         assert!(!vring.needs_notification().unwrap());
@@ -940,6 +975,9 @@ mod tests {
         event_idx_used_event_at_batch_end_is_not_yet_crossed,
         event_idx_used_event_before_batch_does_not_signal,
         event_idx_ignores_no_interrupt_flag,
+        event_idx_window_across_index_wrap_signals,
+        event_idx_window_across_index_wrap_excludes_later_used_event,
+        unreadable_avail_ring_is_an_error_and_keeps_the_window,
         nothing_added_needs_no_notification,
         entries_added_through_the_queue_count_for_notification,
         set_queue_next_used_restarts_the_notification_window,
@@ -984,6 +1022,56 @@ mod tests {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vring.ready()));
         drop(guard);
         assert!(result.is_err());
+    }
+
+    /// A backend written the way the reference implementation's users write one: a bare
+    /// `&VringMutex` (default memory type), the queue reached through `get_mut()`, and the
+    /// chain popped in its own statement so that no guard is held across `add_used`.
+    fn reference_style_process_queue(mem: &Mem, vring: &VringMutex) -> Result<usize, Error> {
+        let mem = mem.memory();
+        let mut done = 0;
+        loop {
+            let next = vring.get_mut().get_queue_mut().iter(mem.clone())?.next();
+            let Some(desc_chain) = next else { break };
+            let head_index = desc_chain.head_index();
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(mem.deref(), head_index, 0)?;
+            vring.signal_used_queue()?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    #[test]
+    fn reference_style_backend_runs_against_vring_mutex() {
+        let (vring, mut driver) = started::<VringMutex>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.offer(3);
+        loop {
+            vring.disable_notification().unwrap();
+            reference_style_process_queue(&driver.mem, &vring).unwrap();
+            if !vring.enable_notification().unwrap() {
+                break;
+            }
+        }
+        assert_eq!(driver.used_idx(), 3);
+        assert_eq!(counter(&observer), 3);
+    }
+
+    #[test]
+    fn rwlock_vring_completes_chains_from_another_thread() {
+        let (vring, mut driver) = started::<VringRwLock>();
+        driver.offer(2);
+        let heads = pop_all(&vring);
+        let worker = vring.clone();
+        std::thread::spawn(move || worker.add_used_batch(heads.into_iter().map(|h| (h, 0))))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(driver.used_idx(), 2);
     }
 
     #[test]
