@@ -349,3 +349,41 @@ fn recv_exact_fills_the_buffer_across_writes() {
     assert_eq!(&buf, b"abcd");
     assert!(fds.is_empty());
 }
+
+#[test]
+fn message_written_one_byte_at_a_time_is_reassembled() {
+    let (a, b) = Endpoint::pair().unwrap();
+    let body: Vec<u8> = (0..MAX_PAYLOAD_SIZE).map(|i| (i % 251) as u8).collect();
+    let mut wire = header(MAX_PAYLOAD_SIZE).to_bytes().to_vec();
+    wire.extend_from_slice(&body);
+    let writer = std::thread::spawn(move || {
+        for byte in wire {
+            a.stream().write_all(&[byte]).unwrap();
+        }
+    });
+    let message = b.recv_message().unwrap();
+    writer.join().unwrap();
+    assert_eq!(message.body, body);
+}
+
+#[test]
+fn send_larger_than_the_socket_buffer_delivers_every_byte_and_the_fds_once() {
+    let (a, b) = Endpoint::pair().unwrap();
+    let probe = Probe::new();
+    let far = probe.far.try_clone().unwrap();
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let expected = data.clone();
+    let writer = std::thread::spawn(move || {
+        let half = data.len() / 2;
+        a.send(&[&data[..half], &data[half..]], &[far.as_fd()])
+            .unwrap();
+    });
+    let mut received = vec![0u8; expected.len()];
+    let mut fds = Vec::new();
+    b.recv_exact(&mut received, &mut fds).unwrap();
+    writer.join().unwrap();
+    assert!(received == expected);
+    assert_eq!(fds.len(), 1);
+    drop(fds);
+    assert!(probe.all_copies_closed());
+}
