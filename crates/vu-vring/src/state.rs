@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use crate::error::{Error, RingPart};
 
-/// The largest queue size the split virtqueue format allows (virtio 1.2, 2.7: "Queue Size
-/// value is always a power of 2. The maximum Queue Size value is 32768").
+/// The largest queue size a split virtqueue may have: the virtio specification's split
+/// virtqueue section makes the size a power of two of at most 32768.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// Bit 0 of the available ring's `flags`: the driver asks the device not to interrupt it
@@ -34,10 +34,12 @@ const USED_TRAILER: u64 = 2;
 
 /// The three states a vring can be in (vhost-user spec, "Ring states").
 ///
-/// A ring is *started* from the moment the daemon marks it ready (on `SET_VRING_KICK`) until
-/// it is stopped (on `GET_VRING_BASE` or a reset); a started ring is processed only when it is
-/// also *enabled* (`SET_VRING_ENABLE`, or from the start when `VHOST_USER_F_PROTOCOL_FEATURES`
-/// was not negotiated). The daemon decides the transitions; the vring only stores them.
+/// The specification starts a ring when its first kick arrives and stops it on
+/// `GET_VRING_BASE`; here a ring is *started* while it is marked ready, which the daemon does
+/// when the kick fd arrives (`SET_VRING_KICK`, as the reference does) and undoes on
+/// `GET_VRING_BASE` or a reset. A started ring is processed only when it is also *enabled*
+/// (`SET_VRING_ENABLE`, or from the start when `VHOST_USER_F_PROTOCOL_FEATURES` was not
+/// negotiated). The daemon decides the transitions; the vring only stores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingState {
     /// Not started: the backend must not touch the rings.
