@@ -30,12 +30,15 @@ fn vmm_of(i: u64, n: u64) -> u64 {
     0x7f00_0000_0000 + ((i * 263) % n) * 2 * REGION
 }
 
+fn table(n: u64) -> Vec<RegionSpec> {
+    (0..n)
+        .map(|i| RegionSpec::new(i * REGION, REGION, vmm_of(i, n), 0, memfd(REGION)))
+        .collect()
+}
+
 fn manager(n: u64) -> GuestMemoryManager {
     let mut m = GuestMemoryManager::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
-    let table = (0..n)
-        .map(|i| RegionSpec::new(i * REGION, REGION, vmm_of(i, n), 0, memfd(REGION)))
-        .collect();
-    m.set_table(table).unwrap();
+    m.set_table(table(n)).unwrap();
     m
 }
 
@@ -62,6 +65,17 @@ fn dirty_log(c: &mut Criterion) {
     m.set_log_base(&log, 4096, 0).unwrap();
     let mem = m.memory().memory();
     let mut group = c.benchmark_group("dirty_log");
+    // Baseline: the same table and write with vm-memory's no-op bitmap.
+    let mut plain = GuestMemoryManager::<()>::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
+    plain.set_table(table(8)).unwrap();
+    let plain_mem = plain.memory().memory();
+    group.bench_function("write_obj_u64_no_bitmap", |b| {
+        b.iter(|| {
+            plain_mem
+                .write_obj(black_box(1u64), GuestAddress(0x1_2340))
+                .unwrap()
+        })
+    });
     m.set_logging(false);
     group.bench_function("write_obj_u64_logging_off", |b| {
         b.iter(|| {

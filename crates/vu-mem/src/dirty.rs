@@ -374,6 +374,7 @@ pub struct LogSlice<'a> {
     offset: usize,
 }
 
+#[inline]
 fn mark(binding: Option<&Binding>, offset: usize, len: usize) {
     let Some(binding) = binding else {
         return;
@@ -399,6 +400,7 @@ impl<'a> WithBitmapSlice<'a> for LogBitmap {
 }
 
 impl Bitmap for LogBitmap {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         mark(self.binding.get(), offset, len);
     }
@@ -407,6 +409,7 @@ impl Bitmap for LogBitmap {
         dirty_at(self.binding.get(), offset)
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> LogSlice<'_> {
         LogSlice {
             binding: self.binding.get(),
@@ -428,6 +431,7 @@ impl<'a> WithBitmapSlice<'_> for LogSlice<'a> {
 impl BitmapSlice for LogSlice<'_> {}
 
 impl Bitmap for LogSlice<'_> {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         mark(self.binding, self.offset.saturating_add(offset), len);
     }
@@ -436,6 +440,7 @@ impl Bitmap for LogSlice<'_> {
         dirty_at(self.binding, self.offset.saturating_add(offset))
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> Self {
         LogSlice {
             binding: self.binding,

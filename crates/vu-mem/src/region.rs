@@ -14,7 +14,10 @@ use crate::error::{AddressSpace, MemError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct XenMapping {
     /// `xen_mmap_flags`: 0 for a plain Unix mapping, `FOREIGN` (1) or `GRANT` (2), optionally
-    /// with `NO_ADVANCE_MAP` (8); see `vm_memory::MmapXenFlags`.
+    /// with `NO_ADVANCE_MAP`; see `vm_memory::MmapXenFlags`.
+    ///
+    /// The spec's text says "bit 8" for "can not be mapped in advance"; vm-memory (and so
+    /// this crate) reads the value 0x8 (bit 3), which is what existing Xen frontends send.
     pub mmap_flags: u32,
     /// `xen_mmap_data`: the Xen domain id for foreign and grant mappings.
     pub mmap_data: u32,
