@@ -76,14 +76,14 @@ fn dirty_log(c: &mut Criterion) {
                 .unwrap()
         })
     });
-    m.set_logging(false);
+    m.set_logging(false).unwrap();
     group.bench_function("write_obj_u64_logging_off", |b| {
         b.iter(|| {
             mem.write_obj(black_box(1u64), GuestAddress(0x1_2340))
                 .unwrap()
         })
     });
-    m.set_logging(true);
+    m.set_logging(true).unwrap();
     group.bench_function("write_obj_u64_logging_on", |b| {
         b.iter(|| {
             mem.write_obj(black_box(1u64), GuestAddress(0x1_2340))

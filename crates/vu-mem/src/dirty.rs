@@ -194,8 +194,8 @@ impl DirtyLog {
         }
     }
 
-    /// Turns logging on or off: the daemon follows the `VHOST_F_LOG_ALL` feature bit.
-    pub fn set_logging(&self, on: bool) {
+    /// Turns logging on or off (the manager checks the log covers the table first).
+    pub(crate) fn set_logging(&self, on: bool) {
         self.state.active.store(on, Ordering::Release);
     }
 

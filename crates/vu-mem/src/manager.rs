@@ -228,8 +228,21 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
     }
 
     /// Follows `VHOST_F_LOG_ALL`: logging on or off.
-    pub fn set_logging(&self, on: bool) {
+    ///
+    /// Turning logging on with a mapped log that does not cover the table is refused with
+    /// [`MemError::LogTooSmall`] and leaves logging off: bits past the log's end would be lost
+    /// and the migrated guest silently corrupted.
+    pub fn set_logging(&self, on: bool) -> Result<(), MemError> {
+        if on {
+            if let Some(size) = self.log.log_size() {
+                let needed = log_size_for(self.highest_guest_end());
+                if size < needed {
+                    return Err(MemError::LogTooSmall { size, needed });
+                }
+            }
+        }
         self.log.set_logging(on);
+        Ok(())
     }
 
     /// Marks a guest range dirty explicitly; see [`DirtyLog::mark_dirty`].
@@ -252,7 +265,13 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
         Ok(())
     }
 
+    /// While logging, a table must stay inside the log. Not otherwise: QEMU drops its log
+    /// after a migration without telling the backend, so a stale, smaller log may remain
+    /// mapped; and it grows the log (`SET_LOG_BASE`) before it grows the table.
     fn check_log_covers(&self, guest_end: u64) -> Result<(), MemError> {
+        if !self.log.is_logging() {
+            return Ok(());
+        }
         match self.log.log_size() {
             Some(size) if size < log_size_for(guest_end) => Err(MemError::LogTooSmall {
                 size,
@@ -714,7 +733,7 @@ mod tests {
         let mut m = two_regions();
         let log = memfd(1024);
         m.set_log_base(&log, 1024, 0).unwrap();
-        m.set_logging(true);
+        m.set_logging(true).unwrap();
         (m, log)
     }
 
@@ -758,9 +777,10 @@ mod tests {
     }
 
     #[test]
-    fn region_beyond_the_log_is_refused() {
+    fn region_beyond_the_log_is_refused_while_logging() {
         let mut m = two_regions();
         m.set_log_base(memfd(64), 64, 0).unwrap();
+        m.set_logging(true).unwrap();
         let err = m
             .add_region(region(2 * MIB, 4096, 0x30_0000_0000))
             .unwrap_err();
@@ -774,6 +794,33 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn region_beyond_a_stale_log_is_accepted_while_not_logging() {
+        let mut m = two_regions();
+        m.set_log_base(memfd(64), 64, 0).unwrap();
+        m.add_region(region(2 * MIB, 4096, 0x30_0000_0000)).unwrap();
+        assert_eq!(m.num_regions(), 3);
+    }
+
+    #[test]
+    fn logging_on_with_a_log_smaller_than_the_table_is_refused() {
+        let mut m = two_regions();
+        m.set_log_base(memfd(64), 64, 0).unwrap();
+        m.add_region(region(2 * MIB, 4096, 0x30_0000_0000)).unwrap();
+        let err = m.set_logging(true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::LogTooSmall {
+                    size: 64,
+                    needed: 65
+                }
+            ),
+            "{err}"
+        );
+        assert!(!m.dirty_log().is_logging());
     }
 
     #[test]
@@ -826,7 +873,7 @@ mod tests {
     #[test]
     fn writes_with_logging_off_mark_nothing() {
         let (m, log) = logged();
-        m.set_logging(false);
+        m.set_logging(false).unwrap();
         m.memory()
             .memory()
             .write_obj(7u64, GuestAddress(0x5008))
@@ -837,7 +884,7 @@ mod tests {
     #[test]
     fn writes_without_a_log_mark_nothing_and_do_not_fail() {
         let m = two_regions();
-        m.set_logging(true);
+        m.set_logging(true).unwrap();
         m.memory()
             .memory()
             .write_obj(7u64, GuestAddress(0x5008))
@@ -874,7 +921,7 @@ mod tests {
         let mut m = two_regions();
         let log = memfd(8192);
         m.set_log_base(&log, 64, 100).unwrap();
-        m.set_logging(true);
+        m.set_logging(true).unwrap();
         m.memory()
             .memory()
             .write_obj(1u8, GuestAddress(0x1000))
@@ -909,7 +956,7 @@ mod tests {
     #[test]
     fn mark_dirty_with_logging_off_marks_nothing() {
         let (m, log) = logged();
-        m.set_logging(false);
+        m.set_logging(false).unwrap();
         m.mark_dirty(GuestAddress(0x2000), 1).unwrap();
         assert!(dirty_pages(&log, 0, 1024).is_empty());
     }

@@ -110,7 +110,7 @@ fn replaced_and_cleared_logs_leave_no_fd_or_mapping() {
         // The log fd is only borrowed: it closes here, the mapping stays until replaced.
         m.set_log_base(memfd(4096), 4096, 0).unwrap();
     }
-    m.set_logging(true);
+    m.set_logging(true).unwrap();
     m.memory().memory().write_obj(1u8, GuestAddress(0)).unwrap();
     m.clear_log();
     m.set_log_fd(Some(memfd(8)));
