@@ -1,0 +1,1 @@
+//! epoll: being written.

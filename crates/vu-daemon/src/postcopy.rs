@@ -1,0 +1,1 @@
+//! postcopy: being written.
