@@ -27,6 +27,10 @@ struct Mapped<B> {
 /// Owns the region table and the dirty log; publishes every table change as a new snapshot in
 /// the [`GuestMemoryAtomic`] it was built from, so readers holding the old snapshot keep a
 /// consistent view. Table changes take `&mut self`: they come from one session thread.
+///
+/// Rust does not infer a default type parameter from a call: give the type where the
+/// manager is stored (`let m: GuestMemoryManager = ...`) or call
+/// `GuestMemoryManager::<LogBitmap>::new`.
 pub struct GuestMemoryManager<B: RegionBitmap = LogBitmap> {
     atomic: GuestMemoryAtomic<GuestMemoryMmap<B>>,
     /// Sorted by VMM address, for translation by binary search.
