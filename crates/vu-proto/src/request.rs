@@ -63,6 +63,17 @@ pub enum ReplyRule {
     /// The request is answered only when the sender set `NEED_REPLY`, which it may do
     /// once `REPLY_ACK` is negotiated; the reply is then a `u64` status.
     OnlyIfNeedReply,
+    /// While postcopy listening (after `POSTCOPY_LISTEN`), the back-end answers with
+    /// the bases of the regions it mapped, without NEED_REPLY being set; otherwise as
+    /// [`ReplyRule::OnlyIfNeedReply`]. Applies to `SET_MEM_TABLE` and `ADD_MEM_REG`.
+    PostcopyOrNeedReply,
+}
+
+/// What the codec needs to know about a request of either direction to check its
+/// reply.
+pub trait Request: Copy + Into<RequestCode> + fmt::Display {
+    /// How many fds the reply may carry.
+    fn reply_fds(self) -> FdRule;
 }
 
 /// Shared by both request tables: defines the enum, its conversions and its data rows.
@@ -124,6 +135,12 @@ macro_rules! requests {
             }
         }
 
+        impl Request for $name {
+            fn reply_fds(self) -> FdRule {
+                self.reply_fd_rule()
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.spec_name())
@@ -171,7 +188,7 @@ requests! {
     /// Deprecated; no longer sent by conforming front-ends.
     ResetOwner = 4, "VHOST_USER_RESET_OWNER", fds NONE, reply_fds NONE, OnlyIfNeedReply;
     /// Sets the guest memory table, one fd per region.
-    SetMemTable = 5, "VHOST_USER_SET_MEM_TABLE", fds PER_REGION, reply_fds NONE, OnlyIfNeedReply;
+    SetMemTable = 5, "VHOST_USER_SET_MEM_TABLE", fds PER_REGION, reply_fds NONE, PostcopyOrNeedReply;
     /// Sets the dirty log area (shared memory passed as an fd).
     SetLogBase = 6, "VHOST_USER_SET_LOG_BASE", fds ONE, reply_fds NONE, Always;
     /// Sets the eventfd used to signal dirty log changes.
@@ -204,7 +221,8 @@ requests! {
     NetSetMtu = 20, "VHOST_USER_NET_SET_MTU", fds NONE, reply_fds NONE, OnlyIfNeedReply;
     /// Hands the back-end the socket for back-end-initiated requests.
     SetBackendReqFd = 21, "VHOST_USER_SET_BACKEND_REQ_FD", fds ONE, reply_fds NONE, OnlyIfNeedReply;
-    /// Sends an IOTLB update or invalidation.
+    /// Sends an IOTLB update or invalidation. The spec lists a `u64` reply, but QEMU
+    /// waits for it only when it set NEED_REPLY, so that is the rule here.
     IotlbMsg = 22, "VHOST_USER_IOTLB_MSG", fds NONE, reply_fds NONE, OnlyIfNeedReply;
     /// Sets the endianness of a legacy vring.
     SetVringEndian = 23, "VHOST_USER_SET_VRING_ENDIAN", fds NONE, reply_fds NONE, OnlyIfNeedReply;
@@ -235,9 +253,11 @@ requests! {
     /// Asks how many memory slots the back-end supports.
     GetMaxMemSlots = 36, "VHOST_USER_GET_MAX_MEM_SLOTS", fds NONE, reply_fds NONE, Always;
     /// Adds one memory region.
-    AddMemReg = 37, "VHOST_USER_ADD_MEM_REG", fds ONE, reply_fds NONE, OnlyIfNeedReply;
-    /// Removes one memory region.
-    RemMemReg = 38, "VHOST_USER_REM_MEM_REG", fds NONE, reply_fds NONE, OnlyIfNeedReply;
+    AddMemReg = 37, "VHOST_USER_ADD_MEM_REG", fds ONE, reply_fds NONE, PostcopyOrNeedReply;
+    /// Removes one memory region. The spec: "For compatibility with existing incorrect
+    /// implementations, the back-end MAY accept messages with one file descriptor. If a
+    /// file descriptor is passed, the back-end MUST close it"; so one fd is allowed.
+    RemMemReg = 38, "VHOST_USER_REM_MEM_REG", fds OPTIONAL, reply_fds NONE, OnlyIfNeedReply;
     /// Sets the virtio device status byte.
     SetStatus = 39, "VHOST_USER_SET_STATUS", fds NONE, reply_fds NONE, OnlyIfNeedReply;
     /// Reads the virtio device status byte.
