@@ -58,7 +58,9 @@ impl FdRule {
 /// When the receiver of a request answers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyRule {
-    /// The request always has a reply carrying a payload.
+    /// The request always has a reply carrying a payload. The spec: for these, "the
+    /// presence of `VHOST_USER_PROTOCOL_F_REPLY_ACK` or need_reply bit being set brings
+    /// no behavioural change".
     Always,
     /// The request is answered only when the sender set `NEED_REPLY`, which it may do
     /// once `REPLY_ACK` is negotiated; the reply is then a `u64` status.
