@@ -68,6 +68,7 @@ impl LogArea {
         }
         let overflow = MemError::LogOverflow { size, offset };
         let end = offset.checked_add(size).ok_or(overflow)?;
+        crate::region::check_file_covers(fd.as_fd(), offset, size)?;
         // mmap wants a page-aligned file offset; the spec does not promise one, so map from the
         // page below and step over the difference.
         let aligned = offset & !(page_size() - 1);

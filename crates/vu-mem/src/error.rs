@@ -107,6 +107,17 @@ pub enum MemError {
         /// The length asked for.
         len: u64,
     },
+    /// The file behind a mapping ends before `offset + size`: touching the missing pages would
+    /// raise SIGBUS in the backend, so the mapping is refused up front.
+    #[error("file of {file_size:#x} bytes cannot back {size:#x} bytes from offset {offset:#x}")]
+    FileTooSmall {
+        /// The offset into the file the frontend sent.
+        offset: u64,
+        /// The size the frontend sent.
+        size: u64,
+        /// The file's actual size.
+        file_size: u64,
+    },
     /// Mapping a region's fd failed.
     #[error("cannot map region at guest address {guest_phys_addr:#x}: {source}")]
     Mmap {

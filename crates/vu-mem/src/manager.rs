@@ -772,6 +772,23 @@ mod tests {
     }
 
     #[test]
+    fn log_longer_than_its_file_is_refused() {
+        let mut m = two_regions();
+        let err = m.set_log_base(memfd(32), 64, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::FileTooSmall {
+                    size: 64,
+                    file_size: 32,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn empty_log_is_refused() {
         let mut m = manager();
         assert!(matches!(

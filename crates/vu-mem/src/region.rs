@@ -144,6 +144,30 @@ fn is_hugetlbfs(file: &File) -> Option<bool> {
     (rc == 0).then_some(stat.f_type as u64 == HUGETLBFS_MAGIC)
 }
 
+/// Refuses a mapping of `size` bytes from `offset` that a regular file (memfds included) does not
+/// cover. Pages past the end of a file raise SIGBUS when touched, so a frontend that sends a short
+/// file could otherwise crash the backend at its first access. Other kinds of fd (Xen's privcmd
+/// and gntdev devices) have no meaningful size and are left to the kernel.
+pub(crate) fn check_file_covers(fd: impl AsFd, offset: u64, size: u64) -> Result<(), MemError> {
+    // SAFETY: `stat` is plain old data; all-zero is a valid value.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is borrowed from a live owner and `stat` is a valid out-pointer.
+    let rc = unsafe { libc::fstat(fd.as_fd().as_raw_fd(), &mut stat) };
+    if rc != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        // Nothing to check: fstat failing on a live fd, or an fd that is not a regular file.
+        return Ok(());
+    }
+    let file_size = u64::try_from(stat.st_size).unwrap_or(0);
+    match offset.checked_add(size) {
+        Some(end) if end <= file_size => Ok(()),
+        _ => Err(MemError::FileTooSmall {
+            offset,
+            size,
+            file_size,
+        }),
+    }
+}
+
 /// Maps `spec` (already checked by [`RegionSpec::ranges`]) as a guest region.
 pub(crate) fn map_region<B: RegionBitmap>(
     spec: RegionSpec,
@@ -155,6 +179,7 @@ pub(crate) fn map_region<B: RegionBitmap>(
         start: spec.mmap_offset,
         size: ranges.size,
     })?;
+    check_file_covers(&spec.file, spec.mmap_offset, ranges.size)?;
     let hugetlbfs = is_hugetlbfs(&spec.file);
     let file_offset = FileOffset::new(spec.file, spec.mmap_offset);
     let mmap_err = |source| MemError::Mmap {
@@ -255,6 +280,34 @@ mod tests {
             size: 2,
         };
         assert!(a.guest_overlaps(&c) && a.vmm_overlaps(&c) && c.guest_overlaps(&b));
+    }
+
+    #[test]
+    fn a_region_longer_than_its_file_is_refused() {
+        let file = memfd(0x1000);
+        let spec = RegionSpec::new(0, 0x2000, 0x10_0000, 0, file);
+        let ranges = spec.ranges().unwrap();
+        let err = map_region::<LogBitmap>(spec, ranges).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::FileTooSmall {
+                    offset: 0,
+                    size: 0x2000,
+                    file_size: 0x1000
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let file = memfd(0x2000);
+        let spec = RegionSpec::new(0, 0x2000, 0x10_0000, 0x1000, file);
+        let ranges = spec.ranges().unwrap();
+        let err = map_region::<LogBitmap>(spec, ranges).unwrap_err();
+        assert!(matches!(err, MemError::FileTooSmall { .. }), "{err:?}");
     }
 
     #[test]
