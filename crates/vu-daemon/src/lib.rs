@@ -14,3 +14,5 @@ mod worker;
 pub mod daemon;
 #[cfg(feature = "postcopy")]
 mod postcopy;
+#[cfg(feature = "postcopy")]
+pub use postcopy::PostcopyError;

@@ -1,1 +1,737 @@
-//! session: being written.
+//! The session: the sans-IO state machine that interprets the frontend's requests.
+//!
+//! One [`Session`] serves one backend across connections. The runtime reads a
+//! [`RawMessage`] from the socket, hands it to [`Session::handle`] with its [`RingControl`],
+//! sends the [`Outcome`]'s reply if there is one, and closes the connection if the outcome says
+//! so. The session does no socket I/O and spawns no thread: it decodes the message, checks it
+//! against the negotiated features and the device's limits, applies it to the memory manager,
+//! the vrings and the backend, and says what to answer. So every request can be tested with
+//! scripted messages and real fds, without a socket.
+//!
+//! # Refusals
+//!
+//! Every handler returns `Result<_, SessionError>`. One function, [`Session::refuse`], turns
+//! an error into what the frontend sees, and logs it once:
+//!
+//! - a request whose reply can carry a failure gets that failure: the REPLY_ACK `u64` 1 when
+//!   the frontend set NEED_REPLY, an empty `GET_CONFIG` reply, a non-zero `u64` for
+//!   `SET_LOG_BASE`, `CHECK_DEVICE_STATE`, `GET_SHARED_OBJECT` and `POSTCOPY_END`, the error
+//!   code of `SET_DEVICE_STATE_FD`, a zero-sized inflight area for `GET_INFLIGHT_FD`, an empty
+//!   shared memory configuration for `GET_SHMEM_CONFIG`, no fd for `POSTCOPY_ADVISE`;
+//! - a request without NEED_REPLY whose reply is optional gets nothing (the error is logged);
+//! - a request that always gets a reply which cannot say "failed" (`GET_VRING_BASE`,
+//!   `GET_QUEUE_NUM`, `GET_PROTOCOL_FEATURES`, ...) closes the connection: the frontend waits
+//!   for an answer we cannot give truthfully;
+//! - in-band notifications without the backend channel and REPLY_ACK close the connection,
+//!   as the spec asks.
+//!
+//! # Decisions
+//!
+//! - `SET_FEATURES` with bits the backend did not offer (QEMU 7.2 sends
+//!   `VIRTIO_RING_F_INDIRECT_DESC` to vhost-user-rng and gives up on a refusal) is accepted:
+//!   the unoffered bits are dropped, a warning is logged once per connection, and only the
+//!   masked value reaches the backend, the vrings (`EVENT_IDX`) and the log (`LOG_ALL`).
+//! - "Negotiated `VHOST_USER_F_PROTOCOL_FEATURES`" means acknowledged in `SET_FEATURES` or
+//!   `SET_PROTOCOL_FEATURES` received: QEMU sends the latter first, and a frontend that set
+//!   protocol features knows about `SET_VRING_ENABLE`.
+//! - `SET_VRING_KICK` starts the ring (as the reference does) rather than the first kick. With
+//!   the NOFD bit the session installs an eventfd of its own and watches it, so in-band
+//!   `VRING_KICK`s and enable wake-ups reach the worker; a device that must poll the ring does
+//!   so itself (for example from a timer fd it registered).
+//! - `RESET_OWNER` (deprecated) and `RESET_DEVICE` stop and reset every ring, reset the
+//!   device and forget the acknowledged virtio features; the protocol features and the memory
+//!   table stay, so REPLY_ACK keeps working. A disconnect forgets everything.
+//! - `SET_STATUS` stores the status for `GET_STATUS`; it does not reset the device on 0
+//!   (QEMU sends `RESET_DEVICE` for that).
+//! - Protocol features the session itself cannot serve are removed from the backend's offer:
+//!   RARP, MTU, CROSS_ENDIAN, CRYPTO_SESSION, GET_VRING_BASE_INFLIGHT, PAGEFAULT without the
+//!   `postcopy` feature and XEN_MMAP without `xen`.
+
+mod memory;
+#[cfg(feature = "postcopy")]
+mod postcopy;
+mod vring;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use log::{error, warn};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vu_mem::{GuestMemoryManager, RegionBitmap};
+use vu_proto::features::{check_subset, ProtocolFeatures, VirtioFeatures};
+use vu_proto::header::Header;
+use vu_proto::message::{encode_reply, FrontendRequest, RawMessage};
+use vu_proto::payload::{
+    ConfigReply, DeviceConfig, DeviceStateFdReply, DeviceStateTransfer, Inflight, Payload,
+    SharedObject, ShmemConfig, U64,
+};
+use vu_proto::request::{FrontendReq, ReplyRule};
+use vu_vring::VringT;
+
+use crate::backend::VhostUserBackend;
+use crate::control::RingControl;
+use crate::error::SessionError;
+use memory::InflightArea;
+
+/// The failure value of a REPLY_ACK and of the `u64` replies: "non-zero on failure".
+const FAILURE: u64 = 1;
+
+/// What the runtime does after a message: send `reply` (if any), then close the connection
+/// if `close`.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// The reply to send, header included.
+    pub(crate) reply: Option<Reply>,
+    /// Whether to close the connection after sending the reply.
+    pub(crate) close: bool,
+}
+
+/// A reply message: header, body and the fds to pass with it.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    /// The reply header (REPLY flag set, size of `body`).
+    pub(crate) header: Header,
+    /// The payload.
+    pub(crate) body: Vec<u8>,
+    /// The fds to send as ancillary data.
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    /// A reply to `request` carrying `payload` and `fds`.
+    fn new<P: Payload>(request: &Header, payload: &P, fds: Vec<OwnedFd>) -> Self {
+        let (header, body) = encode_reply(request, payload);
+        Reply { header, body, fds }
+    }
+
+    /// A `u64` reply (REPLY_ACK status or a request's own `u64` answer).
+    fn u64(request: &Header, value: u64) -> Self {
+        Reply::new(request, &U64(value), Vec::new())
+    }
+}
+
+/// The per-connection state machine of one backend; see the module documentation.
+pub(crate) struct Session<S, V, B: RegionBitmap> {
+    backend: S,
+    vrings: Vec<V>,
+    mem: GuestMemoryManager<B>,
+    /// The backend's protocol features minus those the session cannot serve.
+    offered_protocol: ProtocolFeatures,
+    /// Virtio features from `SET_FEATURES`, masked to those offered.
+    acked_features: u64,
+    /// Protocol features from `SET_PROTOCOL_FEATURES`.
+    acked_protocol: ProtocolFeatures,
+    /// Whether `SET_PROTOCOL_FEATURES` was received on this connection.
+    protocol_set: bool,
+    /// Whether `SET_OWNER` was received.
+    owner: bool,
+    /// The device status from `SET_STATUS`.
+    status: u64,
+    /// Whether the "unoffered virtio features" warning was logged on this connection.
+    warned_unoffered: bool,
+    /// The inflight area handed out or received.
+    inflight: Option<InflightArea>,
+    #[cfg(feature = "postcopy")]
+    postcopy: crate::postcopy::Postcopy,
+}
+
+impl<S, V, B> Session<S, V, B>
+where
+    S: VhostUserBackend<Vring = V, Bitmap = B>,
+    V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
+    B: RegionBitmap,
+{
+    /// A session over `backend`, with `mem` (which the vrings were built over) and one vring
+    /// per queue.
+    ///
+    /// `vrings` are created by the daemon (`VringT::new(mem.clone(), max_queue_size)`), one
+    /// per `backend.num_queues()`, and may be shared with workers: the session changes them
+    /// only through `&self` methods. The session takes over `mem`'s contents: it publishes an
+    /// empty table until the frontend sends one.
+    pub(crate) fn new(
+        backend: S,
+        mem: GuestMemoryAtomic<GuestMemoryMmap<B>>,
+        vrings: Vec<V>,
+    ) -> Self {
+        let offered_protocol = supported_protocol(backend.protocol_features());
+        Session {
+            backend,
+            vrings,
+            mem: GuestMemoryManager::new(mem),
+            offered_protocol,
+            acked_features: 0,
+            acked_protocol: ProtocolFeatures::empty(),
+            protocol_set: false,
+            owner: false,
+            status: 0,
+            warned_unoffered: false,
+            inflight: None,
+            #[cfg(feature = "postcopy")]
+            postcopy: crate::postcopy::Postcopy::default(),
+        }
+    }
+
+    /// The backend.
+    pub(crate) fn backend(&self) -> &S {
+        &self.backend
+    }
+
+    /// The vrings, indexed by queue.
+    pub(crate) fn vrings(&self) -> &[V] {
+        &self.vrings
+    }
+
+    /// Interprets one received message. Never panics on peer input, never does socket I/O.
+    pub(crate) fn handle(&mut self, msg: RawMessage, ctl: &mut dyn RingControl) -> Outcome {
+        let header = msg.header;
+        if header.is_reply() {
+            let err = SessionError::ReplyFromFrontend {
+                request: header.request,
+            };
+            return self.refuse(&header, None, err);
+        }
+        #[cfg(feature = "postcopy")]
+        if self.is_postcopy_mem_table_ack(&msg) {
+            return Outcome::default();
+        }
+        let request = match FrontendRequest::decode(msg) {
+            Ok(request) => request,
+            Err(err) => {
+                let req = FrontendReq::try_from(header.request).ok();
+                return self.refuse(&header, req, err.into());
+            }
+        };
+        let FrontendRequest::Unknown { code, .. } = request else {
+            let req = FrontendReq::try_from(header.request).ok();
+            return match self.dispatch(&header, request, ctl) {
+                Ok(Some(reply)) => Outcome {
+                    reply: Some(reply),
+                    close: false,
+                },
+                Ok(None) if header.needs_reply() => Outcome {
+                    reply: Some(Reply::u64(&header, U64::ACK_SUCCESS.0)),
+                    close: false,
+                },
+                Ok(None) => Outcome::default(),
+                Err(err) => self.refuse(&header, req, err),
+            };
+        };
+        self.refuse(&header, None, SessionError::UnknownRequest { code })
+    }
+
+    /// The frontend went away: forget everything about the connection (features, memory
+    /// table, log, rings, inflight area, postcopy state) and reset the device, so the next
+    /// connection starts clean. Every queue is unwatched and quiesced first.
+    pub(crate) fn disconnect(&mut self, ctl: &mut dyn RingControl) {
+        self.reset_rings(ctl);
+        self.backend.reset_device();
+        self.mem.reset();
+        self.acked_features = 0;
+        self.acked_protocol = ProtocolFeatures::empty();
+        self.protocol_set = false;
+        self.owner = false;
+        self.status = 0;
+        self.warned_unoffered = false;
+        self.inflight = None;
+        #[cfg(feature = "postcopy")]
+        {
+            self.postcopy = crate::postcopy::Postcopy::default();
+        }
+    }
+
+    /// One line per request, each calling its handler. `Ok(Some(_))` is the request's own
+    /// reply; `Ok(None)` means success without one (a REPLY_ACK is added if asked for).
+    fn dispatch(
+        &mut self,
+        hdr: &Header,
+        request: FrontendRequest,
+        ctl: &mut dyn RingControl,
+    ) -> Result<Option<Reply>, SessionError> {
+        use FrontendRequest as R;
+        match request {
+            R::GetFeatures => Ok(Some(Reply::u64(hdr, self.backend.features()))),
+            R::SetFeatures(features) => self.handle_set_features(features, ctl).map(none),
+            R::SetOwner => self.handle_set_owner().map(none),
+            R::ResetOwner => self.handle_reset_owner(ctl).map(none),
+            R::SetMemTable { table, fds } => self.handle_set_mem_table(hdr, table, fds),
+            R::SetLogBase { log, fd } => self.handle_set_log_base(hdr, log, fd),
+            R::SetLogFd { fd } => self.handle_set_log_fd(fd).map(none),
+            R::SetVringNum(state) => self.handle_set_vring_num(state).map(none),
+            R::SetVringAddr(addr) => self.handle_set_vring_addr(addr).map(none),
+            R::SetVringBase(state) => self.handle_set_vring_base(state).map(none),
+            R::GetVringBase(state) => self.handle_get_vring_base(hdr, state, ctl).map(Some),
+            R::SetVringKick { index, fd } => self.handle_set_vring_kick(index, fd, ctl).map(none),
+            R::SetVringCall { index, fd } => self.handle_set_vring_call(index, fd).map(none),
+            R::SetVringErr { index, fd } => self.handle_set_vring_err(index, fd).map(none),
+            R::GetProtocolFeatures => self.handle_get_protocol_features(hdr).map(Some),
+            R::SetProtocolFeatures(f) => self.handle_set_protocol_features(f).map(none),
+            R::GetQueueNum => self.handle_get_queue_num(hdr).map(Some),
+            R::SetVringEnable(enable) => self.handle_set_vring_enable(enable, ctl).map(none),
+            R::SendRarp(_) => Err(unsupported(FrontendReq::SendRarp, "no RARP support")),
+            R::NetSetMtu(_) => Err(unsupported(FrontendReq::NetSetMtu, "no MTU support")),
+            R::SetBackendReqFd { fd } => self.handle_set_backend_req_fd(fd).map(none),
+            R::IotlbMsg(_) => Err(unsupported(FrontendReq::IotlbMsg, "no IOMMU support")),
+            R::SetVringEndian(_) => Err(unsupported(
+                FrontendReq::SetVringEndian,
+                "legacy cross-endian rings are not supported",
+            )),
+            R::GetConfig(config) => self.handle_get_config(hdr, config).map(Some),
+            R::SetConfig(config) => self.handle_set_config(config).map(none),
+            R::CreateCryptoSession(_) => Err(unsupported(
+                FrontendReq::CreateCryptoSession,
+                "no crypto sessions",
+            )),
+            R::CloseCryptoSession(_) => Err(unsupported(
+                FrontendReq::CloseCryptoSession,
+                "no crypto sessions",
+            )),
+            R::PostcopyAdvise => self.handle_postcopy_advise(hdr).map(Some),
+            R::PostcopyListen => self.handle_postcopy_listen().map(none),
+            R::PostcopyEnd => self.handle_postcopy_end(hdr).map(Some),
+            R::GetInflightFd(inflight) => self.handle_get_inflight_fd(hdr, inflight).map(Some),
+            R::SetInflightFd { inflight, fd } => {
+                self.handle_set_inflight_fd(inflight, fd).map(none)
+            }
+            R::GpuSetSocket { .. } => Err(unsupported(
+                FrontendReq::GpuSetSocket,
+                "the vhost-user GPU protocol is not supported",
+            )),
+            R::ResetDevice => self.handle_reset_device(ctl).map(none),
+            R::VringKick(state) => self.handle_vring_kick(state, ctl).map(none),
+            R::GetMaxMemSlots => self.handle_get_max_mem_slots(hdr).map(Some),
+            R::AddMemReg { region, fd } => self.handle_add_mem_reg(hdr, region, fd),
+            R::RemMemReg(region) => self.handle_rem_mem_reg(region).map(none),
+            R::SetStatus(status) => self.handle_set_status(status).map(none),
+            R::GetStatus => self.handle_get_status(hdr).map(Some),
+            R::GetSharedObject(object) => self.handle_get_shared_object(hdr, object).map(Some),
+            R::SetDeviceStateFd { transfer, fd } => {
+                self.handle_set_device_state_fd(hdr, transfer, fd).map(Some)
+            }
+            R::CheckDeviceState => self.handle_check_device_state(hdr).map(Some),
+            R::GetShmemConfig => self.handle_get_shmem_config(hdr).map(Some),
+            // Decoded before dispatch; kept for exhaustiveness of a non-exhaustive enum.
+            R::Unknown { code, .. } => Err(SessionError::UnknownRequest { code }),
+            _ => Err(SessionError::UnknownRequest { code: hdr.request }),
+        }
+    }
+
+    /// The one place that decides what an error means for the frontend, and logs it once.
+    /// See the module documentation for the rules.
+    fn refuse(&self, hdr: &Header, req: Option<FrontendReq>, err: SessionError) -> Outcome {
+        let failure = match (&err, req) {
+            (SessionError::FeatureCombination { .. }, _) => Failure::Close,
+            (_, Some(req)) => failure_reply(hdr, req, self.postcopy_listening()),
+            (_, None) if hdr.needs_reply() => Failure::Reply(Reply::u64(hdr, FAILURE)),
+            (_, None) => Failure::Silent,
+        };
+        match failure {
+            Failure::Reply(reply) => {
+                warn!("refused {}: {err}", describe(hdr, req));
+                Outcome {
+                    reply: Some(reply),
+                    close: false,
+                }
+            }
+            Failure::Silent => {
+                warn!("ignored {} (no reply asked for): {err}", describe(hdr, req));
+                Outcome::default()
+            }
+            Failure::Close => {
+                error!("closing the connection after {}: {err}", describe(hdr, req));
+                Outcome {
+                    reply: None,
+                    close: true,
+                }
+            }
+        }
+    }
+
+    #[cfg(feature = "postcopy")]
+    fn postcopy_listening(&self) -> bool {
+        self.postcopy.listening()
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    fn postcopy_listening(&self) -> bool {
+        false
+    }
+
+    /// Whether `VHOST_USER_F_PROTOCOL_FEATURES` is negotiated (see the module documentation).
+    fn protocol_negotiated(&self) -> bool {
+        self.protocol_set || self.acked_features & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Refuses `request` unless protocol feature `feature` was acknowledged.
+    fn require(&self, request: FrontendReq, feature: ProtocolFeatures) -> Result<(), SessionError> {
+        if self.acked_protocol.contains(feature) {
+            Ok(())
+        } else {
+            Err(SessionError::NotNegotiated { request, feature })
+        }
+    }
+
+    /// Whether the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn offers_protocol_features(&self) -> bool {
+        self.backend.features() & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    fn handle_set_features(
+        &mut self,
+        features: VirtioFeatures,
+        ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let offered = self.backend.features();
+        let requested = features.bits();
+        let masked = requested & offered;
+        if masked != requested && !self.warned_unoffered {
+            self.warned_unoffered = true;
+            warn!(
+                "SET_FEATURES {requested:#x} acknowledges unoffered bits {:#x}; \
+                 accepting it with those bits dropped",
+                requested & !offered
+            );
+        }
+        let log_all = masked & VirtioFeatures::LOG_ALL.bits() != 0;
+        self.mem
+            .set_logging(log_all)
+            .map_err(|source| SessionError::Memory {
+                request: FrontendReq::SetFeatures,
+                source,
+            })?;
+        self.acked_features = masked;
+        let event_idx = masked & VirtioFeatures::RING_EVENT_IDX.bits() != 0;
+        for vring in &self.vrings {
+            vring.set_queue_event_idx(event_idx);
+        }
+        self.backend.set_event_idx(event_idx);
+        self.backend.acked_features(masked);
+        if masked & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            // "upon receiving a VHOST_USER_SET_FEATURES message from the front-end without
+            // VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings
+            // immediately."
+            for queue in 0..self.vrings.len() {
+                self.enable_ring(FrontendReq::SetFeatures, queue, true, ctl)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_set_owner(&mut self) -> Result<(), SessionError> {
+        self.owner = true;
+        Ok(())
+    }
+
+    fn handle_reset_owner(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
+        self.reset_device_state(ctl);
+        self.owner = false;
+        Ok(())
+    }
+
+    fn handle_reset_device(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
+        self.require(FrontendReq::ResetDevice, ProtocolFeatures::RESET_DEVICE)?;
+        self.reset_device_state(ctl);
+        Ok(())
+    }
+
+    /// Stops and resets every ring, resets the device and forgets the virtio features.
+    fn reset_device_state(&mut self, ctl: &mut dyn RingControl) {
+        self.reset_rings(ctl);
+        self.backend.reset_device();
+        self.acked_features = 0;
+        self.status = 0;
+        self.backend.set_event_idx(false);
+        // Logging off cannot fail.
+        let _ = self.mem.set_logging(false);
+    }
+
+    fn handle_get_protocol_features(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        if !self.offers_protocol_features() {
+            return Err(SessionError::ProtocolFeaturesNotNegotiated {
+                request: FrontendReq::GetProtocolFeatures,
+            });
+        }
+        Ok(Reply::u64(hdr, self.offered_protocol.bits()))
+    }
+
+    fn handle_set_protocol_features(
+        &mut self,
+        features: ProtocolFeatures,
+    ) -> Result<(), SessionError> {
+        if !self.offers_protocol_features() {
+            return Err(SessionError::ProtocolFeaturesNotNegotiated {
+                request: FrontendReq::SetProtocolFeatures,
+            });
+        }
+        let offered = self.offered_protocol.bits();
+        if check_subset(offered, features.bits()).is_err() {
+            return Err(SessionError::UnofferedProtocolFeatures {
+                offered,
+                acked: features.bits(),
+            });
+        }
+        let inband = ProtocolFeatures::INBAND_NOTIFICATIONS;
+        let needed = ProtocolFeatures::BACKEND_REQ | ProtocolFeatures::REPLY_ACK;
+        if features.contains(inband) && !features.contains(needed) {
+            // "the back-end should close the connection as a response to a
+            // VHOST_USER_SET_PROTOCOL_FEATURES message that sets the in-band notifications
+            // feature flag without the other two."
+            return Err(SessionError::FeatureCombination {
+                acked: features.bits(),
+                reason: "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK",
+            });
+        }
+        self.acked_protocol = features;
+        self.protocol_set = true;
+        Ok(())
+    }
+
+    fn handle_get_queue_num(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        self.require(FrontendReq::GetQueueNum, ProtocolFeatures::MQ)?;
+        Ok(Reply::u64(hdr, self.vrings.len() as u64))
+    }
+
+    fn handle_set_backend_req_fd(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
+        let request = FrontendReq::SetBackendReqFd;
+        if !self.protocol_negotiated() {
+            return Err(SessionError::ProtocolFeaturesNotNegotiated { request });
+        }
+        self.require(request, ProtocolFeatures::BACKEND_REQ)?;
+        let channel = vu_proto::socket::Endpoint::from_fd(fd)
+            .map_err(|source| SessionError::Socket { request, source })?;
+        self.backend.set_backend_req_fd(channel);
+        Ok(())
+    }
+
+    fn handle_get_config(
+        &mut self,
+        hdr: &Header,
+        config: DeviceConfig,
+    ) -> Result<Reply, SessionError> {
+        self.require(FrontendReq::GetConfig, ProtocolFeatures::CONFIG)?;
+        // The codec bounds the size by MAX_CONFIG_SIZE, so it fits in u32.
+        let size = u32::try_from(config.data.len()).unwrap_or(u32::MAX);
+        let data = self.backend.get_config(config.offset, size);
+        if data.len() != config.data.len() {
+            return Err(SessionError::ConfigSize {
+                offset: config.offset,
+                requested: config.data.len(),
+                returned: data.len(),
+            });
+        }
+        let reply = ConfigReply::Config(DeviceConfig {
+            offset: config.offset,
+            flags: config.flags,
+            data,
+        });
+        Ok(Reply::new(hdr, &reply, Vec::new()))
+    }
+
+    fn handle_set_config(&mut self, config: DeviceConfig) -> Result<(), SessionError> {
+        let request = FrontendReq::SetConfig;
+        self.require(request, ProtocolFeatures::CONFIG)?;
+        self.backend
+            .set_config(config.offset, &config.data)
+            .map_err(|source| SessionError::Backend { request, source })
+    }
+
+    fn handle_set_status(&mut self, status: U64) -> Result<(), SessionError> {
+        self.require(FrontendReq::SetStatus, ProtocolFeatures::STATUS)?;
+        self.status = status.0;
+        Ok(())
+    }
+
+    fn handle_get_status(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        self.require(FrontendReq::GetStatus, ProtocolFeatures::STATUS)?;
+        Ok(Reply::u64(hdr, self.status))
+    }
+
+    fn handle_get_shared_object(
+        &mut self,
+        hdr: &Header,
+        object: SharedObject,
+    ) -> Result<Reply, SessionError> {
+        let request = FrontendReq::GetSharedObject;
+        self.require(request, ProtocolFeatures::SHARED_OBJECT)?;
+        let file = self
+            .backend
+            .get_shared_object(object)
+            .map_err(|source| SessionError::Backend { request, source })?;
+        Ok(Reply::new(
+            hdr,
+            &U64::ACK_SUCCESS,
+            vec![OwnedFd::from(file)],
+        ))
+    }
+
+    fn handle_set_device_state_fd(
+        &mut self,
+        hdr: &Header,
+        transfer: DeviceStateTransfer,
+        fd: OwnedFd,
+    ) -> Result<Reply, SessionError> {
+        let request = FrontendReq::SetDeviceStateFd;
+        self.require(request, ProtocolFeatures::DEVICE_STATE)?;
+        let own = self
+            .backend
+            .set_device_state_fd(transfer.direction, transfer.phase, File::from(fd))
+            .map_err(|source| SessionError::Backend { request, source })?;
+        let answer = DeviceStateFdReply {
+            error: 0,
+            no_fd: own.is_none(),
+        };
+        Ok(Reply::new(
+            hdr,
+            &answer,
+            own.into_iter().map(OwnedFd::from).collect(),
+        ))
+    }
+
+    fn handle_check_device_state(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        let request = FrontendReq::CheckDeviceState;
+        self.require(request, ProtocolFeatures::DEVICE_STATE)?;
+        self.backend
+            .check_device_state()
+            .map_err(|source| SessionError::Backend { request, source })?;
+        Ok(Reply::u64(hdr, U64::ACK_SUCCESS.0))
+    }
+
+    fn handle_get_shmem_config(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        let request = FrontendReq::GetShmemConfig;
+        self.require(request, ProtocolFeatures::SHMEM)?;
+        let config = self
+            .backend
+            .get_shmem_config()
+            .map_err(|source| SessionError::Backend { request, source })?;
+        Ok(Reply::new(hdr, &config, Vec::new()))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    fn handle_postcopy_advise(&mut self, _hdr: &Header) -> Result<Reply, SessionError> {
+        Err(unsupported(
+            FrontendReq::PostcopyAdvise,
+            "built without the `postcopy` feature",
+        ))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    fn handle_postcopy_listen(&mut self) -> Result<(), SessionError> {
+        Err(unsupported(
+            FrontendReq::PostcopyListen,
+            "built without the `postcopy` feature",
+        ))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    fn handle_postcopy_end(&mut self, _hdr: &Header) -> Result<Reply, SessionError> {
+        Err(unsupported(
+            FrontendReq::PostcopyEnd,
+            "built without the `postcopy` feature",
+        ))
+    }
+}
+
+/// Maps `Ok(())` to "no reply of its own".
+fn none(_: ()) -> Option<Reply> {
+    None
+}
+
+fn unsupported(request: FrontendReq, reason: &'static str) -> SessionError {
+    SessionError::Unsupported { request, reason }
+}
+
+/// The backend's protocol features minus those the session cannot serve.
+fn supported_protocol(offered: ProtocolFeatures) -> ProtocolFeatures {
+    let mut unsupported = ProtocolFeatures::RARP
+        | ProtocolFeatures::MTU
+        | ProtocolFeatures::CROSS_ENDIAN
+        | ProtocolFeatures::CRYPTO_SESSION
+        | ProtocolFeatures::GET_VRING_BASE_INFLIGHT;
+    if cfg!(not(feature = "postcopy")) {
+        unsupported |= ProtocolFeatures::PAGEFAULT;
+    }
+    if cfg!(not(feature = "xen")) {
+        unsupported |= ProtocolFeatures::XEN_MMAP;
+    }
+    let removed = offered & unsupported;
+    if !removed.is_empty() {
+        warn!("the session does not serve protocol features {removed:?}; not offering them");
+    }
+    offered - unsupported
+}
+
+/// How a refused request is answered.
+enum Failure {
+    /// Send this reply.
+    Reply(Reply),
+    /// Send nothing; the frontend expects nothing.
+    Silent,
+    /// Close the connection: the frontend waits for a reply that cannot say "failed".
+    Close,
+}
+
+/// How a refusal of `req` is answered: the request's own reply in its failure form where it
+/// has one, a REPLY_ACK failure where the frontend asked for one, nothing or a close
+/// otherwise.
+fn failure_reply(hdr: &Header, req: FrontendReq, postcopy_listening: bool) -> Failure {
+    let fail_u64 = || Failure::Reply(Reply::u64(hdr, FAILURE));
+    match req {
+        FrontendReq::SetLogBase
+        | FrontendReq::CheckDeviceState
+        | FrontendReq::GetSharedObject
+        | FrontendReq::PostcopyEnd => fail_u64(),
+        FrontendReq::GetConfig => Failure::Reply(Reply::new(hdr, &ConfigReply::Failed, Vec::new())),
+        FrontendReq::SetDeviceStateFd => Failure::Reply(Reply::new(
+            hdr,
+            &DeviceStateFdReply {
+                error: 1,
+                no_fd: true,
+            },
+            Vec::new(),
+        )),
+        FrontendReq::GetShmemConfig => {
+            let none = ShmemConfig {
+                nregions: 0,
+                memory_sizes: Box::new([0; vu_proto::payload::MAX_SHMEM_REGIONS]),
+            };
+            Failure::Reply(Reply::new(hdr, &none, Vec::new()))
+        }
+        FrontendReq::PostcopyAdvise => {
+            Failure::Reply(Reply::new(hdr, &vu_proto::payload::Empty, Vec::new()))
+        }
+        // The frontend's `Inflight` is not known here when decoding failed; an all-zero
+        // area with no fd tells QEMU there is no inflight tracking.
+        FrontendReq::GetInflightFd => Failure::Reply(Reply {
+            header: hdr.reply(Inflight::SIZE as u32),
+            body: vec![0; Inflight::SIZE],
+            fds: Vec::new(),
+        }),
+        _ => match req.reply_rule() {
+            ReplyRule::Always => Failure::Close,
+            ReplyRule::PostcopyOrNeedReply if postcopy_listening => Failure::Close,
+            _ if hdr.needs_reply() => fail_u64(),
+            _ => Failure::Silent,
+        },
+    }
+}
+
+/// The request's spec name, or its code when unknown.
+fn describe(hdr: &Header, req: Option<FrontendReq>) -> String {
+    match req {
+        Some(req) => req.to_string(),
+        None => hdr.request.to_string(),
+    }
+}
+
+/// Creates a close-on-exec, non-blocking eventfd owned by the session.
+fn new_eventfd() -> std::io::Result<File> {
+    // SAFETY: eventfd takes no pointers; the flags are valid constants.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd, is valid and owned by nobody else.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}

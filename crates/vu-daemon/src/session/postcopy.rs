@@ -1,0 +1,113 @@
+//! The postcopy requests (feature `postcopy`): `POSTCOPY_ADVISE`, `POSTCOPY_LISTEN`,
+//! `POSTCOPY_END`, and the memory table replies while listening.
+
+use std::os::fd::OwnedFd;
+
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vu_mem::RegionBitmap;
+use vu_proto::features::ProtocolFeatures;
+use vu_proto::header::Header;
+use vu_proto::message::RawMessage;
+use vu_proto::payload::{Empty, MemoryRegion, MemoryTable, SingleMemoryRegion, U64};
+use vu_proto::request::FrontendReq;
+use vu_vring::VringT;
+
+use super::{Reply, Session};
+use crate::backend::VhostUserBackend;
+use crate::error::SessionError;
+
+/// The body of QEMU's acknowledgement of a postcopy memory table reply: one `u64`.
+const ACK_BODY: usize = 8;
+
+impl<S, V, B> Session<S, V, B>
+where
+    S: VhostUserBackend<Vring = V, Bitmap = B>,
+    V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
+    B: RegionBitmap,
+{
+    /// QEMU answers a postcopy `SET_MEM_TABLE` reply with a `SET_MEM_TABLE` carrying a `u64`
+    /// 0 and no fds; that message is consumed here, it is not a new table.
+    pub(super) fn is_postcopy_mem_table_ack(&mut self, msg: &RawMessage) -> bool {
+        msg.header.request == FrontendReq::SetMemTable.into()
+            && msg.body.len() == ACK_BODY
+            && msg.fds.is_empty()
+            && self.postcopy.take_ack()
+    }
+
+    fn postcopy_err(
+        request: FrontendReq,
+    ) -> impl Fn(crate::postcopy::PostcopyError) -> SessionError {
+        move |source| SessionError::Postcopy { request, source }
+    }
+
+    pub(super) fn handle_postcopy_advise(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        let request = FrontendReq::PostcopyAdvise;
+        self.require(request, ProtocolFeatures::PAGEFAULT)?;
+        let fd: OwnedFd = self
+            .postcopy
+            .advise()
+            .map_err(Self::postcopy_err(request))?;
+        Ok(Reply::new(hdr, &Empty, vec![fd]))
+    }
+
+    pub(super) fn handle_postcopy_listen(&mut self) -> Result<(), SessionError> {
+        let request = FrontendReq::PostcopyListen;
+        self.require(request, ProtocolFeatures::PAGEFAULT)?;
+        self.postcopy.listen().map_err(Self::postcopy_err(request))
+    }
+
+    pub(super) fn handle_postcopy_end(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
+        let request = FrontendReq::PostcopyEnd;
+        self.require(request, ProtocolFeatures::PAGEFAULT)?;
+        self.postcopy.end().map_err(Self::postcopy_err(request))?;
+        Ok(Reply::u64(hdr, U64::ACK_SUCCESS.0))
+    }
+
+    /// While listening: registers the new regions with the userfaultfd and answers with the
+    /// same regions, their user address replaced by the backend's own mapping address ("replies
+    /// with the bases of the memory mapped regions to the front-end").
+    pub(super) fn postcopy_register(
+        &mut self,
+        hdr: &Header,
+        request: FrontendReq,
+        regions: &[MemoryRegion],
+    ) -> Result<Option<Reply>, SessionError> {
+        if !self.postcopy.listening() {
+            return Ok(None);
+        }
+        let snapshot = self.mem.memory().memory();
+        let mut local = Vec::with_capacity(regions.len());
+        for region in regions {
+            let addr = snapshot
+                .get_host_address(GuestAddress(region.guest_phys_addr))
+                .map_err(|_| SessionError::ValueOutOfRange {
+                    request,
+                    field: "region guest address (not mapped)",
+                    value: region.guest_phys_addr,
+                })?;
+            let len =
+                usize::try_from(region.memory_size).map_err(|_| SessionError::ValueOutOfRange {
+                    request,
+                    field: "region size",
+                    value: region.memory_size,
+                })?;
+            self.postcopy
+                .register(addr, len)
+                .map_err(Self::postcopy_err(request))?;
+            local.push(MemoryRegion {
+                user_addr: addr as u64,
+                ..*region
+            });
+        }
+        let reply = if request == FrontendReq::AddMemReg {
+            let Some(region) = local.first().copied() else {
+                return Ok(None);
+            };
+            Reply::new(hdr, &SingleMemoryRegion { region }, Vec::new())
+        } else {
+            self.postcopy.expect_ack();
+            Reply::new(hdr, &MemoryTable { regions: local }, Vec::new())
+        };
+        Ok(Some(reply))
+    }
+}

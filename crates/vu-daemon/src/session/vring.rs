@@ -1,0 +1,303 @@
+//! The vring requests: size, addresses, base, kick/call/err fds, enable, in-band kick, and
+//! the ring state transitions of the spec's "Ring states".
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+
+use log::warn;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vu_mem::RegionBitmap;
+use vu_proto::features::ProtocolFeatures;
+use vu_proto::header::Header;
+use vu_proto::payload::{VringAddr, VringAddrFlags, VringEnable, VringState};
+use vu_proto::request::FrontendReq;
+use vu_vring::VringT;
+
+use super::{new_eventfd, Reply, Session};
+use crate::backend::VhostUserBackend;
+use crate::control::RingControl;
+use crate::error::SessionError;
+
+/// Bytes per descriptor table entry of a split virtqueue.
+const DESC_ENTRY: u64 = 16;
+/// Bytes per available ring entry.
+const AVAIL_ENTRY: u64 = 2;
+/// Bytes per used ring entry.
+const USED_ENTRY: u64 = 8;
+/// `flags` and `idx` before a ring's entries, plus the trailing event index: 2 + 2 + 2.
+const RING_EXTRA: u64 = 6;
+
+impl<S, V, B> Session<S, V, B>
+where
+    S: VhostUserBackend<Vring = V, Bitmap = B>,
+    V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
+    B: RegionBitmap,
+{
+    /// Checks a queue index as the full 32-bit value the frontend sent, before narrowing it
+    /// (CVE-2020-10723: an index truncated to 8 or 16 bits aliased another queue).
+    pub(super) fn queue(&self, request: FrontendReq, index: u32) -> Result<u16, SessionError> {
+        let num_queues = self.vrings.len();
+        let out_of_range = SessionError::QueueIndex {
+            request,
+            index,
+            num_queues,
+        };
+        match usize::try_from(index) {
+            Ok(i) if i < num_queues => u16::try_from(index).map_err(|_| out_of_range),
+            _ => Err(out_of_range),
+        }
+    }
+
+    /// The vring of a queue checked by [`queue`](Self::queue).
+    fn vring(&self, queue: u16) -> &V {
+        // `queue` < vrings.len() was checked by `queue()`; the index is in range.
+        &self.vrings[usize::from(queue)]
+    }
+
+    pub(super) fn handle_set_vring_num(&mut self, state: VringState) -> Result<(), SessionError> {
+        let request = FrontendReq::SetVringNum;
+        let queue = self.queue(request, state.index)?;
+        let size = u16::try_from(state.num).map_err(|_| SessionError::QueueSize {
+            request,
+            queue,
+            size: state.num,
+        })?;
+        self.vring(queue)
+            .set_queue_size(size)
+            .map_err(|source| SessionError::Vring {
+                request,
+                queue,
+                source,
+            })
+    }
+
+    pub(super) fn handle_set_vring_addr(&mut self, addr: VringAddr) -> Result<(), SessionError> {
+        let request = FrontendReq::SetVringAddr;
+        let queue = self.queue(request, addr.index)?;
+        let vring = self.vring(queue);
+        let size = u64::from(vring.queue_size());
+        let parts = [
+            (addr.descriptor, DESC_ENTRY * size),
+            (addr.available, AVAIL_ENTRY * size + RING_EXTRA),
+            (addr.used, USED_ENTRY * size + RING_EXTRA),
+        ];
+        let mut guest = [0u64; 3];
+        for (slot, (vmm, len)) in guest.iter_mut().zip(parts) {
+            *slot = if self
+                .acked_protocol
+                .contains(ProtocolFeatures::GPA_ADDRESSES)
+            {
+                vmm
+            } else {
+                self.mem
+                    .vmm_to_guest(vmm, len)
+                    .map_err(|source| SessionError::Memory { request, source })?
+                    .0
+            };
+        }
+        let [desc, avail, used] = guest;
+        let vring_err = |source| SessionError::Vring {
+            request,
+            queue,
+            source,
+        };
+        vring.set_queue_info(desc, avail, used).map_err(vring_err)?;
+        let log = addr.flags.contains(VringAddrFlags::LOG).then_some(addr.log);
+        vring.set_log_guest_addr(log);
+        // A rebooted driver starts from the used index it finds in memory.
+        let used_idx = vring.queue_used_idx().map_err(vring_err)?;
+        vring.set_queue_next_used(used_idx);
+        Ok(())
+    }
+
+    pub(super) fn handle_set_vring_base(&mut self, state: VringState) -> Result<(), SessionError> {
+        let request = FrontendReq::SetVringBase;
+        let queue = self.queue(request, state.index)?;
+        let base = u16::try_from(state.num).map_err(|_| SessionError::ValueOutOfRange {
+            request,
+            field: "split vring base",
+            value: u64::from(state.num),
+        })?;
+        self.vring(queue).set_queue_next_avail(base);
+        Ok(())
+    }
+
+    /// Stops the ring: no longer watched, no worker inside it, the device drained; then
+    /// answers with the index to resume from.
+    pub(super) fn handle_get_vring_base(
+        &mut self,
+        hdr: &Header,
+        state: VringState,
+        ctl: &mut dyn RingControl,
+    ) -> Result<Reply, SessionError> {
+        let request = FrontendReq::GetVringBase;
+        let queue = self.queue(request, state.index)?;
+        let ctl_err = |source| SessionError::RingControl {
+            request,
+            queue,
+            source,
+        };
+        ctl.unwatch_kick(queue).map_err(ctl_err)?;
+        ctl.quiesce(queue).map_err(ctl_err)?;
+        let vring = self.vring(queue);
+        vring.set_queue_ready(false);
+        if let Err(err) = self.backend.stop_vring(queue) {
+            // The ring is stopped whatever the device says; the index is still the truth.
+            warn!("GET_VRING_BASE: queue {queue}: the backend failed to stop: {err}");
+        }
+        let next_avail = vring.queue_next_avail();
+        vring.set_kick(None);
+        vring.set_call(None);
+        let reply = VringState {
+            index: state.index,
+            num: u32::from(next_avail),
+        };
+        Ok(Reply::new(hdr, &reply, Vec::new()))
+    }
+
+    /// Installs the kick fd (or, with NOFD, an eventfd of the session's own) and starts the
+    /// ring; without negotiated protocol features the ring is enabled as well.
+    pub(super) fn handle_set_vring_kick(
+        &mut self,
+        index: u8,
+        fd: Option<OwnedFd>,
+        ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let request = FrontendReq::SetVringKick;
+        let queue = self.queue(request, u32::from(index))?;
+        let kick = match fd {
+            Some(fd) => File::from(fd),
+            None => new_eventfd().map_err(|source| SessionError::Io {
+                request,
+                what: "creating an eventfd for a polled ring",
+                source,
+            })?,
+        };
+        self.start_ring(request, queue, kick, ctl)
+    }
+
+    /// Replaces the kick fd of `queue` with `kick`, marks the ring started and watches it.
+    fn start_ring(
+        &mut self,
+        request: FrontendReq,
+        queue: u16,
+        kick: File,
+        ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let ctl_err = |source| SessionError::RingControl {
+            request,
+            queue,
+            source,
+        };
+        ctl.unwatch_kick(queue).map_err(ctl_err)?;
+        let vring = self.vring(queue);
+        vring.set_kick(Some(kick));
+        vring.set_queue_ready(true);
+        if !self.protocol_negotiated() {
+            vring.set_enabled(true);
+        }
+        ctl.watch_kick(queue).map_err(ctl_err)
+    }
+
+    pub(super) fn handle_set_vring_call(
+        &mut self,
+        index: u8,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), SessionError> {
+        let queue = self.queue(FrontendReq::SetVringCall, u32::from(index))?;
+        self.vring(queue).set_call(fd.map(File::from));
+        Ok(())
+    }
+
+    pub(super) fn handle_set_vring_err(
+        &mut self,
+        index: u8,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), SessionError> {
+        let queue = self.queue(FrontendReq::SetVringErr, u32::from(index))?;
+        self.vring(queue).set_err(fd.map(File::from));
+        Ok(())
+    }
+
+    pub(super) fn handle_set_vring_enable(
+        &mut self,
+        enable: VringEnable,
+        ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let request = FrontendReq::SetVringEnable;
+        if !self.protocol_negotiated() {
+            return Err(SessionError::ProtocolFeaturesNotNegotiated { request });
+        }
+        let queue = self.queue(request, enable.index)?;
+        self.enable_ring(request, usize::from(queue), enable.enable, ctl)
+    }
+
+    /// Enables or disables a ring. Enabling a started ring wakes its worker through the kick
+    /// eventfd: a kick the worker consumed while the ring was disabled is not lost, the
+    /// worker looks at the available ring again.
+    pub(super) fn enable_ring(
+        &mut self,
+        request: FrontendReq,
+        queue: usize,
+        enable: bool,
+        _ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let Some(vring) = self.vrings.get(queue) else {
+            return Ok(());
+        };
+        let was_enabled = vring.is_enabled();
+        vring.set_enabled(enable);
+        if enable && !was_enabled && vring.ready() {
+            vring.deliver_kick().map_err(|source| SessionError::Io {
+                request,
+                what: "waking the worker of an enabled ring",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `VRING_KICK`: an in-band kick. It starts a ring that has no kick fd yet (with an
+    /// eventfd of the session's own) and kicks it through that fd.
+    pub(super) fn handle_vring_kick(
+        &mut self,
+        state: VringState,
+        ctl: &mut dyn RingControl,
+    ) -> Result<(), SessionError> {
+        let request = FrontendReq::VringKick;
+        self.require(request, ProtocolFeatures::INBAND_NOTIFICATIONS)?;
+        let queue = self.queue(request, state.index)?;
+        let io_err = |what| {
+            move |source| SessionError::Io {
+                request,
+                what,
+                source,
+            }
+        };
+        let has_kick = self.vring(queue).get_ref().get_kick().is_some();
+        if !has_kick {
+            let kick = new_eventfd().map_err(io_err("creating an in-band kick eventfd"))?;
+            self.start_ring(request, queue, kick, ctl)?;
+        }
+        self.vring(queue)
+            .deliver_kick()
+            .map_err(io_err("delivering an in-band kick"))?;
+        Ok(())
+    }
+
+    /// Stops every ring (unwatched, quiesced) and returns it to its initial state.
+    pub(super) fn reset_rings(&mut self, ctl: &mut dyn RingControl) {
+        for (queue, vring) in self.vrings.iter().enumerate() {
+            let Ok(queue) = u16::try_from(queue) else {
+                break;
+            };
+            if let Err(err) = ctl.unwatch_kick(queue) {
+                warn!("reset: queue {queue}: cannot stop watching the kick: {err}");
+            }
+            if let Err(err) = ctl.quiesce(queue) {
+                warn!("reset: queue {queue}: cannot quiesce: {err}");
+            }
+            vring.reset();
+        }
+    }
+}
