@@ -18,43 +18,57 @@ use vu_vring::{VringMutex, VringRwLock, VringState, VringT};
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Queue size; the bench keeps `DEPTH` chains in flight.
-const SIZE: u16 = 256;
+const SIZE: u16 = 512;
 const DEPTH: u16 = 128;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x3000;
 const USED: u64 = 0x4000;
 const BUFFERS: u64 = 0x10000;
 const BUF_LEN: u32 = 512;
+/// VIRTQ_DESC_F_NEXT.
+const F_NEXT: u16 = 1;
 
-/// Plays the driver: one-descriptor chains whose head is their avail slot.
+/// Plays the driver: `DEPTH` chains of `chain_len` descriptors each, laid out once; each offer
+/// publishes all of them again in the available ring.
 struct Driver {
     mem: Mem,
     avail_idx: u16,
+    chain_len: u16,
 }
 
 impl Driver {
-    fn new() -> Self {
-        let len = (BUFFERS + u64::from(SIZE) * u64::from(BUF_LEN)) as usize;
+    fn new(chain_len: u16) -> Self {
+        let descs = u64::from(DEPTH) * u64::from(chain_len);
+        let len = (BUFFERS + descs * u64::from(BUF_LEN)) as usize;
         let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap);
         {
             let m = mem.memory();
-            for head in 0..SIZE {
-                let desc = DESC + 16 * u64::from(head);
-                let buf = BUFFERS + u64::from(BUF_LEN) * u64::from(head);
+            for i in 0..DEPTH * chain_len {
+                let desc = DESC + 16 * u64::from(i);
+                let buf = BUFFERS + u64::from(BUF_LEN) * u64::from(i);
+                let last = (i + 1) % chain_len == 0;
+                let flags = if last { 0 } else { F_NEXT };
                 m.write_obj(buf.to_le(), GuestAddress(desc)).unwrap();
                 m.write_obj(BUF_LEN.to_le(), GuestAddress(desc + 8))
                     .unwrap();
+                m.write_obj(flags.to_le(), GuestAddress(desc + 12)).unwrap();
+                m.write_obj((i + 1).to_le(), GuestAddress(desc + 14))
+                    .unwrap();
             }
         }
-        Driver { mem, avail_idx: 0 }
+        Driver {
+            mem,
+            avail_idx: 0,
+            chain_len,
+        }
     }
 
     fn offer(&mut self, n: u16) {
         let m = self.mem.memory();
-        for _ in 0..n {
-            let head = self.avail_idx % SIZE;
-            let slot = AVAIL + 4 + 2 * u64::from(head);
+        for i in 0..n {
+            let head = (i % DEPTH) * self.chain_len;
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % SIZE);
             m.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
         }
@@ -74,8 +88,8 @@ fn call_eventfd() -> File {
     unsafe { File::from_raw_fd(efd.into_raw_fd()) }
 }
 
-fn started<V: VringT<Mem>>() -> (V, Driver) {
-    let driver = Driver::new();
+fn started<V: VringT<Mem>>(chain_len: u16) -> (V, Driver) {
+    let driver = Driver::new(chain_len);
     let vring = V::new(driver.mem.clone(), SIZE).unwrap();
     vring.set_queue_info(DESC, AVAIL, USED).unwrap();
     vring.set_queue_ready(true);
@@ -84,43 +98,71 @@ fn started<V: VringT<Mem>>() -> (V, Driver) {
     (vring, driver)
 }
 
-fn per_chain<V: VringT<Mem>>(vring: &V, driver: &mut Driver) {
+/// Walks a chain as a device would, returning the bytes it spans.
+fn chain_len<M: std::ops::Deref<Target = GuestMemoryMmap>>(
+    chain: virtio_queue::DescriptorChain<M>,
+) -> u32 {
+    chain.map(|d| d.len()).sum()
+}
+
+/// Signals after every chain, whether the driver wants it or not.
+fn signal_per_chain<V: VringT<Mem>>(vring: &V, driver: &mut Driver) {
     driver.offer(DEPTH);
     while let Some(chain) = vring.pop_descriptor_chain() {
-        vring.add_used(chain.head_index(), BUF_LEN).unwrap();
+        let head = chain.head_index();
+        vring.add_used(head, chain_len(chain)).unwrap();
         vring.signal_used_queue().unwrap();
     }
 }
 
+/// Pop, add_used and a notification decision per request: the shape of a simple device.
+fn decide_per_chain<V: VringT<Mem>>(vring: &V, driver: &mut Driver) {
+    driver.offer(DEPTH);
+    while let Some(chain) = vring.pop_descriptor_chain() {
+        let head = chain.head_index();
+        vring.add_used(head, chain_len(chain)).unwrap();
+        vring.signal_used_queue_if_needed().unwrap();
+    }
+}
+
+/// Completes the whole batch, then decides once.
 fn batched<V: VringT<Mem>>(vring: &V, driver: &mut Driver, done: &mut Vec<(u16, u32)>) {
     driver.offer(DEPTH);
     done.clear();
     while let Some(chain) = vring.pop_descriptor_chain() {
-        done.push((chain.head_index(), BUF_LEN));
+        let head = chain.head_index();
+        done.push((head, chain_len(chain)));
     }
     vring.add_used_batch(done.drain(..)).unwrap();
     vring.signal_used_queue_if_needed().unwrap();
 }
 
 fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
-    let mut group = c.benchmark_group(format!("complete_{DEPTH}_chains"));
-    group
-        .throughput(Throughput::Elements(u64::from(DEPTH)))
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20);
+    for descs in [1u16, 3] {
+        let mut group = c.benchmark_group(format!("complete_{DEPTH}_chains_of_{descs}"));
+        group
+            .throughput(Throughput::Elements(u64::from(DEPTH)))
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
 
-    let (vring, mut driver) = started::<V>();
-    group.bench_function(BenchmarkId::new("signal_per_chain", name), |b| {
-        b.iter(|| per_chain(&vring, &mut driver))
-    });
+        let (vring, mut driver) = started::<V>(descs);
+        group.bench_function(BenchmarkId::new("signal_per_chain", name), |b| {
+            b.iter(|| signal_per_chain(&vring, &mut driver))
+        });
 
-    let (vring, mut driver) = started::<V>();
-    let mut done = Vec::with_capacity(usize::from(DEPTH));
-    group.bench_function(BenchmarkId::new("batched", name), |b| {
-        b.iter(|| batched(&vring, &mut driver, &mut done))
-    });
-    group.finish();
+        let (vring, mut driver) = started::<V>(descs);
+        group.bench_function(BenchmarkId::new("decide_per_chain", name), |b| {
+            b.iter(|| decide_per_chain(&vring, &mut driver))
+        });
+
+        let (vring, mut driver) = started::<V>(descs);
+        let mut done = Vec::with_capacity(usize::from(DEPTH));
+        group.bench_function(BenchmarkId::new("batched", name), |b| {
+            b.iter(|| batched(&vring, &mut driver, &mut done))
+        });
+        group.finish();
+    }
 }
 
 fn benches(c: &mut Criterion) {

@@ -490,6 +490,76 @@ mod tests {
         heads
     }
 
+    /// One end of a socket pair as a `File`, and the other end: the second reads EOF once every
+    /// copy of the first is closed, which shows whether a vring still holds the fd.
+    fn closing_probe() -> (File, std::os::unix::net::UnixStream) {
+        let (held, watch) = std::os::unix::net::UnixStream::pair().unwrap();
+        watch.set_nonblocking(true).unwrap();
+        (File::from(std::os::fd::OwnedFd::from(held)), watch)
+    }
+
+    /// Whether the peer of `watch` has been closed.
+    fn peer_closed(watch: &std::os::unix::net::UnixStream) -> bool {
+        let mut buf = [0u8; 1];
+        match (&*watch).read(&mut buf) {
+            Ok(0) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            other => panic!("unexpected probe read {other:?}"),
+        }
+    }
+
+    fn pops_across_the_avail_index_wrap<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        driver.avail_idx = 65534;
+        vring.set_queue_next_avail(65534);
+        vring.set_queue_next_used(65534);
+        driver.offer(4);
+        let heads = pop_all(&vring);
+        assert_eq!(heads, vec![14, 15, 0, 1]);
+        assert_eq!(vring.queue_next_avail(), 2);
+        vring.add_used_batch(heads.iter().map(|&h| (h, 0))).unwrap();
+        assert_eq!(driver.used_idx(), 2);
+        assert_eq!(driver.used_elem(65535), (15, 0));
+        assert_eq!(driver.used_elem(0), (0, 0));
+    }
+
+    fn replaced_eventfds_are_closed<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let setters: [fn(&V, Option<File>); 3] = [V::set_kick, V::set_call, V::set_err];
+        for set in setters {
+            let (first, first_watch) = closing_probe();
+            set(&vring, Some(first));
+            assert!(!peer_closed(&first_watch));
+            // Replacing with a fresh fd many times keeps only the newest one.
+            let mut watches = Vec::new();
+            for _ in 0..100 {
+                let (next, watch) = closing_probe();
+                set(&vring, Some(next));
+                watches.push(watch);
+            }
+            assert!(peer_closed(&first_watch));
+            let (last, older) = watches.split_last().unwrap();
+            assert!(older.iter().all(peer_closed));
+            assert!(!peer_closed(last));
+            set(&vring, None);
+            assert!(peer_closed(last));
+        }
+    }
+
+    fn reset_closes_the_eventfds<V: VringT<Mem>>() {
+        let (vring, _driver) = started::<V>();
+        let (kick, kick_watch) = closing_probe();
+        let (call, call_watch) = closing_probe();
+        let (err, err_watch) = closing_probe();
+        vring.set_kick(Some(kick));
+        vring.set_call(Some(call));
+        vring.set_err(Some(err));
+        vring.reset();
+        assert!(peer_closed(&kick_watch));
+        assert!(peer_closed(&call_watch));
+        assert!(peer_closed(&err_watch));
+    }
+
     fn new_refuses_bad_max_sizes<V: VringT<Mem>>() {
         let mem = Driver::new().mem;
         for max in [0, 3, 65535] {
@@ -999,6 +1069,9 @@ mod tests {
         log_used_covers_the_whole_used_ring,
         log_used_overflow_is_none,
         reset_returns_to_the_initial_state,
+        pops_across_the_avail_index_wrap,
+        replaced_eventfds_are_closed,
+        reset_closes_the_eventfds,
     );
 
     fn assert_send<T: Send>() {}
