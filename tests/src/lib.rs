@@ -1,1 +1,2 @@
 //! Shared test support for the vu workspace.
+pub mod proto_support;
