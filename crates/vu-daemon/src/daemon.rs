@@ -1,1 +1,591 @@
-//! daemon: being written.
+//! The daemon: [`VhostUserDaemon`] (a connection thread plus worker threads) and
+//! [`LocalDaemon`] (everything on the caller's thread), with [`ShutdownHandle`] and
+//! [`DaemonError`].
+//!
+//! # Threads of [`VhostUserDaemon`]
+//!
+//! - One *connection thread*, started by [`start`](VhostUserDaemon::start) and its siblings,
+//!   accepts a frontend and reads its messages. It waits in epoll over the socket and the
+//!   daemon's stop eventfd, so a stop is seen while it is idle; a stop also shuts the socket
+//!   down, so a frontend that stalls in the middle of a message cannot hold it (and each
+//!   message must arrive within the message timeout, see
+//!   [`set_message_timeout`](VhostUserDaemon::set_message_timeout)). Each message goes to the
+//!   session, whose reply is sent back; when the frontend goes away the session forgets the
+//!   connection (features, memory, rings) and the daemon is ready for the next frontend.
+//! - One *worker thread* per mask of the backend's `queues_per_thread()`, spawned by
+//!   [`new`](VhostUserDaemon::new) and stopped when the daemon stops or is dropped. Each waits
+//!   in its own epoll set for the kicks of its queues, the backend's exit event and the fds
+//!   the backend registered through [`get_epoll_handlers`](VhostUserDaemon::get_epoll_handlers),
+//!   and calls the backend's `handle_event` (see the `worker` module for kicks of disabled
+//!   rings and for how the connection thread waits until a worker is quiet).
+//!
+//! # Stopping
+//!
+//! The daemon stops when [`ShutdownHandle::shutdown`] is called (from any thread), when the
+//! backend writes one of its exit events, when `handle_event` returns an error or panics, or
+//! when it is dropped. [`wait`](VhostUserDaemon::wait) then returns: `Ok` for a shutdown or an
+//! exit event, the error otherwise. A stopped daemon cannot be started again.
+
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+use std::{fs::File, io};
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vu_proto::listener::Listener;
+use vu_proto::socket::Endpoint;
+use vu_vring::VringT;
+
+use crate::backend::VhostUserBackend;
+use crate::control::RingControl;
+use crate::epoll::{eventfd_fd, Poller, VringEpollHandler, SOCKET_DATA, STOP_DATA};
+use crate::session::Session;
+use crate::worker::{assign_queues, panic_message, Dispatch, Ending, Worker};
+
+mod connection;
+mod error;
+mod local;
+
+pub use error::DaemonError;
+pub use local::LocalDaemon;
+
+use connection::{accept, prepare, receive, respond, ConnEnd, StopSignal};
+
+/// How long a frontend may take to send the rest of a message once its first byte arrived
+/// (and to read a reply), unless changed with `set_message_timeout`.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The guest memory type of a backend.
+type Mem<S> = GuestMemoryAtomic<GuestMemoryMmap<<S as VhostUserBackend>::Bitmap>>;
+
+/// The session of a backend.
+type SessionOf<S> = Session<S, <S as VhostUserBackend>::Vring, <S as VhostUserBackend>::Bitmap>;
+
+/// Creates one vring per queue of `backend`.
+fn create_vrings<S: VhostUserBackend>(
+    backend: &S,
+    mem: &Mem<S>,
+) -> Result<Vec<S::Vring>, DaemonError> {
+    let num_queues = backend.num_queues();
+    let count = u16::try_from(num_queues).map_err(|_| DaemonError::TooManyQueues { num_queues })?;
+    let max_queue_size = backend.max_queue_size();
+    let size = u16::try_from(max_queue_size)
+        .map_err(|_| DaemonError::MaxQueueSizeTooLarge { max_queue_size })?;
+    (0..count)
+        .map(|queue| {
+            S::Vring::new(mem.clone(), size).map_err(|source| DaemonError::Vring {
+                queue,
+                max_queue_size,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The backend and its vrings, as the worker's dispatch sees them.
+pub(crate) struct Serving<'a, S: VhostUserBackend> {
+    pub(crate) backend: &'a S,
+    pub(crate) vrings: &'a [S::Vring],
+}
+
+impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
+    fn ring_enabled(&self, queue: u16) -> bool {
+        self.vrings
+            .get(usize::from(queue))
+            .is_some_and(|v| v.is_enabled())
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, thread: usize) -> io::Result<()> {
+        self.backend
+            .handle_event(device_event, evset, self.vrings, thread)
+    }
+}
+
+/// A duplicate of the kick eventfd currently stored in `vring`, if any.
+pub(crate) fn kick_of<S: VhostUserBackend>(vring: &S::Vring) -> io::Result<Option<File>> {
+    vring.get_ref().get_kick().map(File::try_clone).transpose()
+}
+
+fn no_such_queue(queue: u16) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("queue {queue} does not exist"),
+    )
+}
+
+/// What the connection thread and the worker threads share.
+struct Threaded<S: VhostUserBackend> {
+    backend: Arc<S>,
+    vrings: Vec<S::Vring>,
+    workers: Vec<Arc<Worker>>,
+    /// The worker of each queue.
+    owner: Vec<usize>,
+    signal: Arc<StopSignal>,
+}
+
+impl<S: VhostUserBackend> Threaded<S> {
+    fn worker_of(&self, queue: u16) -> io::Result<&Worker> {
+        self.owner
+            .get(usize::from(queue))
+            .and_then(|&w| self.workers.get(w))
+            .map(|w| &**w)
+            .ok_or_else(|| no_such_queue(queue))
+    }
+
+    fn serving(&self) -> Serving<'_, S> {
+        Serving {
+            backend: &*self.backend,
+            vrings: &self.vrings,
+        }
+    }
+
+    /// Re-arms parked kicks of rings enabled since; called after every frontend message.
+    fn rearm(&self) {
+        let serving = self.serving();
+        for w in &self.workers {
+            if let Err(e) = w.table().rearm(&w.poller, &serving) {
+                log::error!("worker {}: cannot re-arm a kick: {e}", w.index);
+            }
+        }
+    }
+}
+
+impl<S: VhostUserBackend> RingControl for &Threaded<S> {
+    fn watch_kick(&mut self, queue: u16) -> io::Result<()> {
+        let worker = self.worker_of(queue)?;
+        let vring = self
+            .vrings
+            .get(usize::from(queue))
+            .ok_or_else(|| no_such_queue(queue))?;
+        // Read the fd before taking the table: never hold a vring lock and the table at once
+        // in this order (the worker takes the table, then the vring).
+        let kick = kick_of::<S>(vring)?;
+        let mut table = worker.table();
+        match kick {
+            Some(kick) => table.watch(&worker.poller, queue, kick),
+            None => table.unwatch(&worker.poller, queue),
+        }
+    }
+
+    fn unwatch_kick(&mut self, queue: u16) -> io::Result<()> {
+        let worker = self.worker_of(queue)?;
+        let mut table = worker.table();
+        table.unwatch(&worker.poller, queue)
+    }
+
+    fn quiesce(&mut self, queue: u16) -> io::Result<()> {
+        // The worker holds its table for each whole dispatch: once we have it, none runs.
+        drop(self.worker_of(queue)?.table());
+        Ok(())
+    }
+}
+
+/// Where the connection thread gets its frontends.
+enum Source {
+    /// Accept frontends; `repeat`: one after another until stopped, else only one.
+    Listener { listener: Listener, repeat: bool },
+    /// Serve this one connection.
+    Connected(Endpoint),
+}
+
+/// A handle that stops a daemon from any thread; see [`VhostUserDaemon::shutdown_handle`].
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    signal: Arc<StopSignal>,
+}
+
+impl ShutdownHandle {
+    /// Stops the daemon: the connection thread closes the connection and returns, worker
+    /// threads return after their current dispatch, and `wait` (or `run`) returns `Ok`.
+    /// Calling it again, or after the daemon stopped, does nothing more.
+    pub fn shutdown(&self) {
+        self.signal.request();
+    }
+}
+
+type MainThread<S> = JoinHandle<(SessionOf<Arc<S>>, Result<(), DaemonError>)>;
+
+/// A vhost-user backend daemon: serves a backend to a frontend over a UNIX socket, with a
+/// connection thread and worker threads (see the module documentation).
+///
+/// The vrings are shared between threads, so `S::Vring` must be `Clone + Send + Sync`
+/// ([`VringMutex`](vu_vring::VringMutex) or [`VringRwLock`](vu_vring::VringRwLock)); for
+/// [`VringState`](vu_vring::VringState) use [`LocalDaemon`].
+pub struct VhostUserDaemon<S: VhostUserBackend> {
+    name: String,
+    shared: Arc<Threaded<S>>,
+    session: Option<SessionOf<Arc<S>>>,
+    main: Option<MainThread<S>>,
+    worker_threads: Vec<JoinHandle<()>>,
+    handlers: Vec<Arc<VringEpollHandler>>,
+    message_timeout: Option<Duration>,
+}
+
+impl<S: VhostUserBackend> std::fmt::Debug for VhostUserDaemon<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDaemon")
+            .field("name", &self.name)
+            .field("workers", &self.handlers)
+            .field("started", &self.main.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> VhostUserDaemon<S>
+where
+    S: VhostUserBackend + Send + Sync + 'static,
+    S::Vring: Clone + Send + Sync + 'static,
+    S::Bitmap: Send + Sync + 'static,
+{
+    /// Builds the daemon of `backend` over guest memory `mem`: one vring per queue
+    /// (`S::Vring::new(mem.clone(), max_queue_size)`), the session, and the worker threads
+    /// (one per mask of `queues_per_thread()`), which start waiting at once.
+    ///
+    /// `name` names the threads (`<name>-w<index>`, `<name>-conn`).
+    pub fn new(name: String, backend: S, mem: Mem<S>) -> Result<Self, DaemonError> {
+        let num_queues = backend.num_queues();
+        let threads = assign_queues(&backend.queues_per_thread(), num_queues)?;
+        let vrings = create_vrings(&backend, &mem)?;
+        let signal = Arc::new(StopSignal::new()?);
+        let backend = Arc::new(backend);
+
+        let mut owner = vec![0; num_queues];
+        let mut workers = Vec::with_capacity(threads.len());
+        let mut handlers = Vec::with_capacity(threads.len());
+        for (index, queues) in threads.into_iter().enumerate() {
+            let (consumer, notifier) = backend.exit_event(index).unzip();
+            let worker =
+                Worker::new(index, num_queues, consumer).map_err(|source| DaemonError::Io {
+                    what: "creating a worker's epoll set",
+                    source,
+                })?;
+            for &q in &queues {
+                owner[usize::from(q)] = index;
+            }
+            handlers.push(Arc::new(worker.handler(num_queues, queues, notifier)));
+            workers.push(Arc::new(worker));
+        }
+        let shared = Arc::new(Threaded {
+            backend: backend.clone(),
+            vrings: vrings.clone(),
+            workers,
+            owner,
+            signal,
+        });
+
+        let mut daemon = VhostUserDaemon {
+            name,
+            shared: shared.clone(),
+            session: Some(Session::new(backend, mem, vrings)),
+            main: None,
+            worker_threads: Vec::new(),
+            handlers,
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+        };
+        for index in 0..shared.workers.len() {
+            let shared = shared.clone();
+            let thread = thread::Builder::new()
+                .name(format!("{}-w{index}", daemon.name))
+                .spawn(move || worker_thread(&shared, index))
+                .map_err(|source| DaemonError::Io {
+                    what: "spawning a worker thread",
+                    source,
+                })?;
+            // On an early return, dropping `daemon` stops the threads spawned so far.
+            daemon.worker_threads.push(thread);
+        }
+        Ok(daemon)
+    }
+
+    /// The name given to [`new`](Self::new).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &S {
+        &self.shared.backend
+    }
+
+    /// Sets how long a frontend may take to complete a message it started (and to take a
+    /// reply); `None` waits forever. A frontend that exceeds it is disconnected. Applies to
+    /// connections accepted afterwards.
+    pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
+        self.message_timeout = timeout;
+    }
+
+    /// One epoll handler per worker thread, in thread order, through which the backend adds
+    /// its own fds to the worker's epoll set.
+    pub fn get_epoll_handlers(&self) -> Vec<Arc<VringEpollHandler>> {
+        self.handlers.clone()
+    }
+
+    /// A handle that stops the daemon from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            signal: self.shared.signal.clone(),
+        }
+    }
+
+    /// Stops the daemon (as [`ShutdownHandle::shutdown`]) without waiting.
+    pub fn request_shutdown(&self) {
+        self.shared.signal.request();
+    }
+
+    /// Serves one frontend accepted on `listener`, on the connection thread; returns at once.
+    /// [`wait`](Self::wait) returns when that frontend disconnects (or the daemon stops), after
+    /// which the daemon can be started again.
+    pub fn start(&mut self, listener: Listener) -> Result<(), DaemonError> {
+        self.spawn_main(Source::Listener {
+            listener,
+            repeat: false,
+        })
+    }
+
+    /// Serves frontends accepted on `listener` one after another (a frontend that reconnects,
+    /// as QEMU does, finds the daemon ready) until the daemon stops; returns at once.
+    pub fn start_serving(&mut self, listener: Listener) -> Result<(), DaemonError> {
+        self.spawn_main(Source::Listener {
+            listener,
+            repeat: true,
+        })
+    }
+
+    /// Client mode: connects to a frontend listening on `path` and serves that connection.
+    pub fn start_client(&mut self, path: impl AsRef<Path>) -> Result<(), DaemonError> {
+        let endpoint = Endpoint::connect(path)?;
+        self.start_connection(endpoint)
+    }
+
+    /// Serves an already connected socket (for example one inherited from a parent process
+    /// through [`Endpoint::from_fd`]).
+    pub fn start_connection(&mut self, endpoint: Endpoint) -> Result<(), DaemonError> {
+        self.spawn_main(Source::Connected(endpoint))
+    }
+
+    /// Binds `path` (replacing a stale socket left by a previous run), serves frontends one
+    /// after another, and returns when the daemon stops.
+    pub fn serve(&mut self, path: impl AsRef<Path>) -> Result<(), DaemonError> {
+        let listener = Listener::bind_replacing_stale(path)?;
+        self.start_serving(listener)?;
+        self.wait()
+    }
+
+    /// Waits for the connection thread (if started) to return, and returns why it did: `Ok`
+    /// when the frontend disconnected (single connection), or the daemon was shut down or the
+    /// backend wrote its exit event; the error of a failed worker (`handle_event` error or
+    /// panic) or of the connection otherwise. When the daemon is stopping, also waits for the
+    /// worker threads.
+    pub fn wait(&mut self) -> Result<(), DaemonError> {
+        let result = match self.main.take() {
+            None => Ok(()),
+            Some(main) => match main.join() {
+                Ok((session, result)) => {
+                    self.session = Some(session);
+                    result
+                }
+                Err(payload) => Err(DaemonError::Panicked {
+                    thread: None,
+                    message: panic_message(payload.as_ref()),
+                }),
+            },
+        };
+        if self.shared.signal.is_stopping() {
+            self.stop_workers();
+        }
+        match self.shared.signal.take_failure() {
+            Some(failure) => Err(failure),
+            None => result,
+        }
+    }
+
+    /// Stops the daemon and waits for its threads: [`request_shutdown`](Self::request_shutdown)
+    /// then [`wait`](Self::wait).
+    pub fn stop(&mut self) -> Result<(), DaemonError> {
+        self.request_shutdown();
+        self.wait()
+    }
+
+    fn spawn_main(&mut self, source: Source) -> Result<(), DaemonError> {
+        if self.main.is_some() {
+            return Err(DaemonError::AlreadyStarted);
+        }
+        if self.shared.signal.is_stopping() {
+            return Err(self
+                .shared
+                .signal
+                .take_failure()
+                .unwrap_or(DaemonError::Stopped));
+        }
+        let Some(mut session) = self.session.take() else {
+            // Only a panicked connection thread loses the session.
+            return Err(DaemonError::Stopped);
+        };
+        let shared = self.shared.clone();
+        let timeout = self.message_timeout;
+        let thread = thread::Builder::new()
+            .name(format!("{}-conn", self.name))
+            .spawn(move || {
+                let result = connection_thread(&shared, &mut session, source, timeout);
+                (session, result)
+            })
+            .map_err(|source| DaemonError::Io {
+                what: "spawning the connection thread",
+                source,
+            })?;
+        self.main = Some(thread);
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        for w in &self.shared.workers {
+            w.request_stop();
+        }
+        for thread in self.worker_threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a worker thread panicked while stopping");
+            }
+        }
+    }
+}
+
+impl<S: VhostUserBackend> Drop for VhostUserDaemon<S> {
+    fn drop(&mut self) {
+        // Our own stop events, not the backend's exit events: dropping never depends on the
+        // backend having one.
+        self.shared.signal.request();
+        if let Some(main) = self.main.take() {
+            let _ = main.join();
+        }
+        for w in &self.shared.workers {
+            w.request_stop();
+        }
+        for thread in self.worker_threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The body of worker thread `index`.
+fn worker_thread<S: VhostUserBackend>(shared: &Threaded<S>, index: usize) {
+    let Some(worker) = shared.workers.get(index) else {
+        return;
+    };
+    let serving = shared.serving();
+    let num_queues = shared.vrings.len();
+    match catch_unwind(AssertUnwindSafe(|| worker.run(num_queues, &serving))) {
+        Ok(Ok(Ending::Stopped)) => {}
+        Ok(Ok(Ending::ExitEvent)) => {
+            log::info!("worker {index}: the backend's exit event was written; stopping");
+            shared.signal.request();
+        }
+        Ok(Err(e)) => shared.signal.fail(e),
+        Err(payload) => shared.signal.fail(DaemonError::Panicked {
+            thread: Some(index),
+            message: panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// The body of the connection thread.
+fn connection_thread<S: VhostUserBackend>(
+    shared: &Threaded<S>,
+    session: &mut SessionOf<Arc<S>>,
+    source: Source,
+    timeout: Option<Duration>,
+) -> Result<(), DaemonError> {
+    match source {
+        Source::Connected(endpoint) => {
+            let end = serve_connection(shared, session, &endpoint, timeout)?;
+            single_result(end)
+        }
+        Source::Listener { listener, repeat } => loop {
+            let Some(endpoint) = accept(&listener, &shared.signal)? else {
+                return Ok(());
+            };
+            let end = serve_connection(shared, session, &endpoint, timeout)?;
+            if !repeat {
+                return single_result(end);
+            }
+            if let ConnEnd::Broken(e) = &end {
+                log::warn!("frontend connection lost: {e}; waiting for the next frontend");
+            }
+            if matches!(end, ConnEnd::Stopped) {
+                return Ok(());
+            }
+        },
+    }
+}
+
+/// What `wait` returns after the one connection a daemon served.
+fn single_result(end: ConnEnd) -> Result<(), DaemonError> {
+    match end {
+        ConnEnd::Broken(e) => Err(DaemonError::Socket(e)),
+        ConnEnd::Disconnected | ConnEnd::Closed | ConnEnd::Stopped => Ok(()),
+    }
+}
+
+/// Serves one frontend until it goes away or the daemon stops; then resets the session.
+fn serve_connection<S: VhostUserBackend>(
+    shared: &Threaded<S>,
+    session: &mut SessionOf<Arc<S>>,
+    endpoint: &Endpoint,
+    timeout: Option<Duration>,
+) -> Result<ConnEnd, DaemonError> {
+    let signal = &shared.signal;
+    shared.signal.set_connection(Some(endpoint));
+    let end = message_loop(shared, session, endpoint, timeout);
+    signal.set_connection(None);
+    session.disconnect(&mut &*shared);
+    let end = end?;
+    Ok(if signal.is_stopping() {
+        ConnEnd::Stopped
+    } else {
+        end
+    })
+}
+
+fn message_loop<S: VhostUserBackend>(
+    shared: &Threaded<S>,
+    session: &mut SessionOf<Arc<S>>,
+    endpoint: &Endpoint,
+    timeout: Option<Duration>,
+) -> Result<ConnEnd, DaemonError> {
+    if let Err(e) = prepare(endpoint, timeout) {
+        return Ok(ConnEnd::Broken(e));
+    }
+    let io_err = |what| move |source| DaemonError::Io { what, source };
+    let poller = Poller::new().map_err(io_err("creating the connection epoll set"))?;
+    poller
+        .add(endpoint.as_fd(), EventSet::IN, SOCKET_DATA)
+        .map_err(io_err("watching the connection socket"))?;
+    poller
+        .add(eventfd_fd(shared.signal.event()), EventSet::IN, STOP_DATA)
+        .map_err(io_err("watching the stop eventfd"))?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = poller
+            .wait(&mut events, None)
+            .map_err(|source| DaemonError::Epoll {
+                thread: None,
+                source,
+            })?;
+        if events[..n].iter().any(|e| e.data() == STOP_DATA) {
+            return Ok(ConnEnd::Stopped);
+        }
+        let msg = match receive(endpoint) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => continue,
+            Err(end) => return Ok(end),
+        };
+        let outcome = session.handle(msg, &mut &*shared);
+        shared.rearm();
+        if let Err(end) = respond(endpoint, outcome) {
+            return Ok(end);
+        }
+    }
+}

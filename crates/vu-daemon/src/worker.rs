@@ -1,1 +1,665 @@
-//! worker: being written.
+//! Worker threads: which thread serves which queue, the table of watched kick eventfds, the
+//! dispatch of one epoll event to the backend, and the thread loop.
+//!
+//! # Kicks and ring states
+//!
+//! A queue's kick eventfd is in its worker's epoll set from `watch_kick` to `unwatch_kick`.
+//! The worker keeps its own duplicate of the fd, so the registration stays valid (and can be
+//! removed) even after the vring's own copy was replaced or closed.
+//!
+//! When the kick fires and the ring is enabled, the worker consumes the kick and calls
+//! `handle_event(queue, ..)`. When the ring is disabled, it does *not* consume the kick: it
+//! *parks* the fd (keeps it registered with no events, so epoll stops reporting it) and leaves
+//! the counter as it is. After every frontend message the runtime re-arms the parked fds of
+//! rings that are now enabled ([`KickTable::rearm`]); epoll being level-triggered, the pending
+//! kick is then reported at once. Parking and re-arming are done under the table's mutex and
+//! the enabled flag is read under it too, so an enable that races with a park is never missed:
+//! either the worker sees the ring enabled, or the runtime, which takes the mutex after the
+//! enable, sees the fd parked.
+//!
+//! # Exclusion
+//!
+//! The worker holds its table's mutex for the whole of each dispatch (`handle_event` included).
+//! The runtime takes the same mutex to watch, unwatch and re-arm kicks, and `quiesce` is
+//! nothing more than taking and releasing it: once it is acquired no dispatch is running on
+//! that worker, and an unwatched queue can start none (the worker drops events of queues that
+//! are no longer armed).
+
+use std::any::Any;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::daemon::DaemonError;
+use crate::epoll::{eventfd_fd, new_eventfd, Poller, VringEpollHandler, STOP_DATA};
+
+/// What the dispatch of an event needs from the backend and the vrings. Kept apart from the
+/// backend trait so that one implementation of kicks serves both runtimes and unit tests.
+pub(crate) trait Dispatch {
+    /// Whether queue `queue`'s ring is enabled.
+    fn ring_enabled(&self, queue: u16) -> bool;
+    /// Calls the backend's `handle_event`.
+    fn handle_event(&self, device_event: u16, evset: EventSet, thread: usize) -> io::Result<()>;
+}
+
+/// Assigns each queue to a worker thread from the backend's `queues_per_thread()` masks.
+///
+/// Bit `i` of mask `t` puts queue `i` on thread `t`. A mask of all ones (`u64::MAX`, the
+/// default) claims *every* queue, so the default layout serves any number of queues, not only
+/// the first 64. Bits at or above `num_queues` are ignored. Returns, per thread, its queues in
+/// increasing order.
+pub(crate) fn assign_queues(
+    masks: &[u64],
+    num_queues: usize,
+) -> Result<Vec<Vec<u16>>, DaemonError> {
+    if masks.is_empty() {
+        return Err(DaemonError::NoThreads);
+    }
+    let num = u16::try_from(num_queues).map_err(|_| DaemonError::TooManyQueues { num_queues })?;
+    let mut owner: Vec<Option<usize>> = vec![None; num_queues];
+    for (thread, &mask) in masks.iter().enumerate() {
+        for queue in 0..num {
+            let claimed = mask == u64::MAX || (queue < 64 && mask & (1u64 << queue) != 0);
+            if !claimed {
+                continue;
+            }
+            let slot = &mut owner[usize::from(queue)];
+            if let Some(first) = *slot {
+                return Err(DaemonError::QueueInSeveralThreads {
+                    queue,
+                    first,
+                    second: thread,
+                });
+            }
+            *slot = Some(thread);
+        }
+    }
+    let mut threads = vec![Vec::new(); masks.len()];
+    for (queue, thread) in (0..num).zip(owner) {
+        match thread {
+            Some(t) => threads[t].push(queue),
+            None => return Err(DaemonError::QueueWithoutThread { queue }),
+        }
+    }
+    Ok(threads)
+}
+
+#[derive(Debug)]
+enum Watch {
+    /// In the epoll set, waiting for kicks.
+    Armed(File),
+    /// In the epoll set with no events: a kick arrived while the ring was disabled.
+    Parked(File),
+}
+
+/// The kick eventfds one epoll set watches, indexed by queue.
+#[derive(Debug)]
+pub(crate) struct KickTable {
+    slots: Vec<Option<Watch>>,
+    parked: usize,
+}
+
+fn data_of(queue: u16) -> u64 {
+    u64::from(queue)
+}
+
+impl KickTable {
+    pub(crate) fn new(num_queues: usize) -> Self {
+        KickTable {
+            slots: (0..num_queues).map(|_| None).collect(),
+            parked: 0,
+        }
+    }
+
+    fn slot(&mut self, queue: u16) -> io::Result<&mut Option<Watch>> {
+        self.slots.get_mut(usize::from(queue)).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("queue {queue} does not exist"),
+            )
+        })
+    }
+
+    /// Whether `queue` is watched (armed or parked).
+    #[cfg(test)]
+    pub(crate) fn is_watched(&self, queue: u16) -> bool {
+        matches!(self.slots.get(usize::from(queue)), Some(Some(_)))
+    }
+
+    /// Watches `kick` for `queue`, replacing any fd watched before.
+    pub(crate) fn watch(&mut self, poller: &Poller, queue: u16, kick: File) -> io::Result<()> {
+        self.unwatch(poller, queue)?;
+        poller.add(kick.as_fd(), EventSet::IN, data_of(queue))?;
+        *self.slot(queue)? = Some(Watch::Armed(kick));
+        Ok(())
+    }
+
+    /// Stops watching `queue`; nothing happens if it is not watched.
+    pub(crate) fn unwatch(&mut self, poller: &Poller, queue: u16) -> io::Result<()> {
+        let old = self.slot(queue)?.take();
+        let file = match old {
+            None => return Ok(()),
+            Some(Watch::Armed(f)) => f,
+            Some(Watch::Parked(f)) => {
+                self.parked -= 1;
+                f
+            }
+        };
+        poller.delete(file.as_fd())
+    }
+
+    /// Stops watching every queue.
+    pub(crate) fn unwatch_all(&mut self, poller: &Poller) -> io::Result<()> {
+        let mut result = Ok(());
+        for queue in 0..self.slots.len() {
+            if let Ok(q) = u16::try_from(queue) {
+                if let Err(e) = self.unwatch(poller, q) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Re-arms the parked kicks of rings that are now enabled.
+    pub(crate) fn rearm(&mut self, poller: &Poller, d: &dyn Dispatch) -> io::Result<()> {
+        if self.parked == 0 {
+            return Ok(());
+        }
+        for (queue, slot) in self.slots.iter_mut().enumerate() {
+            let Ok(q) = u16::try_from(queue) else { break };
+            if !matches!(slot, Some(Watch::Parked(_))) || !d.ring_enabled(q) {
+                continue;
+            }
+            if let Some(Watch::Parked(file)) = slot.take() {
+                let armed = poller.modify(file.as_fd(), EventSet::IN, data_of(q));
+                // Keep the fd either way: it is still registered and must be removable.
+                *slot = Some(Watch::Armed(file));
+                self.parked -= 1;
+                armed?;
+            }
+        }
+        Ok(())
+    }
+
+    fn park(&mut self, poller: &Poller, queue: u16) -> io::Result<()> {
+        let slot = self.slot(queue)?;
+        if let Some(Watch::Armed(file)) = slot.take() {
+            let disarmed = poller.modify(file.as_fd(), EventSet::empty(), data_of(queue));
+            *slot = Some(Watch::Parked(file));
+            self.parked += 1;
+            disarmed?;
+        }
+        Ok(())
+    }
+
+    /// Handles a readiness event of `queue`'s kick.
+    pub(crate) fn kick(
+        &mut self,
+        poller: &Poller,
+        queue: u16,
+        evset: EventSet,
+        d: &dyn Dispatch,
+        thread: usize,
+    ) -> Result<(), DaemonError> {
+        let kick_err = |source| DaemonError::Kick { queue, source };
+        let file = match self.slots.get(usize::from(queue)) {
+            Some(Some(Watch::Armed(file))) => file,
+            // An event read from epoll before the queue was unwatched or parked: drop it.
+            _ => return Ok(()),
+        };
+        if !d.ring_enabled(queue) {
+            return self.park(poller, queue).map_err(kick_err);
+        }
+        take_kick(file).map_err(kick_err)?;
+        call_backend(d, queue, evset, thread)
+    }
+}
+
+/// Consumes an eventfd's counter; an empty counter (another reader was first) is not an error.
+fn take_kick(mut file: &File) -> io::Result<()> {
+    let mut buf = [0u8; 8];
+    loop {
+        match file.read(&mut buf) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Calls the backend, turning an error or a panic into a [`DaemonError`].
+pub(crate) fn call_backend(
+    d: &dyn Dispatch,
+    device_event: u16,
+    evset: EventSet,
+    thread: usize,
+) -> Result<(), DaemonError> {
+    match catch_unwind(AssertUnwindSafe(|| {
+        d.handle_event(device_event, evset, thread)
+    })) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(DaemonError::HandleEvent {
+            thread,
+            device_event,
+            source,
+        }),
+        Err(payload) => Err(DaemonError::BackendPanicked {
+            thread,
+            device_event,
+            message: panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// Why a worker loop ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The daemon asked it to stop.
+    Stopped,
+    /// The backend wrote its exit event.
+    ExitEvent,
+}
+
+/// The part of a worker shared between its thread and the runtime.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) index: usize,
+    pub(crate) poller: Arc<Poller>,
+    stop: EventFd,
+    table: Mutex<KickTable>,
+    /// The backend's exit event for this thread, kept open while it is in the epoll set.
+    _exit: Option<EventConsumer>,
+}
+
+impl Worker {
+    /// Creates the epoll set of worker `index` with its stop event and, if the backend gave
+    /// one, its exit event (tagged `num_queues`).
+    pub(crate) fn new(
+        index: usize,
+        num_queues: usize,
+        exit: Option<EventConsumer>,
+    ) -> io::Result<Self> {
+        let poller = Poller::new()?;
+        let stop = new_eventfd()?;
+        poller.add(eventfd_fd(&stop), EventSet::IN, STOP_DATA)?;
+        if let Some(exit) = &exit {
+            // SAFETY: `exit` owns its fd (it is a `File` inside) and outlives this call; epoll
+            // keeps its own reference to the open file, not to the borrow.
+            let fd = unsafe {
+                std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(exit))
+            };
+            poller.add(fd, EventSet::IN, num_queues as u64)?;
+        }
+        Ok(Worker {
+            index,
+            poller: Arc::new(poller),
+            stop,
+            table: Mutex::new(KickTable::new(num_queues)),
+            _exit: exit,
+        })
+    }
+
+    /// The handle a backend uses to add its fds to this worker's epoll set.
+    pub(crate) fn handler(
+        &self,
+        num_queues: usize,
+        queues: Vec<u16>,
+        exit: Option<EventNotifier>,
+    ) -> VringEpollHandler {
+        VringEpollHandler::new(self.poller.clone(), num_queues, self.index, queues, exit)
+    }
+
+    /// Locks the kick table; while the guard lives, this worker dispatches nothing.
+    pub(crate) fn table(&self) -> MutexGuard<'_, KickTable> {
+        // A panic while the table is locked leaves it consistent (every method restores its
+        // invariants before any fallible call), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the thread to return; it does so before its next dispatch.
+    pub(crate) fn request_stop(&self) {
+        if let Err(e) = self.stop.write(1) {
+            log::error!("cannot wake worker {} to stop it: {e}", self.index);
+        }
+    }
+
+    /// The thread loop: waits for events and dispatches them until stopped, the backend's exit
+    /// event fires, or dispatch fails.
+    pub(crate) fn run(&self, num_queues: usize, d: &dyn Dispatch) -> Result<Ending, DaemonError> {
+        let mut events = vec![EpollEvent::default(); 64];
+        let exit_data = num_queues as u64;
+        loop {
+            let n = self
+                .poller
+                .wait(&mut events, None)
+                .map_err(|source| DaemonError::Epoll {
+                    thread: Some(self.index),
+                    source,
+                })?;
+            for event in &events[..n] {
+                let data = event.data();
+                let evset = event.event_set();
+                if data == STOP_DATA {
+                    return Ok(Ending::Stopped);
+                }
+                if data == exit_data {
+                    return Ok(Ending::ExitEvent);
+                }
+                self.dispatch(data, evset, num_queues, d)?;
+            }
+        }
+    }
+
+    fn dispatch(
+        &self,
+        data: u64,
+        evset: EventSet,
+        num_queues: usize,
+        d: &dyn Dispatch,
+    ) -> Result<(), DaemonError> {
+        let mut table = self.table();
+        match u16::try_from(data) {
+            Ok(queue) if usize::from(queue) < num_queues => {
+                table.kick(&self.poller, queue, evset, d, self.index)
+            }
+            Ok(device_event) => call_backend(d, device_event, evset, self.index),
+            Err(_) => {
+                log::warn!("worker {}: ignoring unknown epoll data {data}", self.index);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn default_mask_puts_every_queue_on_one_thread() {
+        let threads = assign_queues(&[u64::MAX], 3).unwrap();
+        assert_eq!(threads, vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn default_mask_serves_more_than_64_queues() {
+        let threads = assign_queues(&[u64::MAX], 100).unwrap();
+        assert_eq!(threads[0].len(), 100);
+        assert_eq!(threads[0][99], 99);
+    }
+
+    #[test]
+    fn masks_split_queues_between_threads() {
+        let threads = assign_queues(&[0b0101, 0b1010], 4).unwrap();
+        assert_eq!(threads, vec![vec![0, 2], vec![1, 3]]);
+    }
+
+    #[test]
+    fn bits_above_num_queues_are_ignored() {
+        let threads = assign_queues(&[0xffff_ffff], 2).unwrap();
+        assert_eq!(threads, vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn queue_in_no_thread_is_refused() {
+        let err = assign_queues(&[0xffff_ffff], 40).unwrap_err();
+        assert!(matches!(err, DaemonError::QueueWithoutThread { queue: 32 }));
+    }
+
+    #[test]
+    fn queue_in_two_threads_is_refused() {
+        let err = assign_queues(&[0b11, 0b10], 2).unwrap_err();
+        assert!(matches!(
+            err,
+            DaemonError::QueueInSeveralThreads {
+                queue: 1,
+                first: 0,
+                second: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn no_mask_is_refused() {
+        assert!(matches!(
+            assign_queues(&[], 1).unwrap_err(),
+            DaemonError::NoThreads
+        ));
+    }
+
+    #[test]
+    fn thread_without_queue_is_allowed() {
+        let threads = assign_queues(&[0b1, 0], 1).unwrap();
+        assert_eq!(threads, vec![vec![0], vec![]]);
+    }
+
+    /// A dispatch double: rings enabled per flag, records calls, fails or panics on demand.
+    struct Recorder {
+        enabled: Vec<Cell<bool>>,
+        calls: RefCell<Vec<u16>>,
+        fail: Cell<bool>,
+        panic: Cell<bool>,
+    }
+
+    impl Recorder {
+        fn new(n: usize) -> Self {
+            Recorder {
+                enabled: (0..n).map(|_| Cell::new(true)).collect(),
+                calls: RefCell::new(Vec::new()),
+                fail: Cell::new(false),
+                panic: Cell::new(false),
+            }
+        }
+    }
+
+    impl Dispatch for Recorder {
+        fn ring_enabled(&self, queue: u16) -> bool {
+            self.enabled[usize::from(queue)].get()
+        }
+        fn handle_event(&self, device_event: u16, _: EventSet, _: usize) -> io::Result<()> {
+            if self.panic.get() {
+                panic!("backend bug");
+            }
+            self.calls.borrow_mut().push(device_event);
+            if self.fail.get() {
+                return Err(io::Error::other("device broke"));
+            }
+            Ok(())
+        }
+    }
+
+    fn eventfd_file() -> (File, File) {
+        let e = new_eventfd().unwrap();
+        // SAFETY: `into_raw_fd` gives up ownership of a valid, open eventfd fd, which the
+        // `File` now owns alone.
+        let f = unsafe {
+            <File as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(e))
+        };
+        let dup = f.try_clone().unwrap();
+        (f, dup)
+    }
+
+    fn write_kick(mut f: &File) {
+        use std::io::Write;
+        f.write_all(&1u64.to_ne_bytes()).unwrap();
+    }
+
+    /// Counter of an eventfd, consumed.
+    fn counter(mut f: &File) -> u64 {
+        let mut b = [0u8; 8];
+        match f.read(&mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    /// Runs one round of epoll dispatch without blocking.
+    fn pump(w: &Worker, d: &dyn Dispatch) -> Result<usize, DaemonError> {
+        let mut events = vec![EpollEvent::default(); 8];
+        let n = w.poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
+        for e in &events[..n] {
+            w.dispatch(e.data(), e.event_set(), 2, d)?;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn kick_on_enabled_ring_is_consumed_and_dispatched() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 1, kick).unwrap();
+        write_kick(&driver);
+        assert_eq!(pump(&w, &d).unwrap(), 1);
+        assert_eq!(*d.calls.borrow(), vec![1]);
+        assert_eq!(counter(&driver), 0);
+    }
+
+    #[test]
+    fn kick_on_disabled_ring_is_kept_until_enabled() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        d.enabled[0].set(false);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, kick).unwrap();
+        write_kick(&driver);
+        pump(&w, &d).unwrap();
+        assert!(d.calls.borrow().is_empty());
+        // Parked: no more events, the counter untouched.
+        assert_eq!(pump(&w, &d).unwrap(), 0);
+        d.enabled[0].set(true);
+        w.table().rearm(&w.poller, &d).unwrap();
+        pump(&w, &d).unwrap();
+        assert_eq!(*d.calls.borrow(), vec![0]);
+        assert_eq!(counter(&driver), 0);
+    }
+
+    #[test]
+    fn rearm_leaves_disabled_rings_parked() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        d.enabled[0].set(false);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, kick).unwrap();
+        write_kick(&driver);
+        pump(&w, &d).unwrap();
+        w.table().rearm(&w.poller, &d).unwrap();
+        assert_eq!(pump(&w, &d).unwrap(), 0);
+        assert_eq!(counter(&driver), 1);
+    }
+
+    #[test]
+    fn unwatched_kick_is_not_dispatched() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, kick).unwrap();
+        w.table().unwatch(&w.poller, 0).unwrap();
+        write_kick(&driver);
+        assert_eq!(pump(&w, &d).unwrap(), 0);
+        assert!(!w.table().is_watched(0));
+    }
+
+    #[test]
+    fn stale_event_after_unwatch_is_dropped() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        // An event read from epoll for a queue that is not (or no longer) watched.
+        w.dispatch(1, EventSet::IN, 2, &d).unwrap();
+        assert!(d.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn watching_again_replaces_the_old_fd() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let (old, old_driver) = eventfd_file();
+        let (new, new_driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, old).unwrap();
+        w.table().watch(&w.poller, 0, new).unwrap();
+        write_kick(&old_driver);
+        assert_eq!(pump(&w, &d).unwrap(), 0);
+        write_kick(&new_driver);
+        assert_eq!(pump(&w, &d).unwrap(), 1);
+    }
+
+    #[test]
+    fn device_event_reaches_the_backend() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        w.dispatch(3, EventSet::IN, 2, &d).unwrap();
+        assert_eq!(*d.calls.borrow(), vec![3]);
+    }
+
+    #[test]
+    fn backend_error_is_reported_with_its_event() {
+        let w = Worker::new(4, 2, None).unwrap();
+        let d = Recorder::new(2);
+        d.fail.set(true);
+        let err = w.dispatch(5, EventSet::IN, 2, &d).unwrap_err();
+        assert!(matches!(
+            err,
+            DaemonError::HandleEvent {
+                thread: 4,
+                device_event: 5,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn backend_panic_is_caught_and_reported() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        d.panic.set(true);
+        let err = w.dispatch(3, EventSet::IN, 2, &d).unwrap_err();
+        match err {
+            DaemonError::BackendPanicked { message, .. } => assert_eq!(message, "backend bug"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The table is still usable.
+        assert!(!w.table().is_watched(0));
+    }
+
+    #[test]
+    fn stop_event_ends_the_loop() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        w.request_stop();
+        assert_eq!(w.run(2, &d).unwrap(), Ending::Stopped);
+    }
+
+    #[test]
+    fn exit_event_ends_the_loop() {
+        let (consumer, notifier) = vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK,
+        )
+        .unwrap();
+        let w = Worker::new(0, 2, Some(consumer)).unwrap();
+        let d = Recorder::new(2);
+        notifier.notify().unwrap();
+        assert_eq!(w.run(2, &d).unwrap(), Ending::ExitEvent);
+    }
+}

@@ -1,0 +1,202 @@
+//! What both runtimes do with a frontend connection: wait for a frontend while watching the
+//! stop event, read one message, send one reply; and the stop signal they share.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vu_proto::listener::Listener;
+use vu_proto::message::RawMessage;
+use vu_proto::socket::{Endpoint, SocketError};
+
+use crate::daemon::DaemonError;
+use crate::epoll::{eventfd_fd, new_eventfd, Poller, SOCKET_DATA, STOP_DATA};
+use crate::session::Outcome;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a plain store or take, so a poisoned lock holds a
+    // consistent value.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The daemon's "stop now" flag, shared by the daemon, its threads and its shutdown handles.
+///
+/// Its eventfd is written once and never read, so it stays readable: every epoll set that
+/// contains it (each worker's does not; the connection thread's does) sees it at once and
+/// forever after.
+#[derive(Debug)]
+pub(crate) struct StopSignal {
+    event: EventFd,
+    stopping: AtomicBool,
+    failures: Mutex<Vec<DaemonError>>,
+    /// A duplicate of the connection being served, shut down on stop so that a thread blocked
+    /// reading a message (a frontend that stalls mid-message) returns at once.
+    connection: Mutex<Option<UnixStream>>,
+}
+
+impl StopSignal {
+    pub(crate) fn new() -> Result<Self, DaemonError> {
+        Ok(StopSignal {
+            event: new_eventfd().map_err(|source| DaemonError::Io {
+                what: "creating the daemon's stop eventfd",
+                source,
+            })?,
+            stopping: AtomicBool::new(false),
+            failures: Mutex::new(Vec::new()),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// The eventfd that becomes readable on stop.
+    pub(crate) fn event(&self) -> &EventFd {
+        &self.event
+    }
+
+    /// Whether a stop was requested.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Requests a stop: wakes the connection thread and cuts the connection being served.
+    pub(crate) fn request(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.event.write(1) {
+            log::error!("cannot write the daemon's stop eventfd: {e}");
+        }
+        if let Some(conn) = lock(&self.connection).as_ref() {
+            // Wakes a blocked read with end-of-file; the frontend sees the connection close.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Records `error` (the first one is what `wait` returns) and requests a stop.
+    pub(crate) fn fail(&self, error: DaemonError) {
+        log::error!("{error}; stopping the daemon");
+        lock(&self.failures).push(error);
+        self.request();
+    }
+
+    /// Takes the first recorded failure, logging the others.
+    pub(crate) fn take_failure(&self) -> Option<DaemonError> {
+        let mut failures = std::mem::take(&mut *lock(&self.failures)).into_iter();
+        let first = failures.next();
+        for other in failures {
+            log::error!("(also) {other}");
+        }
+        first
+    }
+
+    /// Records the connection being served (or none), so that a stop can cut it.
+    pub(crate) fn set_connection(&self, endpoint: Option<&Endpoint>) {
+        let dup = endpoint.and_then(|e| e.stream().try_clone().ok());
+        *lock(&self.connection) = dup;
+        // A stop requested just before the connection was recorded must still cut it.
+        if self.is_stopping() {
+            if let Some(conn) = lock(&self.connection).as_ref() {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Why serving a connection ended.
+#[derive(Debug)]
+pub(crate) enum ConnEnd {
+    /// The frontend closed the connection between two messages.
+    Disconnected,
+    /// The session asked to close it.
+    Closed,
+    /// The socket failed, or the frontend broke the protocol framing or stalled.
+    Broken(SocketError),
+    /// The daemon is stopping.
+    Stopped,
+}
+
+/// Prepares an accepted or connected socket for serving: blocking, with a per-message timeout.
+pub(crate) fn prepare(endpoint: &Endpoint, timeout: Option<Duration>) -> Result<(), SocketError> {
+    endpoint.set_nonblocking(false)?;
+    endpoint.set_read_timeout(timeout)?;
+    endpoint.set_write_timeout(timeout)
+}
+
+/// Reads one message once the socket is readable. `Ok(None)`: nothing to read after all.
+pub(crate) fn receive(endpoint: &Endpoint) -> Result<Option<RawMessage>, ConnEnd> {
+    match endpoint.recv_message() {
+        Ok(msg) => Ok(Some(msg)),
+        Err(SocketError::Disconnected) => Err(ConnEnd::Disconnected),
+        Err(SocketError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+        {
+            // Nothing of a message was consumed (see `SocketError::Io`).
+            Ok(None)
+        }
+        Err(e) => Err(ConnEnd::Broken(e)),
+    }
+}
+
+/// Sends the reply of `outcome`, if any; then says whether to go on.
+pub(crate) fn respond(endpoint: &Endpoint, outcome: Outcome) -> Result<(), ConnEnd> {
+    if let Some(reply) = outcome.reply {
+        let fds: Vec<_> = reply.fds.iter().map(|f| f.as_fd()).collect();
+        endpoint
+            .send_message(&reply.header, &reply.body, &fds)
+            .map_err(ConnEnd::Broken)?;
+    }
+    if outcome.close {
+        return Err(ConnEnd::Closed);
+    }
+    Ok(())
+}
+
+/// Waits for a frontend on `listener`, or for the stop signal (`Ok(None)`).
+pub(crate) fn accept(
+    listener: &Listener,
+    stop: &StopSignal,
+) -> Result<Option<Endpoint>, DaemonError> {
+    let io_err = |what| move |source| DaemonError::Io { what, source };
+    listener
+        .set_nonblocking(true)
+        .map_err(DaemonError::Socket)?;
+    let poller = Poller::new().map_err(io_err("creating the accept epoll set"))?;
+    poller
+        .add(listener.as_fd(), EventSet::IN, SOCKET_DATA)
+        .map_err(io_err("watching the listening socket"))?;
+    poller
+        .add(eventfd_fd(stop.event()), EventSet::IN, STOP_DATA)
+        .map_err(io_err("watching the stop eventfd"))?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        if stop.is_stopping() {
+            return Ok(None);
+        }
+        let n = poller
+            .wait(&mut events, None)
+            .map_err(|source| DaemonError::Epoll {
+                thread: None,
+                source,
+            })?;
+        if events[..n].iter().any(|e| e.data() == STOP_DATA) {
+            return Ok(None);
+        }
+        match listener.accept() {
+            Ok(endpoint) => return Ok(Some(endpoint)),
+            Err(SocketError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(DaemonError::Socket(e)),
+        }
+    }
+}

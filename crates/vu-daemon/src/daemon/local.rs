@@ -1,0 +1,402 @@
+//! [`LocalDaemon`]: the whole daemon on the caller's thread, with one epoll set.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::event::EventConsumer;
+use vu_proto::listener::Listener;
+use vu_proto::socket::{Endpoint, SocketError};
+
+use super::connection::{prepare, receive, respond, ConnEnd, StopSignal};
+use super::{
+    create_vrings, kick_of, single_result, DaemonError, Mem, Serving, SessionOf, ShutdownHandle,
+    DEFAULT_MESSAGE_TIMEOUT,
+};
+use crate::backend::VhostUserBackend;
+use crate::control::RingControl;
+use crate::epoll::{eventfd_fd, Poller, VringEpollHandler, SOCKET_DATA, STOP_DATA};
+use crate::session::Session;
+use crate::worker::{call_backend, KickTable};
+
+/// The data value of the listening socket in the epoll set.
+const LISTENER_DATA: u64 = u64::MAX - 2;
+
+/// A ring operation the session asked for while handling a message, applied right after
+/// (the session holds the vrings while it handles the message, and on one thread nothing
+/// dispatches in between, so "quiesce" always holds).
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Watch(u16),
+    Unwatch(u16),
+}
+
+#[derive(Debug, Default)]
+struct Deferred {
+    ops: Vec<Op>,
+}
+
+impl RingControl for Deferred {
+    fn watch_kick(&mut self, queue: u16) -> std::io::Result<()> {
+        self.ops.push(Op::Watch(queue));
+        Ok(())
+    }
+
+    fn unwatch_kick(&mut self, queue: u16) -> std::io::Result<()> {
+        self.ops.push(Op::Unwatch(queue));
+        Ok(())
+    }
+
+    fn quiesce(&mut self, _queue: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A single-threaded vhost-user daemon: the frontend's messages, the queues' kicks and the
+/// backend's own fds are all served by one epoll loop on the thread that calls
+/// [`run`](Self::run).
+///
+/// Nothing is shared between threads, so the backend needs neither `Send` nor `Sync` and the
+/// vrings can be [`VringState`](vu_vring::VringState), which takes no lock. `handle_event`
+/// always gets `thread_id` 0; `queues_per_thread()` is not consulted. A long `handle_event`
+/// delays the frontend's messages, which is the price of having no threads.
+pub struct LocalDaemon<S: VhostUserBackend> {
+    name: String,
+    session: SessionOf<S>,
+    poller: Arc<Poller>,
+    table: KickTable,
+    signal: Arc<StopSignal>,
+    handler: Arc<VringEpollHandler>,
+    _exit: Option<EventConsumer>,
+    message_timeout: Option<Duration>,
+}
+
+impl<S: VhostUserBackend> std::fmt::Debug for LocalDaemon<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDaemon")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: VhostUserBackend> LocalDaemon<S> {
+    /// Builds the daemon of `backend` over guest memory `mem`, with one vring per queue.
+    /// Nothing runs until [`run`](Self::run) or one of its siblings is called.
+    pub fn new(name: String, backend: S, mem: Mem<S>) -> Result<Self, DaemonError> {
+        let num_queues = backend.num_queues();
+        let vrings = create_vrings(&backend, &mem)?;
+        let queues = (0..num_queues)
+            .map(u16::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| DaemonError::TooManyQueues { num_queues })?;
+        let signal = Arc::new(StopSignal::new()?);
+        let io_err = |what| move |source| DaemonError::Io { what, source };
+        let poller = Arc::new(Poller::new().map_err(io_err("creating the epoll set"))?);
+        poller
+            .add(eventfd_fd(signal.event()), EventSet::IN, STOP_DATA)
+            .map_err(io_err("watching the stop eventfd"))?;
+        let (consumer, notifier) = backend.exit_event(0).unzip();
+        if let Some(exit) = &consumer {
+            // SAFETY: `exit` owns its fd and is kept in `self._exit` for as long as the epoll
+            // set exists; the borrow does not outlive this statement.
+            let fd = unsafe {
+                std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(exit))
+            };
+            poller
+                .add(fd, EventSet::IN, num_queues as u64)
+                .map_err(io_err("watching the backend's exit event"))?;
+        }
+        let handler = Arc::new(VringEpollHandler::new(
+            poller.clone(),
+            num_queues,
+            0,
+            queues,
+            notifier,
+        ));
+        Ok(LocalDaemon {
+            name,
+            session: Session::new(backend, mem, vrings),
+            poller,
+            table: KickTable::new(num_queues),
+            signal,
+            handler,
+            _exit: consumer,
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+        })
+    }
+
+    /// The name given to [`new`](Self::new).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &S {
+        self.session.backend()
+    }
+
+    /// The vrings, one per queue.
+    pub fn vrings(&self) -> &[S::Vring] {
+        self.session.vrings()
+    }
+
+    /// Sets how long a frontend may take to complete a message it started; `None` waits
+    /// forever. A frontend that exceeds it is disconnected.
+    pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
+        self.message_timeout = timeout;
+    }
+
+    /// The epoll handler of the one thread, to add the backend's own fds.
+    pub fn epoll_handler(&self) -> Arc<VringEpollHandler> {
+        self.handler.clone()
+    }
+
+    /// A handle that stops [`run`](Self::run) from another thread (or from `handle_event`).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            signal: self.signal.clone(),
+        }
+    }
+
+    /// Serves frontends accepted on `listener`, one after another, until the daemon is shut
+    /// down or the backend writes its exit event (`Ok`), or `handle_event` fails (`Err`).
+    pub fn run(&mut self, listener: &Listener) -> Result<(), DaemonError> {
+        listener.set_nonblocking(true)?;
+        self.run_loop(Some(listener), None)
+    }
+
+    /// Serves one connected frontend until it goes away (`Ok`, or `Err` if the connection
+    /// broke), the daemon is shut down, or `handle_event` fails.
+    pub fn run_connection(&mut self, endpoint: Endpoint) -> Result<(), DaemonError> {
+        self.run_loop(None, Some(endpoint))
+    }
+
+    /// Client mode: connects to a frontend listening on `path` and serves that connection.
+    pub fn run_client(&mut self, path: impl AsRef<Path>) -> Result<(), DaemonError> {
+        let endpoint = Endpoint::connect(path)?;
+        self.run_connection(endpoint)
+    }
+
+    /// Binds `path` (replacing a stale socket) and [`run`](Self::run)s.
+    pub fn serve(&mut self, path: impl AsRef<Path>) -> Result<(), DaemonError> {
+        let listener = Listener::bind_replacing_stale(path)?;
+        self.run(&listener)
+    }
+
+    fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> DaemonError {
+        move |source| DaemonError::Io { what, source }
+    }
+
+    fn open_connection(&mut self, endpoint: &Endpoint) -> Result<(), DaemonError> {
+        prepare(endpoint, self.message_timeout)?;
+        self.poller
+            .add(endpoint.as_fd(), EventSet::IN, SOCKET_DATA)
+            .map_err(Self::io_err("watching the connection socket"))?;
+        self.signal.set_connection(Some(endpoint));
+        Ok(())
+    }
+
+    fn close_connection(&mut self, endpoint: &Endpoint) {
+        self.signal.set_connection(None);
+        if let Err(e) = self.poller.delete(endpoint.as_fd()) {
+            log::warn!("cannot remove the connection socket from the epoll set: {e}");
+        }
+        let mut ctl = Deferred::default();
+        self.session.disconnect(&mut ctl);
+        self.apply(ctl);
+        // Whatever the session did, nothing of this connection stays watched.
+        if let Err(e) = self.table.unwatch_all(&self.poller) {
+            log::warn!("cannot unwatch a kick: {e}");
+        }
+    }
+
+    fn apply(&mut self, ctl: Deferred) {
+        for op in ctl.ops {
+            let result = match op {
+                Op::Watch(q) => match self.session.vrings().get(usize::from(q)).map(kick_of::<S>) {
+                    Some(Ok(Some(kick))) => self.table.watch(&self.poller, q, kick),
+                    Some(Ok(None)) | None => self.table.unwatch(&self.poller, q),
+                    Some(Err(e)) => Err(e),
+                },
+                Op::Unwatch(q) => self.table.unwatch(&self.poller, q),
+            };
+            if let Err(e) = result {
+                log::error!("{op:?} failed: {e}");
+            }
+        }
+    }
+
+    /// Reads and handles one message.
+    fn message(&mut self, endpoint: &Endpoint) -> Result<(), ConnEnd> {
+        let Some(msg) = receive(endpoint)? else {
+            return Ok(());
+        };
+        let mut ctl = Deferred::default();
+        let outcome = self.session.handle(msg, &mut ctl);
+        self.apply(ctl);
+        let serving = Serving {
+            backend: self.session.backend(),
+            vrings: self.session.vrings(),
+        };
+        if let Err(e) = self.table.rearm(&self.poller, &serving) {
+            log::error!("cannot re-arm a kick: {e}");
+        }
+        respond(endpoint, outcome)
+    }
+
+    fn run_loop(
+        &mut self,
+        listener: Option<&Listener>,
+        mut conn: Option<Endpoint>,
+    ) -> Result<(), DaemonError> {
+        if self.signal.is_stopping() {
+            return Err(DaemonError::Stopped);
+        }
+        let single = conn.is_some();
+        let mut listening = false;
+        if let Some(endpoint) = &conn {
+            if let Err(e) = self.open_connection(endpoint) {
+                self.signal.set_connection(None);
+                return Err(e);
+            }
+        } else if let Some(l) = listener {
+            self.poller
+                .add(l.as_fd(), EventSet::IN, LISTENER_DATA)
+                .map_err(Self::io_err("watching the listening socket"))?;
+            listening = true;
+        }
+        let num_queues = self.session.vrings().len() as u64;
+        let mut events = vec![EpollEvent::default(); 64];
+        let result = 'serve: loop {
+            let n = match self.poller.wait(&mut events, None) {
+                Ok(n) => n,
+                Err(source) => {
+                    break 'serve Err(DaemonError::Epoll {
+                        thread: None,
+                        source,
+                    })
+                }
+            };
+            for event in &events[..n] {
+                let data = event.data();
+                let evset = event.event_set();
+                match data {
+                    STOP_DATA => break 'serve Ok(()),
+                    d if d == num_queues => {
+                        log::info!("the backend's exit event was written; stopping");
+                        break 'serve Ok(());
+                    }
+                    LISTENER_DATA => {
+                        let (Some(l), None) = (listener, &conn) else {
+                            continue;
+                        };
+                        let endpoint = match l.accept() {
+                            Ok(endpoint) => endpoint,
+                            Err(SocketError::Io(e))
+                                if e.kind() == std::io::ErrorKind::WouldBlock =>
+                            {
+                                continue
+                            }
+                            Err(e) => break 'serve Err(DaemonError::Socket(e)),
+                        };
+                        if let Err(e) = self.poller.delete(l.as_fd()) {
+                            break 'serve Err(DaemonError::Io {
+                                what: "pausing the listening socket",
+                                source: e,
+                            });
+                        }
+                        listening = false;
+                        match self.open_connection(&endpoint) {
+                            Ok(()) => conn = Some(endpoint),
+                            Err(e) => {
+                                log::warn!("cannot serve the frontend: {e}");
+                                self.signal.set_connection(None);
+                            }
+                        }
+                        if conn.is_none() {
+                            if let Err(e) = self.poller.add(l.as_fd(), EventSet::IN, LISTENER_DATA)
+                            {
+                                break 'serve Err(DaemonError::Io {
+                                    what: "watching the listening socket",
+                                    source: e,
+                                });
+                            }
+                            listening = true;
+                        }
+                    }
+                    SOCKET_DATA => {
+                        let Some(endpoint) = conn.take() else {
+                            continue;
+                        };
+                        let end = match self.message(&endpoint) {
+                            Ok(()) => {
+                                conn = Some(endpoint);
+                                continue;
+                            }
+                            Err(end) => end,
+                        };
+                        self.close_connection(&endpoint);
+                        if self.signal.is_stopping() {
+                            break 'serve Ok(());
+                        }
+                        if single {
+                            break 'serve single_result(end);
+                        }
+                        if let ConnEnd::Broken(e) = &end {
+                            log::warn!(
+                                "frontend connection lost: {e}; waiting for the next frontend"
+                            );
+                        }
+                        if let Some(l) = listener {
+                            if let Err(e) = self.poller.add(l.as_fd(), EventSet::IN, LISTENER_DATA)
+                            {
+                                break 'serve Err(DaemonError::Io {
+                                    what: "watching the listening socket",
+                                    source: e,
+                                });
+                            }
+                            listening = true;
+                        }
+                    }
+                    d if d < num_queues => {
+                        let Ok(queue) = u16::try_from(d) else {
+                            continue;
+                        };
+                        let serving = Serving {
+                            backend: self.session.backend(),
+                            vrings: self.session.vrings(),
+                        };
+                        if let Err(e) = self.table.kick(&self.poller, queue, evset, &serving, 0) {
+                            break 'serve Err(e);
+                        }
+                    }
+                    d => {
+                        let Ok(device_event) = u16::try_from(d) else {
+                            log::warn!("ignoring unknown epoll data {d}");
+                            continue;
+                        };
+                        let serving = Serving {
+                            backend: self.session.backend(),
+                            vrings: self.session.vrings(),
+                        };
+                        if let Err(e) = call_backend(&serving, device_event, evset, 0) {
+                            break 'serve Err(e);
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(endpoint) = conn.take() {
+            self.close_connection(&endpoint);
+        }
+        if let (true, Some(l)) = (listening, listener) {
+            let _ = self.poller.delete(l.as_fd());
+        }
+        if let Err(e) = &result {
+            log::error!("{e}; stopping");
+        }
+        result
+    }
+}
