@@ -1,4 +1,220 @@
-//! vu-backend: being written; see the crate description.
+//! vu-backend: write a vhost-user device backend with one dependency.
+//!
+//! # What it is
+//!
+//! A vhost-user backend is a process that implements a virtio device (a block device, a
+//! network card, a random number generator...) for a virtual machine whose monitor (QEMU,
+//! cloud-hypervisor, crosvm: the *frontend*) talks to it over a UNIX socket. The frontend
+//! shares the guest's memory and the virtqueues' eventfds; the backend reads requests from
+//! the queues and writes the answers back, without the monitor on the data path.
+//!
+//! This crate is the front door of the `vu` framework. It holds no logic: it re-exports what
+//! a device author needs from the framework's crates (the backend traits and the daemon from
+//! `vu-daemon`, the vrings from `vu-vring`, the dirty-log bitmap from `vu-mem`, the feature
+//! words and the backend channel from `vu-proto`) and from the crates whose types appear in
+//! those APIs (`vm-memory`, `virtio-queue`, `vmm-sys-util`), at the versions the framework
+//! was built with. `use vu_backend::prelude::*;` brings the usual names into scope.
+//!
+//! # What it is not
+//!
+//! It is not a device: no virtio device is implemented here. It is not the frontend side of
+//! the protocol either (see `vu_proto::frontend`).
+//!
+//! # Walk-through
+//!
+//! 1. **Describe the device.** Implement [`VhostUserBackendMut`] (methods take `&mut self`;
+//!    hand the daemon an `Arc<RwLock<_>>` or `Arc<Mutex<_>>` of it) or [`VhostUserBackend`]
+//!    (methods take `&self`, for a device with its own interior mutability). Say how many
+//!    queues it has and how large they may be, which virtio and vhost-user protocol features
+//!    it offers, and pick two types:
+//!    - `Bitmap`: `()` if the device does not support live migration, [`LogBitmap`] if it
+//!      does (every write to guest memory is then logged while the frontend asks for it);
+//!    - `Vring`: [`VringMutex`] or [`VringRwLock`] for the multi-threaded
+//!      [`VhostUserDaemon`], [`VringState`] (no lock at all) for the single-threaded
+//!      [`LocalDaemon`].
+//! 2. **Serve the queues.** When the guest kicks queue `q`, a worker thread calls
+//!    `handle_event(q, EventSet::IN, vrings, thread_id)`. Pop descriptor chains from
+//!    `vrings[q]`, read the request from the chain's readable descriptors through guest
+//!    memory, write the answer into its writable descriptors, put the chain in the used
+//!    ring ([`VringT::add_used`]) and notify the guest
+//!    ([`VringT::signal_used_queue_if_needed`]). With `VIRTIO_RING_F_EVENT_IDX` negotiated
+//!    (the daemon calls `set_event_idx(true)`), loop until
+//!    [`VringT::enable_notification`] reports no new chain, so that a chain posted while
+//!    notifications were off is not missed.
+//! 3. **Run the daemon.** Build a [`VhostUserDaemon`] with the backend and an empty guest
+//!    memory (the frontend's memory table fills it) and call
+//!    [`serve`](VhostUserDaemon::serve) with the socket path: it serves frontend after
+//!    frontend (a frontend that reconnects finds it ready) until the daemon is stopped.
+//!    [`start`](VhostUserDaemon::start) and [`wait`](VhostUserDaemon::wait) do the same in
+//!    two steps; [`start_client`](VhostUserDaemon::start_client) connects to a listening
+//!    frontend instead.
+//! 4. **Add your own fds** (a tap device, a timer) to a worker's epoll set with
+//!    [`VringEpollHandler::register_listener`] from
+//!    [`get_epoll_handlers`](VhostUserDaemon::get_epoll_handlers); `handle_event` then gets
+//!    their data value as `device_event`.
+//! 5. **Stop** from any thread with a [`ShutdownHandle`], or by writing the backend's exit
+//!    event; `wait`/`serve` return `Ok`. If `handle_event` fails or panics the daemon stops
+//!    too, and `wait` returns the error.
+//!
+//! # Example
+//!
+//! A device with two queues that completes every request it receives, written with
+//! `&mut self` and served from worker threads:
+//!
+//! ```no_run
+//! use std::io;
+//! use std::sync::{Arc, RwLock};
+//!
+//! use vu_backend::prelude::*;
+//!
+//! struct VhostUserService {
+//!     event_idx: bool,
+//!     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+//! }
+//!
+//! impl VhostUserService {
+//!     fn process_queue(&mut self, vring: &VringMutex) -> io::Result<()> {
+//!         // Pop each chain in its own statement: the vring's lock is not held in between.
+//!         while let Some(chain) = vring.pop_descriptor_chain() {
+//!             // Read the request from the readable descriptors of `chain`, write the answer
+//!             // into its writable ones, then return it with the number of bytes written.
+//!             vring.add_used(chain.head_index(), 0).map_err(io::Error::other)?;
+//!         }
+//!         vring.signal_used_queue_if_needed().map_err(io::Error::other)?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! impl VhostUserBackendMut for VhostUserService {
+//!     type Bitmap = ();
+//!     type Vring = VringMutex;
+//!
+//!     fn num_queues(&self) -> usize {
+//!         2
+//!     }
+//!
+//!     fn max_queue_size(&self) -> usize {
+//!         256
+//!     }
+//!
+//!     fn features(&self) -> u64 {
+//!         (VirtioFeatures::VERSION_1
+//!             | VirtioFeatures::RING_EVENT_IDX
+//!             | VirtioFeatures::PROTOCOL_FEATURES)
+//!             .bits()
+//!     }
+//!
+//!     fn protocol_features(&self) -> ProtocolFeatures {
+//!         ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK
+//!     }
+//!
+//!     fn set_event_idx(&mut self, enabled: bool) {
+//!         self.event_idx = enabled;
+//!     }
+//!
+//!     fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+//!         self.mem = Some(mem);
+//!         Ok(())
+//!     }
+//!
+//!     fn handle_event(
+//!         &mut self,
+//!         device_event: u16,
+//!         evset: EventSet,
+//!         vrings: &[VringMutex],
+//!         _thread_id: usize,
+//!     ) -> io::Result<()> {
+//!         if evset != EventSet::IN {
+//!             return Err(io::Error::other(format!("unexpected events {evset:?}")));
+//!         }
+//!         let Some(vring) = vrings.get(usize::from(device_event)) else {
+//!             return Err(io::Error::other(format!("unknown device event {device_event}")));
+//!         };
+//!         if self.event_idx {
+//!             // Process until the guest posted nothing while notifications were off.
+//!             loop {
+//!                 vring.disable_notification().map_err(io::Error::other)?;
+//!                 self.process_queue(vring)?;
+//!                 if !vring.enable_notification().map_err(io::Error::other)? {
+//!                     break;
+//!                 }
+//!             }
+//!         } else {
+//!             self.process_queue(vring)?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), DaemonError> {
+//!     let backend = Arc::new(RwLock::new(VhostUserService {
+//!         event_idx: false,
+//!         mem: None,
+//!     }));
+//!     let mut daemon = VhostUserDaemon::new(
+//!         "vhost-user-service".to_owned(),
+//!         backend,
+//!         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+//!     )?;
+//!     // Serves frontends until a ShutdownHandle (see `daemon.shutdown_handle()`) stops it.
+//!     daemon.serve("/tmp/vhost-user-service.sock")
+//! }
+//! ```
+//!
+//! The same device runs on a single thread, without locks, by choosing
+//! `type Vring = VringState;` and [`LocalDaemon`] (whose `run`/`serve` block the calling
+//! thread); the backend then needs to be neither `Send` nor `Sync`.
 
 #[cfg(all(feature = "xen", feature = "postcopy"))]
 compile_error!("the `xen` and `postcopy` features are mutually exclusive: Xen mappings cannot be registered with userfaultfd");
+
+// The framework's crates, whole, for what the re-exports below leave out.
+pub use vu_daemon;
+pub use vu_mem;
+pub use vu_proto;
+pub use vu_vring;
+
+// The crates whose types appear in the backend traits, at the framework's versions.
+pub use virtio_queue;
+pub use vm_memory;
+pub use vmm_sys_util;
+
+// The backend traits and the daemon.
+pub use vu_daemon::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
+pub use vu_daemon::daemon::DEFAULT_MESSAGE_TIMEOUT;
+pub use vu_daemon::{
+    DaemonError, ListenerError, LocalDaemon, ShutdownHandle, VhostUserDaemon, VringEpollHandler,
+};
+
+// The vrings.
+pub use vu_vring::{
+    DefaultMem, VringData, VringMutex, VringRwLock, VringState, VringStateGuard,
+    VringStateMutGuard, VringT,
+};
+
+// Dirty logging for live migration.
+pub use vu_mem::{LogBitmap, RegionBitmap};
+
+// Feature words and the payloads the backend traits take or return.
+pub use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+pub use vu_proto::payload::{ShmemConfig, SharedObject, TransferDirection, TransferPhase};
+
+// Guest memory, queues and events.
+pub use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+pub use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+};
+pub use vmm_sys_util::epoll::EventSet;
+pub use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier};
+pub use vmm_sys_util::eventfd::EventFd;
+
+/// The names most device code uses: `use vu_backend::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Bytes, DaemonError, DescriptorChain, EventConsumer, EventFd, EventNotifier, EventSet,
+        GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+        LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle, VhostUserBackend,
+        VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringEpollHandler, VringMutex,
+        VringRwLock, VringState, VringT,
+    };
+}
