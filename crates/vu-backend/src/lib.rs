@@ -197,7 +197,7 @@ pub use vu_mem::{LogBitmap, RegionBitmap};
 
 // Feature words and the payloads the backend traits take or return.
 pub use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
-pub use vu_proto::payload::{ShmemConfig, SharedObject, TransferDirection, TransferPhase};
+pub use vu_proto::payload::{SharedObject, ShmemConfig, TransferDirection, TransferPhase};
 
 // Guest memory, queues and events.
 pub use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
