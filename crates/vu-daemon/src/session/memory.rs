@@ -21,7 +21,11 @@ use crate::backend::VhostUserBackend;
 use crate::error::SessionError;
 
 /// The inflight area of a connection: the shared buffer and how it was described.
+///
+/// The session keeps it for the connection's lifetime, so a reconnecting frontend's
+/// `SET_INFLIGHT_FD` finds the same buffer; no backend hook reads it yet (only the tests).
 #[derive(Debug)]
+#[cfg_attr(any(not(test), feature = "xen"), allow(dead_code))]
 pub(crate) struct InflightArea {
     /// The buffer (a memfd the session created, or the frontend's fd).
     file: File,
@@ -29,15 +33,14 @@ pub(crate) struct InflightArea {
     desc: Inflight,
 }
 
+#[cfg_attr(any(not(test), feature = "xen"), allow(dead_code))]
 impl InflightArea {
     /// The buffer's fd.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
 
     /// Its description.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn desc(&self) -> Inflight {
         self.desc
     }

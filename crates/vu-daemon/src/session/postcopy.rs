@@ -3,7 +3,9 @@
 
 use std::os::fd::OwnedFd;
 
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vu_mem::RegionBitmap;
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::header::Header;

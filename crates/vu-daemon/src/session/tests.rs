@@ -1,1 +1,1546 @@
-//! Session tests (being written).
+//! Session scenarios: scripted messages with real memfd and eventfd fds, a recording
+//! [`RingControl`] and a small recording backend; no sockets, no threads.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vu_mem::LogBitmap;
+use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+use vu_proto::header::{Header, HeaderFlags};
+use vu_proto::message::{FrontendRequest, RawMessage};
+use vu_proto::payload::{
+    ConfigFlags, DeviceConfig, DeviceStateTransfer, Inflight, Iotlb, IotlbPerm, IotlbType, Log,
+    MacAddr, MemoryRegion, MemoryTable, Payload, SharedObject, ShmemConfig, TransferDirection,
+    TransferPhase, VringAddr, VringAddrFlags, VringEnable, VringEndian, VringState,
+    MAX_SHMEM_REGIONS, U64,
+};
+use vu_proto::request::{FrontendReq, RequestCode};
+use vu_vring::{RingState, VringMutex, VringT};
+
+use super::memory::inflight_size;
+use super::{new_eventfd, Outcome, Session};
+use crate::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
+use crate::control::RingControl;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap<LogBitmap>>;
+type Ring = VringMutex<Mem>;
+
+const NUM_QUEUES: usize = 2;
+const MAX_QUEUE_SIZE: usize = 256;
+/// The test guest: 1 MiB at guest address 0, mapped at this address in the "frontend".
+const MEM_SIZE: u64 = 0x10_0000;
+const VMM_BASE: u64 = 0x7f00_0000_0000;
+/// Ring parts inside the guest (guest addresses).
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+
+/// What the backend and the ring control saw, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Watch(u16),
+    Unwatch(u16),
+    Quiesce(u16),
+    StopVring(u16),
+}
+
+#[derive(Default)]
+struct Record {
+    events: Vec<Event>,
+    acked: Option<u64>,
+    event_idx: Option<bool>,
+    resets: usize,
+    memory_updates: usize,
+    memory: Option<Mem>,
+    channel: Option<BackendChannel>,
+    config: Vec<u8>,
+    state_fd: Option<File>,
+    fail: bool,
+}
+
+type Shared = Arc<Mutex<Record>>;
+
+fn lock(rec: &Shared) -> MutexGuard<'_, Record> {
+    rec.lock().unwrap()
+}
+
+fn failure() -> io::Error {
+    io::Error::other("the test backend was told to fail")
+}
+
+/// A backend with interior mutability that records every call.
+struct TestBackend {
+    features: u64,
+    protocol: ProtocolFeatures,
+    rec: Shared,
+}
+
+impl VhostUserBackend for TestBackend {
+    type Bitmap = LogBitmap;
+    type Vring = Ring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+    fn features(&self) -> u64 {
+        self.features
+    }
+    fn acked_features(&self, features: u64) {
+        lock(&self.rec).acked = Some(features);
+    }
+    fn protocol_features(&self) -> ProtocolFeatures {
+        self.protocol
+    }
+    fn reset_device(&self) {
+        lock(&self.rec).resets += 1;
+    }
+    fn set_event_idx(&self, enabled: bool) {
+        lock(&self.rec).event_idx = Some(enabled);
+    }
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let rec = lock(&self.rec);
+        let start = offset as usize;
+        rec.config
+            .get(start..start + size as usize)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        let start = offset as usize;
+        let end = start + buf.len();
+        if rec.config.len() < end {
+            rec.config.resize(end, 0);
+        }
+        rec.config[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        rec.memory_updates += 1;
+        rec.memory = Some(mem);
+        Ok(())
+    }
+    fn set_backend_req_fd(&self, channel: BackendChannel) {
+        lock(&self.rec).channel = Some(channel);
+    }
+    fn get_shared_object(&self, _uuid: SharedObject) -> io::Result<File> {
+        if lock(&self.rec).fail {
+            return Err(failure());
+        }
+        File::open("/dev/null")
+    }
+    fn stop_vring(&self, queue: u16) -> io::Result<()> {
+        lock(&self.rec).events.push(Event::StopVring(queue));
+        Ok(())
+    }
+    fn handle_event(&self, _: u16, _: EventSet, _: &[Ring], _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_device_state_fd(
+        &self,
+        _direction: TransferDirection,
+        _phase: TransferPhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.state_fd = Some(file);
+        Ok(None)
+    }
+    fn check_device_state(&self) -> io::Result<()> {
+        if lock(&self.rec).fail {
+            return Err(failure());
+        }
+        Ok(())
+    }
+    fn get_shmem_config(&self) -> io::Result<ShmemConfig> {
+        let mut memory_sizes = Box::new([0; MAX_SHMEM_REGIONS]);
+        memory_sizes[0] = 0x1000;
+        Ok(ShmemConfig {
+            nregions: 1,
+            memory_sizes,
+        })
+    }
+}
+
+/// Records the runtime calls into the same log as the backend.
+struct Recorder(Shared);
+
+impl RingControl for Recorder {
+    fn watch_kick(&mut self, queue: u16) -> io::Result<()> {
+        lock(&self.0).events.push(Event::Watch(queue));
+        Ok(())
+    }
+    fn unwatch_kick(&mut self, queue: u16) -> io::Result<()> {
+        lock(&self.0).events.push(Event::Unwatch(queue));
+        Ok(())
+    }
+    fn quiesce(&mut self, queue: u16) -> io::Result<()> {
+        lock(&self.0).events.push(Event::Quiesce(queue));
+        Ok(())
+    }
+}
+
+const FEATURES: u64 = VirtioFeatures::VERSION_1.bits()
+    | VirtioFeatures::PROTOCOL_FEATURES.bits()
+    | VirtioFeatures::RING_EVENT_IDX.bits()
+    | VirtioFeatures::LOG_ALL.bits();
+
+fn protocol() -> ProtocolFeatures {
+    ProtocolFeatures::MQ
+        | ProtocolFeatures::LOG_SHMFD
+        | ProtocolFeatures::REPLY_ACK
+        | ProtocolFeatures::BACKEND_REQ
+        | ProtocolFeatures::CONFIG
+        | ProtocolFeatures::INFLIGHT_SHMFD
+        | ProtocolFeatures::RESET_DEVICE
+        | ProtocolFeatures::INBAND_NOTIFICATIONS
+        | ProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | ProtocolFeatures::STATUS
+        | ProtocolFeatures::SHARED_OBJECT
+        | ProtocolFeatures::DEVICE_STATE
+        | ProtocolFeatures::SHMEM
+        | ProtocolFeatures::PAGEFAULT
+}
+
+struct Fixture {
+    session: Session<TestBackend, Ring, LogBitmap>,
+    ctl: Recorder,
+    rec: Shared,
+}
+
+impl Fixture {
+    fn with(features: u64, protocol: ProtocolFeatures) -> Self {
+        let rec = Shared::default();
+        let mem = Mem::new(GuestMemoryMmap::new());
+        let vrings = (0..NUM_QUEUES)
+            .map(|_| Ring::new(mem.clone(), MAX_QUEUE_SIZE as u16).unwrap())
+            .collect();
+        let backend = TestBackend {
+            features,
+            protocol,
+            rec: rec.clone(),
+        };
+        Fixture {
+            session: Session::new(backend, mem, vrings),
+            ctl: Recorder(rec.clone()),
+            rec,
+        }
+    }
+
+    fn new() -> Self {
+        Self::with(FEATURES, protocol())
+    }
+
+    /// A fixture after the feature handshake (all offered features acknowledged).
+    fn negotiated() -> Self {
+        let mut f = Self::new();
+        f.negotiate(protocol());
+        f
+    }
+
+    fn negotiate(&mut self, acked: ProtocolFeatures) {
+        self.ok(FrontendRequest::SetOwner);
+        self.ok(FrontendRequest::SetProtocolFeatures(
+            acked & self.session.offered_protocol,
+        ));
+        self.ok(FrontendRequest::SetFeatures(
+            VirtioFeatures::from_bits_retain(FEATURES),
+        ));
+    }
+
+    /// Sends a request with NEED_REPLY.
+    fn ask(&mut self, req: FrontendRequest) -> Outcome {
+        self.send(req, HeaderFlags::NEED_REPLY)
+    }
+
+    fn send(&mut self, req: FrontendRequest, flags: HeaderFlags) -> Outcome {
+        let (header, body) = req.encode(flags);
+        let fds = req
+            .fds()
+            .into_iter()
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect();
+        drop(req);
+        self.raw(RawMessage { header, body, fds })
+    }
+
+    fn raw(&mut self, msg: RawMessage) -> Outcome {
+        self.session.handle(msg, &mut self.ctl)
+    }
+
+    /// Sends a request with NEED_REPLY and asserts the REPLY_ACK says success.
+    fn ok(&mut self, req: FrontendRequest) {
+        let code = req.code();
+        let outcome = self.ask(req);
+        assert_eq!(ack(&outcome), 0, "{code} was refused");
+    }
+
+    fn events(&self) -> Vec<Event> {
+        lock(&self.rec).events.clone()
+    }
+
+    fn clear_events(&self) {
+        lock(&self.rec).events.clear();
+    }
+
+    fn vring(&self, queue: usize) -> &Ring {
+        &self.session.vrings()[queue]
+    }
+
+    /// Memory table, ring size, addresses, base, call and kick for `queue`; returns the
+    /// test's end of the kick eventfd.
+    fn start_queue(&mut self, queue: u8) -> File {
+        if self.session.mem.num_regions() == 0 {
+            self.ok(mem_table(&[(0, MEM_SIZE)]));
+        }
+        let index = u32::from(queue);
+        self.ok(FrontendRequest::SetVringNum(VringState { index, num: 256 }));
+        self.ok(FrontendRequest::SetVringAddr(ring_addr(
+            index,
+            VringAddrFlags::empty(),
+        )));
+        self.ok(FrontendRequest::SetVringBase(VringState { index, num: 0 }));
+        let call = new_eventfd().unwrap();
+        self.ok(FrontendRequest::SetVringCall {
+            index: queue,
+            fd: Some(call.into()),
+        });
+        let kick = new_eventfd().unwrap();
+        let ours = kick.try_clone().unwrap();
+        self.ok(FrontendRequest::SetVringKick {
+            index: queue,
+            fd: Some(kick.into()),
+        });
+        ours
+    }
+}
+
+/// The `u64` of a reply (REPLY_ACK or a request's own `u64`); the connection stays open.
+fn ack(outcome: &Outcome) -> u64 {
+    assert!(!outcome.close, "the connection was closed");
+    let reply = outcome.reply.as_ref().expect("no reply");
+    assert!(reply.header.is_reply());
+    assert_eq!(reply.body.len(), 8, "not a u64 reply");
+    u64::from_ne_bytes(reply.body[..8].try_into().unwrap())
+}
+
+/// Asserts a REPLY_ACK failure and an open connection.
+fn assert_refused(outcome: &Outcome) {
+    assert_ne!(ack(outcome), 0, "the request was accepted");
+}
+
+fn assert_closed(outcome: &Outcome) {
+    assert!(outcome.close, "the connection stays open");
+    assert!(outcome.reply.is_none());
+}
+
+fn memfd(size: u64) -> File {
+    named_memfd(c"vu-session-test", size)
+}
+
+fn named_memfd(name: &CStr, size: u64) -> File {
+    // SAFETY: `name` is a valid C string; memfd_create keeps no pointer to it.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size).unwrap();
+    file
+}
+
+fn region(gpa: u64, size: u64) -> MemoryRegion {
+    MemoryRegion {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        user_addr: VMM_BASE + gpa,
+        mmap_offset: 0,
+    }
+}
+
+/// A SET_MEM_TABLE of `(guest address, size)` regions, each backed by its own memfd.
+fn mem_table(regions: &[(u64, u64)]) -> FrontendRequest {
+    FrontendRequest::SetMemTable {
+        table: MemoryTable {
+            regions: regions
+                .iter()
+                .map(|&(gpa, size)| region(gpa, size))
+                .collect(),
+        },
+        fds: regions
+            .iter()
+            .map(|&(_, size)| memfd(size).into())
+            .collect(),
+    }
+}
+
+fn ring_addr(index: u32, flags: VringAddrFlags) -> VringAddr {
+    VringAddr {
+        index,
+        flags,
+        descriptor: VMM_BASE + DESC,
+        used: VMM_BASE + USED,
+        available: VMM_BASE + AVAIL,
+        log: 0x8000,
+    }
+}
+
+/// Takes an eventfd's counter (0 when empty).
+fn counter(fd: &File) -> u64 {
+    let mut buf = [0u8; 8];
+    match (&*fd).read(&mut buf) {
+        Ok(_) => u64::from_ne_bytes(buf),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => panic!("reading the eventfd: {e}"),
+    }
+}
+
+fn raw(code: u32, flags: HeaderFlags, body: Vec<u8>, fds: Vec<OwnedFd>) -> RawMessage {
+    RawMessage {
+        header: Header::new(RequestCode(code), flags, body.len() as u32),
+        body,
+        fds,
+    }
+}
+
+// ---------------------------------------------------------------- handshake and features
+
+#[test]
+fn handshake_starts_and_enables_the_ring() {
+    let mut f = Fixture::new();
+    let features = ack(&f.ask(FrontendRequest::GetFeatures));
+    assert_eq!(features, FEATURES);
+    let offered = ack(&f.ask(FrontendRequest::GetProtocolFeatures));
+    f.negotiate(ProtocolFeatures::from_bits_retain(offered));
+    f.start_queue(0);
+    assert_eq!(f.vring(0).ring_state(), RingState::Disabled);
+    f.ok(FrontendRequest::SetVringEnable(VringEnable {
+        index: 0,
+        enable: true,
+    }));
+    assert_eq!(f.vring(0).ring_state(), RingState::Enabled);
+    assert_eq!(f.vring(1).ring_state(), RingState::Stopped);
+}
+
+#[test]
+fn get_features_without_need_reply_still_replies() {
+    let mut f = Fixture::new();
+    let outcome = f.send(FrontendRequest::GetFeatures, HeaderFlags::empty());
+    assert_eq!(ack(&outcome), FEATURES);
+}
+
+#[test]
+fn request_without_need_reply_gets_no_reply() {
+    let mut f = Fixture::new();
+    let outcome = f.send(FrontendRequest::SetOwner, HeaderFlags::empty());
+    assert!(outcome.reply.is_none() && !outcome.close);
+}
+
+#[test]
+fn protocol_features_the_session_cannot_serve_are_not_offered() {
+    let mut f = Fixture::with(
+        FEATURES,
+        protocol() | ProtocolFeatures::RARP | ProtocolFeatures::MTU,
+    );
+    let offered =
+        ProtocolFeatures::from_bits_retain(ack(&f.ask(FrontendRequest::GetProtocolFeatures)));
+    assert!(!offered.intersects(ProtocolFeatures::RARP | ProtocolFeatures::MTU));
+    assert!(offered.contains(ProtocolFeatures::REPLY_ACK | ProtocolFeatures::MQ));
+    assert_eq!(
+        offered.contains(ProtocolFeatures::PAGEFAULT),
+        cfg!(feature = "postcopy")
+    );
+}
+
+#[test]
+fn set_protocol_features_with_unoffered_bits_is_refused() {
+    let mut f = Fixture::new();
+    let outcome = f.ask(FrontendRequest::SetProtocolFeatures(
+        ProtocolFeatures::REPLY_ACK | ProtocolFeatures::RARP,
+    ));
+    assert_refused(&outcome);
+    f.ok(FrontendRequest::SetProtocolFeatures(
+        ProtocolFeatures::REPLY_ACK,
+    ));
+}
+
+#[test]
+fn get_protocol_features_without_offering_them_closes() {
+    let mut f = Fixture::with(VirtioFeatures::VERSION_1.bits(), protocol());
+    assert_closed(&f.ask(FrontendRequest::GetProtocolFeatures));
+}
+
+#[test]
+fn inband_notifications_without_backend_req_closes() {
+    let mut f = Fixture::new();
+    let outcome = f.ask(FrontendRequest::SetProtocolFeatures(
+        ProtocolFeatures::INBAND_NOTIFICATIONS | ProtocolFeatures::REPLY_ACK,
+    ));
+    assert_closed(&outcome);
+}
+
+/// Debian's QEMU 7.2 acknowledges VIRTIO_RING_F_INDIRECT_DESC (and here EVENT_IDX) to a
+/// backend that offered neither, and gives up if that is refused.
+#[test]
+fn set_features_with_unoffered_bits_is_accepted_and_masked() {
+    let offered = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
+    let mut f = Fixture::with(offered.bits(), protocol());
+    let sent = offered | VirtioFeatures::RING_INDIRECT_DESC | VirtioFeatures::RING_EVENT_IDX;
+    f.ok(FrontendRequest::SetFeatures(sent));
+    assert_eq!(lock(&f.rec).acked, Some(offered.bits()));
+    assert_eq!(lock(&f.rec).event_idx, Some(false));
+    assert!(!f.vring(0).event_idx());
+    assert_eq!(f.session.acked_features, offered.bits());
+}
+
+#[test]
+fn set_features_with_event_idx_turns_it_on_everywhere() {
+    let f = Fixture::negotiated();
+    assert_eq!(lock(&f.rec).event_idx, Some(true));
+    assert!(f.vring(0).event_idx() && f.vring(1).event_idx());
+}
+
+#[test]
+fn set_features_without_protocol_features_enables_all_rings() {
+    let mut f = Fixture::new();
+    f.start_queue(0);
+    assert_eq!(f.vring(0).ring_state(), RingState::Enabled);
+    f.ok(FrontendRequest::SetFeatures(VirtioFeatures::VERSION_1));
+    assert!(f.vring(1).is_enabled());
+}
+
+#[test]
+fn set_features_with_protocol_features_leaves_rings_disabled() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    assert_eq!(f.vring(0).ring_state(), RingState::Disabled);
+}
+
+#[test]
+fn set_owner_is_accepted() {
+    let mut f = Fixture::new();
+    f.ok(FrontendRequest::SetOwner);
+    assert!(f.session.owner);
+}
+
+// ------------------------------------------------------------------ refusals
+
+/// Sends SET_VRING_NUM for `index`, expects a refusal, then shows the session still works.
+fn queue_index_is_refused(index: u32) {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.ask(FrontendRequest::SetVringNum(VringState { index, num: 64 })));
+    f.ok(FrontendRequest::SetVringNum(VringState {
+        index: 1,
+        num: 64,
+    }));
+    assert_eq!(f.vring(1).queue_size(), 64);
+    assert_eq!(f.vring(0).queue_size(), MAX_QUEUE_SIZE as u16);
+}
+
+#[test]
+fn queue_index_equal_to_num_queues_is_refused() {
+    queue_index_is_refused(NUM_QUEUES as u32);
+}
+
+#[test]
+fn queue_index_256_is_refused() {
+    queue_index_is_refused(256);
+}
+
+#[test]
+fn queue_index_65536_is_refused() {
+    queue_index_is_refused(65536);
+}
+
+#[test]
+fn queue_index_u32_max_is_refused() {
+    queue_index_is_refused(u32::MAX);
+}
+
+#[test]
+fn queue_index_257_aliasing_queue_1_in_8_bits_is_refused_for_enable() {
+    let mut f = Fixture::negotiated();
+    let enable = VringEnable {
+        index: 257,
+        enable: true,
+    };
+    assert_refused(&f.ask(FrontendRequest::SetVringEnable(enable)));
+    assert!(!f.vring(1).is_enabled());
+}
+
+#[test]
+fn set_vring_kick_index_out_of_range_is_refused() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::SetVringKick {
+        index: NUM_QUEUES as u8,
+        fd: Some(new_eventfd().unwrap().into()),
+    });
+    assert_refused(&outcome);
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn get_vring_base_index_out_of_range_closes() {
+    let mut f = Fixture::negotiated();
+    let state = VringState {
+        index: u32::MAX,
+        num: 0,
+    };
+    assert_closed(&f.ask(FrontendRequest::GetVringBase(state)));
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn queue_size_not_a_power_of_two_is_refused() {
+    let mut f = Fixture::negotiated();
+    let state = VringState { index: 0, num: 100 };
+    assert_refused(&f.ask(FrontendRequest::SetVringNum(state)));
+    assert_eq!(f.vring(0).queue_size(), MAX_QUEUE_SIZE as u16);
+    f.ok(FrontendRequest::SetVringNum(VringState {
+        index: 0,
+        num: 128,
+    }));
+}
+
+#[test]
+fn queue_size_above_16_bits_is_refused() {
+    let mut f = Fixture::negotiated();
+    let state = VringState {
+        index: 0,
+        num: 0x1_0100,
+    };
+    assert_refused(&f.ask(FrontendRequest::SetVringNum(state)));
+    assert_eq!(f.vring(0).queue_size(), MAX_QUEUE_SIZE as u16);
+}
+
+#[test]
+fn vring_base_above_16_bits_is_refused() {
+    let mut f = Fixture::negotiated();
+    let state = VringState {
+        index: 0,
+        num: 0x1_0000,
+    };
+    assert_refused(&f.ask(FrontendRequest::SetVringBase(state)));
+    f.ok(FrontendRequest::SetVringBase(VringState {
+        index: 0,
+        num: 7,
+    }));
+    assert_eq!(f.vring(0).queue_next_avail(), 7);
+}
+
+#[test]
+fn set_vring_enable_before_protocol_features_is_refused() {
+    let mut f = Fixture::new();
+    let enable = VringEnable {
+        index: 0,
+        enable: true,
+    };
+    assert_refused(&f.ask(FrontendRequest::SetVringEnable(enable)));
+    assert!(!f.vring(0).is_enabled());
+    f.negotiate(protocol());
+    f.ok(FrontendRequest::SetVringEnable(enable));
+    assert!(f.vring(0).is_enabled());
+}
+
+#[test]
+fn get_config_before_config_is_negotiated_gets_an_empty_reply() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    let outcome = f.ask(FrontendRequest::GetConfig(DeviceConfig {
+        offset: 0,
+        flags: ConfigFlags::empty(),
+        data: vec![0; 4],
+    }));
+    let reply = outcome.reply.unwrap();
+    assert!(!outcome.close && reply.body.is_empty());
+}
+
+#[test]
+fn add_mem_reg_before_configure_mem_slots_is_refused() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    let outcome = f.ask(FrontendRequest::AddMemReg {
+        region: region(0, MEM_SIZE),
+        fd: memfd(MEM_SIZE).into(),
+    });
+    assert_refused(&outcome);
+    assert_eq!(f.session.mem.num_regions(), 0);
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+}
+
+#[test]
+fn set_log_base_before_log_shmfd_gets_a_failure_value() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    let outcome = f.send(
+        FrontendRequest::SetLogBase {
+            log: Log {
+                mmap_size: 0x1000,
+                mmap_offset: 0,
+            },
+            fd: memfd(0x1000).into(),
+        },
+        HeaderFlags::empty(),
+    );
+    assert_refused(&outcome);
+}
+
+#[test]
+fn get_queue_num_before_mq_closes() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    assert_closed(&f.ask(FrontendRequest::GetQueueNum));
+}
+
+#[test]
+fn refused_request_without_need_reply_is_ignored() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    let outcome = f.send(FrontendRequest::SetStatus(U64(1)), HeaderFlags::empty());
+    assert!(outcome.reply.is_none() && !outcome.close);
+    assert_eq!(f.session.status, 0);
+}
+
+#[test]
+fn unknown_request_code_with_need_reply_gets_an_ack_failure() {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.raw(raw(
+        1000,
+        HeaderFlags::NEED_REPLY,
+        vec![1, 2, 3],
+        Vec::new(),
+    )));
+    f.ok(FrontendRequest::SetOwner);
+}
+
+#[test]
+fn unknown_request_code_without_need_reply_is_ignored() {
+    let mut f = Fixture::negotiated();
+    let fd: OwnedFd = new_eventfd().unwrap().into();
+    let outcome = f.raw(raw(45, HeaderFlags::empty(), Vec::new(), vec![fd]));
+    assert!(outcome.reply.is_none() && !outcome.close);
+    f.ok(FrontendRequest::SetOwner);
+}
+
+#[test]
+fn malformed_body_is_refused_without_closing() {
+    let mut f = Fixture::negotiated();
+    let code = FrontendReq::SetVringNum.code().0;
+    assert_refused(&f.raw(raw(code, HeaderFlags::NEED_REPLY, vec![0; 5], Vec::new())));
+    f.ok(FrontendRequest::SetVringNum(VringState {
+        index: 0,
+        num: 64,
+    }));
+}
+
+#[test]
+fn wrong_fd_count_is_refused_and_the_fds_are_closed() {
+    let mut f = Fixture::negotiated();
+    let code = FrontendReq::SetVringNum.code().0;
+    let body = VringState { index: 0, num: 64 };
+    let mut bytes = Vec::new();
+    body.encode(&mut bytes);
+    let fd = new_eventfd().unwrap();
+    let theirs = fd.try_clone().unwrap();
+    assert_refused(&f.raw(raw(code, HeaderFlags::NEED_REPLY, bytes, vec![fd.into()])));
+    drop(theirs);
+    assert_eq!(f.vring(0).queue_size(), MAX_QUEUE_SIZE as u16);
+}
+
+#[test]
+fn message_with_reply_flag_is_refused() {
+    let mut f = Fixture::negotiated();
+    let code = FrontendReq::SetOwner.code().0;
+    let flags = HeaderFlags::REPLY | HeaderFlags::NEED_REPLY;
+    assert_refused(&f.raw(raw(code, flags, Vec::new(), Vec::new())));
+}
+
+// ------------------------------------------------------------------ rings
+
+#[test]
+fn set_vring_kick_starts_the_ring_and_watches_it() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(1);
+    assert_eq!(f.events(), vec![Event::Unwatch(1), Event::Watch(1)]);
+    assert!(f.vring(1).ready());
+}
+
+#[test]
+fn set_vring_kick_without_fd_installs_an_eventfd_and_watches_it() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::SetVringKick { index: 0, fd: None });
+    assert!(f.vring(0).get_ref().get_kick().is_some());
+    assert!(f.vring(0).ready());
+    assert_eq!(f.events(), vec![Event::Unwatch(0), Event::Watch(0)]);
+}
+
+#[test]
+fn get_vring_base_stops_in_order_and_returns_next_avail() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    f.ok(FrontendRequest::SetVringBase(VringState {
+        index: 0,
+        num: 42,
+    }));
+    f.clear_events();
+    let outcome = f.send(
+        FrontendRequest::GetVringBase(VringState { index: 0, num: 0 }),
+        HeaderFlags::empty(),
+    );
+    assert!(!outcome.close);
+    let reply = outcome.reply.unwrap();
+    let mut expected = Vec::new();
+    VringState { index: 0, num: 42 }.encode(&mut expected);
+    assert_eq!(reply.body, expected);
+    assert_eq!(
+        f.events(),
+        vec![Event::Unwatch(0), Event::Quiesce(0), Event::StopVring(0)]
+    );
+    assert_eq!(f.vring(0).ring_state(), RingState::Stopped);
+    assert!(f.vring(0).get_ref().get_kick().is_none());
+}
+
+#[test]
+fn enabling_a_started_ring_wakes_its_worker() {
+    let mut f = Fixture::negotiated();
+    let kick = f.start_queue(0);
+    f.ok(FrontendRequest::SetVringEnable(VringEnable {
+        index: 0,
+        enable: true,
+    }));
+    assert_eq!(counter(&kick), 1);
+}
+
+/// A kick the worker consumed while the ring was disabled is made up for on enable.
+#[test]
+fn kick_while_disabled_is_not_lost_on_enable() {
+    let mut f = Fixture::negotiated();
+    let kick = f.start_queue(0);
+    let enable = |enable| FrontendRequest::SetVringEnable(VringEnable { index: 0, enable });
+    f.ok(enable(true));
+    counter(&kick);
+    f.ok(enable(false));
+    (&kick).write_all(&1u64.to_ne_bytes()).unwrap();
+    // The worker consumes the kick and sees a disabled ring.
+    assert!(!f.vring(0).read_kick().unwrap());
+    assert_eq!(counter(&kick), 0);
+    f.ok(enable(true));
+    assert_eq!(counter(&kick), 1);
+    assert_eq!(f.vring(0).ring_state(), RingState::Enabled);
+}
+
+#[test]
+fn disabling_keeps_the_ring_started() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    let enable = |enable| FrontendRequest::SetVringEnable(VringEnable { index: 0, enable });
+    f.ok(enable(true));
+    f.ok(enable(false));
+    assert_eq!(f.vring(0).ring_state(), RingState::Disabled);
+}
+
+#[test]
+fn enable_is_remembered_while_stopped() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::SetVringEnable(VringEnable {
+        index: 1,
+        enable: true,
+    }));
+    assert_eq!(f.vring(1).ring_state(), RingState::Stopped);
+    assert!(f.vring(1).is_enabled());
+}
+
+#[test]
+fn inband_vring_kick_starts_and_kicks_the_ring() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::VringKick(VringState { index: 1, num: 0 }));
+    assert!(f.vring(1).ready());
+    assert_eq!(f.events(), vec![Event::Unwatch(1), Event::Watch(1)]);
+    f.vring(1).set_enabled(true);
+    assert!(f.vring(1).read_kick().unwrap());
+}
+
+#[test]
+fn inband_vring_kick_uses_the_existing_kick_fd() {
+    let mut f = Fixture::negotiated();
+    let kick = f.start_queue(0);
+    f.clear_events();
+    f.ok(FrontendRequest::VringKick(VringState { index: 0, num: 0 }));
+    assert_eq!(counter(&kick), 1);
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn inband_vring_kick_without_the_feature_is_refused() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    assert_refused(&f.ask(FrontendRequest::VringKick(VringState { index: 0, num: 0 })));
+    assert!(!f.vring(0).ready());
+}
+
+#[test]
+fn set_vring_call_and_err_store_and_clear_the_fds() {
+    let mut f = Fixture::negotiated();
+    let fd = || Some(new_eventfd().unwrap().into());
+    f.ok(FrontendRequest::SetVringCall { index: 1, fd: fd() });
+    f.ok(FrontendRequest::SetVringErr { index: 1, fd: fd() });
+    assert!(f.vring(1).get_ref().get_call().is_some());
+    assert!(f.vring(1).get_ref().get_err().is_some());
+    f.ok(FrontendRequest::SetVringCall { index: 1, fd: None });
+    f.ok(FrontendRequest::SetVringErr { index: 1, fd: None });
+    assert!(f.vring(1).get_ref().get_call().is_none());
+    assert!(f.vring(1).get_ref().get_err().is_none());
+}
+
+#[test]
+fn set_vring_addr_translates_vmm_addresses_to_guest_addresses() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    assert_eq!(f.vring(0).queue_info(), (DESC, AVAIL, USED));
+    assert!(f.vring(0).log_used().is_none());
+}
+
+#[test]
+fn set_vring_addr_outside_guest_memory_is_refused() {
+    let mut f = Fixture::negotiated();
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+    let mut addr = ring_addr(0, VringAddrFlags::empty());
+    addr.used = VMM_BASE + MEM_SIZE;
+    assert_refused(&f.ask(FrontendRequest::SetVringAddr(addr)));
+    assert_eq!(f.vring(0).queue_info(), (0, 0, 0));
+}
+
+#[test]
+fn set_vring_addr_with_log_flag_sets_the_used_ring_log() {
+    let mut f = Fixture::negotiated();
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+    f.ok(FrontendRequest::SetVringAddr(ring_addr(
+        0,
+        VringAddrFlags::LOG,
+    )));
+    assert_eq!(f.vring(0).log_used().map(|r| r.start), Some(0x8000));
+}
+
+#[test]
+fn get_queue_num_replies_the_number_of_queues() {
+    let mut f = Fixture::negotiated();
+    assert_eq!(ack(&f.ask(FrontendRequest::GetQueueNum)), NUM_QUEUES as u64);
+}
+
+// ------------------------------------------------------------------ resets
+
+#[test]
+fn reset_owner_stops_and_resets_rings_and_features() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    f.clear_events();
+    f.ok(FrontendRequest::ResetOwner);
+    assert_eq!(f.vring(0).ring_state(), RingState::Stopped);
+    assert_eq!(f.vring(0).queue_info(), (0, 0, 0));
+    assert!(f.events().contains(&Event::Unwatch(0)));
+    assert!(f.events().contains(&Event::Quiesce(1)));
+    assert_eq!(lock(&f.rec).resets, 1);
+    assert_eq!(f.session.acked_features, 0);
+    // Protocol features (and so REPLY_ACK) survive.
+    f.ok(FrontendRequest::SetOwner);
+    assert!(f
+        .session
+        .acked_protocol
+        .contains(ProtocolFeatures::REPLY_ACK));
+}
+
+#[test]
+fn reset_device_resets_rings_and_device() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(1);
+    f.ok(FrontendRequest::ResetDevice);
+    assert_eq!(f.vring(1).ring_state(), RingState::Stopped);
+    assert_eq!(lock(&f.rec).resets, 1);
+    assert!(f.session.owner);
+}
+
+#[test]
+fn reset_device_without_the_feature_is_refused() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    assert_refused(&f.ask(FrontendRequest::ResetDevice));
+    assert_eq!(lock(&f.rec).resets, 0);
+}
+
+#[test]
+fn disconnect_forgets_the_connection() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    f.clear_events();
+    f.session.disconnect(&mut f.ctl);
+    assert_eq!(f.vring(0).ring_state(), RingState::Stopped);
+    assert!(f.events().contains(&Event::Unwatch(0)));
+    assert!(f.events().contains(&Event::Unwatch(1)));
+    assert_eq!(f.session.mem.num_regions(), 0);
+    assert_eq!(f.session.acked_features, 0);
+    assert!(f.session.acked_protocol.is_empty());
+    assert_eq!(lock(&f.rec).resets, 1);
+    // The next connection negotiates from scratch.
+    let enable = VringEnable {
+        index: 0,
+        enable: true,
+    };
+    assert_refused(&f.ask(FrontendRequest::SetVringEnable(enable)));
+}
+
+// ------------------------------------------------------------------ memory and log
+
+#[test]
+fn set_mem_table_reaches_backend_and_vrings() {
+    let mut f = Fixture::negotiated();
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+    let rec = lock(&f.rec);
+    assert_eq!(rec.memory_updates, 1);
+    let mem = rec.memory.as_ref().unwrap().memory();
+    assert!(mem.address_in_range(GuestAddress(MEM_SIZE - 1)));
+    drop(rec);
+    let vring_mem = f.vring(0).get_ref().mem().memory();
+    assert!(vring_mem.address_in_range(GuestAddress(0)));
+}
+
+#[test]
+fn set_mem_table_with_overlapping_regions_is_refused() {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.ask(mem_table(&[(0, MEM_SIZE), (MEM_SIZE / 2, MEM_SIZE)])));
+    assert_eq!(lock(&f.rec).memory_updates, 0);
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+}
+
+/// The name of the memfds whose fds the leak test counts.
+const LEAK_NAME: &CStr = c"vu-leak-table";
+
+/// How many of this process's fds are memfds named [`LEAK_NAME`]. Other tests running
+/// meanwhile open other fds, so the count is by name, not a total.
+fn leak_table_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("vu-leak-table"))
+        .count()
+}
+
+/// A SET_MEM_TABLE of `regions` equal slices of the test guest, each backed by a memfd
+/// named [`LEAK_NAME`].
+fn leak_table(regions: u64) -> FrontendRequest {
+    let size = MEM_SIZE / regions;
+    FrontendRequest::SetMemTable {
+        table: MemoryTable {
+            regions: (0..regions).map(|i| region(i * size, size)).collect(),
+        },
+        fds: (0..regions)
+            .map(|_| named_memfd(LEAK_NAME, size).into())
+            .collect(),
+    }
+}
+
+/// Serializes the tests that count this process's fds.
+static FD_COUNT: Mutex<()> = Mutex::new(());
+
+#[test]
+fn set_mem_table_replaced_repeatedly_does_not_leak_fds() {
+    let _serial = FD_COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut f = Fixture::negotiated();
+    f.ok(leak_table(1));
+    // The backend's snapshot would keep the replaced regions (and their fds) alive.
+    lock(&f.rec).memory = None;
+    assert_eq!(leak_table_fds(), 1);
+    for _ in 0..20 {
+        f.ok(leak_table(2));
+        f.ok(leak_table(1));
+    }
+    lock(&f.rec).memory = None;
+    assert_eq!(leak_table_fds(), 1);
+    f.session.disconnect(&mut f.ctl);
+    assert_eq!(leak_table_fds(), 0);
+}
+
+#[test]
+fn add_and_remove_mem_reg_change_the_table() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::AddMemReg {
+        region: region(0, MEM_SIZE),
+        fd: memfd(MEM_SIZE).into(),
+    });
+    f.ok(FrontendRequest::AddMemReg {
+        region: region(MEM_SIZE, MEM_SIZE),
+        fd: memfd(MEM_SIZE).into(),
+    });
+    assert_eq!(f.session.mem.num_regions(), 2);
+    f.ok(FrontendRequest::RemMemReg(region(0, MEM_SIZE)));
+    assert_eq!(f.session.mem.num_regions(), 1);
+    assert_eq!(lock(&f.rec).memory_updates, 3);
+}
+
+#[test]
+fn rem_mem_reg_of_an_unknown_region_is_refused() {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.ask(FrontendRequest::RemMemReg(region(0, MEM_SIZE))));
+}
+
+#[test]
+fn get_max_mem_slots_replies_the_slot_limit() {
+    let mut f = Fixture::negotiated();
+    assert_eq!(ack(&f.ask(FrontendRequest::GetMaxMemSlots)), 509);
+}
+
+#[test]
+fn set_log_base_maps_the_log_and_replies_zero() {
+    let mut f = Fixture::negotiated();
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+    let outcome = f.send(
+        FrontendRequest::SetLogBase {
+            log: Log {
+                mmap_size: 0x1000,
+                mmap_offset: 0,
+            },
+            fd: memfd(0x1000).into(),
+        },
+        HeaderFlags::empty(),
+    );
+    assert_eq!(ack(&outcome), 0);
+    assert_eq!(f.session.mem.dirty_log().log_size(), Some(0x1000));
+}
+
+#[test]
+fn log_all_feature_turns_logging_on_and_off() {
+    let mut f = Fixture::negotiated();
+    let with_log = VirtioFeatures::from_bits_retain(FEATURES);
+    f.ok(FrontendRequest::SetFeatures(with_log));
+    assert!(f.session.mem.dirty_log().is_logging());
+    f.ok(FrontendRequest::SetFeatures(
+        with_log - VirtioFeatures::LOG_ALL,
+    ));
+    assert!(!f.session.mem.dirty_log().is_logging());
+}
+
+#[test]
+fn set_log_fd_is_accepted() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::SetLogFd {
+        fd: new_eventfd().unwrap().into(),
+    });
+}
+
+// ------------------------------------------------------------------ inflight
+
+fn inflight(num_queues: u16, queue_size: u16) -> Inflight {
+    Inflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues,
+        queue_size,
+    }
+}
+
+#[test]
+fn get_inflight_fd_returns_a_memfd_of_the_layout_size() {
+    let mut f = Fixture::negotiated();
+    let mut outcome = f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
+    assert!(!outcome.close);
+    let reply = outcome.reply.take().unwrap();
+    let desc = Inflight::decode_body(reply.header.request, &reply.body).unwrap();
+    let size = inflight_size(2, 256, false);
+    // Per queue: a 16-byte header and 256 16-byte descriptor states, 4112 bytes, rounded
+    // up to 64.
+    assert_eq!(size, 2 * 4160);
+    assert_eq!((desc.mmap_size, desc.mmap_offset), (size, 0));
+    assert_eq!(reply.fds.len(), 1);
+    let file = File::from(reply.fds.into_iter().next().unwrap());
+    assert_eq!(file.metadata().unwrap().len(), size);
+    assert_eq!(f.session.inflight.as_ref().unwrap().desc(), desc);
+}
+
+#[test]
+fn get_inflight_fd_for_more_queues_than_the_device_has_is_refused() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(3, 256)));
+    let reply = outcome.reply.unwrap();
+    assert!(!outcome.close && reply.fds.is_empty());
+    assert!(reply.body.iter().all(|&b| b == 0));
+    assert!(f.session.inflight.is_none());
+}
+
+#[test]
+fn get_inflight_fd_for_larger_queues_than_the_device_has_is_refused() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(1, 512)));
+    assert!(outcome.reply.unwrap().fds.is_empty());
+}
+
+#[test]
+fn set_inflight_fd_keeps_the_area() {
+    let mut f = Fixture::negotiated();
+    let size = inflight_size(1, 64, false);
+    let desc = Inflight {
+        mmap_size: size,
+        ..inflight(1, 64)
+    };
+    let file = memfd(size);
+    f.ok(FrontendRequest::SetInflightFd {
+        inflight: desc,
+        fd: file.try_clone().unwrap().into(),
+    });
+    let area = f.session.inflight.as_ref().unwrap();
+    assert_eq!(area.desc(), desc);
+    assert!(area.fd().as_raw_fd() >= 0);
+}
+
+#[test]
+fn set_inflight_fd_smaller_than_its_layout_is_refused() {
+    let mut f = Fixture::negotiated();
+    let desc = Inflight {
+        mmap_size: 64,
+        ..inflight(1, 64)
+    };
+    let outcome = f.ask(FrontendRequest::SetInflightFd {
+        inflight: desc,
+        fd: memfd(64).into(),
+    });
+    assert_refused(&outcome);
+    assert!(f.session.inflight.is_none());
+}
+
+// ------------------------------------------------------------------ device requests
+
+#[test]
+fn set_backend_req_fd_hands_the_channel_to_the_backend() {
+    let mut f = Fixture::negotiated();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    f.ok(FrontendRequest::SetBackendReqFd {
+        fd: OwnedFd::from(theirs),
+    });
+    assert!(lock(&f.rec).channel.is_some());
+    drop(ours);
+}
+
+#[test]
+fn set_backend_req_fd_with_a_non_socket_is_refused() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::SetBackendReqFd {
+        fd: memfd(8).into(),
+    });
+    assert_refused(&outcome);
+    assert!(lock(&f.rec).channel.is_none());
+}
+
+#[test]
+fn set_config_then_get_config_round_trips_through_the_backend() {
+    let mut f = Fixture::negotiated();
+    let config = |data: Vec<u8>| DeviceConfig {
+        offset: 4,
+        flags: ConfigFlags::empty(),
+        data,
+    };
+    f.ok(FrontendRequest::SetConfig(config(vec![1, 2, 3, 4])));
+    let outcome = f.ask(FrontendRequest::GetConfig(config(vec![0; 4])));
+    let mut expected = Vec::new();
+    config(vec![1, 2, 3, 4]).encode(&mut expected);
+    assert_eq!(outcome.reply.unwrap().body, expected);
+}
+
+#[test]
+fn get_config_of_a_short_read_gets_an_empty_reply() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::GetConfig(DeviceConfig {
+        offset: 0,
+        flags: ConfigFlags::empty(),
+        data: vec![0; 16],
+    }));
+    assert!(outcome.reply.unwrap().body.is_empty());
+}
+
+#[test]
+fn set_status_then_get_status() {
+    let mut f = Fixture::negotiated();
+    f.ok(FrontendRequest::SetStatus(U64(0xf)));
+    assert_eq!(ack(&f.ask(FrontendRequest::GetStatus)), 0xf);
+}
+
+#[test]
+fn get_shared_object_returns_the_backend_fd() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::GetSharedObject(SharedObject {
+        uuid: [7; 16],
+    }));
+    assert_eq!(ack(&outcome), 0);
+    assert_eq!(outcome.reply.unwrap().fds.len(), 1);
+}
+
+#[test]
+fn get_shared_object_failure_replies_non_zero_without_fd() {
+    let mut f = Fixture::negotiated();
+    lock(&f.rec).fail = true;
+    let outcome = f.ask(FrontendRequest::GetSharedObject(SharedObject {
+        uuid: [7; 16],
+    }));
+    assert_refused(&outcome);
+    assert!(outcome.reply.unwrap().fds.is_empty());
+}
+
+fn transfer() -> DeviceStateTransfer {
+    DeviceStateTransfer {
+        direction: TransferDirection::Save,
+        phase: TransferPhase::Stopped,
+    }
+}
+
+#[test]
+fn set_device_state_fd_and_check_device_state_reach_the_backend() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::SetDeviceStateFd {
+        transfer: transfer(),
+        fd: memfd(8).into(),
+    });
+    // Success, no fd of the backend's own (bit 8).
+    assert_eq!(ack(&outcome), 1 << 8);
+    assert!(lock(&f.rec).state_fd.is_some());
+    assert_eq!(ack(&f.ask(FrontendRequest::CheckDeviceState)), 0);
+}
+
+#[test]
+fn device_state_failures_reply_error_values() {
+    let mut f = Fixture::negotiated();
+    lock(&f.rec).fail = true;
+    let outcome = f.ask(FrontendRequest::SetDeviceStateFd {
+        transfer: transfer(),
+        fd: memfd(8).into(),
+    });
+    assert_eq!(ack(&outcome), 1 | 1 << 8);
+    assert_refused(&f.ask(FrontendRequest::CheckDeviceState));
+}
+
+#[test]
+fn get_shmem_config_replies_the_backend_config() {
+    let mut f = Fixture::negotiated();
+    let outcome = f.ask(FrontendRequest::GetShmemConfig);
+    let reply = outcome.reply.unwrap();
+    let config = ShmemConfig::decode_body(reply.header.request, &reply.body).unwrap();
+    assert_eq!(config.nregions, 1);
+    assert_eq!(config.memory_sizes[0], 0x1000);
+}
+
+#[test]
+fn device_specific_requests_are_refused_cleanly() {
+    let mut f = Fixture::negotiated();
+    let requests = vec![
+        FrontendRequest::SendRarp(MacAddr([1, 2, 3, 4, 5, 6])),
+        FrontendRequest::NetSetMtu(U64(1500)),
+        FrontendRequest::IotlbMsg(Iotlb {
+            iova: 0,
+            size: 0x1000,
+            uaddr: VMM_BASE,
+            perm: IotlbPerm::ReadWrite,
+            kind: IotlbType::Update,
+        }),
+        FrontendRequest::SetVringEndian(VringEndian {
+            index: 0,
+            big_endian: false,
+        }),
+        FrontendRequest::CloseCryptoSession(U64(1)),
+        FrontendRequest::GpuSetSocket {
+            fd: UnixStream::pair().unwrap().0.into(),
+        },
+    ];
+    for req in requests {
+        assert_refused(&f.ask(req));
+    }
+    f.ok(FrontendRequest::SetOwner);
+}
+
+#[test]
+fn create_crypto_session_closes_as_its_reply_cannot_fail() {
+    let mut f = Fixture::negotiated();
+    let req = FrontendRequest::CreateCryptoSession(vu_proto::payload::CryptoSession(vec![0; 8]));
+    assert_closed(&f.ask(req));
+}
+
+#[cfg(not(feature = "postcopy"))]
+#[test]
+fn postcopy_requests_without_the_feature_are_refused() {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.ask(FrontendRequest::PostcopyListen));
+    assert_refused(&f.ask(FrontendRequest::PostcopyEnd));
+    let outcome = f.ask(FrontendRequest::PostcopyAdvise);
+    assert!(!outcome.close && outcome.reply.unwrap().fds.is_empty());
+}
+
+// ------------------------------------------------------------------ postcopy
+
+#[cfg(feature = "postcopy")]
+mod postcopy {
+    use super::*;
+
+    #[test]
+    fn postcopy_advise_returns_a_userfaultfd() {
+        let mut f = Fixture::negotiated();
+        let outcome = f.ask(FrontendRequest::PostcopyAdvise);
+        assert!(!outcome.close);
+        let reply = outcome.reply.unwrap();
+        // Creating a userfaultfd must work on the test machine (root, /dev/userfaultfd):
+        // a failure here is a failure, not a reason to skip.
+        assert_eq!(
+            reply.fds.len(),
+            1,
+            "POSTCOPY_ADVISE returned no userfaultfd"
+        );
+        let link =
+            std::fs::read_link(format!("/proc/self/fd/{}", reply.fds[0].as_raw_fd())).unwrap();
+        assert!(link.to_string_lossy().contains("userfaultfd"), "{link:?}");
+    }
+
+    #[test]
+    fn postcopy_listen_before_advise_is_refused() {
+        let mut f = Fixture::negotiated();
+        assert_refused(&f.ask(FrontendRequest::PostcopyListen));
+    }
+
+    #[test]
+    fn set_mem_table_while_listening_replies_local_addresses() {
+        let mut f = Fixture::negotiated();
+        assert_eq!(
+            f.ask(FrontendRequest::PostcopyAdvise)
+                .reply
+                .unwrap()
+                .fds
+                .len(),
+            1
+        );
+        f.ok(FrontendRequest::PostcopyListen);
+        let outcome = f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
+        assert!(!outcome.close);
+        let reply = outcome.reply.unwrap();
+        let table = MemoryTable::decode_body(reply.header.request, &reply.body).unwrap();
+        let local = f
+            .session
+            .mem
+            .memory()
+            .memory()
+            .get_host_address(GuestAddress(0))
+            .unwrap();
+        assert_eq!(table.regions[0].user_addr, local as u64);
+        assert_eq!(table.regions[0].guest_phys_addr, 0);
+        // QEMU's acknowledgement: SET_MEM_TABLE with a u64 0 and no fds.
+        let code = FrontendReq::SetMemTable.code().0;
+        let ack_msg = raw(
+            code,
+            HeaderFlags::empty(),
+            0u64.to_ne_bytes().to_vec(),
+            Vec::new(),
+        );
+        let outcome = f.raw(ack_msg);
+        assert!(outcome.reply.is_none() && !outcome.close);
+        assert_eq!(f.session.mem.num_regions(), 1);
+        assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
+    }
+
+    #[test]
+    fn postcopy_end_before_advise_replies_a_failure() {
+        let mut f = Fixture::negotiated();
+        assert_refused(&f.ask(FrontendRequest::PostcopyEnd));
+    }
+}
+
+// ------------------------------------------------------------------ backend shapes
+
+/// A device written the way the reference's users write one: `&mut self`, no migration
+/// bitmap, the default vring type, behind an `RwLock` in an `Arc`.
+struct MutDevice {
+    acked: u64,
+}
+
+impl VhostUserBackendMut for MutDevice {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> usize {
+        128
+    }
+    fn features(&self) -> u64 {
+        VirtioFeatures::VERSION_1.bits()
+    }
+    fn acked_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+    fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::empty()
+    }
+    fn set_event_idx(&mut self, _enabled: bool) {}
+    fn update_memory(&mut self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        Ok(())
+    }
+    fn handle_event(
+        &mut self,
+        _device_event: u16,
+        _evset: EventSet,
+        _vrings: &[VringMutex],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn mut_backend_behind_arc_rwlock_is_served() {
+    let device = Arc::new(RwLock::new(MutDevice { acked: 0 }));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let vrings = vec![VringMutex::new(mem.clone(), 128).unwrap()];
+    let mut session = Session::new(device.clone(), mem, vrings);
+    let mut ctl = Recorder(Shared::default());
+    let (header, body) = FrontendRequest::<OwnedFd>::SetFeatures(VirtioFeatures::VERSION_1)
+        .encode(HeaderFlags::NEED_REPLY);
+    let outcome = session.handle(
+        RawMessage {
+            header,
+            body,
+            fds: Vec::new(),
+        },
+        &mut ctl,
+    );
+    assert_eq!(ack(&outcome), 0);
+    assert_eq!(
+        device.read().unwrap().acked,
+        VirtioFeatures::VERSION_1.bits()
+    );
+    assert_eq!(session.backend().num_queues(), 1);
+    // Without protocol features the ring is enabled at once.
+    assert!(session.vrings()[0].is_enabled());
+}
+
+#[test]
+fn mutex_backend_is_a_backend() {
+    fn is_backend<T: VhostUserBackend>() {}
+    is_backend::<Mutex<MutDevice>>();
+    is_backend::<Arc<Mutex<MutDevice>>>();
+}
+
+#[test]
+fn session_fds_are_close_on_exec() {
+    let fd = new_eventfd().unwrap();
+    // SAFETY: F_GETFD on a valid fd owned by `fd`.
+    let flags = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFD) };
+    assert!(flags & libc::FD_CLOEXEC != 0);
+}
