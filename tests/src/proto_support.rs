@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use vu_proto::message::{encode_reply, FrontendRequest};
 use vu_proto::payload::{MemoryRegion, VringAddr, VringState, U64};
 use vu_proto::socket::{Endpoint, SocketError};

@@ -583,3 +583,41 @@ fn frontend_sets_up_a_codec_backend() {
     assert!(seen.owner);
     assert_eq!(seen.acks, 1, "only SET_VRING_NUM came after REPLY_ACK");
 }
+
+#[test]
+fn postcopy_mem_table_returns_the_backend_bases_and_acks_them() {
+    let guest = memfd(0x1000);
+    let (mut fe, backend) = with_backend(|be| {
+        let (header, req) = recv(&be);
+        assert!(matches!(req, FrontendRequest::PostcopyAdvise));
+        let uffd_stand_in = memfd(0);
+        reply(&be, &header, &U64(0), &[uffd_stand_in.as_fd()]);
+        let (_, req) = recv(&be);
+        assert!(matches!(req, FrontendRequest::PostcopyListen));
+        let (header, req) = recv(&be);
+        let FrontendRequest::SetMemTable { mut table, fds: _ } = req else {
+            panic!("{req:?}")
+        };
+        table.regions[0].user_addr = 0x5555_0000_0000;
+        reply(&be, &header, &table, &[]);
+        // The front-end's acknowledgement: same request, a u64 zero, not a reply.
+        let ack = be.recv_message().unwrap();
+        assert_eq!(ack.header.request, FrontendReq::SetMemTable.code());
+        assert!(!ack.header.is_reply());
+        assert_eq!(ack.body, 0u64.to_ne_bytes());
+        let (header, req) = recv(&be);
+        assert!(matches!(req, FrontendRequest::PostcopyEnd));
+        reply(&be, &header, &U64(0), &[]);
+    });
+    let _uffd = fe.postcopy_advise().unwrap();
+    fe.postcopy_listen().unwrap();
+    let r = region(0, 0x1000, 0x7f00_0000_0000);
+    assert!(matches!(
+        fe.set_mem_table(&[r], &[guest.as_fd()]),
+        Err(FrontendError::InvalidArgument { .. })
+    ));
+    let table = fe.set_mem_table_postcopy(&[r], &[guest.as_fd()]).unwrap();
+    assert_eq!(table.regions[0].user_addr, 0x5555_0000_0000);
+    fe.postcopy_end().unwrap();
+    backend.join().unwrap();
+}

@@ -28,6 +28,7 @@ use vhost::vhost_user::{
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
+
 use vu_proto::backend::{BackendChannel, ChannelError};
 use vu_proto::frontend::{
     handle_backend_request, BackendReqHandler, Frontend, FrontendError, Refusal,
