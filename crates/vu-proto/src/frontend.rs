@@ -331,6 +331,11 @@ impl Frontend {
     /// `VHOST_USER_SET_PROTOCOL_FEATURES`: acknowledges `features`. The request itself
     /// follows the features negotiated before it; from the next request on, `REPLY_ACK`
     /// applies if `features` holds it.
+    ///
+    /// Protocol features exist only once the back-end has offered
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` in its `GET_FEATURES` reply, and back-ends (rust-vmm's
+    /// among them) only acknowledge requests after seeing that offer: call
+    /// [`Frontend::get_features`] first, or a request may wait for an ack that never comes.
     pub fn set_protocol_features(&mut self, features: ProtocolFeatures) -> Result<()> {
         let msg = FrontendRequest::SetProtocolFeatures(features);
         self.command(FrontendReq::SetProtocolFeatures, &msg)?;
