@@ -30,17 +30,14 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vu_mem::RegionBitmap;
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::payload::{SharedObject, ShmemConfig, TransferDirection, TransferPhase};
-use vu_proto::socket::Endpoint;
 use vu_vring::VringT;
 
-/// The guest memory handle given to backends and vrings.
-pub type GuestMemory<B> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
+/// The guest memory handle given to backends and vrings (the reference calls it `GM` too).
+pub type GM<B> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
 
-/// The channel on which the backend sends requests to the frontend (`SET_BACKEND_REQ_FD`).
-///
-/// It is the connected socket the frontend handed over; the backend sends
-/// `vu_proto::BackendRequest`s on it and reads the replies.
-pub type BackendChannel = Endpoint;
+/// The channel on which the backend sends requests to the frontend (`SET_BACKEND_REQ_FD`):
+/// vu-proto's typed sender, told which protocol features were negotiated.
+pub use vu_proto::backend::BackendChannel;
 
 /// An `io::Error` of kind `Unsupported` saying what the backend does not do.
 fn unsupported(what: &str) -> io::Error {
@@ -59,7 +56,7 @@ pub trait VhostUserBackend {
     type Bitmap: RegionBitmap;
     /// The vring type: [`vu_vring::VringMutex`] or [`vu_vring::VringRwLock`] for the
     /// multi-threaded daemon, [`vu_vring::VringState`] for the single-threaded one.
-    type Vring: VringT<GuestMemory<Self::Bitmap>>;
+    type Vring: VringT<GM<Self::Bitmap>>;
 
     /// The number of virtqueues.
     fn num_queues(&self) -> usize;
@@ -96,7 +93,7 @@ pub trait VhostUserBackend {
     }
 
     /// The guest memory table changed; `mem` is the same handle the vrings hold.
-    fn update_memory(&self, mem: GuestMemory<Self::Bitmap>) -> io::Result<()>;
+    fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()>;
 
     /// Hands over the channel for backend-initiated requests (`SET_BACKEND_REQ_FD`).
     fn set_backend_req_fd(&self, _channel: BackendChannel) {}
@@ -165,7 +162,7 @@ pub trait VhostUserBackendMut {
     /// See [`VhostUserBackend::Bitmap`].
     type Bitmap: RegionBitmap;
     /// See [`VhostUserBackend::Vring`].
-    type Vring: VringT<GuestMemory<Self::Bitmap>>;
+    type Vring: VringT<GM<Self::Bitmap>>;
 
     /// See [`VhostUserBackend::num_queues`].
     fn num_queues(&self) -> usize;
@@ -199,7 +196,7 @@ pub trait VhostUserBackendMut {
     }
 
     /// See [`VhostUserBackend::update_memory`].
-    fn update_memory(&mut self, mem: GuestMemory<Self::Bitmap>) -> io::Result<()>;
+    fn update_memory(&mut self, mem: GM<Self::Bitmap>) -> io::Result<()>;
 
     /// See [`VhostUserBackend::set_backend_req_fd`].
     fn set_backend_req_fd(&mut self, _channel: BackendChannel) {}
@@ -286,7 +283,7 @@ impl<T: VhostUserBackend + ?Sized> VhostUserBackend for Arc<T> {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         self.deref().set_config(offset, buf)
     }
-    fn update_memory(&self, mem: GuestMemory<Self::Bitmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
         self.deref().update_memory(mem)
     }
     fn set_backend_req_fd(&self, channel: BackendChannel) {
@@ -386,7 +383,7 @@ macro_rules! locked_backend {
                     .unwrap_or_else(PoisonError::into_inner)
                     .set_config(offset, buf)
             }
-            fn update_memory(&self, mem: GuestMemory<Self::Bitmap>) -> io::Result<()> {
+            fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
                 self.$write()
                     .unwrap_or_else(PoisonError::into_inner)
                     .update_memory(mem)

@@ -199,28 +199,28 @@ where
             return Outcome::default();
         }
         let request = match FrontendRequest::decode(msg) {
+            Ok(FrontendRequest::Unknown { code, .. }) => {
+                return self.refuse(&header, None, SessionError::UnknownRequest { code });
+            }
             Ok(request) => request,
             Err(err) => {
                 let req = FrontendReq::try_from(header.request).ok();
                 return self.refuse(&header, req, err.into());
             }
         };
-        let FrontendRequest::Unknown { code, .. } = request else {
-            let req = FrontendReq::try_from(header.request).ok();
-            return match self.dispatch(&header, request, ctl) {
-                Ok(Some(reply)) => Outcome {
-                    reply: Some(reply),
-                    close: false,
-                },
-                Ok(None) if header.needs_reply() => Outcome {
-                    reply: Some(Reply::u64(&header, U64::ACK_SUCCESS.0)),
-                    close: false,
-                },
-                Ok(None) => Outcome::default(),
-                Err(err) => self.refuse(&header, req, err),
-            };
-        };
-        self.refuse(&header, None, SessionError::UnknownRequest { code })
+        let req = FrontendReq::try_from(header.request).ok();
+        match self.dispatch(&header, request, ctl) {
+            Ok(Some(reply)) => Outcome {
+                reply: Some(reply),
+                close: false,
+            },
+            Ok(None) if header.needs_reply() => Outcome {
+                reply: Some(Reply::u64(&header, U64::ACK_SUCCESS.0)),
+                close: false,
+            },
+            Ok(None) => Outcome::default(),
+            Err(err) => self.refuse(&header, req, err),
+        }
     }
 
     /// The frontend went away: forget everything about the connection (features, memory
@@ -500,7 +500,7 @@ where
             return Err(SessionError::ProtocolFeaturesNotNegotiated { request });
         }
         self.require(request, ProtocolFeatures::BACKEND_REQ)?;
-        let channel = vu_proto::socket::Endpoint::from_fd(fd)
+        let channel = vu_proto::backend::BackendChannel::from_fd(fd, self.acked_protocol)
             .map_err(|source| SessionError::Socket { request, source })?;
         self.backend.set_backend_req_fd(channel);
         Ok(())
