@@ -196,7 +196,14 @@ where
         }
         #[cfg(feature = "postcopy")]
         if self.is_postcopy_mem_table_ack(&msg) {
-            return Outcome::default();
+            // QEMU reuses the flags of its SET_MEM_TABLE for the acknowledgement: with
+            // REPLY_ACK it waits for a REPLY_ACK to the whole exchange now.
+            return Outcome {
+                reply: header
+                    .needs_reply()
+                    .then(|| Reply::u64(&header, U64::ACK_SUCCESS.0)),
+                close: false,
+            };
         }
         let request = match FrontendRequest::decode(msg) {
             Ok(FrontendRequest::Unknown { code, .. }) => {

@@ -28,7 +28,8 @@ where
     B: RegionBitmap,
 {
     /// QEMU answers a postcopy `SET_MEM_TABLE` reply with a `SET_MEM_TABLE` carrying a `u64`
-    /// 0 and no fds; that message is consumed here, it is not a new table.
+    /// 0 and no fds; that message is consumed here, it is not a new table. (Its NEED_REPLY
+    /// flag, if set, is answered by the caller.)
     pub(super) fn is_postcopy_mem_table_ack(&mut self, msg: &RawMessage) -> bool {
         msg.header.request == FrontendReq::SetMemTable.into()
             && msg.body.len() == ACK_BODY

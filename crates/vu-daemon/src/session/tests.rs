@@ -1415,18 +1415,24 @@ mod postcopy {
         assert_refused(&f.ask(FrontendRequest::PostcopyListen));
     }
 
+    /// Advise and listen; the test keeps the userfaultfd.
+    fn listening() -> (Fixture, OwnedFd) {
+        let mut f = Fixture::negotiated();
+        let mut fds = f.ask(FrontendRequest::PostcopyAdvise).reply.unwrap().fds;
+        assert_eq!(fds.len(), 1, "POSTCOPY_ADVISE returned no userfaultfd");
+        f.ok(FrontendRequest::PostcopyListen);
+        (f, fds.remove(0))
+    }
+
+    /// QEMU's acknowledgement of the table reply: SET_MEM_TABLE with a u64 0 and no fds.
+    fn table_ack(flags: HeaderFlags) -> RawMessage {
+        let code = FrontendReq::SetMemTable.code().0;
+        raw(code, flags, 0u64.to_ne_bytes().to_vec(), Vec::new())
+    }
+
     #[test]
     fn set_mem_table_while_listening_replies_local_addresses() {
-        let mut f = Fixture::negotiated();
-        assert_eq!(
-            f.ask(FrontendRequest::PostcopyAdvise)
-                .reply
-                .unwrap()
-                .fds
-                .len(),
-            1
-        );
-        f.ok(FrontendRequest::PostcopyListen);
+        let (mut f, _uffd) = listening();
         let outcome = f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
         assert!(!outcome.close);
         let reply = outcome.reply.unwrap();
@@ -1440,18 +1446,31 @@ mod postcopy {
             .unwrap();
         assert_eq!(table.regions[0].user_addr, local as u64);
         assert_eq!(table.regions[0].guest_phys_addr, 0);
-        // QEMU's acknowledgement: SET_MEM_TABLE with a u64 0 and no fds.
-        let code = FrontendReq::SetMemTable.code().0;
-        let ack_msg = raw(
-            code,
-            HeaderFlags::empty(),
-            0u64.to_ne_bytes().to_vec(),
-            Vec::new(),
-        );
-        let outcome = f.raw(ack_msg);
+        let outcome = f.raw(table_ack(HeaderFlags::empty()));
         assert!(outcome.reply.is_none() && !outcome.close);
         assert_eq!(f.session.mem.num_regions(), 1);
         assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
+    }
+
+    /// With REPLY_ACK QEMU sets NEED_REPLY on the table and on its acknowledgement, and
+    /// waits for a REPLY_ACK after the acknowledgement.
+    #[test]
+    fn postcopy_table_ack_with_need_reply_gets_a_reply_ack() {
+        let (mut f, _uffd) = listening();
+        let outcome = f.ask(mem_table(&[(0, MEM_SIZE)]));
+        assert!(outcome.reply.unwrap().body.len() > 8);
+        assert_eq!(ack(&f.raw(table_ack(HeaderFlags::NEED_REPLY))), 0);
+    }
+
+    #[test]
+    fn postcopy_end_unregisters_and_stops_listening() {
+        let (mut f, _uffd) = listening();
+        f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
+        f.raw(table_ack(HeaderFlags::empty()));
+        assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
+        // A new table is an ordinary one again: no reply of its own.
+        let outcome = f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
+        assert!(outcome.reply.is_none() && !outcome.close);
     }
 
     #[test]
