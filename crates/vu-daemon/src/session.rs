@@ -261,7 +261,7 @@ where
         use FrontendRequest as R;
         match request {
             R::GetFeatures => Ok(Some(Reply::u64(hdr, self.backend.features()))),
-            R::SetFeatures(features) => self.handle_set_features(features, ctl).map(none),
+            R::SetFeatures(features) => self.handle_set_features(features).map(none),
             R::SetOwner => self.handle_set_owner().map(none),
             R::ResetOwner => self.handle_reset_owner(ctl).map(none),
             R::SetMemTable { table, fds } => self.handle_set_mem_table(hdr, table, fds),
@@ -277,7 +277,7 @@ where
             R::GetProtocolFeatures => self.handle_get_protocol_features(hdr).map(Some),
             R::SetProtocolFeatures(f) => self.handle_set_protocol_features(f).map(none),
             R::GetQueueNum => self.handle_get_queue_num(hdr).map(Some),
-            R::SetVringEnable(enable) => self.handle_set_vring_enable(enable, ctl).map(none),
+            R::SetVringEnable(enable) => self.handle_set_vring_enable(enable).map(none),
             R::SendRarp(_) => Err(unsupported(FrontendReq::SendRarp, "no RARP support")),
             R::NetSetMtu(_) => Err(unsupported(FrontendReq::NetSetMtu, "no MTU support")),
             R::SetBackendReqFd { fd } => self.handle_set_backend_req_fd(fd).map(none),
@@ -386,11 +386,7 @@ where
         self.backend.features() & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
-    fn handle_set_features(
-        &mut self,
-        features: VirtioFeatures,
-        ctl: &mut dyn RingControl,
-    ) -> Result<(), SessionError> {
+    fn handle_set_features(&mut self, features: VirtioFeatures) -> Result<(), SessionError> {
         let offered = self.backend.features();
         let requested = features.bits();
         let masked = requested & offered;
@@ -421,7 +417,7 @@ where
             // VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings
             // immediately."
             for queue in 0..self.vrings.len() {
-                self.enable_ring(FrontendReq::SetFeatures, queue, true, ctl)?;
+                self.enable_ring(FrontendReq::SetFeatures, queue, true)?;
             }
         }
         Ok(())

@@ -222,14 +222,13 @@ where
     pub(super) fn handle_set_vring_enable(
         &mut self,
         enable: VringEnable,
-        ctl: &mut dyn RingControl,
     ) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringEnable;
         if !self.protocol_negotiated() {
             return Err(SessionError::ProtocolFeaturesNotNegotiated { request });
         }
         let queue = self.queue(request, enable.index)?;
-        self.enable_ring(request, usize::from(queue), enable.enable, ctl)
+        self.enable_ring(request, usize::from(queue), enable.enable)
     }
 
     /// Enables or disables a ring. Enabling a started ring wakes its worker through the kick
@@ -240,7 +239,6 @@ where
         request: FrontendReq,
         queue: usize,
         enable: bool,
-        _ctl: &mut dyn RingControl,
     ) -> Result<(), SessionError> {
         let Some(vring) = self.vrings.get(queue) else {
             return Ok(());
