@@ -1,2 +1,11 @@
-//! Shared test support for the vu workspace.
+//! Shared test support for the vu workspace: a scripted-frontend toolbox for the vu-proto
+//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), a device setup helper over
+//! vu-proto's `Frontend` ([`device`]), test backends ([`backends`]) and fd-leak helpers
+//! ([`fdleak`]).
 pub mod proto_support;
+
+pub mod backends;
+pub mod daemon_support;
+pub mod device;
+pub mod fdleak;
+pub mod virtqueue;

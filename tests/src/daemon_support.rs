@@ -1,0 +1,97 @@
+//! Running a [`VhostUserDaemon`] over an [`EchoBackend`] on a real socket, and bounding
+//! operations that could hang in time.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use vmm_sys_util::tempdir::TempDir;
+use vu_backend::{VhostUserDaemon, VringMutex};
+use vu_proto::frontend::Frontend;
+use vu_proto::listener::Listener;
+
+use crate::backends::EchoBackend;
+use crate::device::{socket_path, DeviceSetup, TestDevice, DEVICE_TIMEOUT};
+
+/// The daemon type of the tests: an echo backend shared with the test through an `Arc`.
+pub type EchoDaemon = VhostUserDaemon<Arc<EchoBackend<VringMutex>>>;
+
+/// A daemon serving an echo backend on a socket in a temporary directory.
+#[derive(Debug)]
+pub struct Running {
+    /// The daemon.
+    pub daemon: EchoDaemon,
+    /// The backend, shared with the daemon.
+    pub backend: Arc<EchoBackend<VringMutex>>,
+    /// The socket path.
+    pub path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Running {
+    /// Builds the daemon and serves frontends one after another on a fresh socket.
+    pub fn serving(backend: EchoBackend<VringMutex>) -> Self {
+        let mut running = Running::built(backend);
+        let listener = Listener::bind(&running.path).expect("bind");
+        running
+            .daemon
+            .start_serving(listener)
+            .expect("start_serving");
+        running
+    }
+
+    /// Builds the daemon and binds the socket, without starting it; see [`Running::listener`].
+    pub fn built(backend: EchoBackend<VringMutex>) -> Self {
+        let (dir, path) = socket_path();
+        let backend = Arc::new(backend);
+        let daemon = VhostUserDaemon::new(
+            "vu-test".to_owned(),
+            backend.clone(),
+            vu_backend::GuestMemoryAtomic::new(vu_backend::GuestMemoryMmap::new()),
+        )
+        .expect("daemon");
+        Running {
+            daemon,
+            backend,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// A listener bound to the socket path.
+    pub fn listener(&self) -> Listener {
+        Listener::bind(&self.path).expect("bind")
+    }
+
+    /// Connects a frontend with a reply timeout.
+    pub fn frontend(&self) -> Frontend {
+        let fe = Frontend::connect(&self.path).expect("connect");
+        fe.set_reply_timeout(Some(DEVICE_TIMEOUT))
+            .expect("reply timeout");
+        fe
+    }
+
+    /// Connects and sets up a device.
+    pub fn device(&self, setup: &DeviceSetup) -> TestDevice {
+        TestDevice::setup(self.frontend(), setup)
+    }
+}
+
+/// Runs `f` on another thread and returns its result, panicking if it takes longer than
+/// `timeout` (the thread is then left behind).
+pub fn within<T: Send + 'static>(
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(value) => value,
+        Err(_) => panic!("{what} did not finish within {timeout:?}"),
+    }
+}
