@@ -52,8 +52,7 @@ mod memory;
 mod postcopy;
 mod vring;
 
-// The tests map memfd-backed guest memory, which Xen mappings cannot do.
-#[cfg(all(test, not(feature = "xen")))]
+#[cfg(test)]
 mod tests;
 
 use std::fs::File;
