@@ -117,16 +117,16 @@
 
 #![deny(clippy::unwrap_used)]
 
-pub mod wire;
-pub mod header;
-pub mod request;
-pub mod features;
-pub mod payload;
-pub mod message;
-pub mod socket;
-pub mod listener;
-pub mod frontend;
 pub mod backend;
+pub mod features;
+pub mod frontend;
+pub mod header;
+pub mod listener;
+pub mod message;
+pub mod payload;
+pub mod request;
+pub mod socket;
+pub mod wire;
 
 pub use backend::{BackendChannel, ChannelError};
 pub use features::{check_subset, ProtocolFeatures, VirtioFeatures};
