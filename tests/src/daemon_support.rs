@@ -95,3 +95,66 @@ pub fn within<T: Send + 'static>(
         Err(_) => panic!("{what} did not finish within {timeout:?}"),
     }
 }
+
+/// A [`LocalDaemon`](vu_backend::LocalDaemon) over an echo backend with
+/// [`VringState`](vu_backend::VringState) vrings, running on a thread of its own (which stands
+/// for the caller's thread of a real device).
+#[derive(Debug)]
+pub struct LocalRunning {
+    /// Stops the daemon.
+    pub handle: vu_backend::ShutdownHandle,
+    /// The backend, shared with the daemon.
+    pub backend: Arc<EchoBackend<vu_backend::VringState>>,
+    /// The epoll handler of the daemon's one thread.
+    pub epoll: Arc<vu_backend::VringEpollHandler>,
+    /// The socket path.
+    pub path: PathBuf,
+    result: mpsc::Receiver<Result<(), vu_backend::DaemonError>>,
+    _dir: TempDir,
+}
+
+impl LocalRunning {
+    /// Binds a socket and runs the daemon on a new thread until it stops.
+    pub fn serving(backend: EchoBackend<vu_backend::VringState>) -> Self {
+        let (dir, path) = socket_path();
+        let listener = Listener::bind(&path).expect("bind");
+        let backend = Arc::new(backend);
+        let shared = backend.clone();
+        let (setup_tx, setup_rx) = mpsc::channel();
+        let (result_tx, result_rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut daemon = vu_backend::LocalDaemon::new(
+                "vu-local".to_owned(),
+                shared,
+                vu_backend::GuestMemoryAtomic::new(vu_backend::GuestMemoryMmap::new()),
+            )
+            .expect("local daemon");
+            let _ = setup_tx.send((daemon.shutdown_handle(), daemon.epoll_handler()));
+            let _ = result_tx.send(daemon.run(&listener));
+        });
+        let (handle, epoll) = setup_rx
+            .recv_timeout(DEVICE_TIMEOUT)
+            .expect("local daemon built");
+        LocalRunning {
+            handle,
+            backend,
+            epoll,
+            path,
+            result: result_rx,
+            _dir: dir,
+        }
+    }
+
+    /// Connects and sets up a device.
+    pub fn device(&self, setup: &DeviceSetup) -> TestDevice {
+        let fe = Frontend::connect(&self.path).expect("connect");
+        TestDevice::setup(fe, setup)
+    }
+
+    /// Waits for `run` to return, at most `timeout`.
+    pub fn result(&self, timeout: Duration) -> Result<(), vu_backend::DaemonError> {
+        self.result
+            .recv_timeout(timeout)
+            .expect("the local daemon returned within the timeout")
+    }
+}
