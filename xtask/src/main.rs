@@ -10,6 +10,7 @@ mod ci;
 mod cmd;
 mod deps;
 mod doc;
+mod e2e;
 mod features;
 mod fmt;
 mod lint;
@@ -100,7 +101,8 @@ fn help() -> String {
         text.push_str(&format!("  {:<9} {}\n", step.name, step.about));
     }
     text.push_str(
-        "  help      this text\n\n\
+        "  e2e       boot a Linux guest in QEMU against our backends (cargo xtask e2e --help)\n\
+         help      this text\n\n\
          options:\n  --allow-dirty   let `package` run with uncommitted changes (local use only)\n\n\
          See docs/TESTING.md.\n",
     );
@@ -109,6 +111,14 @@ fn help() -> String {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `e2e` has options of its own (docs/e2e.md); it is not a `ci` step yet.
+    if args.first().map(String::as_str) == Some("e2e") {
+        if let Err(err) = std::env::set_current_dir(workspace_root()) {
+            eprintln!("xtask: cannot enter the workspace root: {err}");
+            return ExitCode::FAILURE;
+        }
+        return e2e::main(&args[1..]);
+    }
     let mut options = Options::default();
     let mut task = None;
     for arg in &args {

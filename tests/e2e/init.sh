@@ -1,0 +1,134 @@
+#!/bin/sh
+# /init of the `cargo xtask e2e` guest (busybox sh, run as PID 1 from the initramfs).
+#
+# The host passes the test on the kernel command line:
+#   e2e.test=blk|rng   which device to exercise
+#   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
+#   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
+# and reads the verdict back from the serial console: the guest prints
+#   VU-E2E-PASS <test> <nonce>    when every check here passed
+#   VU-E2E-FAIL <test> <reason>   otherwise
+# then powers off. The host makes its own checks after power-off (docs/e2e.md).
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+test=none
+nonce=none
+sum=none
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        e2e.test=*) test="${arg#*=}" ;;
+        e2e.nonce=*) nonce="${arg#*=}" ;;
+        e2e.sum=*) sum="${arg#*=}" ;;
+    esac
+done
+
+# Printed both on the console tty and through printk: printk writes to the serial console
+# synchronously, so the line is out before `poweroff -f` stops the machine.
+say() {
+    echo "$*"
+    echo "<1>$*" > /dev/kmsg
+}
+
+finish() {
+    sync
+    poweroff -f
+    # Not reached; if it were, PID 1 exiting panics the kernel and panic=-1 ends QEMU.
+    exit 1
+}
+
+fail() {
+    say "VU-E2E-FAIL $test $*"
+    finish
+}
+
+# The initramfs holds the virtio modules this kernel builds as modules, numbered in
+# dependency order by the xtask (modules.dep order, dependencies first).
+for ko in /lib/modules/*.ko; do
+    [ -e "$ko" ] || break
+    insmod "$ko" || fail "insmod $ko"
+done
+
+# Waits up to 10 s for a device node to appear.
+wait_for() {
+    i=0
+    while [ ! -e "$1" ]; do
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && return 1
+        sleep 0.1
+    done
+    return 0
+}
+
+# Reads one 4 KiB block of /dev/vda with O_DIRECT on cpu $1 and prints it without the NUL
+# padding.
+read_block() {
+    taskset -c "$1" dd if=/dev/vda bs=4096 skip="$2" count=1 iflag=direct 2>/dev/null | tr -d '\000'
+}
+
+# One worker per vCPU, pinned, so that with several queues every queue carries requests.
+blk_worker() {
+    cpu="$1"
+    mark="VU-E2E-GUEST $nonce cpu$cpu"
+    printf '%s' "$mark" | dd of="/tmp/mark$cpu" bs=4096 count=1 conv=sync 2>/dev/null
+    taskset -c "$cpu" dd if="/tmp/mark$cpu" of=/dev/vda bs=4096 seek=$((1 + cpu)) count=1 \
+        oflag=direct conv=notrunc 2>/dev/null || { echo "cpu$cpu: O_DIRECT write failed"; return 1; }
+    back="$(read_block "$cpu" $((1 + cpu)))"
+    [ "$back" = "$mark" ] || { echo "cpu$cpu: read back '$back'"; return 1; }
+    # 2 MiB of pattern in 64 KiB O_DIRECT reads: many multi-segment requests.
+    got="$(taskset -c "$cpu" dd if=/dev/vda bs=65536 skip=16 count=32 iflag=direct 2>/dev/null | sha256sum)"
+    [ "${got%% *}" = "$sum" ] || { echo "cpu$cpu: pattern sha256 ${got%% *}"; return 1; }
+    return 0
+}
+
+test_blk() {
+    wait_for /dev/vda || fail "no /dev/vda"
+    host="$(read_block 0 0)"
+    [ "$host" = "VU-E2E-HOST $nonce" ] || fail "sector 0 holds '$host'"
+    ncpu="$(nproc)"
+    cpu=0
+    pids=""
+    while [ "$cpu" -lt "$ncpu" ]; do
+        blk_worker "$cpu" > "/tmp/worker$cpu.log" 2>&1 &
+        pids="$pids $!"
+        cpu=$((cpu + 1))
+    done
+    bad=0
+    for pid in $pids; do
+        wait "$pid" || bad=1
+    done
+    if [ "$bad" -ne 0 ]; then
+        fail "$(cat /tmp/worker*.log | tr '\n' ' ')"
+    fi
+    sync
+    blockdev --flushbufs /dev/vda 2>/dev/null
+    say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu"
+}
+
+test_rng() {
+    wait_for /dev/hwrng || fail "no /dev/hwrng"
+    current="$(cat /sys/class/misc/hw_random/rng_current)"
+    case "$current" in
+        virtio_rng*) ;;
+        *) fail "current hwrng is '$current'" ;;
+    esac
+    # Stop the kernel's own reader (khwrngd) so that what we read is one contiguous run of
+    # the backend's stream.
+    echo 0 > /sys/class/misc/hw_random/rng_quality 2>/dev/null
+    hex="$(dd if=/dev/hwrng bs=64 count=4 iflag=fullblock 2>/dev/null | od -An -v -tx1 | tr -d ' \n')"
+    [ "${#hex}" -eq 512 ] || fail "read ${#hex} hex digits from /dev/hwrng"
+    say "VU-E2E-RNG $nonce $hex"
+    say "VU-E2E-PASS rng $nonce"
+}
+
+case "$test" in
+    blk) test_blk ;;
+    rng) test_rng ;;
+    *) fail "unknown e2e.test '$test'" ;;
+esac
+finish

@@ -1,0 +1,753 @@
+//! One boot: prepare the disk image or entropy source, start the backend, boot QEMU against
+//! it with a deadline, stop both by PID, and judge the result from the serial console and
+//! the files the guest touched.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cmd::Cmd;
+
+/// The bound on one boot, from QEMU's start to its exit.
+pub(crate) const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a backend may take to create its socket.
+const SOCKET_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a backend may take to exit after SIGTERM before it gets SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+/// Guest RAM, shared with the backend through a memfd.
+const MEMORY: &str = "256M";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+
+/// The blk image: 16 MiB.
+const IMAGE_SIZE: usize = 16 << 20;
+/// Where the host's pattern starts and how long it is (the guest reads it back and hashes it).
+const PATTERN_AT: usize = 1 << 20;
+const PATTERN_LEN: usize = 2 << 20;
+/// The guest writes its marker for vCPU `n` in 4 KiB block `1 + n`.
+const GUEST_BLOCK: usize = 4096;
+/// The rng backend's entropy source; far more than a boot consumes, so it never wraps.
+const RNG_SOURCE_LEN: usize = 1 << 20;
+
+/// The device under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Device {
+    Blk,
+    Rng,
+}
+
+impl Device {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Device::Blk => "blk",
+            Device::Rng => "rng",
+        }
+    }
+}
+
+/// Who serves the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// A backend built on this workspace: the program to run.
+    Vu(PathBuf),
+    /// qemu-storage-daemon's vhost-user-blk export (QEMU's libvhost-user).
+    Qsd,
+    /// No vhost-user at all: QEMU's own virtio-blk-pci (on the image file) or virtio-rng-pci
+    /// (rng-random reading the source file). It shows the guest test is sound for a device
+    /// no other vhost-user backend serves here.
+    Builtin,
+}
+
+/// What stays the same across the boots of a run.
+#[derive(Debug, Clone)]
+pub(crate) struct Machine {
+    pub(crate) qemu: String,
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: PathBuf,
+    pub(crate) kvm: bool,
+}
+
+/// One boot to make.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub(crate) device: Device,
+    pub(crate) backend: Backend,
+    pub(crate) queues: u16,
+    pub(crate) cpus: u16,
+    /// Where this boot's files go (recreated).
+    pub(crate) dir: PathBuf,
+}
+
+/// How a boot went.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    /// `None` on success, else why it failed.
+    pub(crate) failure: Option<String>,
+    /// From QEMU's start to its exit.
+    pub(crate) seconds: f64,
+    pub(crate) console: PathBuf,
+    pub(crate) backend_log: PathBuf,
+    pub(crate) qemu_log: PathBuf,
+}
+
+/// A fresh random 64-bit value (std's hasher keys are random per process; the counter makes
+/// each call differ).
+pub(crate) fn fresh_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
+}
+
+/// Deterministic filler bytes (xorshift64*), seeded.
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The host's marker in sector 0 and the guest's marker for vCPU `cpu`.
+pub(crate) fn host_marker(nonce: &str) -> String {
+    format!("VU-E2E-HOST {nonce}")
+}
+
+pub(crate) fn guest_marker(nonce: &str, cpu: u16) -> String {
+    format!("VU-E2E-GUEST {nonce} cpu{cpu}")
+}
+
+/// The line the guest prints when every in-guest check passed.
+pub(crate) fn pass_marker(device: Device, nonce: &str) -> String {
+    format!("VU-E2E-PASS {} {nonce}", device.name())
+}
+
+/// A short private directory for the socket (`sun_path` is 108 bytes, target/ paths are long).
+fn socket_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "vu-e2e-{}-{:08x}",
+        std::process::id(),
+        fresh_u64() as u32
+    ));
+    std::fs::create_dir(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    Ok(dir)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|err| format!("cannot write {}: {err}", path.display()))
+}
+
+/// sha256 of a file by `sha256sum` (coreutils; xtask is std only).
+fn sha256(path: &Path) -> Result<String, String> {
+    let out = Cmd::new("sha256sum")
+        .args(&[&path.to_string_lossy()])
+        .capture_quietly()?;
+    out.stdout
+        .split_whitespace()
+        .next()
+        .filter(|_| out.success)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("sha256sum {} failed: {}", path.display(), out.stderr))
+}
+
+/// Writes the blk image: host marker in sector 0, the pattern at 1 MiB. Returns the pattern's
+/// sha256 for the guest to compare against.
+fn prepare_image(dir: &Path, image: &Path, nonce: &str, seed: u64) -> Result<String, String> {
+    let pattern_bytes = pattern(seed, PATTERN_LEN);
+    let pattern_file = dir.join("pattern.bin");
+    write_file(&pattern_file, &pattern_bytes)?;
+    let sum = sha256(&pattern_file)?;
+    let mut bytes = vec![0u8; IMAGE_SIZE];
+    let marker = host_marker(nonce);
+    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
+    bytes[PATTERN_AT..PATTERN_AT + PATTERN_LEN].copy_from_slice(&pattern_bytes);
+    write_file(image, &bytes)?;
+    Ok(sum)
+}
+
+fn log_file(path: &Path) -> Result<(Stdio, Stdio), String> {
+    let file =
+        File::create(path).map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+    let copy = file
+        .try_clone()
+        .map_err(|err| format!("cannot dup {}: {err}", path.display()))?;
+    Ok((Stdio::from(file), Stdio::from(copy)))
+}
+
+/// The paths one boot uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Files {
+    /// The vhost-user socket, in a short temporary directory.
+    pub(crate) socket: PathBuf,
+    /// The blk disk image.
+    pub(crate) image: PathBuf,
+    /// The rng entropy source.
+    pub(crate) rng_source: PathBuf,
+    /// The guest's serial console.
+    pub(crate) console: PathBuf,
+}
+
+/// The backend's command line; `None` for QEMU's built-in devices.
+pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
+    let socket = files.socket.to_string_lossy();
+    let (image, rng_source) = (&files.image, &files.rng_source);
+    Some(match (&spec.backend, spec.device) {
+        (Backend::Builtin, _) => return None,
+        (Backend::Qsd, _) => {
+            let mut command = Command::new("qemu-storage-daemon");
+            command.args([
+                "--blockdev".to_owned(),
+                format!("driver=file,node-name=file0,filename={}", image.display()),
+                "--export".to_owned(),
+                format!(
+                    "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,\
+                     addr.path={socket},writable=on,num-queues={}",
+                    spec.queues
+                ),
+            ]);
+            command
+        }
+        (Backend::Vu(program), Device::Blk) => {
+            let mut command = Command::new(program);
+            command.args([
+                "--socket-path".to_owned(),
+                socket.into_owned(),
+                "--image".to_owned(),
+                image.display().to_string(),
+                "--num-queues".to_owned(),
+                spec.queues.to_string(),
+            ]);
+            command
+        }
+        (Backend::Vu(program), Device::Rng) => {
+            let mut command = Command::new(program);
+            command.args([
+                "--socket-path".to_owned(),
+                socket.into_owned(),
+                "--rng-source".to_owned(),
+                rng_source.display().to_string(),
+            ]);
+            command
+        }
+    })
+}
+
+/// QEMU's command line.
+pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append: &str) -> Command {
+    let Files {
+        socket,
+        image,
+        rng_source,
+        console,
+    } = files;
+    let accel = if machine.kvm { "kvm" } else { "tcg" };
+    let device = match spec.device {
+        Device::Blk => format!(
+            "vhost-user-blk-pci,chardev=char0,num-queues={}",
+            spec.queues
+        ),
+        Device::Rng => "vhost-user-rng-pci,chardev=char0".to_owned(),
+    };
+    let backend_args = match (&spec.backend, spec.device) {
+        (Backend::Builtin, Device::Blk) => vec![
+            "-drive".to_owned(),
+            format!("if=none,id=disk0,format=raw,file={}", image.display()),
+            "-device".to_owned(),
+            format!("virtio-blk-pci,drive=disk0,num-queues={}", spec.queues),
+        ],
+        (Backend::Builtin, Device::Rng) => vec![
+            "-object".to_owned(),
+            format!("rng-random,id=rng0,filename={}", rng_source.display()),
+            "-device".to_owned(),
+            "virtio-rng-pci,rng=rng0".to_owned(),
+        ],
+        _ => vec![
+            "-chardev".to_owned(),
+            format!("socket,id=char0,path={}", socket.display()),
+            "-device".to_owned(),
+            device,
+        ],
+    };
+    let mut command = Command::new(&machine.qemu);
+    command.args([
+        "-nodefaults".to_owned(),
+        "-no-user-config".to_owned(),
+        "-machine".to_owned(),
+        format!("q35,accel={accel}"),
+        "-cpu".to_owned(),
+        if machine.kvm { "host" } else { "max" }.to_owned(),
+        "-smp".to_owned(),
+        spec.cpus.to_string(),
+        "-m".to_owned(),
+        MEMORY.to_owned(),
+        "-object".to_owned(),
+        format!("memory-backend-memfd,id=mem,size={MEMORY},share=on"),
+        "-numa".to_owned(),
+        "node,memdev=mem".to_owned(),
+    ]);
+    command.args(backend_args);
+    command.args([
+        "-kernel".to_owned(),
+        machine.kernel.display().to_string(),
+        "-initrd".to_owned(),
+        machine.initrd.display().to_string(),
+        "-append".to_owned(),
+        append.to_owned(),
+        "-display".to_owned(),
+        "none".to_owned(),
+        "-serial".to_owned(),
+        format!("file:{}", console.display()),
+        "-no-reboot".to_owned(),
+    ]);
+    command
+}
+
+/// A command as a shell line for the logs.
+fn shell_line(command: &Command) -> String {
+    let mut words = vec![command.get_program().to_string_lossy().into_owned()];
+    words.extend(command.get_args().map(|arg| {
+        let arg = arg.to_string_lossy();
+        if arg.contains(' ') {
+            format!("\"{arg}\"")
+        } else {
+            arg.into_owned()
+        }
+    }));
+    words.join(" ")
+}
+
+/// Sends SIGTERM by PID, waits a little, then SIGKILL. Returns whether it went on SIGTERM.
+fn stop(child: &mut Child) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while start.elapsed() < TERM_GRACE {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Waits until the backend has created its socket; `Err` says why it did not.
+fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), String> {
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = backend.try_wait() {
+            return Err(format!("backend exited before listening: {status}"));
+        }
+        if start.elapsed() > SOCKET_DEADLINE {
+            stop(backend);
+            return Err(format!(
+                "backend did not create its socket within {} s",
+                SOCKET_DEADLINE.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Runs one boot; `Err` only when the boot could not even be set up.
+pub(crate) fn run(machine: &Machine, spec: &Spec) -> Result<Outcome, String> {
+    let _ = std::fs::remove_dir_all(&spec.dir);
+    std::fs::create_dir_all(&spec.dir)
+        .map_err(|err| format!("cannot create {}: {err}", spec.dir.display()))?;
+    let sockets = socket_dir()?;
+    let result = run_in(machine, spec, &sockets);
+    let _ = std::fs::remove_dir_all(&sockets);
+    result
+}
+
+fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, String> {
+    let socket = sockets.join("vu.sock");
+    if socket.as_os_str().len() > SUN_PATH_MAX {
+        return Err(format!(
+            "socket path {} is too long for sun_path",
+            socket.display()
+        ));
+    }
+    let seed = fresh_u64();
+    let nonce = format!("{:016x}", fresh_u64());
+    let image = spec.dir.join("disk.img");
+    let rng_source = spec.dir.join("rng-source.bin");
+    let console = spec.dir.join("console.log");
+    let backend_log = spec.dir.join("backend.log");
+    let qemu_log = spec.dir.join("qemu.log");
+    let mut outcome = Outcome {
+        failure: None,
+        seconds: 0.0,
+        console: console.clone(),
+        backend_log: backend_log.clone(),
+        qemu_log: qemu_log.clone(),
+    };
+
+    let mut append = format!(
+        "console=ttyS0 panic=-1 quiet rng_core.default_quality=0 e2e.test={} e2e.nonce={nonce}",
+        spec.device.name()
+    );
+    match spec.device {
+        Device::Blk => {
+            let sum = prepare_image(&spec.dir, &image, &nonce, seed)?;
+            append.push_str(&format!(" e2e.sum={sum}"));
+        }
+        Device::Rng => write_file(&rng_source, &pattern(seed, RNG_SOURCE_LEN))?,
+    }
+
+    let files = Files {
+        socket: socket.clone(),
+        image: image.clone(),
+        rng_source: rng_source.clone(),
+        console: console.clone(),
+    };
+    let mut notes = File::create(spec.dir.join("commands.txt"))
+        .map_err(|err| format!("cannot create commands.txt: {err}"))?;
+    let mut backend = match backend_command(spec, &files) {
+        Some(mut backend_cmd) => {
+            let (out, err) = log_file(&backend_log)?;
+            backend_cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+            let _ = writeln!(notes, "{}", shell_line(&backend_cmd));
+            let child = backend_cmd
+                .spawn()
+                .map_err(|err| format!("cannot start `{}`: {err}", shell_line(&backend_cmd)))?;
+            Some(child)
+        }
+        None => {
+            write_file(
+                &backend_log,
+                b"(no backend process: QEMU's built-in device)\n",
+            )?;
+            None
+        }
+    };
+
+    if let Some(child) = &mut backend {
+        if let Err(failure) = wait_for_socket(child, &socket) {
+            outcome.failure = Some(failure);
+            return Ok(outcome);
+        }
+    }
+
+    let mut qemu_cmd = qemu_command(machine, spec, &files, &append);
+    let (out, err) = log_file(&qemu_log)?;
+    qemu_cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let _ = writeln!(notes, "{}", shell_line(&qemu_cmd));
+    let start = Instant::now();
+    let mut qemu = match qemu_cmd.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            if let Some(child) = &mut backend {
+                stop(child);
+            }
+            return Err(format!("cannot start `{}`: {err}", shell_line(&qemu_cmd)));
+        }
+    };
+    let mut timed_out = false;
+    let qemu_status = loop {
+        match qemu.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if start.elapsed() > BOOT_DEADLINE => {
+                timed_out = true;
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break None,
+        }
+    };
+    outcome.seconds = start.elapsed().as_secs_f64();
+    let backend_exited_on_term = backend.as_mut().is_none_or(stop);
+
+    let mut console_text = String::new();
+    if let Ok(mut file) = File::open(&console) {
+        let mut raw = Vec::new();
+        let _ = file.read_to_end(&mut raw);
+        console_text = String::from_utf8_lossy(&raw).into_owned();
+    }
+    outcome.failure = judge(spec, &nonce, &console_text, &image, &rng_source, timed_out).err();
+    if outcome.failure.is_none() {
+        if let (Backend::Vu(_), false) = (&spec.backend, backend_exited_on_term) {
+            outcome.failure = Some("backend did not exit within 5 s of SIGTERM".to_owned());
+        }
+    }
+    if let Some(failure) = &mut outcome.failure {
+        if let Some(status) = qemu_status {
+            failure.push_str(&format!(" (qemu {status})"));
+        }
+    }
+    Ok(outcome)
+}
+
+/// Decides a boot from the console and the files: `Err(reason)` on failure.
+pub(crate) fn judge(
+    spec: &Spec,
+    nonce: &str,
+    console: &str,
+    image: &Path,
+    rng_source: &Path,
+    timed_out: bool,
+) -> Result<(), String> {
+    if timed_out {
+        return Err(format!("no power-off within {} s", BOOT_DEADLINE.as_secs()));
+    }
+    if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
+        return Err(format!("guest: {}", line.trim()));
+    }
+    let pass = pass_marker(spec.device, nonce);
+    let Some(pass_line) = console.lines().find(|line| line.contains(&pass)) else {
+        return Err("no success marker with this boot's nonce on the console".to_owned());
+    };
+    match spec.device {
+        Device::Blk => {
+            let want_queues = format!("queues={}", spec.queues);
+            if !pass_line.contains(&want_queues) {
+                return Err(format!(
+                    "guest saw another queue count: {}",
+                    pass_line.trim()
+                ));
+            }
+            let bytes = std::fs::read(image)
+                .map_err(|err| format!("cannot read {}: {err}", image.display()))?;
+            check_guest_markers(&bytes, nonce, spec.cpus)
+        }
+        Device::Rng => {
+            let source = std::fs::read(rng_source)
+                .map_err(|err| format!("cannot read {}: {err}", rng_source.display()))?;
+            check_rng(console, nonce, &source)
+        }
+    }
+}
+
+/// The image holds each vCPU's marker in its block, followed by NULs.
+pub(crate) fn check_guest_markers(image: &[u8], nonce: &str, cpus: u16) -> Result<(), String> {
+    for cpu in 0..cpus {
+        let marker = guest_marker(nonce, cpu);
+        let at = GUEST_BLOCK * (1 + usize::from(cpu));
+        let block = image
+            .get(at..at + GUEST_BLOCK)
+            .ok_or_else(|| "image too short".to_owned())?;
+        let ok =
+            block.starts_with(marker.as_bytes()) && block[marker.len()..].iter().all(|&b| b == 0);
+        if !ok {
+            let shown = String::from_utf8_lossy(&block[..64.min(block.len())]).into_owned();
+            return Err(format!(
+                "after power-off the image lacks `{marker}` at {at}: {shown:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The bytes the guest read from /dev/hwrng are one contiguous run of the backend's source.
+pub(crate) fn check_rng(console: &str, nonce: &str, source: &[u8]) -> Result<(), String> {
+    let tag = format!("VU-E2E-RNG {nonce} ");
+    let hex = console
+        .lines()
+        .find_map(|line| line.split_once(&tag).map(|(_, rest)| rest.trim()))
+        .ok_or_else(|| "no VU-E2E-RNG line with this boot's nonce".to_owned())?;
+    let got = decode_hex(hex).ok_or_else(|| format!("bad hex from the guest: {hex}"))?;
+    if got.is_empty() {
+        return Err("the guest read no bytes".to_owned());
+    }
+    match source.windows(got.len()).position(|window| window == got) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "the {} bytes the guest read are not a run of the backend's source",
+            got.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(device: Device, queues: u16) -> Spec {
+        Spec {
+            device,
+            backend: Backend::Qsd,
+            queues,
+            cpus: queues,
+            dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    fn files() -> Files {
+        Files {
+            socket: PathBuf::from("/tmp/s"),
+            image: PathBuf::from("/img"),
+            rng_source: PathBuf::from("/src"),
+            console: PathBuf::from("/c"),
+        }
+    }
+
+    #[test]
+    fn builtin_devices_need_no_backend_process_or_socket() {
+        let mut builtin = spec(Device::Rng, 1);
+        builtin.backend = Backend::Builtin;
+        assert!(backend_command(&builtin, &files()).is_none());
+        let machine = Machine {
+            qemu: "qemu-system-x86_64".to_owned(),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            kvm: false,
+        };
+        let line = shell_line(&qemu_command(&machine, &builtin, &files(), ""));
+        assert!(line.contains("rng-random,id=rng0,filename=/src"), "{line}");
+        assert!(!line.contains("chardev"), "{line}");
+    }
+
+    #[test]
+    fn pattern_is_deterministic_per_seed() {
+        assert_eq!(pattern(7, 100), pattern(7, 100));
+        assert_ne!(pattern(7, 100), pattern(8, 100));
+        assert_eq!(pattern(7, 13).len(), 13);
+    }
+
+    #[test]
+    fn fresh_values_differ() {
+        assert_ne!(fresh_u64(), fresh_u64());
+    }
+
+    #[test]
+    fn missing_success_marker_fails_even_without_fail_line() {
+        let err = judge(
+            &spec(Device::Rng, 1),
+            "abc",
+            "VU-E2E-PASS rng stale\n",
+            Path::new("/x"),
+            Path::new("/x"),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.contains("nonce"), "{err}");
+    }
+
+    #[test]
+    fn fail_line_wins_over_pass_line() {
+        let console = "VU-E2E-FAIL blk sector 0\nVU-E2E-PASS blk abc queues=1\n";
+        let err = judge(
+            &spec(Device::Blk, 1),
+            "abc",
+            console,
+            Path::new("/x"),
+            Path::new("/x"),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.contains("sector 0"), "{err}");
+    }
+
+    #[test]
+    fn timeout_fails() {
+        let err = judge(
+            &spec(Device::Blk, 1),
+            "abc",
+            "",
+            Path::new("/x"),
+            Path::new("/x"),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.contains("60 s"), "{err}");
+    }
+
+    #[test]
+    fn guest_markers_are_found_per_cpu() {
+        let mut image = vec![0u8; 4 * GUEST_BLOCK];
+        for cpu in 0..2u16 {
+            let marker = guest_marker("n1", cpu);
+            let at = GUEST_BLOCK * (1 + usize::from(cpu));
+            image[at..at + marker.len()].copy_from_slice(marker.as_bytes());
+        }
+        check_guest_markers(&image, "n1", 2).unwrap();
+        assert!(check_guest_markers(&image, "n2", 1).is_err());
+        assert!(check_guest_markers(&image, "n1", 3).is_err());
+    }
+
+    #[test]
+    fn rng_bytes_must_be_a_run_of_the_source() {
+        let source = pattern(1, 4096);
+        let hex: String = source[100..164]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let console = format!("[    1.0] VU-E2E-RNG n {hex}\n");
+        check_rng(&console, "n", &source).unwrap();
+        let mut other = source.clone();
+        other[120] ^= 1;
+        assert!(check_rng(&console, "n", &other).is_err());
+        assert!(check_rng(&console, "m", &source).is_err());
+    }
+
+    #[test]
+    fn qemu_line_shares_memory_and_names_the_queue_count() {
+        let machine = Machine {
+            qemu: "qemu-system-x86_64".to_owned(),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            kvm: false,
+        };
+        let line = shell_line(&qemu_command(
+            &machine,
+            &spec(Device::Blk, 2),
+            &files(),
+            "console=ttyS0",
+        ));
+        assert!(
+            line.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("vhost-user-blk-pci,chardev=char0,num-queues=2"),
+            "{line}"
+        );
+        assert!(line.contains("accel=tcg"), "{line}");
+        assert!(line.contains("-smp 2"), "{line}");
+    }
+
+    #[test]
+    fn qsd_export_is_writable_with_the_queue_count() {
+        let command = backend_command(&spec(Device::Blk, 2), &files()).unwrap();
+        let line = shell_line(&command);
+        assert!(
+            line.contains("addr.path=/tmp/s,writable=on,num-queues=2"),
+            "{line}"
+        );
+        assert!(line.contains("filename=/img"), "{line}");
+    }
+}
