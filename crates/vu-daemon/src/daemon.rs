@@ -147,8 +147,17 @@ impl<S: VhostUserBackend> Threaded<S> {
     fn rearm(&self) {
         let serving = self.serving();
         for w in &self.workers {
-            if let Err(e) = w.table().rearm(&w.poller, &serving) {
+            if let Err(e) = w.rearm(&serving) {
                 log::error!("worker {}: cannot re-arm a kick: {e}", w.index);
+            }
+        }
+    }
+
+    /// Unwatches every kick, whatever the session did on disconnect.
+    fn unwatch_all(&self) {
+        for w in &self.workers {
+            if let Err(e) = w.update(|table, poller| table.unwatch_all(poller)) {
+                log::warn!("worker {}: cannot unwatch a kick: {e}", w.index);
             }
         }
     }
@@ -164,17 +173,15 @@ impl<S: VhostUserBackend> RingControl for &Threaded<S> {
         // Read the fd before taking the table: never hold a vring lock and the table at once
         // in this order (the worker takes the table, then the vring).
         let kick = kick_of::<S>(vring)?;
-        let mut table = worker.table();
-        match kick {
-            Some(kick) => table.watch(&worker.poller, queue, kick),
-            None => table.unwatch(&worker.poller, queue),
-        }
+        worker.update(|table, poller| match kick {
+            Some(kick) => table.watch(poller, queue, kick),
+            None => table.unwatch(poller, queue),
+        })
     }
 
     fn unwatch_kick(&mut self, queue: u16) -> io::Result<()> {
         let worker = self.worker_of(queue)?;
-        let mut table = worker.table();
-        table.unwatch(&worker.poller, queue)
+        worker.update(|table, poller| table.unwatch(poller, queue))
     }
 
     fn quiesce(&mut self, queue: u16) -> io::Result<()> {
@@ -541,6 +548,7 @@ fn serve_connection<S: VhostUserBackend>(
     let end = message_loop(shared, session, endpoint, timeout);
     signal.set_connection(None);
     session.disconnect(&mut &*shared);
+    shared.unwatch_all();
     let end = end?;
     Ok(if signal.is_stopping() {
         ConnEnd::Stopped

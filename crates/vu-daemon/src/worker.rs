@@ -11,11 +11,16 @@
 //! `handle_event(queue, ..)`. When the ring is disabled, it does *not* consume the kick: it
 //! *parks* the fd (keeps it registered with no events, so epoll stops reporting it) and leaves
 //! the counter as it is. After every frontend message the runtime re-arms the parked fds of
-//! rings that are now enabled ([`KickTable::rearm`]); epoll being level-triggered, the pending
-//! kick is then reported at once. Parking and re-arming are done under the table's mutex and
-//! the enabled flag is read under it too, so an enable that races with a park is never missed:
-//! either the worker sees the ring enabled, or the runtime, which takes the mutex after the
-//! enable, sees the fd parked.
+//! rings that are now enabled ([`Worker::rearm`]); epoll being level-triggered, the pending
+//! kick is then reported at once.
+//!
+//! An enable that races with a park is never missed. The runtime looks at a worker's table
+//! only when the worker's `parked` count says something is parked (so that a message does
+//! not wait for a long `handle_event` on an unrelated worker). The two sides are the classic
+//! store-buffering pattern, closed with sequentially consistent fences: the worker publishes
+//! the count, fences, then reads the enabled flag again (and re-arms itself if the ring was
+//! enabled meanwhile); the runtime, after the session stored the flag, fences, then reads the
+//! count. At least one of them sees the other's write.
 //!
 //! # Exclusion
 //!
@@ -30,6 +35,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
@@ -286,6 +292,8 @@ pub(crate) struct Worker {
     pub(crate) poller: Arc<Poller>,
     stop: EventFd,
     table: Mutex<KickTable>,
+    /// How many kicks of the table are parked, readable without the lock.
+    parked: AtomicUsize,
     /// The backend's exit event for this thread, kept open while it is in the epoll set.
     _exit: Option<EventConsumer>,
 }
@@ -314,6 +322,7 @@ impl Worker {
             poller: Arc::new(poller),
             stop,
             table: Mutex::new(KickTable::new(num_queues)),
+            parked: AtomicUsize::new(0),
             _exit: exit,
         })
     }
@@ -333,6 +342,25 @@ impl Worker {
         // A panic while the table is locked leaves it consistent (every method restores its
         // invariants before any fallible call), so a poisoned lock is still usable.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the locked table, then publishes its parked count.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut KickTable, &Poller) -> R) -> R {
+        let mut table = self.table();
+        let result = f(&mut table, &self.poller);
+        self.parked.store(table.parked, Ordering::SeqCst);
+        result
+    }
+
+    /// Re-arms the parked kicks of rings enabled since they were parked. Called by the runtime
+    /// after each frontend message; takes the table only if something is parked.
+    pub(crate) fn rearm(&self, d: &dyn Dispatch) -> io::Result<()> {
+        // Pairs with the fence in `dispatch`: see the module documentation.
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        self.update(|table, poller| table.rearm(poller, d))
     }
 
     /// Asks the thread to return; it does so before its next dispatch.
@@ -379,7 +407,19 @@ impl Worker {
         let mut table = self.table();
         match u16::try_from(data) {
             Ok(queue) if usize::from(queue) < num_queues => {
-                table.kick(&self.poller, queue, evset, d, self.index)
+                let parked_before = table.parked;
+                let result = table.kick(&self.poller, queue, evset, d, self.index);
+                if table.parked > parked_before {
+                    // Publish the park, then look at the enabled flag again: an enable the
+                    // runtime stored before reading a stale count is seen here.
+                    self.parked.store(table.parked, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    if let Err(e) = table.rearm(&self.poller, d) {
+                        log::error!("worker {}: cannot re-arm a kick: {e}", self.index);
+                    }
+                    self.parked.store(table.parked, Ordering::SeqCst);
+                }
+                result
             }
             Ok(device_event) => call_backend(d, device_event, evset, self.index),
             Err(_) => {
@@ -550,7 +590,7 @@ mod tests {
         // Parked: no more events, the counter untouched.
         assert_eq!(pump(&w, &d).unwrap(), 0);
         d.enabled[0].set(true);
-        w.table().rearm(&w.poller, &d).unwrap();
+        w.rearm(&d).unwrap();
         pump(&w, &d).unwrap();
         assert_eq!(*d.calls.borrow(), vec![0]);
         assert_eq!(counter(&driver), 0);
@@ -565,9 +605,46 @@ mod tests {
         w.table().watch(&w.poller, 0, kick).unwrap();
         write_kick(&driver);
         pump(&w, &d).unwrap();
-        w.table().rearm(&w.poller, &d).unwrap();
+        w.rearm(&d).unwrap();
         assert_eq!(pump(&w, &d).unwrap(), 0);
         assert_eq!(counter(&driver), 1);
+    }
+
+    #[test]
+    fn rearm_does_not_wait_for_a_busy_worker_when_nothing_is_parked() {
+        let w = Arc::new(Worker::new(0, 2, None).unwrap());
+        // The table is held, as during a long handle_event.
+        let busy = w.table();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w2 = w.clone();
+        std::thread::spawn(move || {
+            struct Enabled;
+            impl Dispatch for Enabled {
+                fn ring_enabled(&self, _: u16) -> bool {
+                    true
+                }
+                fn handle_event(&self, _: u16, _: EventSet, _: usize) -> io::Result<()> {
+                    Ok(())
+                }
+            }
+            tx.send(w2.rearm(&Enabled).is_ok()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        drop(busy);
+    }
+
+    #[test]
+    fn parking_publishes_the_parked_count() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        d.enabled[1].set(false);
+        let (kick, driver) = eventfd_file();
+        w.update(|t, p| t.watch(p, 1, kick)).unwrap();
+        write_kick(&driver);
+        pump(&w, &d).unwrap();
+        assert_eq!(w.parked.load(Ordering::SeqCst), 1);
+        w.update(|t, p| t.unwatch(p, 1)).unwrap();
+        assert_eq!(w.parked.load(Ordering::SeqCst), 0);
     }
 
     #[test]
