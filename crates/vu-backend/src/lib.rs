@@ -161,9 +161,84 @@
 //! }
 //! ```
 //!
-//! The same device runs on a single thread, without locks, by choosing
-//! `type Vring = VringState;` and [`LocalDaemon`] (whose `run`/`serve` block the calling
-//! thread); the backend then needs to be neither `Send` nor `Sync`.
+//! # Single-threaded
+//!
+//! [`LocalDaemon`] serves the socket, the kicks and the device's own fds from one epoll loop
+//! on the thread that calls [`run`](LocalDaemon::run) or [`serve`](LocalDaemon::serve). With
+//! `type Vring = VringState;` no lock is taken on the data path, and the backend needs to be
+//! neither `Send` nor `Sync`: here it keeps its state in `Cell`s and an `Rc`.
+//!
+//! ```no_run
+//! use std::cell::Cell;
+//! use std::io;
+//! use std::rc::Rc;
+//!
+//! use vu_backend::prelude::*;
+//!
+//! struct Counter {
+//!     event_idx: Cell<bool>,
+//!     served: Rc<Cell<u64>>,
+//! }
+//!
+//! impl VhostUserBackend for Counter {
+//!     type Bitmap = ();
+//!     type Vring = VringState;
+//!
+//!     fn num_queues(&self) -> usize {
+//!         1
+//!     }
+//!     fn max_queue_size(&self) -> usize {
+//!         128
+//!     }
+//!     fn features(&self) -> u64 {
+//!         (VirtioFeatures::VERSION_1 | VirtioFeatures::RING_EVENT_IDX).bits()
+//!     }
+//!     fn protocol_features(&self) -> ProtocolFeatures {
+//!         ProtocolFeatures::empty()
+//!     }
+//!     fn set_event_idx(&self, enabled: bool) {
+//!         self.event_idx.set(enabled);
+//!     }
+//!     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+//!         Ok(())
+//!     }
+//!     fn handle_event(
+//!         &self,
+//!         _device_event: u16,
+//!         _evset: EventSet,
+//!         vrings: &[VringState],
+//!         _thread_id: usize,
+//!     ) -> io::Result<()> {
+//!         let vring = &vrings[0];
+//!         loop {
+//!             if self.event_idx.get() {
+//!                 vring.disable_notification().map_err(io::Error::other)?;
+//!             }
+//!             while let Some(chain) = vring.pop_descriptor_chain() {
+//!                 vring.add_used(chain.head_index(), 0).map_err(io::Error::other)?;
+//!                 self.served.set(self.served.get() + 1);
+//!             }
+//!             vring.signal_used_queue_if_needed().map_err(io::Error::other)?;
+//!             if !self.event_idx.get() || !vring.enable_notification().map_err(io::Error::other)? {
+//!                 return Ok(());
+//!             }
+//!         }
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), DaemonError> {
+//!     let served = Rc::new(Cell::new(0));
+//!     let backend = Counter { event_idx: Cell::new(false), served: served.clone() };
+//!     let mut daemon = LocalDaemon::new(
+//!         "counter".to_owned(),
+//!         backend,
+//!         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+//!     )?;
+//!     daemon.serve("/tmp/counter.sock")?;
+//!     println!("served {} requests", served.get());
+//!     Ok(())
+//! }
+//! ```
 
 #[cfg(all(feature = "xen", feature = "postcopy"))]
 compile_error!("the `xen` and `postcopy` features are mutually exclusive: Xen mappings cannot be registered with userfaultfd");
