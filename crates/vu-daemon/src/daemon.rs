@@ -7,9 +7,10 @@
 //! - One *connection thread*, started by [`start`](VhostUserDaemon::start) and its siblings,
 //!   accepts a frontend and reads its messages. It waits in epoll over the socket and the
 //!   daemon's stop eventfd, so a stop is seen while it is idle; a stop also shuts the socket
-//!   down, so a frontend that stalls in the middle of a message cannot hold it (and each
-//!   message must arrive within the message timeout, see
-//!   [`set_message_timeout`](VhostUserDaemon::set_message_timeout)). Each message goes to the
+//!   down, so a frontend that stalls in the middle of a message cannot hold it; such a
+//!   frontend is also dropped once no byte came for the message timeout (see
+//!   [`set_message_timeout`](VhostUserDaemon::set_message_timeout)), so that the next one
+//!   can be served. Each message goes to the
 //!   session, whose reply is sent back; when the frontend goes away the session forgets the
 //!   connection (features, memory, rings) and the daemon is ready for the next frontend.
 //! - One *worker thread* per mask of the backend's `queues_per_thread()`, spawned by
@@ -55,8 +56,8 @@ pub use local::LocalDaemon;
 
 use connection::{accept, prepare, receive, respond, ConnEnd, StopSignal};
 
-/// How long a frontend may take to send the rest of a message once its first byte arrived
-/// (and to read a reply), unless changed with `set_message_timeout`.
+/// How long reading the rest of a started message may wait for more bytes (and sending a
+/// reply may wait for room), unless changed with `set_message_timeout`.
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The guest memory type of a backend.
@@ -318,9 +319,10 @@ where
         &self.shared.backend
     }
 
-    /// Sets how long a frontend may take to complete a message it started (and to take a
-    /// reply); `None` waits forever. A frontend that exceeds it is disconnected. Applies to
-    /// connections accepted afterwards.
+    /// Sets how long reading a message the frontend started may wait for more bytes (and
+    /// sending a reply may wait for room); `None` waits forever. A frontend that exceeds it
+    /// is disconnected. The connection thread waits in epoll between messages, so an idle
+    /// frontend is never timed out. Applies to connections served afterwards.
     pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
         self.message_timeout = timeout;
     }

@@ -142,8 +142,9 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
         self.session.vrings()
     }
 
-    /// Sets how long a frontend may take to complete a message it started; `None` waits
-    /// forever. A frontend that exceeds it is disconnected.
+    /// Sets how long reading a message the frontend started may wait for more bytes; `None`
+    /// waits forever. A frontend that exceeds it is disconnected. Note that, on one thread,
+    /// queues are not served while a message is being read.
     pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
         self.message_timeout = timeout;
     }
@@ -162,6 +163,7 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
 
     /// Serves frontends accepted on `listener`, one after another, until the daemon is shut
     /// down or the backend writes its exit event (`Ok`), or `handle_event` fails (`Err`).
+    /// The listener is switched to non-blocking mode.
     pub fn run(&mut self, listener: &Listener) -> Result<(), DaemonError> {
         listener.set_nonblocking(true)?;
         self.run_loop(Some(listener), None)
