@@ -200,3 +200,88 @@ pub(crate) fn accept(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn request_makes_the_stop_event_readable_for_good() {
+        let signal = StopSignal::new().unwrap();
+        assert!(!signal.is_stopping());
+        signal.request();
+        assert!(signal.is_stopping());
+        let poller = Poller::new().unwrap();
+        poller
+            .add(eventfd_fd(signal.event()), EventSet::IN, STOP_DATA)
+            .unwrap();
+        let mut events = [EpollEvent::default(); 1];
+        for _ in 0..2 {
+            assert_eq!(poller.wait(&mut events, Some(Duration::ZERO)).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn request_cuts_the_recorded_connection() {
+        let signal = StopSignal::new().unwrap();
+        let (ours, theirs) = Endpoint::pair().unwrap();
+        signal.set_connection(Some(&ours));
+        signal.request();
+        let mut buf = [0u8; 1];
+        // End of file on both sides: a blocked reader of `ours` would return at once.
+        assert_eq!(ours.stream().read(&mut buf).unwrap(), 0);
+        assert_eq!(theirs.stream().read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn connection_recorded_after_a_stop_is_cut_at_once() {
+        let signal = StopSignal::new().unwrap();
+        signal.request();
+        let (ours, _theirs) = Endpoint::pair().unwrap();
+        signal.set_connection(Some(&ours));
+        let mut buf = [0u8; 1];
+        assert_eq!(ours.stream().read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn first_failure_is_the_one_taken() {
+        let signal = StopSignal::new().unwrap();
+        signal.fail(DaemonError::NoThreads);
+        signal.fail(DaemonError::Stopped);
+        assert!(signal.is_stopping());
+        assert!(matches!(
+            signal.take_failure(),
+            Some(DaemonError::NoThreads)
+        ));
+        assert!(signal.take_failure().is_none());
+    }
+
+    #[test]
+    fn clean_close_between_messages_is_a_disconnect() {
+        let (ours, theirs) = Endpoint::pair().unwrap();
+        drop(theirs);
+        assert!(matches!(receive(&ours), Err(ConnEnd::Disconnected)));
+    }
+
+    #[test]
+    fn close_mid_message_breaks_the_connection() {
+        let (ours, theirs) = Endpoint::pair().unwrap();
+        theirs.send(&[&[1, 0, 0, 0]], &[]).unwrap();
+        drop(theirs);
+        assert!(matches!(receive(&ours), Err(ConnEnd::Broken(_))));
+    }
+
+    #[test]
+    fn accept_returns_none_once_stopped() {
+        let dir = std::env::temp_dir().join(format!("vu-accept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = Listener::bind(dir.join("s")).unwrap();
+        let signal = StopSignal::new().unwrap();
+        signal.request();
+        assert!(accept(&listener, &signal).unwrap().is_none());
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
