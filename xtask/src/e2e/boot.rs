@@ -228,7 +228,7 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
             command.args([
                 "--socket-path".to_owned(),
                 socket.into_owned(),
-                "--image".to_owned(),
+                "--blk-file".to_owned(),
                 image.display().to_string(),
                 "--num-queues".to_owned(),
                 spec.queues.to_string(),

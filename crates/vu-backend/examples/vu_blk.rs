@@ -1,0 +1,775 @@
+//! `vu_blk`: a vhost-user-blk device backend written on the vu framework.
+//!
+//! It serves a raw image file (`--blk-file`) or a disk held in memory (`--memory-size`), with
+//! any number of queues, each served by its own worker thread. Requests: read, write, flush
+//! and get-id; anything else is answered `VIRTIO_BLK_S_UNSUPP`. `--read-only` offers
+//! `VIRTIO_BLK_F_RO` and fails writes. Completions are put in the used ring in one batch per
+//! pass over the queue, with `VIRTIO_RING_F_EVENT_IDX` when the driver takes it.
+//!
+//! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
+//! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
+//! stdout), no daemonizing, a clean exit on SIGTERM or SIGINT, logs on stderr.
+//!
+//! ```text
+//! cargo run -p vu-backend --example vu_blk -- --socket-path /tmp/blk.sock --blk-file disk.img
+//! qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+//!     -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2
+//! ```
+//!
+//! `cargo xtask e2e` boots a Linux guest against it (docs/e2e.md).
+
+use std::ffi::{c_int, c_void};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Deref;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use vu_backend::prelude::*;
+use vu_backend::vm_memory::Address;
+use vu_backend::vu_proto::listener::Listener;
+use vu_backend::vu_proto::socket::Endpoint;
+
+/// virtio-blk feature bits (virtio spec 5.2.3).
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+
+/// Request types (virtio spec 5.2.6).
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Request status values.
+const VIRTIO_BLK_S_OK: u8 = 0;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// The request header: `le32 type; le32 reserved; le64 sector;`.
+const HEADER_LEN: usize = 16;
+/// "The sector number indicates the offset (multiplied by 512) where the read or write is to
+/// occur", whatever the block size.
+const SECTOR_SIZE: u64 = 512;
+/// GET_ID writes at most 20 bytes of id string.
+const ID_LEN: usize = 20;
+/// The device id string returned by GET_ID.
+const DEVICE_ID: &[u8] = b"vu-blk";
+
+/// Byte offsets in `struct virtio_blk_config` (virtio spec 5.2.4).
+const CONFIG_CAPACITY: usize = 0;
+const CONFIG_SEG_MAX: usize = 12;
+const CONFIG_BLK_SIZE: usize = 20;
+const CONFIG_NUM_QUEUES: usize = 34;
+/// The config space size up to and including the write-zeroes fields (60 bytes in Linux and
+/// QEMU 7.2); reads beyond what we fill are zeros.
+const CONFIG_LEN: usize = 60;
+
+/// How verbose the logs on stderr are.
+static LOG_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Error = 0,
+    Warn = 1,
+    Info = 2,
+    Debug = 3,
+}
+
+fn log(level: Level, message: std::fmt::Arguments<'_>) {
+    if level as u8 <= LOG_LEVEL.load(Ordering::Relaxed) {
+        let tag = match level {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+        };
+        eprintln!("vu_blk: {tag}: {message}");
+    }
+}
+
+macro_rules! log_at {
+    ($level:expr, $($arg:tt)*) => {
+        log($level, format_args!($($arg)*))
+    };
+}
+
+/// Where the disk's bytes live.
+#[derive(Debug)]
+enum Storage {
+    File(File),
+    Memory(Mutex<Vec<u8>>),
+}
+
+impl Storage {
+    fn len(&self) -> io::Result<u64> {
+        match self {
+            Storage::File(file) => Ok(file.metadata()?.len()),
+            Storage::Memory(bytes) => Ok(lock(bytes).len() as u64),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self {
+            Storage::File(file) => file.read_exact_at(buf, offset),
+            Storage::Memory(bytes) => {
+                let bytes = lock(bytes);
+                let range = byte_range(offset, buf.len(), bytes.len())?;
+                buf.copy_from_slice(&bytes[range]);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self {
+            Storage::File(file) => file.write_all_at(buf, offset),
+            Storage::Memory(bytes) => {
+                let mut bytes = lock(bytes);
+                let range = byte_range(offset, buf.len(), bytes.len())?;
+                bytes[range].copy_from_slice(buf);
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        match self {
+            Storage::File(file) => file.sync_data(),
+            Storage::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// A poisoned lock only means another worker panicked mid-copy; the bytes are still bytes.
+fn lock(bytes: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    bytes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn byte_range(offset: u64, len: usize, size: usize) -> io::Result<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+    let end = start.checked_add(len).ok_or_else(out_of_range)?;
+    if end > size {
+        return Err(out_of_range());
+    }
+    Ok(start..end)
+}
+
+fn out_of_range() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "request beyond the end of the disk",
+    )
+}
+
+/// The device: storage, geometry and the negotiated ring options.
+#[derive(Debug)]
+struct BlkBackend {
+    storage: Storage,
+    /// In bytes, a multiple of 512.
+    capacity: u64,
+    read_only: bool,
+    num_queues: u16,
+    queue_size: u16,
+    event_idx: AtomicBool,
+}
+
+/// One request, located in guest memory: the readable and the writable segments of its chain.
+struct Segments {
+    readable: Vec<(GuestAddress, usize)>,
+    writable: Vec<(GuestAddress, usize)>,
+}
+
+impl Segments {
+    fn of<M>(chain: &DescriptorChain<M>) -> Self
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory,
+    {
+        let mut segments = Segments {
+            readable: Vec::new(),
+            writable: Vec::new(),
+        };
+        for desc in chain.clone() {
+            let entry = (desc.addr(), desc.len() as usize);
+            if desc.is_write_only() {
+                segments.writable.push(entry);
+            } else {
+                segments.readable.push(entry);
+            }
+        }
+        segments
+    }
+
+    fn total(list: &[(GuestAddress, usize)]) -> usize {
+        list.iter().map(|&(_, len)| len).sum()
+    }
+}
+
+/// Copies `out.len()` bytes starting `skip` bytes into the segments.
+fn gather<G: GuestMemory + ?Sized>(
+    mem: &G,
+    list: &[(GuestAddress, usize)],
+    mut skip: usize,
+    out: &mut [u8],
+) -> Result<(), String> {
+    let mut done = 0;
+    for &(addr, len) in list {
+        if done == out.len() {
+            break;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let take = (len - skip).min(out.len() - done);
+        let at = addr
+            .checked_add(skip as u64)
+            .ok_or("descriptor address overflows")?;
+        mem.read_slice(&mut out[done..done + take], at)
+            .map_err(|err| format!("reading guest memory at {at:#x?}: {err}"))?;
+        done += take;
+        skip = 0;
+    }
+    if done == out.len() {
+        Ok(())
+    } else {
+        Err("request shorter than its header says".to_owned())
+    }
+}
+
+/// Copies `data` to the start of the segments.
+fn scatter<G: GuestMemory + ?Sized>(
+    mem: &G,
+    list: &[(GuestAddress, usize)],
+    data: &[u8],
+) -> Result<(), String> {
+    let mut done = 0;
+    for &(addr, len) in list {
+        if done == data.len() {
+            break;
+        }
+        let take = len.min(data.len() - done);
+        mem.write_slice(&data[done..done + take], addr)
+            .map_err(|err| format!("writing guest memory at {addr:#x?}: {err}"))?;
+        done += take;
+    }
+    if done == data.len() {
+        Ok(())
+    } else {
+        Err("writable part too short".to_owned())
+    }
+}
+
+impl BlkBackend {
+    /// Executes one request and returns its status and how many data bytes it wrote into the
+    /// writable segments (the status byte not included).
+    fn execute<G: GuestMemory + ?Sized>(&self, mem: &G, segments: &Segments) -> Result<(u8, usize), String> {
+        let mut header = [0u8; HEADER_LEN];
+        gather(mem, &segments.readable, 0, &mut header)?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+        let in_len = Segments::total(&segments.writable)
+            .checked_sub(1)
+            .ok_or("no room for the status byte")?;
+        let out_len = Segments::total(&segments.readable).saturating_sub(HEADER_LEN);
+        let offset = sector.checked_mul(SECTOR_SIZE);
+        let in_disk = |len: usize| {
+            offset.filter(|&start| {
+                start
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= self.capacity)
+            })
+        };
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let Some(start) = in_disk(in_len) else {
+                    log_at!(
+                        Level::Warn,
+                        "read of {in_len} bytes at sector {sector} is beyond the disk"
+                    );
+                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                };
+                let mut data = vec![0u8; in_len];
+                if let Err(err) = self.storage.read_at(&mut data, start) {
+                    log_at!(Level::Warn, "read at sector {sector}: {err}");
+                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                }
+                scatter(mem, &segments.writable, &data)?;
+                Ok((VIRTIO_BLK_S_OK, in_len))
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                }
+                let Some(start) = in_disk(out_len) else {
+                    log_at!(
+                        Level::Warn,
+                        "write of {out_len} bytes at sector {sector} is beyond the disk"
+                    );
+                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                };
+                let mut data = vec![0u8; out_len];
+                gather(mem, &segments.readable, HEADER_LEN, &mut data)?;
+                if let Err(err) = self.storage.write_at(&data, start) {
+                    log_at!(Level::Warn, "write at sector {sector}: {err}");
+                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                }
+                Ok((VIRTIO_BLK_S_OK, 0))
+            }
+            VIRTIO_BLK_T_FLUSH => match self.storage.flush() {
+                Ok(()) => Ok((VIRTIO_BLK_S_OK, 0)),
+                Err(err) => {
+                    log_at!(Level::Warn, "flush: {err}");
+                    Ok((VIRTIO_BLK_S_IOERR, 0))
+                }
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; ID_LEN];
+                id[..DEVICE_ID.len()].copy_from_slice(DEVICE_ID);
+                let len = in_len.min(ID_LEN);
+                scatter(mem, &segments.writable, &id[..len])?;
+                Ok((VIRTIO_BLK_S_OK, len))
+            }
+            other => {
+                log_at!(Level::Debug, "unsupported request type {other}");
+                Ok((VIRTIO_BLK_S_UNSUPP, 0))
+            }
+        }
+    }
+
+    /// Serves one chain and returns the used length to report for it.
+    fn serve_chain<M>(&self, chain: &DescriptorChain<M>) -> u32
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory,
+    {
+        let mem = chain.memory();
+        let segments = Segments::of(chain);
+        if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
+            log_at!(
+                Level::Warn,
+                "malformed request chain {}: no header or no status byte",
+                chain.head_index()
+            );
+            return 0;
+        }
+        let (status, written) = match self.execute(mem, &segments) {
+            Ok(result) => result,
+            Err(err) => {
+                log_at!(Level::Warn, "request chain {}: {err}", chain.head_index());
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        };
+        // The status is the last byte of the writable part.
+        let Some(&(addr, len)) = segments.writable.last() else {
+            return 0;
+        };
+        let Some(status_at) = addr.checked_add(len as u64 - 1) else {
+            return 0;
+        };
+        if let Err(err) = mem.write_obj(status, status_at) {
+            log_at!(Level::Warn, "cannot write the status byte: {err}");
+            return 0;
+        }
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Pops every available chain, serves it, and completes them all in one batch.
+    fn process_queue(&self, vring: &VringMutex) -> io::Result<()> {
+        let mut used = Vec::new();
+        while let Some(chain) = vring.pop_descriptor_chain() {
+            let len = self.serve_chain(&chain);
+            used.push((chain.head_index(), len));
+        }
+        if used.is_empty() {
+            return Ok(());
+        }
+        vring.add_used_batch(used).map_err(io::Error::other)?;
+        vring
+            .signal_used_queue_if_needed()
+            .map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        let sectors = self.capacity / SECTOR_SIZE;
+        config[CONFIG_CAPACITY..CONFIG_CAPACITY + 8].copy_from_slice(&sectors.to_le_bytes());
+        // Two descriptors of each request carry the header and the status.
+        let seg_max = u32::from(self.queue_size).saturating_sub(2).max(1);
+        config[CONFIG_SEG_MAX..CONFIG_SEG_MAX + 4].copy_from_slice(&seg_max.to_le_bytes());
+        config[CONFIG_BLK_SIZE..CONFIG_BLK_SIZE + 4]
+            .copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        config[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2]
+            .copy_from_slice(&self.num_queues.to_le_bytes());
+        config
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = (VirtioFeatures::VERSION_1
+            | VirtioFeatures::RING_INDIRECT_DESC
+            | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::PROTOCOL_FEATURES)
+            .bits()
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_MQ;
+        if self.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log_at!(Level::Debug, "acked features {features:#x}");
+    }
+
+    fn protocol_features(&self) -> ProtocolFeatures {
+        // QEMU's vhost-user-blk requires CONFIG (it reads the geometry through GET_CONFIG).
+        ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK | ProtocolFeatures::CONFIG
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        let mut out = vec![0u8; size as usize];
+        if start < CONFIG_LEN {
+            let avail = &config[start..end.min(CONFIG_LEN)];
+            out[..avail.len()].copy_from_slice(avail);
+        }
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // Each descriptor chain carries the memory it was read from; nothing to keep here.
+        Ok(())
+    }
+
+    /// One worker thread per queue, so that queues are served in parallel.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringMutex],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected events {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!(
+                "unknown device event {device_event}"
+            )));
+        };
+        if self.event_idx.load(Ordering::Acquire) {
+            // Process until the driver posted nothing while notifications were off.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring)?;
+        }
+        Ok(())
+    }
+}
+
+/// The command line.
+#[derive(Debug)]
+struct Args {
+    socket_path: Option<PathBuf>,
+    fd: Option<i32>,
+    blk_file: Option<PathBuf>,
+    memory_size_mib: Option<u64>,
+    read_only: bool,
+    num_queues: u16,
+    queue_size: u16,
+    print_capabilities: bool,
+}
+
+const USAGE: &str = "\
+usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
+              [--read-only] [--num-queues N] [--queue-size N] [--log-level LEVEL]
+       vu_blk --print-capabilities
+
+  --socket-path PATH   listen on this UNIX socket, serve frontends one after another
+  --fd N               serve the inherited connected socket N, then exit
+  --blk-file FILE      the raw disk image (its size is the capacity, in 512-byte sectors)
+  --memory-size MIB    an in-memory disk of this size instead
+  --read-only          offer VIRTIO_BLK_F_RO and refuse writes
+  --num-queues N       request queues, one worker thread each (default 1, at most 64)
+  --queue-size N       largest queue size accepted (default 1024)
+  --log-level LEVEL    error, warn, info (default) or debug; logs go to stderr
+";
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut parsed = Args {
+        socket_path: None,
+        fd: None,
+        blk_file: None,
+        memory_size_mib: None,
+        read_only: false,
+        num_queues: 1,
+        queue_size: 1024,
+        print_capabilities: false,
+    };
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        // Both `--name value` and `--name=value`.
+        let (name, inline) = match word.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (word.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| words.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let number = |text: String| {
+            text.parse::<u64>()
+                .map_err(|_| format!("{name}: `{text}` is not a number"))
+        };
+        match name {
+            "--socket-path" => parsed.socket_path = Some(PathBuf::from(value()?)),
+            "--fd" => {
+                let n = number(value()?)?;
+                parsed.fd = Some(i32::try_from(n).map_err(|_| "--fd: too large".to_owned())?);
+            }
+            "--blk-file" => parsed.blk_file = Some(PathBuf::from(value()?)),
+            "--memory-size" => parsed.memory_size_mib = Some(number(value()?)?),
+            "--read-only" => parsed.read_only = true,
+            "--num-queues" => {
+                let n = number(value()?)?;
+                parsed.num_queues = u16::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or("--num-queues: 1 to 64")?;
+            }
+            "--queue-size" => {
+                let n = number(value()?)?;
+                parsed.queue_size = u16::try_from(n)
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && *n <= 32768)
+                    .ok_or("--queue-size: a power of two up to 32768")?;
+            }
+            "--log-level" => {
+                let level = match value()?.as_str() {
+                    "error" => Level::Error,
+                    "warn" => Level::Warn,
+                    "info" => Level::Info,
+                    "debug" => Level::Debug,
+                    other => return Err(format!("--log-level: unknown level `{other}`")),
+                };
+                LOG_LEVEL.store(level as u8, Ordering::Relaxed);
+            }
+            "--print-capabilities" => parsed.print_capabilities = true,
+            other => return Err(format!("unexpected argument `{other}`")),
+        }
+    }
+    if parsed.print_capabilities {
+        return Ok(parsed);
+    }
+    if parsed.socket_path.is_some() == parsed.fd.is_some() {
+        return Err("give exactly one of --socket-path and --fd".to_owned());
+    }
+    if parsed.blk_file.is_some() == parsed.memory_size_mib.is_some() {
+        return Err("give exactly one of --blk-file and --memory-size".to_owned());
+    }
+    Ok(parsed)
+}
+
+/// Written by the SIGTERM/SIGINT handler; a thread waiting on it stops the daemon.
+static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
+
+/// The signal handler. Generic over the `siginfo_t` pointer type so that this example needs
+/// no `libc` dependency: the type is inferred from `vmm_sys_util`'s `SignalHandler`. It only
+/// writes an eventfd (one `write(2)`), which is async-signal-safe.
+extern "C" fn on_stop_signal<T>(_signal: c_int, _info: *mut T, _context: *mut c_void) {
+    if let Some(event) = STOP_EVENT.get() {
+        let _ = event.write(1);
+    }
+}
+
+/// SIGINT and SIGTERM (the same numbers on every Linux architecture).
+const SIGINT: c_int = 2;
+const SIGTERM: c_int = 15;
+
+fn install_stop_handler(daemon: &VhostUserDaemon<BlkBackend>) -> Result<(), String> {
+    let event = EventFd::new(0).map_err(|err| format!("cannot create an eventfd: {err}"))?;
+    let waiter = event
+        .try_clone()
+        .map_err(|err| format!("cannot clone an eventfd: {err}"))?;
+    STOP_EVENT
+        .set(event)
+        .map_err(|_| "the stop handler is installed twice".to_owned())?;
+    let shutdown = daemon.shutdown_handle();
+    std::thread::Builder::new()
+        .name("vu_blk-signals".to_owned())
+        .spawn(move || {
+            if waiter.read().is_ok() {
+                log_at!(Level::Info, "stopping on a signal");
+                shutdown.shutdown();
+            }
+        })
+        .map_err(|err| format!("cannot spawn the signal thread: {err}"))?;
+    for signal in [SIGINT, SIGTERM] {
+        vu_backend::vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+            .map_err(|err| format!("cannot handle signal {signal}: {err}"))?;
+    }
+    Ok(())
+}
+
+fn open_storage(args: &Args) -> Result<Storage, String> {
+    match (&args.blk_file, args.memory_size_mib) {
+        (Some(path), _) => OpenOptions::new()
+            .read(true)
+            .write(!args.read_only)
+            .open(path)
+            .map(Storage::File)
+            .map_err(|err| format!("cannot open {}: {err}", path.display())),
+        (None, Some(mib)) => {
+            let bytes = mib
+                .checked_mul(1 << 20)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or("--memory-size too large")?;
+            Ok(Storage::Memory(Mutex::new(vec![0u8; bytes])))
+        }
+        (None, None) => Err("no storage".to_owned()),
+    }
+}
+
+/// Takes the inherited socket `fd` (the `--fd` convention).
+fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
+    // OwnedFd must hold an open fd: check that this one is open before adopting it.
+    if !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists() {
+        return Err(format!("--fd {fd}: no such open file descriptor"));
+    }
+    // SAFETY: fd is open (checked just above) and, by the --fd convention, was handed to this
+    // process to own; nothing else in this program uses it, so taking ownership is sound.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Endpoint::from_fd(owned).map_err(|err| format!("--fd {fd}: {err}"))
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let storage = open_storage(args)?;
+    let size = storage
+        .len()
+        .map_err(|err| format!("cannot size the disk: {err}"))?;
+    let capacity = size - size % SECTOR_SIZE;
+    let backend = BlkBackend {
+        storage,
+        capacity,
+        read_only: args.read_only,
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        event_idx: AtomicBool::new(false),
+    };
+    let mut daemon = VhostUserDaemon::new(
+        "vu_blk".to_owned(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|err| format!("cannot create the daemon: {err}"))?;
+    install_stop_handler(&daemon)?;
+    log_at!(
+        Level::Info,
+        "{} sectors, {} queue(s) of up to {}, {}",
+        capacity / SECTOR_SIZE,
+        args.num_queues,
+        args.queue_size,
+        if args.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        }
+    );
+    match (&args.socket_path, args.fd) {
+        (Some(path), _) => {
+            let listener = Listener::bind_replacing_stale(path)
+                .map_err(|err| format!("cannot listen on {}: {err}", path.display()))?;
+            log_at!(Level::Info, "listening on {}", path.display());
+            daemon
+                .start_serving(listener)
+                .map_err(|err| format!("cannot start: {err}"))?;
+        }
+        (None, Some(fd)) => {
+            let endpoint = inherited_socket(fd)?;
+            daemon
+                .start_connection(endpoint)
+                .map_err(|err| format!("cannot start: {err}"))?;
+        }
+        (None, None) => return Err("no socket".to_owned()),
+    }
+    let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
+    if let Err(err) = daemon.backend().storage.flush() {
+        log_at!(Level::Error, "final flush failed: {err}");
+    }
+    result
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse_args(&args) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("vu_blk: {err}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_capabilities {
+        println!("{{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}}");
+        return ExitCode::SUCCESS;
+    }
+    match run(&args) {
+        Ok(()) => {
+            log_at!(Level::Info, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log_at!(Level::Error, "{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
