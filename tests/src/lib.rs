@@ -9,3 +9,8 @@ pub mod daemon_support;
 pub mod device;
 pub mod fdleak;
 pub mod virtqueue;
+
+/// The README's examples, compiled as doc tests so they cannot drift from the API.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
