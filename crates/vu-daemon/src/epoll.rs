@@ -101,6 +101,22 @@ impl Poller {
     }
 }
 
+impl Poller {
+    /// Whether an event is pending, without consuming it or blocking (one `poll(2)` on the
+    /// epoll fd, which is readable while its ready list is not empty).
+    pub(crate) fn has_events(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.epoll.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd that lives across the call, matching the count of
+        // 1; the epoll fd is owned by `self` and open for the whole call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0
+    }
+}
+
 impl AsFd for Poller {
     fn as_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: `Epoll` owns its fd and closes it only in its `Drop`; the borrow is tied to

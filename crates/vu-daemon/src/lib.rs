@@ -51,6 +51,7 @@ pub mod epoll;
 pub mod error;
 #[cfg(feature = "postcopy")]
 mod postcopy;
+pub mod process;
 mod session;
 mod worker;
 #[cfg(feature = "postcopy")]
