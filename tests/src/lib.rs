@@ -8,6 +8,7 @@ pub mod backends;
 pub mod daemon_support;
 pub mod device;
 pub mod fdleak;
+pub mod hostile;
 pub mod virtqueue;
 
 /// The README's examples, compiled as doc tests so they cannot drift from the API.

@@ -49,6 +49,9 @@ mod control;
 pub mod daemon;
 pub mod epoll;
 pub mod error;
+/// Fuzz target bodies (see `tests/fuzz`); not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "postcopy")]
 mod postcopy;
 pub mod process;

@@ -120,6 +120,9 @@
 pub mod backend;
 pub mod features;
 pub mod frontend;
+/// Fuzz target bodies (see `tests/fuzz`); not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 pub mod listener;
 pub mod message;

@@ -1,0 +1,788 @@
+//! The fuzz corpus on stable: every committed input of `tests/fuzz/corpus/<target>/` goes
+//! through the same body the cargo-fuzz target calls, so a crash the fuzzer found (and whose
+//! input was committed) stays fixed without nightly.
+//!
+//! The seeds are generated here from real message encodings, one per known class of attack
+//! (docs/security.md). `every_seed_is_committed` checks that the committed corpus holds them;
+//! after changing a seed, regenerate the files with
+//! `VU_WRITE_FUZZ_SEEDS=1 cargo test -p vu-tests --test fuzz_corpus`.
+
+use std::fs;
+use std::path::PathBuf;
+
+use vu_daemon::fuzzing::{
+    memory_table, session, session_guest_write, session_message, SESSION_DISCONNECT,
+    SESSION_PROCESS,
+};
+use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+use vu_proto::fuzzing::{decode, decode_input};
+use vu_proto::header::{Header, HeaderFlags};
+use vu_proto::payload::{
+    Inflight, Log, MemoryRegion, MemoryTable, Payload, SingleMemoryRegion, VringAddr,
+    VringAddrFlags, VringEnable, VringState, U64,
+};
+use vu_proto::request::FrontendReq;
+use vu_tests::hostile::{
+    blk_queue, blk_queue_input, descriptor, BLK_DATA_ADDR, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
+};
+
+/// Where the frontend maps guest memory, in the session seeds.
+const VMM: u64 = 0x7f00_0000_0000;
+/// Guest layout of the session seeds (guest addresses).
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const DATA: u64 = 0x4000;
+/// Pages of the session seeds' one region (512 KiB).
+const PAGES: u8 = 128;
+const REGION: u64 = PAGES as u64 * 4096;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn body<P: Payload>(payload: &P) -> Vec<u8> {
+    let mut out = Vec::new();
+    payload.encode(&mut out);
+    out
+}
+
+fn region(gpa: u64, size: u64, vmm: u64) -> MemoryRegion {
+    MemoryRegion {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        user_addr: vmm,
+        mmap_offset: 0,
+    }
+}
+
+/// A message of a session input.
+fn msg(req: FrontendReq, payload: &[u8], fds: &[u8]) -> Vec<u8> {
+    session_message(req.code().0, true, payload, fds)
+}
+
+fn table(regions: &[MemoryRegion]) -> Vec<u8> {
+    body(&MemoryTable {
+        regions: regions.to_vec(),
+    })
+}
+
+fn vring_state(index: u32, num: u32) -> Vec<u8> {
+    body(&VringState { index, num })
+}
+
+/// Feature handshake and a one-region memory table.
+fn handshake() -> Vec<u8> {
+    let features = VirtioFeatures::VERSION_1
+        | VirtioFeatures::PROTOCOL_FEATURES
+        | VirtioFeatures::RING_INDIRECT_DESC
+        | VirtioFeatures::LOG_ALL;
+    let protocol = ProtocolFeatures::MQ
+        | ProtocolFeatures::LOG_SHMFD
+        | ProtocolFeatures::REPLY_ACK
+        | ProtocolFeatures::INFLIGHT_SHMFD
+        | ProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | ProtocolFeatures::CONFIG;
+    let mut out = msg(FrontendReq::SetOwner, &[], &[]);
+    out.extend(msg(FrontendReq::GetFeatures, &[], &[]));
+    out.extend(msg(
+        FrontendReq::SetProtocolFeatures,
+        &body(&U64(protocol.bits())),
+        &[],
+    ));
+    out.extend(msg(
+        FrontendReq::SetFeatures,
+        &body(&U64(features.bits())),
+        &[],
+    ));
+    out.extend(msg(
+        FrontendReq::SetMemTable,
+        &table(&[region(0, REGION, VMM)]),
+        &[PAGES],
+    ));
+    out
+}
+
+/// Handshake, then queue 0 of size 16 started and enabled.
+fn running() -> Vec<u8> {
+    let mut out = handshake();
+    out.extend(msg(FrontendReq::SetVringNum, &vring_state(0, 16), &[]));
+    let addr = VringAddr {
+        index: 0,
+        flags: VringAddrFlags::empty(),
+        descriptor: VMM + DESC,
+        used: VMM + USED,
+        available: VMM + AVAIL,
+        log: 0,
+    };
+    out.extend(msg(FrontendReq::SetVringAddr, &body(&addr), &[]));
+    out.extend(msg(FrontendReq::SetVringBase, &vring_state(0, 0), &[]));
+    out.extend(msg(FrontendReq::SetVringCall, &body(&U64(0)), &[0]));
+    out.extend(msg(FrontendReq::SetVringKick, &body(&U64(0)), &[0]));
+    let enable = VringEnable {
+        index: 0,
+        enable: true,
+    };
+    out.extend(msg(FrontendReq::SetVringEnable, &body(&enable), &[]));
+    out
+}
+
+/// The guest offers chains with these heads over this descriptor table, then the device
+/// processes the queue.
+fn offer(descs: &[[u8; 16]], heads: &[u16]) -> Vec<u8> {
+    let mut out = session_guest_write(DESC, &descs.concat());
+    let mut avail = vec![0, 0];
+    avail.extend_from_slice(&u16::try_from(heads.len()).unwrap().to_le_bytes());
+    for h in heads {
+        avail.extend_from_slice(&h.to_le_bytes());
+    }
+    out.extend(session_guest_write(AVAIL, &avail));
+    out.push(SESSION_PROCESS);
+    out
+}
+
+/// A well-formed three-descriptor request at `DATA`.
+fn good_chain() -> Vec<[u8; 16]> {
+    vec![
+        descriptor(DATA, 16, DESC_NEXT, 1),
+        descriptor(DATA + 0x1000, 512, DESC_WRITE | DESC_NEXT, 2),
+        descriptor(DATA + 0x2000, 1, DESC_WRITE, 0),
+    ]
+}
+
+fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |parts: &[Vec<u8>]| parts.concat();
+    let get_base = msg(FrontendReq::GetVringBase, &vring_state(0, 0), &[]);
+    let long_chain: Vec<[u8; 16]> = (0..16u16)
+        .map(|i| descriptor(DATA, 8, DESC_NEXT, (i + 1) % 16))
+        .collect();
+    let two_regions = table(&[
+        region(0, REGION, VMM),
+        region(REGION, REGION, VMM + 0x1000_0000),
+    ]);
+    let mut seeds = vec![
+        ("handshake", handshake()),
+        (
+            "running_queue",
+            with(&[running(), offer(&good_chain(), &[0]), get_base.clone()]),
+        ),
+        (
+            "descriptor_loop",
+            with(&[
+                running(),
+                offer(&[descriptor(DATA, 16, DESC_NEXT, 0)], &[0]),
+            ]),
+        ),
+        (
+            "chain_longer_than_ring",
+            with(&[running(), offer(&long_chain, &[0])]),
+        ),
+        (
+            "unmapped_descriptor",
+            with(&[
+                running(),
+                offer(&[descriptor(0xdead_0000_0000, 4096, 0, 0)], &[0]),
+            ]),
+        ),
+        (
+            "descriptor_crossing_region_end",
+            with(&[
+                running(),
+                offer(&[descriptor(REGION - 8, 16, DESC_WRITE, 0)], &[0]),
+            ]),
+        ),
+        (
+            "zero_length_descriptors",
+            with(&[
+                running(),
+                offer(
+                    &[
+                        descriptor(DATA, 0, DESC_NEXT, 1),
+                        descriptor(DATA, 0, DESC_WRITE, 0),
+                    ],
+                    &[0],
+                ),
+            ]),
+        ),
+        (
+            "indirect_length_not_multiple_of_16",
+            with(&[
+                running(),
+                session_guest_write(DATA + 0x3000, &descriptor(DATA, 16, 0, 0)),
+                offer(&[descriptor(DATA + 0x3000, 17, DESC_INDIRECT, 0)], &[0]),
+            ]),
+        ),
+        (
+            "indirect_table_crossing_regions",
+            with(&[
+                running(),
+                msg(FrontendReq::SetMemTable, &two_regions, &[PAGES, PAGES]),
+                offer(&[descriptor(REGION - 16, 32, DESC_INDIRECT, 0)], &[0]),
+            ]),
+        ),
+        (
+            "head_index_out_of_range",
+            with(&[running(), offer(&good_chain(), &[16, 0xffff])]),
+        ),
+        (
+            "mem_table_replaced_while_running",
+            with(&[
+                running(),
+                offer(&good_chain(), &[0]),
+                msg(
+                    FrontendReq::SetMemTable,
+                    &table(&[region(0, 0x1000, VMM)]),
+                    &[1],
+                ),
+                vec![SESSION_PROCESS],
+                get_base.clone(),
+            ]),
+        ),
+        (
+            "region_removed_while_running",
+            with(&[
+                running(),
+                msg(
+                    FrontendReq::RemMemReg,
+                    &body(&SingleMemoryRegion {
+                        region: region(0, REGION, VMM),
+                    }),
+                    &[],
+                ),
+                offer(&good_chain(), &[0]),
+                get_base,
+            ]),
+        ),
+        (
+            "queue_index_after_narrowing",
+            with(&[
+                handshake(),
+                msg(FrontendReq::SetVringNum, &vring_state(256, 16), &[]),
+                msg(FrontendReq::SetVringNum, &vring_state(65536, 16), &[]),
+                msg(FrontendReq::SetVringNum, &vring_state(2, 16), &[]),
+                msg(FrontendReq::SetVringNum, &vring_state(u32::MAX, 16), &[]),
+                msg(FrontendReq::GetVringBase, &vring_state(256, 0), &[]),
+                msg(FrontendReq::SetVringCall, &body(&U64(2)), &[0]),
+            ]),
+        ),
+        (
+            "log_base_overflow",
+            with(&[
+                handshake(),
+                msg(
+                    FrontendReq::SetLogBase,
+                    &body(&Log {
+                        mmap_size: u64::MAX,
+                        mmap_offset: 0x1000,
+                    }),
+                    &[1],
+                ),
+                msg(
+                    FrontendReq::SetLogBase,
+                    &body(&Log {
+                        mmap_size: 0x1000,
+                        mmap_offset: u64::MAX - 0xfff,
+                    }),
+                    &[1],
+                ),
+            ]),
+        ),
+        (
+            "region_offset_overflow",
+            with(&[
+                handshake(),
+                msg(
+                    FrontendReq::SetMemTable,
+                    &table(&[MemoryRegion {
+                        mmap_offset: u64::MAX - 0xfff,
+                        ..region(0, 0x2000, VMM)
+                    }]),
+                    &[2],
+                ),
+                msg(
+                    FrontendReq::AddMemReg,
+                    &body(&SingleMemoryRegion {
+                        region: region(u64::MAX - 0xfff, 0x2000, VMM),
+                    }),
+                    &[2],
+                ),
+            ]),
+        ),
+        (
+            "inflight_out_of_range",
+            with(&[
+                handshake(),
+                msg(
+                    FrontendReq::GetInflightFd,
+                    &body(&Inflight {
+                        mmap_size: 0,
+                        mmap_offset: 0,
+                        num_queues: u16::MAX,
+                        queue_size: u16::MAX,
+                    }),
+                    &[],
+                ),
+                msg(
+                    FrontendReq::GetInflightFd,
+                    &body(&Inflight {
+                        mmap_size: 0,
+                        mmap_offset: 0,
+                        num_queues: 0,
+                        queue_size: 0,
+                    }),
+                    &[],
+                ),
+                msg(
+                    FrontendReq::SetInflightFd,
+                    &body(&Inflight {
+                        mmap_size: 0x1000,
+                        mmap_offset: u64::MAX,
+                        num_queues: 2,
+                        queue_size: 16,
+                    }),
+                    &[1],
+                ),
+            ]),
+        ),
+        (
+            "wrong_sizes_and_fd_counts",
+            with(&[
+                handshake(),
+                msg(FrontendReq::SetVringNum, &[0; 4], &[]),
+                msg(FrontendReq::SetVringNum, &vring_state(0, 16), &[0, 0, 0]),
+                msg(
+                    FrontendReq::SetMemTable,
+                    &table(&[region(0, 0x1000, VMM), region(0x1000, 0x1000, VMM + 0x1000)]),
+                    &[1],
+                ),
+                msg(FrontendReq::SetFeatures, &[0; 12], &[]),
+            ]),
+        ),
+        (
+            "disconnect_and_again",
+            with(&[
+                running(),
+                vec![SESSION_DISCONNECT],
+                running(),
+                offer(&good_chain(), &[0]),
+            ]),
+        ),
+    ];
+    // Repeated messages that must not accumulate state.
+    let mut repeated = handshake();
+    for _ in 0..8 {
+        repeated.extend(msg(FrontendReq::SetVringNum, &vring_state(0, 16), &[]));
+        repeated.extend(msg(FrontendReq::SetVringKick, &body(&U64(0)), &[0]));
+        repeated.extend(msg(FrontendReq::SetVringCall, &body(&U64(0)), &[0]));
+        repeated.extend(msg(
+            FrontendReq::SetMemTable,
+            &table(&[region(0, 0x1000, VMM)]),
+            &[1],
+        ));
+    }
+    seeds.push(("repeated_messages", repeated));
+    seeds
+}
+
+fn decode_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let frame = |req: FrontendReq, body: &[u8], nfds: u8| {
+        let header = Header::new(
+            req,
+            HeaderFlags::NEED_REPLY,
+            u32::try_from(body.len()).unwrap(),
+        );
+        decode_input(false, &header, body, nfds)
+    };
+    vec![
+        ("get_features", frame(FrontendReq::GetFeatures, &[], 0)),
+        (
+            "set_features",
+            frame(FrontendReq::SetFeatures, &body(&U64(1 << 32)), 0),
+        ),
+        (
+            "set_mem_table",
+            frame(
+                FrontendReq::SetMemTable,
+                &table(&[region(0, 0x1000, VMM), region(0x1000, 0x1000, VMM + 0x1000)]),
+                2,
+            ),
+        ),
+        (
+            "set_mem_table_too_few_fds",
+            frame(
+                FrontendReq::SetMemTable,
+                &table(&[region(0, 0x1000, VMM)]),
+                0,
+            ),
+        ),
+        (
+            "set_vring_kick_extra_fds",
+            frame(FrontendReq::SetVringKick, &body(&U64(0)), 9),
+        ),
+        (
+            "set_vring_addr",
+            frame(
+                FrontendReq::SetVringAddr,
+                &body(&VringAddr {
+                    index: 1,
+                    flags: VringAddrFlags::empty(),
+                    descriptor: 1,
+                    used: 2,
+                    available: 3,
+                    log: 4,
+                }),
+                0,
+            ),
+        ),
+        (
+            "set_vring_num_short",
+            frame(FrontendReq::SetVringNum, &[1, 0, 0, 0], 0),
+        ),
+        (
+            "set_log_base",
+            frame(
+                FrontendReq::SetLogBase,
+                &body(&Log {
+                    mmap_size: u64::MAX,
+                    mmap_offset: 1,
+                }),
+                1,
+            ),
+        ),
+        (
+            "get_inflight_fd",
+            frame(
+                FrontendReq::GetInflightFd,
+                &body(&Inflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: u16::MAX,
+                    queue_size: u16::MAX,
+                }),
+                0,
+            ),
+        ),
+        (
+            "add_mem_reg",
+            frame(
+                FrontendReq::AddMemReg,
+                &body(&SingleMemoryRegion {
+                    region: region(0, 0x1000, VMM),
+                }),
+                1,
+            ),
+        ),
+        (
+            "get_config",
+            frame(
+                FrontendReq::GetConfig,
+                &[0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                0,
+            ),
+        ),
+        (
+            "backend_config_change",
+            decode_input(
+                true,
+                &Header::new(
+                    vu_proto::request::BackendReq::ConfigChangeMsg,
+                    HeaderFlags::empty(),
+                    0,
+                ),
+                &[],
+                0,
+            ),
+        ),
+        (
+            "unknown_code",
+            decode_input(
+                false,
+                &Header::new(
+                    vu_proto::request::RequestCode(0xdead),
+                    HeaderFlags::empty(),
+                    4,
+                ),
+                &[1, 2, 3, 4],
+                1,
+            ),
+        ),
+    ]
+}
+
+fn u64s(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A region of a `memory_table` input.
+fn mt_region(gpa: u64, size: u64, vmm: u64, offset: u64, pages: u8) -> Vec<u8> {
+    let mut out = u64s(&[gpa, size, vmm, offset]);
+    out.push(pages);
+    out
+}
+
+fn memory_table_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let two = [
+        vec![0, 2],
+        mt_region(0, 0x4000, VMM, 0, 4),
+        mt_region(0x4000, 0x4000, VMM + 0x10000, 0, 4),
+    ]
+    .concat();
+    vec![
+        (
+            "set_add_remove_translate",
+            [
+                two.clone(),
+                vec![1],
+                mt_region(0x10000, 0x2000, VMM + 0x20000, 0x1000, 3),
+                vec![3],
+                u64s(&[VMM + 0x3ff8, 16]),
+                vec![5],
+                u64s(&[0x3ff8]),
+                16u16.to_le_bytes().to_vec(),
+                vec![2],
+                u64s(&[0x4000, 0x4000, VMM + 0x10000]),
+                vec![5],
+                u64s(&[0x4000]),
+                8u16.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+        ),
+        (
+            "overflowing_regions",
+            [
+                vec![0, 1],
+                mt_region(u64::MAX - 0xfff, 0x2000, VMM, 0, 2),
+                vec![1],
+                mt_region(0, 0x2000, u64::MAX - 0xfff, 0, 2),
+                vec![1],
+                mt_region(0, 0x2000, VMM, u64::MAX - 0xfff, 2),
+                vec![1],
+                mt_region(0, 0x4000, VMM, 0, 1),
+            ]
+            .concat(),
+        ),
+        (
+            "log_base_overflow",
+            [
+                two.clone(),
+                vec![4, 1],
+                u64s(&[u64::MAX, 0x1000]),
+                vec![4, 2],
+                u64s(&[0x1000, u64::MAX - 0xfff]),
+                vec![4, 1],
+                u64s(&[0x1000, 0]),
+            ]
+            .concat(),
+        ),
+        (
+            "overlapping_regions",
+            [
+                vec![0, 2],
+                mt_region(0, 0x4000, VMM, 0, 4),
+                mt_region(0x2000, 0x4000, VMM + 0x10000, 0, 4),
+                vec![1],
+                mt_region(0x10000, 0x2000, VMM + 0x1000, 0, 2),
+            ]
+            .concat(),
+        ),
+    ]
+}
+
+fn blk_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let d = BLK_DATA_ADDR;
+    // A read of one sector at sector 1: header, data, status.
+    let read_header = [0u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    let read_header = [read_header, 1u64.to_le_bytes().to_vec()].concat();
+    let write_header = [1u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    let write_header = [write_header, 2u64.to_le_bytes().to_vec()].concat();
+    let request = |header: &[u8], data_flags: u16| {
+        (
+            vec![
+                descriptor(d, 16, DESC_NEXT, 1),
+                descriptor(d + 0x100, 512, data_flags | DESC_NEXT, 2),
+                descriptor(d + 0x400, 1, DESC_WRITE, 0),
+            ],
+            header.to_vec(),
+        )
+    };
+    let (read_descs, read_data) = request(&read_header, DESC_WRITE);
+    let (write_descs, write_data) = request(&write_header, 0);
+    let indirect_table = [
+        descriptor(d, 16, DESC_NEXT, 1),
+        descriptor(d + 0x100, 512, DESC_WRITE | DESC_NEXT, 2),
+        descriptor(d + 0x400, 1, DESC_WRITE, 0),
+    ]
+    .concat();
+    let mut indirect_data = read_header.clone();
+    indirect_data.resize(0x800, 0);
+    indirect_data.extend_from_slice(&indirect_table);
+    let long: Vec<[u8; 16]> = (0..16u16)
+        .map(|i| descriptor(d, 16, DESC_NEXT, (i + 1) % 16))
+        .collect();
+    vec![
+        ("read", blk_queue_input(4, &read_descs, &[0], &read_data)),
+        ("write", blk_queue_input(4, &write_descs, &[0], &write_data)),
+        (
+            "indirect_read",
+            blk_queue_input(
+                4,
+                &[descriptor(d + 0x800, 48, DESC_INDIRECT, 0)],
+                &[0],
+                &indirect_data,
+            ),
+        ),
+        (
+            "indirect_length_not_multiple_of_16",
+            blk_queue_input(
+                4,
+                &[descriptor(d + 0x800, 47, DESC_INDIRECT, 0)],
+                &[0],
+                &indirect_data,
+            ),
+        ),
+        (
+            "indirect_table_crossing_regions",
+            blk_queue_input(4, &[descriptor(0xfff0, 48, DESC_INDIRECT, 0)], &[0], &[]),
+        ),
+        (
+            "indirect_table_in_a_hole",
+            blk_queue_input(4, &[descriptor(0x20000, 48, DESC_INDIRECT, 0)], &[0], &[]),
+        ),
+        (
+            "descriptor_loop",
+            blk_queue_input(
+                4,
+                &[
+                    descriptor(d, 16, DESC_NEXT, 1),
+                    descriptor(d, 1, DESC_NEXT | DESC_WRITE, 0),
+                ],
+                &[0],
+                &read_header,
+            ),
+        ),
+        (
+            "chain_longer_than_ring",
+            blk_queue_input(4, &long, &[0], &read_header),
+        ),
+        (
+            "unmapped_and_crossing_buffers",
+            blk_queue_input(
+                4,
+                &[
+                    descriptor(d, 16, DESC_NEXT, 1),
+                    descriptor(0xfff8, 512, DESC_WRITE | DESC_NEXT, 2),
+                    descriptor(0xdead_beef_0000, 1, DESC_WRITE, 0),
+                ],
+                &[0, 1, 2],
+                &read_header,
+            ),
+        ),
+        (
+            "zero_length_and_huge_lengths",
+            blk_queue_input(
+                4,
+                &[
+                    descriptor(d, 0, DESC_NEXT, 1),
+                    descriptor(d, u32::MAX, DESC_WRITE | DESC_NEXT, 2),
+                    descriptor(d, 0, DESC_WRITE, 0),
+                ],
+                &[0],
+                &read_header,
+            ),
+        ),
+        (
+            "avail_index_far_ahead",
+            [
+                blk_queue_input(4, &read_descs, &[0; 16], &[]),
+                vec![0xff; 4],
+            ]
+            .concat(),
+        ),
+    ]
+}
+
+fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let mut all = Vec::new();
+    for (target, seeds) in [
+        ("decode", decode_seeds()),
+        ("session", session_seeds()),
+        ("memory_table", memory_table_seeds()),
+        ("blk_queue", blk_seeds()),
+    ] {
+        all.extend(seeds.into_iter().map(|(name, bytes)| (target, name, bytes)));
+    }
+    all
+}
+
+#[test]
+fn every_seed_is_committed() {
+    let write = std::env::var_os("VU_WRITE_FUZZ_SEEDS").is_some();
+    for (target, name, bytes) in all_seeds() {
+        let path = corpus_dir(target).join(format!("seed-{name}"));
+        if write {
+            fs::create_dir_all(corpus_dir(target)).unwrap();
+            fs::write(&path, &bytes).unwrap();
+        } else {
+            let committed = fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}; regenerate with VU_WRITE_FUZZ_SEEDS=1 cargo test -p vu-tests \
+                     --test fuzz_corpus",
+                    path.display()
+                )
+            });
+            assert_eq!(committed, bytes, "{} is stale", path.display());
+        }
+    }
+}
+
+/// Runs every committed input of `target` through `body`; returns how many there were.
+fn replay(target: &str, body: fn(&[u8])) -> usize {
+    let dir = corpus_dir(target);
+    let mut count = 0;
+    for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let data = fs::read(&path).unwrap();
+        body(&data);
+        count += 1;
+    }
+    assert!(count > 0, "{} holds no input", dir.display());
+    count
+}
+
+#[test]
+fn decode_corpus_replays_without_panic() {
+    replay("decode", decode);
+}
+
+#[test]
+fn session_corpus_replays_without_panic() {
+    replay("session", session);
+}
+
+#[test]
+fn memory_table_corpus_replays_without_panic() {
+    replay("memory_table", memory_table);
+}
+
+#[test]
+fn blk_queue_corpus_replays_without_panic() {
+    replay("blk_queue", blk_queue);
+}
+
+/// The generated seeds themselves, whatever is committed: a seed that crashes fails here
+/// with its name.
+#[test]
+fn generated_seeds_run_without_panic() {
+    for (target, name, bytes) in all_seeds() {
+        let body: fn(&[u8]) = match target {
+            "decode" => decode,
+            "session" => session,
+            "memory_table" => memory_table,
+            _ => blk_queue,
+        };
+        let result = std::panic::catch_unwind(|| body(&bytes));
+        assert!(result.is_ok(), "{target}/{name} panicked");
+    }
+}
