@@ -13,6 +13,7 @@ mod doc;
 mod e2e;
 mod features;
 mod fmt;
+mod fuzz;
 mod lint;
 mod package;
 mod test;
@@ -102,6 +103,7 @@ fn help() -> String {
     }
     text.push_str(
         "  e2e       boot a Linux guest in QEMU against our backends (cargo xtask e2e --help)\n\
+         fuzz      run the cargo-fuzz targets for a bounded time (cargo xtask fuzz --help)\n\
          help      this text\n\n\
          options:\n  --allow-dirty   let `package` run with uncommitted changes (local use only)\n\n\
          See docs/TESTING.md.\n",
@@ -118,6 +120,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         return e2e::main(&args[1..]);
+    }
+    // `fuzz` needs nightly and runs for a bounded time; it is not a `ci` step.
+    if args.first().map(String::as_str) == Some("fuzz") {
+        if let Err(err) = std::env::set_current_dir(workspace_root()) {
+            eprintln!("xtask: cannot enter the workspace root: {err}");
+            return ExitCode::FAILURE;
+        }
+        return fuzz::main(&args[1..]);
     }
     let mut options = Options::default();
     let mut task = None;
