@@ -350,3 +350,375 @@ pub fn blk_queue_input(size_log2: u8, descs: &[[u8; 16]], heads: &[u16], data: &
 
 /// The guest address where [`blk_queue_input`]'s data lands.
 pub const BLK_DATA_ADDR: u64 = BLK_DATA;
+
+/// The memory type of [`HostileBackend`]: with dirty-log bitmaps, so `SET_LOG_BASE` is real.
+pub type LogMem = GuestMemoryAtomic<GuestMemoryMmap<vu_mem::LogBitmap>>;
+
+/// Queues of [`HostileBackend`].
+pub const HOSTILE_QUEUES: usize = 2;
+/// Largest ring of [`HostileBackend`].
+pub const HOSTILE_QUEUE_SIZE: usize = 256;
+
+/// A device that offers every protocol feature the session serves (so that each request
+/// reaches its checks rather than a "not negotiated" refusal) and serves its queues like a
+/// careful device: a chain it cannot read or write is completed with length 0 and the
+/// device carries on; it never trusts a length further than [`BLK_MAX_COPY`].
+#[derive(Debug, Default)]
+pub struct HostileBackend {
+    /// Chains completed, over all queues.
+    pub completed: std::sync::atomic::AtomicU64,
+    /// Chains completed with length 0 because guest memory refused them.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+/// Serves every available chain of `vring`: copies the readable descriptors' bytes into the
+/// writable ones (an echo), completing a chain whose memory is out of bounds with 0 bytes.
+pub fn serve_hostile_queue<V: VringT<LogMem>>(
+    vring: &V,
+    stats: &HostileBackend,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    while let Some(chain) = vring.pop_descriptor_chain() {
+        let head = chain.head_index();
+        let mem = chain.memory();
+        let mut data = Vec::new();
+        let mut ok = true;
+        let mut written = 0usize;
+        let descs: Vec<_> = chain.clone().collect();
+        for d in descs.iter().filter(|d| !d.is_write_only()) {
+            let len = (d.len() as usize).min(BLK_MAX_COPY);
+            let mut bytes = vec![0u8; len];
+            ok &= mem.read_slice(&mut bytes, d.addr()).is_ok();
+            data.extend_from_slice(&bytes);
+        }
+        for d in descs.iter().filter(|d| d.is_write_only()) {
+            let take = (d.len() as usize).min(data.len() - written);
+            if mem
+                .write_slice(&data[written..written + take], d.addr())
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+            written += take;
+        }
+        let len = if ok {
+            u32::try_from(written).unwrap_or(u32::MAX)
+        } else {
+            stats.refused.fetch_add(1, Ordering::SeqCst);
+            0
+        };
+        vring.add_used(head, len).map_err(std::io::Error::other)?;
+        stats.completed.fetch_add(1, Ordering::SeqCst);
+    }
+    vring
+        .signal_used_queue_if_needed()
+        .map_err(std::io::Error::other)?;
+    Ok(())
+}
+
+impl vu_backend::VhostUserBackend for HostileBackend {
+    type Bitmap = vu_mem::LogBitmap;
+    type Vring = VringMutex<LogMem>;
+
+    fn num_queues(&self) -> usize {
+        HOSTILE_QUEUES
+    }
+    fn max_queue_size(&self) -> usize {
+        HOSTILE_QUEUE_SIZE
+    }
+    fn features(&self) -> u64 {
+        use vu_proto::features::VirtioFeatures;
+        (VirtioFeatures::VERSION_1
+            | VirtioFeatures::PROTOCOL_FEATURES
+            | VirtioFeatures::RING_INDIRECT_DESC
+            | VirtioFeatures::LOG_ALL)
+            .bits()
+    }
+    fn protocol_features(&self) -> vu_proto::features::ProtocolFeatures {
+        hostile_protocol()
+    }
+    fn set_event_idx(&self, _enabled: bool) {}
+    fn update_memory(&self, _mem: LogMem) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: vmm_sys_util::epoll::EventSet,
+        vrings: &[VringMutex<LogMem>],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| std::io::Error::other(format!("no queue {device_event}")))?;
+        serve_hostile_queue(vring, self)
+    }
+}
+
+/// The protocol features [`HostileBackend`] offers.
+pub fn hostile_protocol() -> vu_proto::features::ProtocolFeatures {
+    use vu_proto::features::ProtocolFeatures as P;
+    P::MQ
+        | P::LOG_SHMFD
+        | P::REPLY_ACK
+        | P::CONFIG
+        | P::INFLIGHT_SHMFD
+        | P::RESET_DEVICE
+        | P::CONFIGURE_MEM_SLOTS
+        | P::STATUS
+}
+
+/// A daemon serving a [`HostileBackend`] on a socket in a temporary directory, frontend
+/// after frontend.
+#[derive(Debug)]
+pub struct HostileDaemon {
+    /// The daemon.
+    pub daemon: vu_backend::VhostUserDaemon<std::sync::Arc<HostileBackend>>,
+    /// The backend, shared with the daemon.
+    pub backend: std::sync::Arc<HostileBackend>,
+    /// The socket path.
+    pub path: std::path::PathBuf,
+    _dir: vmm_sys_util::tempdir::TempDir,
+}
+
+impl HostileDaemon {
+    /// Builds the daemon with `message_timeout` and starts serving.
+    pub fn serving(message_timeout: Option<Duration>) -> Self {
+        let (dir, path) = crate::device::socket_path();
+        let backend = std::sync::Arc::new(HostileBackend::default());
+        let mut daemon = vu_backend::VhostUserDaemon::new(
+            "vu-hostile".to_owned(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .expect("daemon");
+        daemon.set_message_timeout(message_timeout);
+        let listener = vu_proto::listener::Listener::bind(&path).expect("bind");
+        daemon.start_serving(listener).expect("start_serving");
+        HostileDaemon {
+            daemon,
+            backend,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Connects a hostile frontend.
+    pub fn connect(&self) -> Hostile {
+        Hostile::connect(&self.path)
+    }
+
+    /// Connects and negotiates every offered feature (REPLY_ACK included), `SET_OWNER` first.
+    pub fn negotiated(&self) -> Hostile {
+        let fe = self.connect();
+        fe.negotiate();
+        fe
+    }
+
+    /// Stops the daemon and waits for it, within [`HOSTILE_TIMEOUT`].
+    pub fn stop(self) {
+        let HostileDaemon {
+            mut daemon, _dir, ..
+        } = self;
+        crate::daemon_support::within(HOSTILE_TIMEOUT, "stopping the daemon", move || {
+            daemon.request_shutdown();
+            daemon.wait().expect("the daemon stopped cleanly");
+        });
+    }
+}
+
+impl Hostile {
+    /// `SET_OWNER`, `GET_FEATURES`, `SET_PROTOCOL_FEATURES` (all offered),
+    /// `SET_FEATURES` (all offered), each acknowledged.
+    pub fn negotiate(&self) {
+        use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+        type R = FrontendRequest<std::os::fd::OwnedFd>;
+        self.tell(&R::SetOwner).expect("SET_OWNER");
+        let features = self.get_features();
+        self.ask(&R::GetProtocolFeatures)
+            .expect("GET_PROTOCOL_FEATURES");
+        let protocol = self.recv_u64(FrontendReq::GetProtocolFeatures);
+        self.ask(&R::SetProtocolFeatures(ProtocolFeatures::from_bits_retain(
+            protocol,
+        )))
+        .expect("SET_PROTOCOL_FEATURES");
+        assert_eq!(self.ack(FrontendReq::SetProtocolFeatures), 0);
+        self.ask(&R::SetFeatures(VirtioFeatures::from_bits_retain(features)))
+            .expect("SET_FEATURES");
+        assert_eq!(self.ack(FrontendReq::SetFeatures), 0);
+    }
+
+    /// Sends `req` with NEED_REPLY and returns its REPLY_ACK status (0 is success).
+    pub fn status<F: AsFd>(&self, req: &FrontendRequest<F>) -> u64 {
+        self.ask(req).expect("send");
+        let code = FrontendReq::try_from(req.code()).expect("a known request");
+        self.ack(code)
+    }
+}
+
+/// A ring laid out by hand in driver memory, whose descriptors the test writes raw.
+#[derive(Debug)]
+pub struct RawRing {
+    /// Queue size.
+    pub size: u16,
+    /// Guest address of the descriptor table.
+    pub desc: GuestAddress,
+    /// Guest address of the available ring.
+    pub avail: GuestAddress,
+    /// Guest address of the used ring.
+    pub used: GuestAddress,
+    /// Guest address of a data area of 64 KiB.
+    pub data: GuestAddress,
+    /// The kick eventfd.
+    pub kick: vmm_sys_util::eventfd::EventFd,
+    /// The call eventfd.
+    pub call: vmm_sys_util::eventfd::EventFd,
+    avail_idx: u16,
+}
+
+impl RawRing {
+    /// Lays out a ring of `size` entries in `memory`.
+    pub fn new(memory: &mut crate::virtqueue::DriverMemory, size: u16) -> Self {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let n = u64::from(size);
+        RawRing {
+            size,
+            desc: memory.alloc(16 * n, 16),
+            avail: memory.alloc(6 + 2 * n, 2),
+            used: memory.alloc(6 + 8 * n, 4),
+            data: memory.alloc(0x10000, 16),
+            kick: EventFd::new(EFD_NONBLOCK).expect("kick"),
+            call: EventFd::new(EFD_NONBLOCK).expect("call"),
+            avail_idx: 0,
+        }
+    }
+
+    /// `SET_VRING_NUM`, `_ADDR`, `_BASE`, `_CALL`, `_KICK` and `_ENABLE` for queue `index`.
+    pub fn start(&self, fe: &Hostile, memory: &crate::virtqueue::DriverMemory, index: u8) {
+        use vu_proto::payload::{VringAddr, VringAddrFlags, VringEnable, VringState};
+        type R<'a> = FrontendRequest<BorrowedFd<'a>>;
+        let i = u32::from(index);
+        let ok = |req: &R<'_>| assert_eq!(fe.status(req), 0, "{:?} refused", req.code());
+        ok(&R::SetVringNum(VringState {
+            index: i,
+            num: u32::from(self.size),
+        }));
+        ok(&R::SetVringAddr(VringAddr {
+            index: i,
+            flags: VringAddrFlags::empty(),
+            descriptor: memory.user_addr(self.desc),
+            used: memory.user_addr(self.used),
+            available: memory.user_addr(self.avail),
+            log: 0,
+        }));
+        ok(&R::SetVringBase(VringState { index: i, num: 0 }));
+        ok(&R::SetVringCall {
+            index,
+            fd: Some(crate::proto_support::eventfd_fd(&self.call)),
+        });
+        ok(&R::SetVringKick {
+            index,
+            fd: Some(crate::proto_support::eventfd_fd(&self.kick)),
+        });
+        ok(&R::SetVringEnable(VringEnable {
+            index: i,
+            enable: true,
+        }));
+    }
+
+    /// Writes descriptor `i` of the table, raw.
+    pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, desc: [u8; 16]) {
+        mem.write_slice(&desc, self.desc.unchecked_add(16 * u64::from(i)))
+            .expect("descriptor inside the table");
+    }
+
+    /// Offers `head` in the available ring, publishes the index and kicks.
+    pub fn offer(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        mem.write_obj(head.to_le(), self.avail.unchecked_add(4 + 2 * slot))
+            .expect("avail slot");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.avail_idx.to_le(), self.avail.unchecked_add(2))
+            .expect("avail idx");
+        self.kick.write(1).expect("kick");
+    }
+
+    /// Sets the available index to `idx` without writing entries (a driver that lies), and
+    /// kicks.
+    pub fn publish_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        mem.write_obj(idx.to_le(), self.avail.unchecked_add(2))
+            .expect("avail idx");
+        self.kick.write(1).expect("kick");
+    }
+
+    /// The used index the device published.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        u16::from_le(mem.read_obj(self.used.unchecked_add(2)).expect("used idx"))
+    }
+
+    /// Used entry `i`: (id, len).
+    pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+        let at = self.used.unchecked_add(4 + 8 * u64::from(i % self.size));
+        let id: u32 = mem.read_obj(at).expect("used id");
+        let len: u32 = mem.read_obj(at.unchecked_add(4)).expect("used len");
+        (u32::from_le(id), u32::from_le(len))
+    }
+
+    /// Waits (on the call eventfd, bounded by [`HOSTILE_TIMEOUT`]) until the used index
+    /// reaches `idx`; panics on timeout.
+    pub fn wait_used(&self, mem: &GuestMemoryMmap, idx: u16) {
+        let deadline = std::time::Instant::now() + HOSTILE_TIMEOUT;
+        while self.used_idx(mem) != idx {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "used index did not reach {idx}");
+            use std::os::fd::AsRawFd;
+            crate::virtqueue::wait_readable(
+                self.call.as_raw_fd(),
+                left.min(Duration::from_millis(100)),
+            );
+            let _ = self.call.read();
+        }
+    }
+}
+
+/// Sends `bytes` with `fds` in one `sendmsg`, with no limit on the fd count (the endpoint
+/// refuses to send more than a message may carry; a hostile frontend is not so polite).
+pub fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    use std::os::fd::AsRawFd;
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let fd_bytes = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at a control buffer of CMSG_SPACE(fd_bytes) bytes, so the first
+    // header and its data (CMSG_LEN(fd_bytes) bytes) fit in it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg).cast(), raw.len());
+    }
+    // SAFETY: every pointer in `msg` refers to a live buffer of the stated length.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "sendmsg: {}",
+        std::io::Error::last_os_error()
+    );
+}
