@@ -2,7 +2,7 @@
 # /init of the `cargo xtask e2e` guest (busybox sh, run as PID 1 from the initramfs).
 #
 # The host passes the test on the kernel command line:
-#   e2e.test=blk|rng   which device to exercise
+#   e2e.test=blk|rng   which device to exercise (`shell`: an interactive shell, for the demo)
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
 #   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
 # and reads the verdict back from the serial console: the guest prints
@@ -111,12 +111,18 @@ test_blk() {
 }
 
 test_rng() {
-    wait_for /dev/hwrng || fail "no /dev/hwrng"
-    current="$(cat /sys/class/misc/hw_random/rng_current)"
-    case "$current" in
-        virtio_rng*) ;;
-        *) fail "current hwrng is '$current'" ;;
-    esac
+    # /dev/hwrng exists as soon as the hw_random core does; wait for virtio_rng to be the
+    # current source.
+    i=0
+    while :; do
+        current="$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
+        case "$current" in
+            virtio_rng*) break ;;
+        esac
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && fail "current hwrng is '$current'"
+        sleep 0.1
+    done
     # Stop the kernel's own reader (khwrngd) so that what we read is one contiguous run of
     # the backend's stream.
     echo 0 > /sys/class/misc/hw_random/rng_quality 2>/dev/null
@@ -126,9 +132,16 @@ test_rng() {
     say "VU-E2E-PASS rng $nonce"
 }
 
+# `cargo xtask demo`: a shell on the console; leaving it powers off.
+shell() {
+    echo "vu e2e guest: $(ls /dev/vd* /dev/hwrng 2>/dev/null | tr '\n' ' ')"
+    setsid cttyhack sh
+}
+
 case "$test" in
     blk) test_blk ;;
     rng) test_rng ;;
+    shell) shell ;;
     *) fail "unknown e2e.test '$test'" ;;
 esac
 finish

@@ -263,11 +263,8 @@ fn build_initramfs(kernel: &provision::Kernel, out: &Path) -> Result<(), String>
         .map_err(|err| format!("cannot write {}: {err}", out.display()))
 }
 
-fn run_all(options: &Options) -> Result<Vec<Row>, String> {
-    let runs = plan(options);
-    if runs.is_empty() {
-        return Err("nothing to run: qemu-storage-daemon serves blk only".to_owned());
-    }
+/// Packages, kernel and initramfs for `runs`.
+fn prepare(runs: &[Run], kvm: bool) -> Result<Machine, String> {
     let work = PathBuf::from("target/e2e");
     std::fs::create_dir_all(&work)
         .map_err(|err| format!("cannot create {}: {err}", work.display()))?;
@@ -280,12 +277,30 @@ fn run_all(options: &Options) -> Result<Vec<Row>, String> {
     eprintln!("==> e2e: initramfs");
     let initrd = work.join("initramfs.cpio");
     build_initramfs(&kernel, &initrd)?;
-    let machine = Machine {
+    Ok(Machine {
         qemu: "qemu-system-x86_64".to_owned(),
         kernel: kernel.vmlinuz.clone(),
         initrd,
-        kvm: options.kvm,
-    };
+        kvm,
+    })
+}
+
+/// The backend of `run`, building our example when it is ours.
+fn backend_for(run: &Run) -> Result<Backend, String> {
+    match run.backend {
+        "qsd" => Ok(Backend::Qsd),
+        "qemu" => Ok(Backend::Builtin),
+        _ => build_vu_backend(run.device).map(Backend::Vu),
+    }
+}
+
+fn run_all(options: &Options) -> Result<Vec<Row>, String> {
+    let runs = plan(options);
+    if runs.is_empty() {
+        return Err("nothing to run: qemu-storage-daemon serves blk only".to_owned());
+    }
+    let machine = prepare(&runs, options.kvm)?;
+    let work = PathBuf::from("target/e2e");
 
     let mut rows = Vec::new();
     for run in runs {
@@ -298,12 +313,7 @@ fn run_all(options: &Options) -> Result<Vec<Row>, String> {
             seconds: Vec::new(),
             setup_error: None,
         };
-        let backend = match run.backend {
-            "qsd" => Ok(Backend::Qsd),
-            "qemu" => Ok(Backend::Builtin),
-            _ => build_vu_backend(run.device).map(Backend::Vu),
-        };
-        let backend = match backend {
+        let backend = match backend_for(&run) {
             Ok(backend) => backend,
             Err(err) => {
                 eprintln!("    cannot run: {err}");
@@ -361,6 +371,40 @@ fn run_all(options: &Options) -> Result<Vec<Row>, String> {
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// `cargo xtask demo [--device blk|rng] [--backend vu|qsd|qemu] [--kvm]`: one interactive
+/// boot with the guest's console on this terminal (a shell instead of the test).
+pub(crate) fn demo(args: &[String]) -> ExitCode {
+    let options = match parse(args) {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("xtask demo: {err}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(run) = plan(&options).into_iter().next() else {
+        eprintln!("xtask demo: qemu-storage-daemon serves blk only");
+        return ExitCode::from(2);
+    };
+    let result = prepare(std::slice::from_ref(&run), options.kvm).and_then(|machine| {
+        let backend = backend_for(&run)?;
+        let spec = Spec {
+            device: run.device,
+            backend,
+            queues: run.queues,
+            cpus: run.cpus,
+            dir: PathBuf::from("target/e2e/demo"),
+        };
+        boot::interactive(&machine, &spec)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask demo: FAILED: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Entry point: `args` are the words after `e2e`.

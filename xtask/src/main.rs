@@ -103,6 +103,7 @@ fn help() -> String {
     }
     text.push_str(
         "  e2e       boot a Linux guest in QEMU against our backends (cargo xtask e2e --help)\n\
+         demo      the same guest with a shell on this terminal (--device, --backend, --kvm)\n\
          fuzz      run the cargo-fuzz targets for a bounded time (cargo xtask fuzz --help)\n\
          help      this text\n\n\
          options:\n  --allow-dirty   let `package` run with uncommitted changes (local use only)\n\n\
@@ -113,13 +114,16 @@ fn help() -> String {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // `e2e` has options of its own (docs/e2e.md); it is not a `ci` step yet.
-    if args.first().map(String::as_str) == Some("e2e") {
+    // `e2e` and `demo` have options of their own (docs/e2e.md); e2e is not a `ci` step yet.
+    if let Some(task @ ("e2e" | "demo")) = args.first().map(String::as_str) {
         if let Err(err) = std::env::set_current_dir(workspace_root()) {
             eprintln!("xtask: cannot enter the workspace root: {err}");
             return ExitCode::FAILURE;
         }
-        return e2e::main(&args[1..]);
+        return match task {
+            "e2e" => e2e::main(&args[1..]),
+            _ => e2e::demo(&args[1..]),
+        };
     }
     // `fuzz` needs nightly and runs for a bounded time; it is not a `ci` step.
     if args.first().map(String::as_str) == Some("fuzz") {

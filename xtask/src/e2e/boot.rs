@@ -199,7 +199,7 @@ pub(crate) struct Files {
     pub(crate) image: PathBuf,
     /// The rng entropy source.
     pub(crate) rng_source: PathBuf,
-    /// The guest's serial console.
+    /// The guest's serial console; empty for the terminal (`cargo xtask demo`).
     pub(crate) console: PathBuf,
 }
 
@@ -312,7 +312,11 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
         "-display".to_owned(),
         "none".to_owned(),
         "-serial".to_owned(),
-        format!("file:{}", console.display()),
+        if console.as_os_str().is_empty() {
+            "mon:stdio".to_owned()
+        } else {
+            format!("file:{}", console.display())
+        },
         "-no-reboot".to_owned(),
     ]);
     command
@@ -500,6 +504,62 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
         }
     }
     Ok(outcome)
+}
+
+/// `cargo xtask demo`: boots the guest against the backend with the serial console on this
+/// terminal and a shell in the guest, without a deadline; stops the backend afterwards.
+pub(crate) fn interactive(machine: &Machine, spec: &Spec) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(&spec.dir);
+    std::fs::create_dir_all(&spec.dir)
+        .map_err(|err| format!("cannot create {}: {err}", spec.dir.display()))?;
+    let sockets = socket_dir()?;
+    let result = interactive_in(machine, spec, &sockets);
+    let _ = std::fs::remove_dir_all(&sockets);
+    result
+}
+
+fn interactive_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<(), String> {
+    let nonce = format!("{:016x}", fresh_u64());
+    let files = Files {
+        socket: sockets.join("vu.sock"),
+        image: spec.dir.join("disk.img"),
+        rng_source: spec.dir.join("rng-source.bin"),
+        console: PathBuf::new(),
+    };
+    let backend_log = spec.dir.join("backend.log");
+    match spec.device {
+        Device::Blk => {
+            prepare_image(&spec.dir, &files.image, &nonce, fresh_u64())?;
+        }
+        Device::Rng => write_file(&files.rng_source, &pattern(fresh_u64(), RNG_SOURCE_LEN))?,
+    }
+    let mut backend = match backend_command(spec, &files) {
+        Some(mut command) => {
+            let (out, err) = log_file(&backend_log)?;
+            command.stdin(Stdio::null()).stdout(out).stderr(err);
+            eprintln!("$ {}  2>{}", shell_line(&command), backend_log.display());
+            let mut child = command
+                .spawn()
+                .map_err(|err| format!("cannot start `{}`: {err}", shell_line(&command)))?;
+            wait_for_socket(&mut child, &files.socket)?;
+            Some(child)
+        }
+        None => None,
+    };
+    let append = format!("console=ttyS0 panic=-1 quiet e2e.test=shell e2e.nonce={nonce}");
+    let mut qemu = qemu_command(machine, spec, &files, &append);
+    eprintln!("$ {}", shell_line(&qemu));
+    eprintln!(
+        "(the guest's shell: /dev/vda or /dev/hwrng; `exit` powers off; Ctrl-A X quits QEMU)"
+    );
+    let status = qemu.status();
+    if let Some(child) = &mut backend {
+        stop(child);
+    }
+    match status {
+        Ok(_) => Ok(()),
+        Err(err) => Err(format!("cannot run `{}`: {err}", shell_line(&qemu))),
+    }
 }
 
 /// Decides a boot from the console and the files: `Err(reason)` on failure.
