@@ -112,8 +112,25 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Pops the next available descriptor chain, or `None` when the driver has offered
     /// nothing new (or the ring is not valid in guest memory).
+    ///
+    /// An available entry whose head index is past the descriptor table is consumed and
+    /// skipped with a warning: no chain starts there, and the used ring could not take it
+    /// back (`add_used` refuses it), so a device that passed its error on would stop over a
+    /// driver's mistake.
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
-        self.queue.pop_descriptor_chain(self.mem.memory())
+        let size = self.queue.size();
+        // Each pop consumes an entry, and the ring never holds more than `size` new ones.
+        for _ in 0..=size {
+            let chain = self.queue.pop_descriptor_chain(self.mem.memory())?;
+            if chain.head_index() < size {
+                return Some(chain);
+            }
+            log::warn!(
+                "skipping available entry with head index {} (queue size {size})",
+                chain.head_index()
+            );
+        }
+        None
     }
 
     /// Puts one completed chain into the used ring and publishes the new used index.

@@ -490,6 +490,16 @@ mod tests {
         heads
     }
 
+    #[test]
+    fn available_head_past_the_table_is_skipped() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        driver.offer(2);
+        let m = driver.mem.memory();
+        m.write_obj((SIZE + 3).to_le(), GuestAddress(AVAIL + 4))
+            .unwrap();
+        assert_eq!(pop_all(&vring), vec![1]);
+    }
+
     /// One end of a socket pair as a `File`, and the other end: the second reads EOF once every
     /// copy of the first is closed, which shows whether a vring still holds the fd.
     fn closing_probe() -> (File, std::os::unix::net::UnixStream) {
