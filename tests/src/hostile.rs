@@ -16,7 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
 };
 use vu_proto::header::{Header, HeaderFlags};
 use vu_proto::message::{FrontendRequest, RawMessage};
@@ -385,6 +386,10 @@ pub fn serve_hostile_queue<V: VringT<LogMem>>(
         let mut ok = true;
         let mut written = 0usize;
         let descs: Vec<_> = chain.clone().collect();
+        // A careful device checks every buffer against guest memory before using any.
+        ok &= descs
+            .iter()
+            .all(|d| mem.check_range(d.addr(), d.len() as usize));
         for d in descs.iter().filter(|d| !d.is_write_only()) {
             let len = (d.len() as usize).min(BLK_MAX_COPY);
             let mut bytes = vec![0u8; len];
@@ -594,7 +599,8 @@ impl RawRing {
         }
     }
 
-    /// `SET_VRING_NUM`, `_ADDR`, `_BASE`, `_CALL`, `_KICK` and `_ENABLE` for queue `index`.
+    /// `SET_VRING_NUM`, `_ADDR`, `_BASE`, `_CALL`, `_KICK` and `_ENABLE` for queue `index`
+    /// (after `GET_VRING_BASE` when restarting a ring), from the driver's available index.
     pub fn start(&self, fe: &Hostile, memory: &crate::virtqueue::DriverMemory, index: u8) {
         use vu_proto::payload::{VringAddr, VringAddrFlags, VringEnable, VringState};
         type R<'a> = FrontendRequest<BorrowedFd<'a>>;
@@ -612,7 +618,11 @@ impl RawRing {
             available: memory.user_addr(self.avail),
             log: 0,
         }));
-        ok(&R::SetVringBase(VringState { index: i, num: 0 }));
+        // The driver's available index: every chain offered before was served.
+        ok(&R::SetVringBase(VringState {
+            index: i,
+            num: u32::from(self.avail_idx),
+        }));
         ok(&R::SetVringCall {
             index,
             fd: Some(crate::proto_support::eventfd_fd(&self.call)),
