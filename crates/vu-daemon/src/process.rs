@@ -20,12 +20,13 @@
 //! Measured against a device that signals after every chain, one decision per pass is what
 //! takes a queue from one interrupt per request to one per batch (see docs/performance.md).
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestAddressSpace;
 use vu_vring::{Error, VringT};
 
 /// Serves every chain available in `vring` with `serve`, which returns the number of bytes it
-/// wrote into the chain (the used length); returns how many chains were completed.
+/// wrote into the chain (the used length); returns how many chains were completed. The
+/// chains borrow one snapshot of guest memory taken for the call.
 ///
 /// The loop is the one the virtio specification asks of a device that suppresses
 /// notifications while it works:
@@ -46,17 +47,24 @@ pub fn process_queue<M, V, F>(vring: &V, mut serve: F) -> Result<usize, Error>
 where
     M: GuestAddressSpace,
     V: VringT<M> + ?Sized,
-    F: FnMut(DescriptorChain<M::T>) -> u32,
+    F: FnMut(DescriptorChain<&M::M>) -> u32,
 {
     let mut guard = vring.get_mut();
     let data = &mut *guard;
+    // One memory snapshot for the whole call: the chains borrow it, so popping and completing
+    // a chain touches no reference count.
+    let snapshot = data.mem().memory();
+    let mem: &M::M = &snapshot;
     let mut completed = 0;
     loop {
         data.disable_notification()?;
-        while let Some(chain) = data.pop_descriptor_chain() {
+        while let Some(chain) = data.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = serve(chain);
-            data.add_used(head, len)?;
+            // Entries added through the queue count for the next interrupt decision too.
+            data.get_queue_mut()
+                .add_used(mem, head, len)
+                .map_err(|source| Error::AddUsed { head, source })?;
             completed += 1;
         }
         data.signal_used_queue_if_needed()?;

@@ -1,0 +1,778 @@
+//! The data-path benchmark: one virtqueue driver (the `vu-tests` support driver over a shared
+//! memfd, set up over a real UNIX socket with vu-proto's `Frontend`) drives, identically,
+//!
+//! - `vu`: the `vu_null` example of vu-backend (a null device on the vu framework), and
+//! - `ref`: the same null device written on rust-vmm's vhost-user-backend 0.24, which this
+//!   binary runs itself when started as `datapath --serve-ref <socket>`.
+//!
+//! Each backend runs in its own process, pinned with `taskset`; the driver pins itself to CPU
+//! 0. "one CPU" puts the backend on CPU 0 too, "two CPUs" on CPU 1. For every cell (placement,
+//! depth, chain length, EVENT_IDX) both backends are measured in turn, and the whole matrix is
+//! repeated `--runs` times (interleaved, so that a noisy neighbour hurts both); the table shows
+//! medians. It also reports the backend's CPU time per request (from the scheduler's per-thread
+//! accounting, the process's CPU-time clock), the handshake time (connect to ring enabled,
+//! REPLY_ACK on every message), idle RSS and threads, adaptive polling at depth 1 across CPUs,
+//! and instructions per request under `valgrind --tool=callgrind` (repeatable where wall-clock
+//! times are not).
+//!
+//! `cargo xtask bench` builds `vu_null` and runs this; see docs/performance.md. Options:
+//! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
+//! `--runs N`, `--no-callgrind`, `--vu-null PATH`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::tempdir::TempDir;
+use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+use vu_proto::frontend::Frontend;
+use vu_tests::device::TestDevice;
+use vu_tests::proto_support::eventfd_fd;
+use vu_tests::virtqueue::{Buf, DriverMemory, SplitQueue};
+
+/// Entries per queue: room for 128 chains of 3 descriptors.
+const QUEUE_SIZE: u16 = 512;
+/// Guest memory: the rings and one 4 KiB buffer per descriptor.
+const MEMORY: u64 = 8 << 20;
+/// How long a wait for the backend may take before the benchmark gives up.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// The reference null device, on rust-vmm's vhost-user-backend.
+
+mod reference {
+    use std::io;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::Listener;
+    use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+    use virtio_queue::QueueT;
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::epoll::EventSet;
+
+    /// `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX`, `VHOST_USER_F_PROTOCOL_FEATURES`.
+    const FEATURES: u64 = (1 << 32) | (1 << 29) | (1 << 30);
+
+    /// The null device: completes every chain with its writable length, one interrupt decision
+    /// per pass, notifications suppressed while it works, all under one lock of the vring.
+    pub(crate) struct RefNull {
+        pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    }
+
+    impl VhostUserBackend for RefNull {
+        type Bitmap = ();
+        type Vring = VringRwLock;
+
+        fn num_queues(&self) -> usize {
+            1
+        }
+
+        fn max_queue_size(&self) -> usize {
+            1024
+        }
+
+        fn features(&self) -> u64 {
+            FEATURES
+        }
+
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        }
+
+        fn set_event_idx(&self, _enabled: bool) {}
+
+        fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+            // The daemon updates the same atomic handle we hold.
+            Ok(())
+        }
+
+        fn handle_event(
+            &self,
+            device_event: u16,
+            _evset: EventSet,
+            vrings: &[VringRwLock],
+            _thread_id: usize,
+        ) -> io::Result<()> {
+            let Some(vring) = vrings.get(usize::from(device_event)) else {
+                return Err(io::Error::other("unknown device event"));
+            };
+            let mem = self.mem.memory();
+            let mut state = vring.get_mut();
+            loop {
+                state.disable_notification().map_err(io::Error::other)?;
+                while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                    let head = chain.head_index();
+                    let len = chain
+                        .filter(|d| d.is_write_only())
+                        .fold(0u32, |total, d| total.saturating_add(d.len()));
+                    state.add_used(head, len).map_err(io::Error::other)?;
+                }
+                if state.needs_notification().map_err(io::Error::other)? {
+                    state.signal_used_queue()?;
+                }
+                if !state.enable_notification().map_err(io::Error::other)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves one frontend on `path`, then returns.
+    pub(crate) fn serve(path: &Path) -> Result<(), String> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(RefNull { mem: mem.clone() });
+        let mut daemon = VhostUserDaemon::new("ref-null".to_owned(), backend, mem)
+            .map_err(|e| format!("daemon: {e}"))?;
+        let mut listener = Listener::new(path, true).map_err(|e| format!("listen: {e}"))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| format!("start: {e}"))?;
+        // The frontend's disconnect ends the daemon with an error; that is the normal end here.
+        let _ = daemon.wait();
+        // Dropping the daemon would join its worker threads, which only an exit event (that
+        // this device does not have) stops: exit the process instead.
+        std::process::exit(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend processes.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Impl {
+    Vu,
+    Ref,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::Vu => "vu",
+            Impl::Ref => "ref",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Driver and backend on CPU 0.
+    OneCpu,
+    /// Driver on CPU 0, backend on CPU 1.
+    TwoCpus,
+}
+
+impl Placement {
+    fn backend_cpu(self) -> usize {
+        match self {
+            Placement::OneCpu => 0,
+            Placement::TwoCpus => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::OneCpu => "1 CPU",
+            Placement::TwoCpus => "2 CPUs",
+        }
+    }
+}
+
+/// How the benchmark was asked to run.
+#[derive(Debug, Clone)]
+struct Options {
+    runs: usize,
+    run_time: Duration,
+    callgrind: bool,
+    smoke: bool,
+    vu_null: PathBuf,
+}
+
+/// A running backend process.
+struct Backend {
+    child: Child,
+    which: Impl,
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Backend {
+    fn spawn(opts: &Options, which: Impl, cpu: usize, extra: &[&str], cg: Option<&Path>) -> Self {
+        let dir = TempDir::new_with_prefix("/tmp/vu-bench-").expect("temp dir");
+        let path = dir.as_path().join("s.sock");
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg(cpu.to_string());
+        if let Some(out) = cg {
+            cmd.args(["valgrind", "--tool=callgrind", "-q"]);
+            cmd.arg(format!("--callgrind-out-file={}", out.display()));
+        }
+        match which {
+            Impl::Vu => {
+                cmd.arg(&opts.vu_null)
+                    .arg("--socket-path")
+                    .arg(&path)
+                    .args(["--log-level", "warn"])
+                    .args(extra);
+            }
+            Impl::Ref => {
+                cmd.arg(std::env::current_exe().expect("current exe"))
+                    .arg("--serve-ref")
+                    .arg(&path);
+            }
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {} backend: {e}", which.name()));
+        let deadline = Instant::now() + TIMEOUT;
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "{} never listened", which.name());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Backend {
+            child,
+            which,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time of all the backend's threads so far, in nanoseconds, from the process's CPU
+    /// clock (exact to the call: the kernel adds the running slice of a thread on a CPU).
+    fn cpu_ns(&self) -> u64 {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid");
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `clock` is a valid place for one clockid_t; the pid is our unwaited child.
+        if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+            return 0;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write; the clock id was just obtained.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return 0;
+        }
+        u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0)
+    }
+
+    /// Resident memory (KiB) and thread count.
+    fn rss_and_threads(&self) -> (u64, u64) {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("Threads:"))
+    }
+
+    /// Ends the backend: the reference exits when its frontend leaves, vu_null on SIGTERM.
+    fn finish(mut self) {
+        if self.which == Impl::Vu {
+            let pid = libc::pid_t::try_from(self.pid()).expect("pid");
+            // SAFETY: kill(2) with a pid of our own child, which has not been waited for yet,
+            // so the pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let status = self.child.wait().expect("wait for the backend");
+        assert!(
+            status.success(),
+            "{} backend ended with {status}",
+            self.which.name()
+        );
+    }
+}
+
+/// Pins the calling process to `cpu`.
+fn pin_self(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get a
+    // pointer to it and its exact size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "cannot pin the driver to CPU {cpu}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver.
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    placement: Placement,
+    depth: usize,
+    descs: usize,
+    event_idx: bool,
+}
+
+impl Cell {
+    fn chain(&self) -> Vec<Buf> {
+        match self.descs {
+            1 => vec![Buf::Writable(64)],
+            // A block-like request: header, data, status.
+            _ => vec![
+                Buf::Readable(vec![0; 16]),
+                Buf::Writable(64),
+                Buf::Writable(1),
+            ],
+        }
+    }
+}
+
+/// Connects and sets the device up as QEMU does (REPLY_ACK on every message); returns the
+/// device and the time from the connection to the enabled ring (the driver's memory and
+/// queue layout are prepared before the clock starts, as a VMM has them before it connects).
+fn handshake(path: &Path, event_idx: bool) -> (TestDevice, Duration) {
+    let mut memory = DriverMemory::new(MEMORY);
+    let mut queue = SplitQueue::new(&mut memory, 0, QUEUE_SIZE);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut fe = loop {
+        match Frontend::connect(path) {
+            Ok(fe) => break fe,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let start = Instant::now();
+    fe.set_reply_timeout(Some(TIMEOUT)).expect("reply timeout");
+    fe.set_owner().expect("SET_OWNER");
+    let offered = fe.get_features().expect("GET_FEATURES");
+    let mut wanted = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
+    if event_idx {
+        wanted |= VirtioFeatures::RING_EVENT_IDX;
+    }
+    let features = offered & wanted;
+    let protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(protocol & (ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK))
+        .expect("SET_PROTOCOL_FEATURES");
+    fe.set_features(features).expect("SET_FEATURES");
+    fe.set_mem_table(&[memory.region()], &[memory.fd()])
+        .expect("SET_MEM_TABLE");
+    queue.set_event_idx(features.contains(VirtioFeatures::RING_EVENT_IDX));
+    fe.set_vring_num(0, u32::from(QUEUE_SIZE))
+        .expect("SET_VRING_NUM");
+    fe.set_vring_addr(&queue.vring_addr())
+        .expect("SET_VRING_ADDR");
+    fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+    fe.set_vring_call(0, Some(eventfd_fd(&queue.call)))
+        .expect("SET_VRING_CALL");
+    fe.set_vring_kick(0, Some(eventfd_fd(&queue.kick)))
+        .expect("SET_VRING_KICK");
+    fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+    let elapsed = start.elapsed();
+    let device = TestDevice {
+        frontend: fe,
+        memory,
+        queues: vec![queue],
+        features,
+        protocol_negotiated: true,
+    };
+    (device, elapsed)
+}
+
+/// When the driver stops posting.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    Time(Duration),
+    Requests(u64),
+}
+
+/// Keeps `depth` chains in flight until `until`, then drains; returns the requests completed
+/// and the time taken before the drain.
+fn drive(queue: &mut SplitQueue, depth: usize, chain: &[Buf], until: Until) -> (u64, Duration) {
+    let old = queue.avail_idx();
+    for _ in 0..depth {
+        queue.post(chain);
+    }
+    if queue.needs_kick(old) {
+        queue.kick();
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut posted = depth as u64;
+    loop {
+        let used = queue.wait_used(1, TIMEOUT).len();
+        done += used as u64;
+        let more = match until {
+            Until::Time(t) => start.elapsed() < t,
+            Until::Requests(n) => posted < n,
+        };
+        if !more {
+            break;
+        }
+        let old = queue.avail_idx();
+        for _ in 0..used {
+            queue.post(chain);
+        }
+        posted += used as u64;
+        if queue.needs_kick(old) {
+            queue.kick();
+        }
+    }
+    let elapsed = start.elapsed();
+    let left = queue.in_flight();
+    if left > 0 {
+        done += queue.wait_used(left, TIMEOUT).len() as u64;
+    }
+    (done, elapsed)
+}
+
+/// One measurement of one backend in one cell.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Requests per second.
+    rate: f64,
+    /// Backend CPU nanoseconds per request.
+    cpu_per_req: f64,
+    /// Backend CPU use over the run, in CPUs (1.0 = one CPU busy).
+    cpu_use: f64,
+    /// Backend CPU use in the 100 ms after the run (idle).
+    idle_use: f64,
+    handshake: Duration,
+}
+
+fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration) -> Sample {
+    let backend = Backend::spawn(opts, which, cell.placement.backend_cpu(), extra, None);
+    let (mut device, handshake) = handshake(&backend.path, cell.event_idx);
+    let chain = cell.chain();
+    // Warm up: page faults, caches, the first wake-ups.
+    drive(
+        &mut device.queues[0],
+        cell.depth,
+        &chain,
+        Until::Requests(1000),
+    );
+    let cpu0 = backend.cpu_ns();
+    let wall = Instant::now();
+    let (done, elapsed) = drive(&mut device.queues[0], cell.depth, &chain, Until::Time(t));
+    let cpu = backend.cpu_ns() - cpu0;
+    let wall = wall.elapsed();
+    let idle_from = backend.cpu_ns();
+    let idle = Duration::from_millis(100);
+    std::thread::sleep(idle);
+    let idle_cpu = backend.cpu_ns() - idle_from;
+    drop(device);
+    backend.finish();
+    Sample {
+        rate: done as f64 / elapsed.as_secs_f64(),
+        cpu_per_req: cpu as f64 / done as f64,
+        cpu_use: cpu as f64 / wall.as_nanos() as f64,
+        idle_use: idle_cpu as f64 / idle.as_nanos() as f64,
+        handshake,
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M", r / 1e6)
+    } else {
+        format!("{:.1} k", r / 1e3)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callgrind.
+
+/// Total instructions (`Ir`) of a callgrind output file.
+fn callgrind_total(path: &Path) -> u64 {
+    let text = fs::read_to_string(path).expect("read the callgrind output");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("callgrind totals line")
+}
+
+/// Instructions the backend executes per request at `depth`: the difference between two runs
+/// of `n` and `5n` requests, so that start-up and handshake cancel out.
+fn instructions_per_request(opts: &Options, which: Impl, depth: usize, n: u64) -> f64 {
+    let dir = TempDir::new_with_prefix("/tmp/vu-cg-").expect("temp dir");
+    let mut totals = Vec::new();
+    for requests in [n, 5 * n] {
+        let out = dir.as_path().join(format!("cg-{requests}.out"));
+        let backend = Backend::spawn(opts, which, 1, &[], Some(&out));
+        let (mut device, _) = handshake(&backend.path, true);
+        let chain = [Buf::Writable(64)];
+        drive(
+            &mut device.queues[0],
+            depth,
+            &chain,
+            Until::Requests(requests),
+        );
+        drop(device);
+        backend.finish();
+        totals.push(callgrind_total(&out) as f64);
+    }
+    (totals[1] - totals[0]) / (4 * n) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report.
+
+fn cells(opts: &Options) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    let depths: &[usize] = if opts.smoke { &[1, 32] } else { &[1, 32, 128] };
+    for placement in [Placement::OneCpu, Placement::TwoCpus] {
+        for &depth in depths {
+            for descs in [1, 3] {
+                for event_idx in [true, false] {
+                    cells.push(Cell {
+                        placement,
+                        depth,
+                        descs,
+                        event_idx,
+                    });
+                }
+            }
+        }
+    }
+    cells
+}
+
+fn run(opts: &Options) {
+    pin_self(0);
+    let cells = cells(opts);
+    let t = opts.run_time;
+    // samples[cell][impl]
+    let mut samples: Vec<[Vec<Sample>; 2]> = (0..cells.len()).map(|_| [vec![], vec![]]).collect();
+    for run in 0..opts.runs {
+        eprintln!("run {} of {}", run + 1, opts.runs);
+        for (i, &cell) in cells.iter().enumerate() {
+            // Alternate which backend goes first.
+            let order = if (run + i) % 2 == 0 {
+                [Impl::Vu, Impl::Ref]
+            } else {
+                [Impl::Ref, Impl::Vu]
+            };
+            for which in order {
+                let s = measure(opts, which, cell, &[], t);
+                samples[i][which as usize].push(s);
+            }
+        }
+    }
+
+    println!(
+        "\n### Throughput (requests/s, median of {} interleaved runs of {} ms)\n",
+        opts.runs,
+        t.as_millis()
+    );
+    println!("| placement | depth | descs | EVENT_IDX | vu | ref | vu/ref | vu CPU ns/req | ref CPU ns/req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    let mut handshakes: [Vec<f64>; 2] = [vec![], vec![]];
+    for (cell, s) in cells.iter().zip(&samples) {
+        let vu = med(&s[0], |x| x.rate);
+        let rf = med(&s[1], |x| x.rate);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            cell.placement.name(),
+            cell.depth,
+            cell.descs,
+            if cell.event_idx { "on" } else { "off" },
+            fmt_rate(vu),
+            fmt_rate(rf),
+            vu / rf,
+            med(&s[0], |x| x.cpu_per_req),
+            med(&s[1], |x| x.cpu_per_req),
+        );
+        for k in 0..2 {
+            handshakes[k].extend(s[k].iter().map(|x| x.handshake.as_secs_f64() * 1e6));
+        }
+    }
+    let (hv, hr) = (median(handshakes[0].clone()), median(handshakes[1].clone()));
+    println!("\n### Handshake (connect to ring enabled, REPLY_ACK on every message; median of {} connections)\n", handshakes[0].len());
+    println!(
+        "| vu | ref | vu/ref |\n|---|---|---|\n| {hv:.0} µs | {hr:.0} µs | {:.2} |",
+        hv / hr
+    );
+
+    polling(opts);
+    footprint(opts);
+    if opts.callgrind {
+        callgrind(opts);
+    }
+}
+
+/// Depth 1 across CPUs with vu_null's adaptive polling, against both without.
+fn polling(opts: &Options) {
+    let cell = Cell {
+        placement: Placement::TwoCpus,
+        depth: 1,
+        descs: 1,
+        event_idx: true,
+    };
+    let configs: [(&str, Impl, &[&str]); 4] = [
+        ("ref", Impl::Ref, &[]),
+        ("vu", Impl::Vu, &[]),
+        ("vu, polling 50 µs", Impl::Vu, &["--poll-us", "50"]),
+        ("vu, polling 1000 µs", Impl::Vu, &["--poll-us", "1000"]),
+    ];
+    let mut samples: Vec<Vec<Sample>> = vec![vec![]; configs.len()];
+    for _ in 0..opts.runs {
+        for (k, (_, which, extra)) in configs.iter().enumerate() {
+            samples[k].push(measure(opts, *which, cell, extra, opts.run_time));
+        }
+    }
+    println!(
+        "\n### Depth-1 latency across CPUs, adaptive polling (1 descriptor, EVENT_IDX; medians)\n"
+    );
+    println!("| backend | round trip | requests/s | backend CPU ns/req | backend CPU busy | idle CPU after |");
+    println!("|---|---|---|---|---|---|");
+    for ((name, _, _), s) in configs.iter().zip(&samples) {
+        let rate = median(s.iter().map(|x| x.rate).collect());
+        println!(
+            "| {name} | {:.1} µs | {} | {:.0} | {:.0} % | {:.1} % |",
+            1e6 / rate,
+            fmt_rate(rate),
+            median(s.iter().map(|x| x.cpu_per_req).collect()),
+            100.0 * median(s.iter().map(|x| x.cpu_use).collect()),
+            100.0 * median(s.iter().map(|x| x.idle_use).collect()),
+        );
+    }
+}
+
+/// Idle RSS and threads of each backend with one connected, set-up device.
+fn footprint(opts: &Options) {
+    println!("\n### Idle footprint (one device, one queue, connected and set up)\n");
+    println!("| backend | RSS | threads |\n|---|---|---|");
+    for which in [Impl::Vu, Impl::Ref] {
+        let backend = Backend::spawn(opts, which, 1, &[], None);
+        let (device, _) = handshake(&backend.path, true);
+        let (rss, threads) = backend.rss_and_threads();
+        println!("| {} | {rss} KiB | {threads} |", which.name());
+        drop(device);
+        backend.finish();
+    }
+}
+
+fn callgrind(opts: &Options) {
+    let n = if opts.smoke { 200 } else { 5000 };
+    println!("\n### Instructions per request in the backend (callgrind; 1 descriptor, EVENT_IDX, 2 CPUs)\n");
+    println!("| depth | vu | ref | vu/ref |\n|---|---|---|---|");
+    for depth in [1, 32] {
+        let vu = instructions_per_request(opts, Impl::Vu, depth, n);
+        let rf = instructions_per_request(opts, Impl::Ref, depth, n);
+        println!("| {depth} | {vu:.0} | {rf:.0} | {:.2} |", vu / rf);
+    }
+}
+
+fn default_vu_null() -> PathBuf {
+    // target/<profile>/deps/datapath-<hash> -> target/<profile>/examples/vu_null
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("examples").join("vu_null"))
+        .unwrap_or_else(|| PathBuf::from("vu_null"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-ref") {
+        let Some(path) = args.get(i + 1) else {
+            eprintln!("--serve-ref needs a socket path");
+            return ExitCode::from(2);
+        };
+        return match reference::serve(Path::new(path)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("datapath --serve-ref: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut opts = Options {
+        runs: 5,
+        run_time: Duration::from_millis(250),
+        callgrind: true,
+        smoke: false,
+        vu_null: default_vu_null(),
+    };
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--quick" => {
+                opts.runs = 3;
+                opts.run_time = Duration::from_millis(100);
+            }
+            "--smoke" => {
+                opts.smoke = true;
+                opts.runs = 1;
+                opts.run_time = Duration::from_millis(20);
+            }
+            "--runs" => {
+                opts.runs = words
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--runs N");
+            }
+            "--no-callgrind" => opts.callgrind = false,
+            "--vu-null" => opts.vu_null = PathBuf::from(words.next().expect("--vu-null PATH")),
+            // Passed by `cargo bench`.
+            "--bench" => {}
+            other => {
+                eprintln!("datapath: unknown argument `{other}`");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if !opts.vu_null.exists() {
+        eprintln!(
+            "datapath: {} not found; build it with `cargo build --release -p vu-backend --example vu_null` or pass --vu-null",
+            opts.vu_null.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    if opts.callgrind && Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("datapath: valgrind not found; skipping the instruction counts");
+        opts.callgrind = false;
+    }
+    print_machine();
+    run(&opts);
+    ExitCode::SUCCESS
+}
+
+/// The machine, for the record.
+fn print_machine() {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("machine: {cpus} CPUs, {model}, Linux {}", kernel.trim());
+}
