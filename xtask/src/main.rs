@@ -6,6 +6,7 @@
 //! (`cargo xtask lint`, ...). Every step echoes the exact command it runs, so a failure can be
 //! reproduced by copying that line. docs/TESTING.md describes what each step checks.
 
+mod bench;
 mod ci;
 mod cmd;
 mod deps;
@@ -104,6 +105,7 @@ fn help() -> String {
     text.push_str(
         "  e2e       boot a Linux guest in QEMU against our backends (cargo xtask e2e --help)\n\
          demo      the same guest with a shell on this terminal (--device, --backend, --kvm)\n\
+         bench     data-path benchmark against rust-vmm (cargo xtask bench --help)\n\
          fuzz      run the cargo-fuzz targets for a bounded time (cargo xtask fuzz --help)\n\
          help      this text\n\n\
          options:\n  --allow-dirty   let `package` run with uncommitted changes (local use only)\n\n\
@@ -124,6 +126,14 @@ fn main() -> ExitCode {
             "e2e" => e2e::main(&args[1..]),
             _ => e2e::demo(&args[1..]),
         };
+    }
+    // `bench` measures; timings never gate `ci`.
+    if args.first().map(String::as_str) == Some("bench") {
+        if let Err(err) = std::env::set_current_dir(workspace_root()) {
+            eprintln!("xtask: cannot enter the workspace root: {err}");
+            return ExitCode::FAILURE;
+        }
+        return bench::main(&args[1..]);
     }
     // `fuzz` needs nightly and runs for a bounded time; it is not a `ci` step.
     if args.first().map(String::as_str) == Some("fuzz") {

@@ -1,0 +1,64 @@
+//! `cargo xtask bench`: the data-path benchmark. Builds the `vu_null` example, then runs the
+//! `datapath` bench of `vu-tests` (tests/benches/datapath.rs), which drives `vu_null` and a null
+//! device on rust-vmm's vhost-user-backend with one virtqueue driver and prints the tables of
+//! docs/performance.md. Timings never gate anything: this is not a `ci` step.
+
+use std::process::ExitCode;
+
+use crate::cmd::Cmd;
+
+const USAGE: &str = "\
+usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
+
+  (default)       5 interleaved runs of 250 ms per cell, callgrind counts (about 10 minutes)
+  --quick         3 runs of 100 ms per cell
+  --smoke         one tiny run of everything: checks that the harness works end to end
+  --runs N        this many interleaved runs per cell
+  --no-callgrind  skip the instruction counts (valgrind)
+";
+
+/// Runs the task with its own arguments (those after `bench`).
+pub(crate) fn main(args: &[String]) -> ExitCode {
+    let mut pass: Vec<&str> = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--quick" | "--smoke" | "--no-callgrind" => pass.push(word),
+            "--runs" => match words.next() {
+                Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
+                    pass.extend(["--runs", n.as_str()]);
+                }
+                _ => {
+                    eprintln!("xtask bench: --runs needs a positive number\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("xtask bench: unexpected argument `{other}`\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let steps = [
+        Cmd::cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "vu-backend",
+            "--example",
+            "vu_null",
+        ]),
+        Cmd::cargo(&["bench", "-p", "vu-tests", "--bench", "datapath", "--"]).args(&pass),
+    ];
+    for step in &steps {
+        if let Err(err) = step.run() {
+            eprintln!("xtask bench: FAILED: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
