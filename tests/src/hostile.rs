@@ -123,6 +123,24 @@ impl Hostile {
         }
     }
 
+    /// Whether the daemon has closed this connection, without waiting and without consuming
+    /// anything (a peek).
+    pub fn is_closed_by_peer_now(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut byte = 0u8;
+        // SAFETY: a one-byte buffer that lives across the call; MSG_PEEK leaves it unread.
+        let n = unsafe {
+            libc::recv(
+                self.endpoint.stream().as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0
+            || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+    }
+
     /// Writes raw bytes on the socket (half headers, torn bodies).
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut stream: &UnixStream = self.endpoint.stream();
@@ -370,6 +388,8 @@ pub struct HostileBackend {
     pub completed: std::sync::atomic::AtomicU64,
     /// Chains completed with length 0 because guest memory refused them.
     pub refused: std::sync::atomic::AtomicU64,
+    /// When set, the next `handle_event` panics (a device bug).
+    pub panic: std::sync::atomic::AtomicBool,
 }
 
 /// Serves every available chain of `vring`: copies the readable descriptors' bytes into the
@@ -454,6 +474,9 @@ impl vu_backend::VhostUserBackend for HostileBackend {
         vrings: &[VringMutex<LogMem>],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("hostile backend told to panic on queue {device_event}");
+        }
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| std::io::Error::other(format!("no queue {device_event}")))?;
