@@ -213,8 +213,9 @@ fn message(input: &mut Input<'_>) -> Option<RawMessage> {
 }
 
 /// Serves every available chain of `vring` as a device would; errors end the queue's turn,
-/// as they end a device's `handle_event`.
-fn process_queue(vring: &Ring) {
+/// as they end a device's `handle_event`. Returns how many chains it completed.
+fn process_queue(vring: &Ring) -> u64 {
+    let mut served = 0;
     let mut scratch = vec![0u8; MAX_COPY as usize];
     // Each round pops at most a ring's worth of chains; a hostile avail index cannot keep
     // the loop going forever.
@@ -239,12 +240,17 @@ fn process_queue(vring: &Ring) {
         if vring.add_used(head, written).is_err() {
             break;
         }
+        served += 1;
     }
     let _ = vring.signal_used_queue_if_needed();
+    served
 }
 
-/// Runs a [`session`] input. See the module documentation for the format.
-pub fn session(data: &[u8]) {
+/// Runs a [`session`] input and returns how many descriptor chains the queues completed
+/// (so that seed tests can tell an input that reaches the rings from one that does not). See
+/// the module documentation for the format.
+pub fn session(data: &[u8]) -> u64 {
+    let mut served = 0;
     let mem = Mem::new(GuestMemoryMmap::new());
     let vrings: Vec<Ring> = (0..NUM_QUEUES)
         .filter_map(|_| Ring::new(mem.clone(), MAX_QUEUE_SIZE).ok())
@@ -275,11 +281,14 @@ pub fn session(data: &[u8]) {
                 };
                 let _ = guest.memory().write_slice(bytes, GuestAddress(gpa));
             }
-            OP_PROCESS..OP_DISCONNECT => session.vrings().iter().for_each(process_queue),
+            OP_PROCESS..OP_DISCONNECT => {
+                served += session.vrings().iter().map(process_queue).sum::<u64>()
+            }
             OP_DISCONNECT.. => session.disconnect(&mut ctl),
         }
     }
     session.disconnect(&mut ctl);
+    served
 }
 
 /// Encodes one message operation of a [`session`] input (for writing seeds). `fds` holds one
