@@ -164,9 +164,15 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             Ok(out) => (out.success, format!("{}{}", out.stdout, out.stderr)),
             Err(err) => (false, err),
         };
-        let tail: Vec<&str> = output.lines().rev().take(12).collect();
-        for line in tail.iter().rev() {
-            eprintln!("  {line}");
+        // The status lines and anything about a crash; the full output only on failure.
+        for line in output.lines() {
+            let wanted = !ok
+                || ["INITED", "DONE", "Done ", "ERROR", "panicked", "artifact"]
+                    .iter()
+                    .any(|key| line.contains(key));
+            if wanted {
+                eprintln!("  {line}");
+            }
         }
         failed |= !ok;
         rows.push((target.clone(), ok, figures(&output)));
