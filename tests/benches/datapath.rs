@@ -19,7 +19,12 @@
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
 //! `--runs N`, `--no-callgrind`, `--vu-null PATH`.
 
-use std::fs;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +34,7 @@ use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::frontend::Frontend;
 use vu_tests::device::TestDevice;
 use vu_tests::proto_support::eventfd_fd;
-use vu_tests::virtqueue::{Buf, DriverMemory, SplitQueue};
+use vu_tests::virtqueue::{wait_readable, Buf, DriverMemory, SplitQueue};
 
 /// Entries per queue: room for 128 chains of 3 descriptors.
 const QUEUE_SIZE: u16 = 512;
@@ -145,6 +150,8 @@ mod reference {
 enum Impl {
     Vu,
     Ref,
+    /// Not a backend: a process that echoes fixed-size messages, for the socket's own cost.
+    Echo,
 }
 
 impl Impl {
@@ -152,6 +159,7 @@ impl Impl {
         match self {
             Impl::Vu => "vu",
             Impl::Ref => "ref",
+            Impl::Echo => "echo",
         }
     }
 }
@@ -202,6 +210,7 @@ impl Backend {
     fn spawn(opts: &Options, which: Impl, cpu: usize, extra: &[&str], cg: Option<&Path>) -> Self {
         let dir = TempDir::new_with_prefix("/tmp/vu-bench-").expect("temp dir");
         let path = dir.as_path().join("s.sock");
+        let watch = Watch::new(dir.as_path());
         let mut cmd = Command::new("taskset");
         cmd.arg("-c").arg(cpu.to_string());
         if let Some(out) = cg {
@@ -216,9 +225,14 @@ impl Backend {
                     .args(["--log-level", "warn"])
                     .args(extra);
             }
-            Impl::Ref => {
+            Impl::Ref | Impl::Echo => {
+                let mode = if which == Impl::Ref {
+                    "--serve-ref"
+                } else {
+                    "--serve-echo"
+                };
                 cmd.arg(std::env::current_exe().expect("current exe"))
-                    .arg("--serve-ref")
+                    .arg(mode)
                     .arg(&path);
             }
         }
@@ -226,11 +240,7 @@ impl Backend {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the {} backend: {e}", which.name()));
-        let deadline = Instant::now() + TIMEOUT;
-        while !path.exists() {
-            assert!(Instant::now() < deadline, "{} never listened", which.name());
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_socket(&watch, &path, which);
         Backend {
             child,
             which,
@@ -294,6 +304,91 @@ impl Backend {
     }
 }
 
+/// Bytes of an echoed message: a vhost-user header and a `u64` body.
+const ECHO_SIZE: usize = 20;
+/// Round trips of the handshake with REPLY_ACK: GET_FEATURES, GET_PROTOCOL_FEATURES, then an
+/// acknowledgement for SET_FEATURES, SET_MEM_TABLE and six ring messages.
+const HANDSHAKE_ROUND_TRIPS: usize = 10;
+
+/// `--serve-echo`: accepts one connection on `path` and sends back every message.
+fn serve_echo(path: &Path) {
+    let listener = UnixListener::bind(path).expect("bind");
+    let (mut conn, _) = listener.accept().expect("accept");
+    let mut buf = [0u8; ECHO_SIZE];
+    while conn.read_exact(&mut buf).is_ok() {
+        if conn.write_all(&buf).is_err() {
+            break;
+        }
+    }
+}
+
+/// The time of `HANDSHAKE_ROUND_TRIPS` bare socket round trips to an echo process: the floor
+/// under any handshake with that many acknowledged messages.
+fn echo_floor(opts: &Options, placement: Placement) -> Duration {
+    let backend = Backend::spawn(opts, Impl::Echo, placement.backend_cpu(), &[], None);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut conn = loop {
+        match UnixStream::connect(&backend.path) {
+            Ok(conn) => break conn,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect: {e}");
+                std::thread::yield_now();
+            }
+        }
+    };
+    let mut buf = [0u8; ECHO_SIZE];
+    let mut round_trip = |conn: &mut UnixStream| {
+        conn.write_all(&buf).expect("echo write");
+        conn.read_exact(&mut buf).expect("echo read");
+    };
+    round_trip(&mut conn);
+    let start = Instant::now();
+    for _ in 0..HANDSHAKE_ROUND_TRIPS {
+        round_trip(&mut conn);
+    }
+    let elapsed = start.elapsed();
+    drop(conn);
+    backend.finish();
+    elapsed
+}
+
+/// An inotify watch of file creations in a directory.
+struct Watch(OwnedFd);
+
+impl Watch {
+    fn new(dir: &Path) -> Self {
+        // SAFETY: inotify_init1 takes flags only; a negative result is checked below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        assert!(fd >= 0, "inotify_init1 failed");
+        // SAFETY: fd is a new inotify fd, owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cdir = CString::new(dir.as_os_str().as_bytes()).expect("directory path");
+        // SAFETY: the fd is an open inotify fd and `cdir` a NUL-terminated path that outlives
+        // the call.
+        let rc = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), cdir.as_ptr(), libc::IN_CREATE) };
+        assert!(rc >= 0, "inotify_add_watch failed");
+        Watch(fd)
+    }
+}
+
+/// Waits (on inotify, not on a timer) until the backend created its socket.
+fn wait_for_socket(watch: &Watch, path: &Path, which: Impl) {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut events = File::from(watch.0.try_clone().expect("dup inotify fd"));
+    let mut buf = [0u8; 4096];
+    while !path.exists() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the {} backend never listened",
+            which.name()
+        );
+        if wait_readable(watch.0.as_raw_fd(), left) {
+            let _ = events.read(&mut buf);
+        }
+    }
+}
+
 /// Pins the calling process to `cpu`.
 fn pin_self(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get a
@@ -333,8 +428,9 @@ impl Cell {
 }
 
 /// Connects and sets the device up as QEMU does (REPLY_ACK on every message); returns the
-/// device and the time from the connection to the enabled ring (the driver's memory and
-/// queue layout are prepared before the clock starts, as a VMM has them before it connects).
+/// device and the time from `SET_OWNER` to the enabled ring. Before the clock starts, the
+/// driver's memory and queue layout are prepared (a VMM has them before it connects) and one
+/// `GET_FEATURES` round trip makes sure the backend process is up and has accepted.
 fn handshake(path: &Path, event_idx: bool) -> (TestDevice, Duration) {
     let mut memory = DriverMemory::new(MEMORY);
     let mut queue = SplitQueue::new(&mut memory, 0, QUEUE_SIZE);
@@ -343,13 +439,17 @@ fn handshake(path: &Path, event_idx: bool) -> (TestDevice, Duration) {
         match Frontend::connect(path) {
             Ok(fe) => break fe,
             Err(e) => {
+                // The socket exists; the backend is between bind(2) and listen(2).
                 assert!(Instant::now() < deadline, "cannot connect: {e}");
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::yield_now();
             }
         }
     };
-    let start = Instant::now();
     fe.set_reply_timeout(Some(TIMEOUT)).expect("reply timeout");
+    // A first request, untimed, that waits until the backend accepted the connection: its
+    // process start-up is not the handshake.
+    fe.get_features().expect("GET_FEATURES (ready?)");
+    let start = Instant::now();
     fe.set_owner().expect("SET_OWNER");
     let offered = fe.get_features().expect("GET_FEATURES");
     let mut wanted = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
@@ -462,9 +562,16 @@ fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration)
     let (done, elapsed) = drive(&mut device.queues[0], cell.depth, &chain, Until::Time(t));
     let cpu = backend.cpu_ns() - cpu0;
     let wall = wall.elapsed();
+    // Idle: the driver posts nothing for 100 ms (a late interrupt of the drain is taken).
     let idle_from = backend.cpu_ns();
-    let idle = Duration::from_millis(100);
-    std::thread::sleep(idle);
+    let idle_start = Instant::now();
+    let window = Duration::from_millis(100);
+    while let Some(left) = window.checked_sub(idle_start.elapsed()) {
+        if wait_readable(device.queues[0].call.as_raw_fd(), left) {
+            device.queues[0].take_calls();
+        }
+    }
+    let idle = idle_start.elapsed();
     let idle_cpu = backend.cpu_ns() - idle_from;
     drop(device);
     backend.finish();
@@ -589,7 +696,6 @@ fn run(opts: &Options) {
     println!("| placement | depth | descs | EVENT_IDX | vu | ref | vu/ref | vu CPU ns/req | ref CPU ns/req |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
-    let mut handshakes: [Vec<f64>; 2] = [vec![], vec![]];
     for (cell, s) in cells.iter().zip(&samples) {
         let vu = med(&s[0], |x| x.rate);
         let rf = med(&s[1], |x| x.rate);
@@ -605,21 +711,40 @@ fn run(opts: &Options) {
             med(&s[0], |x| x.cpu_per_req),
             med(&s[1], |x| x.cpu_per_req),
         );
-        for k in 0..2 {
-            handshakes[k].extend(s[k].iter().map(|x| x.handshake.as_secs_f64() * 1e6));
-        }
     }
-    let (hv, hr) = (median(handshakes[0].clone()), median(handshakes[1].clone()));
-    println!("\n### Handshake (connect to ring enabled, REPLY_ACK on every message; median of {} connections)\n", handshakes[0].len());
-    println!(
-        "| vu | ref | vu/ref |\n|---|---|---|\n| {hv:.0} µs | {hr:.0} µs | {:.2} |",
-        hv / hr
-    );
+    handshakes(opts, &cells, &samples);
 
     polling(opts);
     footprint(opts);
     if opts.callgrind {
         callgrind(opts);
+    }
+}
+
+/// The handshake times of every connection of the matrix, per placement, against the socket.
+fn handshakes(opts: &Options, cells: &[Cell], samples: &[[Vec<Sample>; 2]]) {
+    println!("\n### Handshake (SET_OWNER to ring enabled, REPLY_ACK on every message; medians)\n");
+    println!("| placement | vu | ref | vu/ref | {HANDSHAKE_ROUND_TRIPS} bare socket round trips |");
+    println!("|---|---|---|---|---|");
+    for placement in [Placement::OneCpu, Placement::TwoCpus] {
+        let mut times: [Vec<f64>; 2] = [vec![], vec![]];
+        for (cell, s) in cells.iter().zip(samples) {
+            if cell.placement == placement {
+                for (k, t) in times.iter_mut().enumerate() {
+                    t.extend(s[k].iter().map(|x| x.handshake.as_secs_f64() * 1e6));
+                }
+            }
+        }
+        let floor: Vec<f64> = (0..opts.runs.max(5))
+            .map(|_| echo_floor(opts, placement).as_secs_f64() * 1e6)
+            .collect();
+        let [vu, rf] = times.map(median);
+        println!(
+            "| {} | {vu:.0} µs | {rf:.0} µs | {:.2} | {:.0} µs |",
+            placement.name(),
+            vu / rf,
+            median(floor)
+        );
     }
 }
 
@@ -697,6 +822,14 @@ fn default_vu_null() -> PathBuf {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-echo") {
+        let Some(path) = args.get(i + 1) else {
+            eprintln!("--serve-echo needs a socket path");
+            return ExitCode::from(2);
+        };
+        serve_echo(Path::new(path));
+        return ExitCode::SUCCESS;
+    }
     if let Some(i) = args.iter().position(|a| a == "--serve-ref") {
         let Some(path) = args.get(i + 1) else {
             eprintln!("--serve-ref needs a socket path");
