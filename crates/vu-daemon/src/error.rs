@@ -64,6 +64,18 @@ pub enum SessionError {
         /// The number of queues of the device.
         num_queues: usize,
     },
+    /// A kick, call or error fd that is not an eventfd. A pipe whose writer closed, for
+    /// example, would be readable forever and spin the worker; a socket or file would fail
+    /// the device's writes.
+    #[error("{request}: queue {queue}: the fd is not an eventfd (it is {kind})")]
+    NotAnEventfd {
+        /// The refused request.
+        request: FrontendReq,
+        /// The queue.
+        queue: u16,
+        /// What the fd is, as `/proc/self/fd` names it.
+        kind: String,
+    },
     /// A queue size that does not fit in 16 bits (the vring refuses other bad sizes).
     #[error("{request}: queue {queue}: size {size} is out of range")]
     QueueSize {

@@ -2,7 +2,7 @@
 //! the ring state transitions of the spec's "Ring states".
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use log::warn;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -166,7 +166,7 @@ where
         let request = FrontendReq::SetVringKick;
         let queue = self.queue(request, u32::from(index))?;
         let kick = match fd {
-            Some(fd) => File::from(fd),
+            Some(fd) => notifier(request, queue, fd)?,
             None => new_eventfd().map_err(|source| SessionError::Io {
                 request,
                 what: "creating an eventfd for a polled ring",
@@ -204,8 +204,10 @@ where
         index: u8,
         fd: Option<OwnedFd>,
     ) -> Result<(), SessionError> {
-        let queue = self.queue(FrontendReq::SetVringCall, u32::from(index))?;
-        self.vring(queue).set_call(fd.map(File::from));
+        let request = FrontendReq::SetVringCall;
+        let queue = self.queue(request, u32::from(index))?;
+        let call = fd.map(|fd| notifier(request, queue, fd)).transpose()?;
+        self.vring(queue).set_call(call);
         Ok(())
     }
 
@@ -214,8 +216,10 @@ where
         index: u8,
         fd: Option<OwnedFd>,
     ) -> Result<(), SessionError> {
-        let queue = self.queue(FrontendReq::SetVringErr, u32::from(index))?;
-        self.vring(queue).set_err(fd.map(File::from));
+        let request = FrontendReq::SetVringErr;
+        let queue = self.queue(request, u32::from(index))?;
+        let err = fd.map(|fd| notifier(request, queue, fd)).transpose()?;
+        self.vring(queue).set_err(err);
         Ok(())
     }
 
@@ -297,5 +301,86 @@ where
             }
             vring.reset();
         }
+    }
+}
+
+/// What `/proc/self/fd` calls an eventfd.
+const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
+
+/// Checks that a kick, call or error fd from the frontend is an eventfd and makes it
+/// non-blocking.
+///
+/// A frontend is free to send any fd. A pipe whose writer closed stays readable with nothing
+/// to read and would spin the worker; a blocking eventfd whose counter the frontend filled
+/// would block the worker's next write forever, and with it `GET_VRING_BASE` and the whole
+/// daemon. `O_NONBLOCK` is a flag of the open file description, shared with the frontend's
+/// copy: frontends create these eventfds non-blocking anyway (QEMU does), and the vrings treat
+/// a full counter on write and an empty one on read as nothing to do. When `/proc` is not
+/// mounted the type cannot be read and only the flag is set.
+fn notifier(request: FrontendReq, queue: u16, fd: OwnedFd) -> Result<File, SessionError> {
+    let raw = fd.as_raw_fd();
+    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{raw}")) {
+        let kind = target.to_string_lossy();
+        if kind != EVENTFD_LINK {
+            return Err(SessionError::NotAnEventfd {
+                request,
+                queue,
+                kind: kind.into_owned(),
+            });
+        }
+    }
+    let io_err = |source| SessionError::Io {
+        request,
+        what: "making an eventfd non-blocking",
+        source,
+    };
+    // SAFETY: F_GETFL on an fd owned by `fd`, which lives across the call; no pointers.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL with an integer argument on the same live fd; no pointers.
+        let rc = unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        if rc < 0 {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(File::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    #[test]
+    fn notifier_refuses_a_pipe() {
+        let mut ends = [0; 2];
+        // SAFETY: `ends` is a valid two-int out-pointer.
+        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
+        let (read, _write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let err = notifier(FrontendReq::SetVringKick, 0, read).unwrap_err();
+        assert!(
+            matches!(err, SessionError::NotAnEventfd { queue: 0, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn notifier_makes_a_blocking_eventfd_non_blocking() {
+        // SAFETY: eventfd takes no pointers; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = notifier(FrontendReq::SetVringCall, 1, fd).unwrap();
+        // SAFETY: F_GETFL on a live fd; no pointers.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
     }
 }
