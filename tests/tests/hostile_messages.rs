@@ -507,3 +507,34 @@ fn header_with_a_bad_version_or_an_oversized_payload_closes_the_connection() {
     closed_then_next_served(&daemon, fe);
     daemon.stop();
 }
+
+#[test]
+fn kick_call_or_err_fd_that_is_not_an_eventfd_is_refused_and_closed() {
+    let _serial = serial();
+    let (daemon, fe) = negotiated();
+    let before = open_fds();
+    {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = memfd(0x1000);
+        for fd in [a.as_fd(), file.as_fd()] {
+            let kick = R::SetVringKick {
+                index: 0,
+                fd: Some(fd),
+            };
+            assert_ne!(fe.status(&kick), 0, "kick {fd:?}");
+            let call = R::SetVringCall {
+                index: 0,
+                fd: Some(fd),
+            };
+            assert_ne!(fe.status(&call), 0, "call {fd:?}");
+            let err = R::SetVringErr {
+                index: 1,
+                fd: Some(fd),
+            };
+            assert_ne!(fe.status(&err), 0, "err {fd:?}");
+        }
+    }
+    assert_no_new_fds(&before);
+    still_serving(&daemon, &fe);
+    daemon.stop();
+}

@@ -18,6 +18,7 @@ use vu_tests::hostile::{
     descriptor, Hostile, HostileDaemon, RawRing, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
     HOSTILE_TIMEOUT,
 };
+use vu_tests::proto_support::eventfd_fd;
 use vu_tests::virtqueue::{DriverMemory, GPA_BASE};
 
 type R<'a> = FrontendRequest<BorrowedFd<'a>>;
@@ -363,4 +364,59 @@ fn region_removed_while_the_queue_runs() {
     s.stop_queue();
     s.ring.start(&s.fe, &s.memory, 0);
     s.finish();
+}
+
+/// A ring whose call (and kick) fds are the ones given, not the ring's own.
+fn start_with_fds(s: &Setup, kick: BorrowedFd<'_>, call: BorrowedFd<'_>) {
+    s.ring.start(&s.fe, &s.memory, 0);
+    assert_eq!(
+        s.fe.status(&R::SetVringCall {
+            index: 0,
+            fd: Some(call)
+        }),
+        0
+    );
+    assert_eq!(
+        s.fe.status(&R::SetVringKick {
+            index: 0,
+            fd: Some(kick)
+        }),
+        0
+    );
+}
+
+#[test]
+fn blocking_call_eventfd_at_its_maximum_does_not_hang_the_daemon() {
+    let _serial = serial();
+    let mut s = Setup::new();
+    // A blocking eventfd one below its maximum: the next write would block forever.
+    let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    call.write(u64::MAX - 1).unwrap();
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    start_with_fds(&s, eventfd_fd(&kick), eventfd_fd(&call));
+    let data = s.ring.data.0;
+    s.ring
+        .write_desc(s.mem(), 0, descriptor(data, 16, DESC_NEXT, 1));
+    s.ring
+        .write_desc(s.mem(), 1, descriptor(data + 0x100, 16, DESC_WRITE, 0));
+    let mem = s.mem().clone();
+    let used = s.ring.used_idx(&mem);
+    s.ring.offer(&mem, 0);
+    kick.write(1).unwrap();
+    // The device completes the chain, then must not block on the full call eventfd.
+    let Setup {
+        daemon,
+        fe,
+        memory,
+        ring,
+    } = s;
+    let fe = vu_tests::daemon_support::within(HOSTILE_TIMEOUT, "GET_VRING_BASE", move || {
+        fe.ask(&R::GetVringBase(VringState { index: 0, num: 0 }))
+            .unwrap();
+        fe.recv_u64(FrontendReq::GetVringBase);
+        fe
+    });
+    assert_eq!(ring.used_idx(&mem), used.wrapping_add(1));
+    drop((fe, memory, ring, call, kick));
+    daemon.stop();
 }
