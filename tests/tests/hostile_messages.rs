@@ -538,3 +538,23 @@ fn kick_call_or_err_fd_that_is_not_an_eventfd_is_refused_and_closed() {
     still_serving(&daemon, &fe);
     daemon.stop();
 }
+
+#[test]
+fn blocking_log_eventfd_is_made_non_blocking() {
+    use std::os::fd::AsRawFd;
+    let _serial = serial();
+    let (daemon, fe) = negotiated();
+    let log = EventFd::new(0).unwrap();
+    assert_eq!(
+        fe.status(&R::SetLogFd {
+            fd: eventfd_fd(&log)
+        }),
+        0
+    );
+    // The flag belongs to the open file description, which our copy shares.
+    // SAFETY: F_GETFL on a live fd; no pointers.
+    let flags = unsafe { libc::fcntl(log.as_raw_fd(), libc::F_GETFL) };
+    assert_ne!(flags & libc::O_NONBLOCK, 0);
+    still_serving(&daemon, &fe);
+    daemon.stop();
+}

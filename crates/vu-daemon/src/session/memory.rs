@@ -194,6 +194,13 @@ where
     }
 
     pub(super) fn handle_set_log_fd(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
+        // A blocking eventfd whose counter the frontend filled would block the device's
+        // "log changed" write forever.
+        super::vring::set_nonblocking(&fd).map_err(|source| SessionError::Io {
+            request: FrontendReq::SetLogFd,
+            what: "making the log eventfd non-blocking",
+            source,
+        })?;
         self.mem.set_log_fd(Some(File::from(fd)));
         Ok(())
     }

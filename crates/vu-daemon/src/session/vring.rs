@@ -329,24 +329,31 @@ fn notifier(request: FrontendReq, queue: u16, fd: OwnedFd) -> Result<File, Sessi
             });
         }
     }
-    let io_err = |source| SessionError::Io {
+    set_nonblocking(&fd).map_err(|source| SessionError::Io {
         request,
         what: "making an eventfd non-blocking",
         source,
-    };
+    })?;
+    Ok(File::from(fd))
+}
+
+/// Sets `O_NONBLOCK` on `fd` (an eventfd from the frontend that the device writes), so that a
+/// counter the frontend filled cannot block the writer.
+pub(super) fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    let raw = fd.as_raw_fd();
     // SAFETY: F_GETFL on an fd owned by `fd`, which lives across the call; no pointers.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
     if flags < 0 {
-        return Err(io_err(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     if flags & libc::O_NONBLOCK == 0 {
         // SAFETY: F_SETFL with an integer argument on the same live fd; no pointers.
         let rc = unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) };
         if rc < 0 {
-            return Err(io_err(std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(File::from(fd))
+    Ok(())
 }
 
 #[cfg(test)]
