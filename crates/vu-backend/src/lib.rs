@@ -259,6 +259,7 @@ pub use vu_daemon::backend::{BackendChannel, VhostUserBackend, VhostUserBackendM
 pub use vu_daemon::daemon::DEFAULT_MESSAGE_TIMEOUT;
 pub use vu_daemon::{
     DaemonError, ListenerError, LocalDaemon, ShutdownHandle, VhostUserDaemon, VringEpollHandler,
+    FRAMEWORK_RING_FEATURES,
 };
 
 // The vrings.

@@ -62,3 +62,4 @@ pub use postcopy::PostcopyError;
 
 pub use daemon::{DaemonError, LocalDaemon, ShutdownHandle, VhostUserDaemon};
 pub use epoll::{ListenerError, VringEpollHandler};
+pub use session::FRAMEWORK_RING_FEATURES;

@@ -27,10 +27,16 @@
 //!
 //! # Decisions
 //!
-//! - `SET_FEATURES` with bits the backend did not offer (QEMU 7.2 sends
-//!   `VIRTIO_RING_F_INDIRECT_DESC` to vhost-user-rng and gives up on a refusal) is accepted:
-//!   the unoffered bits are dropped, a warning is logged once per connection, and only the
-//!   masked value reaches the backend, the vrings (`EVENT_IDX`) and the log (`LOG_ALL`).
+//! - `SET_FEATURES` with bits the backend did not offer is accepted, never refused: Debian's
+//!   QEMU 7.2 acknowledges `VIRTIO_RING_F_INDIRECT_DESC` and `VIRTIO_RING_F_EVENT_IDX` to
+//!   vhost-user-rng whatever the backend offered, gives up on a refusal, and shows those bits
+//!   to the guest, whose driver then uses them. The ring features the framework implements on
+//!   every vring by itself ([`FRAMEWORK_RING_FEATURES`]: indirect descriptors, which
+//!   virtio-queue always follows, and EVENT_IDX, which the vrings and the backend are told
+//!   about) are therefore honoured when acknowledged, offered or not; dropping EVENT_IDX would
+//!   leave `avail_event` unwritten and the guest would stop kicking after one request. Any
+//!   other unoffered bit is dropped. Either case logs one warning per connection, and the
+//!   backend's `acked_features` receives the value in force.
 //! - "Negotiated `VHOST_USER_F_PROTOCOL_FEATURES`" means acknowledged in `SET_FEATURES` or
 //!   `SET_PROTOCOL_FEATURES` received: QEMU sends the latter first, and a frontend that set
 //!   protocol features knows about `SET_VRING_ENABLE`.
@@ -78,6 +84,11 @@ use memory::InflightArea;
 
 /// The failure value of a REPLY_ACK and of the `u64` replies: "non-zero on failure".
 const FAILURE: u64 = 1;
+
+/// Ring features the framework implements on every vring whether or not the backend offered
+/// them, and so honours when a frontend acknowledges them unoffered (see the module docs).
+pub const FRAMEWORK_RING_FEATURES: VirtioFeatures =
+    VirtioFeatures::RING_INDIRECT_DESC.union(VirtioFeatures::RING_EVENT_IDX);
 
 /// What the runtime does after a message: send `reply` (if any), then close the connection
 /// if `close`.
@@ -388,13 +399,15 @@ where
     fn handle_set_features(&mut self, features: VirtioFeatures) -> Result<(), SessionError> {
         let offered = self.backend.features();
         let requested = features.bits();
-        let masked = requested & offered;
-        if masked != requested && !self.warned_unoffered {
+        let masked = requested & (offered | FRAMEWORK_RING_FEATURES.bits());
+        if requested & !offered != 0 && !self.warned_unoffered {
             self.warned_unoffered = true;
             warn!(
-                "SET_FEATURES {requested:#x} acknowledges unoffered bits {:#x}; \
-                 accepting it with those bits dropped",
-                requested & !offered
+                "SET_FEATURES {requested:#x} acknowledges unoffered bits {:#x}: honouring the \
+                 ring features among them ({:#x}), dropping the rest ({:#x})",
+                requested & !offered,
+                masked & !offered,
+                requested & !masked,
             );
         }
         let log_all = masked & VirtioFeatures::LOG_ALL.bits() != 0;
