@@ -272,7 +272,11 @@ fn scatter<G: GuestMemory + ?Sized>(
 impl BlkBackend {
     /// Executes one request and returns its status and how many data bytes it wrote into the
     /// writable segments (the status byte not included).
-    fn execute<G: GuestMemory + ?Sized>(&self, mem: &G, segments: &Segments) -> Result<(u8, usize), String> {
+    fn execute<G: GuestMemory + ?Sized>(
+        &self,
+        mem: &G,
+        segments: &Segments,
+    ) -> Result<(u8, usize), String> {
         let mut header = [0u8; HEADER_LEN];
         gather(mem, &segments.readable, 0, &mut header)?;
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
