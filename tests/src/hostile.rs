@@ -272,10 +272,10 @@ where
 /// The body of the `blk_queue` fuzz target: the input becomes the guest's descriptor table,
 /// available ring and buffers, and a block device serves whatever chains it finds.
 ///
-/// Byte 0 picks the queue size (a power of two up to 256) and whether EVENT_IDX is on; then
-/// come `16 * size` bytes of descriptor table, the available index (u16), `size` ring entries
-/// (u16 each), and the rest is written from [`BLK_DATA`] on (request headers, data, indirect
-/// tables).
+/// Byte 0 picks the queue size (a power of two up to 256) and whether EVENT_IDX is on; then come
+/// `16 * size` bytes of descriptor table, the available index (u16), `size` ring entries (u16
+/// each), and the rest is written from guest address 0x4000 on ([`BLK_DATA_ADDR`]) (request
+/// headers, data, indirect tables).
 pub fn blk_queue(data: &[u8]) {
     let Some((&control, rest)) = data.split_first() else {
         return;
@@ -381,7 +381,7 @@ pub const HOSTILE_QUEUE_SIZE: usize = 256;
 /// A device that offers every protocol feature the session serves (so that each request
 /// reaches its checks rather than a "not negotiated" refusal) and serves its queues like a
 /// careful device: a chain it cannot read or write is completed with length 0 and the
-/// device carries on; it never trusts a length further than [`BLK_MAX_COPY`].
+/// device carries on; it never copies more than 64 KiB for one descriptor, whatever its length.
 #[derive(Debug, Default)]
 pub struct HostileBackend {
     /// Chains completed, over all queues.

@@ -5,7 +5,7 @@
 //! panic, hang or leak on any input; the fuzzer reports a panic, a timeout or an allocation
 //! beyond its limit as a crash.
 //!
-//! # Input format of [`session`]
+//! # Input format of [`session`](crate::fuzzing::session)
 //!
 //! A sequence of operations until the input runs out:
 //!
@@ -23,12 +23,12 @@
 //! The fds are real, so a memory table maps real memory and the rings read real guest
 //! memory: the session, vu-mem and vu-vring are fuzzed together, as a frontend drives them.
 //!
-//! # Input format of [`memory_table`]
+//! # Input format of [`memory_table`](crate::fuzzing::memory_table)
 //!
-//! A sequence of operations on a [`GuestMemoryManager`]: `0` set a table of up to 4 regions,
-//! `1` add a region, `2` remove a region, `3` translate a VMM address, `4` map a log, `5`
-//! access guest memory through the published table; a region is `gpa`, `size`, `vmm`,
-//! `offset` (u64 LE each, the size cut to 16 pages) and a file length in pages (u8).
+//! A sequence of operations on a [`GuestMemoryManager`](vu_mem::GuestMemoryManager): `0` set a
+//! table of up to 4 regions, `1` add a region, `2` remove a region, `3` translate a VMM address,
+//! `4` map a log, `5` access guest memory through the published table; a region is `gpa`, `size`,
+//! `vmm`, `offset` (u64 LE each, the size cut to 16 pages) and a file length in pages (u8).
 
 use std::ffi::CStr;
 use std::fs::File;

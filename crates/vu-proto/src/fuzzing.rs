@@ -6,7 +6,7 @@
 //! promises is broken (invariant 1 of docs/ARCHITECTURE.md: no input makes the codec panic,
 //! and what it decodes it encodes back to an equivalent message).
 //!
-//! # Input format of [`decode`]
+//! # Input format of [`decode`](crate::fuzzing::decode)
 //!
 //! ```text
 //! byte 0        fd count (low nibble, 0..=15: more than MAX_FDS is allowed on purpose)
