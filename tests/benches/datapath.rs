@@ -748,41 +748,42 @@ fn handshakes(opts: &Options, cells: &[Cell], samples: &[[Vec<Sample>; 2]]) {
     }
 }
 
-/// Depth 1 across CPUs with vu_null's adaptive polling, against both without.
+/// Depth 1 with vu_null's adaptive polling, against both backends without, in both placements.
 fn polling(opts: &Options) {
-    let cell = Cell {
-        placement: Placement::TwoCpus,
-        depth: 1,
-        descs: 1,
-        event_idx: true,
-    };
     let configs: [(&str, Impl, &[&str]); 4] = [
         ("ref", Impl::Ref, &[]),
         ("vu", Impl::Vu, &[]),
         ("vu, polling 50 µs", Impl::Vu, &["--poll-us", "50"]),
         ("vu, polling 1000 µs", Impl::Vu, &["--poll-us", "1000"]),
     ];
-    let mut samples: Vec<Vec<Sample>> = vec![vec![]; configs.len()];
-    for _ in 0..opts.runs {
-        for (k, (_, which, extra)) in configs.iter().enumerate() {
-            samples[k].push(measure(opts, *which, cell, extra, opts.run_time));
+    println!("\n### Depth-1 latency with adaptive polling (1 descriptor, EVENT_IDX; medians)\n");
+    println!("| placement | backend | round trip | requests/s | backend CPU ns/req | backend CPU busy | idle CPU after |");
+    println!("|---|---|---|---|---|---|---|");
+    for placement in [Placement::TwoCpus, Placement::OneCpu] {
+        let cell = Cell {
+            placement,
+            depth: 1,
+            descs: 1,
+            event_idx: true,
+        };
+        let mut samples: Vec<Vec<Sample>> = vec![vec![]; configs.len()];
+        for _ in 0..opts.runs {
+            for (k, (_, which, extra)) in configs.iter().enumerate() {
+                samples[k].push(measure(opts, *which, cell, extra, opts.run_time));
+            }
         }
-    }
-    println!(
-        "\n### Depth-1 latency across CPUs, adaptive polling (1 descriptor, EVENT_IDX; medians)\n"
-    );
-    println!("| backend | round trip | requests/s | backend CPU ns/req | backend CPU busy | idle CPU after |");
-    println!("|---|---|---|---|---|---|");
-    for ((name, _, _), s) in configs.iter().zip(&samples) {
-        let rate = median(s.iter().map(|x| x.rate).collect());
-        println!(
-            "| {name} | {:.1} µs | {} | {:.0} | {:.0} % | {:.1} % |",
-            1e6 / rate,
-            fmt_rate(rate),
-            median(s.iter().map(|x| x.cpu_per_req).collect()),
-            100.0 * median(s.iter().map(|x| x.cpu_use).collect()),
-            100.0 * median(s.iter().map(|x| x.idle_use).collect()),
-        );
+        for ((name, _, _), s) in configs.iter().zip(&samples) {
+            let rate = median(s.iter().map(|x| x.rate).collect());
+            println!(
+                "| {} | {name} | {:.1} µs | {} | {:.0} | {:.0} % | {:.1} % |",
+                placement.name(),
+                1e6 / rate,
+                fmt_rate(rate),
+                median(s.iter().map(|x| x.cpu_per_req).collect()),
+                100.0 * median(s.iter().map(|x| x.cpu_use).collect()),
+                100.0 * median(s.iter().map(|x| x.idle_use).collect()),
+            );
+        }
     }
 }
 

@@ -7,12 +7,18 @@
 //! The worker keeps its own duplicate of the fd, so the registration stays valid (and can be
 //! removed) even after the vring's own copy was replaced or closed.
 //!
-//! When the kick fires and the ring is enabled, the worker consumes the kick and calls
-//! `handle_event(queue, ..)`. When the ring is disabled, it does *not* consume the kick: it
-//! *parks* the fd (keeps it registered with no events, so epoll stops reporting it) and leaves
-//! the counter as it is. After every frontend message the runtime re-arms the parked fds of
-//! rings that are now enabled ([`Worker::rearm`]); epoll being level-triggered, the pending
-//! kick is then reported at once.
+//! Kicks are watched *edge-triggered*: each write of the driver to the eventfd is reported
+//! once, so the worker does not read the counter back (one system call less per kick than a
+//! level-triggered watch, which must empty the counter or be woken again). The counter only
+//! grows; an eventfd counter holds 2^64 - 2 kicks, which no driver reaches.
+//!
+//! When the kick fires and the ring is enabled, the worker calls `handle_event(queue, ..)`.
+//! When the ring is disabled, it *parks* the fd (keeps it registered with no events, so epoll
+//! stops reporting it). After every frontend message the runtime re-arms the parked fds of
+//! rings that are now enabled ([`Worker::rearm`]); re-arming (`EPOLL_CTL_MOD`) looks at the fd
+//! again, and its counter, never read, is non-zero, so the kick is reported at once. (A kick
+//! that arrived while the ring was disabled is therefore never lost; re-arming may also report
+//! a kick that was already served, which costs the device one look at an empty ring.)
 //!
 //! An enable that races with a park is never missed. The runtime looks at a worker's table
 //! only when the worker's `parked` count says something is parked (so that a message does
@@ -133,6 +139,9 @@ pub(crate) struct KickTable {
     parked: usize,
 }
 
+/// How kicks are watched: readable, edge-triggered (see the module documentation).
+const KICK_EVENTS: EventSet = EventSet::IN.union(EventSet::EDGE_TRIGGERED);
+
 fn data_of(queue: u16) -> u64 {
     u64::from(queue)
 }
@@ -163,7 +172,7 @@ impl KickTable {
     /// Watches `kick` for `queue`, replacing any fd watched before.
     pub(crate) fn watch(&mut self, poller: &Poller, queue: u16, kick: File) -> io::Result<()> {
         self.unwatch(poller, queue)?;
-        poller.add(kick.as_fd(), EventSet::IN, data_of(queue))?;
+        poller.add(kick.as_fd(), KICK_EVENTS, data_of(queue))?;
         *self.slot(queue)? = Some(Watch::Armed(kick));
         Ok(())
     }
@@ -206,7 +215,7 @@ impl KickTable {
                 continue;
             }
             if let Some(Watch::Parked(file)) = slot.take() {
-                let armed = poller.modify(file.as_fd(), EventSet::IN, data_of(q));
+                let armed = poller.modify(file.as_fd(), KICK_EVENTS, data_of(q));
                 // Keep the fd either way: it is still registered and must be removable.
                 *slot = Some(Watch::Armed(file));
                 self.parked -= 1;
@@ -236,6 +245,30 @@ impl KickTable {
         d: &dyn Dispatch,
         thread: usize,
     ) -> Result<bool, DaemonError> {
+        self.serve_kick(poller, queue, evset, d, thread, false)
+    }
+
+    /// As [`kick`](Self::kick), for chains found by polling: also empties the kick counter,
+    /// so that a kick the driver wrote for those chains does not wake the worker again.
+    fn kick_polled(
+        &mut self,
+        poller: &Poller,
+        queue: u16,
+        d: &dyn Dispatch,
+        thread: usize,
+    ) -> Result<bool, DaemonError> {
+        self.serve_kick(poller, queue, EventSet::IN, d, thread, true)
+    }
+
+    fn serve_kick(
+        &mut self,
+        poller: &Poller,
+        queue: u16,
+        evset: EventSet,
+        d: &dyn Dispatch,
+        thread: usize,
+        consume: bool,
+    ) -> Result<bool, DaemonError> {
         let kick_err = |source| DaemonError::Kick { queue, source };
         let file = match self.slots.get(usize::from(queue)) {
             Some(Some(Watch::Armed(file))) => file,
@@ -246,7 +279,9 @@ impl KickTable {
             self.park(poller, queue).map_err(kick_err)?;
             return Ok(false);
         }
-        take_kick(file).map_err(kick_err)?;
+        if consume {
+            take_kick(file).map_err(kick_err)?;
+        }
         call_backend(d, queue, evset, thread).map(|()| true)
     }
 }
@@ -442,6 +477,9 @@ impl Worker {
                 if polled.is_empty() || self.poller.has_events() {
                     return None;
                 }
+                // Let a thread waiting for this CPU run (the driver, when both share one):
+                // returns at once when none does.
+                std::thread::yield_now();
             }
             std::hint::spin_loop();
         }
@@ -464,13 +502,13 @@ impl Worker {
         loop {
             // While polling, only look at what is pending; otherwise sleep until something is.
             let timeout = (!polled.is_empty()).then_some(Duration::ZERO);
-            let n = self
-                .poller
-                .wait(&mut events, timeout)
-                .map_err(|source| DaemonError::Epoll {
-                    thread: Some(self.index),
-                    source,
-                })?;
+            let n =
+                self.poller
+                    .wait(&mut events, timeout)
+                    .map_err(|source| DaemonError::Epoll {
+                        thread: Some(self.index),
+                        source,
+                    })?;
             for event in &events[..n] {
                 let data = event.data();
                 let evset = event.event_set();
@@ -490,13 +528,36 @@ impl Worker {
             }
             if let Some(queue) = self.spin(&mut polled, d) {
                 // The same path as a kick: consumes the kick the driver may have written too.
-                if self.dispatch(u64::from(queue), EventSet::IN, num_queues, d)? {
+                if self.dispatch_polled(queue, d)? {
                     self.extend_polling(&mut polled, queue);
                 } else {
                     // Not armed any more (unwatched or parked): stop polling it.
                     polled.retain(|&(q, _)| q != queue);
                 }
             }
+        }
+    }
+
+    /// Serves chains that polling found in `queue`'s ring, as a kick would.
+    fn dispatch_polled(&self, queue: u16, d: &dyn Dispatch) -> Result<bool, DaemonError> {
+        let mut table = self.table();
+        let parked_before = table.parked;
+        let result = table.kick_polled(&self.poller, queue, d, self.index);
+        self.after_kick(&mut table, d, parked_before);
+        result
+    }
+
+    /// After a kick was handled: if it parked the fd, publish that and re-check the ring.
+    fn after_kick(&self, table: &mut KickTable, d: &dyn Dispatch, parked_before: usize) {
+        if table.parked > parked_before {
+            // Publish the park, then look at the enabled flag again: an enable the runtime
+            // stored before reading a stale count is seen here.
+            self.parked.store(table.parked, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if let Err(e) = table.rearm(&self.poller, d) {
+                log::error!("worker {}: cannot re-arm a kick: {e}", self.index);
+            }
+            self.parked.store(table.parked, Ordering::SeqCst);
         }
     }
 
@@ -513,21 +574,10 @@ impl Worker {
             Ok(queue) if usize::from(queue) < num_queues => {
                 let parked_before = table.parked;
                 let result = table.kick(&self.poller, queue, evset, d, self.index);
-                if table.parked > parked_before {
-                    // Publish the park, then look at the enabled flag again: an enable the
-                    // runtime stored before reading a stale count is seen here.
-                    self.parked.store(table.parked, Ordering::SeqCst);
-                    fence(Ordering::SeqCst);
-                    if let Err(e) = table.rearm(&self.poller, d) {
-                        log::error!("worker {}: cannot re-arm a kick: {e}", self.index);
-                    }
-                    self.parked.store(table.parked, Ordering::SeqCst);
-                }
+                self.after_kick(&mut table, d, parked_before);
                 result
             }
-            Ok(device_event) => {
-                call_backend(d, device_event, evset, self.index).map(|()| false)
-            }
+            Ok(device_event) => call_backend(d, device_event, evset, self.index).map(|()| false),
             Err(_) => {
                 log::warn!("worker {}: ignoring unknown epoll data {data}", self.index);
                 Ok(false)
@@ -539,7 +589,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use std::cell::{Cell, RefCell};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -607,6 +657,8 @@ mod tests {
         calls: RefCell<Vec<u16>>,
         fail: Cell<bool>,
         panic: Cell<bool>,
+        /// What `ring_has_work` answers, per queue.
+        work: Vec<bool>,
     }
 
     impl Recorder {
@@ -616,6 +668,7 @@ mod tests {
                 calls: RefCell::new(Vec::new()),
                 fail: Cell::new(false),
                 panic: Cell::new(false),
+                work: vec![false; n],
             }
         }
     }
@@ -624,8 +677,8 @@ mod tests {
         fn ring_enabled(&self, queue: u16) -> bool {
             self.enabled[usize::from(queue)].get()
         }
-        fn ring_has_work(&self, _: u16) -> bool {
-            false
+        fn ring_has_work(&self, queue: u16) -> bool {
+            self.work[usize::from(queue)]
         }
         fn handle_event(&self, device_event: u16, _: EventSet, _: usize) -> io::Result<()> {
             if self.panic.get() {
@@ -675,7 +728,7 @@ mod tests {
     }
 
     #[test]
-    fn kick_on_enabled_ring_is_consumed_and_dispatched() {
+    fn kick_on_enabled_ring_is_dispatched_without_reading_the_counter() {
         let w = Worker::new(0, 2, None).unwrap();
         let d = Recorder::new(2);
         let (kick, driver) = eventfd_file();
@@ -683,7 +736,84 @@ mod tests {
         write_kick(&driver);
         assert_eq!(pump(&w, &d).unwrap(), 1);
         assert_eq!(*d.calls.borrow(), vec![1]);
+        // Edge-triggered: reported once, the counter left as the driver wrote it.
+        assert_eq!(pump(&w, &d).unwrap(), 0);
+        assert_eq!(counter(&driver), 1);
+    }
+
+    #[test]
+    fn every_kick_is_reported_again_though_the_counter_is_never_read() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, kick).unwrap();
+        for _ in 0..3 {
+            write_kick(&driver);
+            assert_eq!(pump(&w, &d).unwrap(), 1);
+        }
+        assert_eq!(*d.calls.borrow(), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn polled_dispatch_empties_the_counter_so_the_kick_does_not_wake_again() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let (kick, driver) = eventfd_file();
+        w.table().watch(&w.poller, 0, kick).unwrap();
+        write_kick(&driver);
+        assert!(w.dispatch_polled(0, &d).unwrap());
+        assert_eq!(*d.calls.borrow(), vec![0]);
+        assert_eq!(pump(&w, &d).unwrap(), 0);
         assert_eq!(counter(&driver), 0);
+    }
+
+    #[test]
+    fn polled_dispatch_of_an_unwatched_queue_calls_nothing() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        assert!(!w.dispatch_polled(1, &d).unwrap());
+        assert!(d.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn polling_budget_is_per_queue_and_zero_turns_it_off() {
+        let w = Worker::new(0, 2, None).unwrap();
+        w.set_polling(1, Duration::from_micros(50)).unwrap();
+        assert_eq!(w.poll_budget(1), Some(Duration::from_micros(50)));
+        assert_eq!(w.poll_budget(0), None);
+        w.set_polling(1, Duration::ZERO).unwrap();
+        assert_eq!(w.poll_budget(1), None);
+        assert!(w.set_polling(2, Duration::from_micros(50)).is_err());
+    }
+
+    #[test]
+    fn spin_returns_the_queue_with_work() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let mut d = Recorder::new(2);
+        d.work = vec![false, true];
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut polled = vec![(0, far), (1, far)];
+        assert_eq!(w.spin(&mut polled, &d), Some(1));
+    }
+
+    #[test]
+    fn spin_ends_when_every_window_closed() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let mut polled = vec![(0, Instant::now())];
+        assert_eq!(w.spin(&mut polled, &d), None);
+        assert!(polled.is_empty());
+    }
+
+    #[test]
+    fn spin_ends_when_an_epoll_event_is_pending() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        w.request_stop();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut polled = vec![(0, far)];
+        assert_eq!(w.spin(&mut polled, &d), None);
+        assert_eq!(polled.len(), 1);
     }
 
     #[test]
@@ -702,7 +832,6 @@ mod tests {
         w.rearm(&d).unwrap();
         pump(&w, &d).unwrap();
         assert_eq!(*d.calls.borrow(), vec![0]);
-        assert_eq!(counter(&driver), 0);
     }
 
     #[test]
