@@ -18,21 +18,21 @@
 //!
 //! `cargo xtask e2e` boots a Linux guest against it (docs/e2e.md).
 
-use std::ffi::{c_int, c_void};
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Deref;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::Address;
-use vu_backend::vu_proto::listener::Listener;
-use vu_backend::vu_proto::socket::Endpoint;
+
+use common::{Conventions, Socket};
 
 /// virtio-blk feature bits (virtio spec 5.2.3).
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -70,35 +70,6 @@ const CONFIG_NUM_QUEUES: usize = 34;
 /// The config space size up to and including the write-zeroes fields (60 bytes in Linux and
 /// QEMU 7.2); reads beyond what we fill are zeros.
 const CONFIG_LEN: usize = 60;
-
-/// How verbose the logs on stderr are.
-static LOG_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Level {
-    Error = 0,
-    Warn = 1,
-    Info = 2,
-    Debug = 3,
-}
-
-fn log(level: Level, message: std::fmt::Arguments<'_>) {
-    if level as u8 <= LOG_LEVEL.load(Ordering::Relaxed) {
-        let tag = match level {
-            Level::Error => "error",
-            Level::Warn => "warn",
-            Level::Info => "info",
-            Level::Debug => "debug",
-        };
-        eprintln!("vu_blk: {tag}: {message}");
-    }
-}
-
-macro_rules! log_at {
-    ($level:expr, $($arg:tt)*) => {
-        log($level, format_args!($($arg)*))
-    };
-}
 
 /// Where the disk's bytes live.
 #[derive(Debug)]
@@ -180,6 +151,46 @@ struct BlkBackend {
     num_queues: u16,
     queue_size: u16,
     event_idx: AtomicBool,
+    stats: Stats,
+}
+
+/// What the device has served, for the log line it writes when it stops.
+#[derive(Debug, Default)]
+struct Stats {
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    writes: AtomicU64,
+    written_bytes: AtomicU64,
+    flushes: AtomicU64,
+    /// GET_ID and unsupported requests.
+    others: AtomicU64,
+    /// Requests answered with an error status.
+    errors: AtomicU64,
+}
+
+impl Stats {
+    fn count(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// One line: `served N requests: R reads (B bytes), W writes (B bytes), F flushes, ...`.
+    fn summary(&self) -> String {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let (reads, writes, flushes, others, errors) = (
+            get(&self.reads),
+            get(&self.writes),
+            get(&self.flushes),
+            get(&self.others),
+            get(&self.errors),
+        );
+        format!(
+            "served {} requests: {reads} reads ({} bytes), {writes} writes ({} bytes), \
+             {flushes} flushes, {others} other, {errors} failed",
+            reads + writes + flushes + others + errors,
+            get(&self.read_bytes),
+            get(&self.written_bytes),
+        )
+    }
 }
 
 /// One request, located in guest memory: the readable and the writable segments of its chain.
@@ -298,18 +309,17 @@ impl BlkBackend {
         match kind {
             VIRTIO_BLK_T_IN => {
                 let Some(start) = in_disk(in_len) else {
-                    log_at!(
-                        Level::Warn,
-                        "read of {in_len} bytes at sector {sector} is beyond the disk"
-                    );
+                    log::warn!("read of {in_len} bytes at sector {sector} is beyond the disk");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 };
                 let mut data = vec![0u8; in_len];
                 if let Err(err) = self.storage.read_at(&mut data, start) {
-                    log_at!(Level::Warn, "read at sector {sector}: {err}");
+                    log::warn!("read at sector {sector}: {err}");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 }
                 scatter(mem, &segments.writable, &data)?;
+                Stats::count(&self.stats.reads, 1);
+                Stats::count(&self.stats.read_bytes, in_len);
                 Ok((VIRTIO_BLK_S_OK, in_len))
             }
             VIRTIO_BLK_T_OUT => {
@@ -317,24 +327,26 @@ impl BlkBackend {
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 }
                 let Some(start) = in_disk(out_len) else {
-                    log_at!(
-                        Level::Warn,
-                        "write of {out_len} bytes at sector {sector} is beyond the disk"
-                    );
+                    log::warn!("write of {out_len} bytes at sector {sector} is beyond the disk");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 };
                 let mut data = vec![0u8; out_len];
                 gather(mem, &segments.readable, HEADER_LEN, &mut data)?;
                 if let Err(err) = self.storage.write_at(&data, start) {
-                    log_at!(Level::Warn, "write at sector {sector}: {err}");
+                    log::warn!("write at sector {sector}: {err}");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 }
+                Stats::count(&self.stats.writes, 1);
+                Stats::count(&self.stats.written_bytes, out_len);
                 Ok((VIRTIO_BLK_S_OK, 0))
             }
             VIRTIO_BLK_T_FLUSH => match self.storage.flush() {
-                Ok(()) => Ok((VIRTIO_BLK_S_OK, 0)),
+                Ok(()) => {
+                    Stats::count(&self.stats.flushes, 1);
+                    Ok((VIRTIO_BLK_S_OK, 0))
+                }
                 Err(err) => {
-                    log_at!(Level::Warn, "flush: {err}");
+                    log::warn!("flush: {err}");
                     Ok((VIRTIO_BLK_S_IOERR, 0))
                 }
             },
@@ -343,10 +355,12 @@ impl BlkBackend {
                 id[..DEVICE_ID.len()].copy_from_slice(DEVICE_ID);
                 let len = in_len.min(ID_LEN);
                 scatter(mem, &segments.writable, &id[..len])?;
+                Stats::count(&self.stats.others, 1);
                 Ok((VIRTIO_BLK_S_OK, len))
             }
             other => {
-                log_at!(Level::Debug, "unsupported request type {other}");
+                log::debug!("unsupported request type {other}");
+                Stats::count(&self.stats.others, 1);
                 Ok((VIRTIO_BLK_S_UNSUPP, 0))
             }
         }
@@ -361,17 +375,17 @@ impl BlkBackend {
         let mem = chain.memory();
         let segments = Segments::of(chain);
         if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
-            log_at!(
-                Level::Warn,
+            log::warn!(
                 "malformed request chain {}: no header or no status byte",
                 chain.head_index()
             );
+            Stats::count(&self.stats.errors, 1);
             return 0;
         }
         let (status, written) = match self.execute(mem, &segments) {
             Ok(result) => result,
             Err(err) => {
-                log_at!(Level::Warn, "request chain {}: {err}", chain.head_index());
+                log::warn!("request chain {}: {err}", chain.head_index());
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
@@ -382,8 +396,11 @@ impl BlkBackend {
         let Some(status_at) = addr.checked_add(len as u64 - 1) else {
             return 0;
         };
+        if status == VIRTIO_BLK_S_IOERR {
+            Stats::count(&self.stats.errors, 1);
+        }
         if let Err(err) = mem.write_obj(status, status_at) {
-            log_at!(Level::Warn, "cannot write the status byte: {err}");
+            log::warn!("cannot write the status byte: {err}");
             return 0;
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
@@ -450,7 +467,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        log_at!(Level::Debug, "acked features {features:#x}");
+        log::debug!("acked features {features:#x}");
     }
 
     fn protocol_features(&self) -> ProtocolFeatures {
@@ -518,14 +535,12 @@ impl VhostUserBackend for BlkBackend {
 /// The command line.
 #[derive(Debug)]
 struct Args {
-    socket_path: Option<PathBuf>,
-    fd: Option<i32>,
+    conventions: Conventions,
     blk_file: Option<PathBuf>,
     memory_size_mib: Option<u64>,
     read_only: bool,
     num_queues: u16,
     queue_size: u16,
-    print_capabilities: bool,
 }
 
 const USAGE: &str = "\
@@ -533,132 +548,54 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
               [--read-only] [--num-queues N] [--queue-size N] [--log-level LEVEL]
        vu_blk --print-capabilities
 
-  --socket-path PATH   listen on this UNIX socket, serve frontends one after another
-  --fd N               serve the inherited connected socket N, then exit
   --blk-file FILE      the raw disk image (its size is the capacity, in 512-byte sectors)
   --memory-size MIB    an in-memory disk of this size instead
   --read-only          offer VIRTIO_BLK_F_RO and refuse writes
   --num-queues N       request queues, one worker thread each (default 1, at most 64)
   --queue-size N       largest queue size accepted (default 1024)
-  --log-level LEVEL    error, warn, info (default) or debug; logs go to stderr
 ";
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut parsed = Args {
-        socket_path: None,
-        fd: None,
+        conventions: Conventions::default(),
         blk_file: None,
         memory_size_mib: None,
         read_only: false,
         num_queues: 1,
         queue_size: 1024,
-        print_capabilities: false,
     };
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        // Both `--name value` and `--name=value`.
-        let (name, inline) = match word.split_once('=') {
-            Some((name, value)) => (name, Some(value.to_owned())),
-            None => (word.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| words.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let number = |text: String| {
-            text.parse::<u64>()
-                .map_err(|_| format!("{name}: `{text}` is not a number"))
-        };
+    common::for_each_option(args, |name, value| {
+        if parsed.conventions.take(name, value)? {
+            return Ok(());
+        }
         match name {
-            "--socket-path" => parsed.socket_path = Some(PathBuf::from(value()?)),
-            "--fd" => {
-                let n = number(value()?)?;
-                parsed.fd = Some(i32::try_from(n).map_err(|_| "--fd: too large".to_owned())?);
-            }
             "--blk-file" => parsed.blk_file = Some(PathBuf::from(value()?)),
-            "--memory-size" => parsed.memory_size_mib = Some(number(value()?)?),
+            "--memory-size" => parsed.memory_size_mib = Some(common::number(name, &value()?)?),
             "--read-only" => parsed.read_only = true,
             "--num-queues" => {
-                let n = number(value()?)?;
+                let n = common::number(name, &value()?)?;
                 parsed.num_queues = u16::try_from(n)
                     .ok()
                     .filter(|n| (1..=64).contains(n))
                     .ok_or("--num-queues: 1 to 64")?;
             }
             "--queue-size" => {
-                let n = number(value()?)?;
+                let n = common::number(name, &value()?)?;
                 parsed.queue_size = u16::try_from(n)
                     .ok()
                     .filter(|n| n.is_power_of_two() && *n <= 32768)
                     .ok_or("--queue-size: a power of two up to 32768")?;
             }
-            "--log-level" => {
-                let level = match value()?.as_str() {
-                    "error" => Level::Error,
-                    "warn" => Level::Warn,
-                    "info" => Level::Info,
-                    "debug" => Level::Debug,
-                    other => return Err(format!("--log-level: unknown level `{other}`")),
-                };
-                LOG_LEVEL.store(level as u8, Ordering::Relaxed);
-            }
-            "--print-capabilities" => parsed.print_capabilities = true,
             other => return Err(format!("unexpected argument `{other}`")),
         }
-    }
-    if parsed.print_capabilities {
-        return Ok(parsed);
-    }
-    if parsed.socket_path.is_some() == parsed.fd.is_some() {
-        return Err("give exactly one of --socket-path and --fd".to_owned());
-    }
-    if parsed.blk_file.is_some() == parsed.memory_size_mib.is_some() {
+        Ok(())
+    })?;
+    if !parsed.conventions.print_capabilities
+        && parsed.blk_file.is_some() == parsed.memory_size_mib.is_some()
+    {
         return Err("give exactly one of --blk-file and --memory-size".to_owned());
     }
     Ok(parsed)
-}
-
-/// Written by the SIGTERM/SIGINT handler; a thread waiting on it stops the daemon.
-static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
-
-/// The signal handler. Generic over the `siginfo_t` pointer type so that this example needs
-/// no `libc` dependency: the type is inferred from `vmm_sys_util`'s `SignalHandler`. It only
-/// writes an eventfd (one `write(2)`), which is async-signal-safe.
-extern "C" fn on_stop_signal<T>(_signal: c_int, _info: *mut T, _context: *mut c_void) {
-    if let Some(event) = STOP_EVENT.get() {
-        let _ = event.write(1);
-    }
-}
-
-/// SIGINT and SIGTERM (the same numbers on every Linux architecture).
-const SIGINT: c_int = 2;
-const SIGTERM: c_int = 15;
-
-fn install_stop_handler(daemon: &VhostUserDaemon<BlkBackend>) -> Result<(), String> {
-    let event = EventFd::new(0).map_err(|err| format!("cannot create an eventfd: {err}"))?;
-    let waiter = event
-        .try_clone()
-        .map_err(|err| format!("cannot clone an eventfd: {err}"))?;
-    STOP_EVENT
-        .set(event)
-        .map_err(|_| "the stop handler is installed twice".to_owned())?;
-    let shutdown = daemon.shutdown_handle();
-    std::thread::Builder::new()
-        .name("vu_blk-signals".to_owned())
-        .spawn(move || {
-            if waiter.read().is_ok() {
-                log_at!(Level::Info, "stopping on a signal");
-                shutdown.shutdown();
-            }
-        })
-        .map_err(|err| format!("cannot spawn the signal thread: {err}"))?;
-    for signal in [SIGINT, SIGTERM] {
-        vu_backend::vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
-            .map_err(|err| format!("cannot handle signal {signal}: {err}"))?;
-    }
-    Ok(())
 }
 
 fn open_storage(args: &Args) -> Result<Storage, String> {
@@ -680,19 +617,7 @@ fn open_storage(args: &Args) -> Result<Storage, String> {
     }
 }
 
-/// Takes the inherited socket `fd` (the `--fd` convention).
-fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
-    // OwnedFd must hold an open fd: check that this one is open before adopting it.
-    if !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists() {
-        return Err(format!("--fd {fd}: no such open file descriptor"));
-    }
-    // SAFETY: fd is open (checked just above) and, by the --fd convention, was handed to this
-    // process to own; nothing else in this program uses it, so taking ownership is sound.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Endpoint::from_fd(owned).map_err(|err| format!("--fd {fd}: {err}"))
-}
-
-fn run(args: &Args) -> Result<(), String> {
+fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     let storage = open_storage(args)?;
     let size = storage
         .len()
@@ -705,6 +630,7 @@ fn run(args: &Args) -> Result<(), String> {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         event_idx: AtomicBool::new(false),
+        stats: Stats::default(),
     };
     let mut daemon = VhostUserDaemon::new(
         "vu_blk".to_owned(),
@@ -712,9 +638,8 @@ fn run(args: &Args) -> Result<(), String> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
-    install_stop_handler(&daemon)?;
-    log_at!(
-        Level::Info,
+    common::stop_on_signals(daemon.shutdown_handle())?;
+    log::info!(
         "{} sectors, {} queue(s) of up to {}, {}",
         capacity / SECTOR_SIZE,
         args.num_queues,
@@ -725,54 +650,48 @@ fn run(args: &Args) -> Result<(), String> {
             "read-write"
         }
     );
-    match (&args.socket_path, args.fd) {
-        (Some(path), _) => {
-            let listener = Listener::bind_replacing_stale(path)
-                .map_err(|err| format!("cannot listen on {}: {err}", path.display()))?;
-            log_at!(Level::Info, "listening on {}", path.display());
-            daemon
-                .start_serving(listener)
-                .map_err(|err| format!("cannot start: {err}"))?;
-        }
-        (None, Some(fd)) => {
-            let endpoint = inherited_socket(fd)?;
-            daemon
-                .start_connection(endpoint)
-                .map_err(|err| format!("cannot start: {err}"))?;
-        }
-        (None, None) => return Err("no socket".to_owned()),
-    }
+    common::start(&mut daemon, socket)?;
     let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
     if let Err(err) = daemon.backend().storage.flush() {
-        log_at!(Level::Error, "final flush failed: {err}");
+        log::error!("final flush failed: {err}");
     }
+    log::info!("{}", daemon.backend().stats.summary());
     result
 }
 
 fn main() -> ExitCode {
+    common::init_logger("vu_blk");
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|arg| arg == "-h" || arg == "--help") {
-        print!("{USAGE}");
+        print!("{USAGE}{}", common::CONVENTIONS_USAGE);
         return ExitCode::SUCCESS;
     }
-    let args = match parse_args(&args) {
-        Ok(args) => args,
+    let parsed = parse_args(&args).and_then(|args| {
+        let socket = if args.conventions.print_capabilities {
+            None
+        } else {
+            Some(args.conventions.socket()?)
+        };
+        Ok((args, socket))
+    });
+    let (args, socket) = match parsed {
+        Ok(parsed) => parsed,
         Err(err) => {
-            eprintln!("vu_blk: {err}\n\n{USAGE}");
+            eprintln!("vu_blk: {err}\n\n{USAGE}{}", common::CONVENTIONS_USAGE);
             return ExitCode::from(2);
         }
     };
-    if args.print_capabilities {
+    let Some(socket) = socket else {
         println!("{{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}}");
         return ExitCode::SUCCESS;
-    }
-    match run(&args) {
+    };
+    match run(&args, &socket) {
         Ok(()) => {
-            log_at!(Level::Info, "stopped");
+            log::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(err) => {
-            log_at!(Level::Error, "{err}");
+            log::error!("{err}");
             ExitCode::FAILURE
         }
     }

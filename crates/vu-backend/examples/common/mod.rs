@@ -1,0 +1,220 @@
+//! What every example backend does the same way: the vhost-user spec's "Backend program
+//! conventions" (`--socket-path` or `--fd`, `--print-capabilities`, no daemonizing, a clean
+//! exit on SIGTERM), logging to stderr through the `log` facade, and the option words.
+//!
+//! An example uses it with `mod common;`; cargo does not build `examples/common/` as an
+//! example of its own because it has no `main.rs`. Nothing here knows about a device.
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use vu_backend::prelude::*;
+use vu_backend::vu_proto::listener::Listener;
+use vu_backend::vu_proto::socket::Endpoint;
+
+/// The help text of the options handled here, for an example's usage text.
+pub(crate) const CONVENTIONS_USAGE: &str =
+    "  --socket-path PATH   listen on this UNIX socket, serve frontends one after another
+  --fd N               serve the inherited connected socket N, then exit
+  --print-capabilities print the device type as JSON on stdout and exit
+  --log-level LEVEL    error, warn, info (default), debug or trace; logs go to stderr
+";
+
+/// A minimal `log` backend: one line per record on stderr, `<program>: <level>: <message>`.
+struct StderrLogger {
+    program: &'static str,
+}
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "{}: {}: {}",
+                self.program,
+                record.level().as_str().to_ascii_lowercase(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+
+/// Sends `log` records at `info` and above to stderr, prefixed with `program`.
+pub(crate) fn init_logger(program: &'static str) {
+    let logger = LOGGER.get_or_init(|| StderrLogger { program });
+    // Only fails if a logger is already set, which nothing else in an example does.
+    let _ = log::set_logger(logger);
+    log::set_max_level(log::LevelFilter::Info);
+}
+
+/// Where the frontend is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Socket {
+    /// `--socket-path`: listen here and serve frontends one after another.
+    Path(PathBuf),
+    /// `--fd`: an inherited connected socket; serve it, then exit.
+    Fd(i32),
+}
+
+/// The options every backend program takes.
+#[derive(Debug, Default)]
+pub(crate) struct Conventions {
+    socket_path: Option<PathBuf>,
+    fd: Option<i32>,
+    /// `--print-capabilities` was given.
+    pub(crate) print_capabilities: bool,
+}
+
+impl Conventions {
+    /// Takes option `name` if it is one of the conventions' (reading its value with
+    /// `value`); `Ok(false)` if it is not, for the device to look at.
+    pub(crate) fn take(
+        &mut self,
+        name: &str,
+        value: &mut dyn FnMut() -> Result<String, String>,
+    ) -> Result<bool, String> {
+        match name {
+            "--socket-path" => self.socket_path = Some(PathBuf::from(value()?)),
+            "--fd" => {
+                let n = number(name, &value()?)?;
+                self.fd = Some(i32::try_from(n).map_err(|_| "--fd: too large".to_owned())?);
+            }
+            "--print-capabilities" => self.print_capabilities = true,
+            "--log-level" => {
+                let level = value()?;
+                let filter = level
+                    .parse::<log::LevelFilter>()
+                    .map_err(|_| format!("--log-level: unknown level `{level}`"))?;
+                log::set_max_level(filter);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The socket to serve: exactly one of `--socket-path` and `--fd`.
+    pub(crate) fn socket(&self) -> Result<Socket, String> {
+        match (&self.socket_path, self.fd) {
+            (Some(path), None) => Ok(Socket::Path(path.clone())),
+            (None, Some(fd)) => Ok(Socket::Fd(fd)),
+            _ => Err("give exactly one of --socket-path and --fd".to_owned()),
+        }
+    }
+}
+
+/// Calls `each(name, value)` for every option of `args`, where `value()` reads the option's
+/// value from `--name value` or `--name=value`.
+pub(crate) fn for_each_option(
+    args: &[String],
+    mut each: impl FnMut(&str, &mut dyn FnMut() -> Result<String, String>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let (name, inline) = match word.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (word.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| words.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        each(name, &mut value)?;
+    }
+    Ok(())
+}
+
+/// Option `name`'s value as a number.
+pub(crate) fn number(name: &str, text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .map_err(|_| format!("{name}: `{text}` is not a number"))
+}
+
+/// Written by the SIGTERM/SIGINT handler; a thread waiting on it stops the daemon.
+static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
+
+/// The signal handler. Generic over the `siginfo_t` pointer type so that the examples need
+/// no `libc` dependency: the type is inferred from `vmm_sys_util`'s `SignalHandler`. It only
+/// writes an eventfd (one `write(2)`), which is async-signal-safe.
+extern "C" fn on_stop_signal<T>(_signal: c_int, _info: *mut T, _context: *mut c_void) {
+    if let Some(event) = STOP_EVENT.get() {
+        let _ = event.write(1);
+    }
+}
+
+/// SIGINT and SIGTERM (the same numbers on every Linux architecture).
+const SIGINT: c_int = 2;
+const SIGTERM: c_int = 15;
+
+/// On SIGTERM or SIGINT, stops the daemon through `shutdown` (its `wait` then returns `Ok`).
+pub(crate) fn stop_on_signals(shutdown: ShutdownHandle) -> Result<(), String> {
+    let event = EventFd::new(0).map_err(|err| format!("cannot create an eventfd: {err}"))?;
+    let waiter = event
+        .try_clone()
+        .map_err(|err| format!("cannot clone an eventfd: {err}"))?;
+    STOP_EVENT
+        .set(event)
+        .map_err(|_| "the stop handler is installed twice".to_owned())?;
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            if waiter.read().is_ok() {
+                log::info!("stopping on a signal");
+                shutdown.shutdown();
+            }
+        })
+        .map_err(|err| format!("cannot spawn the signal thread: {err}"))?;
+    for signal in [SIGINT, SIGTERM] {
+        vu_backend::vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+            .map_err(|err| format!("cannot handle signal {signal}: {err}"))?;
+    }
+    Ok(())
+}
+
+/// Takes the inherited socket `fd` (the `--fd` convention).
+fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
+    // OwnedFd must hold an open fd: check that this one is open before adopting it.
+    if !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists() {
+        return Err(format!("--fd {fd}: no such open file descriptor"));
+    }
+    // SAFETY: fd is open (checked just above) and, by the --fd convention, was handed to this
+    // process to own; nothing else in this program uses it, so taking ownership is sound.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Endpoint::from_fd(owned).map_err(|err| format!("--fd {fd}: {err}"))
+}
+
+/// Starts serving `socket` (listening on a path, or the inherited connection); returns at
+/// once. The daemon's `wait` returns when it stops.
+pub(crate) fn start<S>(daemon: &mut VhostUserDaemon<S>, socket: &Socket) -> Result<(), String>
+where
+    S: VhostUserBackend + Send + Sync + 'static,
+    S::Vring: Clone + Send + Sync + 'static,
+    S::Bitmap: Send + Sync + 'static,
+{
+    match socket {
+        Socket::Path(path) => {
+            let listener = Listener::bind_replacing_stale(path)
+                .map_err(|err| format!("cannot listen on {}: {err}", path.display()))?;
+            log::info!("listening on {}", path.display());
+            daemon
+                .start_serving(listener)
+                .map_err(|err| format!("cannot start: {err}"))
+        }
+        Socket::Fd(fd) => {
+            let endpoint = inherited_socket(*fd)?;
+            daemon
+                .start_connection(endpoint)
+                .map_err(|err| format!("cannot start: {err}"))
+        }
+    }
+}
