@@ -351,7 +351,9 @@ where
     /// turns it off. Takes effect at the queue's next kick; may be called at any time, from
     /// any thread. It trades one CPU's time for latency: the wake-up of the worker by the
     /// kick, tens of microseconds between two vCPUs, is skipped while the guest keeps it
-    /// busy.
+    /// busy. The spin does not yield: give the worker a CPU of its own. (On a CPU shared with
+    /// the driver the scheduler still runs the driver when its wait ends, but every round trip
+    /// then pays for the switch, and a busy neighbour on the worker's CPU takes the gain away.)
     ///
     /// Fails (an `Io` error of kind `InvalidInput`) if the queue does not exist.
     pub fn set_polling(&self, queue: u16, budget: Duration) -> Result<(), DaemonError> {

@@ -477,9 +477,6 @@ impl Worker {
                 if polled.is_empty() || self.poller.has_events() {
                     return None;
                 }
-                // Let a thread waiting for this CPU run (the driver, when both share one):
-                // returns at once when none does.
-                std::thread::yield_now();
             }
             std::hint::spin_loop();
         }
