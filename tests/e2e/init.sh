@@ -2,7 +2,8 @@
 # /init of the `cargo xtask e2e` guest (busybox sh, run as PID 1 from the initramfs).
 #
 # The host passes the test on the kernel command line:
-#   e2e.test=blk|rng   which device to exercise (`shell`: an interactive shell, for the demo)
+#   e2e.test=blk|rng   which device to exercise; `demo`: the filesystem walk of
+#                      `cargo xtask demo`; `shell`: an interactive shell (`demo --shell`)
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
 #   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
 # and reads the verdict back from the serial console: the guest prints
@@ -132,7 +133,37 @@ test_rng() {
     say "VU-E2E-PASS rng $nonce"
 }
 
-# `cargo xtask demo`: a shell on the console; leaving it powers off.
+# `cargo xtask demo`: a filesystem on the blank disk, a file written, unmounted, mounted
+# again and read back. Each `VU-DEMO` line is shown by the xtask; the host then looks for the
+# file's text in the image.
+demo() {
+    say "VU-DEMO $*"
+}
+
+test_demo() {
+    wait_for /dev/vda || fail "no /dev/vda"
+    demo "Linux $(uname -r) sees /dev/vda, $(($(cat /sys/block/vda/size) / 2048)) MiB, driver virtio_blk"
+    mke2fs -L vu-demo /dev/vda > /tmp/mkfs.log 2>&1 || fail "mke2fs: $(cat /tmp/mkfs.log)"
+    demo "mke2fs -L vu-demo /dev/vda: an empty ext2 filesystem"
+    mkdir -p /mnt
+    mount -t ext2 /dev/vda /mnt || fail "mount"
+    text="hello from the guest, boot $nonce"
+    echo "$text" > /mnt/hello.txt || fail "write"
+    sync
+    umount /mnt || fail "umount"
+    demo "mounted it, wrote /mnt/hello.txt ($(echo "$text" | wc -c) bytes), sync, umount"
+    # Forget every cached page of the disk, so that the file is read from the device again.
+    echo 3 > /proc/sys/vm/drop_caches
+    mount -t ext2 -o ro /dev/vda /mnt || fail "mount again"
+    back="$(cat /mnt/hello.txt)"
+    demo "mounted it again, read back: \"$back\""
+    demo "$(df -k /mnt | awk 'NR == 2 { print "df: " $3 " KiB used, " $4 " KiB free" }')"
+    umount /mnt
+    [ "$back" = "$text" ] || fail "read back '$back'"
+    say "VU-DEMO-PASS $nonce"
+}
+
+# `cargo xtask demo --shell`: a shell on the console; leaving it powers off.
 shell() {
     echo "vu e2e guest: $(ls /dev/vd* /dev/hwrng 2>/dev/null | tr '\n' ' ')"
     setsid cttyhack sh
@@ -141,6 +172,7 @@ shell() {
 case "$test" in
     blk) test_blk ;;
     rng) test_rng ;;
+    demo) test_demo ;;
     shell) shell ;;
     *) fail "unknown e2e.test '$test'" ;;
 esac

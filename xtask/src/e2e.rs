@@ -41,10 +41,13 @@ struct Options {
     backend: BackendChoice,
     boots: u32,
     kvm: bool,
+    /// Build our backends with `--release`.
+    release: bool,
 }
 
 const USAGE: &str = "\
 usage: cargo xtask e2e [--device blk|rng|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
+                       [--release]
 
   --device   which devices to boot (default all)
   --backend  vu: the examples of crates/vu-backend (default); qsd: qemu-storage-daemon's
@@ -52,6 +55,7 @@ usage: cargo xtask e2e [--device blk|rng|all] [--backend vu|qsd|qemu|all] [--boo
              vhost-user (checks the guest test itself); all: each of them
   --boots    boots per run (default 10)
   --kvm      use KVM instead of TCG (where /dev/kvm can run a guest)
+  --release  build our backends with --release
 
 See docs/e2e.md.
 ";
@@ -62,6 +66,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         backend: BackendChoice::Vu,
         boots: 10,
         kvm: false,
+        release: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -97,10 +102,39 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .ok_or_else(|| format!("--boots wants a positive number, not `{text}`"))?;
             }
             "--kvm" => options.kvm = true,
+            "--release" => options.release = true,
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
     Ok(options)
+}
+
+impl Options {
+    /// The `cargo xtask e2e` arguments that make this run.
+    fn args(&self) -> String {
+        let device = match self.devices.as_slice() {
+            [Device::Blk] => "blk",
+            [Device::Rng] => "rng",
+            _ => "all",
+        };
+        let backend = match self.backend {
+            BackendChoice::Vu => "vu",
+            BackendChoice::Qsd => "qsd",
+            BackendChoice::Qemu => "qemu",
+            BackendChoice::All => "all",
+        };
+        let mut line = format!(
+            "--device {device} --backend {backend} --boots {}",
+            self.boots
+        );
+        if self.kvm {
+            line.push_str(" --kvm");
+        }
+        if self.release {
+            line.push_str(" --release");
+        }
+        line
+    }
 }
 
 /// One row of the table: a device on a backend with a queue count, booted `boots` times.
@@ -213,27 +247,50 @@ fn tail(path: &Path, lines: usize) -> String {
         .collect()
 }
 
-/// The cargo target directory the examples are built into.
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
-/// Builds the vu example serving `device` and returns its path.
-fn build_vu_backend(device: Device) -> Result<PathBuf, String> {
+/// Builds the vu example serving `device` and returns its path, as cargo reports it (so
+/// that `CARGO_TARGET_DIR` and `build.target-dir` are followed wherever they point).
+fn build_vu_backend(device: Device, release: bool) -> Result<PathBuf, String> {
     let example = format!("vu_{}", device.name());
     let source = Path::new("crates/vu-backend/examples").join(format!("{example}.rs"));
     if !source.is_file() {
-        return Err(format!("{} does not exist yet", source.display()));
+        return Err(format!("{} does not exist", source.display()));
     }
-    Cmd::cargo(&["build", "-p", "vu-backend", "--example", &example]).run()?;
-    let program = target_dir().join("debug/examples").join(&example);
-    if program.is_file() {
-        Ok(program)
-    } else {
-        Err(format!("no {} after building", program.display()))
+    let mut args = vec!["build", "-p", "vu-backend", "--example", &example];
+    if release {
+        args.push("--release");
     }
+    args.push("--message-format=json-render-diagnostics");
+    let line = Cmd::cargo(&args).display();
+    eprintln!("$ {line}");
+    // Diagnostics go to stderr as usual; stdout carries the JSON artifact messages. The cargo
+    // that runs xtask (`$CARGO`) keeps the pinned toolchain, as `Cmd::cargo` does.
+    let output = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|err| format!("cannot run `{line}`: {err}"))?;
+    if !output.status.success() {
+        return Err(format!("`{line}` exited with {}", output.status));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|json| executable_of(json, &example))
+        .ok_or_else(|| format!("`{line}` named no executable for {example}"))
+}
+
+/// The `"executable"` of a cargo `compiler-artifact` message for example `name`.
+fn executable_of(json_line: &str, name: &str) -> Option<PathBuf> {
+    if !json_line.contains("\"reason\":\"compiler-artifact\"") {
+        return None;
+    }
+    let (_, rest) = json_line.split_once("\"executable\":\"")?;
+    let (path, _) = rest.split_once('"')?;
+    // A path with escapes would need a JSON parser; examples live under plain paths.
+    let path = PathBuf::from(path);
+    (!path.as_os_str().to_string_lossy().contains('\\')
+        && path.file_name().is_some_and(|file| file == name))
+    .then_some(path)
 }
 
 /// Builds target/e2e/initramfs.cpio: busybox, the modules in load order, /init.
@@ -286,11 +343,11 @@ fn prepare(runs: &[Run], kvm: bool) -> Result<Machine, String> {
 }
 
 /// The backend of `run`, building our example when it is ours.
-fn backend_for(run: &Run) -> Result<Backend, String> {
+fn backend_for(run: &Run, release: bool) -> Result<Backend, String> {
     match run.backend {
         "qsd" => Ok(Backend::Qsd),
         "qemu" => Ok(Backend::Builtin),
-        _ => build_vu_backend(run.device).map(Backend::Vu),
+        _ => build_vu_backend(run.device, release).map(Backend::Vu),
     }
 }
 
@@ -313,7 +370,7 @@ fn run_all(options: &Options) -> Result<Vec<Row>, String> {
             seconds: Vec::new(),
             setup_error: None,
         };
-        let backend = match backend_for(&run) {
+        let backend = match backend_for(&run, options.release) {
             Ok(backend) => backend,
             Err(err) => {
                 eprintln!("    cannot run: {err}");
@@ -373,13 +430,44 @@ fn run_all(options: &Options) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// `cargo xtask demo [--device blk|rng] [--backend vu|qsd|qemu] [--kvm]`: one interactive
-/// boot with the guest's console on this terminal (a shell instead of the test).
+const DEMO_USAGE: &str = "\
+usage: cargo xtask demo [--backend vu|qsd|qemu] [--kvm] [--release]
+       cargo xtask demo --shell [--device blk|rng] [--backend vu|qsd|qemu] [--kvm] [--release]
+
+  (default)  build vu_blk and boot a Linux guest against it (the first run installs QEMU and
+             fetches a kernel, see docs/e2e.md); the guest makes an ext2 filesystem on the
+             disk, writes a file, unmounts, mounts again and reads it back. Shows the guest's
+             lines and the backend's log; exits 0 only if the guest succeeded and the host
+             finds the file in the disk image. Bounded: the guest gets 60 s.
+  --shell    the same guest with a shell on this terminal instead of the script (`exit`
+             powers off, Ctrl-A X quits QEMU)
+  --backend  vu (default), qsd (qemu-storage-daemon) or qemu (QEMU's own virtio-blk)
+  --kvm      use KVM instead of TCG
+  --release  build the backend with --release
+
+Its files are in target/e2e/demo/.
+";
+
+/// `cargo xtask demo`: see [`DEMO_USAGE`].
 pub(crate) fn demo(args: &[String]) -> ExitCode {
-    let options = match parse(args) {
+    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
+        print!("{DEMO_USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let shell = args.iter().any(|arg| arg == "--shell");
+    let rest: Vec<String> = args
+        .iter()
+        .filter(|arg| *arg != "--shell")
+        .cloned()
+        .collect();
+    let options = match parse(&rest) {
+        Ok(options) if !shell && !options.devices.contains(&Device::Blk) => {
+            eprintln!("xtask demo: the demo uses a disk; `--shell` boots the other devices\n\n{DEMO_USAGE}");
+            return ExitCode::from(2);
+        }
         Ok(options) => options,
         Err(err) => {
-            eprintln!("xtask demo: {err}\n\n{USAGE}");
+            eprintln!("xtask demo: {err}\n\n{DEMO_USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -387,23 +475,154 @@ pub(crate) fn demo(args: &[String]) -> ExitCode {
         eprintln!("xtask demo: qemu-storage-daemon serves blk only");
         return ExitCode::from(2);
     };
-    let result = prepare(std::slice::from_ref(&run), options.kvm).and_then(|machine| {
-        let backend = backend_for(&run)?;
-        let spec = Spec {
-            device: run.device,
-            backend,
-            queues: run.queues,
-            cpus: run.cpus,
-            dir: PathBuf::from("target/e2e/demo"),
-        };
-        boot::interactive(&machine, &spec)
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let spec = |backend| Spec {
+        device: run.device,
+        backend,
+        queues: run.queues,
+        cpus: run.cpus,
+        dir: PathBuf::from("target/e2e/demo"),
+    };
+    let machine = match prepare(std::slice::from_ref(&run), options.kvm) {
+        Ok(machine) => machine,
         Err(err) => {
             eprintln!("xtask demo: FAILED: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let backend = match backend_for(&run, options.release) {
+        Ok(backend) => backend,
+        Err(err) => {
+            eprintln!("xtask demo: FAILED: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if shell {
+        return match boot::interactive(&machine, &spec(backend)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("xtask demo: FAILED: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let served_by = match &backend {
+        Backend::Vu(program) => format!(
+            "{} over vhost-user",
+            program.file_name().map_or_else(
+                || program.display().to_string(),
+                |name| name.to_string_lossy().into_owned()
+            )
+        ),
+        Backend::Qsd => "qemu-storage-daemon over vhost-user".to_owned(),
+        Backend::Builtin => "QEMU's own virtio-blk (no vhost-user)".to_owned(),
+    };
+    eprintln!("==> demo: booting a Linux guest whose /dev/vda is served by {served_by}");
+    let demo = match boot::demo(&machine, &spec(backend)) {
+        Ok(demo) => demo,
+        Err(err) => {
+            eprintln!("xtask demo: FAILED: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!();
+    for line in &demo.guest {
+        println!("guest    | {line}");
+    }
+    for line in &demo.backend {
+        println!("backend  | {line}");
+    }
+    match &demo.outcome.failure {
+        None => {
+            println!(
+                "\ndemo: ok, the guest powered off after {:.1} s (files in target/e2e/demo/)",
+                demo.outcome.seconds
+            );
+            ExitCode::SUCCESS
+        }
+        Some(reason) => {
+            eprintln!("\nxtask demo: FAILED: {reason}");
+            for (what, path) in [
+                ("guest console", &demo.outcome.console),
+                ("qemu log", &demo.outcome.qemu_log),
+            ] {
+                eprintln!("    --- {what} ({}), last lines:", path.display());
+                eprint!("{}", tail(path, TAIL_LINES));
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One line per run that did not pass all its boots.
+fn failures(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter_map(|row| {
+            let name = format!(
+                "{}-{}-q{}",
+                row.run.device.name(),
+                row.run.backend,
+                row.run.queues
+            );
+            match &row.setup_error {
+                Some(err) => Some(format!("{name}: {err}")),
+                None if row.passes < row.boots => {
+                    Some(format!("{name}: {}/{} boots passed", row.passes, row.boots))
+                }
+                None => None,
+            }
+        })
+        .collect()
+}
+
+/// Boots per run of our backends in `cargo xtask ci`: enough to catch a kick lost once in a
+/// few dozen boots across the three runs.
+const CI_BOOTS: u32 = 10;
+/// Boots per run of qemu-storage-daemon in `cargo xtask ci`: it only shows that the guest
+/// test itself is sound.
+const CI_QSD_BOOTS: u32 = 3;
+
+/// The runs `cargo xtask ci` makes: our devices, then qemu-storage-daemon's blk export.
+fn ci_runs() -> [Options; 2] {
+    let ours = Options {
+        devices: vec![Device::Blk, Device::Rng],
+        backend: BackendChoice::Vu,
+        boots: CI_BOOTS,
+        kvm: false,
+        // The examples are built in the `test` step's dev profile already: a debug build
+        // costs seconds here, a release build a full optimised compile of the dependencies
+        // for a boot time TCG dominates anyway.
+        release: false,
+    };
+    let qsd = Options {
+        devices: vec![Device::Blk],
+        backend: BackendChoice::Qsd,
+        boots: CI_QSD_BOOTS,
+        ..ours.clone()
+    };
+    [ours, qsd]
+}
+
+/// The `e2e` step of `cargo xtask ci`: [`ci_runs`], each with its table. Never skips: a
+/// missing package or kernel fails the step with the command to run.
+pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
+    let mut problems = Vec::new();
+    for options in ci_runs() {
+        eprintln!("==> e2e: as `cargo xtask e2e {}`", options.args());
+        match run_all(&options) {
+            Ok(rows) => {
+                eprint!("\n{}", table(&rows));
+                problems.extend(failures(&rows));
+            }
+            Err(err) => problems.push(err),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} (logs under target/e2e/runs/)",
+            problems.join("; ")
+        ))
     }
 }
 
@@ -425,13 +644,14 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         Ok(rows) => {
             print!("\n{}", table(&rows));
             println!("total {:.1} s", start.elapsed().as_secs_f64());
-            let ok = rows
-                .iter()
-                .all(|row| row.setup_error.is_none() && row.passes == row.boots);
-            if ok {
+            let failed = failures(&rows);
+            if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("xtask e2e: FAILED (logs under target/e2e/runs/)");
+                eprintln!(
+                    "xtask e2e: FAILED: {} (logs under target/e2e/runs/)",
+                    failed.join("; ")
+                );
                 ExitCode::FAILURE
             }
         }
@@ -523,5 +743,73 @@ mod tests {
         assert!(text.contains("blk    qsd"), "{text}");
         assert!(text.contains("FAILED"), "{text}");
         assert!(text.contains("2.50"), "{text}");
+    }
+
+    #[test]
+    fn release_is_an_option() {
+        assert!(!parse(&[]).unwrap().release);
+        assert!(parse(&words("--release")).unwrap().release);
+    }
+
+    #[test]
+    fn executable_is_read_from_the_artifact_message_of_the_example() {
+        let line = r#"{"reason":"compiler-artifact","target":{"name":"vu_rng"},"executable":"/t/debug/examples/vu_rng","fresh":true}"#;
+        assert_eq!(
+            executable_of(line, "vu_rng"),
+            Some(PathBuf::from("/t/debug/examples/vu_rng"))
+        );
+        assert_eq!(executable_of(line, "vu_blk"), None);
+        let library = r#"{"reason":"compiler-artifact","target":{"name":"log"},"executable":null}"#;
+        assert_eq!(executable_of(library, "vu_rng"), None);
+        let finished = r#"{"reason":"build-finished","success":true}"#;
+        assert_eq!(executable_of(finished, "vu_rng"), None);
+    }
+
+    #[test]
+    fn ci_boots_our_devices_ten_times_and_qsd_blk_three_times() {
+        let [ours, qsd] = ci_runs();
+        let runs: Vec<(&str, &str, u16)> = plan(&ours)
+            .iter()
+            .chain(plan(&qsd).iter())
+            .map(|run| (run.device.name(), run.backend, run.queues))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                ("blk", "vu", 1),
+                ("blk", "vu", 2),
+                ("rng", "vu", 1),
+                ("blk", "qsd", 1),
+                ("blk", "qsd", 2)
+            ]
+        );
+        assert_eq!((ours.boots, qsd.boots), (10, 3));
+        assert_eq!(ours.args(), "--device all --backend vu --boots 10");
+        assert_eq!(qsd.args(), "--device blk --backend qsd --boots 3");
+    }
+
+    #[test]
+    fn failures_name_each_run_short_of_its_boots_or_not_set_up() {
+        let row = |backend: &'static str, passes: u32, setup_error: Option<&str>| Row {
+            run: Run {
+                device: Device::Blk,
+                backend,
+                queues: 1,
+                cpus: 1,
+            },
+            boots: 10,
+            passes,
+            seconds: Vec::new(),
+            setup_error: setup_error.map(str::to_owned),
+        };
+        let failed = failures(&[
+            row("vu", 10, None),
+            row("qsd", 9, None),
+            row("qemu", 0, Some("no qemu")),
+        ]);
+        assert_eq!(
+            failed,
+            ["blk-qsd-q1: 9/10 boots passed", "blk-qemu-q1: no qemu"]
+        );
     }
 }

@@ -30,6 +30,8 @@ const PATTERN_LEN: usize = 2 << 20;
 const GUEST_BLOCK: usize = 4096;
 /// The rng backend's entropy source; far more than a boot consumes, so it never wraps.
 const RNG_SOURCE_LEN: usize = 1 << 20;
+/// The demo's blank disk (sparse), on which the guest makes a filesystem.
+const DEMO_IMAGE_SIZE: u64 = 32 << 20;
 
 /// The device under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +92,12 @@ pub(crate) struct Outcome {
     pub(crate) console: PathBuf,
     pub(crate) backend_log: PathBuf,
     pub(crate) qemu_log: PathBuf,
+    /// QEMU was killed at the deadline.
+    timed_out: bool,
+    /// How QEMU exited, when it did.
+    qemu_status: Option<std::process::ExitStatus>,
+    /// The backend (if any) exited on SIGTERM rather than SIGKILL.
+    backend_exited_on_term: bool,
 }
 
 /// A fresh random 64-bit value (std's hasher keys are random per process; the counter makes
@@ -387,49 +395,73 @@ pub(crate) fn run(machine: &Machine, spec: &Spec) -> Result<Outcome, String> {
 }
 
 fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, String> {
-    let socket = sockets.join("vu.sock");
-    if socket.as_os_str().len() > SUN_PATH_MAX {
-        return Err(format!(
-            "socket path {} is too long for sun_path",
-            socket.display()
-        ));
-    }
     let seed = fresh_u64();
     let nonce = format!("{:016x}", fresh_u64());
-    let image = spec.dir.join("disk.img");
-    let rng_source = spec.dir.join("rng-source.bin");
-    let console = spec.dir.join("console.log");
-    let backend_log = spec.dir.join("backend.log");
-    let qemu_log = spec.dir.join("qemu.log");
-    let mut outcome = Outcome {
-        failure: None,
-        seconds: 0.0,
-        console: console.clone(),
-        backend_log: backend_log.clone(),
-        qemu_log: qemu_log.clone(),
+    let files = Files {
+        socket: sockets.join("vu.sock"),
+        image: spec.dir.join("disk.img"),
+        rng_source: spec.dir.join("rng-source.bin"),
+        console: spec.dir.join("console.log"),
     };
-
     let mut append = format!(
         "console=ttyS0 panic=-1 quiet rng_core.default_quality=0 e2e.test={} e2e.nonce={nonce}",
         spec.device.name()
     );
     match spec.device {
         Device::Blk => {
-            let sum = prepare_image(&spec.dir, &image, &nonce, seed)?;
+            let sum = prepare_image(&spec.dir, &files.image, &nonce, seed)?;
             append.push_str(&format!(" e2e.sum={sum}"));
         }
-        Device::Rng => write_file(&rng_source, &pattern(seed, RNG_SOURCE_LEN))?,
+        Device::Rng => write_file(&files.rng_source, &pattern(seed, RNG_SOURCE_LEN))?,
     }
+    let (mut outcome, console_text) = launch(machine, spec, &files, &append)?;
+    if outcome.failure.is_some() {
+        return Ok(outcome);
+    }
+    let timed_out = outcome.timed_out;
+    outcome.failure = judge(
+        spec,
+        &nonce,
+        &console_text,
+        &files.image,
+        &files.rng_source,
+        timed_out,
+    )
+    .err();
+    outcome.add_late_failures(spec);
+    Ok(outcome)
+}
 
-    let files = Files {
-        socket: socket.clone(),
-        image: image.clone(),
-        rng_source: rng_source.clone(),
-        console: console.clone(),
+/// Starts the backend (if any) and QEMU on `files`, waits for QEMU within
+/// [`BOOT_DEADLINE`], stops the backend, and returns how it went with the console's text.
+/// `Outcome::failure` is set only when the backend never listened; the caller judges the rest.
+fn launch(
+    machine: &Machine,
+    spec: &Spec,
+    files: &Files,
+    append: &str,
+) -> Result<(Outcome, String), String> {
+    if files.socket.as_os_str().len() > SUN_PATH_MAX {
+        return Err(format!(
+            "socket path {} is too long for sun_path",
+            files.socket.display()
+        ));
+    }
+    let backend_log = spec.dir.join("backend.log");
+    let qemu_log = spec.dir.join("qemu.log");
+    let mut outcome = Outcome {
+        failure: None,
+        seconds: 0.0,
+        console: files.console.clone(),
+        backend_log: backend_log.clone(),
+        qemu_log: qemu_log.clone(),
+        timed_out: false,
+        qemu_status: None,
+        backend_exited_on_term: true,
     };
     let mut notes = File::create(spec.dir.join("commands.txt"))
         .map_err(|err| format!("cannot create commands.txt: {err}"))?;
-    let mut backend = match backend_command(spec, &files) {
+    let mut backend = match backend_command(spec, files) {
         Some(mut backend_cmd) => {
             let (out, err) = log_file(&backend_log)?;
             backend_cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -449,13 +481,13 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     };
 
     if let Some(child) = &mut backend {
-        if let Err(failure) = wait_for_socket(child, &socket) {
+        if let Err(failure) = wait_for_socket(child, &files.socket) {
             outcome.failure = Some(failure);
-            return Ok(outcome);
+            return Ok((outcome, String::new()));
         }
     }
 
-    let mut qemu_cmd = qemu_command(machine, spec, &files, &append);
+    let mut qemu_cmd = qemu_command(machine, spec, files, append);
     let (out, err) = log_file(&qemu_log)?;
     qemu_cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     let _ = writeln!(notes, "{}", shell_line(&qemu_cmd));
@@ -469,12 +501,11 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
             return Err(format!("cannot start `{}`: {err}", shell_line(&qemu_cmd)));
         }
     };
-    let mut timed_out = false;
-    let qemu_status = loop {
+    outcome.qemu_status = loop {
         match qemu.try_wait() {
             Ok(Some(status)) => break Some(status),
             Ok(None) if start.elapsed() > BOOT_DEADLINE => {
-                timed_out = true;
+                outcome.timed_out = true;
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 break None;
@@ -484,30 +515,148 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
         }
     };
     outcome.seconds = start.elapsed().as_secs_f64();
-    let backend_exited_on_term = backend.as_mut().is_none_or(stop);
+    outcome.backend_exited_on_term = backend.as_mut().is_none_or(stop);
 
     let mut console_text = String::new();
-    if let Ok(mut file) = File::open(&console) {
+    if let Ok(mut file) = File::open(&files.console) {
         let mut raw = Vec::new();
         let _ = file.read_to_end(&mut raw);
         console_text = String::from_utf8_lossy(&raw).into_owned();
     }
-    outcome.failure = judge(spec, &nonce, &console_text, &image, &rng_source, timed_out).err();
-    if outcome.failure.is_none() {
-        if let (Backend::Vu(_), false) = (&spec.backend, backend_exited_on_term) {
-            outcome.failure = Some("backend did not exit within 5 s of SIGTERM".to_owned());
+    Ok((outcome, console_text))
+}
+
+impl Outcome {
+    /// After the guest's verdict: our backend must have exited on SIGTERM, and a failure
+    /// says how QEMU ended.
+    fn add_late_failures(&mut self, spec: &Spec) {
+        if self.failure.is_none() {
+            if let (Backend::Vu(_), false) = (&spec.backend, self.backend_exited_on_term) {
+                self.failure = Some(format!(
+                    "backend did not exit within {} s of SIGTERM",
+                    TERM_GRACE.as_secs()
+                ));
+            }
         }
-    }
-    if let Some(failure) = &mut outcome.failure {
-        if let Some(status) = qemu_status {
+        if let (Some(failure), Some(status)) = (&mut self.failure, self.qemu_status) {
             failure.push_str(&format!(" (qemu {status})"));
         }
     }
-    Ok(outcome)
 }
 
-/// `cargo xtask demo`: boots the guest against the backend with the serial console on this
-/// terminal and a shell in the guest, without a deadline; stops the backend afterwards.
+/// What `cargo xtask demo` shows: the guest's lines and the backend's log.
+#[derive(Debug)]
+pub(crate) struct Demo {
+    pub(crate) outcome: Outcome,
+    /// The guest's `VU-DEMO` lines, without the tag, in order, each once.
+    pub(crate) guest: Vec<String>,
+    /// The backend's log (stderr).
+    pub(crate) backend: Vec<String>,
+}
+
+/// The text the demo guest writes into /mnt/hello.txt, which the host then looks for in the
+/// image.
+pub(crate) fn demo_file_text(nonce: &str) -> String {
+    format!("hello from the guest, boot {nonce}")
+}
+
+/// `cargo xtask demo`: one bounded boot whose guest makes an ext2 filesystem on the blank
+/// disk, writes a file, unmounts, reads it back, and powers off. Passes when the guest's
+/// success line with this boot's nonce is on the console and the host finds the file's text
+/// in the image.
+pub(crate) fn demo(machine: &Machine, spec: &Spec) -> Result<Demo, String> {
+    let _ = std::fs::remove_dir_all(&spec.dir);
+    std::fs::create_dir_all(&spec.dir)
+        .map_err(|err| format!("cannot create {}: {err}", spec.dir.display()))?;
+    let sockets = socket_dir()?;
+    let result = demo_in(machine, spec, &sockets);
+    let _ = std::fs::remove_dir_all(&sockets);
+    result
+}
+
+fn demo_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Demo, String> {
+    let nonce = format!("{:016x}", fresh_u64());
+    let files = Files {
+        socket: sockets.join("vu.sock"),
+        image: spec.dir.join("disk.img"),
+        rng_source: spec.dir.join("rng-source.bin"),
+        console: spec.dir.join("console.log"),
+    };
+    File::create(&files.image)
+        .and_then(|file| file.set_len(DEMO_IMAGE_SIZE))
+        .map_err(|err| format!("cannot create {}: {err}", files.image.display()))?;
+    let append = format!("console=ttyS0 panic=-1 quiet e2e.test=demo e2e.nonce={nonce}");
+    let (mut outcome, console) = launch(machine, spec, &files, &append)?;
+    let guest = demo_lines(&console);
+    if outcome.failure.is_none() {
+        outcome.failure = judge_demo(&console, &nonce, &files.image, outcome.timed_out).err();
+    }
+    outcome.add_late_failures(spec);
+    let backend = std::fs::read(&outcome.backend_log)
+        .map(|raw| {
+            String::from_utf8_lossy(&raw)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Demo {
+        outcome,
+        guest,
+        backend,
+    })
+}
+
+/// The guest's `VU-DEMO <text>` lines, in order, each once (init.sh prints each line both on
+/// the console and through printk).
+pub(crate) fn demo_lines(console: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for line in console.lines() {
+        if let Some((_, text)) = line.split_once("VU-DEMO ") {
+            let text = text.trim().to_owned();
+            if !lines.contains(&text) {
+                lines.push(text);
+            }
+        }
+    }
+    lines
+}
+
+/// The demo's verdict: the guest's success line with this nonce, no failure line, and the
+/// file's text in the image after power-off.
+pub(crate) fn judge_demo(
+    console: &str,
+    nonce: &str,
+    image: &Path,
+    timed_out: bool,
+) -> Result<(), String> {
+    if timed_out {
+        return Err(format!("no power-off within {} s", BOOT_DEADLINE.as_secs()));
+    }
+    if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
+        return Err(format!("guest: {}", line.trim()));
+    }
+    let pass = format!("VU-DEMO-PASS {nonce}");
+    if !console.lines().any(|line| line.contains(&pass)) {
+        return Err("no success marker with this boot's nonce on the console".to_owned());
+    }
+    let bytes =
+        std::fs::read(image).map_err(|err| format!("cannot read {}: {err}", image.display()))?;
+    let text = demo_file_text(nonce);
+    if bytes
+        .windows(text.len())
+        .any(|window| window == text.as_bytes())
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "after power-off the image does not hold the file's text `{text}`"
+        ))
+    }
+}
+
+/// `cargo xtask demo --shell`: boots the guest against the backend with the serial console on
+/// this terminal and a shell in the guest, without a deadline; stops the backend afterwards.
 pub(crate) fn interactive(machine: &Machine, spec: &Spec) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&spec.dir);
     std::fs::create_dir_all(&spec.dir)
@@ -809,5 +958,38 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("filename=/img"), "{line}");
+    }
+
+    #[test]
+    fn demo_lines_are_untagged_in_order_and_each_once() {
+        let console = "VU-DEMO first\n[    1.5] VU-DEMO first\nnoise\nVU-DEMO second line\n\
+                       [    1.6] VU-DEMO second line\nVU-DEMO-PASS n\n";
+        assert_eq!(demo_lines(console), ["first", "second line"]);
+    }
+
+    #[test]
+    fn demo_passes_only_with_its_nonce_and_the_file_in_the_image() {
+        let dir = std::env::temp_dir().join(format!("vu-e2e-test-{:x}", fresh_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        let mut bytes = vec![0u8; 8192];
+        let text = demo_file_text("n1");
+        bytes[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
+        std::fs::write(&image, &bytes).unwrap();
+        assert!(judge_demo("VU-DEMO-PASS n1\n", "n1", &image, false).is_ok());
+        let stale = judge_demo("VU-DEMO-PASS n0\n", "n0", &image, false).unwrap_err();
+        assert!(stale.contains("does not hold"), "{stale}");
+        let no_pass = judge_demo("VU-DEMO-PASS n0\n", "n1", &image, false).unwrap_err();
+        assert!(no_pass.contains("nonce"), "{no_pass}");
+        let failed = judge_demo(
+            "VU-E2E-FAIL demo mount\nVU-DEMO-PASS n1\n",
+            "n1",
+            &image,
+            false,
+        )
+        .unwrap_err();
+        assert!(failed.contains("mount"), "{failed}");
+        assert!(judge_demo("VU-DEMO-PASS n1\n", "n1", &image, true).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
