@@ -180,7 +180,27 @@ fn unpacked(package: &str, dir: &Path) -> Option<Kernel> {
 
 /// The guest kernel: the current versioned cloud kernel package, downloaded and unpacked into
 /// `cache` once. Without apt (offline), the newest kernel already in the cache.
+///
+/// A fresh container has no package lists, and old lists name a kernel the mirror no longer
+/// holds: either way the first attempt fails, and as root the lists are refreshed
+/// (`apt-get update`) and the kernel looked up again; otherwise the error says to do that.
 pub(crate) fn kernel(cache: &Path) -> Result<Kernel, String> {
+    match kernel_from_lists(cache) {
+        Ok(kernel) => Ok(kernel),
+        Err(err) if on_path("apt-get") && running_as_root() => {
+            eprintln!("    {err}; refreshing the package lists");
+            Cmd::new("apt-get").args(&["update"]).run()?;
+            kernel_from_lists(cache)
+        }
+        Err(err) if on_path("apt-get") => Err(format!(
+            "{err}; refresh the package lists with `sudo apt-get update` and run again"
+        )),
+        Err(err) => Err(err),
+    }
+}
+
+/// One attempt of [`kernel`] with the package lists as they are.
+fn kernel_from_lists(cache: &Path) -> Result<Kernel, String> {
     let depends = Cmd::new("apt-cache")
         .args(&["depends", KERNEL_META])
         .capture_quietly()
@@ -220,9 +240,7 @@ pub(crate) fn kernel(cache: &Path) -> Result<Kernel, String> {
         .status()
         .map_err(|err| format!("cannot run apt-get download: {err}"))?;
     if !status.success() {
-        return Err(format!(
-            "`apt-get download {package}` failed (run `apt-get update` first?)"
-        ));
+        return Err(format!("`apt-get download {package}` failed"));
     }
     let deb = std::fs::read_dir(&debs)
         .map_err(|err| format!("cannot list {}: {err}", debs.display()))?
