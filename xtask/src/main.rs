@@ -85,9 +85,8 @@ pub(crate) const STEPS: &[Step] = &[
     },
     Step {
         name: "e2e",
-        about:
-            "boot a Linux guest in QEMU against vu_blk (1, 2 queues) and vu_rng, 10 boots each, \
-                and qemu-storage-daemon's blk, 3 each (alone: cargo xtask e2e --help)",
+        about: "Linux guests in QEMU use vu_blk (1, 2 queues) and vu_rng 10 times each, \
+                qemu-storage-daemon's blk 3 times",
         run: e2e::ci_step,
     },
 ];
@@ -110,9 +109,9 @@ fn help() -> String {
         text.push_str(&format!("  {:<9} {}\n", step.name, step.about));
     }
     text.push_str(
-        "  demo      a guest makes a filesystem on a vu_blk disk; --shell for a shell (--help)\n\
-         bench     data-path benchmark against rust-vmm (cargo xtask bench --help)\n\
-         fuzz      run the cargo-fuzz targets for a bounded time (cargo xtask fuzz --help)\n\
+        "  demo      a guest makes a filesystem on a vu_blk disk; --shell for a shell (--help)\n  \
+         bench     data-path benchmark against rust-vmm (cargo xtask bench --help)\n  \
+         fuzz      run the cargo-fuzz targets for a bounded time (cargo xtask fuzz --help)\n  \
          help      this text\n\n\
          options:\n  --allow-dirty   let `package` run with uncommitted changes (local use only)\n\n\
          See docs/TESTING.md.\n",
