@@ -257,6 +257,7 @@ pub use vmm_sys_util;
 // The backend traits and the daemon.
 pub use vu_daemon::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
 pub use vu_daemon::daemon::DEFAULT_MESSAGE_TIMEOUT;
+pub use vu_daemon::process::process_queue;
 pub use vu_daemon::{
     DaemonError, ListenerError, LocalDaemon, ShutdownHandle, VhostUserDaemon, VringEpollHandler,
     FRAMEWORK_RING_FEATURES,
@@ -287,8 +288,8 @@ pub use vmm_sys_util::eventfd::EventFd;
 /// The names most device code uses: `use vu_backend::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Bytes, DaemonError, DescriptorChain, EventConsumer, EventFd, EventNotifier, EventSet,
-        GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+        process_queue, Bytes, DaemonError, DescriptorChain, EventConsumer, EventFd, EventNotifier,
+        EventSet, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
         LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle, VhostUserBackend,
         VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringEpollHandler, VringMutex,
         VringRwLock, VringState, VringT,

@@ -48,9 +48,9 @@
 //! Polling changes nothing in the notification protocol, so it cannot lose a kick: the
 //! device's `handle_event` leaves driver notifications enabled when it returns (as it must
 //! without polling), so a chain the driver publishes while the worker spins also comes with
-//! a kick if the driver's suppression rules ask for one. That kick stays in the level-triggered
-//! eventfd: it is consumed when the polled chain is dispatched (through the same path as an
-//! epoll event), or it wakes the worker's next `epoll_wait`. While spinning, the worker also
+//! a kick if the driver's suppression rules ask for one. That kick is either consumed when the
+//! polled chain is dispatched (the polled path empties the counter) or reported by the
+//! worker's next `epoll_wait`, which then finds the ring already served. While spinning, the worker also
 //! looks at its epoll set every few microseconds, so the stop event, other queues and the
 //! device's own fds are not held up by a busy polled queue.
 
