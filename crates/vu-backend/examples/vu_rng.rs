@@ -28,7 +28,6 @@ use std::process::ExitCode;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use vu_backend::prelude::*;
-use vu_backend::vu_daemon::process::process_queue;
 
 use common::{Conventions, Socket};
 
