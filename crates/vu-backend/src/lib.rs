@@ -40,7 +40,11 @@
 //!    ([`VringT::signal_used_queue_if_needed`]). With `VIRTIO_RING_F_EVENT_IDX` negotiated
 //!    (the daemon calls `set_event_idx(true)`), loop until
 //!    [`VringT::enable_notification`] reports no new chain, so that a chain posted while
-//!    notifications were off is not missed.
+//!    notifications were off is not missed. [`process_queue`] does all of this for you,
+//!    batched (one lock, one memory snapshot and one interrupt decision per pass): give it a
+//!    closure that serves one chain and returns the number of bytes it wrote. The example
+//!    below spells the loop out, as rust-vmm's `vhost-user-backend` documentation does;
+//!    `examples/vu_rng.rs` uses `process_queue`.
 //! 3. **Run the daemon.** Build a [`VhostUserDaemon`] with the backend and an empty guest
 //!    memory (the frontend's memory table fills it) and call
 //!    [`serve`](VhostUserDaemon::serve) with the socket path: it serves frontend after
