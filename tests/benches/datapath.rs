@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::tempdir::TempDir;
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::frontend::Frontend;
-use vu_tests::device::TestDevice;
+use vu_tests::lean_driver::floor::FloorDevice;
+use vu_tests::lean_driver::{LeanQueue, Segment};
 use vu_tests::proto_support::eventfd_fd;
-use vu_tests::virtqueue::{wait_readable, Buf, DriverMemory, SplitQueue};
+use vu_tests::virtqueue::{wait_readable, DriverMemory};
 
 /// Entries per queue: room for 128 chains of 3 descriptors.
 const QUEUE_SIZE: u16 = 512;
@@ -414,26 +415,32 @@ struct Cell {
 }
 
 impl Cell {
-    fn chain(&self) -> Vec<Buf> {
+    fn chain(&self) -> Vec<Segment> {
+        let seg = |len, writable| Segment { len, writable };
         match self.descs {
-            1 => vec![Buf::Writable(64)],
+            1 => vec![seg(64, true)],
             // A block-like request: header, data, status.
-            _ => vec![
-                Buf::Readable(vec![0; 16]),
-                Buf::Writable(64),
-                Buf::Writable(1),
-            ],
+            _ => vec![seg(16, false), seg(64, true), seg(1, true)],
         }
     }
+}
+
+/// A device set up over the socket, driven by the lean driver.
+struct Driven {
+    /// Kept open for the length of the run: closing it ends the connection.
+    _frontend: Frontend,
+    /// The guest memory the rings live in.
+    _memory: DriverMemory,
+    queue: LeanQueue,
 }
 
 /// Connects and sets the device up as QEMU does (REPLY_ACK on every message); returns the
 /// device and the time from `SET_OWNER` to the enabled ring. Before the clock starts, the
 /// driver's memory and queue layout are prepared (a VMM has them before it connects) and one
 /// `GET_FEATURES` round trip makes sure the backend process is up and has accepted.
-fn handshake(path: &Path, event_idx: bool) -> (TestDevice, Duration) {
+fn handshake(path: &Path, event_idx: bool, chain: &[Segment]) -> (Driven, Duration) {
     let mut memory = DriverMemory::new(MEMORY);
-    let mut queue = SplitQueue::new(&mut memory, 0, QUEUE_SIZE);
+    let mut queue = LeanQueue::new(&mut memory, 0, QUEUE_SIZE, chain);
     let deadline = Instant::now() + TIMEOUT;
     let mut fe = loop {
         match Frontend::connect(path) {
@@ -475,12 +482,10 @@ fn handshake(path: &Path, event_idx: bool) -> (TestDevice, Duration) {
         .expect("SET_VRING_KICK");
     fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
     let elapsed = start.elapsed();
-    let device = TestDevice {
-        frontend: fe,
-        memory,
-        queues: vec![queue],
-        features,
-        protocol_negotiated: true,
+    let device = Driven {
+        _frontend: fe,
+        _memory: memory,
+        queue,
     };
     (device, elapsed)
 }
@@ -494,19 +499,28 @@ enum Until {
 
 /// Keeps `depth` chains in flight until `until`, then drains; returns the requests completed
 /// and the time taken before the drain.
-fn drive(queue: &mut SplitQueue, depth: usize, chain: &[Buf], until: Until) -> (u64, Duration) {
-    let old = queue.avail_idx();
-    for _ in 0..depth {
-        queue.post(chain);
-    }
-    if queue.needs_kick(old) {
-        queue.kick();
+///
+/// The loop of an interrupt-driven guest driver: post a batch, publish it with one index
+/// store, decide once whether to kick; then take every used chain (asking for the next
+/// interrupt with `used_event`), and sleep on the call eventfd only when nothing was used.
+fn drive(queue: &mut LeanQueue, depth: usize, until: Until) -> (u64, Duration) {
+    assert!(
+        depth <= queue.capacity(),
+        "depth above the queue's capacity"
+    );
+    queue.post(depth);
+    if queue.kick_prepare() {
+        queue.notify();
     }
     let start = Instant::now();
     let mut done = 0u64;
     let mut posted = depth as u64;
     loop {
-        let used = queue.wait_used(1, TIMEOUT).len();
+        let used = queue.take_used();
+        if used == 0 {
+            queue.wait_interrupt(TIMEOUT);
+            continue;
+        }
         done += used as u64;
         let more = match until {
             Until::Time(t) => start.elapsed() < t,
@@ -515,21 +529,61 @@ fn drive(queue: &mut SplitQueue, depth: usize, chain: &[Buf], until: Until) -> (
         if !more {
             break;
         }
-        let old = queue.avail_idx();
-        for _ in 0..used {
-            queue.post(chain);
-        }
-        posted += used as u64;
-        if queue.needs_kick(old) {
-            queue.kick();
+        posted += queue.post(used) as u64;
+        if queue.kick_prepare() {
+            queue.notify();
         }
     }
     let elapsed = start.elapsed();
-    let left = queue.in_flight();
-    if left > 0 {
-        done += queue.wait_used(left, TIMEOUT).len() as u64;
+    while queue.in_flight() > 0 {
+        let used = queue.take_used();
+        if used == 0 {
+            queue.wait_interrupt(TIMEOUT);
+        }
+        done += used as u64;
     }
     (done, elapsed)
+}
+
+/// The in-memory floor: the same driver and virtio-queue's `Queue` as the device, in one
+/// thread, no eventfds (kick and interrupt decisions are made, nothing is written). Returns
+/// requests per second.
+fn floor_rate(cell: Cell, t: Duration) -> f64 {
+    let mut memory = DriverMemory::new(MEMORY);
+    let mut queue = LeanQueue::new(&mut memory, 0, QUEUE_SIZE, &cell.chain());
+    queue.set_event_idx(cell.event_idx);
+    let mut device = FloorDevice::new(&memory, &queue, cell.event_idx);
+    let mut kicks = 0u64;
+    let mut run = |queue: &mut LeanQueue, until: Until| {
+        queue.post(cell.depth);
+        let start = Instant::now();
+        let mut done = 0u64;
+        loop {
+            if queue.kick_prepare() {
+                kicks += 1;
+            }
+            device.process();
+            let used = queue.take_used();
+            done += used as u64;
+            let more = match until {
+                Until::Time(t) => start.elapsed() < t,
+                Until::Requests(n) => done < n,
+            };
+            if !more {
+                break;
+            }
+            queue.post(used);
+        }
+        let elapsed = start.elapsed();
+        device.process();
+        done += queue.take_used() as u64;
+        (done, elapsed)
+    };
+    run(&mut queue, Until::Requests(10_000));
+    let (done, elapsed) = run(&mut queue, Until::Time(t));
+    assert!(kicks > 0 && device.interrupts > 0);
+    drop(memory);
+    done as f64 / elapsed.as_secs_f64()
 }
 
 /// One measurement of one backend in one cell.
@@ -548,18 +602,12 @@ struct Sample {
 
 fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration) -> Sample {
     let backend = Backend::spawn(opts, which, cell.placement.backend_cpu(), extra, None);
-    let (mut device, handshake) = handshake(&backend.path, cell.event_idx);
-    let chain = cell.chain();
+    let (mut device, handshake) = handshake(&backend.path, cell.event_idx, &cell.chain());
     // Warm up: page faults, caches, the first wake-ups.
-    drive(
-        &mut device.queues[0],
-        cell.depth,
-        &chain,
-        Until::Requests(1000),
-    );
+    drive(&mut device.queue, cell.depth, Until::Requests(1000));
     let cpu0 = backend.cpu_ns();
     let wall = Instant::now();
-    let (done, elapsed) = drive(&mut device.queues[0], cell.depth, &chain, Until::Time(t));
+    let (done, elapsed) = drive(&mut device.queue, cell.depth, Until::Time(t));
     let cpu = backend.cpu_ns() - cpu0;
     let wall = wall.elapsed();
     // Idle: the driver posts nothing for 100 ms (a late interrupt of the drain is taken).
@@ -567,8 +615,8 @@ fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration)
     let idle_start = Instant::now();
     let window = Duration::from_millis(100);
     while let Some(left) = window.checked_sub(idle_start.elapsed()) {
-        if wait_readable(device.queues[0].call.as_raw_fd(), left) {
-            device.queues[0].take_calls();
+        if wait_readable(device.queue.call.as_raw_fd(), left) {
+            let _ = device.queue.call.read();
         }
     }
     let idle = idle_start.elapsed();
@@ -628,14 +676,12 @@ fn instructions_per_request(opts: &Options, which: Impl, depth: usize, n: u64) -
     for requests in [n, 5 * n] {
         let out = dir.as_path().join(format!("cg-{requests}.out"));
         let backend = Backend::spawn(opts, which, 1, &[], Some(&out));
-        let (mut device, _) = handshake(&backend.path, true);
-        let chain = [Buf::Writable(64)];
-        drive(
-            &mut device.queues[0],
-            depth,
-            &chain,
-            Until::Requests(requests),
-        );
+        let chain = [Segment {
+            len: 64,
+            writable: true,
+        }];
+        let (mut device, _) = handshake(&backend.path, true, &chain);
+        drive(&mut device.queue, depth, Until::Requests(requests));
         drop(device);
         backend.finish();
         totals.push(callgrind_total(&out) as f64);
@@ -712,12 +758,44 @@ fn run(opts: &Options) {
             med(&s[1], |x| x.cpu_per_req),
         );
     }
+    floor_table(opts, &cells, &samples);
     handshakes(opts, &cells, &samples);
 
     polling(opts);
     footprint(opts);
     if opts.callgrind {
         callgrind(opts);
+    }
+}
+
+/// The in-memory floor of each one-CPU cell at depth 32 and above, against both backends.
+fn floor_table(opts: &Options, cells: &[Cell], samples: &[[Vec<Sample>; 2]]) {
+    println!(
+        "\n### In-memory floor (virtio-queue and the same driver in one thread, no eventfds; medians)\n"
+    );
+    println!("| depth | descs | EVENT_IDX | floor | vu, 1 CPU | vu/floor | ref/floor |");
+    println!("|---|---|---|---|---|---|---|");
+    for (cell, s) in cells.iter().zip(samples) {
+        if cell.placement != Placement::OneCpu || cell.depth < 32 {
+            continue;
+        }
+        let floor = median(
+            (0..opts.runs)
+                .map(|_| floor_rate(*cell, opts.run_time))
+                .collect(),
+        );
+        let vu = median(s[0].iter().map(|x| x.rate).collect());
+        let rf = median(s[1].iter().map(|x| x.rate).collect());
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} % | {:.0} % |",
+            cell.depth,
+            cell.descs,
+            if cell.event_idx { "on" } else { "off" },
+            fmt_rate(floor),
+            fmt_rate(vu),
+            100.0 * vu / floor,
+            100.0 * rf / floor,
+        );
     }
 }
 
@@ -795,7 +873,11 @@ fn footprint(opts: &Options) {
     println!("| backend | RSS | threads |\n|---|---|---|");
     for which in [Impl::Vu, Impl::Ref] {
         let backend = Backend::spawn(opts, which, 1, &[], None);
-        let (device, _) = handshake(&backend.path, true);
+        let chain = [Segment {
+            len: 64,
+            writable: true,
+        }];
+        let (device, _) = handshake(&backend.path, true, &chain);
         let (rss, threads) = backend.rss_and_threads();
         println!("| {} | {rss} KiB | {threads} |", which.name());
         drop(device);
