@@ -86,6 +86,14 @@ pub enum MemError {
         /// How many regions the table would have held.
         requested: usize,
     },
+    /// The table would map more guest memory than the size limit allows.
+    #[error("regions of {total:#x} bytes in all exceed the limit of {limit:#x} bytes")]
+    TooMuchMemory {
+        /// The sum of the table's region sizes.
+        total: u64,
+        /// The size limit.
+        limit: u64,
+    },
     /// `REM_MEM_REG` named a region that is not in the table.
     #[error(
         "no region at guest address {guest_phys_addr:#x}, size {memory_size:#x}, \

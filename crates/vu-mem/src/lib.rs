@@ -59,7 +59,7 @@ mod region;
 
 pub use dirty::{log_size_for, DirtyLog, LogBitmap, LogSlice, RegionBitmap, LOG_PAGE_SIZE};
 pub use error::{AddressSpace, MemError};
-pub use manager::{GuestMemoryManager, DEFAULT_SLOT_LIMIT};
+pub use manager::{GuestMemoryManager, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
 pub use region::RegionSpec;
 #[cfg(feature = "xen")]
 pub use region::XenMapping;

@@ -16,6 +16,16 @@ use crate::region::{map_region, Ranges, RegionSpec};
 /// The slot limit advertised by default: 509, the number of memory slots QEMU uses.
 pub const DEFAULT_SLOT_LIMIT: u32 = 509;
 
+/// The most guest memory a table may map by default: 32 TiB.
+///
+/// Mapping a region reserves the backend's virtual address space whether or not the file
+/// behind it holds data, so a frontend sending a few sparse regions of many TiB each could
+/// leave the backend no room for its own allocations (x86-64 gives a process 128 TiB). While
+/// `SET_MEM_TABLE` maps the new table the old one is still mapped, so the limit keeps at least
+/// half of that space free even then. Raise it with
+/// [`set_size_limit`](GuestMemoryManager::set_size_limit) for larger guests.
+pub const DEFAULT_SIZE_LIMIT: u64 = 32 << 40;
+
 /// A mapped region and its validated addresses.
 struct Mapped<B> {
     ranges: Ranges,
@@ -36,6 +46,7 @@ pub struct GuestMemoryManager<B: RegionBitmap = LogBitmap> {
     /// Sorted by VMM address, for translation by binary search.
     by_vmm: Vec<Mapped<B>>,
     slot_limit: u32,
+    size_limit: u64,
     log: DirtyLog,
 }
 
@@ -67,6 +78,7 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
             atomic,
             by_vmm: Vec::new(),
             slot_limit,
+            size_limit: DEFAULT_SIZE_LIMIT,
             log: DirtyLog::new(),
         };
         manager.publish_empty();
@@ -88,6 +100,16 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
         self.slot_limit
     }
 
+    /// The most guest memory, in bytes, the table may map ([`DEFAULT_SIZE_LIMIT`] unless set).
+    pub fn size_limit(&self) -> u64 {
+        self.size_limit
+    }
+
+    /// Sets the most guest memory, in bytes, later tables may map; the current table stays.
+    pub fn set_size_limit(&mut self, bytes: u64) {
+        self.size_limit = bytes;
+    }
+
     /// How many regions the table holds.
     pub fn num_regions(&self) -> usize {
         self.by_vmm.len()
@@ -104,6 +126,7 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
             .map(RegionSpec::ranges)
             .collect::<Result<Vec<_>, _>>()?;
         check_disjoint(&ranges)?;
+        self.check_size(ranges.iter())?;
         self.check_log_covers(ranges.iter().map(Ranges::guest_end).max().unwrap_or(0))?;
         let mut mapped = specs
             .into_iter()
@@ -121,6 +144,7 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
         for old in self.by_vmm.iter().map(|m| &m.ranges) {
             check_pair(old, &new)?;
         }
+        self.check_size(self.by_vmm.iter().map(|m| &m.ranges).chain([&new]))?;
         let highest = self.highest_guest_end().max(new.guest_end());
         self.check_log_covers(highest)?;
         let added = self.map(spec, new)?;
@@ -257,6 +281,19 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
     /// Signals the log eventfd if the log changed; see [`DirtyLog::notify_changed`].
     pub fn notify_log_changed(&self) -> Result<bool, MemError> {
         self.log.notify_changed()
+    }
+
+    /// Refuses a table whose regions add up to more than the size limit.
+    fn check_size<'a>(&self, ranges: impl Iterator<Item = &'a Ranges>) -> Result<(), MemError> {
+        // Each size is at most u64::MAX; saturating keeps an absurd sum above any limit.
+        let total = ranges.fold(0u64, |sum, r| sum.saturating_add(r.size));
+        if total > self.size_limit {
+            return Err(MemError::TooMuchMemory {
+                total,
+                limit: self.size_limit,
+            });
+        }
+        Ok(())
     }
 
     fn check_count(&self, requested: usize) -> Result<(), MemError> {
@@ -530,6 +567,45 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn table_over_size_limit_is_refused() {
+        let mut m = manager();
+        m.set_size_limit(MIB);
+        let err = m
+            .set_table(vec![
+                region(0, MIB, 0x1000_0000),
+                region(MIB, 4096, 0x2000_0000),
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::TooMuchMemory {
+                    total,
+                    limit: MIB
+                } if total == MIB + 4096
+            ),
+            "{err}"
+        );
+        assert_eq!(m.num_regions(), 0);
+        m.set_table(vec![region(0, MIB, 0x1000_0000)]).unwrap();
+    }
+
+    #[test]
+    fn add_region_over_size_limit_is_refused() {
+        let mut m = manager();
+        m.set_size_limit(MIB);
+        m.add_region(region(0, MIB, 0x1000_0000)).unwrap();
+        let err = m.add_region(region(MIB, 4096, 0x2000_0000)).unwrap_err();
+        assert!(matches!(err, MemError::TooMuchMemory { .. }), "{err}");
+        assert_eq!(m.num_regions(), 1);
+    }
+
+    #[test]
+    fn default_size_limit_is_32_tib() {
+        assert_eq!(manager().size_limit(), 32 << 40);
     }
 
     #[test]
