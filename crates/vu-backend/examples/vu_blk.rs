@@ -555,6 +555,15 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
   --queue-size N       largest queue size accepted (default 1024)
 ";
 
+/// The spec's capability document: a block device, with the options it takes.
+const CAPABILITIES: &str = r#"{
+  "type": "block",
+  "features": [
+    "read-only",
+    "blk-file"
+  ]
+}"#;
+
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut parsed = Args {
         conventions: Conventions::default(),
@@ -660,39 +669,12 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    common::init_logger("vu_blk");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
-        print!("{USAGE}{}", common::CONVENTIONS_USAGE);
-        return ExitCode::SUCCESS;
-    }
-    let parsed = parse_args(&args).and_then(|args| {
-        let socket = if args.conventions.print_capabilities {
-            None
-        } else {
-            Some(args.conventions.socket()?)
-        };
-        Ok((args, socket))
-    });
-    let (args, socket) = match parsed {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            eprintln!("vu_blk: {err}\n\n{USAGE}{}", common::CONVENTIONS_USAGE);
-            return ExitCode::from(2);
-        }
-    };
-    let Some(socket) = socket else {
-        println!("{{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}}");
-        return ExitCode::SUCCESS;
-    };
-    match run(&args, &socket) {
-        Ok(()) => {
-            log::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            log::error!("{err}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main(
+        "vu_blk",
+        USAGE,
+        CAPABILITIES,
+        parse_args,
+        |args| &args.conventions,
+        run,
+    )
 }

@@ -104,6 +104,12 @@ usage: vu_null (--socket-path PATH | --fd N) [--num-queues N] [--queue-size N]
                        microseconds before sleeping (default 0, off)
 ";
 
+/// The spec's capability document; a null device has no type-specific features.
+const CAPABILITIES: &str = r#"{
+  "type": "null",
+  "features": []
+}"#;
+
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut parsed = Args {
         conventions: Conventions::default(),
@@ -168,40 +174,12 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    common::init_logger("vu_null");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
-        print!("{USAGE}{}", common::CONVENTIONS_USAGE);
-        return ExitCode::SUCCESS;
-    }
-    let parsed = parse_args(&args).and_then(|args| {
-        let socket = if args.conventions.print_capabilities {
-            None
-        } else {
-            Some(args.conventions.socket()?)
-        };
-        Ok((args, socket))
-    });
-    let (args, socket) = match parsed {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            eprintln!("vu_null: {err}\n\n{USAGE}{}", common::CONVENTIONS_USAGE);
-            return ExitCode::from(2);
-        }
-    };
-    let Some(socket) = socket else {
-        // The spec's capability document; a null device has no type-specific features.
-        println!("{{\n  \"type\": \"null\",\n  \"features\": []\n}}");
-        return ExitCode::SUCCESS;
-    };
-    match run(&args, &socket) {
-        Ok(()) => {
-            log::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            log::error!("{err}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main(
+        "vu_null",
+        USAGE,
+        CAPABILITIES,
+        parse_args,
+        |args| &args.conventions,
+        run,
+    )
 }

@@ -8,6 +8,7 @@
 use std::ffi::{c_int, c_void};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use vu_backend::prelude::*;
@@ -21,6 +22,59 @@ pub(crate) const CONVENTIONS_USAGE: &str =
   --print-capabilities print the device type as JSON on stdout and exit
   --log-level LEVEL    error, warn, info (default), debug or trace; logs go to stderr
 ";
+
+/// The `main` of an example backend: logs to stderr as `program`, answers `-h`/`--help`
+/// with `usage` followed by [`CONVENTIONS_USAGE`], parses the arguments with `parse`, prints
+/// `capabilities` (the spec's JSON capability document) for `--print-capabilities`, and
+/// otherwise serves the socket the conventions name with `run`.
+///
+/// Exits 0 after help, capabilities or a clean stop; 2 on a bad argument (with the usage
+/// text on stderr); 1 when `run` fails (the error is logged).
+pub(crate) fn main<A>(
+    program: &'static str,
+    usage: &str,
+    capabilities: &str,
+    parse: impl FnOnce(&[String]) -> Result<A, String>,
+    conventions: impl FnOnce(&A) -> &Conventions,
+    run: impl FnOnce(&A, &Socket) -> Result<(), String>,
+) -> ExitCode {
+    init_logger(program);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
+        print!("{usage}{CONVENTIONS_USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let parsed = parse(&args).and_then(|args| {
+        let conventions = conventions(&args);
+        let socket = if conventions.print_capabilities {
+            None
+        } else {
+            Some(conventions.socket()?)
+        };
+        Ok((args, socket))
+    });
+    let (args, socket) = match parsed {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            eprintln!("{program}: {err}\n\n{usage}{CONVENTIONS_USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(socket) = socket else {
+        println!("{capabilities}");
+        return ExitCode::SUCCESS;
+    };
+    match run(&args, &socket) {
+        Ok(()) => {
+            log::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log::error!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// A minimal `log` backend: one line per record on stderr, `<program>: <level>: <message>`.
 struct StderrLogger {
@@ -49,7 +103,7 @@ impl log::Log for StderrLogger {
 static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
 
 /// Sends `log` records at `info` and above to stderr, prefixed with `program`.
-pub(crate) fn init_logger(program: &'static str) {
+fn init_logger(program: &'static str) {
     let logger = LOGGER.get_or_init(|| StderrLogger { program });
     // Only fails if a logger is already set, which nothing else in an example does.
     let _ = log::set_logger(logger);
