@@ -18,14 +18,34 @@
 //! 4. `MSG_CTRUNC`, more than [`MAX_FDS`] fds for one message, the peer closing
 //!    mid-message, a stalled peer and any I/O error mid-message close every fd received
 //!    for that message and are a typed [`SocketError`].
-//! 5. Reads are exact-length. A stream socket has no message boundaries: a read that ran
-//!    past the end of the current message could take the next message's bytes and, worse,
-//!    its fds. [`Endpoint::recv_message`] therefore reads exactly [`Header::SIZE`] bytes,
-//!    validates the header (so a hostile size is refused before anything is allocated),
-//!    then reads exactly `size` body bytes: one `recvmsg` for a message without payload,
-//!    two otherwise, more only when the kernel hands the bytes over in pieces.
+//! 5. One `recvmsg` per message where the peer allows it, with read-ahead
+//!    ([`Endpoint::set_read_ahead`]). A stream socket has no message boundaries, so
+//!    [`Endpoint::recv_message`] then reads into a buffer that holds a header and the
+//!    largest payload, returns the first whole message from it and keeps the bytes that
+//!    follow (the next messages, or part of one) for the next call. Without read-ahead (the
+//!    default, for readers that wait for readiness before each message) reads are
+//!    exact-length: the header, then the body, never past the message. No header is trusted
+//!    before [`Header::read`] checked it, so a hostile size is refused before anything is
+//!    allocated, and a bad header consumes only its own twelve bytes.
 //!
-//! # Stalled peers
+//! # Which message an fd belongs to
+//!
+//! A read that runs past the end of the current message may also take fds, and they must
+//! go to the right message. Linux's `unix_stream_read_generic` copies the queued skbs (one
+//! per `sendmsg`, or several for a long one) into the buffer in order; an skb that carries
+//! `SCM_RIGHTS` is copied even after earlier skbs were (nothing stops the read *before* it),
+//! but the read stops right *after* it: its fds are detached with its first copied bytes,
+//! and a read never goes on past an skb that had fds. So the fds of one `recvmsg` arrive
+//! with the last skb it copied, and that skb holds the last byte of the read. The rule here
+//! follows: **the fds of a read belong to the message that holds the read's last byte.**
+//! A peer that sends each message's fds with the message (in the `sendmsg` of its first
+//! byte, as every frontend does, or of a later piece of it) gets them attached exactly as
+//! the exact-length reads of earlier versions did; only a peer that glues the end of one
+//! message and the start of the next into one `sendmsg` with fds could tell the difference,
+//! and such fds have no well-defined owner in any reading. The fds wait in the read-ahead
+//! with the message they belong to until that message is returned.
+//!
+//! //! # Stalled peers
 //!
 //! A peer that sends half a message and then stops would block a reader forever. Set a
 //! read timeout with [`Endpoint::set_read_timeout`]: when it expires before the first byte
@@ -42,9 +62,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::header::{Header, MAX_FDS};
+use crate::header::{Header, MAX_FDS, MAX_PAYLOAD_SIZE};
 use crate::message::RawMessage;
 use crate::wire::WireError;
 
@@ -328,20 +350,163 @@ const INLINE_IOV: usize = 4;
 #[repr(C, align(8))]
 struct ControlBuffer([u8; CONTROL_LEN]);
 
+/// Bytes of the read-ahead buffer: a header and the largest payload, so that one `recvmsg`
+/// can take any whole message.
+const READ_AHEAD_LEN: usize = Header::SIZE + MAX_PAYLOAD_SIZE as usize;
+
+/// Bytes received from the socket and not yet returned, with their fds.
+#[derive(Default)]
+struct ReadAhead {
+    /// [`READ_AHEAD_LEN`] bytes once the first message is read (empty before).
+    buf: Vec<u8>,
+    /// The unread bytes are `buf[start..end]`; `start` is the first byte of a message.
+    start: usize,
+    end: usize,
+    /// Fds received and not yet returned, each group with the buffer offset of the first
+    /// byte of the message it belongs to; offsets increase.
+    fds: Vec<(usize, Vec<OwnedFd>)>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("bytes", &self.held())
+            .field("fds", &self.fds.iter().map(|(_, g)| g.len()).sum::<usize>())
+            .finish()
+    }
+}
+
+impl ReadAhead {
+    /// How many unread bytes are buffered.
+    fn held(&self) -> usize {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Forgets every buffered byte and closes every buffered fd.
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.fds.clear();
+    }
+
+    /// Consumes `n` buffered bytes (at most what is held).
+    fn consume(&mut self, n: usize) {
+        self.start = self.start.saturating_add(n).min(self.end);
+        if self.start == self.end {
+            // Every fd belongs to a buffered byte, so none is left either.
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Moves the unread bytes to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start == 0 {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        for (owner, _) in &mut self.fds {
+            *owner = owner.saturating_sub(self.start);
+        }
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// The header of the message starting at buffer offset `at`, if its bytes are all
+    /// buffered.
+    fn header_at(&self, at: usize) -> Option<Result<Header, WireError>> {
+        let bytes = self.buf.get(at..at.checked_add(Header::SIZE)?)?;
+        if at + Header::SIZE > self.end {
+            return None;
+        }
+        let bytes: &[u8; Header::SIZE] = bytes.try_into().ok()?;
+        Some(Header::read(bytes))
+    }
+
+    /// The buffer offset of the first byte of the message holding buffered byte `pos`, as
+    /// far as the buffered headers tell (an incomplete or invalid header ends the walk).
+    fn message_holding(&self, pos: usize) -> usize {
+        let mut at = self.start;
+        while let Some(Ok(header)) = self.header_at(at) {
+            let next = at
+                .saturating_add(Header::SIZE)
+                .saturating_add(header.size as usize);
+            if next > pos {
+                break;
+            }
+            at = next;
+        }
+        at
+    }
+
+    /// Gives `fds` to the message starting at `owner`; more than [`MAX_FDS`] for one
+    /// message is an error.
+    fn attach(&mut self, owner: usize, fds: Vec<OwnedFd>) -> Result<(), SocketError> {
+        let received = match self.fds.last_mut() {
+            Some((last, group)) if *last == owner => {
+                group.extend(fds);
+                group.len()
+            }
+            _ => {
+                let n = fds.len();
+                self.fds.push((owner, fds));
+                n
+            }
+        };
+        if received > MAX_FDS {
+            return Err(SocketError::TooManyFds {
+                max: MAX_FDS,
+                received,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the fds of the messages starting before buffer offset `before`.
+    fn take_fds(&mut self, before: usize, into: &mut Vec<OwnedFd>) {
+        let n = self.fds.iter().take_while(|(o, _)| *o < before).count();
+        for (_, group) in self.fds.drain(..n) {
+            into.extend(group);
+        }
+    }
+}
+
 /// One end of a vhost-user connection.
 ///
 /// Sends and receives whole messages with their fds; see the [module docs](self) for the
 /// guarantees. All methods take `&self`: a reader and a writer thread may share an
 /// endpoint, but two concurrent readers (or writers) would interleave messages.
+///
+/// Received bytes that belong to the next message are kept in the endpoint (see
+/// [`recv_message`](Self::recv_message)); reading the [`stream`](Self::stream) directly, or
+/// [`into_inner`](Self::into_inner), bypasses them.
 #[derive(Debug)]
 pub struct Endpoint {
     stream: UnixStream,
+    read_ahead: Mutex<ReadAhead>,
+    /// Whether [`recv_message`](Self::recv_message) may read past the current message.
+    read_past: AtomicBool,
 }
 
 impl Endpoint {
     /// Wraps a connected `AF_UNIX` stream socket.
     pub fn new(stream: UnixStream) -> Self {
-        Endpoint { stream }
+        Endpoint {
+            stream,
+            read_ahead: Mutex::new(ReadAhead::default()),
+            read_past: AtomicBool::new(false),
+        }
+    }
+
+    /// The read-ahead buffer. Only one reader at a time uses it (the lock is uncontended);
+    /// a reader that panicked left it in an unknown state, so it is emptied.
+    fn read_ahead(&self) -> MutexGuard<'_, ReadAhead> {
+        self.read_ahead.lock().unwrap_or_else(|poisoned| {
+            let mut guard = poisoned.into_inner();
+            guard.clear();
+            self.read_ahead.clear_poison();
+            guard
+        })
     }
 
     /// Connects to the socket at `path`.
@@ -377,7 +542,23 @@ impl Endpoint {
         &self.stream
     }
 
-    /// Unwraps the underlying stream.
+    /// Lets [`recv_message`](Self::recv_message) read ahead: one `recvmsg` of up to a header
+    /// and the largest payload per call, keeping what belongs to the next messages (see the
+    /// [module docs](self#which-message-an-fd-belongs-to)). Off by default: a reader that
+    /// waits for readiness (epoll, poll) before each message must then also call
+    /// `recv_message` again while [`has_buffered_bytes`](Self::has_buffered_bytes) says so,
+    /// because a message already read ahead leaves nothing for the socket to report.
+    /// Without it, reads stop at the end of the current message (a header, then its body).
+    pub fn set_read_ahead(&self, on: bool) {
+        self.read_past.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether bytes of a message were read ahead and not yet returned.
+    pub fn has_buffered_bytes(&self) -> bool {
+        self.read_ahead().held() > 0
+    }
+
+    /// Unwraps the underlying stream; bytes and fds read ahead are dropped.
     pub fn into_inner(self) -> UnixStream {
         self.stream
     }
@@ -482,14 +663,41 @@ impl Endpoint {
     /// Receives exactly `buf.len()` bytes, appending the fds that come with them to
     /// `fds`.
     ///
-    /// The bound of [`MAX_FDS`] applies to `fds.len()` as a whole, so a caller reading
-    /// one message in several pieces passes the same vector each time. On error, every
-    /// fd this call appended is closed (the vector is truncated back to its length on
-    /// entry). End of stream before the first byte is [`SocketError::Disconnected`],
-    /// after it [`SocketError::UnexpectedEof`]. `EINTR` is retried.
+    /// Bytes (and their fds) that [`recv_message`](Self::recv_message) read ahead come
+    /// first; the rest is read from the socket with exact-length reads. The bound of
+    /// [`MAX_FDS`] applies to `fds.len()` as a whole, so a caller reading one message in
+    /// several pieces passes the same vector each time. On error, every fd this call
+    /// appended is closed (the vector is truncated back to its length on entry). End of
+    /// stream before the first byte is [`SocketError::Disconnected`], after it
+    /// [`SocketError::UnexpectedEof`]. `EINTR` is retried.
     pub fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), SocketError> {
         let expected = buf.len();
-        self.recv_part(buf, fds, 0, expected)
+        let on_entry = fds.len();
+        let mut ra = self.read_ahead();
+        let buffered = ra.held().min(expected);
+        if buffered > 0 {
+            let from = ra.start;
+            buf[..buffered].copy_from_slice(&ra.buf[from..from + buffered]);
+            ra.take_fds(from + buffered, fds);
+            ra.consume(buffered);
+        }
+        let rest = &mut buf[buffered..];
+        if rest.is_empty() {
+            if fds.len() > MAX_FDS {
+                let received = fds.len();
+                fds.truncate(on_entry);
+                return Err(SocketError::TooManyFds {
+                    max: MAX_FDS,
+                    received,
+                });
+            }
+            return Ok(());
+        }
+        let result = self.recv_part(rest, fds, buffered, expected);
+        if result.is_err() {
+            fds.truncate(on_entry);
+        }
+        result
     }
 
     /// Sends one message: `header`, then `body`, with `fds`, in a single `sendmsg` unless
@@ -516,25 +724,107 @@ impl Endpoint {
 
     /// Receives one whole message with its fds.
     ///
-    /// Reads exactly the header, checks it with [`Header::read`] (so a size above
-    /// [`crate::header::MAX_PAYLOAD_SIZE`] is refused before the body is allocated or
-    /// read), then reads exactly `size` body bytes. After a [`SocketError::Wire`] error
-    /// the body is still in the stream: the connection must be closed.
+    /// With [read-ahead](Self::set_read_ahead), reads as much as the socket holds, up to a
+    /// header and the largest payload, in one `recvmsg`; without, exactly the header, then
+    /// exactly the body. Checks the header with [`Header::read`] (a size above
+    /// [`MAX_PAYLOAD_SIZE`] is refused before anything is allocated), reads again only if
+    /// the message is not complete, and keeps what follows it for the next call; see the
+    /// [module docs](self#which-message-an-fd-belongs-to) for how fds are attributed.
+    /// After a [`SocketError::Wire`] error only the bad header was consumed (its fds are
+    /// closed); the body is still to be read, so the connection must be closed. After any
+    /// other error but a timeout before the first byte, every buffered byte and fd is
+    /// dropped.
     pub fn recv_message(&self) -> Result<RawMessage, SocketError> {
-        let mut head = [0u8; Header::SIZE];
-        let mut fds = Vec::new();
-        self.recv_part(&mut head, &mut fds, 0, Header::SIZE)?;
-        // On a bad header, `fds` is dropped here: its fds are closed.
-        let header = Header::read(&head)?;
-        let size = header.size as usize;
-        let mut body = vec![0u8; size];
-        self.recv_part(
-            &mut body,
-            &mut fds,
-            Header::SIZE,
-            Header::SIZE.saturating_add(size),
-        )?;
-        Ok(RawMessage { header, body, fds })
+        let mut ra = self.read_ahead();
+        let result = self.next_message(&mut ra);
+        if let Err(e) = &result {
+            if !matches!(e, SocketError::Wire(_)) {
+                // Closes every fd received for the message and any later one (invariant 4).
+                ra.clear();
+            }
+        }
+        result
+    }
+
+    /// The first whole message of the read-ahead, reading the socket until there is one.
+    fn next_message(&self, ra: &mut ReadAhead) -> Result<RawMessage, SocketError> {
+        loop {
+            if let Some(header) = ra.header_at(ra.start) {
+                let start = ra.start;
+                let header = match header {
+                    Ok(header) => header,
+                    Err(e) => {
+                        // Drop (close) the bad message's fds; keep what follows its header.
+                        ra.take_fds(start + 1, &mut Vec::new());
+                        ra.consume(Header::SIZE);
+                        return Err(e.into());
+                    }
+                };
+                let total = Header::SIZE + header.size as usize;
+                if ra.held() >= total {
+                    let body = ra.buf[start + Header::SIZE..start + total].to_vec();
+                    let mut fds = Vec::new();
+                    ra.take_fds(start + 1, &mut fds);
+                    ra.consume(total);
+                    return Ok(RawMessage { header, body, fds });
+                }
+            }
+            self.read_more(ra)?;
+        }
+    }
+
+    /// One `recvmsg` into the free end of the read-ahead, which holds less than a whole
+    /// message; the fds received go to the message holding the last byte read.
+    fn read_more(&self, ra: &mut ReadAhead) -> Result<(), SocketError> {
+        if ra.buf.is_empty() {
+            ra.buf = vec![0; READ_AHEAD_LEN];
+        }
+        ra.compact();
+        let received = ra.held();
+        let expected = match ra.header_at(0) {
+            Some(Ok(header)) => Header::SIZE + header.size as usize,
+            _ => Header::SIZE,
+        };
+        // Without read-ahead, exactly what the current message (or its header) still lacks.
+        let want = if self.read_past.load(Ordering::Relaxed) {
+            usize::MAX
+        } else {
+            expected.saturating_sub(received).max(1)
+        };
+        loop {
+            let mut fds = Vec::new();
+            let end = ra.end;
+            // A held message is shorter than the buffer, so there is room for one byte.
+            let room = ra.buf.len().saturating_sub(end).min(want);
+            let free = &mut ra.buf[end..end + room];
+            // `recvmsg_once` has made every received fd an OwnedFd in `fds`, so every early
+            // return below closes them.
+            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), free, &mut fds) {
+                Ok(result) => result,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) && received == 0 => return Err(SocketError::Io(e)),
+                Err(e) if is_timeout(&e) => {
+                    return Err(SocketError::Stalled { expected, received })
+                }
+                Err(e) => return Err(SocketError::Io(e)),
+            };
+            if truncated {
+                return Err(SocketError::ControlTruncated);
+            }
+            if n == 0 {
+                return Err(if received == 0 {
+                    SocketError::Disconnected
+                } else {
+                    SocketError::UnexpectedEof { expected, received }
+                });
+            }
+            ra.end = end.saturating_add(n).min(ra.buf.len());
+            if !fds.is_empty() {
+                let owner = ra.message_holding(ra.end - 1);
+                ra.attach(owner, fds)?;
+            }
+            return Ok(());
+        }
     }
 
     /// Fills `buf` from the stream; `before` bytes of a message of `expected` bytes were

@@ -387,3 +387,234 @@ fn send_larger_than_the_socket_buffer_delivers_every_byte_and_the_fds_once() {
     drop(fds);
     assert!(probe.all_copies_closed());
 }
+
+/// The kernel behaviour the read-ahead relies on (see the socket module docs): a read copies
+/// an skb carrying fds after bytes it already copied, and stops right after it.
+#[test]
+fn kernel_merges_an_fd_carrying_send_into_a_read_and_stops_after_it() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let probe = Probe::new();
+    raw_send(&a, b"ab", &[]);
+    raw_send(&a, b"cd", &[probe.fd()]);
+    raw_send(&a, b"ef", &[]);
+    let mut buf = [0u8; 16];
+    let (n, fd) = b.recv_with_fd(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"abcd");
+    assert!(fd.is_some());
+    drop(fd);
+    let (n, fd) = b.recv_with_fd(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ef");
+    assert!(fd.is_none());
+    assert!(probe.all_copies_closed());
+}
+
+#[test]
+fn two_messages_in_one_read_are_both_returned_in_order() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let mut bytes = header(2).to_bytes().to_vec();
+    bytes.extend_from_slice(b"ab");
+    bytes.extend_from_slice(&header(3).to_bytes());
+    bytes.extend_from_slice(b"cde");
+    a.stream().write_all(&bytes).unwrap();
+    let first = b.recv_message().unwrap();
+    assert_eq!(first.body, b"ab");
+    // The second message is already buffered: the socket may be empty and closed.
+    drop(a);
+    let second = b.recv_message().unwrap();
+    assert_eq!(second.body, b"cde");
+    assert!(matches!(b.recv_message(), Err(SocketError::Disconnected)));
+}
+
+#[test]
+fn message_followed_by_part_of_the_next_keeps_the_part_for_the_next_read() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let next = {
+        let mut m = header(4).to_bytes().to_vec();
+        m.extend_from_slice(b"wxyz");
+        m
+    };
+    let mut bytes = header(1).to_bytes().to_vec();
+    bytes.push(b'!');
+    bytes.extend_from_slice(&next[..7]);
+    a.stream().write_all(&bytes).unwrap();
+    assert_eq!(b.recv_message().unwrap().body, b"!");
+    a.stream().write_all(&next[7..]).unwrap();
+    let second = b.recv_message().unwrap();
+    assert_eq!(second.header.size, 4);
+    assert_eq!(second.body, b"wxyz");
+}
+
+#[test]
+fn part_of_a_buffered_message_then_eof_counts_the_buffered_bytes() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let mut bytes = header(0).to_bytes().to_vec();
+    bytes.extend_from_slice(&header(4).to_bytes());
+    bytes.extend_from_slice(b"ab");
+    a.stream().write_all(&bytes).unwrap();
+    drop(a);
+    b.recv_message().unwrap();
+    assert!(matches!(
+        b.recv_message(),
+        Err(SocketError::UnexpectedEof {
+            expected: 16,
+            received: 14
+        })
+    ));
+}
+
+/// `event` borrowed as a `BorrowedFd`.
+fn bfd(event: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: `event` owns this open fd and keeps it open for as long as the borrow lives.
+    unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }
+}
+
+#[test]
+fn fds_sent_with_the_second_of_two_coalesced_messages_stay_with_it() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let event = EventFd::new(0).unwrap();
+    a.send_message(&header(2), b"p1", &[]).unwrap();
+    a.send_message(&header(2), b"p2", &[bfd(&event)]).unwrap();
+    let first = b.recv_message().unwrap();
+    assert_eq!(first.body, b"p1");
+    assert!(first.fds.is_empty());
+    let second = b.recv_message().unwrap();
+    assert_eq!(second.body, b"p2");
+    check_received_eventfds(&second.fds, std::slice::from_ref(&event));
+}
+
+#[test]
+fn fds_sent_with_the_first_of_two_messages_stay_with_it() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let event = EventFd::new(0).unwrap();
+    a.send_message(&header(2), b"p1", &[bfd(&event)]).unwrap();
+    a.send_message(&header(2), b"p2", &[]).unwrap();
+    let first = b.recv_message().unwrap();
+    check_received_eventfds(&first.fds, std::slice::from_ref(&event));
+    let second = b.recv_message().unwrap();
+    assert_eq!(second.body, b"p2");
+    assert!(second.fds.is_empty());
+}
+
+#[test]
+fn fds_of_three_queued_messages_each_stay_with_their_own() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let events = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    a.send_message(&header(1), b"a", &[bfd(&events[0])])
+        .unwrap();
+    a.send_message(&header(1), b"b", &[]).unwrap();
+    a.send_message(&header(1), b"c", &[bfd(&events[1])])
+        .unwrap();
+    let got: Vec<_> = (0..3).map(|_| b.recv_message().unwrap()).collect();
+    check_received_eventfds(&got[0].fds, &events[..1]);
+    assert!(got[1].fds.is_empty());
+    check_received_eventfds(&got[2].fds, &events[1..]);
+}
+
+#[test]
+fn recv_exact_after_recv_message_takes_the_buffered_bytes_first() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let mut bytes = header(1).to_bytes().to_vec();
+    bytes.extend_from_slice(b"xraw");
+    a.stream().write_all(&bytes).unwrap();
+    assert_eq!(b.recv_message().unwrap().body, b"x");
+    a.stream().write_all(b"!").unwrap();
+    let mut rest = [0u8; 4];
+    b.recv_exact(&mut rest, &mut Vec::new()).unwrap();
+    assert_eq!(&rest, b"raw!");
+}
+
+#[test]
+fn without_read_ahead_nothing_past_the_message_is_read() {
+    let (a, b) = Endpoint::pair().unwrap();
+    let mut bytes = header(1).to_bytes().to_vec();
+    bytes.extend_from_slice(b"xnext");
+    a.stream().write_all(&bytes).unwrap();
+    assert_eq!(b.recv_message().unwrap().body, b"x");
+    assert!(!b.has_buffered_bytes());
+    let mut rest = [0u8; 4];
+    b.stream().read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"next");
+}
+
+#[test]
+fn read_ahead_reports_the_buffered_next_message() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    a.send_message(&header(1), b"1", &[]).unwrap();
+    a.send_message(&header(1), b"2", &[]).unwrap();
+    b.recv_message().unwrap();
+    assert!(b.has_buffered_bytes());
+    b.recv_message().unwrap();
+    assert!(!b.has_buffered_bytes());
+}
+
+#[test]
+fn read_ahead_close_mid_body_is_unexpected_eof_and_closes_the_fds() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let probe = Probe::new();
+    raw_send(a.stream(), &header(8).to_bytes(), &[probe.fd()]);
+    a.stream().write_all(b"abc").unwrap();
+    drop(a);
+    assert!(matches!(
+        b.recv_message(),
+        Err(SocketError::UnexpectedEof {
+            expected: 20,
+            received: 15
+        })
+    ));
+    assert!(probe.all_copies_closed());
+}
+
+#[test]
+fn read_ahead_too_many_fds_across_pieces_is_refused_and_closes_them_all() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let probe = Probe::new();
+    raw_send(a.stream(), &header(1).to_bytes(), &[probe.fd(); MAX_FDS]);
+    raw_send(a.stream(), b"x", &[probe.fd()]);
+    assert!(matches!(
+        b.recv_message(),
+        Err(SocketError::TooManyFds { max: MAX_FDS, received }) if received == MAX_FDS + 1
+    ));
+    assert!(probe.all_copies_closed());
+}
+
+#[test]
+fn read_ahead_stall_mid_message_is_stalled_and_drops_the_buffered_fds() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    b.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let probe = Probe::new();
+    raw_send(a.stream(), &header(4).to_bytes(), &[probe.fd()]);
+    a.stream().write_all(b"ab").unwrap();
+    assert!(matches!(
+        b.recv_message(),
+        Err(SocketError::Stalled {
+            expected: 16,
+            received: 14
+        })
+    ));
+    assert!(!b.has_buffered_bytes());
+    assert!(probe.all_copies_closed());
+}
+
+#[test]
+fn read_ahead_bad_header_consumes_only_the_header() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let mut bytes = header(MAX_PAYLOAD_SIZE + 1).to_bytes().to_vec();
+    bytes.extend_from_slice(b"next");
+    a.stream().write_all(&bytes).unwrap();
+    assert!(matches!(b.recv_message(), Err(SocketError::Wire(_))));
+    let mut rest = [0u8; 4];
+    b.recv_exact(&mut rest, &mut Vec::new()).unwrap();
+    assert_eq!(&rest, b"next");
+}
