@@ -2,10 +2,15 @@
 //! the ring state transitions of the spec's "Ring states".
 
 use std::fs::File;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use log::warn;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vu_mem::RegionBitmap;
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::header::Header;
@@ -196,7 +201,16 @@ where
         if !self.protocol_negotiated() {
             vring.set_enabled(true);
         }
-        ctl.watch_kick(queue).map_err(ctl_err)
+        ctl.watch_kick(queue).map_err(ctl_err)?;
+        // As on enable: a ring that goes live holding chains gets one look.
+        if vring.is_enabled() && has_available_chains(vring) {
+            vring.deliver_kick().map_err(|source| SessionError::Io {
+                request,
+                what: "waking the worker of a started ring",
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     pub(super) fn handle_set_vring_call(
@@ -235,9 +249,18 @@ where
         self.enable_ring(request, usize::from(queue), enable.enable)
     }
 
-    /// Enables or disables a ring. Enabling a started ring wakes its worker through the kick
-    /// eventfd: a kick the worker consumed while the ring was disabled is not lost, the
-    /// worker looks at the available ring again.
+    /// Enables or disables a ring.
+    ///
+    /// A kick that arrived while the ring was disabled needs nothing from the session: it is
+    /// still in the counter (the runtimes never read it for a disabled ring), its fd is
+    /// parked, and the runtime re-arms parked kicks of enabled rings after every message,
+    /// which reports the counter at once (docs/ARCHITECTURE.md, "Threads, and why nothing is
+    /// lost"). Enabling a started ring (or starting an enabled one, in `start_ring`) kicks
+    /// its worker only when the available ring holds chains the device has not popped, which
+    /// a driver may have posted while the ring was stopped without a kick the device could
+    /// see (on a kick fd it replaced, for one). An idle ring,
+    /// as at the end of every handshake, gets no kick: on a single CPU that kick woke the
+    /// worker before the reply was sent, for nothing.
     pub(super) fn enable_ring(
         &mut self,
         request: FrontendReq,
@@ -249,7 +272,7 @@ where
         };
         let was_enabled = vring.is_enabled();
         vring.set_enabled(enable);
-        if enable && !was_enabled && vring.ready() {
+        if enable && !was_enabled && vring.ready() && has_available_chains(vring) {
             vring.deliver_kick().map_err(|source| SessionError::Io {
                 request,
                 what: "waking the worker of an enabled ring",
@@ -304,8 +327,53 @@ where
     }
 }
 
-/// What `/proc/self/fd` calls an eventfd.
-const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
+/// Whether the available ring of a started `vring` holds chains the device has not popped
+/// (an unreadable ring counts as having some: the worker will find out).
+fn has_available_chains<V, B>(vring: &V) -> bool
+where
+    V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
+    B: RegionBitmap,
+{
+    let data = vring.get_ref();
+    let mem = data.mem().memory();
+    data.get_queue()
+        .avail_idx(mem.deref(), Ordering::Acquire)
+        .map_or(true, |idx| idx.0 != data.queue_next_avail())
+}
+
+/// The device and inode numbers of the kernel's shared anonymous inode, which every eventfd
+/// has, learned once from an eventfd of our own.
+fn eventfd_inode() -> std::io::Result<(u64, u64)> {
+    static INODE: OnceLock<(u64, u64)> = OnceLock::new();
+    if let Some(&id) = INODE.get() {
+        return Ok(id);
+    }
+    let probe = new_eventfd()?;
+    let meta = probe.metadata()?;
+    let id = (meta.dev(), meta.ino());
+    Ok(*INODE.get_or_init(|| id))
+}
+
+/// What a refused fd is, for the error.
+fn describe(meta: &std::fs::Metadata) -> String {
+    let kind = meta.file_type();
+    let name = if kind.is_fifo() {
+        "a pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_file() {
+        "a regular file"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "an anonymous inode of another kind"
+    };
+    format!("{name} (device {}, inode {})", meta.dev(), meta.ino())
+}
 
 /// Checks that a kick, call or error fd from the frontend is an eventfd and makes it
 /// non-blocking.
@@ -315,25 +383,36 @@ const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
 /// would block the worker's next write forever, and with it `GET_VRING_BASE` and the whole
 /// daemon. `O_NONBLOCK` is a flag of the open file description, shared with the frontend's
 /// copy: frontends create these eventfds non-blocking anyway (QEMU does), and the vrings treat
-/// a full counter on write and an empty one on read as nothing to do. When `/proc` is not
-/// mounted the type cannot be read and only the flag is set.
+/// a full counter on write and an empty one on read as nothing to do.
+///
+/// The type check is one `fstat`: an eventfd lives on the kernel's shared anonymous inode, so
+/// its device and inode numbers are those of an eventfd of our own. Pipes, sockets, files and
+/// devices are refused. The shared inode also backs a few other kinds (epoll, timerfd,
+/// signalfd, inotify), which this check lets through where the `/proc/self/fd` name (a path
+/// walk per fd, which cost the handshake more than any other check) told them apart; none of
+/// them can hurt the worker once non-blocking: an 8-byte read or write of one either moves a
+/// counter, as an eventfd's does, or fails with `EINVAL`, and edge-triggered epoll reports
+/// each of their wake-ups once, as it does a kick.
 fn notifier(request: FrontendReq, queue: u16, fd: OwnedFd) -> Result<File, SessionError> {
-    let raw = fd.as_raw_fd();
-    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{raw}")) {
-        let kind = target.to_string_lossy();
-        if kind != EVENTFD_LINK {
-            return Err(SessionError::NotAnEventfd {
-                request,
-                queue,
-                kind: kind.into_owned(),
-            });
+    let io_err = |what| {
+        move |source| SessionError::Io {
+            request,
+            what,
+            source,
         }
+    };
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(io_err("looking at an eventfd"))?;
+    let eventfd = eventfd_inode().map_err(io_err("creating an eventfd"))?;
+    if (meta.dev(), meta.ino()) != eventfd {
+        return Err(SessionError::NotAnEventfd {
+            request,
+            queue,
+            kind: describe(&meta),
+        });
     }
-    set_nonblocking(&fd).map_err(|source| SessionError::Io {
-        request,
-        what: "making an eventfd non-blocking",
-        source,
-    })?;
+    let fd = OwnedFd::from(file);
+    set_nonblocking(&fd).map_err(io_err("making an eventfd non-blocking"))?;
     Ok(File::from(fd))
 }
 
@@ -376,6 +455,27 @@ mod tests {
             matches!(err, SessionError::NotAnEventfd { queue: 0, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn notifier_refuses_a_socket() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = notifier(FrontendReq::SetVringCall, 2, OwnedFd::from(ours)).unwrap_err();
+        match err {
+            SessionError::NotAnEventfd { queue: 2, kind, .. } => {
+                assert!(kind.starts_with("a socket"), "{kind}")
+            }
+            other => panic!("expected NotAnEventfd, got {other}"),
+        }
+    }
+
+    #[test]
+    fn notifier_refuses_a_regular_file() {
+        let file = File::open("/proc/self/exe")
+            .or_else(|_| File::open("/dev/null"))
+            .unwrap();
+        let err = notifier(FrontendReq::SetVringErr, 0, OwnedFd::from(file)).unwrap_err();
+        assert!(matches!(err, SessionError::NotAnEventfd { .. }), "{err}");
     }
 
     #[test]
