@@ -44,7 +44,7 @@ pub(crate) const SYSTEM_DEPS: &[SystemDep] = &[
 ];
 
 /// Is `program` an executable file in one of the `PATH` directories?
-fn program_on_path(program: &str) -> bool {
+pub(crate) fn program_on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
         .unwrap_or(false)
@@ -111,8 +111,8 @@ fn present(probe: Probe) -> bool {
     }
 }
 
-/// The effective user id, read from /proc so that no libc binding is needed.
-fn running_as_root() -> bool {
+/// The effective user id is 0 (read from /proc so that no libc binding is needed).
+pub(crate) fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -125,7 +125,7 @@ fn running_as_root() -> bool {
 }
 
 /// The two apt-get commands that install `packages`.
-pub(crate) fn apt_commands(packages: &[&str]) -> [Cmd; 2] {
+fn apt_commands(packages: &[&str]) -> [Cmd; 2] {
     [
         Cmd::new("apt-get").args(&["update"]),
         Cmd::new("apt-get")
@@ -153,12 +153,31 @@ pub(crate) fn run(_options: &Options) -> StepResult {
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|dep| dep.debian).collect();
-    let commands = apt_commands(&packages);
+    install_missing(
+        &packages,
+        "this is not a Debian system: install the equivalent packages",
+        || {
+            missing
+                .iter()
+                .filter(|dep| !present(dep.probe))
+                .map(|dep| dep.debian)
+                .collect()
+        },
+    )
+}
+
+/// Installs the `missing` Debian packages when that needs nobody's say: apt-get is there and
+/// we are root (as in a fresh CI container). Otherwise fails naming them, followed by
+/// `not_debian` when there is no apt-get, or by the exact `sudo` commands to run. After
+/// installing, `still_missing` lists what is still absent; anything there is an error.
+pub(crate) fn install_missing(
+    missing: &[&str],
+    not_debian: &str,
+    still_missing: impl FnOnce() -> Vec<&'static str>,
+) -> StepResult {
+    let commands = apt_commands(missing);
     if !program_on_path("apt-get") {
-        return Err(format!(
-            "missing {}; this is not a Debian system: install the equivalent packages",
-            packages.join(", ")
-        ));
+        return Err(format!("missing {}; {not_debian}", missing.join(", ")));
     }
     if !running_as_root() {
         let sudo: Vec<String> = commands
@@ -167,24 +186,20 @@ pub(crate) fn run(_options: &Options) -> StepResult {
             .collect();
         return Err(format!(
             "missing {}; run: {}",
-            packages.join(", "),
+            missing.join(", "),
             sudo.join(" && ")
         ));
     }
     for cmd in &commands {
         cmd.run()?;
     }
-    let still_missing: Vec<&str> = missing
-        .iter()
-        .filter(|dep| !present(dep.probe))
-        .map(|dep| dep.debian)
-        .collect();
-    if still_missing.is_empty() {
+    let still = still_missing();
+    if still.is_empty() {
         Ok(())
     } else {
         Err(format!(
             "still missing after installing: {}",
-            still_missing.join(", ")
+            still.join(", ")
         ))
     }
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use super::elf;
 use crate::cmd::Cmd;
-use crate::deps;
+use crate::deps::{self, program_on_path, running_as_root};
 
 /// The static busybox that busybox-static installs.
 pub(crate) const BUSYBOX: &str = "/bin/busybox";
@@ -27,12 +27,6 @@ struct Need {
     why: &'static str,
 }
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
-}
-
 fn busybox_is_static() -> bool {
     std::fs::read(BUSYBOX)
         .ok()
@@ -46,7 +40,7 @@ fn needs(qsd: bool) -> Vec<Need> {
     let mut list = vec![
         Need {
             package: "qemu-system-x86",
-            present: || on_path("qemu-system-x86_64"),
+            present: || program_on_path("qemu-system-x86_64"),
             why: "qemu-system-x86_64 boots the guest",
         },
         Need {
@@ -58,24 +52,11 @@ fn needs(qsd: bool) -> Vec<Need> {
     if qsd {
         list.push(Need {
             package: "qemu-system-common",
-            present: || on_path("qemu-storage-daemon"),
+            present: || program_on_path("qemu-storage-daemon"),
             why: "qemu-storage-daemon serves the reference vhost-user-blk export",
         });
     }
     list
-}
-
-/// The effective user id is 0 (read from /proc: xtask has no libc binding).
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Checks the packages and installs the missing ones when it may.
@@ -90,41 +71,18 @@ pub(crate) fn ensure_packages(qsd: bool) -> Result<(), String> {
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|need| need.package).collect();
-    let commands = deps::apt_commands(&packages);
-    if !on_path("apt-get") {
-        return Err(format!(
-            "missing {}; this is not Debian: install QEMU (with vhost-user), a static busybox and a \
-             kernel by hand",
-            packages.join(", ")
-        ));
-    }
-    if !running_as_root() {
-        let lines: Vec<String> = commands
-            .iter()
-            .map(|cmd| format!("sudo {}", cmd.display()))
-            .collect();
-        return Err(format!(
-            "missing {}; run: {}",
-            packages.join(", "),
-            lines.join(" && ")
-        ));
-    }
-    for cmd in &commands {
-        cmd.run()?;
-    }
-    let still: Vec<&str> = needs
-        .iter()
-        .filter(|need| !(need.present)())
-        .map(|need| need.package)
-        .collect();
-    if still.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "still missing after installing: {}",
-            still.join(", ")
-        ))
-    }
+    deps::install_missing(
+        &packages,
+        "this is not Debian: install QEMU (with vhost-user), a static busybox and a kernel by \
+         hand",
+        || {
+            needs
+                .iter()
+                .filter(|need| !(need.present)())
+                .map(|need| need.package)
+                .collect()
+        },
+    )
 }
 
 /// The first line of `program --version`, for the report.
@@ -187,12 +145,12 @@ fn unpacked(package: &str, dir: &Path) -> Option<Kernel> {
 pub(crate) fn kernel(cache: &Path) -> Result<Kernel, String> {
     match kernel_from_lists(cache) {
         Ok(kernel) => Ok(kernel),
-        Err(err) if on_path("apt-get") && running_as_root() => {
+        Err(err) if program_on_path("apt-get") && running_as_root() => {
             eprintln!("    {err}; refreshing the package lists");
             Cmd::new("apt-get").args(&["update"]).run()?;
             kernel_from_lists(cache)
         }
-        Err(err) if on_path("apt-get") => Err(format!(
+        Err(err) if program_on_path("apt-get") => Err(format!(
             "{err}; refresh the package lists with `sudo apt-get update` and run again"
         )),
         Err(err) => Err(err),
