@@ -131,6 +131,33 @@ impl Parts {
     }
 }
 
+/// Decodes `msg` as a request of the direction whose request table is `Q`: a code `Q`
+/// does not know becomes `unknown(code, flags)` (the body and fds are dropped); a known
+/// one is decoded by `known` from its parts, checked against `fd_rule`. A failure carries
+/// the header, so that the request can still be refused.
+fn decode_request<Q, T>(
+    msg: RawMessage,
+    fd_rule: impl FnOnce(Q) -> FdRule,
+    unknown: impl FnOnce(RequestCode, HeaderFlags) -> T,
+    known: impl FnOnce(Q, Parts) -> Result<T, WireError>,
+) -> Result<T, DecodeError>
+where
+    Q: Copy + TryFrom<RequestCode, Error = RequestCode>,
+{
+    let header = msg.header;
+    let req = match Q::try_from(header.request) {
+        Ok(req) => req,
+        Err(code) => return Ok(unknown(code, header.flags)),
+    };
+    let parts = Parts {
+        request: header.request,
+        rule: fd_rule(req),
+        body: msg.body,
+        fds: msg.fds,
+    };
+    known(req, parts).map_err(|error| DecodeError { header, error })
+}
+
 /// Encodes a header around a payload.
 fn frame(
     request: impl Into<RequestCode>,
@@ -304,23 +331,12 @@ pub enum FrontendRequest<F = OwnedFd> {
 impl FrontendRequest<OwnedFd> {
     /// Decodes a received message, checking its payload and its fd count.
     pub fn decode(msg: RawMessage) -> Result<Self, DecodeError> {
-        let header = msg.header;
-        let req = match FrontendReq::try_from(header.request) {
-            Ok(req) => req,
-            Err(code) => {
-                return Ok(FrontendRequest::Unknown {
-                    code,
-                    flags: header.flags,
-                })
-            }
-        };
-        let parts = Parts {
-            request: header.request,
-            rule: req.fd_rule(),
-            body: msg.body,
-            fds: msg.fds,
-        };
-        Self::decode_known(req, parts).map_err(|error| DecodeError { header, error })
+        decode_request(
+            msg,
+            FrontendReq::fd_rule,
+            |code, flags| Self::Unknown { code, flags },
+            Self::decode_known,
+        )
     }
 
     fn decode_known(req: FrontendReq, p: Parts) -> Result<Self, WireError> {
@@ -596,23 +612,12 @@ pub enum BackendRequest<F = OwnedFd> {
 impl BackendRequest<OwnedFd> {
     /// Decodes a received message, checking its payload and its fd count.
     pub fn decode(msg: RawMessage) -> Result<Self, DecodeError> {
-        let header = msg.header;
-        let req = match BackendReq::try_from(header.request) {
-            Ok(req) => req,
-            Err(code) => {
-                return Ok(BackendRequest::Unknown {
-                    code,
-                    flags: header.flags,
-                })
-            }
-        };
-        let parts = Parts {
-            request: header.request,
-            rule: req.fd_rule(),
-            body: msg.body,
-            fds: msg.fds,
-        };
-        Self::decode_known(req, parts).map_err(|error| DecodeError { header, error })
+        decode_request(
+            msg,
+            BackendReq::fd_rule,
+            |code, flags| Self::Unknown { code, flags },
+            Self::decode_known,
+        )
     }
 
     fn decode_known(req: BackendReq, p: Parts) -> Result<Self, WireError> {
