@@ -45,8 +45,9 @@ pub(crate) struct Postcopy {
     uffd: Option<Uffd>,
     /// LISTEN arrived: new memory tables are registered and answered with local addresses.
     listening: bool,
-    /// A `SET_MEM_TABLE` was answered with local addresses; QEMU acknowledges it with a
-    /// `SET_MEM_TABLE` carrying a `u64` 0, which is not a new table.
+    /// A `SET_MEM_TABLE` or `ADD_MEM_REG` was answered with local addresses; QEMU
+    /// acknowledges it with a message of the same code carrying a `u64` 0, which is not a
+    /// new table or region.
     awaiting_ack: bool,
     /// Registered mappings (host address, length), unregistered on END.
     registered: Vec<(usize, usize)>,

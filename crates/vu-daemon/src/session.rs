@@ -206,8 +206,8 @@ where
         }
         #[cfg(feature = "postcopy")]
         if self.is_postcopy_mem_table_ack(&msg) {
-            // QEMU reuses the flags of its SET_MEM_TABLE for the acknowledgement: with
-            // REPLY_ACK it waits for a REPLY_ACK to the whole exchange now.
+            // QEMU sends the acknowledgement without NEED_REPLY; a frontend that sets it
+            // gets a REPLY_ACK.
             return Outcome {
                 reply: header
                     .needs_reply()

@@ -28,10 +28,16 @@ where
     B: RegionBitmap,
 {
     /// QEMU answers a postcopy `SET_MEM_TABLE` reply with a `SET_MEM_TABLE` carrying a `u64`
-    /// 0 and no fds; that message is consumed here, it is not a new table. (Its NEED_REPLY
-    /// flag, if set, is answered by the caller.)
+    /// 0 and no fds; that message is consumed here, it is not a new table. With
+    /// CONFIGURE_MEM_SLOTS it sends the regions as `ADD_MEM_REG`s instead and, after reading
+    /// every region reply, the same acknowledgement under the last request code it used,
+    /// `ADD_MEM_REG` (libvhost-user's `vu_add_mem_reg` expects it too). QEMU sets no
+    /// NEED_REPLY on either and reads nothing after it; a frontend that does set it gets the
+    /// REPLY_ACK it asked for from the caller.
     pub(super) fn is_postcopy_mem_table_ack(&mut self, msg: &RawMessage) -> bool {
-        msg.header.request == FrontendReq::SetMemTable.into()
+        let table_request = msg.header.request == FrontendReq::SetMemTable.into()
+            || msg.header.request == FrontendReq::AddMemReg.into();
+        table_request
             && msg.body.len() == ACK_BODY
             && msg.fds.is_empty()
             && self.postcopy.take_ack()
@@ -108,9 +114,9 @@ where
             };
             Reply::new(hdr, &SingleMemoryRegion { region }, Vec::new())
         } else {
-            self.postcopy.expect_ack();
             Reply::new(hdr, &MemoryTable { regions: local }, Vec::new())
         };
+        self.postcopy.expect_ack();
         Ok(Some(reply))
     }
 }

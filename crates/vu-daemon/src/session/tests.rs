@@ -1520,14 +1520,42 @@ mod postcopy {
         assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
     }
 
-    /// With REPLY_ACK QEMU sets NEED_REPLY on the table and on its acknowledgement, and
-    /// waits for a REPLY_ACK after the acknowledgement.
+    /// QEMU sets no NEED_REPLY on the acknowledgement (hw/virtio/vhost-user.c,
+    /// `vhost_user_set_mem_table_postcopy`), but a frontend that does gets a REPLY_ACK.
     #[test]
     fn postcopy_table_ack_with_need_reply_gets_a_reply_ack() {
         let (mut f, _uffd) = listening();
         let outcome = f.ask(mem_table(&[(0, MEM_SIZE)]));
         assert!(outcome.reply.unwrap().body.len() > 8);
         assert_eq!(ack(&f.raw(table_ack(HeaderFlags::NEED_REPLY))), 0);
+    }
+
+    /// With CONFIGURE_MEM_SLOTS QEMU sends the regions as ADD_MEM_REGs, reads each reply,
+    /// then acknowledges the lot with an fd-less 8-byte message that keeps the last request
+    /// code, ADD_MEM_REG (hw/virtio/vhost-user.c, `vhost_user_add_remove_regions`).
+    #[test]
+    fn postcopy_add_mem_reg_ack_is_consumed_not_refused() {
+        let (mut f, _uffd) = listening();
+        let outcome = f.send(
+            FrontendRequest::AddMemReg {
+                region: region(0, MEM_SIZE),
+                fd: memfd(MEM_SIZE).into(),
+            },
+            HeaderFlags::empty(),
+        );
+        let reply = outcome.reply.unwrap();
+        assert_eq!(reply.header.request, FrontendReq::AddMemReg.code());
+        let code = FrontendReq::AddMemReg.code().0;
+        let ack_msg = raw(
+            code,
+            HeaderFlags::empty(),
+            0u64.to_ne_bytes().to_vec(),
+            Vec::new(),
+        );
+        let outcome = f.raw(ack_msg);
+        assert!(outcome.reply.is_none() && !outcome.close);
+        assert_eq!(f.session.mem.num_regions(), 1);
+        assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
     }
 
     #[test]
