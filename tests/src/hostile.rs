@@ -583,6 +583,22 @@ impl Hostile {
         let code = FrontendReq::try_from(req.code()).expect("a known request");
         self.ack(code)
     }
+
+    /// Guest memory (1 MiB) in the memory table and queue 0 started on a [`RawRing`] of
+    /// `size` entries in it.
+    pub fn start_ring(&self, size: u16) -> (crate::virtqueue::DriverMemory, RawRing) {
+        let mut memory = crate::virtqueue::DriverMemory::new(1 << 20);
+        let req = FrontendRequest::SetMemTable {
+            table: vu_proto::payload::MemoryTable {
+                regions: vec![memory.region()],
+            },
+            fds: vec![memory.fd()],
+        };
+        assert_eq!(self.status(&req), 0);
+        let ring = RawRing::new(&mut memory, size);
+        ring.start(self, &memory, 0);
+        (memory, ring)
+    }
 }
 
 /// A ring laid out by hand in driver memory, whose descriptors the test writes raw.

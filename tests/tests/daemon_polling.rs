@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use vu_tests::backends::EchoBackend;
-use vu_tests::daemon_support::{within, Running};
+use vu_tests::daemon_support::{echo_bursts, within, Running};
 use vu_tests::device::{DeviceSetup, TestDevice, DEVICE_TIMEOUT};
 use vu_tests::virtqueue::Buf;
 
@@ -67,19 +67,7 @@ fn kicked_chains_all_complete(event_idx: bool, budget: Duration) {
     let queue = dev.queue(0);
     // More chains than the ring has entries, in bursts: the indexes wrap, windows open and
     // close, and every chain must come back.
-    let mut seen = 0u32;
-    for round in 0..30u8 {
-        for i in 0..5u8 {
-            queue.post_and_kick(&[Buf::Readable(vec![round, i]), Buf::Writable(2)]);
-        }
-        for used in queue.wait_used(5, DEVICE_TIMEOUT) {
-            assert_eq!(used.len, 2);
-            assert_eq!(used.written[0][0], round);
-            seen += 1;
-        }
-    }
-    assert_eq!(seen, 150);
-    assert_eq!(queue.in_flight(), 0);
+    echo_bursts(queue, 30);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! of one and three descriptors, EVENT_IDX on and off, several queues on several workers.
 
 use vu_tests::backends::EchoBackend;
-use vu_tests::daemon_support::Running;
+use vu_tests::daemon_support::{echo_bursts, Running};
 use vu_tests::device::{DeviceSetup, TestDevice, DEVICE_TIMEOUT};
 use vu_tests::virtqueue::Buf;
 
@@ -74,19 +74,7 @@ fn many_chains(event_idx: bool) {
     let mut dev = running.device(&setup);
     let queue = dev.queue(0);
     // More chains than the ring has entries: the indexes wrap around the ring.
-    let mut seen = 0u32;
-    for round in 0..20u8 {
-        for i in 0..5u8 {
-            queue.post_and_kick(&[Buf::Readable(vec![round, i]), Buf::Writable(2)]);
-        }
-        for used in queue.wait_used(5, DEVICE_TIMEOUT) {
-            assert_eq!(used.len, 2);
-            assert_eq!(used.written[0][0], round);
-            seen += 1;
-        }
-    }
-    assert_eq!(seen, 100);
-    assert_eq!(queue.in_flight(), 0);
+    echo_bursts(queue, 20);
 }
 
 #[test]

@@ -14,12 +14,12 @@ use std::time::Duration;
 use vu_backend::DaemonError;
 use vu_proto::header::{Header, HeaderFlags};
 use vu_proto::message::FrontendRequest;
-use vu_proto::payload::{Inflight, MemoryTable};
+use vu_proto::payload::Inflight;
 use vu_proto::request::FrontendReq;
 use vu_tests::daemon_support::within;
 use vu_tests::fdleak::{assert_no_new_fds, open_fds};
 use vu_tests::hostile::{
-    descriptor, Hostile, HostileDaemon, RawRing, DESC_NEXT, DESC_WRITE, HOSTILE_TIMEOUT,
+    descriptor, HostileDaemon, RawRing, DESC_NEXT, DESC_WRITE, HOSTILE_TIMEOUT,
 };
 use vu_tests::virtqueue::DriverMemory;
 
@@ -119,21 +119,6 @@ fn frontend_that_closes_while_replies_are_written_is_forgotten() {
     assert_no_new_fds(&before);
 }
 
-/// Guest memory in the table and queue 0 started on it.
-fn running(fe: &Hostile) -> (DriverMemory, RawRing) {
-    let mut memory = DriverMemory::new(1 << 20);
-    let req = R::SetMemTable {
-        table: MemoryTable {
-            regions: vec![memory.region()],
-        },
-        fds: vec![memory.fd()],
-    };
-    assert_eq!(fe.status(&req), 0);
-    let ring = RawRing::new(&mut memory, 64);
-    ring.start(fe, &memory, 0);
-    (memory, ring)
-}
-
 /// Writes an echo request of `len` bytes into descriptors 0 and 1.
 fn echo_request(memory: &DriverMemory, ring: &RawRing, len: u32) {
     let data = ring.data.0;
@@ -152,7 +137,7 @@ fn frontend_that_vanishes_mid_io_can_reconnect_and_do_io() {
     let daemon = HostileDaemon::serving(Some(HOSTILE_TIMEOUT));
     {
         let fe = daemon.negotiated();
-        let (memory, mut ring) = running(&fe);
+        let (memory, mut ring) = fe.start_ring(64);
         echo_request(&memory, &ring, 0x4000);
         // Keep the device busy, then cut the connection with chains still available.
         for _ in 0..1000 {
@@ -162,7 +147,7 @@ fn frontend_that_vanishes_mid_io_can_reconnect_and_do_io() {
     }
     // A new frontend, new memory, new rings: served as if nothing happened.
     let fe = daemon.negotiated();
-    let (memory, mut ring) = running(&fe);
+    let (memory, mut ring) = fe.start_ring(64);
     echo_request(&memory, &ring, 64);
     let used = ring.used_idx(memory.mem());
     ring.offer(memory.mem(), 0);
@@ -178,7 +163,7 @@ fn panic_in_handle_event_is_reported_and_the_daemon_does_not_hang() {
     let _serial = serial();
     let daemon = HostileDaemon::serving(Some(HOSTILE_TIMEOUT));
     let fe = daemon.negotiated();
-    let (memory, mut ring) = running(&fe);
+    let (memory, mut ring) = fe.start_ring(64);
     echo_request(&memory, &ring, 64);
     daemon.backend.panic.store(true, Ordering::SeqCst);
     ring.offer(memory.mem(), 0);

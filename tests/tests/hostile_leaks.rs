@@ -13,9 +13,8 @@ use vu_proto::message::FrontendRequest;
 use vu_proto::payload::{Inflight, Log, MemoryRegion, MemoryTable, VringState};
 use vu_proto::request::FrontendReq;
 use vu_tests::fdleak::{describe, open_fds};
-use vu_tests::hostile::{rss_bytes, Hostile, HostileDaemon, RawRing, HOSTILE_TIMEOUT, RSS_BOUND};
+use vu_tests::hostile::{rss_bytes, Hostile, HostileDaemon, HOSTILE_TIMEOUT, RSS_BOUND};
 use vu_tests::proto_support::{eventfd, eventfd_fd, memfd};
-use vu_tests::virtqueue::DriverMemory;
 
 type R<'a> = FrontendRequest<BorrowedFd<'a>>;
 
@@ -91,21 +90,6 @@ fn negotiated() -> (HostileDaemon, Hostile) {
     (daemon, fe)
 }
 
-/// Guest memory in the table and queue 0 started on it.
-fn running(fe: &Hostile) -> (DriverMemory, RawRing) {
-    let mut memory = DriverMemory::new(1 << 20);
-    let req = R::SetMemTable {
-        table: MemoryTable {
-            regions: vec![memory.region()],
-        },
-        fds: vec![memory.fd()],
-    };
-    assert_eq!(fe.status(&req), 0);
-    let ring = RawRing::new(&mut memory, 16);
-    ring.start(fe, &memory, 0);
-    (memory, ring)
-}
-
 #[test]
 fn repeated_set_vring_num_stays_flat() {
     let _serial = serial();
@@ -122,7 +106,7 @@ fn repeated_set_vring_num_stays_flat() {
 fn repeated_set_vring_kick_and_call_with_fresh_eventfds_stay_flat() {
     let _serial = serial();
     let (daemon, fe) = negotiated();
-    let (_memory, _ring) = running(&fe);
+    let (_memory, _ring) = fe.start_ring(16);
     stays_flat("SET_VRING_KICK/CALL", |_| {
         let kick = eventfd();
         let req = R::SetVringKick {
@@ -263,7 +247,7 @@ fn repeated_connections_stay_flat() {
     };
     stays_flat_settled("connect/negotiate/disconnect", settle, |_| {
         let fe = daemon.negotiated();
-        let (_memory, _ring) = running(&fe);
+        let (_memory, _ring) = fe.start_ring(16);
         drop(fe);
     });
     daemon.stop();

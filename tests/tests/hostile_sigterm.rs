@@ -8,23 +8,16 @@
 //! binary instead would need its path, which cargo does not give to another package's tests.
 //! This binary holds this one test, because a signal handler is process-wide.
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
-use vu_proto::message::FrontendRequest;
-use vu_proto::payload::MemoryTable;
 use vu_tests::daemon_support::within;
 use vu_tests::fdleak::{assert_no_new_fds, open_fds};
-use vu_tests::hostile::{
-    descriptor, HostileDaemon, RawRing, DESC_NEXT, DESC_WRITE, HOSTILE_TIMEOUT,
-};
-use vu_tests::virtqueue::{wait_readable, DriverMemory};
-
-type R<'a> = FrontendRequest<BorrowedFd<'a>>;
+use vu_tests::hostile::{descriptor, HostileDaemon, DESC_NEXT, DESC_WRITE, HOSTILE_TIMEOUT};
+use vu_tests::virtqueue::wait_readable;
 
 /// Written by the signal handler.
 static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
@@ -58,16 +51,7 @@ fn sigterm_during_traffic_stops_the_daemon_cleanly() {
     // Traffic: the guest posts requests as fast as the device completes them, until the
     // connection dies.
     let fe = daemon.negotiated();
-    let mut memory = DriverMemory::new(1 << 20);
-    let req = R::SetMemTable {
-        table: MemoryTable {
-            regions: vec![memory.region()],
-        },
-        fds: vec![memory.fd()],
-    };
-    assert_eq!(fe.status(&req), 0);
-    let mut ring = RawRing::new(&mut memory, 64);
-    ring.start(&fe, &memory, 0);
+    let (memory, mut ring) = fe.start_ring(64);
     let data = ring.data.0;
     ring.write_desc(memory.mem(), 0, descriptor(data, 4096, DESC_NEXT, 1));
     ring.write_desc(
