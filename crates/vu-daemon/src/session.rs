@@ -15,8 +15,9 @@
 //!
 //! - a request whose reply can carry a failure gets that failure: the REPLY_ACK `u64` 1 when
 //!   the frontend set NEED_REPLY, an empty `GET_CONFIG` reply, a non-zero `u64` for
-//!   `SET_LOG_BASE`, `CHECK_DEVICE_STATE`, `GET_SHARED_OBJECT` and `POSTCOPY_END`, the error
-//!   code of `SET_DEVICE_STATE_FD`, a zero-sized inflight area for `GET_INFLIGHT_FD`, an empty
+//!   `SET_LOG_BASE` (once LOG_SHMFD is negotiated; before, it has no reply),
+//!   `CHECK_DEVICE_STATE`, `GET_SHARED_OBJECT` and `POSTCOPY_END`, the error code of
+//!   `SET_DEVICE_STATE_FD`, a zero-sized inflight area for `GET_INFLIGHT_FD`, an empty
 //!   shared memory configuration for `GET_SHMEM_CONFIG`, no fd for `POSTCOPY_ADVISE`;
 //! - a request without NEED_REPLY whose reply is optional gets nothing (the error is logged);
 //! - a request that always gets a reply which cannot say "failed" (`GET_VRING_BASE`,
@@ -341,7 +342,7 @@ where
     fn refuse(&self, hdr: &Header, req: Option<FrontendReq>, err: SessionError) -> Outcome {
         let failure = match (&err, req) {
             (SessionError::FeatureCombination { .. }, _) => Failure::Close,
-            (_, Some(req)) => failure_reply(hdr, req, self.postcopy_listening()),
+            (_, Some(req)) => failure_reply(hdr, req, self.postcopy_listening(), self.log_shmfd()),
             (_, None) if hdr.needs_reply() => Failure::Reply(Reply::u64(hdr, FAILURE)),
             (_, None) => Failure::Silent,
         };
@@ -375,6 +376,11 @@ where
     #[cfg(not(feature = "postcopy"))]
     fn postcopy_listening(&self) -> bool {
         false
+    }
+
+    /// Whether LOG_SHMFD was acknowledged: only then does `SET_LOG_BASE` get a reply.
+    fn log_shmfd(&self) -> bool {
+        self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD)
     }
 
     /// Whether `VHOST_USER_F_PROTOCOL_FEATURES` is negotiated (see the module documentation).
@@ -691,9 +697,19 @@ enum Failure {
 /// How a refusal of `req` is answered: the request's own reply in its failure form where it
 /// has one, a REPLY_ACK failure where the frontend asked for one, nothing or a close
 /// otherwise.
-fn failure_reply(hdr: &Header, req: FrontendReq, postcopy_listening: bool) -> Failure {
+///
+/// `SET_LOG_BASE` has a reply only "if `VHOST_USER_PROTOCOL_F_LOG_SHMFD`": without it QEMU
+/// sends no fd and reads no reply, so the refusal follows the REPLY_ACK rule instead.
+fn failure_reply(
+    hdr: &Header,
+    req: FrontendReq,
+    postcopy_listening: bool,
+    log_shmfd: bool,
+) -> Failure {
     let fail_u64 = || Failure::Reply(Reply::u64(hdr, FAILURE));
     match req {
+        FrontendReq::SetLogBase if !log_shmfd && hdr.needs_reply() => fail_u64(),
+        FrontendReq::SetLogBase if !log_shmfd => Failure::Silent,
         FrontendReq::SetLogBase
         | FrontendReq::CheckDeviceState
         | FrontendReq::GetSharedObject

@@ -713,10 +713,22 @@ fn add_mem_reg_before_configure_mem_slots_is_refused() {
     f.ok(mem_table(&[(0, MEM_SIZE)]));
 }
 
+/// QEMU's SET_LOG_BASE without LOG_SHMFD: the log payload, no fd, no NEED_REPLY.
+fn set_log_base_without_fd(flags: HeaderFlags) -> RawMessage {
+    let mut body = 0x1000u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    raw(FrontendReq::SetLogBase.code().0, flags, body, Vec::new())
+}
+
+/// "Most of the requests don't require replies, except for ... `VHOST_USER_SET_LOG_BASE`
+/// (if `VHOST_USER_PROTOCOL_F_LOG_SHMFD`)": QEMU reads a reply only then, so an unasked
+/// failure value would be taken as the reply to its next request.
 #[test]
-fn set_log_base_before_log_shmfd_gets_a_failure_value() {
+fn set_log_base_without_log_shmfd_gets_no_reply() {
     let mut f = Fixture::new();
     f.negotiate(ProtocolFeatures::REPLY_ACK);
+    let outcome = f.raw(set_log_base_without_fd(HeaderFlags::empty()));
+    assert!(outcome.reply.is_none() && !outcome.close);
     let outcome = f.send(
         FrontendRequest::SetLogBase {
             log: Log {
@@ -727,7 +739,21 @@ fn set_log_base_before_log_shmfd_gets_a_failure_value() {
         },
         HeaderFlags::empty(),
     );
-    assert_refused(&outcome);
+    assert!(outcome.reply.is_none() && !outcome.close);
+}
+
+#[test]
+fn set_log_base_without_log_shmfd_with_need_reply_gets_an_ack_failure() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    assert_refused(&f.raw(set_log_base_without_fd(HeaderFlags::NEED_REPLY)));
+}
+
+#[test]
+fn set_log_base_refused_with_log_shmfd_gets_a_failure_value() {
+    let mut f = Fixture::negotiated();
+    // No fd: the frontend negotiated LOG_SHMFD and waits for the reply all the same.
+    assert_refused(&f.raw(set_log_base_without_fd(HeaderFlags::empty())));
 }
 
 #[test]
