@@ -510,8 +510,16 @@ where
         Ok(())
     }
 
+    /// "This request should be sent only when `VHOST_USER_PROTOCOL_F_MQ` is set in queried
+    /// protocol features": offered, not necessarily acknowledged.
     fn handle_get_queue_num(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
-        self.require(FrontendReq::GetQueueNum, ProtocolFeatures::MQ)?;
+        if !self.offers_protocol_features() || !self.offered_protocol.contains(ProtocolFeatures::MQ)
+        {
+            return Err(unsupported(
+                FrontendReq::GetQueueNum,
+                "the backend does not offer protocol feature MQ",
+            ));
+        }
         Ok(Reply::u64(hdr, self.vrings.len() as u64))
     }
 

@@ -756,9 +756,18 @@ fn set_log_base_refused_with_log_shmfd_gets_a_failure_value() {
     assert_refused(&f.raw(set_log_base_without_fd(HeaderFlags::empty())));
 }
 
+/// "This request should be sent only when `VHOST_USER_PROTOCOL_F_MQ` is set in queried
+/// protocol features by `VHOST_USER_GET_PROTOCOL_FEATURES`": offered is enough.
 #[test]
-fn get_queue_num_before_mq_closes() {
+fn get_queue_num_with_mq_offered_but_not_acknowledged_is_answered() {
     let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    assert_eq!(ack(&f.ask(FrontendRequest::GetQueueNum)), NUM_QUEUES as u64);
+}
+
+#[test]
+fn get_queue_num_without_mq_offered_closes() {
+    let mut f = Fixture::with(FEATURES, protocol() - ProtocolFeatures::MQ);
     f.negotiate(ProtocolFeatures::REPLY_ACK);
     assert_closed(&f.ask(FrontendRequest::GetQueueNum));
 }
