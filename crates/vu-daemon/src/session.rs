@@ -452,8 +452,18 @@ where
         Ok(())
     }
 
+    /// "Only valid if the `VHOST_USER_PROTOCOL_F_RESET_DEVICE` protocol feature is set by the
+    /// back-end": offered, not necessarily acknowledged.
     fn handle_reset_device(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
-        self.require(FrontendReq::ResetDevice, ProtocolFeatures::RESET_DEVICE)?;
+        if !self
+            .offered_protocol
+            .contains(ProtocolFeatures::RESET_DEVICE)
+        {
+            return Err(unsupported(
+                FrontendReq::ResetDevice,
+                "the backend does not offer protocol feature RESET_DEVICE",
+            ));
+        }
         self.reset_device_state(ctl);
         Ok(())
     }

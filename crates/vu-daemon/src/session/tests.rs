@@ -1067,9 +1067,19 @@ fn reset_device_resets_rings_and_device() {
     assert!(f.session.owner);
 }
 
+/// "Only valid if the `VHOST_USER_PROTOCOL_F_RESET_DEVICE` protocol feature is set by the
+/// back-end": offered is enough.
 #[test]
-fn reset_device_without_the_feature_is_refused() {
+fn reset_device_offered_but_not_acknowledged_is_accepted() {
     let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::REPLY_ACK);
+    f.ok(FrontendRequest::ResetDevice);
+    assert_eq!(lock(&f.rec).resets, 1);
+}
+
+#[test]
+fn reset_device_without_the_feature_offered_is_refused() {
+    let mut f = Fixture::with(FEATURES, protocol() - ProtocolFeatures::RESET_DEVICE);
     f.negotiate(ProtocolFeatures::REPLY_ACK);
     assert_refused(&f.ask(FrontendRequest::ResetDevice));
     assert_eq!(lock(&f.rec).resets, 0);
