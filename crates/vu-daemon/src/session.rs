@@ -48,8 +48,21 @@
 //! - `RESET_OWNER` (deprecated) and `RESET_DEVICE` stop and reset every ring, reset the
 //!   device and forget the acknowledged virtio features; the protocol features and the memory
 //!   table stay, so REPLY_ACK keeps working. A disconnect forgets everything.
-//! - `SET_STATUS` stores the status for `GET_STATUS`; it does not reset the device on 0
-//!   (QEMU sends `RESET_DEVICE` for that).
+//! - `SET_STATUS` stores the status for `GET_STATUS`; it does not reset the device on 0:
+//!   QEMU sends `SET_STATUS` 0 when it stops the device, before the `GET_VRING_BASE`s that
+//!   must still return the ring indices (hw/virtio/vhost.c `vhost_dev_stop`), and a reset
+//!   comes as `RESET_DEVICE`.
+//! - Protocol-feature gates follow the spec's words: `GET_QUEUE_NUM` and `RESET_DEVICE` need
+//!   their feature offered ("set in queried protocol features", "set by the back-end"); the
+//!   other gated requests need it acknowledged. `SET_BACKEND_REQ_FD` too, although the spec
+//!   asks only for BACKEND_REQ offered: what the channel may carry depends on the
+//!   acknowledged features, and QEMU sends the fd only once BACKEND_REQ is acknowledged.
+//! - NEED_REPLY is answered whether or not REPLY_ACK was negotiated, as libvhost-user does:
+//!   QEMU sets it on `POSTCOPY_LISTEN` unconditionally.
+//! - `SET_VRING_*` on a started ring is applied and the ring stays started ("the back-end
+//!   must support changing some configuration aspects on the fly"): QEMU re-sends
+//!   `SET_VRING_ADDR` with the log flag to running rings to start dirty logging, and
+//!   `SET_VRING_CALL` when it masks or unmasks a queue's interrupt.
 //! - Protocol features the session itself cannot serve are removed from the backend's offer:
 //!   RARP, MTU, CROSS_ENDIAN, CRYPTO_SESSION, GET_VRING_BASE_INFLIGHT, PAGEFAULT without the
 //!   `postcopy` feature and XEN_MMAP without `xen`.

@@ -1027,6 +1027,36 @@ fn set_vring_addr_with_log_flag_sets_the_used_ring_log() {
     assert_eq!(f.vring(0).log_used().map(|r| r.start), Some(0x8000));
 }
 
+/// QEMU turns dirty logging on for a running device by re-sending `SET_VRING_ADDR` with
+/// `VHOST_VRING_F_LOG` to started rings (hw/virtio/vhost.c `vhost_dev_set_log`), with
+/// NEED_REPLY: "the back-end must support changing some configuration aspects on the fly".
+#[cfg(not(feature = "xen"))]
+#[test]
+fn set_vring_addr_with_log_flag_on_a_started_ring_keeps_it_started() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    f.ok(FrontendRequest::SetVringEnable(VringEnable {
+        index: 0,
+        enable: true,
+    }));
+    f.ok(FrontendRequest::SetVringAddr(ring_addr(
+        0,
+        VringAddrFlags::LOG,
+    )));
+    assert_eq!(f.vring(0).log_used().map(|r| r.start), Some(0x8000));
+    assert_eq!(f.vring(0).ring_state(), RingState::Enabled);
+    assert!(f.vring(0).get_ref().get_kick().is_some());
+}
+
+/// NEED_REPLY is answered whether or not REPLY_ACK was negotiated: QEMU sets it on
+/// `POSTCOPY_LISTEN` unconditionally.
+#[test]
+fn need_reply_is_answered_without_reply_ack_negotiated() {
+    let mut f = Fixture::new();
+    f.negotiate(ProtocolFeatures::empty());
+    f.ok(FrontendRequest::SetOwner);
+}
+
 #[test]
 fn get_queue_num_replies_the_number_of_queues() {
     let mut f = Fixture::negotiated();
