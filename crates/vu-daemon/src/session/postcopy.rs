@@ -59,9 +59,21 @@ where
         Ok(Reply::new(hdr, &Empty, vec![fd]))
     }
 
+    /// "The back-end must ensure that shared memory is registered with userfaultfd": memory
+    /// mapped before LISTEN was not registered, and QEMU never learned its local base to
+    /// resolve faults, so LISTEN with a table in place is refused (as libvhost-user does).
+    /// QEMU sends the destination's table only after LISTEN.
     pub(super) fn handle_postcopy_listen(&mut self) -> Result<(), SessionError> {
         let request = FrontendReq::PostcopyListen;
         self.require(request, ProtocolFeatures::PAGEFAULT)?;
+        if self.mem.num_regions() > 0 {
+            return Err(Self::postcopy_err(request)(
+                crate::postcopy::PostcopyError::State(
+                    "POSTCOPY_LISTEN with guest memory already mapped, which was never \
+                     registered with the userfaultfd",
+                ),
+            ));
+        }
         self.postcopy.listen().map_err(Self::postcopy_err(request))
     }
 

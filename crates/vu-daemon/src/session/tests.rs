@@ -1558,6 +1558,20 @@ mod postcopy {
         assert_refused(&f.ask(FrontendRequest::PostcopyListen));
     }
 
+    /// LISTEN must leave guest memory registered with the userfaultfd, but a region mapped
+    /// before it was never registered, and QEMU never learned its local base to resolve
+    /// faults: refused, as libvhost-user refuses it, rather than let the device read pages
+    /// that have not arrived yet.
+    #[test]
+    fn postcopy_listen_with_memory_already_mapped_is_refused() {
+        let mut f = Fixture::negotiated();
+        f.ok(mem_table(&[(0, MEM_SIZE)]));
+        let _uffd = f.ask(FrontendRequest::PostcopyAdvise).reply.unwrap().fds;
+        assert_refused(&f.ask(FrontendRequest::PostcopyListen));
+        let outcome = f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
+        assert!(outcome.reply.is_none() && !outcome.close);
+    }
+
     /// Advise and listen; the test keeps the userfaultfd.
     fn listening() -> (Fixture, OwnedFd) {
         let mut f = Fixture::negotiated();
