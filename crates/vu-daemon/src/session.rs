@@ -17,8 +17,10 @@
 //!   the frontend set NEED_REPLY, an empty `GET_CONFIG` reply, a non-zero `u64` for
 //!   `SET_LOG_BASE` (once LOG_SHMFD is negotiated; before, it has no reply),
 //!   `CHECK_DEVICE_STATE`, `GET_SHARED_OBJECT` and `POSTCOPY_END`, the error code of
-//!   `SET_DEVICE_STATE_FD`, a zero-sized inflight area for `GET_INFLIGHT_FD`, an empty
-//!   shared memory configuration for `GET_SHMEM_CONFIG`, no fd for `POSTCOPY_ADVISE`;
+//!   `SET_DEVICE_STATE_FD`, a zero-sized inflight area for `GET_INFLIGHT_FD` (even without
+//!   INFLIGHT_SHMFD negotiated: unlike `SET_LOG_BASE`, no frontend sends it then without
+//!   waiting for the area), an empty shared memory configuration for `GET_SHMEM_CONFIG`,
+//!   no fd for `POSTCOPY_ADVISE`;
 //! - a request without NEED_REPLY whose reply is optional gets nothing (the error is logged);
 //! - a request that always gets a reply which cannot say "failed" (`GET_VRING_BASE`,
 //!   `GET_QUEUE_NUM`, `GET_PROTOCOL_FEATURES`, ...) closes the connection: the frontend waits
@@ -63,6 +65,10 @@
 //!   must support changing some configuration aspects on the fly"): QEMU re-sends
 //!   `SET_VRING_ADDR` with the log flag to running rings to start dirty logging, and
 //!   `SET_VRING_CALL` when it masks or unmasks a queue's interrupt.
+//! - `SET_CONFIG` hands the backend the offset and the bytes, not the flags: the spec's "MUST
+//!   NOT accept SET_CONFIG for read-only configuration space fields unless the live
+//!   migration bit is set" is the backend's to keep, and it cannot yet tell a migration
+//!   write from a guest write.
 //! - Protocol features the session itself cannot serve are removed from the backend's offer:
 //!   RARP, MTU, CROSS_ENDIAN, CRYPTO_SESSION, GET_VRING_BASE_INFLIGHT, PAGEFAULT without the
 //!   `postcopy` feature and XEN_MMAP without `xen`.
