@@ -105,6 +105,10 @@ use memory::InflightArea;
 /// The failure value of a REPLY_ACK and of the `u64` replies: "non-zero on failure".
 const FAILURE: u64 = 1;
 
+/// Ring features never offered to a frontend, even when the backend's `features` include them:
+/// the vrings (virtio-queue's split ring) cannot serve a packed ring.
+pub(crate) const UNSUPPORTED_RING_FEATURES: VirtioFeatures = VirtioFeatures::RING_PACKED;
+
 /// Ring features the framework implements on every vring whether or not the backend offered
 /// them, and so honours when a frontend acknowledges them unoffered (see the module docs).
 pub const FRAMEWORK_RING_FEATURES: VirtioFeatures =
@@ -290,7 +294,7 @@ where
     ) -> Result<Option<Reply>, SessionError> {
         use FrontendRequest as R;
         match request {
-            R::GetFeatures => Ok(Some(Reply::u64(hdr, self.backend.features()))),
+            R::GetFeatures => Ok(Some(Reply::u64(hdr, self.offered_features()))),
             R::SetFeatures(features) => self.handle_set_features(features).map(none),
             R::SetOwner => self.handle_set_owner().map(none),
             R::ResetOwner => self.handle_reset_owner(ctl).map(none),
@@ -416,13 +420,19 @@ where
         }
     }
 
+    /// The virtio features offered to the frontend: the backend's, less the ring layouts the
+    /// vrings cannot serve ([`UNSUPPORTED_RING_FEATURES`]).
+    fn offered_features(&self) -> u64 {
+        self.backend.features() & !UNSUPPORTED_RING_FEATURES.bits()
+    }
+
     /// Whether the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`.
     fn offers_protocol_features(&self) -> bool {
-        self.backend.features() & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+        self.offered_features() & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
     fn handle_set_features(&mut self, features: VirtioFeatures) -> Result<(), SessionError> {
-        let offered = self.backend.features();
+        let offered = self.offered_features();
         let requested = features.bits();
         let masked = requested & (offered | FRAMEWORK_RING_FEATURES.bits());
         if requested & !offered != 0 && !self.warned_unoffered {

@@ -523,6 +523,23 @@ fn set_features_honours_unoffered_ring_features_and_drops_the_rest() {
     assert_eq!(f.session.acked_features, in_force.bits());
 }
 
+/// vu-vring serves split rings only: a backend offering RING_PACKED must not get it negotiated.
+#[test]
+fn packed_ring_is_never_offered() {
+    let offered =
+        VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES | VirtioFeatures::RING_PACKED;
+    let mut f = Fixture::with(offered.bits(), protocol());
+    assert_eq!(
+        ack(&f.ask(FrontendRequest::GetFeatures)),
+        (VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES).bits()
+    );
+    f.ok(FrontendRequest::SetFeatures(offered));
+    assert_eq!(
+        lock(&f.rec).acked,
+        Some((VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES).bits())
+    );
+}
+
 #[test]
 fn set_features_drops_unoffered_device_bits() {
     let offered = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
