@@ -17,7 +17,8 @@
 //!
 //! `cargo xtask bench` builds `vu_null` and runs this; see docs/performance.md. Options:
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
-//! `--runs N`, `--no-callgrind`, `--vu-null PATH`.
+//! `--runs N`, `--no-callgrind`, `--handshake-only`, `--depth N` (only the cells of that depth,
+//! then only the throughput, floor and handshake tables), `--vu-null PATH`.
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -196,6 +197,9 @@ struct Options {
     run_time: Duration,
     callgrind: bool,
     smoke: bool,
+    handshake_only: bool,
+    /// Only cells of this depth (`--depth N`).
+    depth: Option<usize>,
     vu_null: PathBuf,
 }
 
@@ -696,7 +700,10 @@ fn cells(opts: &Options) -> Vec<Cell> {
     let mut cells = Vec::new();
     let depths: &[usize] = if opts.smoke { &[1, 32] } else { &[1, 32, 128] };
     for placement in [Placement::OneCpu, Placement::TwoCpus] {
-        for &depth in depths {
+        for &depth in depths
+            .iter()
+            .filter(|&&d| opts.depth.is_none_or(|o| o == d))
+        {
             for descs in [1, 3] {
                 for event_idx in [true, false] {
                     cells.push(Cell {
@@ -760,7 +767,10 @@ fn run(opts: &Options) {
     }
     floor_table(opts, &cells, &samples);
     handshakes(opts, &cells, &samples);
-
+    if opts.depth.is_some() {
+        // A partial matrix: the other tables are not asked for.
+        return;
+    }
     polling(opts);
     footprint(opts);
     if opts.callgrind {
@@ -816,6 +826,45 @@ fn handshakes(opts: &Options, cells: &[Cell], samples: &[[Vec<Sample>; 2]]) {
         let floor: Vec<f64> = (0..opts.runs.max(5))
             .map(|_| echo_floor(opts, placement).as_secs_f64() * 1e6)
             .collect();
+        let [vu, rf] = times.map(median);
+        println!(
+            "| {} | {vu:.0} µs | {rf:.0} µs | {:.2} | {:.0} µs |",
+            placement.name(),
+            vu / rf,
+            median(floor)
+        );
+    }
+}
+
+/// `--handshake-only`: the handshake table alone, from `5 * runs` interleaved connections
+/// per backend and placement (no data path).
+fn handshake_only(opts: &Options) {
+    pin_self(0);
+    println!("\n### Handshake (SET_OWNER to ring enabled, REPLY_ACK on every message; medians of {} connections)\n", 5 * opts.runs);
+    println!("| placement | vu | ref | vu/ref | {HANDSHAKE_ROUND_TRIPS} bare socket round trips |");
+    println!("|---|---|---|---|---|");
+    let chain = [Segment {
+        len: 64,
+        writable: true,
+    }];
+    for placement in [Placement::OneCpu, Placement::TwoCpus] {
+        let mut times: [Vec<f64>; 2] = [vec![], vec![]];
+        let mut floor = Vec::new();
+        for i in 0..5 * opts.runs {
+            let order = if i % 2 == 0 {
+                [Impl::Vu, Impl::Ref]
+            } else {
+                [Impl::Ref, Impl::Vu]
+            };
+            for which in order {
+                let backend = Backend::spawn(opts, which, placement.backend_cpu(), &[], None);
+                let (device, t) = handshake(&backend.path, true, &chain);
+                times[which as usize].push(t.as_secs_f64() * 1e6);
+                drop(device);
+                backend.finish();
+            }
+            floor.push(echo_floor(opts, placement).as_secs_f64() * 1e6);
+        }
         let [vu, rf] = times.map(median);
         println!(
             "| {} | {vu:.0} µs | {rf:.0} µs | {:.2} | {:.0} µs |",
@@ -933,6 +982,8 @@ fn main() -> ExitCode {
         run_time: Duration::from_millis(250),
         callgrind: true,
         smoke: false,
+        handshake_only: false,
+        depth: None,
         vu_null: default_vu_null(),
     };
     let mut words = args.iter();
@@ -955,6 +1006,16 @@ fn main() -> ExitCode {
                     .expect("--runs N");
             }
             "--no-callgrind" => opts.callgrind = false,
+            "--handshake-only" => opts.handshake_only = true,
+            "--depth" => {
+                opts.depth = Some(
+                    words
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n > 0)
+                        .expect("--depth N"),
+                );
+            }
             "--vu-null" => opts.vu_null = PathBuf::from(words.next().expect("--vu-null PATH")),
             // Passed by `cargo bench`.
             "--bench" => {}
@@ -976,6 +1037,10 @@ fn main() -> ExitCode {
         opts.callgrind = false;
     }
     print_machine();
+    if opts.handshake_only {
+        handshake_only(&opts);
+        return ExitCode::SUCCESS;
+    }
     run(&opts);
     ExitCode::SUCCESS
 }

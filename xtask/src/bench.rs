@@ -1,20 +1,23 @@
 //! `cargo xtask bench`: the data-path benchmark. Builds the `vu_null` example, then runs the
 //! `datapath` bench of `vu-tests` (tests/benches/datapath.rs), which drives `vu_null` and a null
-//! device on rust-vmm's vhost-user-backend with one virtqueue driver and prints the tables of
-//! docs/performance.md. Timings never gate anything: this is not a `ci` step.
+//! device on rust-vmm's vhost-user-backend with one virtqueue driver (the lean driver of
+//! `vu-tests`) and prints the tables of docs/performance.md, the in-memory floor among them.
+//! Timings never gate anything: this is not a `ci` step.
 
 use std::process::ExitCode;
 
 use crate::cmd::Cmd;
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
+usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind] [--handshake-only]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts (about 10 minutes)
   --quick         3 runs of 100 ms per cell
   --smoke         one tiny run of everything: checks that the harness works end to end
   --runs N        this many interleaved runs per cell
   --no-callgrind  skip the instruction counts (valgrind)
+  --handshake-only
+                  only the handshake table, from 5 x runs interleaved connections per backend
 ";
 
 /// Runs the task with its own arguments (those after `bench`).
@@ -23,7 +26,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
-            "--quick" | "--smoke" | "--no-callgrind" => pass.push(word),
+            "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" => pass.push(word),
             "--runs" => match words.next() {
                 Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
                     pass.extend(["--runs", n.as_str()]);
