@@ -73,7 +73,7 @@ pub enum SessionError {
         request: FrontendReq,
         /// The queue.
         queue: u16,
-        /// What the fd is, as `/proc/self/fd` names it.
+        /// What the fd is: its file type, device and inode.
         kind: String,
     },
     /// A queue size that does not fit in 16 bits (the vring refuses other bad sizes).
