@@ -610,7 +610,9 @@ fn message_loop<S: VhostUserBackend>(
     // The thread blocks in recvmsg(2) itself, not in epoll: one system call less per message.
     // A stop shuts the socket down (`StopSignal::request`), which wakes the read with an end
     // of file; a read timeout with nothing of a message read is not an error (`Ok(None)`), so
-    // an idle frontend is never dropped, and the loop looks at the stop flag again.
+    // an idle frontend is never dropped, and the loop looks at the stop flag again. `prepare`
+    // turns read-ahead on: a message already buffered is served without a system call, but
+    // only after the stop flag was looked at, so buffered messages never outlive a stop.
     loop {
         if shared.signal.is_stopping() {
             return Ok(ConnEnd::Stopped);

@@ -117,8 +117,13 @@ pub(crate) enum ConnEnd {
     Stopped,
 }
 
-/// Prepares an accepted or connected socket for serving: blocking, with a per-message timeout.
+/// Prepares an accepted or connected socket for serving: blocking, with a per-message timeout,
+/// and with read-ahead, so that a message takes one `recvmsg` instead of two and messages the
+/// frontend sends back to back arrive together. A reader that waits for readiness before a
+/// message must then also serve the messages already read ahead
+/// ([`Endpoint::has_buffered_bytes`]): they leave nothing for the socket to report.
 pub(crate) fn prepare(endpoint: &Endpoint, timeout: Option<Duration>) -> Result<(), SocketError> {
+    endpoint.set_read_ahead(true);
     endpoint.set_nonblocking(false)?;
     endpoint.set_read_timeout(timeout)?;
     endpoint.set_write_timeout(timeout)

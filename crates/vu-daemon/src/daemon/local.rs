@@ -24,6 +24,9 @@ use crate::worker::{call_backend, KickTable};
 /// The data value of the listening socket in the epoll set.
 const LISTENER_DATA: u64 = u64::MAX - 2;
 
+/// The most events one epoll wait returns.
+const MAX_EVENTS: usize = 64;
+
 /// A ring operation the session asked for while handling a message, applied right after
 /// (the session holds the vrings while it handles the message, and on one thread nothing
 /// dispatches in between, so "quiesce" always holds).
@@ -270,9 +273,17 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
             listening = true;
         }
         let num_queues = self.session.vrings().len() as u64;
-        let mut events = vec![EpollEvent::default(); 64];
+        // One slot more than a wait fills, for the socket event of a message read ahead.
+        let mut events = vec![EpollEvent::default(); MAX_EVENTS + 1];
         let result = 'serve: loop {
-            let n = match self.poller.wait(&mut events, None) {
+            // The connection reads ahead (`prepare`): a message already in its buffer leaves
+            // nothing for epoll to report. Then the wait only polls, and the socket is served
+            // as if it were readable, one message a round, so that kicks and the stop event
+            // are looked at between two buffered messages. A message only partly buffered is
+            // completed by the endpoint's blocking read, within the message timeout.
+            let buffered = conn.as_ref().is_some_and(Endpoint::has_buffered_bytes);
+            let timeout = buffered.then_some(Duration::ZERO);
+            let mut n = match self.poller.wait(&mut events[..MAX_EVENTS], timeout) {
                 Ok(n) => n,
                 Err(source) => {
                     break 'serve Err(DaemonError::Epoll {
@@ -281,6 +292,13 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
                     })
                 }
             };
+            if buffered && !events[..n].iter().any(|e| e.data() == SOCKET_DATA) {
+                // The wait filled at most MAX_EVENTS slots, so the slot after them exists.
+                if let Some(slot) = events.get_mut(n) {
+                    *slot = EpollEvent::new(EventSet::IN, SOCKET_DATA);
+                    n += 1;
+                }
+            }
             for event in &events[..n] {
                 let data = event.data();
                 let evset = event.event_set();
