@@ -20,7 +20,7 @@
 //! Measured against a device that signals after every chain, one decision per pass is what
 //! takes a queue from one interrupt per request to one per batch (see docs/performance.md).
 
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestAddressSpace;
 use vu_vring::{Error, VringT};
 
@@ -32,7 +32,8 @@ use vu_vring::{Error, VringT};
 /// notifications while it works:
 ///
 /// 1. ask the driver not to kick (`VRING_USED_F_NO_NOTIFY`; with EVENT_IDX nothing to do);
-/// 2. pop each available chain, call `serve`, put it in the used ring;
+/// 2. pop each available chain, call `serve`, put it in the used ring
+///    ([`VringData::serve_available`](vu_vring::VringData::serve_available));
 /// 3. decide once whether the driver wants an interrupt for the entries of this pass
 ///    ([`VringData::signal_used_queue_if_needed`](vu_vring::VringData::signal_used_queue_if_needed))
 ///    and write the call eventfd at most once;
@@ -58,15 +59,8 @@ where
     let mut completed = 0;
     loop {
         data.disable_notification()?;
-        while let Some(chain) = data.get_queue_mut().pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = serve(chain);
-            // Entries added through the queue count for the next interrupt decision too.
-            data.get_queue_mut()
-                .add_used(mem, head, len)
-                .map_err(|source| Error::AddUsed { head, source })?;
-            completed += 1;
-        }
+        // Entries added here count for the interrupt decision below too.
+        completed += data.serve_available(mem, &mut serve)?;
         data.signal_used_queue_if_needed()?;
         if !data.enable_notification()? {
             return Ok(completed);

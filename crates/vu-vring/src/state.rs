@@ -8,7 +8,8 @@ use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::bitmap::{BitmapSlice, BS};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
 use crate::error::{Error, RingPart};
 
@@ -27,6 +28,8 @@ const AVAIL_HEADER: u64 = 4;
 const AVAIL_ELEM: u64 = 2;
 /// The used ring header: `flags: u16`, `idx: u16`.
 const USED_HEADER: u64 = 4;
+/// Offset of the used ring's `idx: u16`, after `flags: u16`.
+const USED_IDX: usize = 2;
 /// Size of one used element: `id: u32`, `len: u32`.
 const USED_ELEM: u64 = 8;
 /// The trailing `avail_event: u16` of the used ring.
@@ -160,6 +163,38 @@ impl<M: GuestAddressSpace> VringData<M> {
             added += 1;
         }
         Ok(added)
+    }
+
+    /// Pops every chain available now, hands each to `serve` and puts it into the used ring
+    /// with the length `serve` returns (the bytes it wrote), publishing the used index after
+    /// each; returns how many chains were completed. `mem` is the memory snapshot the chains
+    /// borrow (normally `self.mem().memory()`, taken once by the caller).
+    ///
+    /// This is the inner loop of vu-daemon's `process_queue`: it does not touch notifications
+    /// in either direction. The used ring is translated to host memory once per call, so each
+    /// completion is three stores rather than two guest-memory walks; a ring that does not lie
+    /// in one guest memory region is written entry by entry through virtio-queue instead, with
+    /// the same results and errors. A head index past the queue size is refused with
+    /// [`Error::AddUsed`], as `Queue::add_used` refuses it. On error, the chains completed
+    /// before it stay completed.
+    ///
+    /// Decide on the interrupt with [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)
+    /// (or [`needs_notification`](Self::needs_notification)), which see these entries through
+    /// `next_used`; virtio-queue's `Queue::needs_notification` only counts the entries added
+    /// through its own `add_used`, and so does not see the ones written here.
+    pub fn serve_available<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
+    where
+        F: FnMut(DescriptorChain<&M::M>) -> u32,
+    {
+        let ring = used_ring_slice(&self.queue, mem);
+        let mut completed = 0;
+        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
+            completed += 1;
+        }
+        Ok(completed)
     }
 
     /// Writes the call eventfd, telling the frontend that the used ring has new entries.
@@ -466,6 +501,63 @@ impl<M: GuestAddressSpace> VringData<M> {
             .map(u16::from_le)
             .map_err(|source| Error::GuestMemory { addr, source })
     }
+}
+
+/// The used ring's header and `size` elements as one host slice, when the whole range lies in
+/// one guest memory region; `None` otherwise (the caller then writes through virtio-queue,
+/// which reports a bad ring). A misaligned ring fails the first, 4-byte, store of
+/// [`put_used`] before anything is written, and takes the same way.
+fn used_ring_slice<'m, G>(queue: &Queue, mem: &'m G) -> Option<VolatileSlice<'m, BS<'m, G::Bitmap>>>
+where
+    G: GuestMemory + ?Sized,
+{
+    let len = USED_HEADER.checked_add(USED_ELEM.checked_mul(u64::from(queue.size()))?)?;
+    let len = usize::try_from(len).ok()?;
+    let addr = GuestAddress(queue.used_ring());
+    let mut slices = GuestMemory::get_slices(mem, addr, len, Permissions::Write).ok()?;
+    let ring = slices.next()?.ok()?;
+    (ring.len() == len).then_some(ring)
+}
+
+/// Writes the used element `(head, len)` at `next_used` and publishes `next_used + 1` as the
+/// used index, like `Queue::add_used`: the element first, then the index with `Release`, so a
+/// driver that sees the index sees the element. Through `ring` (from [`used_ring_slice`]) when
+/// there is one; otherwise, or for a head index past the queue size, through
+/// `Queue::add_used`, which does the same with a guest-memory walk per field and produces the
+/// errors. Stores through a [`VolatileSlice`] mark the dirty bitmap as `Bytes` writes do.
+fn put_used<G, B>(
+    queue: &mut Queue,
+    ring: Option<&VolatileSlice<'_, B>>,
+    mem: &G,
+    head: u16,
+    len: u32,
+) -> Result<(), Error>
+where
+    G: GuestMemory,
+    B: BitmapSlice,
+{
+    let size = queue.size();
+    if let Some(ring) = ring.filter(|_| head < size) {
+        let next = Wrapping(queue.next_used());
+        let slot = u64::from(next.0 % size);
+        // In bounds: `slot < size` and the slice covers the header and `size` elements.
+        let elem = (USED_HEADER + USED_ELEM * slot) as usize;
+        let published = next + Wrapping(1);
+        if ring
+            .store(u32::from(head).to_le(), elem, Ordering::Relaxed)
+            .is_ok()
+            && ring.store(len.to_le(), elem + 4, Ordering::Relaxed).is_ok()
+            && ring
+                .store(published.0.to_le(), USED_IDX, Ordering::Release)
+                .is_ok()
+        {
+            queue.set_next_used(published.0);
+            return Ok(());
+        }
+    }
+    queue
+        .add_used(mem, head, len)
+        .map_err(|source| Error::AddUsed { head, source })
 }
 
 /// A queue size is valid when it is a non-zero power of two no larger than `max`.

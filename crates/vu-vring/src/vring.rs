@@ -502,6 +502,131 @@ mod tests {
 
     /// One end of a socket pair as a `File`, and the other end: the second reads EOF once every
     /// copy of the first is closed, which shows whether a vring still holds the fd.
+    #[test]
+    fn serve_available_completes_every_chain_with_the_served_length() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        driver.offer(3);
+        let mem = driver.mem.memory();
+        let mut served = Vec::new();
+        let completed = vring
+            .get_mut()
+            .serve_available(&mem, |chain| {
+                served.push(chain.head_index());
+                7 + u32::from(chain.head_index())
+            })
+            .unwrap();
+        assert_eq!(completed, 3);
+        assert_eq!(served, vec![0, 1, 2]);
+        for i in 0..3u16 {
+            assert_eq!(driver.used_elem(i), (u32::from(i), 7 + u32::from(i)));
+        }
+        assert_eq!(driver.used_idx(), 3);
+        assert_eq!(vring.queue_next_used(), 3);
+    }
+
+    #[test]
+    fn serve_available_wraps_around_the_used_ring() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        let mem = driver.mem.memory();
+        driver.offer(SIZE);
+        vring.get_mut().serve_available(&mem, |_| 1).unwrap();
+        driver.offer(5);
+        let completed = vring
+            .get_mut()
+            .serve_available(&mem, |chain| 100 + u32::from(chain.head_index()))
+            .unwrap();
+        assert_eq!(completed, 5);
+        for i in 0..5u16 {
+            assert_eq!(
+                driver.used_elem(SIZE + i),
+                (u32::from(i), 100 + u32::from(i))
+            );
+        }
+        assert_eq!(driver.used_elem(5), (5, 1));
+        assert_eq!(driver.used_idx(), SIZE + 5);
+    }
+
+    #[test]
+    fn serve_available_entries_count_for_the_notification_decision() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        let (call, observer) = eventfd_pair();
+        vring.set_call(Some(call));
+        driver.offer(4);
+        let mem = driver.mem.memory();
+        vring.get_mut().serve_available(&mem, |_| 0).unwrap();
+        assert!(vring.signal_used_queue_if_needed().unwrap());
+        assert!(!vring.signal_used_queue_if_needed().unwrap());
+        assert_eq!(counter(&observer), 1);
+    }
+
+    #[test]
+    fn serve_available_refuses_a_head_past_the_table() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        driver.offer(2);
+        let mem = driver.mem.memory();
+        mem.write_obj((SIZE + 3).to_le(), GuestAddress(AVAIL + 6))
+            .unwrap();
+        let err = vring.get_mut().serve_available(&mem, |_| 9).unwrap_err();
+        assert!(matches!(err, Error::AddUsed { head, .. } if head == SIZE + 3));
+        assert_eq!(driver.used_elem(0), (0, 9));
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(vring.queue_next_used(), 1);
+    }
+
+    #[test]
+    fn used_ring_split_across_two_regions_is_written_entry_by_entry() {
+        // The boundary falls inside the used ring's third element.
+        let boundary = USED + 4 + 8 * 2 + 4;
+        let mmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), boundary as usize),
+            (GuestAddress(boundary), MEM_LEN - boundary as usize),
+        ])
+        .unwrap();
+        let mut driver = Driver {
+            mem: GuestMemoryAtomic::new(mmap),
+            avail_idx: 0,
+        };
+        let vring = VringMutex::<Mem>::new(driver.mem.clone(), MAX).unwrap();
+        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        driver.offer(4);
+        let mem = driver.mem.memory();
+        let completed = vring
+            .get_mut()
+            .serve_available(&mem, |chain| 0x1000 + u32::from(chain.head_index()))
+            .unwrap();
+        assert_eq!(completed, 4);
+        driver.offer(2);
+        let heads = pop_all(&vring);
+        vring
+            .add_used_batch(heads.iter().map(|&h| (h, 0x2000 + u32::from(h))))
+            .unwrap();
+        for i in 0..4u16 {
+            assert_eq!(driver.used_elem(i), (u32::from(i), 0x1000 + u32::from(i)));
+        }
+        for i in 4..6u16 {
+            assert_eq!(driver.used_elem(i), (u32::from(i), 0x2000 + u32::from(i)));
+        }
+        assert_eq!(driver.used_idx(), 6);
+    }
+
+    #[test]
+    fn used_ring_outside_guest_memory_is_an_error() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        vring
+            .set_queue_info(DESC, AVAIL, MEM_LEN as u64 - 8)
+            .unwrap();
+        driver.offer(1);
+        let mem = driver.mem.memory();
+        let err = vring.get_mut().serve_available(&mem, |_| 0).unwrap_err();
+        assert!(matches!(err, Error::AddUsed { head: 0, .. }));
+        assert_eq!(vring.queue_next_used(), 0);
+        let err = vring.add_used_batch([(0, 0)]).unwrap_err();
+        assert!(matches!(err, Error::AddUsed { head: 0, .. }));
+    }
+
     fn closing_probe() -> (File, std::os::unix::net::UnixStream) {
         let (held, watch) = std::os::unix::net::UnixStream::pair().unwrap();
         watch.set_nonblocking(true).unwrap();
