@@ -7,6 +7,15 @@
 //! files listed in the tarball are enough and that the manifest's `version` requirements on the
 //! sibling crates resolve. It reuses the workspace's target directory for the external
 //! dependencies, so it costs one extra compile of our own crates.
+//!
+//! Cargo unpacks the tarballs of that temporary registry under `$CARGO_HOME/registry/src/`, in
+//! a directory named after the registry's path, and reuses an unpacked crate of the same name
+//! and version without looking at it again. A second run from the same checkout path (a CI
+//! machine that is reused, a developer's tree) would therefore verify against the sources of
+//! the first run. Before packaging, the step removes our crates' unpacked copies from every
+//! registry that is not crates.io; nothing else is touched.
+
+use std::path::{Path, PathBuf};
 
 use crate::cmd::Cmd;
 use crate::{Options, StepResult};
@@ -30,7 +39,56 @@ pub(crate) fn command(options: &Options) -> Cmd {
 
 /// Packages and verifies every publishable crate.
 pub(crate) fn run(options: &Options) -> StepResult {
+    if let Some(home) = cargo_home() {
+        for stale in stale_unpacked(&home.join("registry").join("src")) {
+            println!("    removing a stale unpacked copy: {}", stale.display());
+            if let Err(err) = std::fs::remove_dir_all(&stale) {
+                return Err(format!("cannot remove {}: {err}", stale.display()));
+            }
+        }
+    }
     command(options).run()
+}
+
+/// `$CARGO_HOME`, or `~/.cargo`.
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+}
+
+/// Our crates unpacked from earlier temporary registries: `<src>/<registry>/<crate>-<version>`
+/// where the registry is not crates.io (its directory is named `index.crates.io-…`).
+fn stale_unpacked(src: &Path) -> Vec<PathBuf> {
+    let Ok(registries) = std::fs::read_dir(src) else {
+        return Vec::new();
+    };
+    let mut stale = Vec::new();
+    for registry in registries.flatten() {
+        if registry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("index.crates.io")
+        {
+            continue;
+        }
+        let Ok(crates) = std::fs::read_dir(registry.path()) else {
+            continue;
+        };
+        for unpacked in crates.flatten() {
+            let name = unpacked.file_name().to_string_lossy().into_owned();
+            let ours = PUBLISHABLE.iter().any(|krate| {
+                name.strip_prefix(krate)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|version| version.starts_with(|c: char| c.is_ascii_digit()))
+            });
+            if ours {
+                stale.push(unpacked.path());
+            }
+        }
+    }
+    stale.sort();
+    stale
 }
 
 #[cfg(test)]
@@ -49,6 +107,26 @@ mod tests {
         assert_eq!(
             command(&Options::default()).display(),
             "cargo package -p vu-proto -p vu-mem -p vu-vring -p vu-daemon -p vu-backend"
+        );
+    }
+
+    #[test]
+    fn stale_copies_of_our_crates_in_local_registries_are_found() {
+        let root = std::env::temp_dir().join(format!("xtask-stale-{}", std::process::id()));
+        let make = |dir: &str| std::fs::create_dir_all(root.join(dir)).unwrap();
+        make("-3c952b8216f1a219/vu-proto-0.1.0");
+        make("-3c952b8216f1a219/vu-daemon-0.1.0");
+        make("-3c952b8216f1a219/vu-protocol-0.1.0");
+        make("-3c952b8216f1a219/libc-0.2.1");
+        make("index.crates.io-1949cf8c6b5b557f/vu-proto-0.1.0");
+        let found = stale_unpacked(&root);
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(
+            found,
+            vec![
+                root.join("-3c952b8216f1a219/vu-daemon-0.1.0"),
+                root.join("-3c952b8216f1a219/vu-proto-0.1.0"),
+            ]
         );
     }
 
