@@ -61,7 +61,7 @@ impl RngBackend {
 
     /// Serves one request: fills the chain's writable buffers from the source and returns
     /// how many bytes it wrote (the "used length" the driver reads).
-    fn fill(&self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn fill(&self, chain: Chain<'_, GuestMemoryMmap>) -> u32 {
         let mem = chain.memory();
         let mut source = self.source();
         let mut written = 0usize;

@@ -269,7 +269,7 @@ pub use vu_daemon::{
 
 // The vrings.
 pub use vu_vring::{
-    DefaultMem, VringData, VringMutex, VringRwLock, VringState, VringStateGuard,
+    Chain, DefaultMem, VringData, VringMutex, VringRwLock, VringState, VringStateGuard,
     VringStateMutGuard, VringT,
 };
 
@@ -292,10 +292,10 @@ pub use vmm_sys_util::eventfd::EventFd;
 /// The names most device code uses: `use vu_backend::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        process_queue, Bytes, DaemonError, DescriptorChain, EventConsumer, EventFd, EventNotifier,
-        EventSet, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-        LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle, VhostUserBackend,
-        VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringEpollHandler, VringMutex,
-        VringRwLock, VringState, VringT,
+        process_queue, Bytes, Chain, DaemonError, DescriptorChain, EventConsumer, EventFd,
+        EventNotifier, EventSet, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+        GuestMemoryMmap, LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle,
+        VhostUserBackend, VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringEpollHandler,
+        VringMutex, VringRwLock, VringState, VringT,
     };
 }

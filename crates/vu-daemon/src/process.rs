@@ -20,9 +20,8 @@
 //! Measured against a device that signals after every chain, one decision per pass is what
 //! takes a queue from one interrupt per request to one per batch (see docs/performance.md).
 
-use virtio_queue::DescriptorChain;
 use vm_memory::GuestAddressSpace;
-use vu_vring::{Error, VringT};
+use vu_vring::{Chain, Error, VringT};
 
 /// Serves every chain available in `vring` with `serve`, which returns the number of bytes it
 /// wrote into the chain (the used length); returns how many chains were completed. The
@@ -48,7 +47,7 @@ pub fn process_queue<M, V, F>(vring: &V, mut serve: F) -> Result<usize, Error>
 where
     M: GuestAddressSpace,
     V: VringT<M> + ?Sized,
-    F: FnMut(DescriptorChain<&M::M>) -> u32,
+    F: FnMut(Chain<'_, M::M>) -> u32,
 {
     let mut guard = vring.get_mut();
     let data = &mut *guard;

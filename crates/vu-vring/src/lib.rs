@@ -156,10 +156,12 @@
 //! `unsafe`), read and written 8 bytes at a time. A full counter on write and an empty
 //! counter on a non-blocking read are not errors.
 
+mod chain;
 mod error;
 mod state;
 mod vring;
 
+pub use chain::Chain;
 pub use error::{Error, RingPart};
 pub use state::{RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{

@@ -11,6 +11,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
+use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
@@ -184,13 +185,18 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// through its own `add_used`, and so does not see the ones written here.
     pub fn serve_available<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
     where
-        F: FnMut(DescriptorChain<&M::M>) -> u32,
+        F: FnMut(Chain<'_, M::M>) -> u32,
     {
         let ring = used_ring_slice(&self.queue, mem);
+        let table = ChainTable::map(
+            mem,
+            GuestAddress(self.queue.desc_table()),
+            self.queue.size(),
+        );
         let mut completed = 0;
         while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = serve(chain);
+            let len = serve(Chain::new(chain, &table));
             put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
             completed += 1;
         }
