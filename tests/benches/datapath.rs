@@ -17,8 +17,9 @@
 //!
 //! `cargo xtask bench` builds `vu_null` and runs this; see docs/performance.md. Options:
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
-//! `--runs N`, `--no-callgrind`, `--handshake-only`, `--depth N` (only the cells of that depth,
-//! then only the throughput, floor and handshake tables), `--vu-null PATH`.
+//! `--runs N`, `--no-callgrind`, `--handshake-only`, `--polling-only` (the depth-1 polling table
+//! alone), `--depth N` (only the cells of that depth, then only the throughput, floor and
+//! handshake tables), `--vu-null PATH`.
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -198,6 +199,7 @@ struct Options {
     callgrind: bool,
     smoke: bool,
     handshake_only: bool,
+    polling_only: bool,
     /// Only cells of this depth (`--depth N`).
     depth: Option<usize>,
     vu_null: PathBuf,
@@ -983,6 +985,7 @@ fn main() -> ExitCode {
         callgrind: true,
         smoke: false,
         handshake_only: false,
+        polling_only: false,
         depth: None,
         vu_null: default_vu_null(),
     };
@@ -1007,6 +1010,7 @@ fn main() -> ExitCode {
             }
             "--no-callgrind" => opts.callgrind = false,
             "--handshake-only" => opts.handshake_only = true,
+            "--polling-only" => opts.polling_only = true,
             "--depth" => {
                 opts.depth = Some(
                     words
@@ -1039,6 +1043,11 @@ fn main() -> ExitCode {
     print_machine();
     if opts.handshake_only {
         handshake_only(&opts);
+        return ExitCode::SUCCESS;
+    }
+    if opts.polling_only {
+        pin_self(0);
+        polling(&opts);
         return ExitCode::SUCCESS;
     }
     run(&opts);

@@ -248,8 +248,9 @@ impl KickTable {
         self.serve_kick(poller, queue, evset, d, thread, false)
     }
 
-    /// As [`kick`](Self::kick), for chains found by polling: also empties the kick counter,
-    /// so that a kick the driver wrote for those chains does not wake the worker again.
+    /// As [`kick`](Self::kick), for chains found by polling: also empties the kick counter
+    /// (after calling the backend), so that a kick the driver wrote for those chains does not
+    /// wake the worker again.
     fn kick_polled(
         &mut self,
         poller: &Poller,
@@ -279,10 +280,15 @@ impl KickTable {
             self.park(poller, queue).map_err(kick_err)?;
             return Ok(false);
         }
+        call_backend(d, queue, evset, thread)?;
         if consume {
+            // After the backend, so that the polled chains reach the used ring (and the
+            // interrupt the driver) one system call sooner. A kick emptied here may be for a
+            // chain published after the backend's last look at the ring; it is not lost, as
+            // the polling loop looks at the ring again before it can sleep.
             take_kick(file).map_err(kick_err)?;
         }
-        call_backend(d, queue, evset, thread).map(|()| true)
+        Ok(true)
     }
 }
 

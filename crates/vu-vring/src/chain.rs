@@ -345,13 +345,7 @@ mod tests {
             };
             // Places for indirect tables: aligned, misaligned, across the boundary, at the end
             // of memory.
-            let indirect_at = [
-                0x8000,
-                0x9003,
-                BOUNDARY - 24,
-                MEM_END - 32,
-                table,
-            ];
+            let indirect_at = [0x8000, 0x9003, BOUNDARY - 24, MEM_END - 32, table];
             for &at in &indirect_at[..4] {
                 for i in 0..4 {
                     if at + 16 * (i + 1) <= MEM_END {
@@ -393,7 +387,10 @@ mod tests {
                 descriptors += got.len();
             }
         }
-        assert!(mapped > 0 && unmapped > 0, "{mapped} mapped, {unmapped} not");
+        assert!(
+            mapped > 0 && unmapped > 0,
+            "{mapped} mapped, {unmapped} not"
+        );
         assert!(descriptors > 5000, "only {descriptors} descriptors walked");
     }
 
