@@ -274,3 +274,52 @@ fn max_queue_size_that_is_no_ring_size_is_refused_at_construction() {
     .unwrap_err();
     assert!(matches!(err, DaemonError::Vring { queue: 0, .. }), "{err}");
 }
+
+/// A daemon whose connection thread polls for the next message for `budget`.
+fn polling_for(budget: Duration) -> Running {
+    let mut running = Running::built(echo());
+    running.daemon.set_message_polling(budget);
+    running.daemon.start_serving(running.listener()).unwrap();
+    running
+}
+
+#[test]
+fn messages_are_served_while_the_connection_thread_polls() {
+    // A budget far longer than the test: every message after the first arrives while the
+    // thread is polling.
+    let running = polling_for(Duration::from_secs(3600));
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev);
+    round_trip(&mut dev);
+    dev.frontend.get_features().unwrap();
+}
+
+#[test]
+fn shutdown_stops_a_daemon_polling_for_the_next_message() {
+    let running = polling_for(Duration::from_secs(3600));
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev);
+    dev.frontend.get_features().unwrap();
+    running.daemon.shutdown_handle().shutdown();
+    let mut daemon = running.daemon;
+    within(STOP_TIMEOUT, "wait after shutdown", move || daemon.wait()).unwrap();
+    assert!(dev.frontend.get_features().is_err());
+}
+
+#[test]
+fn frontend_leaving_while_the_daemon_polls_frees_it_for_the_next() {
+    let running = polling_for(Duration::from_secs(3600));
+    let mut first = running.device(&DeviceSetup::default());
+    round_trip(&mut first);
+    drop(first);
+    let mut second = running.device(&DeviceSetup::default());
+    round_trip(&mut second);
+}
+
+#[test]
+fn zero_polling_budget_blocks_at_once_and_serves_as_before() {
+    let running = polling_for(Duration::ZERO);
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev);
+    dev.frontend.get_features().unwrap();
+}

@@ -91,17 +91,20 @@ struct Args {
     num_queues: u16,
     queue_size: u16,
     poll_us: u64,
+    message_poll_us: Option<u64>,
 }
 
 const USAGE: &str = "\
 usage: vu_null (--socket-path PATH | --fd N) [--num-queues N] [--queue-size N]
-               [--poll-us N] [--log-level LEVEL]
+               [--poll-us N] [--message-poll-us N] [--log-level LEVEL]
        vu_null --print-capabilities
 
   --num-queues N       queues (default 1, at most 64), all on one worker thread
   --queue-size N       largest queue size accepted (default 1024)
   --poll-us N          adaptive polling: after serving a queue, spin on it for up to N
                        microseconds before sleeping (default 0, off)
+  --message-poll-us N  after each vhost-user message, look for the next one for up to N
+                       microseconds before blocking (default: the framework's, 50)
 ";
 
 /// The spec's capability document; a null device has no type-specific features.
@@ -116,6 +119,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         num_queues: 1,
         queue_size: 1024,
         poll_us: 0,
+        message_poll_us: None,
     };
     common::for_each_option(args, |name, value| {
         if parsed.conventions.take(name, value)? {
@@ -137,6 +141,9 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                     .ok_or("--queue-size: a power of two up to 32768")?;
             }
             "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
+            "--message-poll-us" => {
+                parsed.message_poll_us = Some(common::number(name, &value()?)?);
+            }
             other => return Err(format!("unexpected argument `{other}`")),
         }
         Ok(())
@@ -161,6 +168,9 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
                 .set_polling(queue, Duration::from_micros(args.poll_us))
                 .map_err(|err| format!("cannot set polling: {err}"))?;
         }
+    }
+    if let Some(us) = args.message_poll_us {
+        daemon.set_message_polling(Duration::from_micros(us));
     }
     common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!(

@@ -260,7 +260,7 @@ pub use vmm_sys_util;
 
 // The backend traits and the daemon.
 pub use vu_daemon::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
-pub use vu_daemon::daemon::DEFAULT_MESSAGE_TIMEOUT;
+pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
 pub use vu_daemon::process::process_queue;
 pub use vu_daemon::{
     DaemonError, ListenerError, LocalDaemon, ShutdownHandle, VhostUserDaemon, VringEpollHandler,

@@ -5,8 +5,10 @@
 //! # Threads of [`VhostUserDaemon`]
 //!
 //! - One *connection thread*, started by [`start`](VhostUserDaemon::start) and its siblings,
-//!   accepts a frontend and reads its messages. It waits for a message in `recvmsg` itself
-//!   (one system call per read, no epoll); a stop shuts the socket down, which wakes it
+//!   accepts a frontend and reads its messages. After each message it looks for the next
+//!   one for a short while (see [`set_message_polling`](VhostUserDaemon::set_message_polling)),
+//!   then waits for it in `recvmsg` itself (one system call per read, no epoll); a stop shuts
+//!   the socket down, which wakes it
 //!   whether it is idle or in the middle of a message a stalled frontend never finishes; such a
 //!   frontend is also dropped once no byte came for the message timeout (see
 //!   [`set_message_timeout`](VhostUserDaemon::set_message_timeout)), so that the next one
@@ -33,7 +35,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use std::{fs::File, io};
 
 use virtio_queue::QueueT;
@@ -56,11 +58,24 @@ mod local;
 pub use error::DaemonError;
 pub use local::LocalDaemon;
 
-use connection::{accept, prepare, receive, respond, ConnEnd, StopSignal};
+use connection::{accept, prepare, receive, receive_polling, respond, ConnEnd, StopSignal};
 
 /// How long reading the rest of a started message may wait for more bytes (and sending a
 /// reply may wait for room), unless changed with `set_message_timeout`.
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the connection thread looks for the frontend's next message after a reply before
+/// it blocks, unless changed with `set_message_polling`.
+pub const DEFAULT_MESSAGE_POLLING: Duration = Duration::from_micros(50);
+
+/// How the connection thread reads messages.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    /// Per started message (see `set_message_timeout`).
+    timeout: Option<Duration>,
+    /// After each message (see `set_message_polling`).
+    polling: Duration,
+}
 
 /// The guest memory type of a backend.
 type Mem<S> = GuestMemoryAtomic<GuestMemoryMmap<<S as VhostUserBackend>::Bitmap>>;
@@ -246,7 +261,7 @@ pub struct VhostUserDaemon<S: VhostUserBackend> {
     main: Option<MainThread<S>>,
     worker_threads: Vec<JoinHandle<()>>,
     handlers: Vec<Arc<VringEpollHandler>>,
-    message_timeout: Option<Duration>,
+    reading: Reading,
 }
 
 impl<S: VhostUserBackend> std::fmt::Debug for VhostUserDaemon<S> {
@@ -308,7 +323,10 @@ where
             main: None,
             worker_threads: Vec::new(),
             handlers,
-            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            reading: Reading {
+                timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+                polling: DEFAULT_MESSAGE_POLLING,
+            },
         };
         for index in 0..shared.workers.len() {
             let shared = shared.clone();
@@ -337,10 +355,24 @@ where
 
     /// Sets how long reading a message the frontend started may wait for more bytes (and
     /// sending a reply may wait for room); `None` waits forever. A frontend that exceeds it
-    /// is disconnected. The connection thread waits in epoll between messages, so an idle
-    /// frontend is never timed out. Applies to connections served afterwards.
+    /// is disconnected. Between messages the connection thread waits without a limit, so an
+    /// idle frontend is never timed out. Applies to connections served afterwards.
     pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
-        self.message_timeout = timeout;
+        self.reading.timeout = timeout;
+    }
+
+    /// Sets how long, after handling a message, the connection thread keeps looking for the
+    /// next one (a non-blocking `recvmsg`, then `sched_yield`, in a loop) before it blocks in
+    /// `recvmsg`; `Duration::ZERO` blocks at once. A frontend sets a device up with tens of
+    /// messages sent back to back, each waiting for the previous reply: while the thread
+    /// looks, a message costs no wake-up on the backend's side, and a reply that comes
+    /// quickly often reaches the frontend before its CPU went idle. Between two CPUs this
+    /// takes the handshake's time down several times (docs/performance.md); the cost is at
+    /// most the budget of CPU time per message, and nothing while the frontend is quiet.
+    /// The default is [`DEFAULT_MESSAGE_POLLING`]. Applies to connections served afterwards.
+    /// ([`LocalDaemon`] does not poll: its one thread also serves the queues.)
+    pub fn set_message_polling(&mut self, budget: Duration) {
+        self.reading.polling = budget;
     }
 
     /// Opt-in adaptive polling for queue `queue`: after serving a kick of it, its worker
@@ -474,11 +506,11 @@ where
             return Err(DaemonError::Stopped);
         };
         let shared = self.shared.clone();
-        let timeout = self.message_timeout;
+        let reading = self.reading;
         let thread = thread::Builder::new()
             .name(format!("{}-conn", self.name))
             .spawn(move || {
-                let result = connection_thread(&shared, &mut session, source, timeout);
+                let result = connection_thread(&shared, &mut session, source, reading);
                 (session, result)
             })
             .map_err(|source| DaemonError::Io {
@@ -544,18 +576,18 @@ fn connection_thread<S: VhostUserBackend>(
     shared: &Threaded<S>,
     session: &mut SessionOf<Arc<S>>,
     source: Source,
-    timeout: Option<Duration>,
+    reading: Reading,
 ) -> Result<(), DaemonError> {
     match source {
         Source::Connected(endpoint) => {
-            let end = serve_connection(shared, session, &endpoint, timeout)?;
+            let end = serve_connection(shared, session, &endpoint, reading)?;
             single_result(end)
         }
         Source::Listener { listener, repeat } => loop {
             let Some(endpoint) = accept(&listener, &shared.signal)? else {
                 return Ok(());
             };
-            let end = serve_connection(shared, session, &endpoint, timeout)?;
+            let end = serve_connection(shared, session, &endpoint, reading)?;
             if !repeat {
                 return single_result(end);
             }
@@ -582,11 +614,11 @@ fn serve_connection<S: VhostUserBackend>(
     shared: &Threaded<S>,
     session: &mut SessionOf<Arc<S>>,
     endpoint: &Endpoint,
-    timeout: Option<Duration>,
+    reading: Reading,
 ) -> Result<ConnEnd, DaemonError> {
     let signal = &shared.signal;
     shared.signal.set_connection(Some(endpoint));
-    let end = message_loop(shared, session, endpoint, timeout);
+    let end = message_loop(shared, session, endpoint, reading);
     signal.set_connection(None);
     session.disconnect(&mut &*shared);
     shared.unwatch_all();
@@ -602,9 +634,9 @@ fn message_loop<S: VhostUserBackend>(
     shared: &Threaded<S>,
     session: &mut SessionOf<Arc<S>>,
     endpoint: &Endpoint,
-    timeout: Option<Duration>,
+    reading: Reading,
 ) -> Result<ConnEnd, DaemonError> {
-    if let Err(e) = prepare(endpoint, timeout) {
+    if let Err(e) = prepare(endpoint, reading.timeout) {
         return Ok(ConnEnd::Broken(e));
     }
     // The thread blocks in recvmsg(2) itself, not in epoll: one system call less per message.
@@ -613,11 +645,18 @@ fn message_loop<S: VhostUserBackend>(
     // an idle frontend is never dropped, and the loop looks at the stop flag again. `prepare`
     // turns read-ahead on: a message already buffered is served without a system call, but
     // only after the stop flag was looked at, so buffered messages never outlive a stop.
+    // After each message the thread first polls for the next one (`set_message_polling`),
+    // looking at the stop flag as it goes.
+    let mut poll_until = None;
     loop {
         if shared.signal.is_stopping() {
             return Ok(ConnEnd::Stopped);
         }
-        let msg = match receive(endpoint) {
+        let received = match poll_until.take() {
+            Some(until) => receive_polling(endpoint, until, &shared.signal),
+            None => receive(endpoint),
+        };
+        let msg = match received {
             Ok(Some(msg)) => msg,
             Ok(None) => continue,
             Err(end) => return Ok(end),
@@ -626,6 +665,9 @@ fn message_loop<S: VhostUserBackend>(
         shared.rearm();
         if let Err(end) = respond(endpoint, outcome) {
             return Ok(end);
+        }
+        if !reading.polling.is_zero() {
+            poll_until = Instant::now().checked_add(reading.polling);
         }
     }
 }

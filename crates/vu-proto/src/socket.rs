@@ -736,7 +736,7 @@ impl Endpoint {
     /// dropped.
     pub fn recv_message(&self) -> Result<RawMessage, SocketError> {
         let mut ra = self.read_ahead();
-        let result = self.next_message(&mut ra);
+        let result = self.next_message(&mut ra, false);
         if let Err(e) = &result {
             if !matches!(e, SocketError::Wire(_)) {
                 // Closes every fd received for the message and any later one (invariant 4).
@@ -746,8 +746,32 @@ impl Endpoint {
         result
     }
 
-    /// The first whole message of the read-ahead, reading the socket until there is one.
-    fn next_message(&self, ra: &mut ReadAhead) -> Result<RawMessage, SocketError> {
+    /// As [`recv_message`](Self::recv_message), but `Ok(None)` at once when no byte of a
+    /// message is buffered or waiting on the socket (a `recvmsg` with `MSG_DONTWAIT`, which
+    /// is the read itself when a message is there). Once a message has begun, the rest of it
+    /// is waited for as `recv_message` waits (the read timeout applies). For a reader that
+    /// polls the socket for a while before it blocks.
+    pub fn try_recv_message(&self) -> Result<Option<RawMessage>, SocketError> {
+        let mut ra = self.read_ahead();
+        match self.next_message(&mut ra, true) {
+            Ok(msg) => Ok(Some(msg)),
+            Err(SocketError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && ra.held() == 0 => {
+                Ok(None)
+            }
+            Err(e) => {
+                if !matches!(e, SocketError::Wire(_)) {
+                    // As in `recv_message`.
+                    ra.clear();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The first whole message of the read-ahead, reading the socket until there is one;
+    /// with `nowait`, a read that would wait for the first byte of the message fails with
+    /// `WouldBlock` instead.
+    fn next_message(&self, ra: &mut ReadAhead, nowait: bool) -> Result<RawMessage, SocketError> {
         loop {
             if let Some(header) = ra.header_at(ra.start) {
                 let start = ra.start;
@@ -769,13 +793,13 @@ impl Endpoint {
                     return Ok(RawMessage { header, body, fds });
                 }
             }
-            self.read_more(ra)?;
+            self.read_more(ra, nowait)?;
         }
     }
 
     /// One `recvmsg` into the free end of the read-ahead, which holds less than a whole
     /// message; the fds received go to the message holding the last byte read.
-    fn read_more(&self, ra: &mut ReadAhead) -> Result<(), SocketError> {
+    fn read_more(&self, ra: &mut ReadAhead, nowait: bool) -> Result<(), SocketError> {
         if ra.buf.is_empty() {
             ra.buf = vec![0; READ_AHEAD_LEN];
         }
@@ -799,7 +823,12 @@ impl Endpoint {
             let free = &mut ra.buf[end..end + room];
             // `recvmsg_once` has made every received fd an OwnedFd in `fds`, so every early
             // return below closes them.
-            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), free, &mut fds) {
+            let flags = if nowait && received == 0 {
+                libc::MSG_DONTWAIT
+            } else {
+                0
+            };
+            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), free, &mut fds, flags) {
                 Ok(result) => result,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) && received == 0 => return Err(SocketError::Io(e)),
@@ -856,7 +885,7 @@ impl Endpoint {
         while let Some(rest) = buf.get_mut(got..).filter(|rest| !rest.is_empty()) {
             // `recvmsg_once` has already made every received fd an OwnedFd in `fds`, so
             // every early return below closes them through the caller's truncate.
-            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), rest, fds) {
+            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), rest, fds, 0) {
                 Ok(result) => result,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) && before == 0 && got == 0 => {
@@ -972,13 +1001,14 @@ fn sendmsg_once(
     Ok(n as usize)
 }
 
-/// One `recvmsg(MSG_CMSG_CLOEXEC)` into `buf`; every fd received is appended to `fds`
-/// as an [`OwnedFd`] before anything else is examined. Returns the byte count and
+/// One `recvmsg(MSG_CMSG_CLOEXEC | flags)` into `buf`; every fd received is appended to
+/// `fds` as an [`OwnedFd`] before anything else is examined. Returns the byte count and
 /// whether the control data was truncated (`MSG_CTRUNC`).
 fn recvmsg_once(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
 ) -> io::Result<(usize, bool)> {
     let mut control = ControlBuffer([0; CONTROL_LEN]);
     let mut iov = libc::iovec {
@@ -996,7 +1026,7 @@ fn recvmsg_once(
     // exclusively borrowed for the call; the control pointer and length describe
     // `control`, CONTROL_LEN bytes aligned for cmsghdr. The kernel writes at most those
     // lengths. Fds it installs are taken into ownership just below, exactly once.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
     if n < 0 {
         // On failure the kernel installs no fd.
         return Err(io::Error::last_os_error());

@@ -618,3 +618,73 @@ fn read_ahead_bad_header_consumes_only_the_header() {
     b.recv_exact(&mut rest, &mut Vec::new()).unwrap();
     assert_eq!(&rest, b"next");
 }
+
+#[test]
+fn try_recv_on_an_empty_socket_is_none_and_does_not_wait() {
+    let (a, b) = Endpoint::pair().unwrap();
+    // No read timeout: a blocking read here would hang the test.
+    b.set_read_ahead(true);
+    assert!(b.try_recv_message().unwrap().is_none());
+    assert!(b.try_recv_message().unwrap().is_none());
+    // Nothing was consumed: a message sent afterwards is read whole, by either call.
+    a.send_message(&header(2), b"hi", &[]).unwrap();
+    assert_eq!(b.try_recv_message().unwrap().unwrap().body, b"hi");
+    a.send_message(&header(1), b"!", &[]).unwrap();
+    assert_eq!(b.recv_message().unwrap().body, b"!");
+}
+
+#[test]
+fn try_recv_returns_buffered_messages_and_their_fds() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    let probe = Probe::new();
+    let fd = probe.far.as_fd();
+    a.send_message(&header(1), b"1", &[fd]).unwrap();
+    a.send_message(&header(1), b"2", &[]).unwrap();
+    let first = b.try_recv_message().unwrap().unwrap();
+    assert_eq!((first.body.as_slice(), first.fds.len()), (&b"1"[..], 1));
+    assert!(cloexec(first.fds[0].as_fd()));
+    let second = b.try_recv_message().unwrap().unwrap();
+    assert_eq!((second.body.as_slice(), second.fds.len()), (&b"2"[..], 0));
+    assert!(b.try_recv_message().unwrap().is_none());
+    drop(first);
+    assert!(probe.all_copies_closed());
+}
+
+#[test]
+fn try_recv_waits_for_the_rest_of_a_begun_message() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    a.stream().write_all(&header(4).to_bytes()).unwrap();
+    a.stream().write_all(b"ab").unwrap();
+    // Whether the rest is written before or during the read, the read returns it whole.
+    let writer = std::thread::spawn(move || {
+        a.stream().write_all(b"cd").unwrap();
+        a
+    });
+    let msg = b.try_recv_message().unwrap().unwrap();
+    assert_eq!(msg.body, b"abcd");
+    drop(writer.join().unwrap());
+    assert!(matches!(
+        b.try_recv_message(),
+        Err(SocketError::Disconnected)
+    ));
+}
+
+#[test]
+fn try_recv_stall_mid_message_is_stalled() {
+    let (a, b) = Endpoint::pair().unwrap();
+    b.set_read_ahead(true);
+    b.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    a.stream().write_all(&header(4).to_bytes()).unwrap();
+    a.stream().write_all(b"ab").unwrap();
+    assert!(matches!(
+        b.try_recv_message(),
+        Err(SocketError::Stalled {
+            expected: 16,
+            received: 14
+        })
+    ));
+    assert!(!b.has_buffered_bytes());
+}

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -131,10 +131,36 @@ pub(crate) fn prepare(endpoint: &Endpoint, timeout: Option<Duration>) -> Result<
 
 /// Reads one message once the socket is readable. `Ok(None)`: nothing to read after all.
 pub(crate) fn receive(endpoint: &Endpoint) -> Result<Option<RawMessage>, ConnEnd> {
-    match endpoint.recv_message() {
-        Ok(msg) => Ok(Some(msg)),
-        Err(SocketError::Disconnected) => Err(ConnEnd::Disconnected),
-        Err(SocketError::Io(e))
+    endpoint.recv_message().map(Some).or_else(ended)
+}
+
+/// Looks for the next message without blocking, again and again, yielding the CPU between
+/// two looks (a frontend on the same CPU then runs at once), until one has begun (it is then
+/// read whole, as [`receive`] reads it), `until` has passed, or the daemon is stopping; in
+/// the last two cases `Ok(None)`.
+pub(crate) fn receive_polling(
+    endpoint: &Endpoint,
+    until: Instant,
+    signal: &StopSignal,
+) -> Result<Option<RawMessage>, ConnEnd> {
+    loop {
+        match endpoint.try_recv_message() {
+            Ok(Some(msg)) => return Ok(Some(msg)),
+            Ok(None) => {}
+            Err(e) => return ended(e),
+        }
+        if signal.is_stopping() || Instant::now() >= until {
+            return Ok(None);
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// What a failed read means for the connection.
+fn ended(e: SocketError) -> Result<Option<RawMessage>, ConnEnd> {
+    match e {
+        SocketError::Disconnected => Err(ConnEnd::Disconnected),
+        SocketError::Io(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
@@ -143,7 +169,7 @@ pub(crate) fn receive(endpoint: &Endpoint) -> Result<Option<RawMessage>, ConnEnd
             // Nothing of a message was consumed (see `SocketError::Io`).
             Ok(None)
         }
-        Err(e) => Err(ConnEnd::Broken(e)),
+        e => Err(ConnEnd::Broken(e)),
     }
 }
 
