@@ -3,8 +3,9 @@
 //! It serves a raw image file (`--blk-file`) or a disk held in memory (`--memory-size`), with
 //! any number of queues, each served by its own worker thread. Requests: read, write, flush
 //! and get-id; anything else is answered `VIRTIO_BLK_S_UNSUPP`. `--read-only` offers
-//! `VIRTIO_BLK_F_RO` and fails writes. Completions are put in the used ring in one batch per
-//! pass over the queue, with `VIRTIO_RING_F_EVENT_IDX` when the driver takes it.
+//! `VIRTIO_BLK_F_RO` and fails writes. Each kick is served by the framework's `process_queue`
+//! (descriptors read through a mapping of the table, one interrupt decision per pass,
+//! `VIRTIO_RING_F_EVENT_IDX` when the driver takes it, indirect descriptors).
 //!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
@@ -22,11 +23,10 @@ mod common;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use vu_backend::prelude::*;
@@ -150,7 +150,6 @@ struct BlkBackend {
     read_only: bool,
     num_queues: u16,
     queue_size: u16,
-    event_idx: AtomicBool,
     stats: Stats,
 }
 
@@ -200,11 +199,7 @@ struct Segments {
 }
 
 impl Segments {
-    fn of<M>(chain: &DescriptorChain<M>) -> Self
-    where
-        M: Deref + Clone,
-        M::Target: GuestMemory,
-    {
+    fn of(chain: &Chain<'_, GuestMemoryMmap>) -> Self {
         let mut segments = Segments {
             readable: Vec::new(),
             writable: Vec::new(),
@@ -367,13 +362,9 @@ impl BlkBackend {
     }
 
     /// Serves one chain and returns the used length to report for it.
-    fn serve_chain<M>(&self, chain: &DescriptorChain<M>) -> u32
-    where
-        M: Deref + Clone,
-        M::Target: GuestMemory,
-    {
+    fn serve_chain(&self, chain: Chain<'_, GuestMemoryMmap>) -> u32 {
         let mem = chain.memory();
-        let segments = Segments::of(chain);
+        let segments = Segments::of(&chain);
         if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
             log::warn!(
                 "malformed request chain {}: no header or no status byte",
@@ -404,23 +395,6 @@ impl BlkBackend {
             return 0;
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
-    }
-
-    /// Pops every available chain, serves it, and completes them all in one batch.
-    fn process_queue(&self, vring: &VringMutex) -> io::Result<()> {
-        let mut used = Vec::new();
-        while let Some(chain) = vring.pop_descriptor_chain() {
-            let len = self.serve_chain(&chain);
-            used.push((chain.head_index(), len));
-        }
-        if used.is_empty() {
-            return Ok(());
-        }
-        vring.add_used_batch(used).map_err(io::Error::other)?;
-        vring
-            .signal_used_queue_if_needed()
-            .map_err(io::Error::other)?;
-        Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -476,7 +450,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+        // The vrings know; process_queue follows them.
+        log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -516,18 +491,9 @@ impl VhostUserBackend for BlkBackend {
                 "unknown device event {device_event}"
             )));
         };
-        if self.event_idx.load(Ordering::Acquire) {
-            // Process until the driver posted nothing while notifications were off.
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(vring)?;
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
-            }
-        } else {
-            self.process_queue(vring)?;
-        }
+        // Every chain served and completed in one pass, one interrupt decision for the pass,
+        // kicks re-armed with the EVENT_IDX re-check: the framework's loop.
+        process_queue(vring, |chain| self.serve_chain(chain)).map_err(io::Error::other)?;
         Ok(())
     }
 }
@@ -638,7 +604,6 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         read_only: args.read_only,
         num_queues: args.num_queues,
         queue_size: args.queue_size,
-        event_idx: AtomicBool::new(false),
         stats: Stats::default(),
     };
     let mut daemon = VhostUserDaemon::new(
