@@ -392,20 +392,21 @@ pub struct HostileBackend {
     pub panic: std::sync::atomic::AtomicBool,
 }
 
-/// Serves every available chain of `vring`: copies the readable descriptors' bytes into the
-/// writable ones (an echo), completing a chain whose memory is out of bounds with 0 bytes.
+/// Serves every available chain of `vring` with the framework's `process_queue` (so hostile
+/// rings meet the descriptor walk devices get by default): copies the readable descriptors'
+/// bytes into the writable ones (an echo), completing a chain whose memory is out of bounds
+/// with 0 bytes.
 pub fn serve_hostile_queue<V: VringT<LogMem>>(
     vring: &V,
     stats: &HostileBackend,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering;
-    while let Some(chain) = vring.pop_descriptor_chain() {
-        let head = chain.head_index();
+    vu_backend::process_queue(vring, |chain| {
         let mem = chain.memory();
         let mut data = Vec::new();
         let mut ok = true;
         let mut written = 0usize;
-        let descs: Vec<_> = chain.clone().collect();
+        let descs: Vec<_> = chain.collect();
         // A careful device checks every buffer against guest memory before using any.
         ok &= descs
             .iter()
@@ -427,18 +428,14 @@ pub fn serve_hostile_queue<V: VringT<LogMem>>(
             }
             written += take;
         }
-        let len = if ok {
+        stats.completed.fetch_add(1, Ordering::SeqCst);
+        if ok {
             u32::try_from(written).unwrap_or(u32::MAX)
         } else {
             stats.refused.fetch_add(1, Ordering::SeqCst);
             0
-        };
-        vring.add_used(head, len).map_err(std::io::Error::other)?;
-        stats.completed.fetch_add(1, Ordering::SeqCst);
-    }
-    vring
-        .signal_used_queue_if_needed()
-        .map_err(std::io::Error::other)?;
+        }
+    });
     Ok(())
 }
 

@@ -493,7 +493,7 @@ impl VhostUserBackend for BlkBackend {
         };
         // Every chain served and completed in one pass, one interrupt decision for the pass,
         // kicks re-armed with the EVENT_IDX re-check: the framework's loop.
-        process_queue(vring, |chain| self.serve_chain(chain)).map_err(io::Error::other)?;
+        process_queue(vring, |chain| self.serve_chain(chain));
         Ok(())
     }
 }

@@ -78,8 +78,7 @@ impl VhostUserBackend for NullBackend {
             chain
                 .filter(|desc| desc.is_write_only())
                 .fold(0u32, |total, desc| total.saturating_add(desc.len()))
-        })
-        .map_err(io::Error::other)?;
+        });
         Ok(())
     }
 }

@@ -176,7 +176,7 @@ impl VhostUserBackend for RngBackend {
                 "unknown device event {device_event}"
             )));
         };
-        process_queue(vring, |chain| self.fill(chain)).map_err(io::Error::other)?;
+        process_queue(vring, |chain| self.fill(chain));
         Ok(())
     }
 }

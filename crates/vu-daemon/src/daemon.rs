@@ -133,7 +133,12 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
         let mem = data.mem().memory();
         data.get_queue()
             .avail_idx(mem.deref(), Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != data.queue_next_avail())
+            .is_ok_and(|idx| {
+                // Chains to pop, and not more than the ring holds: an index further ahead
+                // cannot be popped from, and polling it would spin until the budget ends.
+                let pending = idx.0.wrapping_sub(data.queue_next_avail());
+                pending != 0 && pending <= data.get_queue().size()
+            })
     }
 }
 

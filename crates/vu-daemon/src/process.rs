@@ -12,7 +12,7 @@
 //!
 //! fn on_kick(vring: &VringMutex) -> io::Result<()> {
 //!     // A null device: every chain is "done", reporting nothing written.
-//!     process_queue(vring, |_chain| 0).map_err(io::Error::other)?;
+//!     process_queue(vring, |_chain| 0);
 //!     Ok(())
 //! }
 //! ```
@@ -21,7 +21,7 @@
 //! takes a queue from one interrupt per request to one per batch (see docs/performance.md).
 
 use vm_memory::GuestAddressSpace;
-use vu_vring::{Chain, Error, VringT};
+use vu_vring::{Chain, Error, VringData, VringT};
 
 /// Serves every chain available in `vring` with `serve`, which returns the number of bytes it
 /// wrote into the chain (the used length); returns how many chains were completed. The
@@ -42,8 +42,16 @@ use vu_vring::{Chain, Error, VringT};
 ///
 /// The vring is locked once for the whole call, so `serve` must not call methods of the same
 /// vring (it would deadlock, or panic for [`VringState`](vu_vring::VringState)); it may use
-/// the chain's memory freely. On error, chains completed before it stay completed.
-pub fn process_queue<M, V, F>(vring: &V, mut serve: F) -> Result<usize, Error>
+/// the chain's memory freely.
+///
+/// A ring the driver broke is the driver's problem, not a reason to stop the device: when a
+/// part of the ring is not in guest memory, or its available index is more than the queue
+/// size ahead of the device's (nothing can be popped, and looping would spin), the call logs
+/// one warning with the typed [`Error`], writes the ring's error eventfd
+/// (`VHOST_USER_SET_VRING_ERR`, if the frontend gave one), and returns; chains completed
+/// before stay completed, and the ring is looked at again at its next kick. An available
+/// entry whose head index is past the descriptor table is skipped with a warning.
+pub fn process_queue<M, V, F>(vring: &V, serve: F) -> usize
 where
     M: GuestAddressSpace,
     V: VringT<M> + ?Sized,
@@ -51,18 +59,159 @@ where
 {
     let mut guard = vring.get_mut();
     let data = &mut *guard;
+    let mut completed = 0;
+    if let Err(err) = serve_passes(data, serve, &mut completed) {
+        log::warn!("ring not served: {err}; left alone until its next kick");
+        if let Err(e) = data.signal_error() {
+            log::warn!("cannot write the ring's error eventfd: {e}");
+        }
+    }
+    completed
+}
+
+/// The passes of [`process_queue`], counting completed chains in `completed`.
+fn serve_passes<M, F>(
+    data: &mut VringData<M>,
+    mut serve: F,
+    completed: &mut usize,
+) -> Result<(), Error>
+where
+    M: GuestAddressSpace,
+    F: FnMut(Chain<'_, M::M>) -> u32,
+{
     // One memory snapshot for the whole call: the chains borrow it, so popping and completing
     // a chain touches no reference count.
     let snapshot = data.mem().memory();
     let mem: &M::M = &snapshot;
-    let mut completed = 0;
+    let mut empty_passes = 0;
     loop {
         data.disable_notification()?;
+        let used_before = data.queue_next_used();
         // Entries added here count for the interrupt decision below too.
-        completed += data.serve_available(mem, &mut serve)?;
+        let served = match data.serve_available(mem, &mut serve) {
+            Ok(n) => n,
+            Err(err) => {
+                // The chains completed before the error are counted and signalled. A pass
+                // completes at most a queue size of them, so the u16 difference is exact.
+                *completed += usize::from(data.queue_next_used().wrapping_sub(used_before));
+                data.signal_used_queue_if_needed()?;
+                return Err(err);
+            }
+        };
+        *completed += served;
         data.signal_used_queue_if_needed()?;
         if !data.enable_notification()? {
-            return Ok(completed);
+            return Ok(());
         }
+        // The re-check saw chains. If they were published after this pass popped its last
+        // one, the next pass serves them; if two passes in a row served nothing, the ring's
+        // available index cannot be popped from: more than the queue size ahead of the
+        // device's.
+        empty_passes = if served == 0 { empty_passes + 1 } else { 0 };
+        if empty_passes == 2 {
+            return Err(Error::InvalidAvailIndex {
+                next_avail: data.queue_next_avail(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vu_vring::VringMutex;
+
+    type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+    const SIZE: u16 = 16;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    fn started() -> (VringMutex<Mem>, Mem) {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let vring = VringMutex::<Mem>::new(mem.clone(), 256).unwrap();
+        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        (vring, mem)
+    }
+
+    /// Offers chains `0..n` of one 8-byte writable descriptor each.
+    fn offer(mem: &Mem, n: u16) {
+        let m = mem.memory();
+        for i in 0..n {
+            let desc = Descriptor::new(0x8000 + 8 * u64::from(i), 8, 2, 0);
+            m.write_obj(desc, GuestAddress(DESC + 16 * u64::from(i)))
+                .unwrap();
+            m.write_obj(i.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        m.write_obj(n.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// Runs `process_queue` on another thread and waits for it at most ten seconds.
+    fn process_bounded(vring: VringMutex<Mem>) -> (VringMutex<Mem>, usize) {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let result = process_queue(&vring, |chain| chain.map(|d| d.len()).sum());
+            let _ = tx.send((vring, result));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("process_queue did not return")
+    }
+
+    #[test]
+    fn completes_every_offered_chain_with_the_served_length() {
+        let (vring, mem) = started();
+        offer(&mem, 5);
+        let (vring, result) = process_bounded(vring);
+        assert_eq!(result, 5);
+        assert_eq!(vring.queue_next_used(), 5);
+        let used_len: u32 = mem.memory().read_obj(GuestAddress(USED + 4 + 4)).unwrap();
+        assert_eq!(u32::from_le(used_len), 8);
+    }
+
+    #[test]
+    fn available_index_beyond_the_ring_returns_instead_of_spinning() {
+        let (vring, mem) = started();
+        // More than the queue size ahead of the device's next index: nothing can be popped,
+        // yet the re-check after each pass sees "new" chains.
+        mem.memory()
+            .write_obj((SIZE + 1).to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+        let (vring, result) = process_bounded(vring);
+        assert_eq!(result, 0);
+        assert_eq!(vring.queue_next_avail(), 0);
+        // Once the driver republishes a valid index, the queue is served again.
+        offer(&mem, 3);
+        let (_, result) = process_bounded(vring);
+        assert_eq!(result, 3);
+    }
+
+    #[test]
+    fn ring_outside_guest_memory_is_reported_on_the_error_eventfd() {
+        let (vring, mem) = started();
+        offer(&mem, 2);
+        // The used ring now lies past the end of guest memory.
+        vring.set_queue_info(DESC, AVAIL, 0x2_0000).unwrap();
+        let observer = crate::epoll::new_eventfd().unwrap();
+        let err = std::fs::File::from(
+            crate::epoll::eventfd_fd(&observer)
+                .try_clone_to_owned()
+                .unwrap(),
+        );
+        vring.set_err(Some(err));
+        let (_vring, result) = process_bounded(vring);
+        assert_eq!(result, 0);
+        assert_eq!(observer.read().unwrap(), 1);
     }
 }

@@ -93,6 +93,15 @@ pub enum Error {
         /// The offset that was added to it.
         offset: u64,
     },
+    /// The available ring's index is more than the queue size ahead of the device's next
+    /// index: no chain can be popped (a broken or hostile driver).
+    #[error(
+        "the available index is more than the queue size ahead of the device's ({next_avail})"
+    )]
+    InvalidAvailIndex {
+        /// The device's next available index.
+        next_avail: u16,
+    },
     /// Writing the call eventfd failed.
     #[error("signalling the call eventfd failed: {0}")]
     Io(#[from] io::Error),

@@ -122,19 +122,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// back (`add_used` refuses it), so a device that passed its error on would stop over a
     /// driver's mistake.
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
-        let size = self.queue.size();
-        // Each pop consumes an entry, and the ring never holds more than `size` new ones.
-        for _ in 0..=size {
-            let chain = self.queue.pop_descriptor_chain(self.mem.memory())?;
-            if chain.head_index() < size {
-                return Some(chain);
-            }
-            log::warn!(
-                "skipping available entry with head index {} (queue size {size})",
-                chain.head_index()
-            );
-        }
-        None
+        pop_servable(&mut self.queue, self.mem.memory())
     }
 
     /// Puts one completed chain into the used ring and publishes the new used index.
@@ -175,9 +163,9 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// in either direction. The used ring is translated to host memory once per call, so each
     /// completion is three stores rather than two guest-memory walks; a ring that does not lie
     /// in one guest memory region is written entry by entry through virtio-queue instead, with
-    /// the same results and errors. A head index past the queue size is refused with
-    /// [`Error::AddUsed`], as `Queue::add_used` refuses it. On error, the chains completed
-    /// before it stay completed.
+    /// the same results and errors. An available entry whose head index is past the queue
+    /// size is skipped, as [`pop_descriptor_chain`](Self::pop_descriptor_chain) skips it. On
+    /// error, the chains completed before it stay completed.
     ///
     /// Decide on the interrupt with [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)
     /// (or [`needs_notification`](Self::needs_notification)), which see these entries through
@@ -194,7 +182,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             self.queue.size(),
         );
         let mut completed = 0;
-        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_servable(&mut self.queue, mem) {
             let head = chain.head_index();
             let len = serve(Chain::new(chain, &table));
             put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
@@ -507,6 +495,29 @@ impl<M: GuestAddressSpace> VringData<M> {
             .map(u16::from_le)
             .map_err(|source| Error::GuestMemory { addr, source })
     }
+}
+
+/// Pops the next available chain whose head index is in the descriptor table; an entry with
+/// a head past it is consumed and skipped with a warning (see
+/// [`VringData::pop_descriptor_chain`]).
+fn pop_servable<T>(queue: &mut Queue, mem: T) -> Option<DescriptorChain<T>>
+where
+    T: Deref + Clone,
+    T::Target: GuestMemory,
+{
+    let size = queue.size();
+    // Each pop consumes an entry, and the ring never holds more than `size` new ones.
+    for _ in 0..=size {
+        let chain = queue.pop_descriptor_chain(mem.clone())?;
+        if chain.head_index() < size {
+            return Some(chain);
+        }
+        log::warn!(
+            "skipping available entry with head index {} (queue size {size})",
+            chain.head_index()
+        );
+    }
+    None
 }
 
 /// The used ring's header and `size` elements as one host slice, when the whole range lies in
