@@ -768,6 +768,7 @@ fn run(opts: &Options) {
         );
     }
     floor_table(opts, &cells, &samples);
+    polled_across_cpus(opts, &cells, &samples);
     handshakes(opts, &cells, &samples);
     if opts.depth.is_some() {
         // A partial matrix: the other tables are not asked for.
@@ -777,6 +778,35 @@ fn run(opts: &Options) {
     footprint(opts);
     if opts.callgrind {
         callgrind(opts);
+    }
+}
+
+/// The two-CPU cells at depth 32 and above with EVENT_IDX, `vu_null` with adaptive polling
+/// (50 µs, opt-in), against the reference of the main table.
+fn polled_across_cpus(opts: &Options, cells: &[Cell], samples: &[[Vec<Sample>; 2]]) {
+    println!("\n### Across CPUs with adaptive polling (vu_null --poll-us 50, opt-in; medians of {} runs)\n", opts.runs);
+    println!("| depth | descs | vu polling | ref | vu/ref | vu CPU ns/req | vu CPU busy | vu idle CPU after |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (cell, s) in cells.iter().zip(samples) {
+        if cell.placement != Placement::TwoCpus || cell.depth < 32 || !cell.event_idx {
+            continue;
+        }
+        let polled: Vec<Sample> = (0..opts.runs)
+            .map(|_| measure(opts, Impl::Vu, *cell, &["--poll-us", "50"], opts.run_time))
+            .collect();
+        let vu = median(polled.iter().map(|x| x.rate).collect());
+        let rf = median(s[1].iter().map(|x| x.rate).collect());
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} % | {:.1} % |",
+            cell.depth,
+            cell.descs,
+            fmt_rate(vu),
+            fmt_rate(rf),
+            vu / rf,
+            median(polled.iter().map(|x| x.cpu_per_req).collect()),
+            100.0 * median(polled.iter().map(|x| x.cpu_use).collect()),
+            100.0 * median(polled.iter().map(|x| x.idle_use).collect()),
+        );
     }
 }
 
