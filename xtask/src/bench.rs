@@ -9,15 +9,17 @@ use std::process::ExitCode;
 use crate::cmd::Cmd;
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind] [--handshake-only]
+usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
+                         [--handshake-only | --polling-only]
 
-  (default)       5 interleaved runs of 250 ms per cell, callgrind counts (about 10 minutes)
+  (default)       5 interleaved runs of 250 ms per cell, callgrind counts (a few minutes)
   --quick         3 runs of 100 ms per cell
   --smoke         one tiny run of everything: checks that the harness works end to end
   --runs N        this many interleaved runs per cell
   --no-callgrind  skip the instruction counts (valgrind)
   --handshake-only
                   only the handshake table, from 5 x runs interleaved connections per backend
+  --polling-only  only the depth-1 adaptive polling table
 ";
 
 /// Runs the task with its own arguments (those after `bench`).
@@ -26,7 +28,9 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
-            "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" => pass.push(word),
+            "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only" => {
+                pass.push(word)
+            }
             "--runs" => match words.next() {
                 Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
                     pass.extend(["--runs", n.as_str()]);
