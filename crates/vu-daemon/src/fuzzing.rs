@@ -212,21 +212,15 @@ fn message(input: &mut Input<'_>) -> Option<RawMessage> {
     Some(RawMessage { header, body, fds })
 }
 
-/// Serves every available chain of `vring` as a device would; errors end the queue's turn,
-/// as they end a device's `handle_event`. Returns how many chains it completed.
+/// Serves every available chain of `vring` with the framework's
+/// [`process_queue`](crate::process::process_queue), as a device does, copying up to
+/// `MAX_COPY` bytes per descriptor. Returns how many chains it completed.
 fn process_queue(vring: &Ring) -> u64 {
-    let mut served = 0;
     let mut scratch = vec![0u8; MAX_COPY as usize];
-    // Each round pops at most a ring's worth of chains; a hostile avail index cannot keep
-    // the loop going forever.
-    for _ in 0..MAX_QUEUE_SIZE {
-        let Some(chain) = vring.pop_descriptor_chain() else {
-            break;
-        };
-        let head = chain.head_index();
+    let served = crate::process::process_queue(vring, |chain| {
         let mem = chain.memory();
         let mut written = 0u32;
-        for desc in chain.clone() {
+        for desc in chain {
             let len = u64::from(desc.len()).min(MAX_COPY);
             let buf = &mut scratch[..len as usize];
             if desc.is_write_only() {
@@ -237,13 +231,9 @@ fn process_queue(vring: &Ring) -> u64 {
                 let _ = mem.read_slice(buf, desc.addr());
             }
         }
-        if vring.add_used(head, written).is_err() {
-            break;
-        }
-        served += 1;
-    }
-    let _ = vring.signal_used_queue_if_needed();
-    served
+        written
+    });
+    served as u64
 }
 
 /// Runs a [`session`] input and returns how many descriptor chains the queues completed
