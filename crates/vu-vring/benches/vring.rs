@@ -1,5 +1,6 @@
 //! Completing a batch of chains: one call signal per chain against one decision per batch,
-//! for each vring implementation.
+//! for each vring implementation; and `serve_available` (descriptors read through a mapping
+//! of the table, the used ring written through one slice), then one decision.
 //!
 //! Run with `cargo bench -p vu-vring --bench vring`. The call eventfd is a real eventfd, so
 //! "per chain" pays one `write(2)` per chain, as a backend that signals after every
@@ -137,6 +138,18 @@ fn batched<V: VringT<Mem>>(vring: &V, driver: &mut Driver, done: &mut Vec<(u16, 
     vring.signal_used_queue_if_needed().unwrap();
 }
 
+/// `VringData::serve_available` under one lock and one memory snapshot, then one decision:
+/// what `process_queue` does in a pass.
+fn served<V: VringT<Mem>>(vring: &V, driver: &mut Driver) {
+    driver.offer(DEPTH);
+    let mut guard = vring.get_mut();
+    let mem = guard.mem().memory();
+    guard
+        .serve_available(&mem, |chain| chain.map(|d| d.len()).sum())
+        .unwrap();
+    guard.signal_used_queue_if_needed().unwrap();
+}
+
 fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
     for descs in [1u16, 3] {
         let mut group = c.benchmark_group(format!("complete_{DEPTH}_chains_of_{descs}"));
@@ -160,6 +173,11 @@ fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
         let mut done = Vec::with_capacity(usize::from(DEPTH));
         group.bench_function(BenchmarkId::new("batched", name), |b| {
             b.iter(|| batched(&vring, &mut driver, &mut done))
+        });
+
+        let (vring, mut driver) = started::<V>(descs);
+        group.bench_function(BenchmarkId::new("serve_available", name), |b| {
+            b.iter(|| served(&vring, &mut driver))
         });
         group.finish();
     }
