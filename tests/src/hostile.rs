@@ -390,6 +390,8 @@ pub struct HostileBackend {
     pub refused: std::sync::atomic::AtomicU64,
     /// When set, the next `handle_event` panics (a device bug).
     pub panic: std::sync::atomic::AtomicBool,
+    /// `handle_event` calls, over all queues.
+    pub events: std::sync::atomic::AtomicU64,
 }
 
 /// Serves every available chain of `vring` with the framework's `process_queue` (so hostile
@@ -471,6 +473,8 @@ impl vu_backend::VhostUserBackend for HostileBackend {
         vrings: &[VringMutex<LogMem>],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        self.events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("hostile backend told to panic on queue {device_event}");
         }

@@ -306,6 +306,39 @@ fn available_index_far_ahead_does_not_stop_the_daemon() {
 }
 
 #[test]
+fn polled_queue_with_an_available_index_far_ahead_is_not_served_again_and_again() {
+    let _serial = serial();
+    let mut s = Setup::new();
+    // A polling window far longer than the test, opened by the kick below.
+    s.daemon
+        .daemon
+        .set_polling(0, std::time::Duration::from_secs(3600))
+        .unwrap();
+    let mem = s.mem().clone();
+    let events = || s.daemon.backend.events.load(Ordering::SeqCst);
+    let before = events();
+    s.ring.publish_avail_idx(&mem, SIZE + 5);
+    let deadline = std::time::Instant::now() + HOSTILE_TIMEOUT;
+    while events() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kick was not served"
+        );
+        std::thread::yield_now();
+    }
+    // Round trips take real time while the worker polls: a ring that counted as work would be
+    // dispatched again and again meanwhile (each pass logging its warning).
+    for _ in 0..20 {
+        assert_ne!(s.fe.get_features(), 0);
+    }
+    assert_eq!(events(), before + 1);
+    // The driver republishes a valid index: the queue works again.
+    s.stop_queue();
+    s.ring.start(&s.fe, &s.memory, 0);
+    s.finish();
+}
+
+#[test]
 fn memory_table_replaced_while_the_queue_runs() {
     let _serial = serial();
     let before = open_fds();
