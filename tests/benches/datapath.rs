@@ -676,17 +676,14 @@ fn callgrind_total(path: &Path) -> u64 {
 
 /// Instructions the backend executes per request at `depth`: the difference between two runs
 /// of `n` and `5n` requests, so that start-up and handshake cancel out.
-fn instructions_per_request(opts: &Options, which: Impl, depth: usize, n: u64) -> f64 {
+fn instructions_per_request(opts: &Options, which: Impl, cell: Cell, n: u64) -> f64 {
     let dir = TempDir::new_with_prefix("/tmp/vu-cg-").expect("temp dir");
     let mut totals = Vec::new();
+    let depth = cell.depth;
     for requests in [n, 5 * n] {
         let out = dir.as_path().join(format!("cg-{requests}.out"));
         let backend = Backend::spawn(opts, which, 1, &[], Some(&out));
-        let chain = [Segment {
-            len: 64,
-            writable: true,
-        }];
-        let (mut device, _) = handshake(&backend.path, true, &chain);
+        let (mut device, _) = handshake(&backend.path, true, &cell.chain());
         drive(&mut device.queue, depth, Until::Requests(requests));
         drop(device);
         backend.finish();
@@ -968,12 +965,23 @@ fn footprint(opts: &Options) {
 
 fn callgrind(opts: &Options) {
     let n = if opts.smoke { 200 } else { 5000 };
-    println!("\n### Instructions per request in the backend (callgrind; 1 descriptor, EVENT_IDX, 2 CPUs)\n");
-    println!("| depth | vu | ref | vu/ref |\n|---|---|---|---|");
-    for depth in [1, 32] {
-        let vu = instructions_per_request(opts, Impl::Vu, depth, n);
-        let rf = instructions_per_request(opts, Impl::Ref, depth, n);
-        println!("| {depth} | {vu:.0} | {rf:.0} | {:.2} |", vu / rf);
+    println!("\n### Instructions per request in the backend (callgrind; EVENT_IDX, 2 CPUs)\n");
+    println!("| depth | descs | vu | ref | vu/ref |\n|---|---|---|---|---|");
+    let cells: &[(usize, usize)] = if opts.smoke {
+        &[(1, 1), (32, 1)]
+    } else {
+        &[(1, 1), (32, 1), (32, 3), (128, 1), (128, 3)]
+    };
+    for &(depth, descs) in cells {
+        let cell = Cell {
+            placement: Placement::TwoCpus,
+            depth,
+            descs,
+            event_idx: true,
+        };
+        let vu = instructions_per_request(opts, Impl::Vu, cell, n);
+        let rf = instructions_per_request(opts, Impl::Ref, cell, n);
+        println!("| {depth} | {descs} | {vu:.0} | {rf:.0} | {:.2} |", vu / rf);
     }
 }
 
