@@ -7,7 +7,7 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
@@ -33,6 +33,9 @@ const USED_HEADER: u64 = 4;
 const USED_IDX: usize = 2;
 /// Size of one used element: `id: u32`, `len: u32`.
 const USED_ELEM: u64 = 8;
+/// Chains `serve_available` takes from one iterator over the available ring before it puts
+/// them in the used ring.
+const SERVE_BATCH: usize = 64;
 /// The trailing `avail_event: u16` of the used ring.
 const USED_TRAILER: u64 = 2;
 
@@ -154,18 +157,22 @@ impl<M: GuestAddressSpace> VringData<M> {
         Ok(added)
     }
 
-    /// Pops every chain available now, hands each to `serve` and puts it into the used ring
-    /// with the length `serve` returns (the bytes it wrote), publishing the used index after
-    /// each; returns how many chains were completed. `mem` is the memory snapshot the chains
-    /// borrow (normally `self.mem().memory()`, taken once by the caller).
+    /// Pops every chain available now, hands each to `serve` as a [`Chain`] and puts it into
+    /// the used ring with the length `serve` returns (the bytes it wrote), publishing the used
+    /// index after each; returns how many chains were completed. `mem` is the memory snapshot
+    /// the chains borrow (normally `self.mem().memory()`, taken once by the caller).
     ///
     /// This is the inner loop of vu-daemon's `process_queue`: it does not touch notifications
-    /// in either direction. The used ring is translated to host memory once per call, so each
-    /// completion is three stores rather than two guest-memory walks; a ring that does not lie
-    /// in one guest memory region is written entry by entry through virtio-queue instead, with
-    /// the same results and errors. An available entry whose head index is past the queue
-    /// size is skipped, as [`pop_descriptor_chain`](Self::pop_descriptor_chain) skips it. On
-    /// error, the chains completed before it stay completed.
+    /// in either direction. The available index is read once per round of up to 64 chains,
+    /// which are served in order and then put in the used ring in order. The descriptor table
+    /// and the used ring are translated to host memory once per call, so reading a descriptor
+    /// is two loads and each completion three stores rather than guest-memory walks; a table
+    /// or ring that does not lie in one guest memory region goes through vm-memory and
+    /// virtio-queue instead, with the same results and errors. An available entry whose head
+    /// index is past the queue size is skipped, as
+    /// [`pop_descriptor_chain`](Self::pop_descriptor_chain) skips it. On error, the chains
+    /// completed before it stay completed; the chains served in the same round after it are
+    /// not completed (the used ring is broken: the device needs a reset).
     ///
     /// Decide on the interrupt with [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)
     /// (or [`needs_notification`](Self::needs_notification)), which see these entries through
@@ -181,14 +188,40 @@ impl<M: GuestAddressSpace> VringData<M> {
             GuestAddress(self.queue.desc_table()),
             self.queue.size(),
         );
+        let size = self.queue.size();
         let mut completed = 0;
-        while let Some(chain) = pop_servable(&mut self.queue, mem) {
-            let head = chain.head_index();
-            let len = serve(Chain::new(chain, &table));
-            put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
-            completed += 1;
+        // Chains are taken from one iterator over the available ring per round (one read of
+        // the available index for up to `SERVE_BATCH` chains, where popping one by one reads
+        // it for each), served as they come, and put in the used ring once the iterator,
+        // which borrows the queue, is done.
+        let mut served = [(0u16, 0u32); SERVE_BATCH];
+        loop {
+            let mut n = 0;
+            let mut taken = 0;
+            // An index the ring cannot hold (more than `size` ahead) yields nothing; the
+            // caller's re-check finds it.
+            if let Ok(avail) = self.queue.iter(mem) {
+                for chain in avail.take(SERVE_BATCH) {
+                    taken += 1;
+                    let head = chain.head_index();
+                    if head >= size {
+                        log::warn!(
+                            "skipping available entry with head index {head} (queue size {size})"
+                        );
+                        continue;
+                    }
+                    served[n] = (head, serve(Chain::new(chain, &table)));
+                    n += 1;
+                }
+            }
+            for &(head, len) in &served[..n] {
+                put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
+                completed += 1;
+            }
+            if taken < SERVE_BATCH {
+                return Ok(completed);
+            }
         }
-        Ok(completed)
     }
 
     /// Writes the call eventfd, telling the frontend that the used ring has new entries.

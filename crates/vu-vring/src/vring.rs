@@ -525,6 +525,54 @@ mod tests {
     }
 
     #[test]
+    fn serve_available_serves_more_chains_than_one_round_in_order() {
+        // A queue of 256 with 200 chains offered: several rounds of the batch, and a head
+        // past the table in the second one.
+        const BIG: u16 = 256;
+        let (t, a, u) = (0x4000u64, 0x5000u64, 0x6000u64);
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap(),
+        );
+        let vring = VringMutex::<Mem>::new(mem.clone(), BIG).unwrap();
+        vring.set_queue_size(BIG).unwrap();
+        vring.set_queue_info(t, a, u).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let m = mem.memory();
+        for i in 0..200u16 {
+            // Device-writable (VIRTQ_DESC_F_WRITE), no next.
+            let desc = virtio_queue::desc::split::Descriptor::new(BUFFERS, u32::from(i) + 1, 2, 0);
+            m.write_obj(desc, GuestAddress(t + 16 * u64::from(i)))
+                .unwrap();
+            let head = if i == 100 { BIG + 44 } else { i };
+            m.write_obj(head.to_le(), GuestAddress(a + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        m.write_obj(200u16.to_le(), GuestAddress(a + 2)).unwrap();
+        let completed = vring
+            .get_mut()
+            .serve_available(&m, |chain| chain.map(|d| d.len()).sum())
+            .unwrap();
+        assert_eq!(completed, 199);
+        let used: Vec<(u32, u32)> = (0..199u64)
+            .map(|k| {
+                let at = u + 4 + 8 * k;
+                let id: u32 = m.read_obj(GuestAddress(at)).unwrap();
+                let len: u32 = m.read_obj(GuestAddress(at + 4)).unwrap();
+                (u32::from_le(id), u32::from_le(len))
+            })
+            .collect();
+        let expected: Vec<(u32, u32)> = (0..200u32)
+            .filter(|&i| i != 100)
+            .map(|i| (i, i + 1))
+            .collect();
+        assert_eq!(used, expected);
+        let used_idx: u16 = m.read_obj(GuestAddress(u + 2)).unwrap();
+        assert_eq!(u16::from_le(used_idx), 199);
+        assert_eq!(vring.queue_next_avail(), 200);
+    }
+
+    #[test]
     fn serve_available_wraps_around_the_used_ring() {
         let (vring, mut driver) = started::<VringMutex<Mem>>();
         let mem = driver.mem.memory();
