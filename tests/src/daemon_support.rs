@@ -136,6 +136,15 @@ pub struct LocalRunning {
 impl LocalRunning {
     /// Binds a socket and runs the daemon on a new thread until it stops.
     pub fn serving(backend: EchoBackend<vu_backend::VringState>) -> Self {
+        Self::start(backend, None)
+    }
+
+    /// As [`serving`](Self::serving), with `set_message_polling(budget)`.
+    pub fn polling(backend: EchoBackend<vu_backend::VringState>, budget: Duration) -> Self {
+        Self::start(backend, Some(budget))
+    }
+
+    fn start(backend: EchoBackend<vu_backend::VringState>, polling: Option<Duration>) -> Self {
         let (dir, path) = socket_path();
         let listener = Listener::bind(&path).expect("bind");
         let backend = Arc::new(backend);
@@ -149,6 +158,9 @@ impl LocalRunning {
                 vu_backend::GuestMemoryAtomic::new(vu_backend::GuestMemoryMmap::new()),
             )
             .expect("local daemon");
+            if let Some(budget) = polling {
+                daemon.set_message_polling(budget);
+            }
             let _ = setup_tx.send((daemon.shutdown_handle(), daemon.epoll_handler()));
             let _ = result_tx.send(daemon.run(&listener));
         });

@@ -144,3 +144,34 @@ fn registered_fd_reaches_handle_event_on_the_one_thread() {
     );
     assert!(running.backend.calls.lock().unwrap().contains(&(9, 0)));
 }
+
+#[test]
+fn local_daemon_polling_for_messages_serves_queues_and_messages() {
+    // A budget longer than the test: the loop polls after every message from here on.
+    let running = LocalRunning::polling(echo(), Duration::from_secs(3600));
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev, 0);
+    round_trip(&mut dev, 0);
+    dev.frontend.get_features().unwrap();
+    round_trip(&mut dev, 0);
+}
+
+#[test]
+fn local_daemon_polling_for_messages_stops_on_shutdown() {
+    let running = LocalRunning::polling(echo(), Duration::from_secs(3600));
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev, 0);
+    dev.frontend.get_features().unwrap();
+    running.handle.shutdown();
+    running.result(STOP_TIMEOUT).unwrap();
+}
+
+#[test]
+fn local_daemon_without_message_polling_serves_as_before() {
+    let running = LocalRunning::polling(echo(), Duration::ZERO);
+    let mut dev = running.device(&DeviceSetup::default());
+    round_trip(&mut dev, 0);
+    dev.frontend.get_features().unwrap();
+    running.handle.shutdown();
+    running.result(STOP_TIMEOUT).unwrap();
+}

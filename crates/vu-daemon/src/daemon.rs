@@ -375,7 +375,7 @@ where
     /// takes the handshake's time down several times (docs/performance.md); the cost is at
     /// most the budget of CPU time per message, and nothing while the frontend is quiet.
     /// The default is [`DEFAULT_MESSAGE_POLLING`]. Applies to connections served afterwards.
-    /// ([`LocalDaemon`] does not poll: its one thread also serves the queues.)
+    /// ([`LocalDaemon::set_message_polling`] does the same on its one epoll set.)
     pub fn set_message_polling(&mut self, budget: Duration) {
         self.reading.polling = budget;
     }

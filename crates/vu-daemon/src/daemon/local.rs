@@ -3,7 +3,7 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::event::EventConsumer;
@@ -13,7 +13,7 @@ use vu_proto::socket::{Endpoint, SocketError};
 use super::connection::{prepare, receive, respond, ConnEnd, StopSignal};
 use super::{
     create_vrings, kick_of, single_result, DaemonError, Mem, Serving, SessionOf, ShutdownHandle,
-    DEFAULT_MESSAGE_TIMEOUT,
+    DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT,
 };
 use crate::backend::VhostUserBackend;
 use crate::control::RingControl;
@@ -74,6 +74,7 @@ pub struct LocalDaemon<S: VhostUserBackend> {
     handler: Arc<VringEpollHandler>,
     _exit: Option<EventConsumer>,
     message_timeout: Option<Duration>,
+    message_polling: Duration,
 }
 
 impl<S: VhostUserBackend> std::fmt::Debug for LocalDaemon<S> {
@@ -127,6 +128,7 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
             handler,
             _exit: consumer,
             message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            message_polling: DEFAULT_MESSAGE_POLLING,
         })
     }
 
@@ -150,6 +152,16 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
     /// queues are not served while a message is being read.
     pub fn set_message_timeout(&mut self, timeout: Option<Duration>) {
         self.message_timeout = timeout;
+    }
+
+    /// Sets how long, after handling a message, the thread keeps looking at its epoll set
+    /// without sleeping (a wait with no timeout, then `sched_yield`, in a loop) before it
+    /// blocks in `epoll_wait` again; `Duration::ZERO` blocks at once. As
+    /// [`VhostUserDaemon::set_message_polling`](super::VhostUserDaemon::set_message_polling):
+    /// the frontend's next message, and any kick meanwhile, cost no wake-up. The default is
+    /// [`DEFAULT_MESSAGE_POLLING`].
+    pub fn set_message_polling(&mut self, budget: Duration) {
+        self.message_polling = budget;
     }
 
     /// The epoll handler of the one thread, to add the backend's own fds.
@@ -275,6 +287,8 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
         let num_queues = self.session.vrings().len() as u64;
         // One slot more than a wait fills, for the socket event of a message read ahead.
         let mut events = vec![EpollEvent::default(); MAX_EVENTS + 1];
+        // Until when the loop polls after a message (`set_message_polling`).
+        let mut poll_until: Option<Instant> = None;
         let result = 'serve: loop {
             // The connection reads ahead (`prepare`): a message already in its buffer leaves
             // nothing for epoll to report. Then the wait only polls, and the socket is served
@@ -282,7 +296,9 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
             // are looked at between two buffered messages. A message only partly buffered is
             // completed by the endpoint's blocking read, within the message timeout.
             let buffered = conn.as_ref().is_some_and(Endpoint::has_buffered_bytes);
-            let timeout = buffered.then_some(Duration::ZERO);
+            poll_until = poll_until.filter(|&until| Instant::now() < until);
+            let polling = poll_until.is_some();
+            let timeout = (buffered || polling).then_some(Duration::ZERO);
             let mut n = match self.poller.wait(&mut events[..MAX_EVENTS], timeout) {
                 Ok(n) => n,
                 Err(source) => {
@@ -292,6 +308,11 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
                     })
                 }
             };
+            if n == 0 && polling && !buffered {
+                // Nothing yet: let a frontend on this CPU run, then look again.
+                std::thread::yield_now();
+                continue;
+            }
             if buffered && !events[..n].iter().any(|e| e.data() == SOCKET_DATA) {
                 // The wait filled at most MAX_EVENTS slots, so the slot after them exists.
                 if let Some(slot) = events.get_mut(n) {
@@ -353,6 +374,9 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
                         let end = match self.message(&endpoint) {
                             Ok(()) => {
                                 conn = Some(endpoint);
+                                if !self.message_polling.is_zero() {
+                                    poll_until = Instant::now().checked_add(self.message_polling);
+                                }
                                 continue;
                             }
                             Err(end) => end,
