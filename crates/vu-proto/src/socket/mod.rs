@@ -8,7 +8,9 @@
 //!
 //! # Invariants
 //!
-//! 1. `recvmsg` and `sendmsg` are called in this module and nowhere else in the workspace.
+//! 1. `recvmsg` and `sendmsg` are called through [`crate::sys`] for this module and nowhere
+//!    else in the library crates (the test support's hostile frontend calls them on purpose,
+//!    to send what no [`Endpoint`] would).
 //! 2. Every received fd becomes an [`OwnedFd`] inside the function that called `recvmsg`,
 //!    right after the call returns and before the byte count or the flags are looked at.
 //!    From then on, every path out of the function either hands the fds to the caller or
@@ -45,7 +47,7 @@
 //! and such fds have no well-defined owner in any reading. The fds wait in the read-ahead
 //! with the message they belong to until that message is returned.
 //!
-//! //! # Stalled peers
+//! # Stalled peers
 //!
 //! A peer that sends half a message and then stops would block a reader forever. Set a
 //! read timeout with [`Endpoint::set_read_timeout`]: when it expires before the first byte
@@ -56,19 +58,21 @@
 //! non-blocking endpoint, which is therefore only useful together with readiness
 //! notification (wait until readable, then read one message).
 
+mod read_ahead;
+
 use std::io::{self, IoSlice};
-use std::mem;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::header::{Header, MAX_FDS, MAX_PAYLOAD_SIZE};
+use crate::header::{Header, MAX_FDS};
 use crate::message::RawMessage;
+use crate::sys::{self, ControlBuffer};
 use crate::wire::WireError;
+use read_ahead::{ReadAhead, READ_AHEAD_LEN};
 
 /// Why a socket operation failed.
 ///
@@ -238,7 +242,7 @@ pub(crate) fn adopt_inherited(fd: BorrowedFd<'_>, role: Role) -> Result<(), Sock
         fd: fd.as_raw_fd(),
         problem,
     };
-    let domain = match socket_option(fd, libc::SO_DOMAIN) {
+    let domain = match sys::socket_option(fd, libc::SO_DOMAIN) {
         Ok(domain) => domain,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
             return Err(refuse(FdProblem::NotASocket))
@@ -248,228 +252,29 @@ pub(crate) fn adopt_inherited(fd: BorrowedFd<'_>, role: Role) -> Result<(), Sock
     if domain != libc::AF_UNIX {
         return Err(refuse(FdProblem::Domain(domain)));
     }
-    let kind = socket_option(fd, libc::SO_TYPE)?;
+    let kind = sys::socket_option(fd, libc::SO_TYPE)?;
     if kind != libc::SOCK_STREAM {
         return Err(refuse(FdProblem::Type(kind)));
     }
-    let listening = socket_option(fd, libc::SO_ACCEPTCONN)? != 0;
+    let listening = sys::socket_option(fd, libc::SO_ACCEPTCONN)? != 0;
     match (role, listening) {
         (Role::Listening, false) => return Err(refuse(FdProblem::NotListening)),
         (Role::Connected, true) => return Err(refuse(FdProblem::Listening)),
         (Role::Listening, true) => {}
-        (Role::Connected, false) => {
-            let mut address = [0u8; mem::size_of::<libc::sockaddr_un>()];
-            let mut len = address.len() as libc::socklen_t;
-            // SAFETY: `address` and `len` are live locals valid for writes, and `len`
-            // holds the size of `address`, so the kernel writes at most that many bytes.
-            let rc =
-                unsafe { libc::getpeername(fd.as_raw_fd(), address.as_mut_ptr().cast(), &mut len) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOTCONN) {
-                    return Err(refuse(FdProblem::NotConnected));
-                }
-                return Err(SocketError::Io(e));
+        (Role::Connected, false) => match sys::check_peer(fd) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                return Err(refuse(FdProblem::NotConnected))
             }
-        }
+            Err(e) => return Err(SocketError::Io(e)),
+        },
     }
-    set_cloexec(fd)?;
+    sys::set_cloexec(fd)?;
     Ok(())
 }
-
-/// An integer `SOL_SOCKET` option of `fd`.
-fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are live locals valid for writes, and `len` holds the size
-    // of `value`, so the kernel writes at most that many bytes; `fd` is borrowed, open.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-/// Sets `FD_CLOEXEC` on `fd`.
-fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFD takes an integer argument and touches no memory; `fd` is open.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The size of one fd in `SCM_RIGHTS` data.
-const FD_SIZE: usize = mem::size_of::<RawFd>();
-
-/// `CMSG_SPACE(len)`: the control buffer bytes a message with `len` data bytes takes,
-/// header and padding included.
-const fn cmsg_space(len: usize) -> usize {
-    // SAFETY: CMSG_SPACE is pure arithmetic on its argument and dereferences nothing;
-    // every caller passes a length of at most MAX_FDS fds, far below c_uint::MAX.
-    unsafe { libc::CMSG_SPACE(len as libc::c_uint) as usize }
-}
-
-/// `CMSG_LEN(len)`: the `cmsg_len` of a message with `len` data bytes (header included,
-/// trailing padding not).
-const fn cmsg_len(len: usize) -> usize {
-    // SAFETY: as for `cmsg_space`: pure arithmetic on a small length.
-    unsafe { libc::CMSG_LEN(len as libc::c_uint) as usize }
-}
-
-/// Offset of the data in a control message: the aligned header length.
-const CMSG_DATA_OFFSET: usize = cmsg_len(0);
-
-/// Control buffer length: room for one `SCM_RIGHTS` message of [`MAX_FDS`] fds.
-const CONTROL_LEN: usize = cmsg_space(MAX_FDS * FD_SIZE);
-
-// The control buffer holds a header and MAX_FDS fds; `take_rights` reads a whole
-// cmsghdr from any offset that leaves CMSG_DATA_OFFSET bytes.
-const _: () = assert!(CONTROL_LEN >= CMSG_DATA_OFFSET + MAX_FDS * FD_SIZE);
-const _: () = assert!(CMSG_DATA_OFFSET >= mem::size_of::<libc::cmsghdr>());
 
 /// How many slices [`Endpoint::send`] gathers without allocating.
 const INLINE_IOV: usize = 4;
-
-/// A control buffer aligned for `cmsghdr` (whose strictest field is a `size_t`): the
-/// kernel and the `CMSG_*` arithmetic assume this alignment.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; CONTROL_LEN]);
-
-/// Bytes of the read-ahead buffer: a header and the largest payload, so that one `recvmsg`
-/// can take any whole message.
-const READ_AHEAD_LEN: usize = Header::SIZE + MAX_PAYLOAD_SIZE as usize;
-
-/// Bytes received from the socket and not yet returned, with their fds.
-#[derive(Default)]
-struct ReadAhead {
-    /// [`READ_AHEAD_LEN`] bytes once the first message is read (empty before).
-    buf: Vec<u8>,
-    /// The unread bytes are `buf[start..end]`; `start` is the first byte of a message.
-    start: usize,
-    end: usize,
-    /// Fds received and not yet returned, each group with the buffer offset of the first
-    /// byte of the message it belongs to; offsets increase.
-    fds: Vec<(usize, Vec<OwnedFd>)>,
-}
-
-impl std::fmt::Debug for ReadAhead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadAhead")
-            .field("bytes", &self.held())
-            .field("fds", &self.fds.iter().map(|(_, g)| g.len()).sum::<usize>())
-            .finish()
-    }
-}
-
-impl ReadAhead {
-    /// How many unread bytes are buffered.
-    fn held(&self) -> usize {
-        self.end.saturating_sub(self.start)
-    }
-
-    /// Forgets every buffered byte and closes every buffered fd.
-    fn clear(&mut self) {
-        self.start = 0;
-        self.end = 0;
-        self.fds.clear();
-    }
-
-    /// Consumes `n` buffered bytes (at most what is held).
-    fn consume(&mut self, n: usize) {
-        self.start = self.start.saturating_add(n).min(self.end);
-        if self.start == self.end {
-            // Every fd belongs to a buffered byte, so none is left either.
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Moves the unread bytes to the front of the buffer.
-    fn compact(&mut self) {
-        if self.start == 0 {
-            return;
-        }
-        self.buf.copy_within(self.start..self.end, 0);
-        for (owner, _) in &mut self.fds {
-            *owner = owner.saturating_sub(self.start);
-        }
-        self.end -= self.start;
-        self.start = 0;
-    }
-
-    /// The header of the message starting at buffer offset `at`, if its bytes are all
-    /// buffered.
-    fn header_at(&self, at: usize) -> Option<Result<Header, WireError>> {
-        let bytes = self.buf.get(at..at.checked_add(Header::SIZE)?)?;
-        if at + Header::SIZE > self.end {
-            return None;
-        }
-        let bytes: &[u8; Header::SIZE] = bytes.try_into().ok()?;
-        Some(Header::read(bytes))
-    }
-
-    /// The buffer offset of the first byte of the message holding buffered byte `pos`, as
-    /// far as the buffered headers tell (an incomplete or invalid header ends the walk).
-    fn message_holding(&self, pos: usize) -> usize {
-        let mut at = self.start;
-        while let Some(Ok(header)) = self.header_at(at) {
-            let next = at
-                .saturating_add(Header::SIZE)
-                .saturating_add(header.size as usize);
-            if next > pos {
-                break;
-            }
-            at = next;
-        }
-        at
-    }
-
-    /// Gives `fds` to the message starting at `owner`; more than [`MAX_FDS`] for one
-    /// message is an error.
-    fn attach(&mut self, owner: usize, fds: Vec<OwnedFd>) -> Result<(), SocketError> {
-        let received = match self.fds.last_mut() {
-            Some((last, group)) if *last == owner => {
-                group.extend(fds);
-                group.len()
-            }
-            _ => {
-                let n = fds.len();
-                self.fds.push((owner, fds));
-                n
-            }
-        };
-        if received > MAX_FDS {
-            return Err(SocketError::TooManyFds {
-                max: MAX_FDS,
-                received,
-            });
-        }
-        Ok(())
-    }
-
-    /// Takes the fds of the messages starting before buffer offset `before`.
-    fn take_fds(&mut self, before: usize, into: &mut Vec<OwnedFd>) {
-        let n = self.fds.iter().take_while(|(o, _)| *o < before).count();
-        for (_, group) in self.fds.drain(..n) {
-            into.extend(group);
-        }
-    }
-}
 
 /// One end of a vhost-user connection.
 ///
@@ -623,15 +428,15 @@ impl Endpoint {
         // Drop leading empty slices so that every sendmsg below carries data.
         IoSlice::advance_slices(&mut slices, 0);
 
-        let mut control = ControlBuffer([0; CONTROL_LEN]);
+        let mut control = ControlBuffer::new();
         let mut control_len = 0;
         if !fds.is_empty() {
-            control_len = fill_rights(&mut control, fds);
+            control_len = sys::fill_rights(&mut control, fds);
         }
 
         let mut sent = 0usize;
         while !slices.is_empty() {
-            match sendmsg_once(self.stream.as_fd(), slices, &mut control, control_len) {
+            match sys::sendmsg_once(self.stream.as_fd(), slices, &mut control, control_len) {
                 Ok(0) => {
                     let source = io::Error::from(io::ErrorKind::WriteZero);
                     return Err(SocketError::SendIncomplete {
@@ -727,7 +532,7 @@ impl Endpoint {
     /// With [read-ahead](Self::set_read_ahead), reads as much as the socket holds, up to a
     /// header and the largest payload, in one `recvmsg`; without, exactly the header, then
     /// exactly the body. Checks the header with [`Header::read`] (a size above
-    /// [`MAX_PAYLOAD_SIZE`] is refused before anything is allocated), reads again only if
+    /// [`MAX_PAYLOAD_SIZE`](crate::header::MAX_PAYLOAD_SIZE) is refused before anything is allocated), reads again only if
     /// the message is not complete, and keeps what follows it for the next call; see the
     /// [module docs](self#which-message-an-fd-belongs-to) for how fds are attributed.
     /// After a [`SocketError::Wire`] error only the bad header was consumed (its fds are
@@ -828,7 +633,8 @@ impl Endpoint {
             } else {
                 0
             };
-            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), free, &mut fds, flags) {
+            let (n, truncated) = match sys::recvmsg_once(self.stream.as_fd(), free, &mut fds, flags)
+            {
                 Ok(result) => result,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) && received == 0 => return Err(SocketError::Io(e)),
@@ -885,7 +691,7 @@ impl Endpoint {
         while let Some(rest) = buf.get_mut(got..).filter(|rest| !rest.is_empty()) {
             // `recvmsg_once` has already made every received fd an OwnedFd in `fds`, so
             // every early return below closes them through the caller's truncate.
-            let (n, truncated) = match recvmsg_once(self.stream.as_fd(), rest, fds, 0) {
+            let (n, truncated) = match sys::recvmsg_once(self.stream.as_fd(), rest, fds, 0) {
                 Ok(result) => result,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) && before == 0 && got == 0 => {
@@ -946,132 +752,6 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
-}
-
-/// Writes one `SCM_RIGHTS` control message carrying `fds` (at most [`MAX_FDS`], checked
-/// by the caller) into `control`; returns the control length to pass to `sendmsg`.
-fn fill_rights(control: &mut ControlBuffer, fds: &[BorrowedFd<'_>]) -> usize {
-    let data_len = fds.len() * FD_SIZE;
-    // SAFETY: cmsghdr is a C struct of integers (and, on some targets, integer padding
-    // fields), for which all-zero bytes are a valid value.
-    let mut header: libc::cmsghdr = unsafe { mem::zeroed() };
-    header.cmsg_len = cmsg_len(data_len) as _;
-    header.cmsg_level = libc::SOL_SOCKET;
-    header.cmsg_type = libc::SCM_RIGHTS;
-    // SAFETY: CONTROL_LEN = CMSG_SPACE(MAX_FDS * FD_SIZE) is at least the size of a
-    // cmsghdr, so the write stays inside `control`; write_unaligned has no alignment
-    // requirement (the buffer is 8-aligned anyway).
-    unsafe { ptr::write_unaligned(control.0.as_mut_ptr().cast::<libc::cmsghdr>(), header) };
-    let data = &mut control.0[CMSG_DATA_OFFSET..CMSG_DATA_OFFSET + data_len];
-    for (slot, fd) in data.chunks_exact_mut(FD_SIZE).zip(fds) {
-        slot.copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
-    }
-    cmsg_space(data_len)
-}
-
-/// One `sendmsg(MSG_NOSIGNAL)` of `slices` with the first `control_len` bytes of
-/// `control` as ancillary data; returns the number of bytes written.
-fn sendmsg_once(
-    socket: BorrowedFd<'_>,
-    slices: &[IoSlice<'_>],
-    control: &mut ControlBuffer,
-    control_len: usize,
-) -> io::Result<usize> {
-    // SAFETY: msghdr is a C struct of integers and raw pointers (plus integer padding on
-    // some targets), for which all-zero bytes (null pointers, zero lengths) are valid.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    // IoSlice is guaranteed ABI-compatible with iovec on Unix. The kernel only reads
-    // through msg_iov, so the const-to-mut cast is never used to write.
-    msg.msg_iov = slices.as_ptr().cast::<libc::iovec>().cast_mut();
-    msg.msg_iovlen = slices.len().min(libc::UIO_MAXIOV as usize) as _;
-    if control_len > 0 {
-        msg.msg_control = control.0.as_mut_ptr().cast();
-        msg.msg_controllen = control_len.min(CONTROL_LEN) as _;
-    }
-    // SAFETY: every pointer in `msg` borrows memory that outlives the call: the iovecs
-    // and the bytes they describe come from `slices` (lengths from the slices
-    // themselves, count capped at slices.len()), and the control data is at most
-    // CONTROL_LEN bytes of `control`. The fds in the control data are borrowed by the
-    // caller and stay open for the call; the kernel duplicates them, so no ownership
-    // moves.
-    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// One `recvmsg(MSG_CMSG_CLOEXEC | flags)` into `buf`; every fd received is appended to
-/// `fds` as an [`OwnedFd`] before anything else is examined. Returns the byte count and
-/// whether the control data was truncated (`MSG_CTRUNC`).
-fn recvmsg_once(
-    socket: BorrowedFd<'_>,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    flags: libc::c_int,
-) -> io::Result<(usize, bool)> {
-    let mut control = ControlBuffer([0; CONTROL_LEN]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is a C struct of integers and raw pointers (plus integer padding on
-    // some targets), for which all-zero bytes (null pointers, zero lengths) are valid.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = CONTROL_LEN as _;
-    // SAFETY: `iov` describes exactly `buf` (pointer and length taken from it), which is
-    // exclusively borrowed for the call; the control pointer and length describe
-    // `control`, CONTROL_LEN bytes aligned for cmsghdr. The kernel writes at most those
-    // lengths. Fds it installs are taken into ownership just below, exactly once.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
-    if n < 0 {
-        // On failure the kernel installs no fd.
-        return Err(io::Error::last_os_error());
-    }
-    let control_len = (msg.msg_controllen as usize).min(CONTROL_LEN);
-    take_rights(&control.0[..control_len], fds);
-    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
-    Ok((n as usize, truncated))
-}
-
-/// Walks the control messages in `control` (as filled in by `recvmsg`) and takes
-/// ownership of every fd of every `SCM_RIGHTS` message.
-fn take_rights(control: &[u8], fds: &mut Vec<OwnedFd>) {
-    let mut offset = 0usize;
-    while let Some(rest) = control.get(offset..) {
-        if rest.len() < CMSG_DATA_OFFSET {
-            break;
-        }
-        // SAFETY: `rest` holds at least CMSG_DATA_OFFSET >= size_of::<cmsghdr>() bytes
-        // (checked just above); read_unaligned needs no alignment, and cmsghdr is plain
-        // integers, valid for any bit pattern.
-        let header: libc::cmsghdr = unsafe { ptr::read_unaligned(rest.as_ptr().cast()) };
-        let len = header.cmsg_len as usize;
-        let Some(data) = rest.get(CMSG_DATA_OFFSET..len) else {
-            // A length shorter than a header or past the buffer: the kernel never writes
-            // one, and there is nothing sound to read after it.
-            break;
-        };
-        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
-            for chunk in data.chunks_exact(FD_SIZE) {
-                let mut bytes = [0u8; FD_SIZE];
-                bytes.copy_from_slice(chunk);
-                let raw = RawFd::from_ne_bytes(bytes);
-                if raw < 0 {
-                    continue;
-                }
-                // SAFETY: the kernel installed `raw` in our fd table for this recvmsg
-                // (with close-on-exec), and nothing else knows its number yet; this loop
-                // visits each fd slot once, so ownership is taken exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-            }
-        }
-        // The next header starts at CMSG_ALIGN(len) = CMSG_SPACE(data length).
-        offset = offset.saturating_add(cmsg_space(data.len()));
-    }
 }
 
 #[cfg(test)]
@@ -1160,20 +840,5 @@ mod tests {
             }
         ));
         assert_eq!(fds.len(), 1);
-    }
-
-    #[test]
-    fn take_rights_ignores_a_length_past_the_buffer() {
-        let mut control = ControlBuffer([0; CONTROL_LEN]);
-        // SAFETY: as in fill_rights: all-zero is a valid cmsghdr.
-        let mut header: libc::cmsghdr = unsafe { mem::zeroed() };
-        header.cmsg_len = (CONTROL_LEN + 4) as _;
-        header.cmsg_level = libc::SOL_SOCKET;
-        header.cmsg_type = libc::SCM_RIGHTS;
-        // SAFETY: the buffer holds at least one cmsghdr (the const assertions above).
-        unsafe { ptr::write_unaligned(control.0.as_mut_ptr().cast::<libc::cmsghdr>(), header) };
-        let mut fds = Vec::new();
-        take_rights(&control.0, &mut fds);
-        assert!(fds.is_empty());
     }
 }
