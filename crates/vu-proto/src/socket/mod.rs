@@ -8,7 +8,7 @@
 //!
 //! # Invariants
 //!
-//! 1. `recvmsg` and `sendmsg` are called through [`crate::sys`] for this module and nowhere
+//! 1. `recvmsg` and `sendmsg` are called through the crate's private `sys` module for this module and nowhere
 //!    else in the library crates (the test support's hostile frontend calls them on purpose,
 //!    to send what no [`Endpoint`] would).
 //! 2. Every received fd becomes an [`OwnedFd`] inside the function that called `recvmsg`,
