@@ -8,9 +8,9 @@
 //!
 //! # Invariants
 //!
-//! 1. `recvmsg` and `sendmsg` are called through the crate's private `sys` module for this module and nowhere
-//!    else in the library crates (the test support's hostile frontend calls them on purpose,
-//!    to send what no [`Endpoint`] would).
+//! 1. `recvmsg` and `sendmsg` are called for this module by the crate's private `sys` module
+//!    and nowhere else in the library crates (the test support's hostile frontend calls them
+//!    on purpose, to send what no [`Endpoint`] would).
 //! 2. Every received fd becomes an [`OwnedFd`] inside the function that called `recvmsg`,
 //!    right after the call returns and before the byte count or the flags are looked at.
 //!    From then on, every path out of the function either hands the fds to the caller or
