@@ -181,7 +181,11 @@ fn descriptor_loop_ends_and_the_queue_goes_on() {
         .write_desc(s.mem(), 0, descriptor(data, 8, DESC_NEXT, 1));
     s.ring
         .write_desc(s.mem(), 1, descriptor(data, 8, DESC_NEXT, 0));
-    s.serve(0);
+    assert_eq!(
+        s.serve(0),
+        0,
+        "a chain the walk cannot finish moves no bytes"
+    );
     s.finish();
 }
 
@@ -194,7 +198,11 @@ fn chain_longer_than_the_ring_ends_and_the_queue_goes_on() {
         s.ring
             .write_desc(s.mem(), i, descriptor(data, 8, DESC_NEXT, (i + 1) % SIZE));
     }
-    s.serve(0);
+    assert_eq!(
+        s.serve(0),
+        0,
+        "a chain the walk cannot finish moves no bytes"
+    );
     // The table was all one chain; lay out the good request again.
     s.finish();
 }
@@ -206,7 +214,11 @@ fn next_index_past_the_table_ends_the_chain() {
     let data = s.ring.data.0;
     s.ring
         .write_desc(s.mem(), 0, descriptor(data, 8, DESC_NEXT, 0xffff));
-    s.serve(0);
+    assert_eq!(
+        s.serve(0),
+        0,
+        "a chain the walk cannot finish moves no bytes"
+    );
     s.finish();
 }
 
@@ -262,7 +274,11 @@ fn indirect_table_pointing_at_itself_ends() {
         .unwrap();
     s.ring
         .write_desc(s.mem(), 0, descriptor(table, 32, DESC_INDIRECT, 0));
-    s.serve(0);
+    assert_eq!(
+        s.serve(0),
+        0,
+        "a chain the walk cannot finish moves no bytes"
+    );
     s.finish();
 }
 

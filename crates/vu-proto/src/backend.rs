@@ -437,20 +437,33 @@ mod tests {
 
     #[test]
     fn threads_share_one_channel() {
+        // The peer refuses each request with a status naming it (request and queue), so a
+        // reply that reached the wrong thread would surface as the wrong status.
+        fn status(request: &BackendRequest) -> u64 {
+            match request {
+                BackendRequest::VringCall(state) => 100 + u64::from(state.index),
+                BackendRequest::VringErr(state) => 200 + u64::from(state.index),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
         let ch = Arc::new(ch);
         let peer = std::thread::spawn(move || {
             for _ in 0..8 {
-                let (header, _) = recv(&theirs);
-                ack(&theirs, &header, 0);
+                let (header, request) = recv(&theirs);
+                ack(&theirs, &header, status(&request));
             }
         });
+        let refused = |result: Result<(), ChannelError>| match result {
+            Err(ChannelError::Refused { status, .. }) => status,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
         let workers: Vec<_> = (0..4u32)
             .map(|i| {
                 let ch = Arc::clone(&ch);
                 std::thread::spawn(move || {
-                    ch.vring_call(i).unwrap();
-                    ch.vring_err(i).unwrap();
+                    assert_eq!(refused(ch.vring_call(i)), 100 + u64::from(i));
+                    assert_eq!(refused(ch.vring_err(i)), 200 + u64::from(i));
                 })
             })
             .collect();
@@ -458,5 +471,6 @@ mod tests {
             w.join().unwrap();
         }
         peer.join().unwrap();
+        assert!(!ch.is_broken());
     }
 }

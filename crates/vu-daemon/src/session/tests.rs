@@ -10,6 +10,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -1363,7 +1364,10 @@ fn set_inflight_fd_keeps_the_area() {
     });
     let area = f.session.inflight.as_ref().unwrap();
     assert_eq!(area.desc(), desc);
-    assert!(area.fd().as_raw_fd() >= 0);
+    // The session keeps the very file the frontend sent (same inode), not a new one.
+    let kept = File::from(area.fd().try_clone_to_owned().unwrap());
+    let (kept, sent) = (kept.metadata().unwrap(), file.metadata().unwrap());
+    assert_eq!((kept.dev(), kept.ino()), (sent.dev(), sent.ino()));
 }
 
 #[test]
