@@ -493,7 +493,11 @@ fn our_backend_channel_is_served_by_rust_vmm() {
     // is only used to duplicate the fd.
     let tx = unsafe { BorrowedFd::borrow_raw(handler.get_tx_raw_fd()) };
     let fd: OwnedFd = tx.try_clone_to_owned().unwrap();
-    let channel = BackendChannel::from_fd(fd, ProtocolFeatures::REPLY_ACK).unwrap();
+    let channel = BackendChannel::from_fd(
+        fd,
+        ProtocolFeatures::REPLY_ACK | ProtocolFeatures::CONFIG | ProtocolFeatures::SHARED_OBJECT,
+    )
+    .unwrap();
     channel.set_reply_timeout(Some(TEST_TIMEOUT)).unwrap();
     let sender = std::thread::spawn(move || {
         channel.config_change_msg().unwrap();
