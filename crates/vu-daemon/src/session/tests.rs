@@ -1866,3 +1866,6 @@ fn session_fds_are_close_on_exec() {
     let flags = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFD) };
     assert!(flags & libc::FD_CLOEXEC != 0);
 }
+
+/// Scenarios of issue 13 (every request served as the spec says), kept together.
+mod conformance;
