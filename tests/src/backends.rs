@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vu_backend::{VhostUserBackend, VringT};
+use vu_backend::{DisabledRing, VhostUserBackend, VringT};
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 
 /// The memory type of the test backends (no dirty logging).
@@ -44,6 +44,8 @@ pub struct EchoBackend<V> {
     pub completed: AtomicU64,
     /// How many times `reset_device` was called.
     pub resets: AtomicU64,
+    /// What a kick on a disabled ring does (`disabled_ring`).
+    disabled: DisabledRing,
     _vring: PhantomData<fn() -> V>,
 }
 
@@ -62,6 +64,7 @@ impl<V> EchoBackend<V> {
             calls: Mutex::new(Vec::new()),
             completed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            disabled: DisabledRing::Hold,
             _vring: PhantomData,
         }
     }
@@ -69,6 +72,12 @@ impl<V> EchoBackend<V> {
     /// Sets `queues_per_thread()`.
     pub fn with_threads(mut self, masks: Vec<u64>) -> Self {
         self.masks = masks;
+        self
+    }
+
+    /// Sets what a kick on a started but disabled ring does, for every queue.
+    pub fn with_disabled_ring(mut self, policy: DisabledRing) -> Self {
+        self.disabled = policy;
         self
     }
 
@@ -187,6 +196,10 @@ impl<V: VringT<Mem>> VhostUserBackend for EchoBackend<V> {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         self.masks.clone()
+    }
+
+    fn disabled_ring(&self, _queue: u16) -> DisabledRing {
+        self.disabled
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -4,7 +4,7 @@
 use std::sync::mpsc;
 use std::thread;
 
-use vu_backend::VringMutex;
+use vu_backend::{DisabledRing, VringMutex};
 use vu_tests::backends::EchoBackend;
 use vu_tests::daemon_support::Running;
 use vu_tests::device::{DeviceSetup, DEVICE_TIMEOUT};
@@ -118,4 +118,58 @@ fn kick_while_disabled_on_one_worker_does_not_stall_another() {
     );
     dev.enable_queue(0, true);
     assert_eq!(dev.queue(0).wait_used(1, DEVICE_TIMEOUT).len(), 1);
+}
+
+/// The default policy holds: a disabled ring's chains are not touched (no side effect) and
+/// the device is not called, until the ring is enabled again.
+#[test]
+fn disabled_ring_is_held_by_default() {
+    let running = Running::serving(echo());
+    let mut dev = running.device(&DeviceSetup::default());
+    dev.enable_queue(0, false);
+    dev.queue(0)
+        .post_and_kick(&[Buf::Readable(b"held".to_vec()), Buf::Writable(4)]);
+    // A second queue activity proves the worker ran meanwhile: an enable-disable round trip
+    // is a frontend message, after which parked kicks are looked at.
+    dev.enable_queue(0, false);
+    assert!(dev.queue(0).poll_used().is_empty());
+    assert!(running.backend.calls.lock().unwrap().is_empty());
+    dev.enable_queue(0, true);
+    let used = dev.queue(0).wait_used(1, DEVICE_TIMEOUT);
+    assert_eq!(used[0].written, vec![b"held".to_vec()]);
+}
+
+/// "started and disabled: The back-end must process the ring without causing any side
+/// effects ... must process and discard any TX packets": with `Discard`, the framework
+/// completes the chains with nothing written and does not call the device.
+#[test]
+fn disabled_ring_with_discard_is_processed_without_side_effects() {
+    let running = Running::serving(echo().with_disabled_ring(DisabledRing::Discard));
+    let mut dev = running.device(&DeviceSetup::default());
+    dev.enable_queue(0, false);
+    dev.queue(0)
+        .post_and_kick(&[Buf::Readable(b"drop".to_vec()), Buf::Writable(4)]);
+    let used = dev.queue(0).wait_used(1, DEVICE_TIMEOUT);
+    assert_eq!(used[0].len, 0, "nothing was written into the chain");
+    assert!(running.backend.calls.lock().unwrap().is_empty());
+    // Enabled again, the device serves as usual.
+    dev.enable_queue(0, true);
+    dev.queue(0)
+        .post_and_kick(&[Buf::Readable(b"kept".to_vec()), Buf::Writable(4)]);
+    let used = dev.queue(0).wait_used(1, DEVICE_TIMEOUT);
+    assert_eq!(used[0].written, vec![b"kept".to_vec()]);
+}
+
+/// With `Dispatch`, the device is called for a disabled ring and decides itself (the echo
+/// device here serves anyway; a net device would drop TX and supply no RX).
+#[test]
+fn disabled_ring_with_dispatch_calls_the_device() {
+    let running = Running::serving(echo().with_disabled_ring(DisabledRing::Dispatch));
+    let mut dev = running.device(&DeviceSetup::default());
+    dev.enable_queue(0, false);
+    dev.queue(0)
+        .post_and_kick(&[Buf::Readable(b"seen".to_vec()), Buf::Writable(4)]);
+    let used = dev.queue(0).wait_used(1, DEVICE_TIMEOUT);
+    assert_eq!(used[0].written, vec![b"seen".to_vec()]);
+    assert!(!running.backend.calls.lock().unwrap().is_empty());
 }

@@ -9,6 +9,7 @@
 mod bench;
 mod ci;
 mod cmd;
+mod conformance;
 mod deps;
 mod doc;
 mod e2e;

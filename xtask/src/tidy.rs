@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Options, StepResult};
+use crate::{conformance, Options, StepResult};
 
 /// The directories whose `.rs` files are checked.
 const SOURCE_DIRS: &[&str] = &["crates", "tests", "xtask"];
@@ -313,6 +313,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
     let mut report: Vec<String> = Vec::new();
 
     let mut files = Vec::new();
+    let mut test_fns = std::collections::BTreeSet::new();
     for dir in SOURCE_DIRS {
         rust_files(&root.join(dir), &mut files);
     }
@@ -337,6 +338,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
                 continue;
             }
         };
+        test_fns.extend(conformance::test_names(&text));
         note(&mut report, &shown, check_no_ignore(&text));
         note(&mut report, &shown, check_safety_comments(&text));
         if shown.starts_with("tests/")
@@ -378,6 +380,24 @@ pub(crate) fn run(_options: &Options) -> StepResult {
     match std::fs::read_to_string(root.join("README.md")) {
         Ok(text) => note(&mut report, "README.md", check_readme(&text)),
         Err(err) => report.push(format!("README.md: cannot read: {err}")),
+    }
+
+    eprintln!(
+        "    checking {} against the requests of {}",
+        conformance::TABLE,
+        conformance::REQUESTS
+    );
+    match (
+        std::fs::read_to_string(root.join(conformance::TABLE)),
+        std::fs::read_to_string(root.join(conformance::REQUESTS)),
+    ) {
+        (Ok(table), Ok(requests)) => {
+            let requests = conformance::spec_names(&requests);
+            let findings = conformance::check(&table, &requests, &test_fns);
+            note(&mut report, conformance::TABLE, findings);
+        }
+        (Err(err), _) => report.push(format!("{}: cannot read: {err}", conformance::TABLE)),
+        (_, Err(err)) => report.push(format!("{}: cannot read: {err}", conformance::REQUESTS)),
     }
 
     for line in &report {

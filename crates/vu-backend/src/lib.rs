@@ -259,7 +259,7 @@ pub use vm_memory;
 pub use vmm_sys_util;
 
 // The backend traits and the daemon.
-pub use vu_daemon::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
+pub use vu_daemon::backend::{BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut};
 pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
 pub use vu_daemon::process::process_queue;
 pub use vu_daemon::{
@@ -278,7 +278,9 @@ pub use vu_mem::{LogBitmap, RegionBitmap};
 
 // Feature words and the payloads the backend traits take or return.
 pub use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
-pub use vu_proto::payload::{SharedObject, ShmemConfig, TransferDirection, TransferPhase};
+pub use vu_proto::payload::{
+    ConfigFlags, SharedObject, ShmemConfig, TransferDirection, TransferPhase,
+};
 
 // Guest memory, queues and events.
 pub use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};

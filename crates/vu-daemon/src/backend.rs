@@ -22,6 +22,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Deref;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -29,7 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vu_mem::RegionBitmap;
 use vu_proto::features::ProtocolFeatures;
-use vu_proto::payload::{SharedObject, ShmemConfig, TransferDirection, TransferPhase};
+use vu_proto::payload::{ConfigFlags, SharedObject, ShmemConfig, TransferDirection, TransferPhase};
 use vu_vring::VringT;
 
 /// The guest memory handle given to backends and vrings (the reference calls it `GM` too).
@@ -45,6 +46,32 @@ fn unsupported(what: &str) -> io::Error {
         io::ErrorKind::Unsupported,
         format!("the backend does not support {what}"),
     )
+}
+
+/// What the framework does with a kick on a started ring that the frontend disabled
+/// (`SET_VRING_ENABLE` with 0); chosen per queue by [`VhostUserBackend::disabled_ring`].
+///
+/// The spec: "started and disabled: The back-end must process the ring without causing any
+/// side effects. For example, for a networking device, in the disabled state the back-end
+/// must not supply any new RX packets, but must process and discard any TX packets." Which
+/// processing has no side effect depends on the queue, so the device says.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisabledRing {
+    /// The default: the kick is held, and the ring is served as soon as it is enabled again
+    /// (or its chains are left for the next start after `GET_VRING_BASE`). Nothing is
+    /// consumed, so nothing has a side effect; right for queues whose requests act on the
+    /// world (a block write, an RX buffer). QEMU disables the rings just before it stops
+    /// them (`vhost_dev_stop`), where serving a request would be wrong.
+    Hold,
+    /// `handle_event` is called as for an enabled ring; the device sees
+    /// `vring.is_enabled() == false` and must serve without side effects (a net device
+    /// consumes and drops TX buffers, supplies no RX buffers).
+    Dispatch,
+    /// The framework completes every available chain with a used length of 0 without
+    /// calling the device, and interrupts the driver as usual: "process and discard", for a
+    /// queue whose chains only carry data to the device (a net TX queue).
+    Discard,
 }
 
 /// A vhost-user device, called through `&self`.
@@ -87,9 +114,47 @@ pub trait VhostUserBackend {
         Vec::new()
     }
 
-    /// Writes `buf` into the device config space at `offset` (`SET_CONFIG`).
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+    /// Writes `buf` into the device config space at `offset` (`SET_CONFIG`). The spec: "The
+    /// vhost-user back-end must check the flags field, and back-ends MUST NOT accept
+    /// SET_CONFIG for read-only configuration space fields unless the live migration bit is
+    /// set": refuse a write to a read-only field unless
+    /// [`flags.is_live_migration()`](ConfigFlags::is_live_migration). A rust-vmm front-end
+    /// sends its `WRITABLE` flag (1) on ordinary writes, which QEMU's numbering, followed
+    /// here, reads as the live migration flag.
+    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: ConfigFlags) -> io::Result<()> {
         Err(unsupported("writing the config space"))
+    }
+
+    /// The frontend set the virtio device status (`SET_STATUS`, protocol feature STATUS): the
+    /// spec's "updated device status as defined in the Virtio specification", one byte
+    /// (ACKNOWLEDGE 1, DRIVER 2, DRIVER_OK 4, FEATURES_OK 8, DEVICE_NEEDS_RESET 64, FAILED
+    /// 128). An error refuses the request and leaves the status `GET_STATUS` returns as it
+    /// was. Status 0 is not a reset here: QEMU sends it when it stops the device, before the
+    /// `GET_VRING_BASE`s, and resets with `RESET_DEVICE` (then [`reset_device`] is called).
+    ///
+    /// [`reset_device`]: Self::reset_device
+    fn set_status(&self, _status: u8) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// What a kick on queue `queue`'s started but disabled ring does; see [`DisabledRing`].
+    fn disabled_ring(&self, _queue: u16) -> DisabledRing {
+        DisabledRing::Hold
+    }
+
+    /// Queue `queue`'s ring is polled (`SET_VRING_KICK` with the no-fd flag: "polling should
+    /// be used instead of waiting for the kick") or waits for kicks again (`polled` false,
+    /// a kick fd arrived). While polled, the framework calls `handle_event` for the queue
+    /// every millisecond whether or not the driver posted anything. An error refuses the
+    /// `SET_VRING_KICK`.
+    fn set_vring_polled(&self, _queue: u16, _polled: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Hands over the vhost-user GPU protocol socket (`GPU_SET_SOCKET`); the GPU protocol
+    /// (docs/interop/vhost-user-gpu.rst) is the device's to speak. The default refuses.
+    fn set_gpu_socket(&self, _socket: OwnedFd) -> io::Result<()> {
+        Err(unsupported("the vhost-user GPU protocol"))
     }
 
     /// The guest memory table changed; `mem` is the same handle the vrings hold.
@@ -191,8 +256,28 @@ pub trait VhostUserBackendMut {
     }
 
     /// See [`VhostUserBackend::set_config`].
-    fn set_config(&mut self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: ConfigFlags) -> io::Result<()> {
         Err(unsupported("writing the config space"))
+    }
+
+    /// See [`VhostUserBackend::set_status`].
+    fn set_status(&mut self, _status: u8) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// See [`VhostUserBackend::disabled_ring`].
+    fn disabled_ring(&self, _queue: u16) -> DisabledRing {
+        DisabledRing::Hold
+    }
+
+    /// See [`VhostUserBackend::set_vring_polled`].
+    fn set_vring_polled(&mut self, _queue: u16, _polled: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// See [`VhostUserBackend::set_gpu_socket`].
+    fn set_gpu_socket(&mut self, _socket: OwnedFd) -> io::Result<()> {
+        Err(unsupported("the vhost-user GPU protocol"))
     }
 
     /// See [`VhostUserBackend::update_memory`].
@@ -280,8 +365,20 @@ impl<T: VhostUserBackend + ?Sized> VhostUserBackend for Arc<T> {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.deref().get_config(offset, size)
     }
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.deref().set_config(offset, buf)
+    fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
+        self.deref().set_config(offset, buf, flags)
+    }
+    fn set_status(&self, status: u8) -> io::Result<()> {
+        self.deref().set_status(status)
+    }
+    fn disabled_ring(&self, queue: u16) -> DisabledRing {
+        self.deref().disabled_ring(queue)
+    }
+    fn set_vring_polled(&self, queue: u16, polled: bool) -> io::Result<()> {
+        self.deref().set_vring_polled(queue, polled)
+    }
+    fn set_gpu_socket(&self, socket: OwnedFd) -> io::Result<()> {
+        self.deref().set_gpu_socket(socket)
     }
     fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
         self.deref().update_memory(mem)
@@ -378,10 +475,30 @@ macro_rules! locked_backend {
                     .unwrap_or_else(PoisonError::into_inner)
                     .get_config(offset, size)
             }
-            fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+            fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
                 self.$write()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .set_config(offset, buf)
+                    .set_config(offset, buf, flags)
+            }
+            fn set_status(&self, status: u8) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_status(status)
+            }
+            fn disabled_ring(&self, queue: u16) -> DisabledRing {
+                self.$read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .disabled_ring(queue)
+            }
+            fn set_vring_polled(&self, queue: u16, polled: bool) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_vring_polled(queue, polled)
+            }
+            fn set_gpu_socket(&self, socket: OwnedFd) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_gpu_socket(socket)
             }
             fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
                 self.$write()

@@ -45,9 +45,10 @@ use vu_proto::listener::Listener;
 use vu_proto::socket::Endpoint;
 use vu_vring::VringT;
 
-use crate::backend::VhostUserBackend;
+use crate::backend::{DisabledRing, VhostUserBackend};
 use crate::control::RingControl;
 use crate::epoll::VringEpollHandler;
+use crate::process::process_queue;
 use crate::session::Session;
 use crate::worker::{assign_queues, panic_message, Dispatch, Ending, Worker};
 
@@ -111,13 +112,22 @@ pub(crate) struct Serving<'a, S: VhostUserBackend> {
 }
 
 impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
-    fn ring_enabled(&self, queue: u16) -> bool {
-        self.vrings
-            .get(usize::from(queue))
-            .is_some_and(|v| v.is_enabled())
+    fn dispatches_kicks(&self, queue: u16) -> bool {
+        self.vrings.get(usize::from(queue)).is_some_and(|v| {
+            v.is_enabled() || self.backend.disabled_ring(queue) != DisabledRing::Hold
+        })
     }
 
     fn handle_event(&self, device_event: u16, evset: EventSet, thread: usize) -> io::Result<()> {
+        if let Some(vring) = self.vrings.get(usize::from(device_event)) {
+            if !vring.is_enabled()
+                && self.backend.disabled_ring(device_event) == DisabledRing::Discard
+            {
+                // "process and discard": every chain completed, nothing written into it.
+                process_queue(vring, |_chain| 0);
+                return Ok(());
+            }
+        }
         self.backend
             .handle_event(device_event, evset, self.vrings, thread)
     }

@@ -74,6 +74,7 @@
 //!   `postcopy` feature and XEN_MMAP without `xen`.
 
 mod memory;
+mod offer;
 #[cfg(feature = "postcopy")]
 mod postcopy;
 mod vring;
@@ -91,8 +92,8 @@ use vu_proto::features::{check_subset, ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::Header;
 use vu_proto::message::{encode_reply, FrontendRequest, RawMessage};
 use vu_proto::payload::{
-    ConfigReply, DeviceConfig, DeviceStateFdReply, DeviceStateTransfer, Inflight, Payload,
-    SharedObject, ShmemConfig, U64,
+    ConfigReply, CryptoSession, DeviceConfig, DeviceStateFdReply, DeviceStateTransfer, Inflight,
+    Payload, SharedObject, ShmemConfig, U64,
 };
 use vu_proto::request::{FrontendReq, ReplyRule};
 use vu_vring::VringT;
@@ -104,10 +105,6 @@ use memory::InflightArea;
 
 /// The failure value of a REPLY_ACK and of the `u64` replies: "non-zero on failure".
 const FAILURE: u64 = 1;
-
-/// Ring features never offered to a frontend, even when the backend's `features` include them:
-/// the vrings (virtio-queue's split ring) cannot serve a packed ring.
-pub(crate) const UNSUPPORTED_RING_FEATURES: VirtioFeatures = VirtioFeatures::RING_PACKED;
 
 /// Ring features the framework implements on every vring whether or not the backend offered
 /// them, and so honours when a frontend acknowledges them unoffered (see the module docs).
@@ -165,6 +162,8 @@ pub(crate) struct Session<S, V, B: RegionBitmap> {
     owner: bool,
     /// The device status from `SET_STATUS`.
     status: u64,
+    /// Per queue, whether its ring is polled (`SET_VRING_KICK` without an fd).
+    polled: Vec<bool>,
     /// Whether the "unoffered virtio features" warning was logged on this connection.
     warned_unoffered: bool,
     /// The inflight area handed out or received.
@@ -191,7 +190,8 @@ where
         mem: GuestMemoryAtomic<GuestMemoryMmap<B>>,
         vrings: Vec<V>,
     ) -> Self {
-        let offered_protocol = supported_protocol(backend.protocol_features());
+        let offered_protocol = offer::offered_protocol(backend.protocol_features());
+        let polled = vec![false; vrings.len()];
         Session {
             backend,
             vrings,
@@ -202,6 +202,7 @@ where
             protocol_set: false,
             owner: false,
             status: 0,
+            polled,
             warned_unoffered: false,
             inflight: None,
             #[cfg(feature = "postcopy")]
@@ -269,6 +270,7 @@ where
     /// connection starts clean. Every queue is unwatched and quiesced first.
     pub(crate) fn disconnect(&mut self, ctl: &mut dyn RingControl) {
         self.reset_rings(ctl);
+        self.install_inband(None);
         self.backend.reset_device();
         self.mem.reset();
         self.acked_features = 0;
@@ -322,10 +324,7 @@ where
             )),
             R::GetConfig(config) => self.handle_get_config(hdr, config).map(Some),
             R::SetConfig(config) => self.handle_set_config(config).map(none),
-            R::CreateCryptoSession(_) => Err(unsupported(
-                FrontendReq::CreateCryptoSession,
-                "no crypto sessions",
-            )),
+            R::CreateCryptoSession(session) => Ok(Some(refuse_crypto_session(hdr, session))),
             R::CloseCryptoSession(_) => Err(unsupported(
                 FrontendReq::CloseCryptoSession,
                 "no crypto sessions",
@@ -337,10 +336,7 @@ where
             R::SetInflightFd { inflight, fd } => {
                 self.handle_set_inflight_fd(inflight, fd).map(none)
             }
-            R::GpuSetSocket { .. } => Err(unsupported(
-                FrontendReq::GpuSetSocket,
-                "the vhost-user GPU protocol is not supported",
-            )),
+            R::GpuSetSocket { fd } => self.handle_gpu_set_socket(fd).map(none),
             R::ResetDevice => self.handle_reset_device(ctl).map(none),
             R::VringKick(state) => self.handle_vring_kick(state, ctl).map(none),
             R::GetMaxMemSlots => self.handle_get_max_mem_slots(hdr).map(Some),
@@ -365,6 +361,9 @@ where
     fn refuse(&self, hdr: &Header, req: Option<FrontendReq>, err: SessionError) -> Outcome {
         let failure = match (&err, req) {
             (SessionError::FeatureCombination { .. }, _) => Failure::Close,
+            // A reply where a request must be: the peer's view of the conversation is not
+            // ours, and whatever it waits for, we cannot know; closing tells it at once.
+            (SessionError::ReplyFromFrontend { .. }, _) => Failure::Close,
             (_, Some(req)) => failure_reply(hdr, req, self.postcopy_listening(), self.log_shmfd()),
             (_, None) if hdr.needs_reply() => Failure::Reply(Reply::u64(hdr, FAILURE)),
             (_, None) => Failure::Silent,
@@ -420,10 +419,10 @@ where
         }
     }
 
-    /// The virtio features offered to the frontend: the backend's, less the ring layouts the
-    /// vrings cannot serve ([`UNSUPPORTED_RING_FEATURES`]).
+    /// The virtio features offered to the frontend: the backend's, less those the framework
+    /// cannot serve (`offer::VIRTIO_SERVICE`).
     fn offered_features(&self) -> u64 {
-        self.backend.features() & !UNSUPPORTED_RING_FEATURES.bits()
+        offer::offered_virtio(self.backend.features())
     }
 
     /// Whether the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`.
@@ -470,9 +469,23 @@ where
         Ok(())
     }
 
+    /// "Issued when a new connection is established. It marks the sender as the front-end
+    /// that owns of the session": a second one on the same connection is refused, as the
+    /// kernel's `VHOST_SET_OWNER` refuses it (`EBUSY`), and changes nothing.
     fn handle_set_owner(&mut self) -> Result<(), SessionError> {
+        if self.owner {
+            return Err(SessionError::AlreadyOwned);
+        }
         self.owner = true;
         Ok(())
+    }
+
+    /// Hands the GPU protocol socket to the backend, which speaks that protocol or refuses.
+    fn handle_gpu_set_socket(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
+        let request = FrontendReq::GpuSetSocket;
+        self.backend
+            .set_gpu_socket(fd)
+            .map_err(|source| SessionError::Backend { request, source })
     }
 
     fn handle_reset_owner(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
@@ -570,6 +583,7 @@ where
         self.require(request, ProtocolFeatures::BACKEND_REQ)?;
         let channel = vu_proto::backend::BackendChannel::from_fd(fd, self.acked_protocol)
             .map_err(|source| SessionError::Socket { request, source })?;
+        self.install_inband(Some(&channel));
         self.backend.set_backend_req_fd(channel);
         Ok(())
     }
@@ -602,12 +616,23 @@ where
         let request = FrontendReq::SetConfig;
         self.require(request, ProtocolFeatures::CONFIG)?;
         self.backend
-            .set_config(config.offset, &config.data)
+            .set_config(config.offset, &config.data, config.flags)
             .map_err(|source| SessionError::Backend { request, source })
     }
 
+    /// Stores the status for `GET_STATUS` once the backend accepted it. The virtio status is
+    /// one byte; a wider value is refused.
     fn handle_set_status(&mut self, status: U64) -> Result<(), SessionError> {
-        self.require(FrontendReq::SetStatus, ProtocolFeatures::STATUS)?;
+        let request = FrontendReq::SetStatus;
+        self.require(request, ProtocolFeatures::STATUS)?;
+        let byte = u8::try_from(status.0).map_err(|_| SessionError::ValueOutOfRange {
+            request,
+            field: "device status",
+            value: status.0,
+        })?;
+        self.backend
+            .set_status(byte)
+            .map_err(|source| SessionError::Backend { request, source })?;
         self.status = status.0;
         Ok(())
     }
@@ -702,6 +727,39 @@ where
     }
 }
 
+/// The failure reply to `CREATE_CRYPTO_SESSION`, which no backend can serve (CRYPTO_SESSION
+/// is never offered): the spec's "The back-end must return the session id, 0 or positive for
+/// success, negative for failure", instead of closing the connection.
+///
+/// The reply echoes the request's bytes (QEMU checks that the reply has the size of its
+/// `VhostUserCryptoSession`) with -1 written where the session id lies in both layouts QEMU
+/// has used: at offset 0 (QEMU up to 7.2, `session_id` first) and at offset 8 (later
+/// releases, after the 64-bit `op_code`; offset 0 of the earlier layout is then the
+/// op code, which the front-end does not read back).
+fn refuse_crypto_session(hdr: &Header, session: CryptoSession) -> Reply {
+    warn!(
+        "refused {}: no crypto session support",
+        FrontendReq::CreateCryptoSession
+    );
+    Reply::new(hdr, &failed_crypto_session(session.0), Vec::new())
+}
+
+/// `bytes` with -1 (as a native-endian `i64`) written at offsets 0 and 8, as far as they fit.
+fn failed_crypto_session(mut bytes: Vec<u8>) -> CryptoSession {
+    let failed = (-1i64).to_ne_bytes();
+    for start in [0, 8] {
+        for (i, b) in failed.iter().enumerate() {
+            if let Some(slot) = bytes.get_mut(start + i) {
+                *slot = *b;
+            }
+        }
+    }
+    if bytes.is_empty() {
+        bytes.extend_from_slice(&failed);
+    }
+    CryptoSession(bytes)
+}
+
 /// Maps `Ok(())` to "no reply of its own".
 fn none(_: ()) -> Option<Reply> {
     None
@@ -709,26 +767,6 @@ fn none(_: ()) -> Option<Reply> {
 
 fn unsupported(request: FrontendReq, reason: &'static str) -> SessionError {
     SessionError::Unsupported { request, reason }
-}
-
-/// The backend's protocol features minus those the session cannot serve.
-fn supported_protocol(offered: ProtocolFeatures) -> ProtocolFeatures {
-    let mut unsupported = ProtocolFeatures::RARP
-        | ProtocolFeatures::MTU
-        | ProtocolFeatures::CROSS_ENDIAN
-        | ProtocolFeatures::CRYPTO_SESSION
-        | ProtocolFeatures::GET_VRING_BASE_INFLIGHT;
-    if cfg!(not(feature = "postcopy")) {
-        unsupported |= ProtocolFeatures::PAGEFAULT;
-    }
-    if cfg!(not(feature = "xen")) {
-        unsupported |= ProtocolFeatures::XEN_MMAP;
-    }
-    let removed = offered & unsupported;
-    if !removed.is_empty() {
-        warn!("the session does not serve protocol features {removed:?}; not offering them");
-    }
-    offered - unsupported
 }
 
 /// How a refused request is answered.
@@ -762,6 +800,11 @@ fn failure_reply(
         | FrontendReq::GetSharedObject
         | FrontendReq::PostcopyEnd => fail_u64(),
         FrontendReq::GetConfig => Failure::Reply(Reply::new(hdr, &ConfigReply::Failed, Vec::new())),
+        FrontendReq::CreateCryptoSession => Failure::Reply(Reply::new(
+            hdr,
+            &failed_crypto_session(Vec::new()),
+            Vec::new(),
+        )),
         FrontendReq::SetDeviceStateFd => Failure::Reply(Reply::new(
             hdr,
             &DeviceStateFdReply {

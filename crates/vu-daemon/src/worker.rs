@@ -73,8 +73,10 @@ use crate::epoll::{eventfd_fd, new_eventfd, Poller, VringEpollHandler, STOP_DATA
 /// What the dispatch of an event needs from the backend and the vrings. Kept apart from the
 /// backend trait so that one implementation of kicks serves both runtimes and unit tests.
 pub(crate) trait Dispatch {
-    /// Whether queue `queue`'s ring is enabled.
-    fn ring_enabled(&self, queue: u16) -> bool;
+    /// Whether a kick on queue `queue` is dispatched now: its ring is enabled, or disabled
+    /// with a [`DisabledRing`](crate::backend::DisabledRing) policy that processes it. A kick
+    /// that is not dispatched is parked until this becomes true.
+    fn dispatches_kicks(&self, queue: u16) -> bool;
     /// Calls the backend's `handle_event`.
     fn handle_event(&self, device_event: u16, evset: EventSet, thread: usize) -> io::Result<()>;
     /// Whether queue `queue`'s ring is started and enabled and holds chains the device has
@@ -211,7 +213,7 @@ impl KickTable {
         }
         for (queue, slot) in self.slots.iter_mut().enumerate() {
             let Ok(q) = u16::try_from(queue) else { break };
-            if !matches!(slot, Some(Watch::Parked(_))) || !d.ring_enabled(q) {
+            if !matches!(slot, Some(Watch::Parked(_))) || !d.dispatches_kicks(q) {
                 continue;
             }
             if let Some(Watch::Parked(file)) = slot.take() {
@@ -276,7 +278,7 @@ impl KickTable {
             // An event read from epoll before the queue was unwatched or parked: drop it.
             _ => return Ok(false),
         };
-        if !d.ring_enabled(queue) {
+        if !d.dispatches_kicks(queue) {
             self.park(poller, queue).map_err(kick_err)?;
             return Ok(false);
         }
@@ -677,7 +679,7 @@ mod tests {
     }
 
     impl Dispatch for Recorder {
-        fn ring_enabled(&self, queue: u16) -> bool {
+        fn dispatches_kicks(&self, queue: u16) -> bool {
             self.enabled[usize::from(queue)].get()
         }
         fn ring_has_work(&self, queue: u16) -> bool {
@@ -861,7 +863,7 @@ mod tests {
         std::thread::spawn(move || {
             struct Enabled;
             impl Dispatch for Enabled {
-                fn ring_enabled(&self, _: u16) -> bool {
+                fn dispatches_kicks(&self, _: u16) -> bool {
                     true
                 }
                 fn handle_event(&self, _: u16, _: EventSet, _: usize) -> io::Result<()> {

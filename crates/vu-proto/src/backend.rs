@@ -11,13 +11,19 @@
 //! [`ChannelError::Refused`]. Without it, only `SHARED_OBJECT_LOOKUP`, which always has
 //! a reply, waits.
 //!
-//! The channel is `Send + Sync`: device threads share it (in an `Arc`), and a mutex
-//! around the endpoint keeps each request and its reply together. A socket error or a
+//! Each request needs the protocol feature the spec gates it on (`CONFIG` for
+//! `CONFIG_CHANGE_MSG`, `SHMEM` and `BACKEND_SEND_FD` for `SHMEM_MAP`, ...; see
+//! [`required_features`]); without it nothing is sent and the request fails with
+//! [`ChannelError::NotNegotiated`].
+//!
+//! The channel is `Send + Sync` and `Clone`: device threads share it (in an `Arc` or as
+//! clones, which share one connection), and a mutex around the endpoint keeps each request
+//! and its reply together. A socket error or a
 //! malformed reply leaves the stream out of sync, so the channel then refuses every
 //! further request with [`ChannelError::Broken`].
 
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::features::ProtocolFeatures;
@@ -58,6 +64,14 @@ pub enum ChannelError {
         /// The non-zero status the front-end sent.
         status: u64,
     },
+    /// The request needs protocol features that were not negotiated; nothing was sent.
+    #[error("{request} needs protocol features {missing:?}, which were not negotiated")]
+    NotNegotiated {
+        /// The request that was not sent.
+        request: BackendReq,
+        /// The features it needs that are missing.
+        missing: ProtocolFeatures,
+    },
     /// An earlier socket error or bad reply left the stream out of sync; nothing was
     /// sent.
     #[error("{request}: the back-end channel is broken by an earlier error")]
@@ -74,26 +88,55 @@ struct Inner {
     broken: bool,
 }
 
+/// The protocol features back-end request `request` needs, as the spec words it ("when
+/// `VHOST_USER_PROTOCOL_F_CONFIG` is negotiated", "should be sent only when
+/// `VHOST_USER_PROTOCOL_F_HOST_NOTIFIER` ... has been successfully negotiated", ...), plus
+/// `BACKEND_SEND_FD` when the message carries an fd: "If
+/// `VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD` protocol feature is negotiated, back-end can send
+/// file descriptors".
+///
+/// `IOTLB_MSG` needs the virtio feature `VIRTIO_F_IOMMU_PLATFORM`, which the channel does
+/// not know; it needs no protocol feature here.
+pub fn required_features(request: BackendReq, carries_fd: bool) -> ProtocolFeatures {
+    let feature = match request {
+        BackendReq::IotlbMsg => ProtocolFeatures::empty(),
+        BackendReq::ConfigChangeMsg => ProtocolFeatures::CONFIG,
+        BackendReq::VringHostNotifierMsg => ProtocolFeatures::HOST_NOTIFIER,
+        BackendReq::VringCall | BackendReq::VringErr => ProtocolFeatures::INBAND_NOTIFICATIONS,
+        BackendReq::SharedObjectAdd
+        | BackendReq::SharedObjectRemove
+        | BackendReq::SharedObjectLookup => ProtocolFeatures::SHARED_OBJECT,
+        BackendReq::ShmemMap | BackendReq::ShmemUnmap => ProtocolFeatures::SHMEM,
+    };
+    if carries_fd {
+        feature | ProtocolFeatures::BACKEND_SEND_FD
+    } else {
+        feature
+    }
+}
+
 /// The typed sender of back-end requests.
 ///
 /// Built from the endpoint made of `SET_BACKEND_REQ_FD`'s fd and the protocol features
-/// the front-end acknowledged. One method per back-end request; each sends the request
-/// and, when a reply is due, waits for it under the channel's lock.
-#[derive(Debug)]
+/// the front-end acknowledged. One method per back-end request; each checks the features
+/// the request needs ([`required_features`]), sends it and, when a reply is due, waits for
+/// it under the channel's lock. Clones share the connection and its lock.
+#[derive(Debug, Clone)]
 pub struct BackendChannel {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     acked: ProtocolFeatures,
 }
 
 impl BackendChannel {
     /// Wraps `endpoint`; `acked` is the protocol feature word the front-end set with
-    /// `SET_PROTOCOL_FEATURES` (only `REPLY_ACK` changes the channel's behaviour).
+    /// `SET_PROTOCOL_FEATURES`: `REPLY_ACK` makes every request wait for its answer, and
+    /// each request needs its own feature ([`required_features`]).
     pub fn new(endpoint: Endpoint, acked: ProtocolFeatures) -> Self {
         BackendChannel {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 endpoint,
                 broken: false,
-            }),
+            })),
             acked,
         }
     }
@@ -237,6 +280,10 @@ impl BackendChannel {
         request: BackendReq,
         msg: &BackendRequest<BorrowedFd<'_>>,
     ) -> Result<Option<OwnedFd>, ChannelError> {
+        let missing = required_features(request, !msg.fds().is_empty()) - self.acked;
+        if !missing.is_empty() {
+            return Err(ChannelError::NotNegotiated { request, missing });
+        }
         let reply_ack = self.acked.contains(ProtocolFeatures::REPLY_ACK);
         let always = request.reply_rule() == ReplyRule::Always;
         let flags = if reply_ack {
@@ -311,6 +358,105 @@ mod tests {
         theirs.send_message(&h, &b, &[]).unwrap();
     }
 
+    /// Every feature but REPLY_ACK, so that only the waiting differs.
+    fn without_reply_ack() -> ProtocolFeatures {
+        ProtocolFeatures::all() - ProtocolFeatures::REPLY_ACK
+    }
+
+    #[test]
+    fn a_request_without_its_feature_is_refused_unsent() {
+        let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
+        let cases: [(
+            BackendReq,
+            Box<dyn Fn(&BackendChannel) -> Result<(), ChannelError>>,
+        ); 5] = [
+            (
+                BackendReq::ConfigChangeMsg,
+                Box::new(|c| c.config_change_msg()),
+            ),
+            (BackendReq::VringCall, Box::new(|c| c.vring_call(0))),
+            (BackendReq::VringErr, Box::new(|c| c.vring_err(0))),
+            (
+                BackendReq::SharedObjectAdd,
+                Box::new(|c| c.shared_object_add(&SharedObject { uuid: [1; 16] })),
+            ),
+            (
+                BackendReq::ShmemUnmap,
+                Box::new(|c| {
+                    c.shmem_unmap(&ShmemMap {
+                        shmid: 0,
+                        fd_offset: 0,
+                        shm_offset: 0,
+                        len: 0x1000,
+                        flags: crate::payload::ShmemMapFlags::empty(),
+                    })
+                }),
+            ),
+        ];
+        for (request, send) in cases {
+            match send(&ch) {
+                Err(ChannelError::NotNegotiated {
+                    request: r,
+                    missing,
+                }) => {
+                    assert_eq!(r, request);
+                    assert_eq!(missing, required_features(request, false));
+                }
+                other => panic!("{request}: {other:?}"),
+            }
+        }
+        assert!(
+            !ch.is_broken(),
+            "a refusal before sending keeps the channel"
+        );
+        theirs.set_nonblocking(true).unwrap();
+        assert!(
+            theirs.recv_message().is_err(),
+            "nothing reached the front-end"
+        );
+    }
+
+    #[test]
+    fn shmem_map_needs_backend_send_fd_too() {
+        let (ch, _theirs) = channel(ProtocolFeatures::SHMEM);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let map = ShmemMap {
+            shmid: 0,
+            fd_offset: 0,
+            shm_offset: 0,
+            len: 0x1000,
+            flags: crate::payload::ShmemMapFlags::empty(),
+        };
+        let err = ch.shmem_map(&map, std::os::fd::AsFd::as_fd(&file));
+        assert!(matches!(
+            err,
+            Err(ChannelError::NotNegotiated { missing, .. })
+                if missing == ProtocolFeatures::BACKEND_SEND_FD
+        ));
+    }
+
+    #[test]
+    fn host_notifier_with_an_area_needs_host_notifier_and_backend_send_fd() {
+        assert_eq!(
+            required_features(BackendReq::VringHostNotifierMsg, true),
+            ProtocolFeatures::HOST_NOTIFIER | ProtocolFeatures::BACKEND_SEND_FD
+        );
+        assert_eq!(
+            required_features(BackendReq::VringHostNotifierMsg, false),
+            ProtocolFeatures::HOST_NOTIFIER
+        );
+    }
+
+    #[test]
+    fn clones_share_the_connection() {
+        let (ch, theirs) = channel(without_reply_ack());
+        let clone = ch.clone();
+        clone.vring_call(2).unwrap();
+        ch.vring_err(2).unwrap();
+        assert!(matches!(recv(&theirs).1, BackendRequest::VringCall(_)));
+        assert!(matches!(recv(&theirs).1, BackendRequest::VringErr(_)));
+    }
+
     #[test]
     fn channel_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
@@ -319,7 +465,7 @@ mod tests {
 
     #[test]
     fn without_reply_ack_config_change_is_sent_without_need_reply() {
-        let (ch, theirs) = channel(ProtocolFeatures::empty());
+        let (ch, theirs) = channel(without_reply_ack());
         ch.config_change_msg().unwrap();
         let (header, req) = recv(&theirs);
         assert!(!header.needs_reply());
@@ -328,7 +474,7 @@ mod tests {
 
     #[test]
     fn with_reply_ack_vring_call_waits_for_the_ack() {
-        let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
+        let (ch, theirs) = channel(ProtocolFeatures::all());
         let peer = std::thread::spawn(move || {
             let (header, req) = recv(&theirs);
             assert!(header.needs_reply());
@@ -344,7 +490,7 @@ mod tests {
 
     #[test]
     fn non_zero_ack_is_refused_with_the_status() {
-        let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
+        let (ch, theirs) = channel(ProtocolFeatures::all());
         let peer = std::thread::spawn(move || {
             let (header, _) = recv(&theirs);
             ack(&theirs, &header, 5);
@@ -363,7 +509,7 @@ mod tests {
 
     #[test]
     fn reply_to_another_request_breaks_the_channel() {
-        let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
+        let (ch, theirs) = channel(ProtocolFeatures::all());
         let peer = std::thread::spawn(move || {
             let (header, _) = recv(&theirs);
             let mut wrong = header;
@@ -389,7 +535,7 @@ mod tests {
 
     #[test]
     fn shmem_map_passes_its_fd() {
-        let (ch, theirs) = channel(ProtocolFeatures::empty());
+        let (ch, theirs) = channel(without_reply_ack());
         let file = std::fs::File::open("/dev/null").unwrap();
         let map = ShmemMap {
             shmid: 2,
@@ -407,7 +553,7 @@ mod tests {
 
     #[test]
     fn host_notifier_without_area_sets_the_no_fd_bit() {
-        let (ch, theirs) = channel(ProtocolFeatures::empty());
+        let (ch, theirs) = channel(without_reply_ack());
         ch.host_notifier(1, None).unwrap();
         match recv(&theirs).1 {
             BackendRequest::VringHostNotifierMsg {
@@ -419,7 +565,7 @@ mod tests {
 
     #[test]
     fn shared_object_lookup_always_waits_and_returns_the_fd() {
-        let (ch, theirs) = channel(ProtocolFeatures::empty());
+        let (ch, theirs) = channel(without_reply_ack());
         let peer = std::thread::spawn(move || {
             let (header, _) = recv(&theirs);
             let file = std::fs::File::open("/dev/null").unwrap();
@@ -446,7 +592,7 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
+        let (ch, theirs) = channel(ProtocolFeatures::all());
         let ch = Arc::new(ch);
         let peer = std::thread::spawn(move || {
             for _ in 0..8 {

@@ -163,7 +163,7 @@ mod vring;
 
 pub use chain::Chain;
 pub use error::{Error, RingPart};
-pub use state::{RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
+pub use state::{InbandNotifier, RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
 };

@@ -1,11 +1,13 @@
 //! [`VringData`]: the plain state of one vring, which every [`VringT`](crate::VringT) guard
 //! dereferences to.
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::{BitmapSlice, BS};
@@ -57,6 +59,17 @@ pub enum RingState {
     Enabled,
 }
 
+/// Where a ring's notifications go when the frontend gave no eventfd for them: the in-band
+/// messages `VHOST_USER_BACKEND_VRING_CALL` and `VHOST_USER_BACKEND_VRING_ERR`, sent by the
+/// daemon over the back-end channel when in-band notifications are negotiated. This crate
+/// knows no sockets; the daemon implements the trait.
+pub trait InbandNotifier: fmt::Debug + Send + Sync {
+    /// Tells the frontend the ring's used ring has new entries (in place of the call fd).
+    fn call(&self) -> io::Result<()>;
+    /// Tells the frontend the ring hit an error (in place of the error fd).
+    fn error(&self) -> io::Result<()>;
+}
+
 /// The plain, unsynchronised state of one vring.
 ///
 /// Every guard of a [`VringT`](crate::VringT) implementation dereferences to this type, so
@@ -70,6 +83,8 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     kick: Option<File>,
     call: Option<File>,
     err: Option<File>,
+    /// Used for a call or an error when `call` or `err` is `None`.
+    inband: Option<Arc<dyn InbandNotifier>>,
     enabled: bool,
     log_guest_addr: Option<u64>,
     /// `next_used` when the notification decision was last taken; entries past it are the
@@ -94,6 +109,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             kick: None,
             call: None,
             err: None,
+            inband: None,
             enabled: false,
             log_guest_addr: None,
             notified_used: Wrapping(0),
@@ -226,14 +242,22 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Writes the call eventfd, telling the frontend that the used ring has new entries.
     ///
-    /// Does nothing when no call fd is set (the frontend then expects an in-band
-    /// `VRING_CALL` message, which the daemon sends). This is unconditional: prefer
+    /// When no call fd is set, sends the in-band call instead if the daemon installed an
+    /// [`InbandNotifier`] (the spec prefers the fd: it "will be preferred over the
+    /// message"), and does nothing otherwise. This is unconditional: prefer
     /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed).
     pub fn signal_used_queue(&self) -> io::Result<()> {
-        match &self.call {
-            Some(call) => eventfd_add_one(call),
-            None => Ok(()),
+        match (&self.call, &self.inband) {
+            (Some(call), _) => eventfd_add_one(call),
+            (None, Some(inband)) => inband.call(),
+            (None, None) => Ok(()),
         }
+    }
+
+    /// Installs (or removes) the in-band notifier used when no call or error fd is set.
+    /// It survives [`reset`](Self::reset): it belongs to the connection, not to the ring.
+    pub fn set_inband(&mut self, notifier: Option<Arc<dyn InbandNotifier>>) {
+        self.inband = notifier;
     }
 
     /// Decides whether the driver wants to be notified of the used entries added since the
@@ -473,12 +497,14 @@ impl<M: GuestAddressSpace> VringData<M> {
         }
     }
 
-    /// Writes the error eventfd, telling the frontend that this vring hit an error.
-    /// Does nothing when none is set.
+    /// Writes the error eventfd, telling the frontend that this vring hit an error. When none
+    /// is set, sends the in-band error instead if an [`InbandNotifier`] is installed, and
+    /// does nothing otherwise.
     pub fn signal_error(&self) -> io::Result<()> {
-        match &self.err {
-            Some(err) => eventfd_add_one(err),
-            None => Ok(()),
+        match (&self.err, &self.inband) {
+            (Some(err), _) => eventfd_add_one(err),
+            (None, Some(inband)) => inband.error(),
+            (None, None) => Ok(()),
         }
     }
 

@@ -10,7 +10,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::error::Error;
-use crate::state::{RingState, VringData};
+use crate::state::{InbandNotifier, RingState, VringData};
 
 /// The memory handle the vring types default to, as in the reference implementation, so
 /// that `&VringMutex` names `VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>`.
@@ -193,6 +193,11 @@ pub trait VringT<M: GuestAddressSpace>:
     /// Sets or clears the error eventfd.
     fn set_err(&self, fd: Option<File>) {
         self.get_mut().set_err(fd);
+    }
+
+    /// Installs or removes the in-band notifier; see [`VringData::set_inband`].
+    fn set_inband(&self, notifier: Option<Arc<dyn InbandNotifier>>) {
+        self.get_mut().set_inband(notifier);
     }
 
     /// Consumes the kick counter and returns whether the ring is enabled; see

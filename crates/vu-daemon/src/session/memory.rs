@@ -120,6 +120,22 @@ where
     V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
     B: RegionBitmap,
 {
+    /// With `xen` the codec reads every memory region with the Xen fields, which "the memory
+    /// region description contains ... when the `VHOST_USER_PROTOCOL_F_XEN_MMAP` protocol
+    /// feature has been successfully negotiated": a table from a frontend that did not
+    /// acknowledge it is refused rather than misread. XEN_MMAP is always offered by a `xen`
+    /// build (`offer.rs`).
+    #[cfg(feature = "xen")]
+    fn require_xen_mmap(&self, request: FrontendReq) -> Result<(), SessionError> {
+        self.require(request, ProtocolFeatures::XEN_MMAP)
+    }
+
+    /// Without `xen` the regions have no Xen fields; nothing to check.
+    #[cfg(not(feature = "xen"))]
+    fn require_xen_mmap(&self, _request: FrontendReq) -> Result<(), SessionError> {
+        Ok(())
+    }
+
     /// Tells the backend the table changed; the vrings share the same memory handle.
     fn memory_changed(&mut self, request: FrontendReq) -> Result<(), SessionError> {
         self.backend
@@ -134,6 +150,7 @@ where
         fds: Vec<OwnedFd>,
     ) -> Result<Option<Reply>, SessionError> {
         let request = FrontendReq::SetMemTable;
+        self.require_xen_mmap(request)?;
         let specs = table
             .regions
             .iter()
@@ -155,6 +172,7 @@ where
     ) -> Result<Option<Reply>, SessionError> {
         let request = FrontendReq::AddMemReg;
         self.require(request, ProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+        self.require_xen_mmap(request)?;
         self.mem
             .add_region(region_spec(&region, fd))
             .map_err(|source| SessionError::Memory { request, source })?;

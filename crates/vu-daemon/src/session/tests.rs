@@ -33,7 +33,7 @@ use vu_vring::{RingState, VringMutex, VringT};
 
 use super::memory::inflight_size;
 use super::{new_eventfd, Outcome, Session};
-use crate::backend::{BackendChannel, VhostUserBackend, VhostUserBackendMut};
+use crate::backend::{BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut};
 use crate::control::RingControl;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<LogBitmap>>;
@@ -68,6 +68,11 @@ struct Record {
     memory: Option<Mem>,
     channel: Option<BackendChannel>,
     config: Vec<u8>,
+    config_flags: Vec<ConfigFlags>,
+    statuses: Vec<u8>,
+    polled: Vec<(u16, bool)>,
+    gpu_socket: Option<OwnedFd>,
+    disabled_ring: Option<DisabledRing>,
     state_fd: Option<File>,
     fail: bool,
 }
@@ -122,8 +127,9 @@ impl VhostUserBackend for TestBackend {
             .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+    fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
         let mut rec = lock(&self.rec);
+        rec.config_flags.push(flags);
         let start = offset as usize;
         let end = start + buf.len();
         if rec.config.len() < end {
@@ -150,6 +156,33 @@ impl VhostUserBackend for TestBackend {
     fn stop_vring(&self, queue: u16) -> io::Result<()> {
         lock(&self.rec).events.push(Event::StopVring(queue));
         Ok(())
+    }
+    fn set_status(&self, status: u8) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.statuses.push(status);
+        Ok(())
+    }
+    fn set_vring_polled(&self, queue: u16, polled: bool) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.polled.push((queue, polled));
+        Ok(())
+    }
+    fn set_gpu_socket(&self, socket: OwnedFd) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.gpu_socket = Some(socket);
+        Ok(())
+    }
+    fn disabled_ring(&self, _queue: u16) -> DisabledRing {
+        lock(&self.rec).disabled_ring.unwrap_or(DisabledRing::Hold)
     }
     fn handle_event(&self, _: u16, _: EventSet, _: &[Ring], _: usize) -> io::Result<()> {
         Ok(())
@@ -267,6 +300,24 @@ impl Fixture {
         self.ok(FrontendRequest::SetFeatures(
             VirtioFeatures::from_bits_retain(FEATURES),
         ));
+    }
+
+    /// Asserts the connection still serves requests (a harmless SET_VRING_BASE is accepted).
+    fn alive(&mut self) {
+        self.ok(FrontendRequest::SetVringBase(VringState {
+            index: 0,
+            num: 0,
+        }));
+    }
+
+    /// A fixture after the handshake with INFLIGHT_SHMFD acknowledged although the offer
+    /// table masks it (`offer.rs`): the inflight handlers are tested ahead of the tracking
+    /// that will let the framework offer the feature.
+    fn negotiated_with_inflight() -> Self {
+        let mut f = Self::new();
+        f.session.offered_protocol |= ProtocolFeatures::INFLIGHT_SHMFD;
+        f.negotiate(protocol());
+        f
     }
 
     /// Sends a request with NEED_REPLY.
@@ -585,6 +636,17 @@ fn set_owner_is_accepted() {
     assert!(f.session.owner);
 }
 
+/// "It marks the sender as the front-end that owns of the session": a second SET_OWNER
+/// is refused, changes nothing, and the connection goes on.
+#[test]
+fn second_set_owner_is_refused() {
+    let mut f = Fixture::negotiated();
+    assert_refused(&f.ask(FrontendRequest::SetOwner));
+    assert!(f.session.owner);
+    assert_eq!(lock(&f.rec).resets, 0);
+    f.alive();
+}
+
 // ------------------------------------------------------------------ refusals
 
 /// Sends SET_VRING_NUM for `index`, expects a refusal, then shows the session still works.
@@ -808,7 +870,7 @@ fn unknown_request_code_with_need_reply_gets_an_ack_failure() {
         vec![1, 2, 3],
         Vec::new(),
     )));
-    f.ok(FrontendRequest::SetOwner);
+    f.alive();
 }
 
 #[test]
@@ -817,7 +879,7 @@ fn unknown_request_code_without_need_reply_is_ignored() {
     let fd: OwnedFd = new_eventfd().unwrap().into();
     let outcome = f.raw(raw(45, HeaderFlags::empty(), Vec::new(), vec![fd]));
     assert!(outcome.reply.is_none() && !outcome.close);
-    f.ok(FrontendRequest::SetOwner);
+    f.alive();
 }
 
 #[test]
@@ -846,11 +908,17 @@ fn wrong_fd_count_is_refused_and_the_fds_are_closed() {
 }
 
 #[test]
-fn message_with_reply_flag_is_refused() {
+fn message_with_reply_flag_closes_the_connection() {
     let mut f = Fixture::negotiated();
-    let code = FrontendReq::SetOwner.code().0;
-    let flags = HeaderFlags::REPLY | HeaderFlags::NEED_REPLY;
-    assert_refused(&f.raw(raw(code, flags, Vec::new(), Vec::new())));
+    let code = FrontendReq::GetFeatures.code().0;
+    // A GET_FEATURES with the REPLY flag, with and without NEED_REPLY: the peer would wait
+    // for an answer we cannot know it expects, so the connection is closed at once.
+    for flags in [
+        HeaderFlags::REPLY,
+        HeaderFlags::REPLY | HeaderFlags::NEED_REPLY,
+    ] {
+        assert_closed(&f.raw(raw(code, flags, Vec::new(), Vec::new())));
+    }
 }
 
 // ------------------------------------------------------------------ rings
@@ -1072,7 +1140,7 @@ fn set_vring_addr_with_log_flag_on_a_started_ring_keeps_it_started() {
 fn need_reply_is_answered_without_reply_ack_negotiated() {
     let mut f = Fixture::new();
     f.negotiate(ProtocolFeatures::empty());
-    f.ok(FrontendRequest::SetOwner);
+    f.alive();
 }
 
 #[test]
@@ -1316,7 +1384,7 @@ fn inflight(num_queues: u16, queue_size: u16) -> Inflight {
 
 #[test]
 fn get_inflight_fd_returns_a_memfd_of_the_layout_size() {
-    let mut f = Fixture::negotiated();
+    let mut f = Fixture::negotiated_with_inflight();
     let mut outcome = f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
     assert!(!outcome.close);
     let reply = outcome.reply.take().unwrap();
@@ -1334,7 +1402,7 @@ fn get_inflight_fd_returns_a_memfd_of_the_layout_size() {
 
 #[test]
 fn get_inflight_fd_for_more_queues_than_the_device_has_is_refused() {
-    let mut f = Fixture::negotiated();
+    let mut f = Fixture::negotiated_with_inflight();
     let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(3, 256)));
     let reply = outcome.reply.unwrap();
     assert!(!outcome.close && reply.fds.is_empty());
@@ -1344,14 +1412,14 @@ fn get_inflight_fd_for_more_queues_than_the_device_has_is_refused() {
 
 #[test]
 fn get_inflight_fd_for_larger_queues_than_the_device_has_is_refused() {
-    let mut f = Fixture::negotiated();
+    let mut f = Fixture::negotiated_with_inflight();
     let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(1, 512)));
     assert!(outcome.reply.unwrap().fds.is_empty());
 }
 
 #[test]
 fn set_inflight_fd_keeps_the_area() {
-    let mut f = Fixture::negotiated();
+    let mut f = Fixture::negotiated_with_inflight();
     let size = inflight_size(1, 64, false);
     let desc = Inflight {
         mmap_size: size,
@@ -1372,7 +1440,7 @@ fn set_inflight_fd_keeps_the_area() {
 
 #[test]
 fn set_inflight_fd_smaller_than_its_layout_is_refused() {
-    let mut f = Fixture::negotiated();
+    let mut f = Fixture::negotiated_with_inflight();
     let desc = Inflight {
         mmap_size: 64,
         ..inflight(1, 64)
@@ -1522,21 +1590,54 @@ fn device_specific_requests_are_refused_cleanly() {
             big_endian: false,
         }),
         FrontendRequest::CloseCryptoSession(U64(1)),
-        FrontendRequest::GpuSetSocket {
-            fd: UnixStream::pair().unwrap().0.into(),
-        },
     ];
     for req in requests {
         assert_refused(&f.ask(req));
     }
-    f.ok(FrontendRequest::SetOwner);
+    f.alive();
+}
+
+/// "The back-end must return the session id, 0 or positive for success, negative for
+/// failure": -1 where both of QEMU's layouts keep the id, the rest echoed, same size.
+#[test]
+fn create_crypto_session_gets_a_negative_session_id() {
+    let mut f = Fixture::negotiated();
+    let request = vec![7u8; 40];
+    let req = FrontendRequest::CreateCryptoSession(vu_proto::payload::CryptoSession(request));
+    let outcome = f.send(req, HeaderFlags::empty());
+    assert!(!outcome.close);
+    let reply = outcome.reply.unwrap();
+    assert_eq!(
+        reply.header.request,
+        FrontendReq::CreateCryptoSession.code()
+    );
+    assert_eq!(reply.body.len(), 40);
+    let id_at = |at: usize| i64::from_ne_bytes(reply.body[at..at + 8].try_into().unwrap());
+    assert_eq!((id_at(0), id_at(8)), (-1, -1));
+    assert!(reply.body[16..].iter().all(|&b| b == 7));
+    f.alive();
 }
 
 #[test]
-fn create_crypto_session_closes_as_its_reply_cannot_fail() {
+fn gpu_set_socket_is_handed_to_the_backend() {
     let mut f = Fixture::negotiated();
-    let req = FrontendRequest::CreateCryptoSession(vu_proto::payload::CryptoSession(vec![0; 8]));
-    assert_closed(&f.ask(req));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    f.ok(FrontendRequest::GpuSetSocket { fd: ours.into() });
+    let socket = lock(&f.rec).gpu_socket.take().unwrap();
+    // The backend's end is connected to the frontend's.
+    let mut socket = UnixStream::from(socket);
+    socket.write_all(b"gpu").unwrap();
+    let mut buf = [0; 3];
+    (&theirs).read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"gpu");
+}
+
+#[test]
+fn gpu_set_socket_refused_by_the_backend_is_a_failure_reply() {
+    let mut f = Fixture::negotiated();
+    lock(&f.rec).fail = true;
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    assert_refused(&f.ask(FrontendRequest::GpuSetSocket { fd: ours.into() }));
 }
 
 #[cfg(not(feature = "postcopy"))]
@@ -1769,3 +1870,6 @@ fn session_fds_are_close_on_exec() {
     let flags = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFD) };
     assert!(flags & libc::FD_CLOEXEC != 0);
 }
+
+/// Scenarios of issue 13 (every request served as the spec says), kept together.
+mod conformance;

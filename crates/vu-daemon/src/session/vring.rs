@@ -3,20 +3,22 @@
 
 use std::fs::File;
 use std::ops::Deref;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use log::warn;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vu_mem::RegionBitmap;
+use vu_proto::backend::BackendChannel;
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::header::Header;
 use vu_proto::payload::{VringAddr, VringAddrFlags, VringEnable, VringState};
 use vu_proto::request::FrontendReq;
-use vu_vring::VringT;
+use vu_vring::{InbandNotifier, VringT};
 
 use super::{new_eventfd, Reply, Session};
 use crate::backend::VhostUserBackend;
@@ -31,6 +33,33 @@ const AVAIL_ENTRY: u64 = 2;
 const USED_ENTRY: u64 = 8;
 /// `flags` and `idx` before a ring's entries, plus the trailing event index: 2 + 2 + 2.
 const RING_EXTRA: u64 = 6;
+
+/// How often a polled ring (`SET_VRING_KICK` with the no-fd flag) is looked at.
+pub(crate) const POLL_PERIOD: Duration = Duration::from_millis(1);
+
+/// A ring's in-band notifications: `VHOST_USER_BACKEND_VRING_CALL` and `_ERR` for queue
+/// `index` on the back-end channel. With REPLY_ACK (which in-band notifications require)
+/// each waits for the frontend's answer: "the latter needs to be used with the in-band
+/// notification messages to block until they are processed".
+#[derive(Debug)]
+pub(super) struct InbandChannel {
+    pub(super) channel: BackendChannel,
+    pub(super) index: u32,
+}
+
+impl InbandNotifier for InbandChannel {
+    fn call(&self) -> std::io::Result<()> {
+        self.channel
+            .vring_call(self.index)
+            .map_err(std::io::Error::other)
+    }
+
+    fn error(&self) -> std::io::Result<()> {
+        self.channel
+            .vring_err(self.index)
+            .map_err(std::io::Error::other)
+    }
+}
 
 impl<S, V, B> Session<S, V, B>
 where
@@ -153,6 +182,7 @@ where
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
+        self.set_polled(request, queue, false)?;
         let reply = VringState {
             index: state.index,
             num: u32::from(next_avail),
@@ -160,8 +190,13 @@ where
         Ok(Reply::new(hdr, &reply, Vec::new()))
     }
 
-    /// Installs the kick fd (or, with NOFD, an eventfd of the session's own) and starts the
-    /// ring; without negotiated protocol features the ring is enabled as well.
+    /// Installs the kick fd and starts the ring; without negotiated protocol features the
+    /// ring is enabled as well.
+    ///
+    /// With the no-fd flag, "polling should be used instead of waiting for the kick": the
+    /// session installs a periodic timerfd ([`POLL_PERIOD`]) as the ring's kick, so the
+    /// worker serves the ring every period as it would on a kick, and tells the backend
+    /// (`set_vring_polled`), which may refuse.
     pub(super) fn handle_set_vring_kick(
         &mut self,
         index: u8,
@@ -170,15 +205,83 @@ where
     ) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringKick;
         let queue = self.queue(request, u32::from(index))?;
+        let polled = fd.is_none();
         let kick = match fd {
             Some(fd) => notifier(request, queue, fd)?,
-            None => new_eventfd().map_err(|source| SessionError::Io {
+            None => poll_timer(POLL_PERIOD).map_err(|source| SessionError::Io {
                 request,
-                what: "creating an eventfd for a polled ring",
+                what: "creating the timer of a polled ring",
                 source,
             })?,
         };
+        self.set_polled(request, queue, polled)?;
         self.start_ring(request, queue, kick, ctl)
+    }
+
+    /// Records whether `queue` is polled and tells the backend when that changes.
+    fn set_polled(
+        &mut self,
+        request: FrontendReq,
+        queue: u16,
+        polled: bool,
+    ) -> Result<(), SessionError> {
+        let slot = usize::from(queue);
+        if self.polled.get(slot).copied().unwrap_or(false) == polled {
+            return Ok(());
+        }
+        self.backend
+            .set_vring_polled(queue, polled)
+            .map_err(|source| SessionError::Backend { request, source })?;
+        if let Some(flag) = self.polled.get_mut(slot) {
+            *flag = polled;
+        }
+        Ok(())
+    }
+
+    /// Wakes the worker of `queue` through its kick fd, unless the ring is polled: a polled
+    /// ring's kick is a timer, which wakes the worker within a period anyway.
+    fn wake(
+        &self,
+        request: FrontendReq,
+        queue: u16,
+        what: &'static str,
+    ) -> Result<(), SessionError> {
+        if self
+            .polled
+            .get(usize::from(queue))
+            .copied()
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        self.vring(queue)
+            .deliver_kick()
+            .map(drop)
+            .map_err(|source| SessionError::Io {
+                request,
+                what,
+                source,
+            })
+    }
+
+    /// Installs the in-band notifiers of every ring on `channel` when in-band notifications
+    /// were acknowledged (and removes them otherwise): a ring without a call or error fd then
+    /// sends `VRING_CALL`/`VRING_ERR` messages instead.
+    pub(super) fn install_inband(&self, channel: Option<&BackendChannel>) {
+        let inband = self
+            .acked_protocol
+            .contains(ProtocolFeatures::INBAND_NOTIFICATIONS);
+        for (index, vring) in self.vrings.iter().enumerate() {
+            let notifier = match (channel, u32::try_from(index)) {
+                (Some(channel), Ok(index)) if inband => Some(Arc::new(InbandChannel {
+                    channel: channel.clone(),
+                    index,
+                })
+                    as Arc<dyn InbandNotifier>),
+                _ => None,
+            };
+            vring.set_inband(notifier);
+        }
     }
 
     /// Replaces the kick fd of `queue` with `kick`, marks the ring started and watches it.
@@ -204,11 +307,7 @@ where
         ctl.watch_kick(queue).map_err(ctl_err)?;
         // As on enable: a ring that goes live holding chains gets one look.
         if vring.is_enabled() && has_available_chains(vring) {
-            vring.deliver_kick().map_err(|source| SessionError::Io {
-                request,
-                what: "waking the worker of a started ring",
-                source,
-            })?;
+            self.wake(request, queue, "waking the worker of a started ring")?;
         }
         Ok(())
     }
@@ -267,17 +366,13 @@ where
         queue: usize,
         enable: bool,
     ) -> Result<(), SessionError> {
-        let Some(vring) = self.vrings.get(queue) else {
+        let (Some(vring), Ok(index)) = (self.vrings.get(queue), u16::try_from(queue)) else {
             return Ok(());
         };
         let was_enabled = vring.is_enabled();
         vring.set_enabled(enable);
         if enable && !was_enabled && vring.ready() && has_available_chains(vring) {
-            vring.deliver_kick().map_err(|source| SessionError::Io {
-                request,
-                what: "waking the worker of an enabled ring",
-                source,
-            })?;
+            self.wake(request, index, "waking the worker of an enabled ring")?;
         }
         Ok(())
     }
@@ -304,10 +399,7 @@ where
             let kick = new_eventfd().map_err(io_err("creating an in-band kick eventfd"))?;
             self.start_ring(request, queue, kick, ctl)?;
         }
-        self.vring(queue)
-            .deliver_kick()
-            .map_err(io_err("delivering an in-band kick"))?;
-        Ok(())
+        self.wake(request, queue, "delivering an in-band kick")
     }
 
     /// Stops every ring (unwatched, quiesced) and returns it to its initial state.
@@ -324,7 +416,49 @@ where
             }
             vring.reset();
         }
+        for queue in 0..self.vrings.len() {
+            let Ok(queue) = u16::try_from(queue) else {
+                break;
+            };
+            if let Err(err) = self.set_polled(FrontendReq::ResetDevice, queue, false) {
+                warn!("reset: queue {queue}: {err}");
+            }
+        }
     }
+}
+
+/// A close-on-exec, non-blocking timerfd that expires every `period`: the kick of a polled
+/// ring. Each expiry wakes an edge-triggered epoll watcher, as a kick does; reading it
+/// consumes the expiries as reading an eventfd consumes kicks.
+fn poll_timer(period: Duration) -> std::io::Result<File> {
+    // SAFETY: timerfd_create takes no pointers; the flags are valid constants.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by timerfd_create, is valid and owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let spec = libc::timespec {
+        tv_sec: 0,
+        // POLL_PERIOD is under a second, so its nanoseconds fit.
+        tv_nsec: libc::c_long::try_from(period.subsec_nanos()).unwrap_or(1_000_000),
+    };
+    let value = libc::itimerspec {
+        it_interval: spec,
+        it_value: spec,
+    };
+    // SAFETY: `value` is a valid itimerspec that lives across the call; the old value
+    // pointer may be null; `file` keeps the fd open.
+    let rc = unsafe { libc::timerfd_settime(file.as_raw_fd(), 0, &value, std::ptr::null_mut()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Whether the available ring of a started `vring` holds chains the device has not popped
@@ -437,8 +571,6 @@ pub(super) fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::FromRawFd;
-
     use super::*;
 
     #[test]

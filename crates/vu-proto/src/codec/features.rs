@@ -54,21 +54,26 @@ bitflags! {
     }
 }
 
-// The protocol feature numbering below follows rust-vmm vhost 0.18
-// (`VhostUserProtocolFeatures`) and crosvm, which agree with QEMU for bits 0 to 19.
-// Bits 20 and up changed twice upstream; this is the ONE table to edit if they change
-// again. The QEMU spec revision this crate was checked against (the SHMEM series,
-// docs/interop/vhost-user.rst) numbers `SHMEM` as bit 20 and has no
-// `GET_VRING_BASE_INFLIGHT` or `GPA_ADDRESSES`.
+// The protocol feature numbering below is QEMU's (docs/interop/vhost-user.rst, "Protocol
+// features": "#define VHOST_USER_PROTOCOL_F_SHMEM 20"), the specification this crate
+// follows. rust-vmm vhost 0.18 and crosvm agree for bits 0 to 19 and then differ:
+//
+// | bit | QEMU spec (this crate) | rust-vmm vhost 0.18          |
+// |-----|------------------------|------------------------------|
+// | 20  | SHMEM                  | GET_VRING_BASE_INFLIGHT      |
+// | 21  | (undefined)            | GPA_ADDRESSES (named here)   |
+// | 22  | (undefined)            | SHMEM                        |
+//
+// This is the ONE table to edit if the numbering changes again; docs/conformance.md says
+// what a rust-vmm-numbered peer sees.
 bitflags! {
     /// Protocol feature bits exchanged with `GET_PROTOCOL_FEATURES` and
     /// `SET_PROTOCOL_FEATURES`.
     ///
-    /// Bits 0 to 19 are as in the QEMU spec. Bits 20 to 22 follow rust-vmm vhost 0.18
-    /// and crosvm (`GET_VRING_BASE_INFLIGHT` = 20, `GPA_ADDRESSES` = 21, `SHMEM` = 22);
-    /// the QEMU spec revision with shared memory mapping instead numbers `SHMEM` as bit
-    /// 20 and defines neither of the others. Offer bits 20 and up only to a front-end
-    /// known to use the same numbering.
+    /// Bits 0 to 20 are numbered as in QEMU's spec (`SHMEM` is bit 20). Bit 21,
+    /// `GPA_ADDRESSES`, is a rust-vmm vhost extension the QEMU spec does not define. A
+    /// rust-vmm-numbered peer reads bit 20 as its `GET_VRING_BASE_INFLIGHT` and sends its
+    /// `SHMEM` as bit 22, which this crate does not name.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct ProtocolFeatures: u64 {
         /// `VHOST_USER_PROTOCOL_F_MQ` (0): multiple queues, `GET_QUEUE_NUM`.
@@ -114,15 +119,13 @@ bitflags! {
         const SHARED_OBJECT = 1 << 18;
         /// `VHOST_USER_PROTOCOL_F_DEVICE_STATE` (19): device state transfer.
         const DEVICE_STATE = 1 << 19;
-        /// Bit 20 in rust-vmm vhost 0.18: `GET_VRING_BASE` may leave in-flight requests
-        /// to be recorded instead of completing them.
-        const GET_VRING_BASE_INFLIGHT = 1 << 20;
+        /// `VHOST_USER_PROTOCOL_F_SHMEM` (20): VIRTIO shared memory regions,
+        /// `GET_SHMEM_CONFIG` and `BACKEND_SHMEM_MAP`/`BACKEND_SHMEM_UNMAP` (bit 22 in
+        /// rust-vmm vhost 0.18).
+        const SHMEM = 1 << 20;
         /// Bit 21 in rust-vmm vhost 0.18: memory region messages carry guest physical
         /// addresses instead of front-end user addresses.
         const GPA_ADDRESSES = 1 << 21;
-        /// Bit 22 in rust-vmm vhost 0.18 (bit 20 in the QEMU spec's SHMEM series):
-        /// shared memory mapping, `GET_SHMEM_CONFIG` and `SHMEM_MAP`/`SHMEM_UNMAP`.
-        const SHMEM = 1 << 22;
     }
 }
 
@@ -163,7 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn protocol_bits_match_the_reference_numbering() {
+    fn protocol_bits_follow_the_qemu_spec() {
         let table = [
             (ProtocolFeatures::MQ, 0),
             (ProtocolFeatures::LOG_SHMFD, 1),
@@ -185,14 +188,13 @@ mod tests {
             (ProtocolFeatures::XEN_MMAP, 17),
             (ProtocolFeatures::SHARED_OBJECT, 18),
             (ProtocolFeatures::DEVICE_STATE, 19),
-            (ProtocolFeatures::GET_VRING_BASE_INFLIGHT, 20),
+            (ProtocolFeatures::SHMEM, 20),
             (ProtocolFeatures::GPA_ADDRESSES, 21),
-            (ProtocolFeatures::SHMEM, 22),
         ];
         for (flag, bit) in table {
             assert_eq!(flag.bits(), 1 << bit, "{flag:?}");
         }
-        assert_eq!(ProtocolFeatures::all().bits(), (1 << 23) - 1);
+        assert_eq!(ProtocolFeatures::all().bits(), (1 << 22) - 1);
     }
 
     #[test]

@@ -237,7 +237,10 @@ mod tests {
     fn pair(acked: ProtocolFeatures) -> (BackendChannel, Endpoint) {
         let (a, b) = Endpoint::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let ch = BackendChannel::new(a, acked);
+        let ch = BackendChannel::new(
+            a,
+            acked | (ProtocolFeatures::all() - ProtocolFeatures::REPLY_ACK),
+        );
         ch.set_reply_timeout(Some(Duration::from_secs(10))).unwrap();
         (ch, b)
     }

@@ -32,6 +32,17 @@ bitflags! {
     }
 }
 
+impl ConfigFlags {
+    /// Whether the write is part of live migration, so read-only fields may be written:
+    /// QEMU's value 1 or rust-vmm's bit 1. A rust-vmm front-end's ordinary write carries its
+    /// `WRITABLE` flag, value 1, which QEMU's numbering (followed here) reads as live
+    /// migration; a device that must protect read-only fields from such a front-end cannot
+    /// tell the two apart.
+    pub fn is_live_migration(self) -> bool {
+        self.intersects(ConfigFlags::LIVE_MIGRATION | ConfigFlags::LIVE_MIGRATION_RUST_VMM)
+    }
+}
+
 /// The spec's "virtio device config space": offset, size, flags and `size` bytes.
 ///
 /// The parser refuses a zero size, a size or offset plus size beyond
@@ -161,6 +172,13 @@ mod tests {
                 data: vec![9, 8],
             })
         );
+    }
+
+    #[test]
+    fn live_migration_is_qemu_value_1_or_rust_vmm_bit_1() {
+        assert!(!ConfigFlags::empty().is_live_migration());
+        assert!(ConfigFlags::LIVE_MIGRATION.is_live_migration());
+        assert!(ConfigFlags::LIVE_MIGRATION_RUST_VMM.is_live_migration());
     }
 
     #[test]

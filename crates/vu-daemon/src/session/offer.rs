@@ -1,0 +1,214 @@
+//! What the framework can serve end to end: the ONE table that decides which of a backend's
+//! offered features reach the frontend.
+//!
+//! A feature the framework cannot serve end to end (a message it refuses, a mechanism nothing
+//! implements) is never offered, whatever the backend says, so a frontend never negotiates
+//! something that will fail later. Each row names the feature and whether the framework
+//! serves it; a masked row says why. Changing what the framework serves is a one-line change
+//! here (for example INFLIGHT_SHMFD once inflight tracking is implemented).
+
+use log::warn;
+use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
+
+/// Whether the framework serves a feature end to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Service {
+    /// Offered when the backend offers it.
+    Served,
+    /// Offered even when the backend does not offer it: the build cannot work without it.
+    Forced,
+    /// Never offered, for the reason given.
+    Masked(&'static str),
+}
+
+/// Postcopy needs the `postcopy` cargo feature.
+const PAGEFAULT: Service = if cfg!(feature = "postcopy") {
+    Service::Served
+} else {
+    Service::Masked("built without the `postcopy` feature")
+};
+
+/// A `xen` build decodes every memory region with the Xen fields, which a frontend sends only
+/// once XEN_MMAP is negotiated; without `xen` the Xen fields are not decoded.
+const XEN_MMAP: Service = if cfg!(feature = "xen") {
+    Service::Forced
+} else {
+    Service::Masked("built without the `xen` feature")
+};
+
+/// Every protocol feature bit `vu_proto` names, with what the framework does with it.
+pub(crate) const PROTOCOL_SERVICE: &[(ProtocolFeatures, Service)] = &[
+    (ProtocolFeatures::MQ, Service::Served),
+    (ProtocolFeatures::LOG_SHMFD, Service::Served),
+    (
+        ProtocolFeatures::RARP,
+        Service::Masked("SEND_RARP is refused: no network device in the framework"),
+    ),
+    (ProtocolFeatures::REPLY_ACK, Service::Served),
+    (
+        ProtocolFeatures::MTU,
+        Service::Masked("NET_SET_MTU is refused: no network device in the framework"),
+    ),
+    (ProtocolFeatures::BACKEND_REQ, Service::Served),
+    (
+        ProtocolFeatures::CROSS_ENDIAN,
+        Service::Masked("SET_VRING_ENDIAN is refused: the vrings are little-endian only"),
+    ),
+    (
+        ProtocolFeatures::CRYPTO_SESSION,
+        Service::Masked("crypto sessions are refused: no crypto device hook"),
+    ),
+    (ProtocolFeatures::PAGEFAULT, PAGEFAULT),
+    (ProtocolFeatures::CONFIG, Service::Served),
+    (ProtocolFeatures::BACKEND_SEND_FD, Service::Served),
+    (
+        ProtocolFeatures::HOST_NOTIFIER,
+        Service::Masked("the workers wait on kick eventfds; nothing polls a host notifier area"),
+    ),
+    (
+        ProtocolFeatures::INFLIGHT_SHMFD,
+        Service::Masked("no inflight I/O tracking: the area would never be written"),
+    ),
+    (ProtocolFeatures::RESET_DEVICE, Service::Served),
+    (ProtocolFeatures::INBAND_NOTIFICATIONS, Service::Served),
+    (ProtocolFeatures::CONFIGURE_MEM_SLOTS, Service::Served),
+    (ProtocolFeatures::STATUS, Service::Served),
+    (ProtocolFeatures::XEN_MMAP, XEN_MMAP),
+    (ProtocolFeatures::SHARED_OBJECT, Service::Served),
+    (ProtocolFeatures::DEVICE_STATE, Service::Served),
+    (ProtocolFeatures::SHMEM, Service::Served),
+    (ProtocolFeatures::GPA_ADDRESSES, Service::Served),
+];
+
+/// Virtio feature bits the framework itself has a say in; a bit not listed (device bits,
+/// VERSION_1, ...) is the backend's business and offered as the backend says.
+pub(crate) const VIRTIO_SERVICE: &[(VirtioFeatures, Service)] = &[
+    (
+        VirtioFeatures::RING_PACKED,
+        Service::Masked("the vrings are split rings only"),
+    ),
+    (
+        VirtioFeatures::ACCESS_PLATFORM,
+        Service::Masked("IOTLB_MSG is refused: no IOMMU translation"),
+    ),
+];
+
+/// The protocol features offered to the frontend for a backend offering `backend`: the
+/// served ones it offers plus the forced ones. Logs once what was removed.
+pub(crate) fn offered_protocol(backend: ProtocolFeatures) -> ProtocolFeatures {
+    let mut offered = backend;
+    let mut removed = ProtocolFeatures::empty();
+    for &(feature, service) in PROTOCOL_SERVICE {
+        match service {
+            Service::Served => {}
+            Service::Forced => offered |= feature,
+            Service::Masked(_) => {
+                removed |= backend & feature;
+                offered -= feature;
+            }
+        }
+    }
+    // Bits vu_proto does not name cannot be served either.
+    let unnamed = ProtocolFeatures::from_bits_retain(backend.bits() & !named_protocol().bits());
+    removed |= unnamed;
+    offered -= unnamed;
+    if !removed.is_empty() {
+        warn!("the framework does not serve protocol features {removed:?}; not offering them");
+    }
+    offered
+}
+
+/// The virtio features offered to the frontend for a backend offering `backend`.
+pub(crate) fn offered_virtio(backend: u64) -> u64 {
+    VIRTIO_SERVICE
+        .iter()
+        .fold(backend, |offered, &(feature, service)| match service {
+            Service::Masked(_) => offered & !feature.bits(),
+            Service::Forced => offered | feature.bits(),
+            Service::Served => offered,
+        })
+}
+
+/// Every protocol feature the table names.
+fn named_protocol() -> ProtocolFeatures {
+    PROTOCOL_SERVICE
+        .iter()
+        .fold(ProtocolFeatures::empty(), |all, &(f, _)| all | f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_every_protocol_feature_once() {
+        let mut seen = ProtocolFeatures::empty();
+        for &(feature, _) in PROTOCOL_SERVICE {
+            assert_eq!(feature.bits().count_ones(), 1, "{feature:?}");
+            assert!(!seen.intersects(feature), "{feature:?} listed twice");
+            seen |= feature;
+        }
+        assert_eq!(seen, ProtocolFeatures::all());
+    }
+
+    fn service(feature: ProtocolFeatures) -> Service {
+        PROTOCOL_SERVICE
+            .iter()
+            .find(|(f, _)| *f == feature)
+            .map(|&(_, s)| s)
+            .unwrap_or(Service::Masked("not listed"))
+    }
+
+    #[test]
+    fn inflight_shmfd_is_masked_until_inflight_tracking_exists() {
+        assert!(matches!(
+            service(ProtocolFeatures::INFLIGHT_SHMFD),
+            Service::Masked(_)
+        ));
+        let offered = offered_protocol(ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ);
+        assert_eq!(offered, ProtocolFeatures::MQ | forced());
+    }
+
+    #[test]
+    fn host_notifier_is_masked() {
+        let offered = offered_protocol(ProtocolFeatures::HOST_NOTIFIER | ProtocolFeatures::MQ);
+        assert_eq!(offered, ProtocolFeatures::MQ | forced());
+    }
+
+    #[test]
+    fn access_platform_is_masked_and_device_bits_pass() {
+        let device_bit = 1 << 3;
+        let backend =
+            VirtioFeatures::ACCESS_PLATFORM.bits() | VirtioFeatures::VERSION_1.bits() | device_bit;
+        assert_eq!(
+            offered_virtio(backend),
+            VirtioFeatures::VERSION_1.bits() | device_bit
+        );
+    }
+
+    #[test]
+    fn unnamed_protocol_bits_are_not_offered() {
+        let backend = ProtocolFeatures::from_bits_retain(1 << 40) | ProtocolFeatures::MQ;
+        assert_eq!(offered_protocol(backend), ProtocolFeatures::MQ | forced());
+    }
+
+    #[cfg(feature = "xen")]
+    #[test]
+    fn xen_mmap_is_forced_into_the_offer() {
+        assert!(offered_protocol(ProtocolFeatures::MQ).contains(ProtocolFeatures::XEN_MMAP));
+    }
+
+    #[cfg(not(feature = "xen"))]
+    #[test]
+    fn xen_mmap_is_masked_without_xen() {
+        assert!(!offered_protocol(ProtocolFeatures::XEN_MMAP).contains(ProtocolFeatures::XEN_MMAP));
+    }
+
+    /// The features a build forces into every offer.
+    fn forced() -> ProtocolFeatures {
+        PROTOCOL_SERVICE
+            .iter()
+            .filter(|(_, s)| *s == Service::Forced)
+            .fold(ProtocolFeatures::empty(), |all, &(f, _)| all | f)
+    }
+}
