@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::tidy::Finding;
 
 /// The request table, relative to the workspace root.
-pub(crate) const REQUESTS: &str = "crates/vu-proto/src/request.rs";
+pub(crate) const REQUESTS: &str = "crates/vu-proto/src/codec/request.rs";
 /// The conformance table, relative to the workspace root.
 pub(crate) const TABLE: &str = "docs/conformance.md";
 

@@ -18,6 +18,7 @@ mod fmt;
 mod fuzz;
 mod lint;
 mod package;
+mod size;
 mod test;
 mod tidy;
 

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{conformance, Options, StepResult};
+use crate::{conformance, size, Options, StepResult};
 
 /// The directories whose `.rs` files are checked.
 const SOURCE_DIRS: &[&str] = &["crates", "tests", "xtask"];
@@ -311,7 +311,37 @@ fn note(report: &mut Vec<String>, path: &str, findings: Vec<Finding>) {
 pub(crate) fn run(_options: &Options) -> StepResult {
     let root = Path::new(".");
     let mut report: Vec<String> = Vec::new();
+    let test_fns = check_sources(root, &mut report);
+    check_manifests(root, &mut report);
+    if !root.join("LICENSE").is_file() {
+        report.push("LICENSE: missing".to_owned());
+    }
+    match std::fs::read_to_string(root.join("README.md")) {
+        Ok(text) => note(&mut report, "README.md", check_readme(&text)),
+        Err(err) => report.push(format!("README.md: cannot read: {err}")),
+    }
+    check_conformance(root, &test_fns, &mut report);
 
+    for line in &report {
+        eprintln!("{line}");
+    }
+    match report.len() {
+        0 => Ok(()),
+        1 => Err(report.remove(0)),
+        n => Err(format!("{n} findings, first: {}", report[0])),
+    }
+}
+
+/// `path` relative to `root`, as the report shows it.
+fn shown(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The per-file rules over every `.rs` file; returns the names of the test functions seen.
+fn check_sources(root: &Path, report: &mut Vec<String>) -> std::collections::BTreeSet<String> {
     let mut files = Vec::new();
     let mut test_fns = std::collections::BTreeSet::new();
     for dir in SOURCE_DIRS {
@@ -323,11 +353,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
         SOURCE_DIRS.join(", ")
     );
     for path in &files {
-        let shown = path
-            .strip_prefix(root)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned();
+        let shown = shown(root, path);
         if shown == SELF {
             continue;
         }
@@ -339,15 +365,27 @@ pub(crate) fn run(_options: &Options) -> StepResult {
             }
         };
         test_fns.extend(conformance::test_names(&text));
-        note(&mut report, &shown, check_no_ignore(&text));
-        note(&mut report, &shown, check_safety_comments(&text));
+        note(report, &shown, check_no_ignore(&text));
+        note(report, &shown, check_safety_comments(&text));
         if shown.starts_with("tests/")
             && !SLEEP_ALLOWLIST.iter().any(|(allowed, _)| *allowed == shown)
         {
-            note(&mut report, &shown, check_no_sleep(&text));
+            note(report, &shown, check_no_sleep(&text));
+        }
+        if !size::is_test_file(&shown) {
+            let findings = size::check(&text)
+                .into_iter()
+                .filter(|o| !size::allowed(&shown, o))
+                .map(|o| finding(o.line, size::message(&o)))
+                .collect();
+            note(report, &shown, findings);
         }
     }
+    test_fns
+}
 
+/// The dependency allowlist over `crates/*/Cargo.toml`.
+fn check_manifests(root: &Path, report: &mut Vec<String>) {
     let mut manifests: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
         .map(|entries| {
             entries
@@ -363,25 +401,20 @@ pub(crate) fn run(_options: &Options) -> StepResult {
         manifests.len()
     );
     for path in &manifests {
-        let shown = path
-            .strip_prefix(root)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned();
+        let shown = shown(root, path);
         match std::fs::read_to_string(path) {
-            Ok(text) => note(&mut report, &shown, check_dependencies(&text)),
+            Ok(text) => note(report, &shown, check_dependencies(&text)),
             Err(err) => report.push(format!("{shown}: cannot read: {err}")),
         }
     }
+}
 
-    if !root.join("LICENSE").is_file() {
-        report.push("LICENSE: missing".to_owned());
-    }
-    match std::fs::read_to_string(root.join("README.md")) {
-        Ok(text) => note(&mut report, "README.md", check_readme(&text)),
-        Err(err) => report.push(format!("README.md: cannot read: {err}")),
-    }
-
+/// docs/conformance.md against the request tables and the tests it names.
+fn check_conformance(
+    root: &Path,
+    test_fns: &std::collections::BTreeSet<String>,
+    report: &mut Vec<String>,
+) {
     eprintln!(
         "    checking {} against the requests of {}",
         conformance::TABLE,
@@ -393,20 +426,11 @@ pub(crate) fn run(_options: &Options) -> StepResult {
     ) {
         (Ok(table), Ok(requests)) => {
             let requests = conformance::spec_names(&requests);
-            let findings = conformance::check(&table, &requests, &test_fns);
-            note(&mut report, conformance::TABLE, findings);
+            let findings = conformance::check(&table, &requests, test_fns);
+            note(report, conformance::TABLE, findings);
         }
         (Err(err), _) => report.push(format!("{}: cannot read: {err}", conformance::TABLE)),
         (_, Err(err)) => report.push(format!("{}: cannot read: {err}", conformance::REQUESTS)),
-    }
-
-    for line in &report {
-        eprintln!("{line}");
-    }
-    match report.len() {
-        0 => Ok(()),
-        1 => Err(report.remove(0)),
-        n => Err(format!("{n} findings, first: {}", report[0])),
     }
 }
 

@@ -25,6 +25,51 @@ use vmm_sys_util::eventfd::EventFd;
 pub(crate) const STOP_DATA: u64 = u64::MAX;
 /// The data value of the connection socket in the single-threaded loop.
 pub(crate) const SOCKET_DATA: u64 = u64::MAX - 1;
+/// The data value of the listening socket in the single-threaded loop.
+pub(crate) const LISTENER_DATA: u64 = u64::MAX - 2;
+
+/// What an event of one of the daemon's epoll sets is about, decoded once from its data word
+/// ([`Token::of`]) so that the loops match on meanings rather than numbers.
+///
+/// The data words: a queue's kick is its queue index; the backend's exit event is
+/// `num_queues`; an fd the backend registered carries the device event it chose (above
+/// `num_queues`, at most [`MAX_DEVICE_EVENT`]); the daemon's own fds sit at the top of the
+/// `u64` range ([`STOP_DATA`], [`SOCKET_DATA`], [`LISTENER_DATA`]), out of every backend's
+/// reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Token {
+    /// The daemon's stop eventfd.
+    Stop,
+    /// The frontend connection's socket (single-threaded loop).
+    Socket,
+    /// The listening socket (single-threaded loop).
+    Listener,
+    /// The kick eventfd of a queue.
+    Kick(u16),
+    /// The backend's exit event.
+    Exit,
+    /// An fd the backend registered, with the device event `handle_event` receives.
+    Device(u16),
+    /// A data word nothing registers; logged and ignored.
+    Unknown(u64),
+}
+
+impl Token {
+    /// The token of epoll data `data` in a set serving `num_queues` queues.
+    pub(crate) fn of(data: u64, num_queues: usize) -> Token {
+        match data {
+            STOP_DATA => Token::Stop,
+            SOCKET_DATA => Token::Socket,
+            LISTENER_DATA => Token::Listener,
+            d if d == num_queues as u64 => Token::Exit,
+            d => match u16::try_from(d) {
+                Ok(queue) if usize::from(queue) < num_queues => Token::Kick(queue),
+                Ok(device_event) => Token::Device(device_event),
+                Err(_) => Token::Unknown(d),
+            },
+        }
+    }
+}
 
 /// The largest data value a backend may register: device events reach `handle_event` as `u16`.
 pub const MAX_DEVICE_EVENT: u64 = u16::MAX as u64;
@@ -290,6 +335,23 @@ impl VringEpollHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_decode_every_range_of_data() {
+        let nq = 3;
+        assert_eq!(Token::of(STOP_DATA, nq), Token::Stop);
+        assert_eq!(Token::of(SOCKET_DATA, nq), Token::Socket);
+        assert_eq!(Token::of(LISTENER_DATA, nq), Token::Listener);
+        assert_eq!(Token::of(0, nq), Token::Kick(0));
+        assert_eq!(Token::of(2, nq), Token::Kick(2));
+        assert_eq!(Token::of(3, nq), Token::Exit);
+        assert_eq!(Token::of(4, nq), Token::Device(4));
+        assert_eq!(Token::of(MAX_DEVICE_EVENT, nq), Token::Device(u16::MAX));
+        assert_eq!(
+            Token::of(MAX_DEVICE_EVENT + 1, nq),
+            Token::Unknown(MAX_DEVICE_EVENT + 1)
+        );
+    }
 
     fn handler(num_queues: usize) -> (VringEpollHandler, Arc<Poller>) {
         let poller = Arc::new(Poller::new().unwrap());

@@ -68,7 +68,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::DaemonError;
-use crate::epoll::{eventfd_fd, new_eventfd, Poller, VringEpollHandler, STOP_DATA};
+use crate::epoll::{eventfd_fd, new_eventfd, Poller, Token, VringEpollHandler, STOP_DATA};
 
 /// What the dispatch of an event needs from the backend and the vrings. Kept apart from the
 /// backend trait so that one implementation of kicks serves both runtimes and unit tests.
@@ -501,7 +501,6 @@ impl Worker {
     /// event fires, or dispatch fails.
     pub(crate) fn run(&self, num_queues: usize, d: &dyn Dispatch) -> Result<Ending, DaemonError> {
         let mut events = vec![EpollEvent::default(); 64];
-        let exit_data = num_queues as u64;
         // Queues in their polling window, with the time it closes.
         let mut polled: Vec<(u16, Instant)> = Vec::new();
         loop {
@@ -515,17 +514,17 @@ impl Worker {
                         source,
                     })?;
             for event in &events[..n] {
-                let data = event.data();
                 let evset = event.event_set();
-                if data == STOP_DATA {
-                    return Ok(Ending::Stopped);
-                }
-                if data == exit_data {
-                    return Ok(Ending::ExitEvent);
-                }
-                let served = self.dispatch(data, evset, num_queues, d)?;
-                if let (true, Ok(queue)) = (served, u16::try_from(data)) {
-                    self.extend_polling(&mut polled, queue);
+                match Token::of(event.data(), num_queues) {
+                    Token::Stop => return Ok(Ending::Stopped),
+                    Token::Exit => return Ok(Ending::ExitEvent),
+                    token => {
+                        if self.dispatch(token, evset, d)? {
+                            if let Token::Kick(queue) = token {
+                                self.extend_polling(&mut polled, queue);
+                            }
+                        }
+                    }
                 }
             }
             if n > 0 || polled.is_empty() {
@@ -569,22 +568,23 @@ impl Worker {
     /// Dispatches one event; returns whether it was a queue's kick served by the backend.
     fn dispatch(
         &self,
-        data: u64,
+        token: Token,
         evset: EventSet,
-        num_queues: usize,
         d: &dyn Dispatch,
     ) -> Result<bool, DaemonError> {
         let mut table = self.table();
-        match u16::try_from(data) {
-            Ok(queue) if usize::from(queue) < num_queues => {
+        match token {
+            Token::Kick(queue) => {
                 let parked_before = table.parked;
                 let result = table.kick(&self.poller, queue, evset, d, self.index);
                 self.after_kick(&mut table, d, parked_before);
                 result
             }
-            Ok(device_event) => call_backend(d, device_event, evset, self.index).map(|()| false),
-            Err(_) => {
-                log::warn!("worker {}: ignoring unknown epoll data {data}", self.index);
+            Token::Device(device_event) => {
+                call_backend(d, device_event, evset, self.index).map(|()| false)
+            }
+            other => {
+                log::warn!("worker {}: ignoring epoll event {other:?}", self.index);
                 Ok(false)
             }
         }
@@ -727,7 +727,7 @@ mod tests {
         let mut events = vec![EpollEvent::default(); 8];
         let n = w.poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         for e in &events[..n] {
-            w.dispatch(e.data(), e.event_set(), 2, d)?;
+            w.dispatch(Token::of(e.data(), 2), e.event_set(), d)?;
         }
         Ok(n)
     }
@@ -910,7 +910,7 @@ mod tests {
         let w = Worker::new(0, 2, None).unwrap();
         let d = Recorder::new(2);
         // An event read from epoll for a queue that is not (or no longer) watched.
-        w.dispatch(1, EventSet::IN, 2, &d).unwrap();
+        w.dispatch(Token::of(1, 2), EventSet::IN, &d).unwrap();
         assert!(d.calls.borrow().is_empty());
     }
 
@@ -932,7 +932,7 @@ mod tests {
     fn device_event_reaches_the_backend() {
         let w = Worker::new(0, 2, None).unwrap();
         let d = Recorder::new(2);
-        w.dispatch(3, EventSet::IN, 2, &d).unwrap();
+        w.dispatch(Token::of(3, 2), EventSet::IN, &d).unwrap();
         assert_eq!(*d.calls.borrow(), vec![3]);
     }
 
@@ -941,7 +941,7 @@ mod tests {
         let w = Worker::new(4, 2, None).unwrap();
         let d = Recorder::new(2);
         d.fail.set(true);
-        let err = w.dispatch(5, EventSet::IN, 2, &d).unwrap_err();
+        let err = w.dispatch(Token::of(5, 2), EventSet::IN, &d).unwrap_err();
         assert!(matches!(
             err,
             DaemonError::HandleEvent {
@@ -957,7 +957,7 @@ mod tests {
         let w = Worker::new(0, 2, None).unwrap();
         let d = Recorder::new(2);
         d.panic.set(true);
-        let err = w.dispatch(3, EventSet::IN, 2, &d).unwrap_err();
+        let err = w.dispatch(Token::of(3, 2), EventSet::IN, &d).unwrap_err();
         match err {
             DaemonError::BackendPanicked { message, .. } => assert_eq!(message, "backend bug"),
             other => panic!("unexpected {other:?}"),

@@ -17,15 +17,55 @@ use super::{
 };
 use crate::backend::VhostUserBackend;
 use crate::control::RingControl;
-use crate::epoll::{eventfd_fd, Poller, VringEpollHandler, SOCKET_DATA, STOP_DATA};
+use crate::epoll::{
+    eventfd_fd, Poller, Token, VringEpollHandler, LISTENER_DATA, SOCKET_DATA, STOP_DATA,
+};
 use crate::session::Session;
 use crate::worker::{call_backend, KickTable};
 
-/// The data value of the listening socket in the epoll set.
-const LISTENER_DATA: u64 = u64::MAX - 2;
-
 /// The most events one epoll wait returns.
 const MAX_EVENTS: usize = 64;
+
+/// The state of one [`LocalDaemon::run_loop`]: where frontends come from and the one being
+/// served.
+struct Run<'l> {
+    /// Where frontends are accepted, if anywhere.
+    listener: Option<&'l Listener>,
+    /// Serving one given connection: its end is the end of the loop.
+    single: bool,
+    /// The frontend being served.
+    conn: Option<Endpoint>,
+    /// Whether the listener is in the epoll set.
+    listening: bool,
+    /// Until when the loop polls after a message (`set_message_polling`).
+    poll_until: Option<Instant>,
+}
+
+/// The backend and its vrings, as a dispatch sees them (a function of the session alone, so
+/// that the kick table can be borrowed beside it).
+fn serving<S: VhostUserBackend>(session: &SessionOf<S>) -> Serving<'_, S> {
+    Serving {
+        backend: session.backend(),
+        vrings: session.vrings(),
+    }
+}
+
+/// What the loop does after an event.
+enum Flow {
+    /// Go on serving.
+    Continue,
+    /// Stop the loop with this result.
+    Finish(Result<(), DaemonError>),
+}
+
+impl From<Result<(), DaemonError>> for Flow {
+    fn from(result: Result<(), DaemonError>) -> Self {
+        match result {
+            Ok(()) => Flow::Continue,
+            Err(e) => Flow::Finish(Err(e)),
+        }
+    }
+}
 
 /// A ring operation the session asked for while handling a message, applied right after
 /// (the session holds the vrings while it handles the message, and on one thread nothing
@@ -253,11 +293,7 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
         let mut ctl = Deferred::default();
         let outcome = self.session.handle(msg, &mut ctl);
         self.apply(ctl);
-        let serving = Serving {
-            backend: self.session.backend(),
-            vrings: self.session.vrings(),
-        };
-        if let Err(e) = self.table.rearm(&self.poller, &serving) {
+        if let Err(e) = self.table.rearm(&self.poller, &serving(&self.session)) {
             log::error!("cannot re-arm a kick: {e}");
         }
         respond(endpoint, outcome)
@@ -266,181 +302,194 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
     fn run_loop(
         &mut self,
         listener: Option<&Listener>,
-        mut conn: Option<Endpoint>,
+        conn: Option<Endpoint>,
     ) -> Result<(), DaemonError> {
         if self.signal.is_stopping() {
             return Err(DaemonError::Stopped);
         }
-        let single = conn.is_some();
-        let mut listening = false;
-        if let Some(endpoint) = &conn {
+        let mut run = Run {
+            listener,
+            single: conn.is_some(),
+            conn,
+            listening: false,
+            poll_until: None,
+        };
+        if let Some(endpoint) = &run.conn {
             if let Err(e) = self.open_connection(endpoint) {
                 self.signal.set_connection(None);
                 return Err(e);
             }
-        } else if let Some(l) = listener {
-            self.poller
-                .add(l.as_fd(), EventSet::IN, LISTENER_DATA)
-                .map_err(Self::io_err("watching the listening socket"))?;
-            listening = true;
+        } else {
+            self.listen(&mut run)?;
         }
-        let num_queues = self.session.vrings().len() as u64;
+        let num_queues = self.session.vrings().len();
         // One slot more than a wait fills, for the socket event of a message read ahead.
         let mut events = vec![EpollEvent::default(); MAX_EVENTS + 1];
-        // Until when the loop polls after a message (`set_message_polling`).
-        let mut poll_until: Option<Instant> = None;
         let result = 'serve: loop {
-            // The connection reads ahead (`prepare`): a message already in its buffer leaves
-            // nothing for epoll to report. Then the wait only polls, and the socket is served
-            // as if it were readable, one message a round, so that kicks and the stop event
-            // are looked at between two buffered messages. A message only partly buffered is
-            // completed by the endpoint's blocking read, within the message timeout.
-            let buffered = conn.as_ref().is_some_and(Endpoint::has_buffered_bytes);
-            poll_until = poll_until.filter(|&until| Instant::now() < until);
-            let polling = poll_until.is_some();
-            let timeout = (buffered || polling).then_some(Duration::ZERO);
-            let mut n = match self.poller.wait(&mut events[..MAX_EVENTS], timeout) {
-                Ok(n) => n,
-                Err(source) => {
-                    break 'serve Err(DaemonError::Epoll {
-                        thread: None,
-                        source,
-                    })
-                }
+            let n = match self.wait(&mut run, &mut events) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(e) => break 'serve Err(e),
             };
-            if n == 0 && polling && !buffered {
-                // Nothing yet: let a frontend on this CPU run, then look again.
-                std::thread::yield_now();
-                continue;
-            }
-            if buffered && !events[..n].iter().any(|e| e.data() == SOCKET_DATA) {
-                // The wait filled at most MAX_EVENTS slots, so the slot after them exists.
-                if let Some(slot) = events.get_mut(n) {
-                    *slot = EpollEvent::new(EventSet::IN, SOCKET_DATA);
-                    n += 1;
-                }
-            }
             for event in &events[..n] {
-                let data = event.data();
                 let evset = event.event_set();
-                match data {
-                    STOP_DATA => break 'serve Ok(()),
-                    d if d == num_queues => {
+                let flow = match Token::of(event.data(), num_queues) {
+                    Token::Stop => Flow::Finish(Ok(())),
+                    Token::Exit => {
                         log::info!("the backend's exit event was written; stopping");
-                        break 'serve Ok(());
+                        Flow::Finish(Ok(()))
                     }
-                    LISTENER_DATA => {
-                        let (Some(l), None) = (listener, &conn) else {
-                            continue;
-                        };
-                        let endpoint = match l.accept() {
-                            Ok(endpoint) => endpoint,
-                            Err(SocketError::Io(e))
-                                if e.kind() == std::io::ErrorKind::WouldBlock =>
-                            {
-                                continue
-                            }
-                            Err(e) => break 'serve Err(DaemonError::Socket(e)),
-                        };
-                        if let Err(e) = self.poller.delete(l.as_fd()) {
-                            break 'serve Err(DaemonError::Io {
-                                what: "pausing the listening socket",
-                                source: e,
-                            });
-                        }
-                        listening = false;
-                        match self.open_connection(&endpoint) {
-                            Ok(()) => conn = Some(endpoint),
-                            Err(e) => {
-                                log::warn!("cannot serve the frontend: {e}");
-                                self.signal.set_connection(None);
-                            }
-                        }
-                        if conn.is_none() {
-                            if let Err(e) = self.poller.add(l.as_fd(), EventSet::IN, LISTENER_DATA)
-                            {
-                                break 'serve Err(DaemonError::Io {
-                                    what: "watching the listening socket",
-                                    source: e,
-                                });
-                            }
-                            listening = true;
+                    Token::Listener => self.accept(&mut run),
+                    Token::Socket => self.serve_socket(&mut run),
+                    Token::Kick(queue) => {
+                        match self.table.kick(
+                            &self.poller,
+                            queue,
+                            evset,
+                            &serving(&self.session),
+                            0,
+                        ) {
+                            Ok(_) => Flow::Continue,
+                            Err(e) => Flow::Finish(Err(e)),
                         }
                     }
-                    SOCKET_DATA => {
-                        let Some(endpoint) = conn.take() else {
-                            continue;
-                        };
-                        let end = match self.message(&endpoint) {
-                            Ok(()) => {
-                                conn = Some(endpoint);
-                                if !self.message_polling.is_zero() {
-                                    poll_until = Instant::now().checked_add(self.message_polling);
-                                }
-                                continue;
-                            }
-                            Err(end) => end,
-                        };
-                        self.close_connection(&endpoint);
-                        if self.signal.is_stopping() {
-                            break 'serve Ok(());
-                        }
-                        if single {
-                            break 'serve single_result(end);
-                        }
-                        if let ConnEnd::Broken(e) = &end {
-                            log::warn!(
-                                "frontend connection lost: {e}; waiting for the next frontend"
-                            );
-                        }
-                        if let Some(l) = listener {
-                            if let Err(e) = self.poller.add(l.as_fd(), EventSet::IN, LISTENER_DATA)
-                            {
-                                break 'serve Err(DaemonError::Io {
-                                    what: "watching the listening socket",
-                                    source: e,
-                                });
-                            }
-                            listening = true;
+                    Token::Device(device_event) => {
+                        match call_backend(&serving(&self.session), device_event, evset, 0) {
+                            Ok(()) => Flow::Continue,
+                            Err(e) => Flow::Finish(Err(e)),
                         }
                     }
-                    d if d < num_queues => {
-                        let Ok(queue) = u16::try_from(d) else {
-                            continue;
-                        };
-                        let serving = Serving {
-                            backend: self.session.backend(),
-                            vrings: self.session.vrings(),
-                        };
-                        if let Err(e) = self.table.kick(&self.poller, queue, evset, &serving, 0) {
-                            break 'serve Err(e);
-                        }
+                    Token::Unknown(d) => {
+                        log::warn!("ignoring unknown epoll data {d}");
+                        Flow::Continue
                     }
-                    d => {
-                        let Ok(device_event) = u16::try_from(d) else {
-                            log::warn!("ignoring unknown epoll data {d}");
-                            continue;
-                        };
-                        let serving = Serving {
-                            backend: self.session.backend(),
-                            vrings: self.session.vrings(),
-                        };
-                        if let Err(e) = call_backend(&serving, device_event, evset, 0) {
-                            break 'serve Err(e);
-                        }
-                    }
+                };
+                if let Flow::Finish(result) = flow {
+                    break 'serve result;
                 }
             }
         };
-        if let Some(endpoint) = conn.take() {
+        if let Some(endpoint) = run.conn.take() {
             self.close_connection(&endpoint);
         }
-        if let (true, Some(l)) = (listening, listener) {
+        if let (true, Some(l)) = (run.listening, run.listener) {
             let _ = self.poller.delete(l.as_fd());
         }
         if let Err(e) = &result {
             log::error!("{e}; stopping");
         }
         result
+    }
+
+    /// Waits for events; `None` when a polling round found nothing (after a yield), else how
+    /// many of `events` to handle.
+    ///
+    /// The connection reads ahead (`prepare`): a message already in its buffer leaves nothing
+    /// for epoll to report. Then the wait only polls, and the socket is served as if it were
+    /// readable, one message a round, so that kicks and the stop event are looked at between
+    /// two buffered messages. A message only partly buffered is completed by the endpoint's
+    /// blocking read, within the message timeout.
+    fn wait(
+        &self,
+        run: &mut Run<'_>,
+        events: &mut [EpollEvent],
+    ) -> Result<Option<usize>, DaemonError> {
+        let buffered = run.conn.as_ref().is_some_and(Endpoint::has_buffered_bytes);
+        run.poll_until = run.poll_until.filter(|&until| Instant::now() < until);
+        let polling = run.poll_until.is_some();
+        let timeout = (buffered || polling).then_some(Duration::ZERO);
+        let mut n = self
+            .poller
+            .wait(&mut events[..MAX_EVENTS], timeout)
+            .map_err(|source| DaemonError::Epoll {
+                thread: None,
+                source,
+            })?;
+        if n == 0 && polling && !buffered {
+            // Nothing yet: let a frontend on this CPU run, then look again.
+            std::thread::yield_now();
+            return Ok(None);
+        }
+        if buffered && !events[..n].iter().any(|e| e.data() == SOCKET_DATA) {
+            // The wait filled at most MAX_EVENTS slots, so the slot after them exists.
+            if let Some(slot) = events.get_mut(n) {
+                *slot = EpollEvent::new(EventSet::IN, SOCKET_DATA);
+                n += 1;
+            }
+        }
+        Ok(Some(n))
+    }
+
+    /// Watches the listening socket, if there is one, for the next frontend.
+    fn listen(&self, run: &mut Run<'_>) -> Result<(), DaemonError> {
+        if let Some(l) = run.listener {
+            self.poller
+                .add(l.as_fd(), EventSet::IN, LISTENER_DATA)
+                .map_err(Self::io_err("watching the listening socket"))?;
+            run.listening = true;
+        }
+        Ok(())
+    }
+
+    /// Accepts a frontend on the listening socket and serves it; the listener is not
+    /// watched while a frontend is connected.
+    fn accept(&mut self, run: &mut Run<'_>) -> Flow {
+        let (Some(l), None) = (run.listener, &run.conn) else {
+            return Flow::Continue;
+        };
+        let endpoint = match l.accept() {
+            Ok(endpoint) => endpoint,
+            Err(SocketError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Flow::Continue
+            }
+            Err(e) => return Flow::Finish(Err(DaemonError::Socket(e))),
+        };
+        if let Err(e) = self.poller.delete(l.as_fd()) {
+            return Flow::Finish(Err(DaemonError::Io {
+                what: "pausing the listening socket",
+                source: e,
+            }));
+        }
+        run.listening = false;
+        match self.open_connection(&endpoint) {
+            Ok(()) => {
+                run.conn = Some(endpoint);
+                Flow::Continue
+            }
+            Err(e) => {
+                log::warn!("cannot serve the frontend: {e}");
+                self.signal.set_connection(None);
+                Flow::from(self.listen(run))
+            }
+        }
+    }
+
+    /// Handles the frontend's next message; when the connection ends, closes it and either
+    /// finishes (one connection, or stopping) or listens for the next frontend.
+    fn serve_socket(&mut self, run: &mut Run<'_>) -> Flow {
+        let Some(endpoint) = run.conn.take() else {
+            return Flow::Continue;
+        };
+        let end = match self.message(&endpoint) {
+            Ok(()) => {
+                run.conn = Some(endpoint);
+                if !self.message_polling.is_zero() {
+                    run.poll_until = Instant::now().checked_add(self.message_polling);
+                }
+                return Flow::Continue;
+            }
+            Err(end) => end,
+        };
+        self.close_connection(&endpoint);
+        if self.signal.is_stopping() {
+            return Flow::Finish(Ok(()));
+        }
+        if run.single {
+            return Flow::Finish(single_result(end));
+        }
+        if let ConnEnd::Broken(e) = &end {
+            log::warn!("frontend connection lost: {e}; waiting for the next frontend");
+        }
+        Flow::from(self.listen(run))
     }
 }

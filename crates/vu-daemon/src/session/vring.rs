@@ -446,7 +446,7 @@ fn poll_timer(period: Duration) -> std::io::Result<File> {
     let spec = libc::timespec {
         tv_sec: 0,
         // POLL_PERIOD is under a second, so its nanoseconds fit.
-        tv_nsec: libc::c_long::try_from(period.subsec_nanos()).unwrap_or(1_000_000),
+        tv_nsec: libc::c_long::from(period.subsec_nanos()),
     };
     let value = libc::itimerspec {
         it_interval: spec,
