@@ -53,10 +53,9 @@ use crate::session::Session;
 use crate::worker::{assign_queues, panic_message, Dispatch, Ending, Worker};
 
 mod connection;
-mod error;
 mod local;
 
-pub use error::DaemonError;
+pub use crate::daemon_error::DaemonError;
 pub use local::LocalDaemon;
 
 use connection::{accept, prepare, receive, receive_polling, respond, ConnEnd, StopSignal};

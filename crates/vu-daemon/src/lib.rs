@@ -47,6 +47,7 @@ compile_error!("the `xen` and `postcopy` features are mutually exclusive: Xen ma
 pub mod backend;
 mod control;
 pub mod daemon;
+mod daemon_error;
 pub mod epoll;
 pub mod error;
 /// Fuzz target bodies (see `tests/fuzz`); not part of the API.

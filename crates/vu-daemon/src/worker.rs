@@ -67,7 +67,7 @@ use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::daemon::DaemonError;
+use crate::daemon_error::DaemonError;
 use crate::epoll::{eventfd_fd, new_eventfd, Poller, Token, VringEpollHandler, STOP_DATA};
 
 /// What the dispatch of an event needs from the backend and the vrings. Kept apart from the

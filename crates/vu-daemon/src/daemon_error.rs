@@ -1,4 +1,6 @@
-//! [`DaemonError`]: why the daemon could not be built, could not start, or stopped.
+//! [`DaemonError`]: why the daemon could not be built, could not start, or stopped. It sits
+//! beside `daemon` rather than in it so that the worker threads, which the daemon starts,
+//! speak it without importing the daemon (the dependency runs one way: daemon -> worker).
 
 use std::io;
 
