@@ -51,7 +51,7 @@ pub struct EchoBackend<V> {
 
 impl<V> EchoBackend<V> {
     /// A device with `num_queues` queues of at most `queue_size` entries, all served by one
-    /// worker thread (the default `queues_per_thread`).
+    /// worker thread (`queues_per_thread()` is the all-ones mask, `vec![u64::MAX]`).
     pub fn new(num_queues: usize, queue_size: usize) -> Self {
         EchoBackend {
             num_queues,

@@ -123,10 +123,9 @@ impl TestDevice {
             .expect("SET_VRING_ADDR");
         fe.set_vring_base(index, u32::from(base))
             .expect("SET_VRING_BASE");
-        let q8 = u8::try_from(q).expect("queue index fits the vring fd message");
-        fe.set_vring_call(q8, Some(eventfd_fd(&queue.call)))
+        fe.set_vring_call(index, Some(eventfd_fd(&queue.call)))
             .expect("SET_VRING_CALL");
-        fe.set_vring_kick(q8, Some(eventfd_fd(&queue.kick)))
+        fe.set_vring_kick(index, Some(eventfd_fd(&queue.kick)))
             .expect("SET_VRING_KICK");
     }
 

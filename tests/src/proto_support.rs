@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_proto::message::{encode_reply, FrontendRequest};
 use vu_proto::payload::{MemoryRegion, VringAddr, VringState, U64};
 use vu_proto::socket::{Endpoint, SocketError};
-use vu_proto::{Header, Payload, ProtocolFeatures, RequestCode, VirtioFeatures};
+use vu_proto::{BorrowFd, Header, Payload, ProtocolFeatures, RequestCode, VirtioFeatures};
 
 /// How long a test waits for a message before failing instead of hanging.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +49,7 @@ pub fn eventfd() -> EventFd {
 
 /// The fd of an [`EventFd`], borrowed for passing with a message.
 pub fn eventfd_fd(event: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: `event` owns this open fd and keeps it open for as long as the borrow
-    // lives, which the lifetime ties to `event`.
-    unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }
+    event.borrow_fd()
 }
 
 /// Reads the counter of an eventfd given as a plain fd, or `None` if it is zero.

@@ -104,7 +104,7 @@ fn queues_on_separate_workers_are_served_by_their_threads() {
 }
 
 #[test]
-fn queues_above_64_are_served_with_the_default_mask() {
+fn queues_above_64_are_served_with_the_all_ones_mask() {
     let running = Running::serving(EchoBackend::new(70, 8));
     let setup = DeviceSetup {
         queues: 70,

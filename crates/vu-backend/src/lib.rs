@@ -259,7 +259,9 @@ pub use vm_memory;
 pub use vmm_sys_util;
 
 // The backend traits and the daemon.
-pub use vu_daemon::backend::{BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut};
+pub use vu_daemon::backend::{
+    BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut, DEFAULT_QUEUES_MASK, GM,
+};
 pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
 pub use vu_daemon::process::process_queue;
 pub use vu_daemon::{
@@ -267,11 +269,26 @@ pub use vu_daemon::{
     FRAMEWORK_RING_FEATURES,
 };
 
-// The vrings.
+// The vrings, and the error their methods return.
+pub use vu_vring::Error as VringError;
 pub use vu_vring::{
     Chain, DefaultMem, VringData, VringMutex, VringRwLock, VringState, VringStateGuard,
     VringStateMutGuard, VringT,
 };
+
+// The sockets `start` and `start_connection` take.
+pub use vu_proto::listener::Listener;
+pub use vu_proto::socket::Endpoint;
+
+// Borrowing the fd of an `EventFd`, `EventConsumer`, `EventNotifier` or `TimerFd` as `impl
+// AsFd` (for `register_listener` and the frontend's `set_vring_kick/call`), without `unsafe`.
+pub use vu_proto::fd::BorrowFd;
+
+// The frontend side, for frontend writers and tests: the client, the memory table entry, the
+// ring addresses, and guest memory to share.
+pub use vu_mem::SharedMemory;
+pub use vu_proto::frontend::{Frontend, FrontendError};
+pub use vu_proto::payload::{MemoryRegion, VringAddr, VringAddrFlags};
 
 // Dirty logging for live migration.
 pub use vu_mem::{LogBitmap, RegionBitmap};
@@ -285,7 +302,8 @@ pub use vu_proto::payload::{
 // Guest memory, queues and events.
 pub use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 pub use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryBackend, GuestMemoryMmap,
 };
 pub use vmm_sys_util::epoll::EventSet;
 pub use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier};
@@ -294,10 +312,11 @@ pub use vmm_sys_util::eventfd::EventFd;
 /// The names most device code uses: `use vu_backend::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        process_queue, Bytes, Chain, DaemonError, DescriptorChain, EventConsumer, EventFd,
-        EventNotifier, EventSet, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
-        GuestMemoryMmap, LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle,
-        VhostUserBackend, VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringEpollHandler,
-        VringMutex, VringRwLock, VringState, VringT,
+        process_queue, Address, BorrowFd, Bytes, Chain, DaemonError, DescriptorChain,
+        EventConsumer, EventFd, EventNotifier, EventSet, GuestAddress, GuestAddressSpace,
+        GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Listener, LocalDaemon,
+        ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle, VhostUserBackend,
+        VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringData, VringEpollHandler,
+        VringError, VringMutex, VringRwLock, VringState, VringT,
     };
 }

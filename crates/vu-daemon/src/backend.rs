@@ -40,6 +40,10 @@ pub type GM<B> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
 /// vu-proto's typed sender, told which protocol features were negotiated.
 pub use vu_proto::backend::BackendChannel;
 
+/// The default `queues_per_thread()` mask: queues 0 to 31 on one thread, as in rust-vmm's
+/// vhost-user-backend (a port's test that checks the default passes unchanged).
+pub const DEFAULT_QUEUES_MASK: u64 = 0xffff_ffff;
+
 /// An `io::Error` of kind `Unsupported` saying what the backend does not do.
 fn unsupported(what: &str) -> io::Error {
     io::Error::new(
@@ -169,10 +173,14 @@ pub trait VhostUserBackend {
     }
 
     /// One bit mask of queues per worker thread: bit `q` of mask `t` puts queue `q` on thread
-    /// `t`. The default puts up to 64 queues on one thread; the daemon refuses a queue that is
-    /// in no mask or in more than one.
+    /// `t`; the all-ones mask `u64::MAX` claims every queue, however many.
+    ///
+    /// The default, `vec![0xffff_ffff]` (rust-vmm vhost-user-backend's), puts queues 0 to 31 on
+    /// one thread. A device with more queues returns `vec![u64::MAX]` or its own masks: the
+    /// daemon refuses (at [`VhostUserDaemon::new`](crate::VhostUserDaemon::new)) a queue that
+    /// is in no mask or in more than one, rather than never serving it.
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![u64::MAX]
+        vec![DEFAULT_QUEUES_MASK]
     }
 
     /// An event pair whose notifier, when signalled, makes worker thread `thread_index` exit.
@@ -293,7 +301,7 @@ pub trait VhostUserBackendMut {
 
     /// See [`VhostUserBackend::queues_per_thread`].
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![u64::MAX]
+        vec![DEFAULT_QUEUES_MASK]
     }
 
     /// See [`VhostUserBackend::exit_event`].

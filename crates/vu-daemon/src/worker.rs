@@ -86,9 +86,8 @@ pub(crate) trait Dispatch {
 
 /// Assigns each queue to a worker thread from the backend's `queues_per_thread()` masks.
 ///
-/// Bit `i` of mask `t` puts queue `i` on thread `t`. A mask of all ones (`u64::MAX`, the
-/// default) claims *every* queue, so the default layout serves any number of queues, not only
-/// the first 64. Bits at or above `num_queues` are ignored. Returns, per thread, its queues in
+/// Bit `i` of mask `t` puts queue `i` on thread `t`. A mask of all ones (`u64::MAX`) claims
+/// *every* queue, so that layout serves any number of queues, not only the first 64. Bits at or above `num_queues` are ignored. Returns, per thread, its queues in
 /// increasing order.
 pub(crate) fn assign_queues(
     masks: &[u64],

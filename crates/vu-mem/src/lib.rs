@@ -14,7 +14,9 @@
 //! - the dirty-page log for live migration (`SET_LOG_BASE`, `SET_LOG_FD`, `VHOST_F_LOG_ALL`),
 //!   fed by every write device code makes through `GuestMemory`: each region carries a
 //!   [`LogBitmap`], vm-memory's [`Bitmap`](vm_memory::bitmap::Bitmap) hook;
-//! - with feature `xen`, Xen foreign and grant mappings (vm-memory's `xen` feature).
+//! - with feature `xen`, Xen foreign and grant mappings (vm-memory's `xen` feature);
+//! - for the other side, [`SharedMemory`]: guest memory as a frontend (or a test kit playing
+//!   the guest) creates it, a memfd mapped in this process, without `unsafe` for its user.
 //!
 //! # What it is not
 //!
@@ -56,6 +58,7 @@ mod dirty;
 mod error;
 mod manager;
 mod region;
+mod shared;
 
 pub use dirty::{log_size_for, DirtyLog, LogBitmap, LogSlice, RegionBitmap, LOG_PAGE_SIZE};
 pub use error::{AddressSpace, MemError};
@@ -63,6 +66,7 @@ pub use manager::{GuestMemoryManager, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
 pub use region::RegionSpec;
 #[cfg(feature = "xen")]
 pub use region::XenMapping;
+pub use shared::SharedMemory;
 
 #[cfg(test)]
 mod testutil;

@@ -99,6 +99,15 @@ pub enum FrontendError {
     },
 }
 
+/// The vring index of a `SET_VRING_KICK/CALL/ERR` message, which has 8 bits for it: "Bits
+/// (0-7) of the payload contain the vring index."
+fn fd_message_index(request: FrontendReq, index: u32) -> Result<u8> {
+    u8::try_from(index).map_err(|_| FrontendError::InvalidArgument {
+        request,
+        reason: "the vring index of an fd message must be below 256",
+    })
+}
+
 /// A payload read as a status word: an empty body is success (the form rust-vmm
 /// vhost uses for replies that carry an fd), otherwise one `u64`, zero on success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,19 +313,27 @@ impl Frontend {
 
     /// `VHOST_USER_SET_VRING_KICK`: the kick eventfd of vring `index`; `None` sets the
     /// invalid-fd bit (the back-end then polls, or uses in-band kicks).
-    pub fn set_vring_kick(&mut self, index: u8, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    ///
+    /// `index` is a `u32` like every other vring index of this client; the message has room
+    /// for 8 bits, so an index above 255 is [`FrontendError::InvalidArgument`].
+    pub fn set_vring_kick(&mut self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        let index = fd_message_index(FrontendReq::SetVringKick, index)?;
         let msg = FrontendRequest::SetVringKick { index, fd };
         self.command(FrontendReq::SetVringKick, &msg)
     }
 
     /// `VHOST_USER_SET_VRING_CALL`: the call eventfd of vring `index`, or `None`.
-    pub fn set_vring_call(&mut self, index: u8, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    /// `index` as for [`set_vring_kick`](Self::set_vring_kick).
+    pub fn set_vring_call(&mut self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        let index = fd_message_index(FrontendReq::SetVringCall, index)?;
         let msg = FrontendRequest::SetVringCall { index, fd };
         self.command(FrontendReq::SetVringCall, &msg)
     }
 
     /// `VHOST_USER_SET_VRING_ERR`: the error eventfd of vring `index`, or `None`.
-    pub fn set_vring_err(&mut self, index: u8, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    /// `index` as for [`set_vring_kick`](Self::set_vring_kick).
+    pub fn set_vring_err(&mut self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        let index = fd_message_index(FrontendReq::SetVringErr, index)?;
         let msg = FrontendRequest::SetVringErr { index, fd };
         self.command(FrontendReq::SetVringErr, &msg)
     }
@@ -777,6 +794,31 @@ mod tests {
             .set_reply_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         (frontend, theirs)
+    }
+
+    #[test]
+    fn vring_fd_index_above_255_is_refused_before_sending() {
+        let (mut fe, be) = pair();
+        let err = fe.set_vring_kick(256, None).unwrap_err();
+        assert!(matches!(
+            err,
+            FrontendError::InvalidArgument {
+                request: FrontendReq::SetVringKick,
+                ..
+            }
+        ));
+        assert!(fe.set_vring_call(u32::MAX, None).is_err());
+        assert!(fe.set_vring_err(300, None).is_err());
+        // Nothing reached the back-end: the next message it reads is this one.
+        fe.set_vring_call(255, None).unwrap();
+        let raw = be.recv_message().unwrap();
+        assert!(matches!(
+            FrontendRequest::decode(raw).unwrap(),
+            FrontendRequest::SetVringCall {
+                index: 255,
+                fd: None
+            }
+        ));
     }
 
     #[test]

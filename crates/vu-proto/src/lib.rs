@@ -122,6 +122,9 @@
 
 pub mod backend;
 mod codec;
+// Lends the fds of vmm-sys-util's fd-owning types; its one `unsafe` block is justified per type.
+#[allow(unsafe_code)]
+pub mod fd;
 pub mod frontend;
 /// Fuzz target bodies (see `tests/fuzz`); not part of the API.
 #[doc(hidden)]
@@ -134,6 +137,7 @@ mod sys;
 pub use codec::{features, header, message, payload, request, wire};
 
 pub use backend::{BackendChannel, ChannelError};
+pub use fd::BorrowFd;
 pub use features::{check_subset, ProtocolFeatures, VirtioFeatures};
 pub use frontend::{Frontend, FrontendError};
 pub use header::{Header, HeaderFlags, MAX_FDS, MAX_PAYLOAD_SIZE};

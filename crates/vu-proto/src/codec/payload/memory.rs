@@ -51,6 +51,35 @@ pub struct MemoryRegion {
 }
 
 impl MemoryRegion {
+    /// A region of `memory_size` bytes at guest address `guest_phys_addr`, mapped at
+    /// `user_addr` in the front-end, starting `mmap_offset` bytes into the fd sent with it.
+    ///
+    /// Builds with and without feature `xen` (which adds two fields, here empty flags and
+    /// domain 0; a Xen front-end sets them with [`with_xen`](Self::with_xen)), so front-end
+    /// code does not break when a dependency turns `xen` on.
+    pub fn new(guest_phys_addr: u64, memory_size: u64, user_addr: u64, mmap_offset: u64) -> Self {
+        MemoryRegion {
+            guest_phys_addr,
+            memory_size,
+            user_addr,
+            mmap_offset,
+            #[cfg(feature = "xen")]
+            xen_mmap_flags: XenMmapFlags::empty(),
+            #[cfg(feature = "xen")]
+            xen_mmap_data: 0,
+        }
+    }
+
+    /// The region with Xen mapping `flags` and domain id `domid`.
+    #[cfg(feature = "xen")]
+    pub fn with_xen(self, flags: XenMmapFlags, domid: u32) -> Self {
+        MemoryRegion {
+            xen_mmap_flags: flags,
+            xen_mmap_data: domid,
+            ..self
+        }
+    }
+
     /// Four `u64`, and with `xen` two more `u32`.
     #[cfg(not(feature = "xen"))]
     pub const SIZE: usize = 32;
@@ -260,16 +289,19 @@ pub(crate) mod tests {
 
     /// A valid region for tests, whatever the `xen` feature.
     pub(crate) fn region(gpa: u64, size: u64) -> MemoryRegion {
-        MemoryRegion {
-            guest_phys_addr: gpa,
-            memory_size: size,
-            user_addr: 0x7f00_0000_0000 + gpa,
-            mmap_offset: 0,
-            #[cfg(feature = "xen")]
-            xen_mmap_flags: XenMmapFlags::FOREIGN,
-            #[cfg(feature = "xen")]
-            xen_mmap_data: 1,
-        }
+        let region = MemoryRegion::new(gpa, size, 0x7f00_0000_0000 + gpa, 0);
+        #[cfg(feature = "xen")]
+        let region = region.with_xen(XenMmapFlags::FOREIGN, 1);
+        region
+    }
+
+    #[test]
+    fn new_sets_the_four_fields() {
+        let r = MemoryRegion::new(0x1000, 0x2000, 0x3000, 0x40);
+        assert_eq!(
+            (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset),
+            (0x1000, 0x2000, 0x3000, 0x40)
+        );
     }
 
     fn region_bytes(v: [u64; 4]) -> Vec<u8> {
