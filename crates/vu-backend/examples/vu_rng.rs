@@ -261,3 +261,123 @@ fn main() -> ExitCode {
         run,
     )
 }
+
+/// The device's tests, written with the facade's test kit (`vu_backend::testing`, feature
+/// `testing`) as the model for a device's own: the device is served in-process on a socket
+/// pair, the kit plays QEMU and the guest's driver, and no QEMU runs.
+///
+/// `cargo test -p vu-backend --features testing --example vu_rng`
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use vu_backend::testing::{Buf, DeviceSetup, InProcess};
+    use vu_backend::vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The device, reading `bytes` from a file.
+    fn rng_over(bytes: &[u8]) -> RngBackend {
+        let file = TempFile::new().expect("temp file");
+        file.as_file().write_all(bytes).expect("write the source");
+        let source = File::open(file.as_path()).expect("open the source");
+        RngBackend {
+            source: Mutex::new(Source {
+                file: source,
+                requests: 0,
+                bytes: 0,
+                exhausted: false,
+            }),
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn writable_buffers_get_the_source_bytes_in_order() {
+        let source = pattern(100);
+        let mut rng = InProcess::start(rng_over(&source), &DeviceSetup::default());
+        let queue = rng.device.queue(0);
+        queue.post_and_kick(&[Buf::Writable(8)]);
+        queue.post_and_kick(&[Buf::Writable(16), Buf::Writable(4)]);
+        let used = queue.wait_used(2, TIMEOUT);
+        assert_eq!(used[0].len, 8);
+        assert_eq!(used[0].written, vec![source[..8].to_vec()]);
+        assert_eq!(used[1].len, 20);
+        assert_eq!(
+            used[1].written,
+            vec![source[8..24].to_vec(), source[24..28].to_vec()]
+        );
+        rng.stop().expect("clean stop");
+        assert_eq!(rng.daemon.backend().source().requests, 2);
+        assert_eq!(rng.daemon.backend().source().bytes, 28);
+    }
+
+    #[test]
+    fn a_request_gets_at_most_max_request_bytes() {
+        let source = pattern(MAX_REQUEST + 4096);
+        let mut rng = InProcess::start(rng_over(&source), &DeviceSetup::default());
+        let queue = rng.device.queue(0);
+        // 17 buffers of 4 KiB: one more than MAX_REQUEST (64 KiB) can fill.
+        let bufs = vec![Buf::Writable(4096); 17];
+        queue.post_and_kick(&bufs);
+        let used = queue.wait_used(1, TIMEOUT);
+        assert_eq!(used[0].len as usize, MAX_REQUEST);
+        assert_eq!(used[0].written[15], source[15 * 4096..16 * 4096].to_vec());
+        assert_eq!(used[0].written[16], vec![0; 4096]);
+        rng.stop().expect("clean stop");
+    }
+
+    #[test]
+    fn an_exhausted_source_completes_with_what_it_had() {
+        let mut rng = InProcess::start(rng_over(b"0123456789"), &DeviceSetup::default());
+        let queue = rng.device.queue(0);
+        queue.post_and_kick(&[Buf::Writable(16)]);
+        queue.post_and_kick(&[Buf::Writable(16)]);
+        let used = queue.wait_used(2, TIMEOUT);
+        assert_eq!(used[0].len, 10);
+        assert_eq!(&used[0].written[0][..10], b"0123456789");
+        assert_eq!(used[1].len, 0);
+        rng.stop().expect("clean stop");
+        assert!(rng.daemon.backend().source().exhausted);
+    }
+
+    #[test]
+    fn a_chain_without_writable_buffers_is_completed_empty() {
+        let mut rng = InProcess::start(rng_over(&pattern(64)), &DeviceSetup::default());
+        let queue = rng.device.queue(0);
+        queue.post_and_kick(&[Buf::Readable(b"nothing to fill".to_vec())]);
+        let used = queue.wait_used(1, TIMEOUT);
+        assert_eq!(used[0].len, 0);
+        rng.stop().expect("clean stop");
+    }
+
+    #[test]
+    fn event_idx_serves_every_chain_across_ring_wraps() {
+        let source = pattern(64 * 40);
+        let setup = DeviceSetup {
+            queue_size: 8,
+            event_idx: true,
+            ..DeviceSetup::default()
+        };
+        let mut rng = InProcess::start(rng_over(&source), &setup);
+        let queue = rng.device.queue(0);
+        let mut expected = source.chunks(64);
+        // Forty chains through an eight-entry ring, four at a time.
+        for _ in 0..10 {
+            for _ in 0..4 {
+                queue.post_and_kick(&[Buf::Writable(64)]);
+            }
+            for used in queue.wait_used(4, TIMEOUT) {
+                assert_eq!(used.written[0], expected.next().expect("more source"));
+            }
+        }
+        assert_eq!(queue.in_flight(), 0);
+        rng.stop().expect("clean stop");
+    }
+}

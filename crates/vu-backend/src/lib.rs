@@ -309,6 +309,17 @@ pub use vmm_sys_util::epoll::EventSet;
 pub use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier};
 pub use vmm_sys_util::eventfd::EventFd;
 
+/// The test kit for device authors (feature `testing`): serve a device in-process on a socket
+/// pair and drive it as a guest would, without QEMU. See the module's documentation.
+///
+/// This is the one part of the facade that is not a plain re-export of API: it is a
+/// re-export of `vu-daemon`'s test kit, behind a feature, because a device's tests need a
+/// frontend and a guest driver and the framework already has faithful ones. Enable it for
+/// tests only: `vu-backend = { version = "…", features = ["testing"] }` under
+/// `[dev-dependencies]`.
+#[cfg(feature = "testing")]
+pub use vu_daemon::testing;
+
 /// The names most device code uses: `use vu_backend::prelude::*;`.
 pub mod prelude {
     pub use crate::{

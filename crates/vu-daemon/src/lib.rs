@@ -57,6 +57,8 @@ pub mod fuzzing;
 mod postcopy;
 pub mod process;
 mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker;
 #[cfg(feature = "postcopy")]
 pub use postcopy::PostcopyError;
