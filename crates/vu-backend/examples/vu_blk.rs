@@ -19,8 +19,6 @@
 //!
 //! `cargo xtask e2e` boots a Linux guest against it (docs/e2e.md).
 
-mod common;
-
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -32,7 +30,7 @@ use std::sync::Mutex;
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::Address;
 
-use common::{Conventions, Socket};
+use vu_backend::conventions::{self as common, Conventions, Socket};
 
 /// virtio-blk feature bits (virtio spec 5.2.3).
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;

@@ -15,13 +15,11 @@
 //! cargo run --release -p vu-backend --example vu_null -- --socket-path /tmp/null.sock
 //! ```
 
-mod common;
-
 use std::io;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use common::{Conventions, Socket};
+use vu_backend::conventions::{self as common, Conventions, Socket};
 use vu_backend::prelude::*;
 
 /// A device that completes every chain with its writable length.

@@ -19,8 +19,6 @@
 //!
 //! `cargo xtask e2e --device rng` boots a Linux guest against it (docs/e2e.md).
 
-mod common;
-
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -29,7 +27,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use vu_backend::prelude::*;
 
-use common::{Conventions, Socket};
+use vu_backend::conventions::{self as common, Conventions, Socket};
 
 /// The most bytes one request gets: the spec lets the device write less than the buffer
 /// holds, and this bounds what a guest can make us read at once.

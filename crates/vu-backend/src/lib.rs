@@ -309,6 +309,10 @@ pub use vmm_sys_util::epoll::EventSet;
 pub use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier};
 pub use vmm_sys_util::eventfd::EventFd;
 
+/// The vhost-user spec's backend program conventions (`--socket-path`/`--fd`,
+/// `--print-capabilities`, SIGTERM, `--log-level`) for a device's `main`, from `vu-daemon`.
+pub use vu_daemon::conventions;
+
 /// The test kit for device authors (feature `testing`): serve a device in-process on a socket
 /// pair and drive it as a guest would, without QEMU. See the module's documentation.
 ///

@@ -46,6 +46,7 @@ compile_error!("the `xen` and `postcopy` features are mutually exclusive: Xen ma
 
 pub mod backend;
 mod control;
+pub mod conventions;
 pub mod daemon;
 mod daemon_error;
 pub mod epoll;

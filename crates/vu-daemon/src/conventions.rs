@@ -1,9 +1,52 @@
-//! What every example backend does the same way: the vhost-user spec's "Backend program
-//! conventions" (`--socket-path` or `--fd`, `--print-capabilities`, no daemonizing, a clean
-//! exit on SIGTERM), logging to stderr through the `log` facade, and the option words.
+//! The vhost-user spec's "Backend program conventions", for a device's `main`: `--socket-path
+//! PATH` (listen, serving frontends one after another) or `--fd N` (an inherited connected
+//! socket), `--print-capabilities` (the JSON capability document on stdout), no daemonizing, a
+//! clean exit on SIGTERM or SIGINT, and `--log-level` with logs on stderr through `log`.
 //!
-//! An example uses it with `mod common;`; cargo does not build `examples/common/` as an
-//! example of its own because it has no `main.rs`. Nothing here knows about a device.
+//! [`main`] does all of it around a device's own `run`; the pieces ([`Conventions`],
+//! [`for_each_option`], [`stop_on_signals`], [`start`]) serve a program that wants its own
+//! `main`. Nothing here knows about a device; the example devices of `vu-backend`
+//! (`examples/vu_rng.rs` is the shortest) use it. It adds no dependency: the option parser is
+//! a small one of its own, and the logger writes `<program>: <level>: <message>` lines.
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//!
+//! use vu_daemon::conventions::{self, Conventions, Socket};
+//!
+//! struct Args {
+//!     conventions: Conventions,
+//! }
+//!
+//! fn parse(args: &[String]) -> Result<Args, String> {
+//!     let mut parsed = Args { conventions: Conventions::default() };
+//!     conventions::for_each_option(args, |name, value| {
+//!         if parsed.conventions.take(name, value)? {
+//!             return Ok(());
+//!         }
+//!         Err(format!("unexpected argument `{name}`"))
+//!     })?;
+//!     Ok(parsed)
+//! }
+//!
+//! fn run(_args: &Args, socket: &Socket) -> Result<(), String> {
+//!     // Build the daemon, then `conventions::stop_on_signals(daemon.shutdown_handle())?`,
+//!     // `conventions::start(&mut daemon, socket)?` and `daemon.wait()`.
+//!     # let _ = socket;
+//!     Ok(())
+//! }
+//!
+//! fn main() -> ExitCode {
+//!     conventions::main(
+//!         "my-device",
+//!         "usage: my-device (--socket-path PATH | --fd N)\n",
+//!         r#"{"type": "rng", "features": []}"#,
+//!         parse,
+//!         |args| &args.conventions,
+//!         run,
+//!     )
+//! }
+//! ```
 
 use std::ffi::{c_int, c_void};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -11,12 +54,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
-use vu_backend::prelude::*;
-use vu_backend::vu_proto::listener::Listener;
-use vu_backend::vu_proto::socket::Endpoint;
+use vmm_sys_util::eventfd::EventFd;
+use vu_proto::listener::Listener;
+use vu_proto::socket::Endpoint;
+
+use crate::backend::VhostUserBackend;
+use crate::daemon::{ShutdownHandle, VhostUserDaemon};
 
 /// The help text of the options handled here, for an example's usage text.
-pub(crate) const CONVENTIONS_USAGE: &str =
+pub const CONVENTIONS_USAGE: &str =
     "  --socket-path PATH   listen on this UNIX socket, serve frontends one after another
   --fd N               serve the inherited connected socket N, then exit
   --print-capabilities print the device type as JSON on stdout and exit
@@ -30,7 +76,7 @@ pub(crate) const CONVENTIONS_USAGE: &str =
 ///
 /// Exits 0 after help, capabilities or a clean stop; 2 on a bad argument (with the usage
 /// text on stderr); 1 when `run` fails (the error is logged).
-pub(crate) fn main<A>(
+pub fn main<A>(
     program: &'static str,
     usage: &str,
     capabilities: &str,
@@ -112,7 +158,7 @@ fn init_logger(program: &'static str) {
 
 /// Where the frontend is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Socket {
+pub enum Socket {
     /// `--socket-path`: listen here and serve frontends one after another.
     Path(PathBuf),
     /// `--fd`: an inherited connected socket; serve it, then exit.
@@ -121,17 +167,17 @@ pub(crate) enum Socket {
 
 /// The options every backend program takes.
 #[derive(Debug, Default)]
-pub(crate) struct Conventions {
+pub struct Conventions {
     socket_path: Option<PathBuf>,
     fd: Option<i32>,
     /// `--print-capabilities` was given.
-    pub(crate) print_capabilities: bool,
+    pub print_capabilities: bool,
 }
 
 impl Conventions {
     /// Takes option `name` if it is one of the conventions' (reading its value with
     /// `value`); `Ok(false)` if it is not, for the device to look at.
-    pub(crate) fn take(
+    pub fn take(
         &mut self,
         name: &str,
         value: &mut dyn FnMut() -> Result<String, String>,
@@ -156,7 +202,7 @@ impl Conventions {
     }
 
     /// The socket to serve: exactly one of `--socket-path` and `--fd`.
-    pub(crate) fn socket(&self) -> Result<Socket, String> {
+    pub fn socket(&self) -> Result<Socket, String> {
         match (&self.socket_path, self.fd) {
             (Some(path), None) => Ok(Socket::Path(path.clone())),
             (None, Some(fd)) => Ok(Socket::Fd(fd)),
@@ -167,7 +213,7 @@ impl Conventions {
 
 /// Calls `each(name, value)` for every option of `args`, where `value()` reads the option's
 /// value from `--name value` or `--name=value`.
-pub(crate) fn for_each_option(
+pub fn for_each_option(
     args: &[String],
     mut each: impl FnMut(&str, &mut dyn FnMut() -> Result<String, String>) -> Result<(), String>,
 ) -> Result<(), String> {
@@ -189,7 +235,7 @@ pub(crate) fn for_each_option(
 }
 
 /// Option `name`'s value as a number.
-pub(crate) fn number(name: &str, text: &str) -> Result<u64, String> {
+pub fn number(name: &str, text: &str) -> Result<u64, String> {
     text.parse::<u64>()
         .map_err(|_| format!("{name}: `{text}` is not a number"))
 }
@@ -197,21 +243,17 @@ pub(crate) fn number(name: &str, text: &str) -> Result<u64, String> {
 /// Written by the SIGTERM/SIGINT handler; a thread waiting on it stops the daemon.
 static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
 
-/// The signal handler. Generic over the `siginfo_t` pointer type so that the examples need
-/// no `libc` dependency: the type is inferred from `vmm_sys_util`'s `SignalHandler`. It only
-/// writes an eventfd (one `write(2)`), which is async-signal-safe.
+/// The signal handler. Generic over the `siginfo_t` pointer type, which is inferred from
+/// `vmm_sys_util`'s `SignalHandler`. It only writes an eventfd (one `write(2)`), which is
+/// async-signal-safe.
 extern "C" fn on_stop_signal<T>(_signal: c_int, _info: *mut T, _context: *mut c_void) {
     if let Some(event) = STOP_EVENT.get() {
         let _ = event.write(1);
     }
 }
 
-/// SIGINT and SIGTERM (the same numbers on every Linux architecture).
-const SIGINT: c_int = 2;
-const SIGTERM: c_int = 15;
-
 /// On SIGTERM or SIGINT, stops the daemon through `shutdown` (its `wait` then returns `Ok`).
-pub(crate) fn stop_on_signals(shutdown: ShutdownHandle) -> Result<(), String> {
+pub fn stop_on_signals(shutdown: ShutdownHandle) -> Result<(), String> {
     let event = EventFd::new(0).map_err(|err| format!("cannot create an eventfd: {err}"))?;
     let waiter = event
         .try_clone()
@@ -228,8 +270,8 @@ pub(crate) fn stop_on_signals(shutdown: ShutdownHandle) -> Result<(), String> {
             }
         })
         .map_err(|err| format!("cannot spawn the signal thread: {err}"))?;
-    for signal in [SIGINT, SIGTERM] {
-        vu_backend::vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
             .map_err(|err| format!("cannot handle signal {signal}: {err}"))?;
     }
     Ok(())
@@ -249,7 +291,7 @@ fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
 
 /// Starts serving `socket` (listening on a path, or the inherited connection); returns at
 /// once. The daemon's `wait` returns when it stops.
-pub(crate) fn start<S>(daemon: &mut VhostUserDaemon<S>, socket: &Socket) -> Result<(), String>
+pub fn start<S>(daemon: &mut VhostUserDaemon<S>, socket: &Socket) -> Result<(), String>
 where
     S: VhostUserBackend + Send + Sync + 'static,
     S::Vring: Clone + Send + Sync + 'static,
@@ -270,5 +312,67 @@ where
                 .start_connection(endpoint)
                 .map_err(|err| format!("cannot start: {err}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| (*w).to_owned()).collect()
+    }
+
+    fn parse(words: &[&str]) -> Result<Conventions, String> {
+        let mut conventions = Conventions::default();
+        for_each_option(&args(words), |name, value| {
+            if conventions.take(name, value)? {
+                Ok(())
+            } else {
+                Err(format!("unexpected `{name}`"))
+            }
+        })?;
+        Ok(conventions)
+    }
+
+    #[test]
+    fn socket_path_takes_its_value_in_either_form() {
+        let spaced = parse(&["--socket-path", "/tmp/a.sock"]).unwrap();
+        let joined = parse(&["--socket-path=/tmp/a.sock"]).unwrap();
+        for c in [spaced, joined] {
+            assert_eq!(
+                c.socket().unwrap(),
+                Socket::Path(PathBuf::from("/tmp/a.sock"))
+            );
+        }
+    }
+
+    #[test]
+    fn exactly_one_of_socket_path_and_fd_is_required() {
+        assert_eq!(
+            parse(&["--fd", "3"]).unwrap().socket().unwrap(),
+            Socket::Fd(3)
+        );
+        assert!(parse(&[]).unwrap().socket().is_err());
+        assert!(parse(&["--fd", "3", "--socket-path", "/s"])
+            .unwrap()
+            .socket()
+            .is_err());
+    }
+
+    #[test]
+    fn bad_values_and_unknown_options_are_errors() {
+        assert!(parse(&["--fd", "three"]).is_err());
+        assert!(parse(&["--fd", "99999999999"]).is_err());
+        assert!(parse(&["--socket-path"]).is_err());
+        assert!(parse(&["--log-level", "loud"]).is_err());
+        assert!(parse(&["--frobnicate"]).is_err());
+        assert!(parse(&["--print-capabilities"]).unwrap().print_capabilities);
+    }
+
+    #[test]
+    fn an_fd_that_is_not_open_is_refused() {
+        let err = inherited_socket(i32::MAX).unwrap_err();
+        assert!(err.contains("no such open file descriptor"), "{err}");
     }
 }
