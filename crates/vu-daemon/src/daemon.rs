@@ -605,9 +605,6 @@ fn connection_thread<S: VhostUserBackend>(
             if !repeat {
                 return single_result(end);
             }
-            if let ConnEnd::Broken(e) = &end {
-                log::warn!("frontend connection lost: {e}; waiting for the next frontend");
-            }
             if matches!(end, ConnEnd::Stopped) {
                 return Ok(());
             }
@@ -637,11 +634,13 @@ fn serve_connection<S: VhostUserBackend>(
     session.disconnect(&mut &*shared);
     shared.unwatch_all();
     let end = end?;
-    Ok(if signal.is_stopping() {
+    let end = if signal.is_stopping() {
         ConnEnd::Stopped
     } else {
         end
-    })
+    };
+    end.log();
+    Ok(end)
 }
 
 fn message_loop<S: VhostUserBackend>(

@@ -452,6 +452,10 @@ where
                 source,
             })?;
         self.acked_features = masked;
+        log::info!(
+            "virtio features negotiated: {masked:#x} ({:?})",
+            VirtioFeatures::from_bits_retain(masked)
+        );
         let event_idx = masked & VirtioFeatures::RING_EVENT_IDX.bits() != 0;
         for vring in &self.vrings {
             vring.set_queue_event_idx(event_idx);
@@ -558,6 +562,7 @@ where
             });
         }
         self.acked_protocol = features;
+        log::info!("protocol features negotiated: {features:?}");
         self.protocol_set = true;
         Ok(())
     }

@@ -93,6 +93,9 @@ impl StopSignal {
 
     /// Records the connection being served (or none), so that a stop can cut it.
     pub(crate) fn set_connection(&self, endpoint: Option<&Endpoint>) {
+        if endpoint.is_some() {
+            log::info!("frontend connected");
+        }
         let dup = endpoint.and_then(|e| e.stream().try_clone().ok());
         *lock(&self.connection) = dup;
         // A stop requested just before the connection was recorded must still cut it.
@@ -115,6 +118,18 @@ pub(crate) enum ConnEnd {
     Broken(SocketError),
     /// The daemon is stopping.
     Stopped,
+}
+
+impl ConnEnd {
+    /// Logs the end of a connection and its reason, once per connection.
+    pub(crate) fn log(&self) {
+        match self {
+            ConnEnd::Disconnected => log::info!("frontend disconnected"),
+            ConnEnd::Closed => log::info!("frontend connection closed after a fatal error"),
+            ConnEnd::Broken(e) => log::warn!("frontend connection lost: {e}"),
+            ConnEnd::Stopped => log::info!("frontend connection closed: the daemon is stopping"),
+        }
+    }
 }
 
 /// Prepares an accepted or connected socket for serving: blocking, with a per-message timeout,

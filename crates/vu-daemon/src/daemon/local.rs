@@ -371,6 +371,7 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
         };
         if let Some(endpoint) = run.conn.take() {
             self.close_connection(&endpoint);
+            ConnEnd::Stopped.log();
         }
         if let (true, Some(l)) = (run.listening, run.listener) {
             let _ = self.poller.delete(l.as_fd());
@@ -482,13 +483,12 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
         };
         self.close_connection(&endpoint);
         if self.signal.is_stopping() {
+            ConnEnd::Stopped.log();
             return Flow::Finish(Ok(()));
         }
+        end.log();
         if run.single {
             return Flow::Finish(single_result(end));
-        }
-        if let ConnEnd::Broken(e) = &end {
-            log::warn!("frontend connection lost: {e}; waiting for the next frontend");
         }
         Flow::from(self.listen(run))
     }

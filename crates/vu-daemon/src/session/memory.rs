@@ -160,6 +160,14 @@ where
         self.mem
             .set_table(specs)
             .map_err(|source| SessionError::Memory { request, source })?;
+        log::info!(
+            "memory table: {} region(s), {} bytes",
+            table.regions.len(),
+            table
+                .regions
+                .iter()
+                .fold(0u64, |sum, r| sum.saturating_add(r.memory_size))
+        );
         self.memory_changed(request)?;
         self.postcopy_register(hdr, request, &table.regions)
     }

@@ -180,6 +180,10 @@ where
             warn!("GET_VRING_BASE: queue {queue}: the backend failed to stop: {err}");
         }
         let next_avail = vring.queue_next_avail();
+        log::debug!(
+            "queue {queue} stopped (size {}) at available index {next_avail}",
+            vring.queue_size()
+        );
         vring.set_kick(None);
         vring.set_call(None);
         self.set_polled(request, queue, false)?;
@@ -305,6 +309,11 @@ where
             vring.set_enabled(true);
         }
         ctl.watch_kick(queue).map_err(ctl_err)?;
+        log::debug!(
+            "queue {queue} started: size {}, enabled {}",
+            vring.queue_size(),
+            vring.is_enabled()
+        );
         // As on enable: a ring that goes live holding chains gets one look.
         if vring.is_enabled() && has_available_chains(vring) {
             self.wake(request, queue, "waking the worker of a started ring")?;
