@@ -13,7 +13,10 @@
 //! `vu-daemon`, the vrings from `vu-vring`, the dirty-log bitmap from `vu-mem`, the feature
 //! words and the backend channel from `vu-proto`) and from the crates whose types appear in
 //! those APIs (`vm-memory`, `virtio-queue`, `vmm-sys-util`), at the versions the framework
-//! was built with. `use vu_backend::prelude::*;` brings the usual names into scope.
+//! was built with. `use vu_backend::prelude::*;` brings the usual names into scope. Two
+//! modules of `vu-daemon` are re-exported whole: [`conventions`] (the backend program
+//! conventions for a device's `main`) and, with feature `testing`, `testing` (a test kit that
+//! serves a device in-process and drives it as a guest would, without QEMU).
 //!
 //! # What it is not
 //!
@@ -242,6 +245,110 @@
 //!     println!("served {} requests", served.get());
 //!     Ok(())
 //! }
+//! ```
+//!
+//! # Frontend side
+//!
+//! The same crates serve a frontend (a VMM, or a test playing one): [`Frontend`] sends the
+//! requests, [`SharedMemory`] is guest memory to share, [`MemoryRegion::new`] describes it,
+//! and [`BorrowFd`] lends the kick and call eventfds, all without `unsafe`. Here the whole
+//! path runs against a daemon in this process: memory table, ring addresses, one chain
+//! posted by hand, the kick, the interrupt and the completion read back.
+//!
+//! ```
+//! use std::io;
+//! use std::os::fd::AsRawFd;
+//!
+//! use vu_backend::prelude::*;
+//! use vu_backend::vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
+//! use vu_backend::{Endpoint, Frontend, MemoryRegion, SharedMemory, VringAddr, VringAddrFlags};
+//!
+//! /// The device: answers every chain with "pong".
+//! struct Pong;
+//!
+//! impl VhostUserBackend for Pong {
+//!     type Bitmap = ();
+//!     type Vring = VringMutex;
+//!     fn num_queues(&self) -> usize { 1 }
+//!     fn max_queue_size(&self) -> usize { 256 }
+//!     fn features(&self) -> u64 {
+//!         (VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES).bits()
+//!     }
+//!     fn protocol_features(&self) -> ProtocolFeatures { ProtocolFeatures::REPLY_ACK }
+//!     fn set_event_idx(&self, _: bool) {}
+//!     fn update_memory(&self, _: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+//!         Ok(())
+//!     }
+//!     fn handle_event(&self, q: u16, _: EventSet, vrings: &[VringMutex], _: usize) -> io::Result<()> {
+//!         process_queue(&vrings[usize::from(q)], |chain| {
+//!             let Some(desc) = chain.clone().writable().next() else { return 0 };
+//!             chain.memory().write_slice(b"pong", desc.addr()).map_or(0, |()| 4)
+//!         });
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (device_end, frontend_end) = Endpoint::pair()?;
+//! let mut daemon =
+//!     VhostUserDaemon::new("pong".to_owned(), Pong, GuestMemoryAtomic::new(GuestMemoryMmap::new()))?;
+//! daemon.start_connection(device_end)?;
+//!
+//! // Negotiation.
+//! let mut fe = Frontend::new(frontend_end);
+//! fe.set_reply_timeout(Some(std::time::Duration::from_secs(10)))?;
+//! fe.set_owner()?;
+//! let features = fe.get_features()?;
+//! let protocol = fe.get_protocol_features()?;
+//! fe.set_protocol_features(protocol & ProtocolFeatures::REPLY_ACK)?;
+//! fe.set_features(features & (VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES))?;
+//!
+//! // Guest memory: 1 MiB at guest address 0x100000, shared through a memfd.
+//! let memory = SharedMemory::new(GuestAddress(0x10_0000), 1 << 20)?;
+//! let region = MemoryRegion::new(memory.guest_addr().0, memory.size(), memory.user_addr(), 0);
+//! fe.set_mem_table(&[region], &[memory.fd()])?;
+//!
+//! // A split ring of 8 entries, and one device-writable buffer of 64 bytes.
+//! let (desc, avail, used, buf) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64, 0x10_3000u64);
+//! let mem = memory.memory();
+//! mem.write_obj(buf.to_le(), GuestAddress(desc))?; // descriptor 0: address,
+//! mem.write_obj(64u32.to_le(), GuestAddress(desc + 8))?; // length,
+//! mem.write_obj(2u16.to_le(), GuestAddress(desc + 12))?; // flags: VIRTQ_DESC_F_WRITE
+//! mem.write_obj(0u16.to_le(), GuestAddress(avail + 4))?; // avail ring[0] = head 0
+//! mem.write_obj(1u16.to_le(), GuestAddress(avail + 2))?; // avail idx = 1
+//!
+//! // The ring addresses are the frontend's (this process's) addresses.
+//! let user = |gpa: u64| memory.user_addr_of(GuestAddress(gpa)).ok_or("address outside memory");
+//! fe.set_vring_num(0, 8)?;
+//! fe.set_vring_addr(&VringAddr {
+//!     index: 0,
+//!     flags: VringAddrFlags::empty(),
+//!     descriptor: user(desc)?,
+//!     available: user(avail)?,
+//!     used: user(used)?,
+//!     log: 0,
+//! })?;
+//! fe.set_vring_base(0, 0)?;
+//! let (kick, call) = (EventFd::new(0)?, EventFd::new(0)?);
+//! fe.set_vring_call(0, Some(call.borrow_fd()))?;
+//! fe.set_vring_kick(0, Some(kick.borrow_fd()))?;
+//! fe.set_vring_enable(0, true)?;
+//!
+//! // Kick, wait (bounded) for the interrupt, read the used ring.
+//! kick.write(1)?;
+//! let epoll = Epoll::new()?;
+//! epoll.ctl(ControlOperation::Add, call.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
+//! assert_eq!(epoll.wait(10_000, &mut [EpollEvent::default()])?, 1, "no interrupt");
+//! assert_eq!(u16::from_le(mem.read_obj(GuestAddress(used + 2))?), 1); // used idx
+//! assert_eq!(u32::from_le(mem.read_obj(GuestAddress(used + 4))?), 0); // used ring[0].id
+//! assert_eq!(u32::from_le(mem.read_obj(GuestAddress(used + 8))?), 4); // used ring[0].len
+//! let mut answer = [0u8; 4];
+//! mem.read_slice(&mut answer, GuestAddress(buf))?;
+//! assert_eq!(&answer, b"pong");
+//!
+//! daemon.stop()?;
+//! # Ok(())
+//! # }
 //! ```
 
 #[cfg(all(feature = "xen", feature = "postcopy"))]

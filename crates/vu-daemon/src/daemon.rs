@@ -268,6 +268,52 @@ type MainThread<S> = JoinHandle<(SessionOf<Arc<S>>, Result<(), DaemonError>)>;
 /// The vrings are shared between threads, so `S::Vring` must be `Clone + Send + Sync`
 /// ([`VringMutex`](vu_vring::VringMutex) or [`VringRwLock`](vu_vring::VringRwLock)); for
 /// [`VringState`](vu_vring::VringState) use [`LocalDaemon`].
+///
+/// # Example
+///
+/// Serve one frontend on an already connected socket, then stop from another handle (a
+/// device's `main` would call [`serve`](Self::serve) with a socket path instead):
+///
+/// ```
+/// use std::io;
+///
+/// use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+/// use vmm_sys_util::epoll::EventSet;
+/// use vu_daemon::backend::VhostUserBackend;
+/// use vu_daemon::VhostUserDaemon;
+/// use vu_proto::features::ProtocolFeatures;
+/// use vu_proto::socket::Endpoint;
+/// use vu_vring::VringMutex;
+///
+/// struct Idle;
+///
+/// impl VhostUserBackend for Idle {
+///     type Bitmap = ();
+///     type Vring = VringMutex;
+///     fn num_queues(&self) -> usize { 1 }
+///     fn max_queue_size(&self) -> usize { 256 }
+///     fn features(&self) -> u64 { 1 << 32 }
+///     fn protocol_features(&self) -> ProtocolFeatures { ProtocolFeatures::empty() }
+///     fn set_event_idx(&self, _: bool) {}
+///     fn update_memory(&self, _: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+///         Ok(())
+///     }
+///     fn handle_event(&self, _: u16, _: EventSet, _: &[VringMutex], _: usize) -> io::Result<()> {
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (ours, _frontend) = Endpoint::pair()?;
+/// let mut daemon =
+///     VhostUserDaemon::new("idle".to_owned(), Idle, GuestMemoryAtomic::new(GuestMemoryMmap::new()))?;
+/// let stop = daemon.shutdown_handle(); // Send + Clone: give it to a signal handler thread
+/// daemon.start_connection(ours)?; // returns at once; the connection thread serves
+/// stop.shutdown();
+/// daemon.wait()?; // Ok: stopped on request
+/// # Ok(())
+/// # }
+/// ```
 pub struct VhostUserDaemon<S: VhostUserBackend> {
     name: String,
     shared: Arc<Threaded<S>>,

@@ -51,6 +51,37 @@ use vu_vring::{Chain, Error, VringData, VringT};
 /// (`VHOST_USER_SET_VRING_ERR`, if the frontend gave one), and returns; chains completed
 /// before stay completed, and the ring is looked at again at its next kick. An available
 /// entry whose head index is past the descriptor table is skipped with a warning.
+///
+/// # Example
+///
+/// A device that fills every writable buffer with zeros, called from its `handle_event`:
+///
+/// ```
+/// use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
+/// use vu_daemon::process::process_queue;
+/// use vu_vring::{VringMutex, VringT};
+///
+/// fn serve_zeroes(vring: &VringMutex) -> usize {
+///     process_queue(vring, |chain| {
+///         let mut written = 0;
+///         for desc in chain.clone().writable() {
+///             let zeroes = vec![0u8; desc.len() as usize];
+///             // An address outside guest memory is an error to report, never a crash.
+///             if chain.memory().write_slice(&zeroes, desc.addr()).is_err() {
+///                 break;
+///             }
+///             written += desc.len();
+///         }
+///         written // the used length the driver reads
+///     })
+/// }
+///
+/// let vring = VringMutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 256).unwrap();
+/// // A ring the frontend has not started has nothing to serve.
+/// assert_eq!(serve_zeroes(&vring), 0);
+/// ```
+///
+/// `vu_backend::testing` drives such a device with real chains, without QEMU.
 pub fn process_queue<M, V, F>(vring: &V, serve: F) -> usize
 where
     M: GuestAddressSpace,

@@ -148,6 +148,58 @@ impl Payload for Ignored {
 /// One method per front-end request, named after it. Methods take `&mut self`: a
 /// request and its reply are one exchange. Set a reply timeout with
 /// [`Frontend::set_reply_timeout`] so that a silent back-end becomes an error.
+///
+/// # Example
+///
+/// Setting up queue 0 of a back-end, as a VMM does, with no `unsafe`: the guest's RAM is a
+/// shared file this process has mapped at `ram_user_addr`, the ring addresses are given in
+/// that mapping, and the eventfds are lent with [`BorrowFd`](crate::fd::BorrowFd). The
+/// `vu-backend` crate's documentation has the same path running end to end against a
+/// back-end, guest memory from `vu_mem::SharedMemory`, a kick and the completion read back.
+///
+/// ```no_run
+/// use std::fs::OpenOptions;
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+///
+/// use vmm_sys_util::eventfd::EventFd;
+/// use vu_proto::fd::BorrowFd;
+/// use vu_proto::payload::{MemoryRegion, VringAddr, VringAddrFlags};
+/// use vu_proto::{Frontend, ProtocolFeatures, VirtioFeatures};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let ram_user_addr: u64 = 0x7f00_0000_0000;
+/// let mut fe = Frontend::connect("/run/vm/blk0.sock")?;
+/// fe.set_reply_timeout(Some(Duration::from_secs(5)))?;
+/// fe.set_owner()?;
+/// let features = fe.get_features()? & (VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES);
+/// let protocol = fe.get_protocol_features()?;
+/// fe.set_protocol_features(protocol & ProtocolFeatures::REPLY_ACK)?;
+/// fe.set_features(features)?;
+///
+/// // 1 GiB of guest RAM at guest address 0, shared with the back-end through its fd.
+/// let ram = OpenOptions::new().read(true).write(true).open("/dev/shm/vm-ram")?;
+/// fe.set_mem_table(&[MemoryRegion::new(0, 1 << 30, ram_user_addr, 0)], &[ram.as_fd()])?;
+///
+/// // Queue 0: 256 entries; the rings' addresses in this process's mapping.
+/// fe.set_vring_num(0, 256)?;
+/// fe.set_vring_addr(&VringAddr {
+///     index: 0,
+///     flags: VringAddrFlags::empty(),
+///     descriptor: ram_user_addr + 0x1000,
+///     available: ram_user_addr + 0x2000,
+///     used: ram_user_addr + 0x3000,
+///     log: 0,
+/// })?;
+/// fe.set_vring_base(0, 0)?;
+/// let (kick, call) = (EventFd::new(0)?, EventFd::new(0)?);
+/// fe.set_vring_call(0, Some(call.borrow_fd()))?;
+/// fe.set_vring_kick(0, Some(kick.borrow_fd()))?;
+/// fe.set_vring_enable(0, true)?;
+/// // Post chains in the rings, then `kick.write(1)`; `call` becomes readable on completion.
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Frontend {
     endpoint: Endpoint,

@@ -93,6 +93,45 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 /// host mapping of the table made once per pass. For virtio-queue's `Reader` and `Writer`,
 /// or any API that wants the virtio-queue type, [`descriptor_chain`](Self::descriptor_chain)
 /// gives the same chain as a [`DescriptorChain`].
+///
+/// # Example
+///
+/// Serving one request: read it from the device-readable descriptors, write the answer into
+/// the device-writable ones (a driver places the readable ones first), return the used
+/// length:
+///
+/// ```
+/// use vm_memory::{Bytes, GuestMemoryMmap};
+/// use vu_vring::Chain;
+///
+/// /// Answers each request with its bytes reversed.
+/// fn reverse(chain: Chain<'_, GuestMemoryMmap>) -> u32 {
+///     let mem = chain.memory();
+///     let mut request = Vec::new();
+///     for desc in chain.clone().readable() {
+///         let mut bytes = vec![0u8; desc.len() as usize];
+///         if mem.read_slice(&mut bytes, desc.addr()).is_err() {
+///             return 0; // outside guest memory: complete the chain empty
+///         }
+///         request.extend_from_slice(&bytes);
+///     }
+///     request.reverse();
+///     let mut answer = &request[..];
+///     let mut written = 0;
+///     for desc in chain.writable() {
+///         let n = answer.len().min(desc.len() as usize);
+///         if mem.write_slice(&answer[..n], desc.addr()).is_err() {
+///             break;
+///         }
+///         answer = &answer[n..];
+///         written += n as u32;
+///     }
+///     written
+/// }
+/// # let _ = reverse;
+/// ```
+///
+/// Such a function is the closure of `process_queue(vring, |chain| reverse(chain))`.
 pub struct Chain<'m, G: GuestMemory> {
     mem: &'m G,
     /// The chain as virtio-queue popped it, never advanced.

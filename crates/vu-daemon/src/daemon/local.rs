@@ -105,6 +105,58 @@ impl RingControl for Deferred {
 /// vrings can be [`VringState`](vu_vring::VringState), which takes no lock. `handle_event`
 /// always gets `thread_id` 0; `queues_per_thread()` is not consulted. A long `handle_event`
 /// delays the frontend's messages, which is the price of having no threads.
+///
+/// # Example
+///
+/// A backend that is neither `Send` nor `Sync` (it counts in a `Cell`), on [`VringState`]
+/// vrings, serving one connection on the calling thread until the frontend leaves:
+///
+/// ```
+/// use std::cell::Cell;
+/// use std::io;
+///
+/// use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+/// use vmm_sys_util::epoll::EventSet;
+/// use vu_daemon::backend::VhostUserBackend;
+/// use vu_daemon::LocalDaemon;
+/// use vu_proto::features::ProtocolFeatures;
+/// use vu_proto::socket::Endpoint;
+/// use vu_vring::VringState;
+///
+/// struct Counter {
+///     kicks: Cell<u64>,
+/// }
+///
+/// impl VhostUserBackend for Counter {
+///     type Bitmap = ();
+///     type Vring = VringState;
+///     fn num_queues(&self) -> usize { 1 }
+///     fn max_queue_size(&self) -> usize { 256 }
+///     fn features(&self) -> u64 { 1 << 32 }
+///     fn protocol_features(&self) -> ProtocolFeatures { ProtocolFeatures::empty() }
+///     fn set_event_idx(&self, _: bool) {}
+///     fn update_memory(&self, _: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+///         Ok(())
+///     }
+///     fn handle_event(&self, _: u16, _: EventSet, _: &[VringState], _: usize) -> io::Result<()> {
+///         self.kicks.set(self.kicks.get() + 1);
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (ours, frontend) = Endpoint::pair()?;
+/// let backend = Counter { kicks: Cell::new(0) };
+/// let mut daemon =
+///     LocalDaemon::new("counter".to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new()))?;
+/// drop(frontend); // the frontend leaves at once
+/// daemon.run_connection(ours)?; // returns when it has gone
+/// assert_eq!(daemon.backend().kicks.get(), 0);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`VringState`]: vu_vring::VringState
 pub struct LocalDaemon<S: VhostUserBackend> {
     name: String,
     session: SessionOf<S>,

@@ -55,7 +55,7 @@ impl MemoryRegion {
     /// `user_addr` in the front-end, starting `mmap_offset` bytes into the fd sent with it.
     ///
     /// Builds with and without feature `xen` (which adds two fields, here empty flags and
-    /// domain 0; a Xen front-end sets them with [`with_xen`](Self::with_xen)), so front-end
+    /// domain 0; a Xen front-end sets them with `with_xen`, present with `xen`), so front-end
     /// code does not break when a dependency turns `xen` on.
     pub fn new(guest_phys_addr: u64, memory_size: u64, user_addr: u64, mmap_offset: u64) -> Self {
         MemoryRegion {
