@@ -1,6 +1,7 @@
 //! Data through the queues of a `VhostUserDaemon` over a real socket: an echo backend, chains
 //! of one and three descriptors, EVENT_IDX on and off, several queues on several workers.
 
+use vu_backend::{VhostUserDaemon, VringMutex};
 use vu_tests::backends::EchoBackend;
 use vu_tests::daemon_support::{echo_bursts, Running};
 use vu_tests::device::{DeviceSetup, TestDevice, DEVICE_TIMEOUT};
@@ -142,4 +143,75 @@ fn backend_fd_registered_on_a_worker_reaches_handle_event() {
         "{err}"
     );
     assert!(running.backend.calls.lock().unwrap().contains(&(5, 0)));
+}
+
+/// A backend that keeps the trait's default `queues_per_thread()`.
+struct DefaultMask {
+    queues: usize,
+}
+
+impl vu_backend::VhostUserBackend for DefaultMask {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+    fn max_queue_size(&self) -> usize {
+        8
+    }
+    fn features(&self) -> u64 {
+        vu_backend::VirtioFeatures::VERSION_1.bits()
+    }
+    fn protocol_features(&self) -> vu_backend::ProtocolFeatures {
+        vu_backend::ProtocolFeatures::empty()
+    }
+    fn set_event_idx(&self, _: bool) {}
+    fn update_memory(
+        &self,
+        _: vu_backend::GuestMemoryAtomic<vu_backend::GuestMemoryMmap>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn handle_event(
+        &self,
+        _: u16,
+        _: vu_backend::EventSet,
+        _: &[VringMutex],
+        _: usize,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn daemon_of(queues: usize) -> Result<VhostUserDaemon<DefaultMask>, vu_backend::DaemonError> {
+    VhostUserDaemon::new(
+        "vu-test".to_owned(),
+        DefaultMask { queues },
+        vu_backend::GuestMemoryAtomic::new(vu_backend::GuestMemoryMmap::new()),
+    )
+}
+
+#[test]
+fn default_mask_is_rust_vmm_s_and_serves_32_queues_on_one_thread() {
+    use vu_backend::VhostUserBackend;
+    assert_eq!(
+        DefaultMask { queues: 1 }.queues_per_thread(),
+        vec![0xffff_ffff]
+    );
+    let daemon = daemon_of(32).expect("32 queues fit the default mask");
+    assert_eq!(daemon.get_epoll_handlers().len(), 1);
+    assert_eq!(daemon.get_epoll_handlers()[0].queues().len(), 32);
+}
+
+#[test]
+fn a_queue_beyond_the_default_mask_is_refused_when_the_daemon_is_built() {
+    let err = daemon_of(33).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            vu_backend::DaemonError::QueueWithoutThread { queue: 32 }
+        ),
+        "{err}"
+    );
 }

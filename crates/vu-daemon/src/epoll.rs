@@ -20,6 +20,7 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::event::EventNotifier;
 use vmm_sys_util::eventfd::EventFd;
+use vu_proto::fd::BorrowFd;
 
 /// The data value of the daemon's own stop event in an epoll set (out of the backend's range).
 pub(crate) const STOP_DATA: u64 = u64::MAX;
@@ -76,9 +77,7 @@ pub const MAX_DEVICE_EVENT: u64 = u16::MAX as u64;
 
 /// Borrows the fd of a vmm-sys-util [`EventFd`], which implements `AsRawFd` but not `AsFd`.
 pub(crate) fn eventfd_fd(event: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: an `EventFd` owns its fd and closes it only when dropped; the returned borrow
-    // lives no longer than `&event`, so the fd stays open for as long as it is used.
-    unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }
+    event.borrow_fd()
 }
 
 /// Creates a close-on-exec, non-blocking eventfd.

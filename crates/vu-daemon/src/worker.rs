@@ -66,6 +66,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
+use vu_proto::fd::BorrowFd;
 
 use crate::daemon_error::DaemonError;
 use crate::epoll::{eventfd_fd, new_eventfd, Poller, Token, VringEpollHandler, STOP_DATA};
@@ -377,12 +378,8 @@ impl Worker {
         let stop = new_eventfd()?;
         poller.add(eventfd_fd(&stop), EventSet::IN, STOP_DATA)?;
         if let Some(exit) = &exit {
-            // SAFETY: `exit` owns its fd (it is a `File` inside) and outlives this call; epoll
-            // keeps its own reference to the open file, not to the borrow.
-            let fd = unsafe {
-                std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(exit))
-            };
-            poller.add(fd, EventSet::IN, num_queues as u64)?;
+            // Epoll keeps its own reference to the open file, not to the borrow.
+            poller.add(exit.borrow_fd(), EventSet::IN, num_queues as u64)?;
         }
         Ok(Worker {
             index,

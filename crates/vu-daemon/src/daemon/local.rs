@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::event::EventConsumer;
+use vu_proto::fd::BorrowFd;
 use vu_proto::listener::Listener;
 use vu_proto::socket::{Endpoint, SocketError};
 
@@ -195,13 +196,9 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
             .map_err(io_err("watching the stop eventfd"))?;
         let (consumer, notifier) = backend.exit_event(0).unzip();
         if let Some(exit) = &consumer {
-            // SAFETY: `exit` owns its fd and is kept in `self._exit` for as long as the epoll
-            // set exists; the borrow does not outlive this statement.
-            let fd = unsafe {
-                std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(exit))
-            };
+            // `exit` is kept in `self._exit` for as long as the epoll set exists.
             poller
-                .add(fd, EventSet::IN, num_queues as u64)
+                .add(exit.borrow_fd(), EventSet::IN, num_queues as u64)
                 .map_err(io_err("watching the backend's exit event"))?;
         }
         let handler = Arc::new(VringEpollHandler::new(
