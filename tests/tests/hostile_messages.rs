@@ -14,10 +14,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use vmm_sys_util::eventfd::EventFd;
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::header::{HeaderFlags, MAX_FDS};
-use vu_proto::message::{decode_reply, FrontendRequest};
+use vu_proto::message::FrontendRequest;
 use vu_proto::payload::{
     Inflight, Log, MemoryRegion, MemoryTable, VringAddr, VringAddrFlags, VringEnable, VringState,
-    U64,
 };
 use vu_proto::request::FrontendReq;
 use vu_tests::fdleak::{assert_no_new_fds, open_fds};

@@ -111,7 +111,7 @@ pub(crate) fn check(table_md: &str, requests: &[String], tests: &BTreeSet<String
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     let rows = rows(table_md);
     for row in &rows {
-        if !requests.iter().any(|r| *r == row.request) {
+        if !requests.contains(&row.request) {
             findings.push(Finding {
                 line: row.line,
                 message: format!("{} is not a request of {REQUESTS}", row.request),

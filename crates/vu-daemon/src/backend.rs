@@ -118,15 +118,28 @@ pub trait VhostUserBackend {
         Vec::new()
     }
 
-    /// Writes `buf` into the device config space at `offset` (`SET_CONFIG`). The spec: "The
-    /// vhost-user back-end must check the flags field, and back-ends MUST NOT accept
-    /// SET_CONFIG for read-only configuration space fields unless the live migration bit is
-    /// set": refuse a write to a read-only field unless
+    /// Writes `buf` into the device config space at `offset` (`SET_CONFIG`), with rust-vmm
+    /// vhost-user-backend's signature; the default
+    /// [`set_config_with_flags`](Self::set_config_with_flags) calls it. The default refuses.
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(unsupported("writing the config space"))
+    }
+
+    /// `SET_CONFIG` with the message's flags; the default ignores them and calls
+    /// [`set_config`](Self::set_config). The spec: "The vhost-user back-end must check the
+    /// flags field, and back-ends MUST NOT accept SET_CONFIG for read-only configuration space
+    /// fields unless the live migration bit is set": a device with read-only fields overrides
+    /// this and refuses a write to one of them unless
     /// [`flags.is_live_migration()`](ConfigFlags::is_live_migration). A rust-vmm front-end
     /// sends its `WRITABLE` flag (1) on ordinary writes, which QEMU's numbering, followed
     /// here, reads as the live migration flag.
-    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: ConfigFlags) -> io::Result<()> {
-        Err(unsupported("writing the config space"))
+    fn set_config_with_flags(
+        &self,
+        offset: u32,
+        buf: &[u8],
+        _flags: ConfigFlags,
+    ) -> io::Result<()> {
+        self.set_config(offset, buf)
     }
 
     /// The frontend set the virtio device status (`SET_STATUS`, protocol feature STATUS): the
@@ -264,8 +277,18 @@ pub trait VhostUserBackendMut {
     }
 
     /// See [`VhostUserBackend::set_config`].
-    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: ConfigFlags) -> io::Result<()> {
+    fn set_config(&mut self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
         Err(unsupported("writing the config space"))
+    }
+
+    /// See [`VhostUserBackend::set_config_with_flags`].
+    fn set_config_with_flags(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: ConfigFlags,
+    ) -> io::Result<()> {
+        self.set_config(offset, buf)
     }
 
     /// See [`VhostUserBackend::set_status`].
@@ -373,8 +396,11 @@ impl<T: VhostUserBackend + ?Sized> VhostUserBackend for Arc<T> {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.deref().get_config(offset, size)
     }
-    fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
-        self.deref().set_config(offset, buf, flags)
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.deref().set_config(offset, buf)
+    }
+    fn set_config_with_flags(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
+        self.deref().set_config_with_flags(offset, buf, flags)
     }
     fn set_status(&self, status: u8) -> io::Result<()> {
         self.deref().set_status(status)
@@ -483,10 +509,20 @@ macro_rules! locked_backend {
                     .unwrap_or_else(PoisonError::into_inner)
                     .get_config(offset, size)
             }
-            fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
+            fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
                 self.$write()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .set_config(offset, buf, flags)
+                    .set_config(offset, buf)
+            }
+            fn set_config_with_flags(
+                &self,
+                offset: u32,
+                buf: &[u8],
+                flags: ConfigFlags,
+            ) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_config_with_flags(offset, buf, flags)
             }
             fn set_status(&self, status: u8) -> io::Result<()> {
                 self.$write()

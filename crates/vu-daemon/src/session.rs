@@ -621,7 +621,7 @@ where
         let request = FrontendReq::SetConfig;
         self.require(request, ProtocolFeatures::CONFIG)?;
         self.backend
-            .set_config(config.offset, &config.data, config.flags)
+            .set_config_with_flags(config.offset, &config.data, config.flags)
             .map_err(|source| SessionError::Backend { request, source })
     }
 

@@ -363,13 +363,13 @@ mod tests {
         ProtocolFeatures::all() - ProtocolFeatures::REPLY_ACK
     }
 
+    /// A request of the channel, sent by a closure.
+    type Sender = Box<dyn Fn(&BackendChannel) -> Result<(), ChannelError>>;
+
     #[test]
     fn a_request_without_its_feature_is_refused_unsent() {
         let (ch, theirs) = channel(ProtocolFeatures::REPLY_ACK);
-        let cases: [(
-            BackendReq,
-            Box<dyn Fn(&BackendChannel) -> Result<(), ChannelError>>,
-        ); 5] = [
+        let cases: [(BackendReq, Sender); 5] = [
             (
                 BackendReq::ConfigChangeMsg,
                 Box::new(|c| c.config_change_msg()),

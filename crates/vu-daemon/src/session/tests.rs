@@ -127,7 +127,7 @@ impl VhostUserBackend for TestBackend {
             .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }
-    fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
+    fn set_config_with_flags(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
         let mut rec = lock(&self.rec);
         rec.config_flags.push(flags);
         let start = offset as usize;
