@@ -289,6 +289,8 @@
 //! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // With feature `xen` a memory table must describe Xen mappings, which a memfd is not.
+//! # if cfg!(feature = "xen") { return Ok(()); }
 //! let (device_end, frontend_end) = Endpoint::pair()?;
 //! let mut daemon =
 //!     VhostUserDaemon::new("pong".to_owned(), Pong, GuestMemoryAtomic::new(GuestMemoryMmap::new()))?;

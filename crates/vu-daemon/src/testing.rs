@@ -19,8 +19,10 @@
 //!
 //! Every wait is bounded (a timeout given by the caller, [`DEVICE_TIMEOUT`] in
 //! [`TestDevice::setup`]) and the kit panics with a message when one expires or the device
-//! misbehaves, which is what a test wants; it is not meant for production frontends (those use
-//! [`Frontend`] and [`SharedMemory`](vu_mem::SharedMemory) directly).
+//! misbehaves, which is what a test wants. Its guest memory is a memfd, so it does not work
+//! with feature `xen` (whose memory tables describe Xen mappings). It is not meant for
+//! production frontends (those use [`Frontend`] and [`SharedMemory`](vu_mem::SharedMemory)
+//! directly).
 //!
 //! # Example
 //!
