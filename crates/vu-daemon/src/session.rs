@@ -28,50 +28,13 @@
 //! - in-band notifications without the backend channel and REPLY_ACK close the connection,
 //!   as the spec asks.
 //!
-//! # Decisions
+//! # What each request does
 //!
-//! - `SET_FEATURES` with bits the backend did not offer is accepted, never refused: Debian's
-//!   QEMU 7.2 acknowledges `VIRTIO_RING_F_INDIRECT_DESC` and `VIRTIO_RING_F_EVENT_IDX` to
-//!   vhost-user-rng whatever the backend offered, gives up on a refusal, and shows those bits
-//!   to the guest, whose driver then uses them. The ring features the framework implements on
-//!   every vring by itself ([`FRAMEWORK_RING_FEATURES`]: indirect descriptors, which
-//!   virtio-queue always follows, and EVENT_IDX, which the vrings and the backend are told
-//!   about) are therefore honoured when acknowledged, offered or not; dropping EVENT_IDX would
-//!   leave `avail_event` unwritten and the guest would stop kicking after one request. Any
-//!   other unoffered bit is dropped. Either case logs one warning per connection, and the
-//!   backend's `acked_features` receives the value in force.
-//! - "Negotiated `VHOST_USER_F_PROTOCOL_FEATURES`" means acknowledged in `SET_FEATURES` or
-//!   `SET_PROTOCOL_FEATURES` received: QEMU sends the latter first, and a frontend that set
-//!   protocol features knows about `SET_VRING_ENABLE`.
-//! - `SET_VRING_KICK` starts the ring (as the reference does) rather than the first kick. With
-//!   the NOFD bit the session installs an eventfd of its own and watches it, so in-band
-//!   `VRING_KICK`s and enable wake-ups reach the worker; a device that must poll the ring does
-//!   so itself (for example from a timer fd it registered).
-//! - `RESET_OWNER` (deprecated) and `RESET_DEVICE` stop and reset every ring, reset the
-//!   device and forget the acknowledged virtio features; the protocol features and the memory
-//!   table stay, so REPLY_ACK keeps working. A disconnect forgets everything.
-//! - `SET_STATUS` stores the status for `GET_STATUS`; it does not reset the device on 0:
-//!   QEMU sends `SET_STATUS` 0 when it stops the device, before the `GET_VRING_BASE`s that
-//!   must still return the ring indices (hw/virtio/vhost.c `vhost_dev_stop`), and a reset
-//!   comes as `RESET_DEVICE`.
-//! - Protocol-feature gates follow the spec's words: `GET_QUEUE_NUM` and `RESET_DEVICE` need
-//!   their feature offered ("set in queried protocol features", "set by the back-end"); the
-//!   other gated requests need it acknowledged. `SET_BACKEND_REQ_FD` too, although the spec
-//!   asks only for BACKEND_REQ offered: what the channel may carry depends on the
-//!   acknowledged features, and QEMU sends the fd only once BACKEND_REQ is acknowledged.
-//! - NEED_REPLY is answered whether or not REPLY_ACK was negotiated, as libvhost-user does:
-//!   QEMU sets it on `POSTCOPY_LISTEN` unconditionally.
-//! - `SET_VRING_*` on a started ring is applied and the ring stays started ("the back-end
-//!   must support changing some configuration aspects on the fly"): QEMU re-sends
-//!   `SET_VRING_ADDR` with the log flag to running rings to start dirty logging, and
-//!   `SET_VRING_CALL` when it masks or unmasks a queue's interrupt.
-//! - `SET_CONFIG` hands the backend the offset and the bytes, not the flags: the spec's "MUST
-//!   NOT accept SET_CONFIG for read-only configuration space fields unless the live
-//!   migration bit is set" is the backend's to keep, and it cannot yet tell a migration
-//!   write from a guest write.
-//! - Protocol features the session itself cannot serve are removed from the backend's offer:
-//!   RARP, MTU, CROSS_ENDIAN, CRYPTO_SESSION, GET_VRING_BASE_INFLIGHT, PAGEFAULT without the
-//!   `postcopy` feature and XEN_MMAP without `xen`.
+//! docs/conformance.md has one row per request of both directions: the feature it needs,
+//! what the session does with it, the spec's words where it leaves a choice, and the tests
+//! that prove it; `cargo xtask tidy` checks the table against the request codes and the
+//! tests. Which features are offered at all is one table, `offer.rs`: a feature the
+//! framework cannot serve end to end is never offered, whatever the backend says.
 
 mod memory;
 mod offer;

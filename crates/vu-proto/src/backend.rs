@@ -448,6 +448,44 @@ mod tests {
     }
 
     #[test]
+    fn iotlb_miss_is_sent_as_a_miss_of_the_address() {
+        let (ch, theirs) = channel(without_reply_ack());
+        ch.iotlb_miss(0x4000, IotlbPerm::Read).unwrap();
+        match recv(&theirs).1 {
+            BackendRequest::IotlbMsg(msg) => {
+                assert_eq!(
+                    (msg.iova, msg.kind, msg.perm),
+                    (0x4000, IotlbType::Miss, IotlbPerm::Read)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shmem_unmap_and_shared_object_remove_are_sent_when_negotiated() {
+        let (ch, theirs) = channel(without_reply_ack());
+        let map = ShmemMap {
+            shmid: 1,
+            fd_offset: 0,
+            shm_offset: 0x2000,
+            len: 0x1000,
+            flags: crate::payload::ShmemMapFlags::empty(),
+        };
+        ch.shmem_unmap(&map).unwrap();
+        ch.shared_object_remove(&SharedObject { uuid: [9; 16] })
+            .unwrap();
+        match recv(&theirs).1 {
+            BackendRequest::ShmemUnmap(got) => assert_eq!(got.shm_offset, 0x2000),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            recv(&theirs).1,
+            BackendRequest::SharedObjectRemove(SharedObject { uuid: [9; 16] })
+        ));
+    }
+
+    #[test]
     fn clones_share_the_connection() {
         let (ch, theirs) = channel(without_reply_ack());
         let clone = ch.clone();
