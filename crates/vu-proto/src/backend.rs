@@ -479,10 +479,10 @@ mod tests {
             BackendRequest::ShmemUnmap(got) => assert_eq!(got.shm_offset, 0x2000),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            recv(&theirs).1,
-            BackendRequest::SharedObjectRemove(SharedObject { uuid: [9; 16] })
-        ));
+        match recv(&theirs).1 {
+            BackendRequest::SharedObjectRemove(got) => assert_eq!(got.uuid, [9; 16]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -453,8 +453,8 @@ fn poll_timer(period: Duration) -> std::io::Result<File> {
     // SAFETY: `fd` was just returned by timerfd_create, is valid and owned by nobody else.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let spec = libc::timespec {
-        tv_sec: 0,
-        // POLL_PERIOD is under a second, so its nanoseconds fit.
+        tv_sec: libc::time_t::try_from(period.as_secs()).unwrap_or(libc::time_t::MAX),
+        // Under a second by construction: the nanoseconds of a `Duration` are below 10^9.
         tv_nsec: libc::c_long::from(period.subsec_nanos()),
     };
     let value = libc::itimerspec {
