@@ -25,9 +25,6 @@ pub enum SessionError {
         /// The request code of the message.
         request: RequestCode,
     },
-    /// A second `SET_OWNER` on one connection.
-    #[error("VHOST_USER_SET_OWNER: the connection already has an owner")]
-    AlreadyOwned,
     /// A request code this backend does not know.
     #[error("unknown {code}")]
     UnknownRequest {

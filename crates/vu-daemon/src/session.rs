@@ -437,12 +437,12 @@ where
     }
 
     /// "Issued when a new connection is established. It marks the sender as the front-end
-    /// that owns of the session": a second one on the same connection is refused, as the
-    /// kernel's `VHOST_SET_OWNER` refuses it (`EBUSY`), and changes nothing.
+    /// that owns of the session." A second one on the same connection comes from the same
+    /// front-end, which owns the session already: it is accepted and changes nothing. QEMU's
+    /// multiqueue vhost-user-net sends one per queue pair over one connection (each queue
+    /// pair's `vhost_dev_init` calls `vhost_set_owner`), so refusing it would only add
+    /// warnings, or failures where a front-end asks for a REPLY_ACK.
     fn handle_set_owner(&mut self) -> Result<(), SessionError> {
-        if self.owner {
-            return Err(SessionError::AlreadyOwned);
-        }
         self.owner = true;
         Ok(())
     }
