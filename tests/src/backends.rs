@@ -46,6 +46,8 @@ pub struct EchoBackend<V> {
     pub resets: AtomicU64,
     /// What a kick on a disabled ring does (`disabled_ring`).
     disabled: DisabledRing,
+    /// The protocol features offered.
+    protocol: ProtocolFeatures,
     _vring: PhantomData<fn() -> V>,
 }
 
@@ -65,6 +67,7 @@ impl<V> EchoBackend<V> {
             completed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             disabled: DisabledRing::Hold,
+            protocol: ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK,
             _vring: PhantomData,
         }
     }
@@ -78,6 +81,12 @@ impl<V> EchoBackend<V> {
     /// Sets what a kick on a started but disabled ring does, for every queue.
     pub fn with_disabled_ring(mut self, policy: DisabledRing) -> Self {
         self.disabled = policy;
+        self
+    }
+
+    /// Sets the protocol features offered (the default: MQ and REPLY_ACK).
+    pub fn with_protocol_features(mut self, protocol: ProtocolFeatures) -> Self {
+        self.protocol = protocol;
         self
     }
 
@@ -179,7 +188,7 @@ impl<V: VringT<Mem>> VhostUserBackend for EchoBackend<V> {
     }
 
     fn protocol_features(&self) -> ProtocolFeatures {
-        ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK
+        self.protocol
     }
 
     fn reset_device(&self) {

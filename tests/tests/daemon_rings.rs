@@ -5,8 +5,9 @@ use std::sync::mpsc;
 use std::thread;
 
 use vu_backend::{DisabledRing, VringMutex};
+use vu_proto::features::ProtocolFeatures;
 use vu_tests::backends::EchoBackend;
-use vu_tests::daemon_support::Running;
+use vu_tests::daemon_support::{LocalRunning, Running};
 use vu_tests::device::{DeviceSetup, DEVICE_TIMEOUT};
 use vu_tests::virtqueue::{Buf, Used};
 
@@ -172,4 +173,46 @@ fn disabled_ring_with_dispatch_calls_the_device() {
     let used = dev.queue(0).wait_used(1, DEVICE_TIMEOUT);
     assert_eq!(used[0].written, vec![b"seen".to_vec()]);
     assert!(!running.backend.calls.lock().unwrap().is_empty());
+}
+
+/// In-band notifications with what they need (BACKEND_REQ, REPLY_ACK).
+fn in_band() -> ProtocolFeatures {
+    ProtocolFeatures::MQ
+        | ProtocolFeatures::REPLY_ACK
+        | ProtocolFeatures::BACKEND_REQ
+        | ProtocolFeatures::INBAND_NOTIFICATIONS
+}
+
+/// "the latter needs to be used with the in-band notification messages to block until they
+/// are processed": once `VRING_KICK`'s REPLY_ACK is in, the chain it announced is used, with
+/// no waiting.
+fn in_band_kick_is_served_before_its_acknowledgement(dev: &mut vu_tests::device::TestDevice) {
+    for round in 0..20u8 {
+        dev.queue(0)
+            .post(&[Buf::Readable(vec![round]), Buf::Writable(1)]);
+        dev.frontend.vring_kick(0).unwrap();
+        let used = dev.queue(0).poll_used();
+        assert_eq!(used.len(), 1, "round {round}: not served before the answer");
+        assert_eq!(used[0].written, vec![vec![round]]);
+    }
+}
+
+#[test]
+fn in_band_kick_is_served_before_its_acknowledgement_by_the_threaded_daemon() {
+    let running = Running::serving(echo().with_protocol_features(in_band()));
+    let mut dev = running.device(&DeviceSetup {
+        protocol: in_band(),
+        ..DeviceSetup::default()
+    });
+    in_band_kick_is_served_before_its_acknowledgement(&mut dev);
+}
+
+#[test]
+fn in_band_kick_is_served_before_its_acknowledgement_by_the_local_daemon() {
+    let running = LocalRunning::serving(EchoBackend::new(1, 256).with_protocol_features(in_band()));
+    let mut dev = running.device(&DeviceSetup {
+        protocol: in_band(),
+        ..DeviceSetup::default()
+    });
+    in_band_kick_is_served_before_its_acknowledgement(&mut dev);
 }

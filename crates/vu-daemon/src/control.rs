@@ -20,4 +20,11 @@ pub(crate) trait RingControl {
     /// Returns once no worker is inside `handle_event` for queue `queue` and none will start
     /// before the queue is watched again (GET_VRING_BASE: "wait until the worker is quiet").
     fn quiesce(&mut self, queue: u16) -> io::Result<()>;
+
+    /// Serves a kick of queue `queue` now, before the frontend gets its answer (in-band
+    /// `VRING_KICK`): the backend's `handle_event` for the queue runs to completion, under the
+    /// same exclusion as a worker's dispatch, if the queue is watched and its ring takes kicks
+    /// (a disabled ring under `DisabledRing::Hold` parks the kick instead). The kick must have
+    /// been delivered to the kick fd first, so that a kick not served now stays pending.
+    fn dispatch_now(&mut self, queue: u16) -> io::Result<()>;
 }

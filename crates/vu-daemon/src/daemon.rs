@@ -235,6 +235,17 @@ impl<S: VhostUserBackend> RingControl for &Threaded<S> {
         drop(self.worker_of(queue)?.table());
         Ok(())
     }
+
+    fn dispatch_now(&mut self, queue: u16) -> io::Result<()> {
+        // On this thread, under the worker's table: the worker cannot dispatch meanwhile. A
+        // backend error refuses the in-band kick instead of stopping the daemon.
+        let worker = self.worker_of(queue)?;
+        let serving = self.serving();
+        worker
+            .update(|table, poller| table.kick(poller, queue, EventSet::IN, &serving, worker.index))
+            .map(drop)
+            .map_err(io::Error::other)
+    }
 }
 
 /// Where the connection thread gets its frontends.

@@ -132,6 +132,9 @@ impl RingControl for NoThreads {
     fn quiesce(&mut self, _queue: u16) -> io::Result<()> {
         Ok(())
     }
+    fn dispatch_now(&mut self, _queue: u16) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads the fuzzer's bytes front to back; running out ends the input.

@@ -75,6 +75,8 @@ impl From<Result<(), DaemonError>> for Flow {
 enum Op {
     Watch(u16),
     Unwatch(u16),
+    /// Serve a kick of the queue now (in-band `VRING_KICK`), before the reply is sent.
+    Dispatch(u16),
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,11 @@ impl RingControl for Deferred {
     }
 
     fn quiesce(&mut self, _queue: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn dispatch_now(&mut self, queue: u16) -> std::io::Result<()> {
+        self.ops.push(Op::Dispatch(queue));
         Ok(())
     }
 }
@@ -327,6 +334,13 @@ impl<S: VhostUserBackend> LocalDaemon<S> {
                     Some(Err(e)) => Err(e),
                 },
                 Op::Unwatch(q) => self.table.unwatch(&self.poller, q),
+                // The reply is sent after this; a backend error is logged, the kick is not
+                // served again.
+                Op::Dispatch(q) => self
+                    .table
+                    .kick(&self.poller, q, EventSet::IN, &serving(&self.session), 0)
+                    .map(drop)
+                    .map_err(std::io::Error::other),
             };
             if let Err(e) = result {
                 log::error!("{op:?} failed: {e}");

@@ -387,7 +387,8 @@ where
     }
 
     /// `VRING_KICK`: an in-band kick. It starts a ring that has no kick fd yet (with an
-    /// eventfd of the session's own) and kicks it through that fd.
+    /// eventfd of the session's own), kicks it through that fd, and has the runtime serve the
+    /// kick before the answer ([`RingControl::dispatch_now`]).
     pub(super) fn handle_vring_kick(
         &mut self,
         state: VringState,
@@ -408,7 +409,15 @@ where
             let kick = new_eventfd().map_err(io_err("creating an in-band kick eventfd"))?;
             self.start_ring(request, queue, kick, ctl)?;
         }
-        self.wake(request, queue, "delivering an in-band kick")
+        self.wake(request, queue, "delivering an in-band kick")?;
+        // "to block until they are processed": the REPLY_ACK follows the device's handling
+        // of the kick, as libvhost-user's does.
+        ctl.dispatch_now(queue)
+            .map_err(|source| SessionError::RingControl {
+                request,
+                queue,
+                source,
+            })
     }
 
     /// Stops every ring (unwatched, quiesced) and returns it to its initial state.
