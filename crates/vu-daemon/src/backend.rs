@@ -210,6 +210,10 @@ pub trait VhostUserBackend {
 
     /// Handles a readable kick (`device_event` < `num_queues`) or an event of an fd the
     /// device registered itself (higher `device_event`), on worker thread `thread_id`.
+    ///
+    /// An in-band `VRING_KICK` is served before the frontend's answer, on the connection
+    /// thread with the `thread_id` of the queue's worker, which does not dispatch the queue
+    /// meanwhile: calls for one queue never overlap.
     fn handle_event(
         &self,
         device_event: u16,
