@@ -12,16 +12,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserProtocolFeatures, VhostUserSharedMsg, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{ByteValued, GuestMemoryBackend};
 use vmm_sys_util::tempdir::TempDir;
 use vu_backend::{
     BackendChannel, ConfigFlags, EventSet, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
-    ProtocolFeatures, ShmemConfig, TransferDirection, TransferPhase, VhostUserBackend,
-    VhostUserDaemon, VirtioFeatures, VringMutex,
+    ProtocolFeatures, SharedObject, ShmemConfig, TransferDirection, TransferPhase,
+    VhostUserBackend, VhostUserDaemon, VirtioFeatures, VringMutex,
 };
 use vu_proto::listener::Listener;
 use vu_proto::message::{encode_reply, BackendRequest};
@@ -42,6 +42,7 @@ struct Seen {
     channel: Option<BackendChannel>,
     state: Option<(TransferDirection, TransferPhase, File)>,
     checked: usize,
+    shared: Vec<[u8; 16]>,
 }
 
 /// A device offering every protocol feature the requests below need, plus the ones the
@@ -81,6 +82,7 @@ impl VhostUserBackend for Device {
             | ProtocolFeatures::RESET_DEVICE
             | ProtocolFeatures::BACKEND_REQ
             | ProtocolFeatures::DEVICE_STATE
+            | ProtocolFeatures::SHARED_OBJECT
             | ProtocolFeatures::SHMEM
             | ProtocolFeatures::INFLIGHT_SHMFD
             | ProtocolFeatures::HOST_NOTIFIER
@@ -129,6 +131,10 @@ impl VhostUserBackend for Device {
     fn check_device_state(&self) -> io::Result<()> {
         self.seen().checked += 1;
         Ok(())
+    }
+    fn get_shared_object(&self, uuid: SharedObject) -> io::Result<File> {
+        self.seen().shared.push(uuid.uuid);
+        File::open("/dev/null")
     }
     fn get_shmem_config(&self) -> io::Result<ShmemConfig> {
         let mut memory_sizes = Box::new([0; MAX_SHMEM_REGIONS]);
@@ -316,6 +322,19 @@ fn rust_vmm_frontend_transfers_device_state() {
         (TransferDirection::Save, TransferPhase::Stopped)
     );
     assert_eq!(seen.checked, 1);
+}
+
+/// The UUID's bytes reach the device as sent, and the device's fd reaches rust-vmm.
+#[test]
+fn rust_vmm_frontend_gets_a_shared_object_from_the_device() {
+    let mut s = setup();
+    let bytes: [u8; 16] = std::array::from_fn(|i| i as u8);
+    let msg = *VhostUserSharedMsg::from_slice(&bytes).unwrap();
+    let file = s.fe.get_shared_object(&msg).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &file.metadata().unwrap().file_type()
+    ));
+    assert_eq!(s.device.seen().shared, [bytes]);
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
