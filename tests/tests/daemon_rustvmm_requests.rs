@@ -99,7 +99,7 @@ impl VhostUserBackend for Device {
             .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }
-    fn set_config(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
+    fn set_config_with_flags(&self, offset: u32, buf: &[u8], flags: ConfigFlags) -> io::Result<()> {
         let mut seen = self.seen();
         let start = offset as usize;
         if seen.config.len() < start + buf.len() {
