@@ -134,8 +134,11 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 /// Such a function is the closure of `process_queue(vring, |chain| reverse(chain))`.
 pub struct Chain<'m, G: GuestMemory> {
     mem: &'m G,
-    /// The chain as virtio-queue popped it, never advanced.
-    popped: DescriptorChain<&'m G>,
+    /// The index of the chain's first descriptor.
+    head: u16,
+    /// The chain as virtio-queue popped it, never advanced; `None` for a chain served again
+    /// after a reconnect, which was not popped from the available ring.
+    popped: Option<DescriptorChain<&'m G>>,
     /// The table the walk is in: the queue's, then an indirect one.
     table: Table<'m, G>,
     next_index: u16,
@@ -148,10 +151,18 @@ pub struct Chain<'m, G: GuestMemory> {
 impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The chain `popped`, whose queue's descriptor table is `table` (from [`ChainTable`]).
     pub(crate) fn new(popped: DescriptorChain<&'m G>, table: &ChainTable<'m, G>) -> Self {
-        let head = popped.head_index();
+        let mut chain = Self::resubmitted(popped.head_index(), table);
+        chain.popped = Some(popped);
+        chain
+    }
+
+    /// The chain starting at descriptor `head` of the queue's table, found in the inflight
+    /// area after a reconnect rather than popped.
+    pub(crate) fn resubmitted(head: u16, table: &ChainTable<'m, G>) -> Self {
         Chain {
             mem: table.mem,
-            popped,
+            head,
+            popped: None,
             table: table.table.clone(),
             next_index: head,
             ttl: table.table.entries,
@@ -162,7 +173,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
 
     /// The index of the chain's first descriptor: what the used ring reports.
     pub fn head_index(&self) -> u16 {
-        self.popped.head_index()
+        self.head
     }
 
     /// The guest memory the descriptors point into.
@@ -173,7 +184,11 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The same chain, from its first descriptor, as virtio-queue's [`DescriptorChain`] (for
     /// `reader`/`writer` and other virtio-queue APIs). Reads through it take virtio-queue's
     /// slower path.
-    pub fn descriptor_chain(&self) -> DescriptorChain<&'m G> {
+    ///
+    /// `None` for a chain served again after a reconnect (inflight I/O tracking): it was not
+    /// popped from the available ring, and virtio-queue builds a `DescriptorChain` only by
+    /// popping. Iterate over the `Chain` itself, which yields the same descriptors.
+    pub fn descriptor_chain(&self) -> Option<DescriptorChain<&'m G>> {
         self.popped.clone()
     }
 
@@ -234,6 +249,7 @@ impl<G: GuestMemory> Clone for Chain<'_, G> {
     fn clone(&self) -> Self {
         Chain {
             mem: self.mem,
+            head: self.head,
             popped: self.popped.clone(),
             table: self.table.clone(),
             next_index: self.next_index,
@@ -448,7 +464,11 @@ mod tests {
         assert_eq!(fields(&chain.next().unwrap()), (0x200, 34, WRITE, 0));
         assert!(chain.next().is_none());
         // The virtio-queue view of the same chain starts from the head again.
-        let again: Vec<_> = chain.descriptor_chain().map(|d| d.len()).collect();
+        let again: Vec<_> = chain
+            .descriptor_chain()
+            .unwrap()
+            .map(|d| d.len())
+            .collect();
         assert_eq!(again, vec![12, 34]);
         assert!(std::ptr::eq(chain.memory(), &mem));
     }

@@ -102,6 +102,10 @@ pub enum Error {
         /// The device's next available index.
         next_avail: u16,
     },
+    /// The inflight area's contents for this ring cannot be right (see
+    /// [`InflightError`](crate::InflightError)).
+    #[error("inflight area refused: {0}")]
+    Inflight(#[from] crate::inflight::InflightError),
     /// Writing the call eventfd failed.
     #[error("signalling the call eventfd failed: {0}")]
     Io(#[from] io::Error),

@@ -158,12 +158,18 @@
 
 mod chain;
 mod error;
+pub mod inflight;
+mod process;
 mod state;
 mod vring;
 
 pub use chain::Chain;
 pub use error::{Error, RingPart};
-pub use state::{InbandNotifier, RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
+pub use inflight::{InflightArea, InflightError, InflightQueue};
+pub use process::process_queue;
+pub use state::{
+    InbandNotifier, Restart, RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT,
+};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
 };

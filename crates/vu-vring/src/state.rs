@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions
 
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
+use crate::inflight::{InflightError, InflightQueue, InflightRegion};
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
 /// virtqueue section makes the size a power of two of at most 32768.
@@ -90,6 +91,68 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// `next_used` when the notification decision was last taken; entries past it are the
     /// ones a notification would announce.
     notified_used: Wrapping<u16>,
+    /// Inflight I/O tracking, when the frontend gave an area and the ring was restarted with
+    /// it ([`VringData::restart`]).
+    tracker: Option<Tracker>,
+}
+
+/// A vring's inflight I/O tracking: its region, the counter for the next popped chain, and
+/// the chains found in flight at restart that are still to be served again.
+#[derive(Debug)]
+struct Tracker {
+    queue: InflightQueue,
+    counter: u64,
+    /// Heads to serve again, newest first: `pop` gives the oldest.
+    resubmit: Vec<u16>,
+    /// Whether resubmitted chains go to the device (`false`: returned unserved).
+    serve_resubmitted: bool,
+}
+
+impl Tracker {
+    /// Runs `f` on the region; an error is logged once and ends tracking for the ring.
+    fn with_region(
+        tracker: &mut Option<Tracker>,
+        f: impl FnOnce(&InflightRegion<'_>, &mut u64) -> Result<(), InflightError>,
+    ) {
+        let Some(t) = tracker.as_mut() else { return };
+        let result = t.queue.region().and_then(|r| f(&r, &mut t.counter));
+        if let Err(err) = result {
+            log::error!("inflight tracking stopped for this ring: {err}");
+            *tracker = None;
+        }
+    }
+
+    /// Records the popped chain `head`.
+    fn record(tracker: &mut Option<Tracker>, head: u16) {
+        Tracker::with_region(tracker, |r, counter| {
+            r.record(head, *counter)?;
+            *counter = counter.wrapping_add(1);
+            Ok(())
+        });
+    }
+
+    /// Links a batch of completions before their used elements are written.
+    fn link(tracker: &mut Option<Tracker>, heads: &[(u16, u32)]) {
+        Tracker::with_region(tracker, |r, _| r.link_batch(heads.iter().map(|&(h, _)| h)));
+    }
+
+    /// Clears a batch of completions once `used_idx` is published.
+    fn finish(tracker: &mut Option<Tracker>, heads: &[(u16, u32)], used_idx: u16) {
+        Tracker::with_region(tracker, |r, _| {
+            r.finish_batch(heads.iter().map(|&(h, _)| h), used_idx)
+        });
+    }
+}
+
+/// What [`VringData::restart`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    /// The used index read from guest memory: the device's next used index.
+    pub next_used: u16,
+    /// The next available index the ring starts from.
+    pub next_avail: u16,
+    /// Chains found in flight, to be served again before new ones.
+    pub resubmit: usize,
 }
 
 impl<M: GuestAddressSpace> VringData<M> {
@@ -113,6 +176,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             enabled: false,
             log_guest_addr: None,
             notified_used: Wrapping(0),
+            tracker: None,
         })
     }
 
@@ -140,12 +204,26 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// skipped with a warning: no chain starts there, and the used ring could not take it
     /// back (`add_used` refuses it), so a device that passed its error on would stop over a
     /// driver's mistake.
+    ///
+    /// With inflight tracking, the chain is recorded in the inflight area before it is
+    /// returned. Chains found in flight at a restart are not returned here: only
+    /// [`serve_available`](Self::serve_available) (and so `process_queue`) serves them again.
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
-        pop_servable(&mut self.queue, self.mem.memory())
+        let chain = pop_servable(&mut self.queue, self.mem.memory())?;
+        if self.tracker.is_some() {
+            Tracker::record(&mut self.tracker, chain.head_index());
+        }
+        Some(chain)
     }
 
     /// Puts one completed chain into the used ring and publishes the new used index.
+    ///
+    /// With inflight tracking, the chain is cleared from the inflight area following the
+    /// specification's protocol (linked, published, cleared).
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), Error> {
+        if self.tracker.is_some() {
+            return self.add_used_batch([(head, len)]).map(|_| ());
+        }
         let mem = self.mem.memory();
         self.queue
             .add_used(mem.deref(), head, len)
@@ -163,6 +241,21 @@ impl<M: GuestAddressSpace> VringData<M> {
         I: IntoIterator<Item = (u16, u32)>,
     {
         let mem = self.mem.memory();
+        if self.tracker.is_some() {
+            let batch: Vec<(u16, u32)> = used.into_iter().collect();
+            let start = self.queue.next_used();
+            Tracker::link(&mut self.tracker, &batch);
+            let result = batch.iter().try_for_each(|&(head, len)| {
+                self.queue
+                    .add_used(mem.deref(), head, len)
+                    .map_err(|source| Error::AddUsed { head, source })
+            });
+            // On error, only the entries before the failing one were published.
+            let added = usize::from(self.queue.next_used().wrapping_sub(start));
+            let done = &batch[..added.min(batch.len())];
+            Tracker::finish(&mut self.tracker, done, self.queue.next_used());
+            return result.map(|()| batch.len());
+        }
         let mut added = 0;
         for (head, len) in used {
             self.queue
@@ -206,6 +299,10 @@ impl<M: GuestAddressSpace> VringData<M> {
         );
         let size = self.queue.size();
         let mut completed = 0;
+        // Chains found in flight at a restart come first, oldest first.
+        if self.tracker.as_ref().is_some_and(|t| !t.resubmit.is_empty()) {
+            completed += self.serve_resubmitted(mem, &table, ring.as_ref(), &mut serve)?;
+        }
         // Chains are taken from one iterator over the available ring per round (one read of
         // the available index for up to `SERVE_BATCH` chains, where popping one by one reads
         // it for each), served as they come, and put in the used ring once the iterator,
@@ -226,18 +323,166 @@ impl<M: GuestAddressSpace> VringData<M> {
                         );
                         continue;
                     }
+                    // Recorded before the device sees it.
+                    if self.tracker.is_some() {
+                        Tracker::record(&mut self.tracker, head);
+                    }
                     served[n] = (head, serve(Chain::new(chain, &table)));
                     n += 1;
                 }
             }
-            for &(head, len) in &served[..n] {
-                put_used(&mut self.queue, ring.as_ref(), mem, head, len)?;
+            let batch = &served[..n];
+            if self.tracker.is_some() {
+                Tracker::link(&mut self.tracker, batch);
+            }
+            for (i, &(head, len)) in batch.iter().enumerate() {
+                if let Err(err) = put_used(&mut self.queue, ring.as_ref(), mem, head, len) {
+                    if self.tracker.is_some() {
+                        Tracker::finish(&mut self.tracker, &batch[..i], self.queue.next_used());
+                    }
+                    return Err(err);
+                }
                 completed += 1;
+            }
+            if self.tracker.is_some() {
+                Tracker::finish(&mut self.tracker, batch, self.queue.next_used());
             }
             if taken < SERVE_BATCH {
                 return Ok(completed);
             }
         }
+    }
+
+    /// Serves the chains found in flight at the restart (or, when the device opted out,
+    /// returns them unserved with a used length of 0), one completion each.
+    fn serve_resubmitted<F, B>(
+        &mut self,
+        mem: &M::M,
+        table: &ChainTable<'_, M::M>,
+        ring: Option<&VolatileSlice<'_, B>>,
+        serve: &mut F,
+    ) -> Result<usize, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> u32,
+        B: BitmapSlice,
+    {
+        let mut completed = 0;
+        while let Some(tracker) = self.tracker.as_mut() {
+            let Some(head) = tracker.resubmit.pop() else {
+                break;
+            };
+            let len = if tracker.serve_resubmitted {
+                serve(Chain::resubmitted(head, table))
+            } else {
+                0
+            };
+            let batch = [(head, len)];
+            Tracker::link(&mut self.tracker, &batch);
+            put_used(&mut self.queue, ring, mem, head, len)?;
+            Tracker::finish(&mut self.tracker, &batch, self.queue.next_used());
+            completed += 1;
+        }
+        Ok(completed)
+    }
+
+    /// Fixes the point the ring starts from when it is started (`SET_VRING_KICK` on a stopped
+    /// ring), after `SET_VRING_BASE` gave the next available index and `SET_VRING_ADDR` the
+    /// ring addresses. The used index is read from guest memory and becomes the device's next
+    /// used index ("the device is supposed to read the next index in the Used Ring from the
+    /// respective vring structure in guest memory").
+    ///
+    /// With an inflight region (`inflight`, when the frontend gave an area and
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated), the region is reconciled with
+    /// that used index as the specification's "When reconnecting" steps say, the chains still
+    /// in flight are kept to be served again by the next
+    /// [`serve_available`](Self::serve_available) before any new chain (or returned unserved,
+    /// used length 0, when `serve_resubmitted` is false), and the next available index is the
+    /// used index plus their number: every chain popped before is either in the used ring or
+    /// in flight. A region whose contents cannot be right is refused with
+    /// [`Error::Inflight`], and the ring is left as it was.
+    ///
+    /// Without one, the next available index is the frontend's, unless the used index is
+    /// ahead of it (by at most the queue size): the device completed chains the frontend did
+    /// not count (it read the index before the device's last completions landed), and serving
+    /// them again would complete them twice; the ring then resumes at the used index.
+    pub fn restart(
+        &mut self,
+        inflight: Option<InflightQueue>,
+        serve_resubmitted: bool,
+    ) -> Result<Restart, Error> {
+        let used = self.queue_used_idx()?;
+        let size = self.queue.size();
+        let mut next_avail = self.queue.next_avail();
+        let mut resubmit = 0;
+        let tracker = match inflight {
+            None => {
+                let ahead = used.wrapping_sub(next_avail);
+                if ahead != 0 && ahead <= size {
+                    log::warn!(
+                        "the used index {used} is ahead of the frontend's next available index \
+                         {next_avail}: resuming at {used}"
+                    );
+                    next_avail = used;
+                }
+                None
+            }
+            Some(queue) => {
+                if queue.desc_num() != size {
+                    return Err(Error::Inflight(InflightError::RingSize {
+                        desc_num: queue.desc_num(),
+                        queue_size: size,
+                    }));
+                }
+                let found = queue.region()?.reconcile(used)?;
+                if !found.initialised {
+                    resubmit = found.heads.len();
+                    // At most `desc_num` = `size` heads: fits in u16 for any valid size.
+                    let in_flight = u16::try_from(resubmit).unwrap_or(u16::MAX);
+                    next_avail = used.wrapping_add(in_flight);
+                }
+                Some(Tracker {
+                    queue,
+                    counter: found.next_counter,
+                    resubmit: found.heads.into_iter().rev().collect(),
+                    serve_resubmitted,
+                })
+            }
+        };
+        self.queue.set_next_avail(next_avail);
+        self.set_queue_next_used(used);
+        self.tracker = tracker;
+        Ok(Restart {
+            next_used: used,
+            next_avail,
+            resubmit,
+        })
+    }
+
+    /// Whether inflight I/O tracking is on for this ring.
+    pub fn inflight_tracking(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// The chains found in flight at the restart that have not been served again yet.
+    pub fn resubmit_pending(&self) -> usize {
+        self.tracker.as_ref().map_or(0, |t| t.resubmit.len())
+    }
+
+    /// The number of chains waiting for the device: those to serve again after a restart,
+    /// plus those the driver made available and the device has not popped.
+    ///
+    /// An available index more than the queue size ahead of the device's is
+    /// [`Error::InvalidAvailIndex`] (nothing can be popped from it); an unreadable available
+    /// ring is the memory error.
+    pub fn pending_chains(&self) -> Result<usize, Error> {
+        let mem = self.mem.memory();
+        let idx = self.queue.avail_idx(mem.deref(), Ordering::Acquire)?.0;
+        let next_avail = self.queue.next_avail();
+        let available = idx.wrapping_sub(next_avail);
+        if available > self.queue.size() {
+            return Err(Error::InvalidAvailIndex { next_avail });
+        }
+        Ok(usize::from(available) + self.resubmit_pending())
     }
 
     /// Writes the call eventfd, telling the frontend that the used ring has new entries.
@@ -542,6 +787,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.enabled = false;
         self.log_guest_addr = None;
         self.notified_used = Wrapping(0);
+        self.tracker = None;
     }
 
     fn read_avail_u16(&self, offset: u64) -> Result<u16, Error> {
