@@ -208,6 +208,16 @@ pub trait VhostUserBackend {
         Ok(())
     }
 
+    /// Whether chains found in flight after a reconnect (inflight I/O tracking,
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) are handed to the device again, oldest first,
+    /// before new ones. The default is yes, right for a device whose requests are idempotent
+    /// (a block device's reads and writes). A device whose requests must not be executed twice
+    /// returns `false`: those chains are then returned to the driver unserved, with a used
+    /// length of 0.
+    fn resubmit_inflight(&self) -> bool {
+        true
+    }
+
     /// Handles a readable kick (`device_event` < `num_queues`) or an event of an fd the
     /// device registered itself (higher `device_event`), on worker thread `thread_id`.
     ///
@@ -341,6 +351,11 @@ pub trait VhostUserBackendMut {
         Ok(())
     }
 
+    /// See [`VhostUserBackend::resubmit_inflight`].
+    fn resubmit_inflight(&self) -> bool {
+        true
+    }
+
     /// See [`VhostUserBackend::handle_event`].
     fn handle_event(
         &mut self,
@@ -435,6 +450,9 @@ impl<T: VhostUserBackend + ?Sized> VhostUserBackend for Arc<T> {
     }
     fn stop_vring(&self, queue: u16) -> io::Result<()> {
         self.deref().stop_vring(queue)
+    }
+    fn resubmit_inflight(&self) -> bool {
+        self.deref().resubmit_inflight()
     }
     fn handle_event(
         &self,
@@ -577,6 +595,11 @@ macro_rules! locked_backend {
                 self.$write()
                     .unwrap_or_else(PoisonError::into_inner)
                     .stop_vring(queue)
+            }
+            fn resubmit_inflight(&self) -> bool {
+                self.$read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .resubmit_inflight()
             }
             fn handle_event(
                 &self,

@@ -29,17 +29,14 @@
 //! when it is dropped. [`wait`](VhostUserDaemon::wait) then returns: `Ok` for a shutdown or an
 //! exit event, the error otherwise. A stopped daemon cannot be started again.
 
-use std::ops::Deref;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use std::{fs::File, io};
 
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vu_proto::listener::Listener;
 use vu_proto::socket::Endpoint;
@@ -139,15 +136,9 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
         if !data.ready() || !data.is_enabled() {
             return false;
         }
-        let mem = data.mem().memory();
-        data.get_queue()
-            .avail_idx(mem.deref(), Ordering::Acquire)
-            .is_ok_and(|idx| {
-                // Chains to pop, and not more than the ring holds: an index further ahead
-                // cannot be popped from, and polling it would spin until the budget ends.
-                let pending = idx.0.wrapping_sub(data.queue_next_avail());
-                pending != 0 && pending <= data.get_queue().size()
-            })
+        // Chains to serve, and not more than the ring holds: an index further ahead cannot be
+        // popped from, and polling it would spin until the budget ends.
+        data.pending_chains().is_ok_and(|n| n != 0)
     }
 }
 

@@ -167,6 +167,15 @@ pub enum SessionError {
         /// The size the layout needs.
         needed: u64,
     },
+    /// The inflight area, or a queue's region of it, was refused.
+    #[error("{request}: inflight area: {source}")]
+    Inflight {
+        /// The request.
+        request: FrontendReq,
+        /// What is wrong with it.
+        #[source]
+        source: vu_vring::InflightError,
+    },
     /// Acknowledged protocol features that the spec forbids together; the spec asks the
     /// backend to close the connection.
     #[error("protocol features {acked:#x}: {reason}")]

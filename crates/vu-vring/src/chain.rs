@@ -464,11 +464,7 @@ mod tests {
         assert_eq!(fields(&chain.next().unwrap()), (0x200, 34, WRITE, 0));
         assert!(chain.next().is_none());
         // The virtio-queue view of the same chain starts from the head again.
-        let again: Vec<_> = chain
-            .descriptor_chain()
-            .unwrap()
-            .map(|d| d.len())
-            .collect();
+        let again: Vec<_> = chain.descriptor_chain().unwrap().map(|d| d.len()).collect();
         assert_eq!(again, vec![12, 34]);
         assert!(std::ptr::eq(chain.memory(), &mem));
     }

@@ -190,7 +190,9 @@ pub enum InflightError {
         expected: u16,
     },
     /// The used ring's index is more than `desc_num` ahead of the region's `used_idx`.
-    #[error("inflight used_idx {recorded} is {ahead} behind the used ring's index (ring of {desc_num})")]
+    #[error(
+        "inflight used_idx {recorded} is {ahead} behind the used ring's index (ring of {desc_num})"
+    )]
     UsedIdx {
         /// The region's `used_idx`.
         recorded: u16,
@@ -326,12 +328,12 @@ impl InflightQueue {
     /// The typed view of the region.
     pub fn region(&self) -> Result<InflightRegion<'_>, InflightError> {
         let len = SPLIT_HEADER + SPLIT_DESC * usize::from(self.desc_num);
-        let slice = self
-            .map
-            .get_slice(self.offset, len)
-            .map_err(|_| InflightError::OutOfBounds {
-                offset: self.offset,
-            })?;
+        let slice =
+            self.map
+                .get_slice(self.offset, len)
+                .map_err(|_| InflightError::OutOfBounds {
+                    offset: self.offset,
+                })?;
         InflightRegion::new(slice, self.desc_num)
     }
 
@@ -387,7 +389,11 @@ impl<'a> InflightRegion<'a> {
             .map_err(|_| InflightError::OutOfBounds { offset })
     }
 
-    fn write<T: vm_memory::ByteValued>(&self, value: T, offset: usize) -> Result<(), InflightError> {
+    fn write<T: vm_memory::ByteValued>(
+        &self,
+        value: T,
+        offset: usize,
+    ) -> Result<(), InflightError> {
         self.slice
             .write_obj(value, offset)
             .map_err(|_| InflightError::OutOfBounds { offset })
@@ -472,7 +478,10 @@ impl<'a> InflightRegion<'a> {
     /// Links the completions `heads` (in the order their used elements are written) into the
     /// last-batch list: "Set `desc[i].next` to `last_batch_head`; set `last_batch_head` to
     /// `i`", in reverse, so that the list from `last_batch_head` starts with `heads[0]`.
-    pub fn link_batch(&self, heads: impl DoubleEndedIterator<Item = u16>) -> Result<(), InflightError> {
+    pub fn link_batch(
+        &self,
+        heads: impl DoubleEndedIterator<Item = u16>,
+    ) -> Result<(), InflightError> {
         let mut last = self.last_batch_head()?;
         for head in heads.rev() {
             self.write(last.to_le(), self.desc(head, DESC_NEXT, "head")?)?;

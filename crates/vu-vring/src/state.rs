@@ -300,7 +300,11 @@ impl<M: GuestAddressSpace> VringData<M> {
         let size = self.queue.size();
         let mut completed = 0;
         // Chains found in flight at a restart come first, oldest first.
-        if self.tracker.as_ref().is_some_and(|t| !t.resubmit.is_empty()) {
+        if self
+            .tracker
+            .as_ref()
+            .is_some_and(|t| !t.resubmit.is_empty())
+        {
             completed += self.serve_resubmitted(mem, &table, ring.as_ref(), &mut serve)?;
         }
         // Chains are taken from one iterator over the available ring per round (one read of
@@ -401,7 +405,8 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// in flight. A region whose contents cannot be right is refused with
     /// [`Error::Inflight`], and the ring is left as it was.
     ///
-    /// Without one, the next available index is the frontend's, unless the used index is
+    /// Without one, when the used ring cannot be read, nothing changes (the worker reports
+    /// the broken ring). Otherwise the next available index is the frontend's, unless the used index is
     /// ahead of it (by at most the queue size): the device completed chains the frontend did
     /// not count (it read the index before the device's last completions landed), and serving
     /// them again would complete them twice; the ring then resumes at the used index.
@@ -410,7 +415,20 @@ impl<M: GuestAddressSpace> VringData<M> {
         inflight: Option<InflightQueue>,
         serve_resubmitted: bool,
     ) -> Result<Restart, Error> {
-        let used = self.queue_used_idx()?;
+        let used = match self.queue_used_idx() {
+            Ok(used) => used,
+            // Nothing to reconcile with: the ring keeps the indices it was given, and the
+            // worker reports the unreadable ring when it looks at it.
+            Err(err) if inflight.is_none() => {
+                log::warn!("the used ring is unreadable as the ring starts: {err}");
+                return Ok(Restart {
+                    next_used: self.queue.next_used(),
+                    next_avail: self.queue.next_avail(),
+                    resubmit: 0,
+                });
+            }
+            Err(err) => return Err(err),
+        };
         let size = self.queue.size();
         let mut next_avail = self.queue.next_avail();
         let mut resubmit = 0;

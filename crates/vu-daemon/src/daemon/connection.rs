@@ -34,8 +34,8 @@ pub(crate) struct StopSignal {
     event: EventFd,
     stopping: AtomicBool,
     failures: Mutex<Vec<DaemonError>>,
-    /// A duplicate of the connection being served, shut down on stop so that a thread blocked
-    /// reading a message (a frontend that stalls mid-message) returns at once.
+    /// A duplicate of the connection being served, shut down for reading on stop so that a
+    /// thread blocked reading a message (a frontend that stalls mid-message) returns at once.
     connection: Mutex<Option<UnixStream>>,
 }
 
@@ -62,15 +62,22 @@ impl StopSignal {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Requests a stop: wakes the connection thread and cuts the connection being served.
+    /// Requests a stop: wakes the connection thread, which stops the rings and then closes
+    /// the connection being served.
+    ///
+    /// The order is what makes a restart safe: a frontend that sees the connection end takes
+    /// the used index in guest memory as the point to restart the rings from (QEMU does, when
+    /// `GET_VRING_BASE` fails), so no worker may still be completing a chain by then. The
+    /// connection is therefore only shut down for reading here, which wakes a blocked read
+    /// with end-of-file and shows the frontend nothing; the frontend sees the end when the
+    /// connection thread closes the socket, after `Session::disconnect` quiesced every ring.
     pub(crate) fn request(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.event.write(1) {
             log::error!("cannot write the daemon's stop eventfd: {e}");
         }
         if let Some(conn) = lock(&self.connection).as_ref() {
-            // Wakes a blocked read with end-of-file; the frontend sees the connection close.
-            let _ = conn.shutdown(std::net::Shutdown::Both);
+            let _ = conn.shutdown(std::net::Shutdown::Read);
         }
     }
 
@@ -101,7 +108,7 @@ impl StopSignal {
         // A stop requested just before the connection was recorded must still cut it.
         if self.is_stopping() {
             if let Some(conn) = lock(&self.connection).as_ref() {
-                let _ = conn.shutdown(std::net::Shutdown::Both);
+                let _ = conn.shutdown(std::net::Shutdown::Read);
             }
         }
     }
@@ -269,15 +276,31 @@ mod tests {
         }
     }
 
+    /// Whether `stream` has something to report (data, end of file, hang-up) right now.
+    fn readable_now(stream: &UnixStream) -> bool {
+        let poller = Poller::new().unwrap();
+        poller
+            .add(stream.as_fd(), EventSet::IN, SOCKET_DATA)
+            .unwrap();
+        let mut events = [EpollEvent::default(); 1];
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap() == 1
+    }
+
     #[test]
-    fn request_cuts_the_recorded_connection() {
+    fn request_wakes_our_reader_but_shows_the_frontend_nothing_until_closed() {
         let signal = StopSignal::new().unwrap();
         let (ours, theirs) = Endpoint::pair().unwrap();
         signal.set_connection(Some(&ours));
         signal.request();
         let mut buf = [0u8; 1];
-        // End of file on both sides: a blocked reader of `ours` would return at once.
+        // A blocked reader of `ours` returns at once with end of file ...
         assert_eq!(ours.stream().read(&mut buf).unwrap(), 0);
+        // ... while the frontend sees no end until the connection is closed, after the
+        // rings were stopped.
+        assert!(!readable_now(theirs.stream()));
+        signal.set_connection(None);
+        drop(ours);
+        assert!(readable_now(theirs.stream()));
         assert_eq!(theirs.stream().read(&mut buf).unwrap(), 0);
     }
 

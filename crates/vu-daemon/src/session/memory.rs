@@ -20,55 +20,42 @@ use super::{Reply, Session};
 use crate::backend::VhostUserBackend;
 use crate::error::SessionError;
 
-/// The inflight area of a connection: the shared buffer and how it was described.
+/// The inflight area of a connection: the shared buffer, mapped, and how it was described.
 ///
-/// The session keeps it for the connection's lifetime, so a reconnecting frontend's
-/// `SET_INFLIGHT_FD` finds the same buffer; no backend hook reads it yet (only the tests).
+/// The session keeps it for the connection's lifetime; each ring takes its region when it
+/// starts (`VringData::restart`), and records into it from then on.
 #[derive(Debug)]
-#[cfg_attr(any(not(test), feature = "xen"), allow(dead_code))]
 pub(crate) struct InflightArea {
     /// The buffer (a memfd the session created, or the frontend's fd).
     file: File,
+    /// The mapping of its layout.
+    area: vu_vring::InflightArea,
     /// Its description (size, offset, queues, queue size).
     desc: Inflight,
 }
 
-#[cfg_attr(any(not(test), feature = "xen"), allow(dead_code))]
 impl InflightArea {
     /// The buffer's fd.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
 
     /// Its description.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn desc(&self) -> Inflight {
         self.desc
     }
-}
 
-/// The spec's `QueueRegionSplit` header: features (8), version, desc_num, last_batch_head,
-/// used_idx (2 each).
-const SPLIT_HEADER: u64 = 16;
-/// The spec's `DescStateSplit`: inflight (1), padding (5), next (2), counter (8).
-const SPLIT_DESC: u64 = 16;
-/// The spec's `QueueRegionPacked` header (29 bytes of fields padded to 8-byte alignment).
-const PACKED_HEADER: u64 = 32;
-/// The spec's `DescStatePacked`: 1 + 1 + 2 + 2 + 2 + 8 + 2 + 2 + 4 + 8 bytes.
-const PACKED_DESC: u64 = 32;
-/// Each queue's region starts on a 64-byte boundary (as libvhost-user lays it out).
-const QUEUE_REGION_ALIGN: u64 = 64;
+    /// The mapped area.
+    pub(crate) fn area(&self) -> &vu_vring::InflightArea {
+        &self.area
+    }
+}
 
 /// The bytes the spec's inflight layout needs for `num_queues` queues of `queue_size`
-/// descriptors. Cannot overflow: both counts are 16-bit.
-pub(crate) fn inflight_size(num_queues: u16, queue_size: u16, packed: bool) -> u64 {
-    let (header, desc) = if packed {
-        (PACKED_HEADER, PACKED_DESC)
-    } else {
-        (SPLIT_HEADER, SPLIT_DESC)
-    };
-    let per_queue = (header + desc * u64::from(queue_size)).next_multiple_of(QUEUE_REGION_ALIGN);
-    per_queue * u64::from(num_queues)
-}
+/// descriptors (64-byte aligned regions, as libvhost-user lays them out).
+pub(crate) use vu_vring::inflight::area_size as inflight_size;
 
 /// A memfd of `size` zero bytes, close-on-exec, sealed against shrinking and growing.
 fn inflight_memfd(size: u64) -> std::io::Result<File> {
@@ -231,6 +218,18 @@ where
         Ok(())
     }
 
+    /// The inflight region of `queue`, when `INFLIGHT_SHMFD` was negotiated and the
+    /// frontend gave an area that covers the queue.
+    pub(super) fn inflight_queue(&self, queue: u16) -> Option<vu_vring::InflightQueue> {
+        if !self
+            .acked_protocol
+            .contains(ProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return None;
+        }
+        self.inflight.as_ref()?.area().queue(queue)
+    }
+
     /// Refuses an inflight description for more queues, or larger queues, than the device
     /// has; returns the size its layout needs.
     fn inflight_needs(&self, request: FrontendReq, desc: &Inflight) -> Result<u64, SessionError> {
@@ -272,12 +271,17 @@ where
             .as_fd()
             .try_clone_to_owned()
             .map_err(io_err("duplicating the inflight memfd"))?;
+        let ours = file
+            .try_clone()
+            .map_err(io_err("duplicating the inflight memfd"))?;
+        let area = vu_vring::InflightArea::map(ours, 0, size, desc.num_queues, desc.queue_size)
+            .map_err(|source| SessionError::Inflight { request, source })?;
         let desc = Inflight {
             mmap_size: size,
             mmap_offset: 0,
             ..desc
         };
-        self.inflight = Some(InflightArea { file, desc });
+        self.inflight = Some(InflightArea { file, area, desc });
         Ok(Reply::new(hdr, &desc, vec![theirs]))
     }
 
@@ -305,7 +309,20 @@ where
                 needed,
             });
         }
-        self.inflight = Some(InflightArea { file, desc });
+        let mapped = file.try_clone().map_err(|source| SessionError::Io {
+            request,
+            what: "duplicating the inflight fd",
+            source,
+        })?;
+        let area = vu_vring::InflightArea::map(
+            mapped,
+            desc.mmap_offset,
+            needed,
+            desc.num_queues,
+            desc.queue_size,
+        )
+        .map_err(|source| SessionError::Inflight { request, source })?;
+        self.inflight = Some(InflightArea { file, area, desc });
         Ok(())
     }
 

@@ -2,16 +2,13 @@
 //! the ring state transitions of the spec's "Ring states".
 
 use std::fs::File;
-use std::ops::Deref;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use log::warn;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vu_mem::RegionBitmap;
 use vu_proto::backend::BackendChannel;
 use vu_proto::features::ProtocolFeatures;
@@ -303,6 +300,31 @@ where
         };
         ctl.unwatch_kick(queue).map_err(ctl_err)?;
         let vring = self.vring(queue);
+        if !vring.ready() {
+            // The restart point, fixed once as the ring starts: see `VringData::restart`.
+            let inflight = self.inflight_queue(queue);
+            let tracked = inflight.is_some();
+            let restart = vring
+                .get_mut()
+                .restart(inflight, self.backend.resubmit_inflight())
+                .map_err(|source| match source {
+                    vu_vring::Error::Inflight(source) => SessionError::Inflight { request, source },
+                    source => SessionError::Vring {
+                        request,
+                        queue,
+                        source,
+                    },
+                })?;
+            if restart.resubmit != 0 {
+                log::info!(
+                    "queue {queue}: {} chains in flight before the reconnect are served again",
+                    restart.resubmit
+                );
+            } else if tracked {
+                log::debug!("queue {queue}: inflight tracking on, nothing in flight");
+            }
+        }
+        let vring = self.vring(queue);
         vring.set_kick(Some(kick));
         vring.set_queue_ready(true);
         if !self.protocol_negotiated() {
@@ -479,18 +501,14 @@ fn poll_timer(period: Duration) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Whether the available ring of a started `vring` holds chains the device has not popped
-/// (an unreadable ring counts as having some: the worker will find out).
+/// Whether a started `vring` holds chains the device has not served (an unreadable or broken
+/// ring counts as having some: the worker will find out and report it).
 fn has_available_chains<V, B>(vring: &V) -> bool
 where
     V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
     B: RegionBitmap,
 {
-    let data = vring.get_ref();
-    let mem = data.mem().memory();
-    data.get_queue()
-        .avail_idx(mem.deref(), Ordering::Acquire)
-        .map_or(true, |idx| idx.0 != data.queue_next_avail())
+    vring.get_ref().pending_chains().map_or(true, |n| n != 0)
 }
 
 /// The device and inode numbers of the kernel's shared anonymous inode, which every eventfd
