@@ -160,8 +160,59 @@ pub fn area_size(num_queues: u16, queue_size: u16, packed: bool) -> u64 {
     queue_region_size(queue_size, packed) * u64::from(num_queues)
 }
 
+/// Crash injection for the tests: every store of the inflight protocol (to the area and to the
+/// used ring) asks [`crash::store_allowed`] first; a test lets the first `n` through and
+/// drops the rest, which leaves memory exactly as a process killed after its `n`-th store
+/// would. Outside tests the check is a constant `true`.
+pub(crate) mod crash {
+    #[cfg(test)]
+    use std::cell::Cell;
+
+    #[cfg(test)]
+    thread_local! {
+        /// Stores still allowed; `None`: all.
+        static LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+        /// Stores asked for since the last [`arm`].
+        static ASKED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Whether the next store happens (always, outside tests).
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) fn store_allowed() -> bool {
+        true
+    }
+
+    /// Whether the next store happens: not once the armed budget is spent.
+    #[cfg(test)]
+    pub(crate) fn store_allowed() -> bool {
+        ASKED.with(|a| a.set(a.get() + 1));
+        LEFT.with(|left| match left.get() {
+            None => true,
+            Some(0) => false,
+            Some(n) => {
+                left.set(Some(n - 1));
+                true
+            }
+        })
+    }
+
+    /// Lets `budget` more stores through on this thread (`None`: all), and restarts the count.
+    #[cfg(test)]
+    pub(crate) fn arm(budget: Option<u64>) {
+        LEFT.with(|left| left.set(budget));
+        ASKED.with(|a| a.set(0));
+    }
+
+    /// Stores asked for on this thread since the last [`arm`].
+    #[cfg(test)]
+    pub(crate) fn asked() -> u64 {
+        ASKED.with(Cell::get)
+    }
+}
+
 /// What is wrong with an inflight area or its contents.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InflightError {
     /// The mapped bytes are fewer than the layout needs.
@@ -394,6 +445,9 @@ impl<'a> InflightRegion<'a> {
         value: T,
         offset: usize,
     ) -> Result<(), InflightError> {
+        if !crash::store_allowed() {
+            return Ok(());
+        }
         self.slice
             .write_obj(value, offset)
             .map_err(|_| InflightError::OutOfBounds { offset })
@@ -575,5 +629,326 @@ impl<'a> InflightRegion<'a> {
             next_counter,
             initialised: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A region of `desc_num` descriptors over a byte buffer.
+    fn region(buf: &mut [u8], desc_num: u16) -> InflightRegion<'_> {
+        InflightRegion::new(VolatileSlice::from(buf), desc_num).unwrap()
+    }
+
+    fn buffer(desc_num: u16) -> Vec<u8> {
+        vec![0; SPLIT_HEADER + SPLIT_DESC * usize::from(desc_num)]
+    }
+
+    /// A version-1 region of 8 descriptors whose `used_idx` is `used_idx`.
+    fn initialised(buf: &mut [u8], used_idx: u16) {
+        region(buf, 8).reconcile(used_idx).unwrap();
+    }
+
+    fn put_u16(buf: &mut [u8], at: usize, v: u16) {
+        buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_u64(buf: &mut [u8], at: usize, v: u64) {
+        buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Byte offset of descriptor `i` in a split region.
+    fn desc_at(i: usize) -> usize {
+        16 + 16 * i
+    }
+
+    #[test]
+    fn split_layout_matches_the_spec_byte_for_byte() {
+        // The C structures of the specification, field by field (no packing: natural
+        // alignment).
+        assert_eq!(size_of::<DescStateSplit>(), 16);
+        assert_eq!(offset_of!(DescStateSplit, inflight), 0);
+        assert_eq!(offset_of!(DescStateSplit, padding), 1);
+        assert_eq!(offset_of!(DescStateSplit, next), 6);
+        assert_eq!(offset_of!(DescStateSplit, counter), 8);
+        assert_eq!(size_of::<QueueRegionSplit>(), 16);
+        assert_eq!(offset_of!(QueueRegionSplit, features), 0);
+        assert_eq!(offset_of!(QueueRegionSplit, version), 8);
+        assert_eq!(offset_of!(QueueRegionSplit, desc_num), 10);
+        assert_eq!(offset_of!(QueueRegionSplit, last_batch_head), 12);
+        assert_eq!(offset_of!(QueueRegionSplit, used_idx), 14);
+    }
+
+    #[test]
+    fn packed_layout_matches_the_spec_byte_for_byte() {
+        assert_eq!(size_of::<DescStatePacked>(), 32);
+        assert_eq!(offset_of!(DescStatePacked, inflight), 0);
+        assert_eq!(offset_of!(DescStatePacked, padding), 1);
+        assert_eq!(offset_of!(DescStatePacked, next), 2);
+        assert_eq!(offset_of!(DescStatePacked, last), 4);
+        assert_eq!(offset_of!(DescStatePacked, num), 6);
+        assert_eq!(offset_of!(DescStatePacked, counter), 8);
+        assert_eq!(offset_of!(DescStatePacked, id), 16);
+        assert_eq!(offset_of!(DescStatePacked, flags), 18);
+        assert_eq!(offset_of!(DescStatePacked, len), 20);
+        assert_eq!(offset_of!(DescStatePacked, addr), 24);
+        assert_eq!(size_of::<QueueRegionPacked>(), 32);
+        assert_eq!(offset_of!(QueueRegionPacked, features), 0);
+        assert_eq!(offset_of!(QueueRegionPacked, version), 8);
+        assert_eq!(offset_of!(QueueRegionPacked, desc_num), 10);
+        assert_eq!(offset_of!(QueueRegionPacked, free_head), 12);
+        assert_eq!(offset_of!(QueueRegionPacked, old_free_head), 14);
+        assert_eq!(offset_of!(QueueRegionPacked, used_idx), 16);
+        assert_eq!(offset_of!(QueueRegionPacked, old_used_idx), 18);
+        assert_eq!(offset_of!(QueueRegionPacked, used_wrap_counter), 20);
+        assert_eq!(offset_of!(QueueRegionPacked, old_used_wrap_counter), 21);
+        assert_eq!(offset_of!(QueueRegionPacked, padding), 22);
+    }
+
+    #[test]
+    fn region_sizes_are_those_libvhost_user_computes() {
+        // libvhost-user sizes a split region as 16 * queue_size + 2 rounded up to 64 bytes
+        // (its header's fields before `desc[]` and the alignment); the header here is the
+        // spec's 16 bytes. Both round to the same size for every queue size.
+        for queue_size in [1u16, 2, 4, 64, 128, 256, 1024, 32768] {
+            let theirs = (16 * u64::from(queue_size) + 2).next_multiple_of(64);
+            assert_eq!(queue_region_size(queue_size, false), theirs, "{queue_size}");
+        }
+        assert_eq!(area_size(2, 128, false), 2 * 2112);
+        assert_eq!(area_size(1, 4, true), 192);
+    }
+
+    #[test]
+    fn stores_land_on_the_spec_offsets_little_endian() {
+        let mut buf = buffer(8);
+        {
+            let r = region(&mut buf, 8);
+            r.reconcile(0x0102).unwrap();
+            r.record(3, 0x1122_3344_5566_7788).unwrap();
+            r.link_batch([3u16].into_iter()).unwrap();
+            r.finish_batch([3u16].into_iter(), 0x0103).unwrap();
+        }
+        assert_eq!(&buf[0..8], &[0; 8], "features");
+        assert_eq!(&buf[8..10], &[1, 0], "version");
+        assert_eq!(&buf[10..12], &[8, 0], "desc_num");
+        assert_eq!(&buf[12..14], &[3, 0], "last_batch_head");
+        assert_eq!(&buf[14..16], &[0x03, 0x01], "used_idx");
+        let d = desc_at(3);
+        assert_eq!(buf[d], 0, "inflight cleared");
+        assert_eq!(
+            &buf[d + 6..d + 8],
+            &[0, 0],
+            "next: the previous last_batch_head"
+        );
+        assert_eq!(
+            &buf[d + 8..d + 16],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11],
+            "counter"
+        );
+    }
+
+    #[test]
+    fn uninitialised_region_is_initialised_and_resubmits_nothing() {
+        let mut buf = buffer(8);
+        buf[desc_at(2)] = 1; // stale garbage in a fresh area is cleared
+        let found = region(&mut buf, 8).reconcile(5).unwrap();
+        assert!(found.initialised);
+        assert!(found.heads.is_empty());
+        let r = region(&mut buf, 8);
+        assert_eq!(r.version().unwrap(), INFLIGHT_VERSION);
+        assert_eq!(r.stored_desc_num().unwrap(), 8);
+        assert_eq!(r.used_idx().unwrap(), 5);
+        assert_eq!(r.inflight(2).unwrap(), 0);
+    }
+
+    #[test]
+    fn inflight_heads_come_back_in_counter_order() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        let r = region(&mut buf, 8);
+        r.record(6, 10).unwrap();
+        r.record(1, 11).unwrap();
+        r.record(4, 12).unwrap();
+        let found = r.reconcile(0).unwrap();
+        assert_eq!(found.heads, vec![6, 1, 4]);
+        assert_eq!(found.next_counter, 13);
+    }
+
+    #[test]
+    fn completions_the_used_ring_shows_are_not_resubmitted() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        let r = region(&mut buf, 8);
+        for (counter, head) in [5u16, 2, 7].into_iter().enumerate() {
+            r.record(head, counter as u64).unwrap();
+        }
+        // Batch [2, 7] linked, both used elements published (used idx 2), flags not cleared.
+        r.link_batch([2u16, 7].into_iter()).unwrap();
+        let found = r.reconcile(2).unwrap();
+        assert_eq!(found.heads, vec![5]);
+        assert_eq!(r.used_idx().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_partly_published_batch_clears_exactly_its_published_part() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        let r = region(&mut buf, 8);
+        for (counter, head) in [5u16, 2, 7].into_iter().enumerate() {
+            r.record(head, counter as u64).unwrap();
+        }
+        r.link_batch([2u16, 7, 5].into_iter()).unwrap();
+        // Only the first element (head 2) reached the used ring.
+        assert_eq!(r.reconcile(1).unwrap().heads, vec![5, 7]);
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let mut buf = buffer(8);
+        put_u16(&mut buf, 8, 7);
+        let r = region(&mut buf, 8);
+        assert_eq!(r.reconcile(0), Err(InflightError::Version { version: 7 }));
+        assert_eq!(
+            r.check_header(8),
+            Err(InflightError::Version { version: 7 })
+        );
+    }
+
+    #[test]
+    fn mismatched_desc_num_is_refused() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        put_u16(&mut buf, 10, 16);
+        let r = region(&mut buf, 8);
+        let err = InflightError::DescNum {
+            desc_num: 16,
+            expected: 8,
+        };
+        assert_eq!(r.reconcile(0), Err(err.clone()));
+        assert_eq!(r.check_header(8), Err(err));
+    }
+
+    #[test]
+    fn used_idx_further_behind_than_the_ring_is_refused() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        let r = region(&mut buf, 8);
+        assert_eq!(
+            r.reconcile(9),
+            Err(InflightError::UsedIdx {
+                recorded: 0,
+                ahead: 9,
+                desc_num: 8
+            })
+        );
+    }
+
+    #[test]
+    fn last_batch_head_past_the_ring_is_refused() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        put_u16(&mut buf, 12, 8);
+        assert!(matches!(
+            region(&mut buf, 8).reconcile(1),
+            Err(InflightError::Index { index: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn batch_list_link_past_the_ring_is_refused() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        put_u16(&mut buf, 12, 3);
+        put_u16(&mut buf, desc_at(3) + 6, 0xffff);
+        assert!(matches!(
+            region(&mut buf, 8).reconcile(2),
+            Err(InflightError::Index { index: 0xffff, .. })
+        ));
+    }
+
+    #[test]
+    fn a_looping_batch_list_ends_after_the_batch_size() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        // Head 3 links to itself: the walk takes `ahead` steps and stops.
+        put_u16(&mut buf, 12, 3);
+        put_u16(&mut buf, desc_at(3) + 6, 3);
+        buf[desc_at(3)] = 1;
+        buf[desc_at(4)] = 1;
+        assert_eq!(region(&mut buf, 8).reconcile(8).unwrap().heads, vec![4]);
+    }
+
+    #[test]
+    fn inflight_flag_other_than_0_or_1_is_refused() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        buf[desc_at(6)] = 0x80;
+        assert_eq!(
+            region(&mut buf, 8).reconcile(0),
+            Err(InflightError::Flag {
+                index: 6,
+                value: 0x80
+            })
+        );
+    }
+
+    #[test]
+    fn counters_at_the_top_of_the_range_wrap_without_panicking() {
+        let mut buf = buffer(8);
+        initialised(&mut buf, 0);
+        for (head, counter) in [(2usize, u64::MAX), (5, u64::MAX - 1), (0, u64::MAX)] {
+            buf[desc_at(head)] = 1;
+            put_u64(&mut buf, desc_at(head) + 8, counter);
+        }
+        let found = region(&mut buf, 8).reconcile(0).unwrap();
+        // Oldest first; equal counters (only a hostile area has them) by index.
+        assert_eq!(found.heads, vec![5, 0, 2]);
+        assert_eq!(found.next_counter, 0);
+    }
+
+    #[test]
+    fn accesses_past_the_view_are_refused() {
+        let mut buf = buffer(8);
+        assert!(matches!(
+            InflightRegion::new(VolatileSlice::from(&mut buf[..100]), 8),
+            Err(InflightError::TooSmall { .. })
+        ));
+        let r = region(&mut buf, 8);
+        assert!(matches!(r.record(8, 0), Err(InflightError::Index { .. })));
+        assert!(matches!(r.inflight(9), Err(InflightError::Index { .. })));
+        assert!(matches!(
+            r.link_batch([8u16].into_iter()),
+            Err(InflightError::Index { .. })
+        ));
+    }
+
+    #[test]
+    fn mapping_refuses_an_area_smaller_than_its_layout() {
+        let file = crate::testutil::memfd(4096);
+        assert_eq!(
+            InflightArea::map(file, 0, 4096, 4, 256).unwrap_err(),
+            InflightError::TooSmall {
+                size: 4096,
+                needed: area_size(4, 256, false)
+            }
+        );
+    }
+
+    #[test]
+    fn mapping_checks_every_queue_header() {
+        let size = area_size(2, 8, false);
+        let file = crate::testutil::memfd(size);
+        let bytes = 5u16.to_le_bytes();
+        std::os::unix::fs::FileExt::write_at(&file, &bytes, queue_region_size(8, false) + 8)
+            .unwrap();
+        let err = InflightArea::map(file, 0, size, 2, 8).unwrap_err();
+        assert_eq!(
+            err,
+            InflightError::Queue {
+                queue: 1,
+                source: Box::new(InflightError::Version { version: 5 })
+            }
+        );
     }
 }

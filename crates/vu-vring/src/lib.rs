@@ -161,6 +161,10 @@ mod error;
 pub mod inflight;
 mod process;
 mod state;
+#[cfg(test)]
+mod tests_inflight;
+#[cfg(test)]
+mod testutil;
 mod vring;
 
 pub use chain::Chain;

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions
 
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
-use crate::inflight::{InflightError, InflightQueue, InflightRegion};
+use crate::inflight::{crash, InflightError, InflightQueue, InflightRegion};
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
 /// virtqueue section makes the size a power of two of at most 32768.
@@ -244,11 +244,10 @@ impl<M: GuestAddressSpace> VringData<M> {
         if self.tracker.is_some() {
             let batch: Vec<(u16, u32)> = used.into_iter().collect();
             let start = self.queue.next_used();
+            let ring = used_ring_slice(&self.queue, mem.deref());
             Tracker::link(&mut self.tracker, &batch);
             let result = batch.iter().try_for_each(|&(head, len)| {
-                self.queue
-                    .add_used(mem.deref(), head, len)
-                    .map_err(|source| Error::AddUsed { head, source })
+                put_used(&mut self.queue, ring.as_ref(), mem.deref(), head, len)
             });
             // On error, only the entries before the failing one were published.
             let added = usize::from(self.queue.next_used().wrapping_sub(start));
@@ -883,13 +882,9 @@ where
         // In bounds: `slot < size` and the slice covers the header and `size` elements.
         let elem = (USED_HEADER + USED_ELEM * slot) as usize;
         let published = next + Wrapping(1);
-        if ring
-            .store(u32::from(head).to_le(), elem, Ordering::Relaxed)
-            .is_ok()
-            && ring.store(len.to_le(), elem + 4, Ordering::Relaxed).is_ok()
-            && ring
-                .store(published.0.to_le(), USED_IDX, Ordering::Release)
-                .is_ok()
+        if store_used(ring, u32::from(head).to_le(), elem, Ordering::Relaxed)
+            && store_used(ring, len.to_le(), elem + 4, Ordering::Relaxed)
+            && store_used(ring, published.0.to_le(), USED_IDX, Ordering::Release)
         {
             queue.set_next_used(published.0);
             return Ok(());
@@ -898,6 +893,20 @@ where
     queue
         .add_used(mem, head, len)
         .map_err(|source| Error::AddUsed { head, source })
+}
+
+/// One store of [`put_used`]; `false` when guest memory refused it. (The tests' crash
+/// injection can drop it, as if the process had died before it.)
+fn store_used<B: BitmapSlice, T: vm_memory::AtomicAccess>(
+    ring: &VolatileSlice<'_, B>,
+    value: T,
+    offset: usize,
+    order: Ordering,
+) -> bool {
+    if !crash::store_allowed() {
+        return true;
+    }
+    ring.store(value, offset, order).is_ok()
 }
 
 /// A queue size is valid when it is a non-zero power of two no larger than `max`.
