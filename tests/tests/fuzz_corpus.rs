@@ -22,6 +22,7 @@ use vu_proto::payload::{
     VringAddrFlags, VringEnable, VringState, U64,
 };
 use vu_proto::request::FrontendReq;
+use vu_vring::fuzzing::inflight_region;
 use vu_tests::hostile::{
     blk_queue, blk_queue_input, descriptor, BLK_DATA_ADDR, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
 };
@@ -703,6 +704,105 @@ fn blk_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// An `inflight` input: `desc_num`, the used ring's index, then the region's bytes.
+fn inflight_input(desc_num: u16, used_idx: u16, region: &[u8]) -> Vec<u8> {
+    [&desc_num.to_le_bytes()[..], &used_idx.to_le_bytes(), region].concat()
+}
+
+/// A version-1 region header of `desc_num` descriptors.
+fn inflight_header(desc_num: u16, last_batch_head: u16, used_idx: u16) -> Vec<u8> {
+    [
+        &0u64.to_le_bytes()[..],
+        &1u16.to_le_bytes(),
+        &desc_num.to_le_bytes(),
+        &last_batch_head.to_le_bytes(),
+        &used_idx.to_le_bytes(),
+    ]
+    .concat()
+}
+
+/// One descriptor state: flag, padding, next, counter.
+fn inflight_desc(inflight: u8, next: u16, counter: u64) -> Vec<u8> {
+    [
+        &[inflight, 0, 0, 0, 0, 0][..],
+        &next.to_le_bytes(),
+        &counter.to_le_bytes(),
+    ]
+    .concat()
+}
+
+fn inflight_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let descs = |states: &[(u8, u16, u64)]| -> Vec<u8> {
+        states
+            .iter()
+            .flat_map(|&(f, n, c)| inflight_desc(f, n, c))
+            .collect()
+    };
+    vec![
+        ("uninitialised", inflight_input(8, 3, &[])),
+        (
+            "two_in_flight",
+            inflight_input(
+                4,
+                0,
+                &[inflight_header(4, 0, 0), descs(&[(1, 0, 7), (0, 0, 0), (1, 0, 5)])].concat(),
+            ),
+        ),
+        (
+            "batch_partly_published",
+            inflight_input(
+                4,
+                1,
+                &[
+                    inflight_header(4, 2, 0),
+                    descs(&[(1, 0, 0), (0, 0, 0), (1, 0, 1), (1, 0, 2)]),
+                ]
+                .concat(),
+            ),
+        ),
+        (
+            "last_batch_head_past_ring",
+            inflight_input(4, 1, &inflight_header(4, 9, 0)),
+        ),
+        (
+            "batch_list_loop",
+            inflight_input(
+                4,
+                4,
+                &[inflight_header(4, 1, 0), descs(&[(1, 0, 0), (1, 1, 0)])].concat(),
+            ),
+        ),
+        (
+            "used_idx_far_behind",
+            inflight_input(4, 0x8000, &inflight_header(4, 0, 0)),
+        ),
+        (
+            "desc_num_mismatch",
+            inflight_input(4, 0, &inflight_header(16, 0, 0)),
+        ),
+        (
+            "bad_version",
+            inflight_input(4, 0, &[&[0u8; 8][..], &9u16.to_le_bytes()].concat()),
+        ),
+        (
+            "bad_flag",
+            inflight_input(2, 0, &[inflight_header(2, 0, 0), descs(&[(2, 0, 0)])].concat()),
+        ),
+        (
+            "wrapping_counters",
+            inflight_input(
+                4,
+                0,
+                &[
+                    inflight_header(4, 0, 0),
+                    descs(&[(1, 0, u64::MAX), (1, 0, u64::MAX - 1), (1, 0, 0)]),
+                ]
+                .concat(),
+            ),
+        ),
+    ]
+}
+
 fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut all = Vec::new();
     for (target, seeds) in [
@@ -710,6 +810,7 @@ fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("session", session_seeds()),
         ("memory_table", memory_table_seeds()),
         ("blk_queue", blk_seeds()),
+        ("inflight", inflight_seeds()),
     ] {
         all.extend(seeds.into_iter().map(|(name, bytes)| (target, name, bytes)));
     }
@@ -787,6 +888,11 @@ fn memory_table_corpus_replays_without_panic() {
 }
 
 #[test]
+fn inflight_corpus_replays_without_panic() {
+    replay("inflight", inflight_region);
+}
+
+#[test]
 fn blk_queue_corpus_replays_without_panic() {
     replay("blk_queue", blk_queue);
 }
@@ -800,6 +906,7 @@ fn generated_seeds_run_without_panic() {
             "decode" => decode,
             "session" => session_body,
             "memory_table" => memory_table,
+            "inflight" => inflight_region,
             _ => blk_queue,
         };
         let result = std::panic::catch_unwind(|| body(&bytes));

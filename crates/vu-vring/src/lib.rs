@@ -158,6 +158,8 @@
 
 mod chain;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inflight;
 mod process;
 mod state;
