@@ -1466,6 +1466,57 @@ fn set_inflight_fd_smaller_than_its_layout_is_refused() {
     assert!(f.session.inflight.is_none());
 }
 
+#[test]
+fn set_inflight_fd_with_an_unknown_region_version_is_refused() {
+    let mut f = Fixture::negotiated();
+    let size = inflight_size(1, 64, false);
+    let file = memfd(size);
+    std::os::unix::fs::FileExt::write_at(&file, &9u16.to_le_bytes(), 8).unwrap();
+    let outcome = f.ask(FrontendRequest::SetInflightFd {
+        inflight: Inflight {
+            mmap_size: size,
+            ..inflight(1, 64)
+        },
+        fd: file.into(),
+    });
+    assert_refused(&outcome);
+    assert!(f.session.inflight.is_none());
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
+fn a_started_ring_initialises_and_records_into_its_region() {
+    let mut f = Fixture::negotiated();
+    let mut outcome = f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
+    let reply = outcome.reply.take().unwrap();
+    let area = File::from(reply.fds.into_iter().next().unwrap());
+    f.start_queue(0);
+    assert!(f.vring(0).get_ref().inflight_tracking());
+    assert!(!f.vring(1).get_ref().inflight_tracking());
+    let mut version = [0u8; 2];
+    std::os::unix::fs::FileExt::read_exact_at(&area, &mut version, 8).unwrap();
+    assert_eq!(u16::from_le_bytes(version), 1);
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
+fn a_ring_whose_size_differs_from_its_region_is_not_started() {
+    let mut f = Fixture::negotiated();
+    f.ask(FrontendRequest::GetInflightFd(inflight(1, 128)));
+    f.ok(mem_table(&[(0, MEM_SIZE)]));
+    f.ok(FrontendRequest::SetVringNum(VringState { index: 0, num: 256 }));
+    f.ok(FrontendRequest::SetVringAddr(ring_addr(
+        0,
+        VringAddrFlags::empty(),
+    )));
+    let outcome = f.ask(FrontendRequest::SetVringKick {
+        index: 0,
+        fd: Some(new_eventfd().unwrap().into()),
+    });
+    assert_refused(&outcome);
+    assert_eq!(f.vring(0).ring_state(), RingState::Stopped);
+}
+
 // ------------------------------------------------------------------ device requests
 
 #[test]
