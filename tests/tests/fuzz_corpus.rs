@@ -22,10 +22,10 @@ use vu_proto::payload::{
     VringAddrFlags, VringEnable, VringState, U64,
 };
 use vu_proto::request::FrontendReq;
-use vu_vring::fuzzing::inflight_region;
 use vu_tests::hostile::{
     blk_queue, blk_queue_input, descriptor, BLK_DATA_ADDR, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
 };
+use vu_vring::fuzzing::inflight_region;
 
 /// Where the frontend maps guest memory, in the session seeds.
 const VMM: u64 = 0x7f00_0000_0000;
@@ -745,7 +745,11 @@ fn inflight_seeds() -> Vec<(&'static str, Vec<u8>)> {
             inflight_input(
                 4,
                 0,
-                &[inflight_header(4, 0, 0), descs(&[(1, 0, 7), (0, 0, 0), (1, 0, 5)])].concat(),
+                &[
+                    inflight_header(4, 0, 0),
+                    descs(&[(1, 0, 7), (0, 0, 0), (1, 0, 5)]),
+                ]
+                .concat(),
             ),
         ),
         (
@@ -786,7 +790,11 @@ fn inflight_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "bad_flag",
-            inflight_input(2, 0, &[inflight_header(2, 0, 0), descs(&[(2, 0, 0)])].concat()),
+            inflight_input(
+                2,
+                0,
+                &[inflight_header(2, 0, 0), descs(&[(2, 0, 0)])].concat(),
+            ),
         ),
         (
             "wrapping_counters",

@@ -1504,7 +1504,10 @@ fn a_ring_whose_size_differs_from_its_region_is_not_started() {
     let mut f = Fixture::negotiated();
     f.ask(FrontendRequest::GetInflightFd(inflight(1, 128)));
     f.ok(mem_table(&[(0, MEM_SIZE)]));
-    f.ok(FrontendRequest::SetVringNum(VringState { index: 0, num: 256 }));
+    f.ok(FrontendRequest::SetVringNum(VringState {
+        index: 0,
+        num: 256,
+    }));
     f.ok(FrontendRequest::SetVringAddr(ring_addr(
         0,
         VringAddrFlags::empty(),
