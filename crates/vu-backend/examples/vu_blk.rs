@@ -7,6 +7,12 @@
 //! (descriptors read through a mapping of the table, one interrupt decision per pass,
 //! `VIRTIO_RING_F_EVENT_IDX` when the driver takes it, indirect descriptors).
 //!
+//! It can be killed or restarted under a running guest: it offers
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, so a new process (started on the same socket path,
+//! whose old file it replaces) serves again the requests the old one had popped and not
+//! completed, and a SIGTERM completes the request being served before the frontend sees the
+//! connection end (docs/inflight.md).
+//!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
 //! stdout), no daemonizing, a clean exit on SIGTERM or SIGINT, logs on stderr.
@@ -444,7 +450,14 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> ProtocolFeatures {
         // QEMU's vhost-user-blk requires CONFIG (it reads the geometry through GET_CONFIG).
-        ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK | ProtocolFeatures::CONFIG
+        // INFLIGHT_SHMFD: the framework records every chain process_queue pops in the
+        // frontend's inflight area, so a restarted vu_blk serves again the requests a killed
+        // one had popped and not completed (reads and writes are idempotent: the default
+        // `resubmit_inflight` is right for a disk).
+        ProtocolFeatures::MQ
+            | ProtocolFeatures::REPLY_ACK
+            | ProtocolFeatures::CONFIG
+            | ProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
