@@ -2,6 +2,9 @@
 //! for each vring implementation; and `serve_available` (descriptors read through a mapping
 //! of the table, the used ring written through one slice), then one decision.
 //!
+//! The `inflight_*` groups run `serve_available` and the batched pop/complete path with and
+//! without inflight I/O tracking (a memfd area, as a frontend hands over), on a `VringMutex`.
+//!
 //! Run with `cargo bench -p vu-vring --bench vring`. The call eventfd is a real eventfd, so
 //! "per chain" pays one `write(2)` per chain, as a backend that signals after every
 //! `add_used` does.
@@ -14,7 +17,8 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vu_vring::{VringMutex, VringRwLock, VringState, VringT};
+use vu_vring::inflight::area_size;
+use vu_vring::{InflightArea, VringMutex, VringRwLock, VringState, VringT};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -183,10 +187,57 @@ fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
     }
 }
 
+/// A memfd of `len` zero bytes, standing for the frontend's inflight area.
+fn area_memfd(len: u64) -> File {
+    // SAFETY: the name is a valid NUL-terminated string that memfd_create does not keep.
+    let fd = unsafe { libc::memfd_create(c"vu-bench-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// A started `VringMutex`, with inflight tracking when `tracked`.
+fn started_tracking(chain_len: u16, tracked: bool) -> (VringMutex<Mem>, Driver) {
+    let (vring, driver) = started::<VringMutex<Mem>>(chain_len);
+    let region = tracked.then(|| {
+        let size = area_size(1, SIZE, false);
+        let area = InflightArea::map(area_memfd(size), 0, size, 1, SIZE).unwrap();
+        area.queue(0).unwrap()
+    });
+    vring.get_mut().restart(region, true).unwrap();
+    (vring, driver)
+}
+
+fn bench_inflight(c: &mut Criterion) {
+    for descs in [1u16, 3] {
+        let mut group = c.benchmark_group(format!("inflight_{DEPTH}_chains_of_{descs}"));
+        group
+            .throughput(Throughput::Elements(u64::from(DEPTH)))
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
+        for (name, tracked) in [("untracked", false), ("tracked", true)] {
+            let (vring, mut driver) = started_tracking(descs, tracked);
+            group.bench_function(BenchmarkId::new("serve_available", name), |b| {
+                b.iter(|| served(&vring, &mut driver))
+            });
+            let (vring, mut driver) = started_tracking(descs, tracked);
+            let mut done = Vec::with_capacity(usize::from(DEPTH));
+            group.bench_function(BenchmarkId::new("batched", name), |b| {
+                b.iter(|| batched(&vring, &mut driver, &mut done))
+            });
+        }
+        group.finish();
+    }
+}
+
 fn benches(c: &mut Criterion) {
     bench_impl::<VringState<Mem>>(c, "VringState");
     bench_impl::<VringMutex<Mem>>(c, "VringMutex");
     bench_impl::<VringRwLock<Mem>>(c, "VringRwLock");
+    bench_inflight(c);
 }
 
 // Written out instead of `criterion_group!`/`criterion_main!`, whose generated `pub fn` has no
