@@ -1500,6 +1500,38 @@ fn a_started_ring_initialises_and_records_into_its_region() {
 
 #[cfg(not(feature = "xen"))]
 #[test]
+fn a_call_fd_installed_on_a_tracked_ring_is_signalled_once() {
+    let mut f = Fixture::negotiated();
+    f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
+    f.start_queue(0);
+    f.start_queue(1);
+    // The area covers both queues, so both track; queue 1's new call fd is signalled, since
+    // resubmitted chains may have completed before it was installed.
+    let call = new_eventfd().unwrap();
+    let ours = call.try_clone().unwrap();
+    f.ok(FrontendRequest::SetVringCall {
+        index: 1,
+        fd: Some(call.into()),
+    });
+    assert_eq!(counter(&ours), 1);
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
+fn a_call_fd_installed_on_an_untracked_ring_is_not_signalled() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    let call = new_eventfd().unwrap();
+    let ours = call.try_clone().unwrap();
+    f.ok(FrontendRequest::SetVringCall {
+        index: 0,
+        fd: Some(call.into()),
+    });
+    assert_eq!(counter(&ours), 0);
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
 fn a_ring_whose_size_differs_from_its_region_is_not_started() {
     let mut f = Fixture::negotiated();
     f.ask(FrontendRequest::GetInflightFd(inflight(1, 128)));

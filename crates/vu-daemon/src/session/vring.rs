@@ -351,7 +351,22 @@ where
         let request = FrontendReq::SetVringCall;
         let queue = self.queue(request, u32::from(index))?;
         let call = fd.map(|fd| notifier(request, queue, fd)).transpose()?;
-        self.vring(queue).set_call(call);
+        let vring = self.vring(queue);
+        let has_call = call.is_some();
+        vring.set_call(call);
+        // A ring restarted with inflight tracking may have served its resubmitted chains
+        // before the frontend installed the call fd (QEMU sends SET_VRING_CALL after the
+        // kick): one interrupt makes the driver look at the used ring. A spurious one costs
+        // the driver a look.
+        if has_call && vring.ready() && vring.get_ref().inflight_tracking() {
+            vring
+                .signal_used_queue()
+                .map_err(|source| SessionError::Io {
+                    request,
+                    what: "signalling the new call eventfd",
+                    source,
+                })?;
+        }
         Ok(())
     }
 
