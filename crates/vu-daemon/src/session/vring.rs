@@ -315,13 +315,12 @@ where
                         source,
                     },
                 })?;
-            if restart.resubmit != 0 {
+            if tracked {
                 log::info!(
-                    "queue {queue}: {} chains in flight before the reconnect are served again",
+                    "queue {queue}: inflight I/O tracking on; {} chains in flight before the \
+                     restart are served first",
                     restart.resubmit
                 );
-            } else if tracked {
-                log::debug!("queue {queue}: inflight tracking on, nothing in flight");
             }
         }
         let vring = self.vring(queue);
