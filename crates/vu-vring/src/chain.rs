@@ -151,9 +151,17 @@ pub struct Chain<'m, G: GuestMemory> {
 impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The chain `popped`, whose queue's descriptor table is `table` (from [`ChainTable`]).
     pub(crate) fn new(popped: DescriptorChain<&'m G>, table: &ChainTable<'m, G>) -> Self {
-        let mut chain = Self::resubmitted(popped.head_index(), table);
-        chain.popped = Some(popped);
-        chain
+        let head = popped.head_index();
+        Chain {
+            mem: table.mem,
+            head,
+            popped: Some(popped),
+            table: table.table.clone(),
+            next_index: head,
+            ttl: table.table.entries,
+            yielded_bytes: 0,
+            in_indirect: false,
+        }
     }
 
     /// The chain starting at descriptor `head` of the queue's table, found in the inflight

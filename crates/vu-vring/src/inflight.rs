@@ -35,6 +35,7 @@
 
 use std::fs::File;
 use std::mem::{offset_of, size_of};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
@@ -434,13 +435,18 @@ impl<'a> InflightRegion<'a> {
         self.desc_num
     }
 
-    fn read<T: vm_memory::ByteValued>(&self, offset: usize) -> Result<T, InflightError> {
+    /// One field: an aligned atomic load (the area's mapping is page aligned, so every field
+    /// is naturally aligned), or a volatile copy for a view that is not (a test buffer).
+    fn read<T: vm_memory::AtomicAccess>(&self, offset: usize) -> Result<T, InflightError> {
         self.slice
-            .read_obj(offset)
+            .load(offset, Ordering::Acquire)
+            .or_else(|_| self.slice.read_obj(offset))
             .map_err(|_| InflightError::OutOfBounds { offset })
     }
 
-    fn write<T: vm_memory::ByteValued>(
+    /// One field, stored in program order with the others (`Release`), so that a process
+    /// killed at any instruction leaves the stores before it, and only those, in the area.
+    fn write<T: vm_memory::AtomicAccess>(
         &self,
         value: T,
         offset: usize,
@@ -449,7 +455,8 @@ impl<'a> InflightRegion<'a> {
             return Ok(());
         }
         self.slice
-            .write_obj(value, offset)
+            .store(value, offset, Ordering::Release)
+            .or_else(|_| self.slice.write_obj(value, offset))
             .map_err(|_| InflightError::OutOfBounds { offset })
     }
 

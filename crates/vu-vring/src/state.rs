@@ -109,13 +109,19 @@ struct Tracker {
 }
 
 impl Tracker {
-    /// Runs `f` on the region; an error is logged once and ends tracking for the ring.
+    /// Runs `f` on `region` (the tracker's own, made by the caller once for many calls) or,
+    /// when `None`, on a view made now; an error is logged once and ends tracking for the
+    /// ring.
     fn with_region(
         tracker: &mut Option<Tracker>,
+        region: Option<&InflightRegion<'_>>,
         f: impl FnOnce(&InflightRegion<'_>, &mut u64) -> Result<(), InflightError>,
     ) {
         let Some(t) = tracker.as_mut() else { return };
-        let result = t.queue.region().and_then(|r| f(&r, &mut t.counter));
+        let result = match region {
+            Some(r) => f(r, &mut t.counter),
+            None => t.queue.region().and_then(|r| f(&r, &mut t.counter)),
+        };
         if let Err(err) = result {
             log::error!("inflight tracking stopped for this ring: {err}");
             *tracker = None;
@@ -123,8 +129,8 @@ impl Tracker {
     }
 
     /// Records the popped chain `head`.
-    fn record(tracker: &mut Option<Tracker>, head: u16) {
-        Tracker::with_region(tracker, |r, counter| {
+    fn record(tracker: &mut Option<Tracker>, region: Option<&InflightRegion<'_>>, head: u16) {
+        Tracker::with_region(tracker, region, |r, counter| {
             r.record(head, *counter)?;
             *counter = counter.wrapping_add(1);
             Ok(())
@@ -132,13 +138,24 @@ impl Tracker {
     }
 
     /// Links a batch of completions before their used elements are written.
-    fn link(tracker: &mut Option<Tracker>, heads: &[(u16, u32)]) {
-        Tracker::with_region(tracker, |r, _| r.link_batch(heads.iter().map(|&(h, _)| h)));
+    fn link(
+        tracker: &mut Option<Tracker>,
+        region: Option<&InflightRegion<'_>>,
+        heads: &[(u16, u32)],
+    ) {
+        Tracker::with_region(tracker, region, |r, _| {
+            r.link_batch(heads.iter().map(|&(h, _)| h))
+        });
     }
 
     /// Clears a batch of completions once `used_idx` is published.
-    fn finish(tracker: &mut Option<Tracker>, heads: &[(u16, u32)], used_idx: u16) {
-        Tracker::with_region(tracker, |r, _| {
+    fn finish(
+        tracker: &mut Option<Tracker>,
+        region: Option<&InflightRegion<'_>>,
+        heads: &[(u16, u32)],
+        used_idx: u16,
+    ) {
+        Tracker::with_region(tracker, region, |r, _| {
             r.finish_batch(heads.iter().map(|&(h, _)| h), used_idx)
         });
     }
@@ -211,7 +228,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
         let chain = pop_servable(&mut self.queue, self.mem.memory())?;
         if self.tracker.is_some() {
-            Tracker::record(&mut self.tracker, chain.head_index());
+            Tracker::record(&mut self.tracker, None, chain.head_index());
         }
         Some(chain)
     }
@@ -245,14 +262,14 @@ impl<M: GuestAddressSpace> VringData<M> {
             let batch: Vec<(u16, u32)> = used.into_iter().collect();
             let start = self.queue.next_used();
             let ring = used_ring_slice(&self.queue, mem.deref());
-            Tracker::link(&mut self.tracker, &batch);
+            Tracker::link(&mut self.tracker, None, &batch);
             let result = batch.iter().try_for_each(|&(head, len)| {
                 put_used(&mut self.queue, ring.as_ref(), mem.deref(), head, len)
             });
             // On error, only the entries before the failing one were published.
             let added = usize::from(self.queue.next_used().wrapping_sub(start));
             let done = &batch[..added.min(batch.len())];
-            Tracker::finish(&mut self.tracker, done, self.queue.next_used());
+            Tracker::finish(&mut self.tracker, None, done, self.queue.next_used());
             return result.map(|()| batch.len());
         }
         let mut added = 0;
@@ -296,7 +313,6 @@ impl<M: GuestAddressSpace> VringData<M> {
             GuestAddress(self.queue.desc_table()),
             self.queue.size(),
         );
-        let size = self.queue.size();
         let mut completed = 0;
         // Chains found in flight at a restart come first, oldest first.
         if self
@@ -306,6 +322,39 @@ impl<M: GuestAddressSpace> VringData<M> {
         {
             completed += self.serve_resubmitted(mem, &table, ring.as_ref(), &mut serve)?;
         }
+        // Two instances of the loop, so that a ring without tracking pays for no check of it.
+        completed += if self.tracker.is_some() {
+            self.serve_rounds::<true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+        } else {
+            self.serve_rounds::<false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+        };
+        Ok(completed)
+    }
+
+    /// The rounds of [`serve_available`](Self::serve_available), with inflight tracking when
+    /// `TRACK` (then `self.tracker` is set on entry; an area error inside ends it, after which
+    /// the tracker calls do nothing).
+    fn serve_rounds<'m, const TRACK: bool, F, B>(
+        &mut self,
+        mem: &'m M::M,
+        table: &ChainTable<'m, M::M>,
+        ring: Option<&VolatileSlice<'_, B>>,
+        serve: &mut F,
+    ) -> Result<usize, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> u32,
+        B: BitmapSlice,
+    {
+        let size = self.queue.size();
+        let mut completed = 0;
+        // The region's view, made once for the call (a shared handle of the mapping).
+        let queue = if TRACK {
+            self.tracker.as_ref().map(|t| t.queue.clone())
+        } else {
+            None
+        };
+        let region = queue.as_ref().and_then(|q| q.region().ok());
+        let region = region.as_ref();
         // Chains are taken from one iterator over the available ring per round (one read of
         // the available index for up to `SERVE_BATCH` chains, where popping one by one reads
         // it for each), served as they come, and put in the used ring once the iterator,
@@ -327,28 +376,31 @@ impl<M: GuestAddressSpace> VringData<M> {
                         continue;
                     }
                     // Recorded before the device sees it.
-                    if self.tracker.is_some() {
-                        Tracker::record(&mut self.tracker, head);
+                    if TRACK {
+                        Tracker::record(&mut self.tracker, region, head);
                     }
-                    served[n] = (head, serve(Chain::new(chain, &table)));
+                    served[n] = (head, serve(Chain::new(chain, table)));
                     n += 1;
                 }
             }
             let batch = &served[..n];
-            if self.tracker.is_some() {
-                Tracker::link(&mut self.tracker, batch);
+            if TRACK {
+                Tracker::link(&mut self.tracker, region, batch);
             }
-            for (i, &(head, len)) in batch.iter().enumerate() {
-                if let Err(err) = put_used(&mut self.queue, ring.as_ref(), mem, head, len) {
-                    if self.tracker.is_some() {
-                        Tracker::finish(&mut self.tracker, &batch[..i], self.queue.next_used());
+            let mut published = 0;
+            for &(head, len) in batch {
+                if let Err(err) = put_used(&mut self.queue, ring, mem, head, len) {
+                    if TRACK {
+                        let done = &batch[..published];
+                        Tracker::finish(&mut self.tracker, region, done, self.queue.next_used());
                     }
                     return Err(err);
                 }
-                completed += 1;
+                published += 1;
             }
-            if self.tracker.is_some() {
-                Tracker::finish(&mut self.tracker, batch, self.queue.next_used());
+            completed += published;
+            if TRACK {
+                Tracker::finish(&mut self.tracker, region, batch, self.queue.next_used());
             }
             if taken < SERVE_BATCH {
                 return Ok(completed);
@@ -380,9 +432,9 @@ impl<M: GuestAddressSpace> VringData<M> {
                 0
             };
             let batch = [(head, len)];
-            Tracker::link(&mut self.tracker, &batch);
+            Tracker::link(&mut self.tracker, None, &batch);
             put_used(&mut self.queue, ring, mem, head, len)?;
-            Tracker::finish(&mut self.tracker, &batch, self.queue.next_used());
+            Tracker::finish(&mut self.tracker, None, &batch, self.queue.next_used());
             completed += 1;
         }
         Ok(completed)
