@@ -1487,6 +1487,9 @@ fn set_inflight_fd_with_an_unknown_region_version_is_refused() {
 #[test]
 fn a_started_ring_initialises_and_records_into_its_region() {
     let mut f = Fixture::negotiated();
+    // Offered because it is served: the rest of this test is the serving.
+    let offered = ack(&f.ask(FrontendRequest::GetProtocolFeatures));
+    assert!(ProtocolFeatures::from_bits_retain(offered).contains(ProtocolFeatures::INFLIGHT_SHMFD));
     let mut outcome = f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
     let reply = outcome.reply.take().unwrap();
     let area = File::from(reply.fds.into_iter().next().unwrap());
