@@ -5,7 +5,7 @@
 //! implements) is never offered, whatever the backend says, so a frontend never negotiates
 //! something that will fail later. Each row names the feature and whether the framework
 //! serves it; a masked row says why. Changing what the framework serves is a one-line change
-//! here (for example INFLIGHT_SHMFD once inflight tracking is implemented).
+//! here.
 
 use log::warn;
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
@@ -65,10 +65,9 @@ pub(crate) const PROTOCOL_SERVICE: &[(ProtocolFeatures, Service)] = &[
         ProtocolFeatures::HOST_NOTIFIER,
         Service::Masked("the workers wait on kick eventfds; nothing polls a host notifier area"),
     ),
-    (
-        ProtocolFeatures::INFLIGHT_SHMFD,
-        Service::Masked("no inflight I/O tracking: the area would never be written"),
-    ),
+    // Served by vu-vring's inflight tracking (docs/inflight.md): the session maps the area,
+    // each ring records into its region from its start and serves again what was in flight.
+    (ProtocolFeatures::INFLIGHT_SHMFD, Service::Served),
     (ProtocolFeatures::RESET_DEVICE, Service::Served),
     (ProtocolFeatures::INBAND_NOTIFICATIONS, Service::Served),
     (ProtocolFeatures::CONFIGURE_MEM_SLOTS, Service::Served),
@@ -160,13 +159,13 @@ mod tests {
     }
 
     #[test]
-    fn inflight_shmfd_is_masked_until_inflight_tracking_exists() {
-        assert!(matches!(
-            service(ProtocolFeatures::INFLIGHT_SHMFD),
-            Service::Masked(_)
-        ));
+    fn inflight_shmfd_is_served_and_offered() {
+        assert_eq!(service(ProtocolFeatures::INFLIGHT_SHMFD), Service::Served);
         let offered = offered_protocol(ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ);
-        assert_eq!(offered, ProtocolFeatures::MQ | forced());
+        assert_eq!(
+            offered,
+            ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ | forced()
+        );
     }
 
     #[test]

@@ -315,16 +315,6 @@ impl Fixture {
         }));
     }
 
-    /// A fixture after the handshake with INFLIGHT_SHMFD acknowledged although the offer
-    /// table masks it (`offer.rs`): the inflight handlers are tested ahead of the tracking
-    /// that will let the framework offer the feature.
-    fn negotiated_with_inflight() -> Self {
-        let mut f = Self::new();
-        f.session.offered_protocol |= ProtocolFeatures::INFLIGHT_SHMFD;
-        f.negotiate(protocol());
-        f
-    }
-
     /// Sends a request with NEED_REPLY.
     fn ask(&mut self, req: FrontendRequest) -> Outcome {
         self.send(req, HeaderFlags::NEED_REPLY)
@@ -1397,7 +1387,7 @@ fn inflight(num_queues: u16, queue_size: u16) -> Inflight {
 
 #[test]
 fn get_inflight_fd_returns_a_memfd_of_the_layout_size() {
-    let mut f = Fixture::negotiated_with_inflight();
+    let mut f = Fixture::negotiated();
     let mut outcome = f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
     assert!(!outcome.close);
     let reply = outcome.reply.take().unwrap();
@@ -1415,7 +1405,7 @@ fn get_inflight_fd_returns_a_memfd_of_the_layout_size() {
 
 #[test]
 fn get_inflight_fd_for_more_queues_than_the_device_has_is_refused() {
-    let mut f = Fixture::negotiated_with_inflight();
+    let mut f = Fixture::negotiated();
     let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(3, 256)));
     let reply = outcome.reply.unwrap();
     assert!(!outcome.close && reply.fds.is_empty());
@@ -1425,14 +1415,14 @@ fn get_inflight_fd_for_more_queues_than_the_device_has_is_refused() {
 
 #[test]
 fn get_inflight_fd_for_larger_queues_than_the_device_has_is_refused() {
-    let mut f = Fixture::negotiated_with_inflight();
+    let mut f = Fixture::negotiated();
     let outcome = f.ask(FrontendRequest::GetInflightFd(inflight(1, 512)));
     assert!(outcome.reply.unwrap().fds.is_empty());
 }
 
 #[test]
 fn set_inflight_fd_keeps_the_area() {
-    let mut f = Fixture::negotiated_with_inflight();
+    let mut f = Fixture::negotiated();
     let size = inflight_size(1, 64, false);
     let desc = Inflight {
         mmap_size: size,
@@ -1453,7 +1443,7 @@ fn set_inflight_fd_keeps_the_area() {
 
 #[test]
 fn set_inflight_fd_smaller_than_its_layout_is_refused() {
-    let mut f = Fixture::negotiated_with_inflight();
+    let mut f = Fixture::negotiated();
     let desc = Inflight {
         mmap_size: 64,
         ..inflight(1, 64)

@@ -280,8 +280,7 @@ fn disconnect_removes_the_in_band_notifiers() {
 #[test]
 fn masked_features_are_not_offered_even_when_the_backend_offers_them() {
     let backend_virtio = FEATURES | VirtioFeatures::ACCESS_PLATFORM.bits();
-    let backend_protocol =
-        protocol() | ProtocolFeatures::HOST_NOTIFIER | ProtocolFeatures::INFLIGHT_SHMFD;
+    let backend_protocol = protocol() | ProtocolFeatures::HOST_NOTIFIER;
     let mut f = Fixture::with(backend_virtio, backend_protocol);
     let features = ack(&f.ask(FrontendRequest::GetFeatures));
     assert_eq!(features & VirtioFeatures::ACCESS_PLATFORM.bits(), 0);
@@ -289,7 +288,6 @@ fn masked_features_are_not_offered_even_when_the_backend_offers_them() {
     let offered =
         ProtocolFeatures::from_bits_retain(ack(&f.ask(FrontendRequest::GetProtocolFeatures)));
     assert!(!offered.contains(ProtocolFeatures::HOST_NOTIFIER));
-    assert!(!offered.contains(ProtocolFeatures::INFLIGHT_SHMFD));
     // Acknowledging a masked bit is acknowledging an unoffered one.
     assert_refused(&f.ask(FrontendRequest::SetProtocolFeatures(
         ProtocolFeatures::HOST_NOTIFIER,
