@@ -477,10 +477,13 @@ where
         Ok(())
     }
 
-    /// Stops and resets every ring, resets the device and forgets the virtio features.
+    /// Stops and resets every ring, resets the device and forgets the virtio features and
+    /// the inflight area (what was in flight belonged to a driver the reset ended; a
+    /// frontend hands an area over again before it starts the rings).
     fn reset_device_state(&mut self, ctl: &mut dyn RingControl) {
         self.reset_rings(ctl);
         self.backend.reset_device();
+        self.inflight = None;
         self.acked_features = 0;
         self.status = 0;
         self.backend.set_event_idx(false);

@@ -1493,6 +1493,19 @@ fn a_started_ring_initialises_and_records_into_its_region() {
 
 #[cfg(not(feature = "xen"))]
 #[test]
+fn reset_device_forgets_the_inflight_area() {
+    let mut f = Fixture::negotiated();
+    f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
+    f.start_queue(0);
+    assert!(f.vring(0).get_ref().inflight_tracking());
+    f.ok(FrontendRequest::ResetDevice);
+    assert!(f.session.inflight.is_none());
+    f.start_queue(0);
+    assert!(!f.vring(0).get_ref().inflight_tracking());
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
 fn a_call_fd_installed_on_a_tracked_ring_is_signalled_once() {
     let mut f = Fixture::negotiated();
     f.ask(FrontendRequest::GetInflightFd(inflight(2, 256)));
