@@ -181,6 +181,54 @@ fn a_crash_after_any_store_resubmits_exactly_the_unfinished_chains() {
 }
 
 #[test]
+fn a_second_crash_during_the_restart_or_the_resubmission_is_survived_too() {
+    let stores = {
+        let mut guest = Guest::new();
+        let vring = guest.vring(0, true, true);
+        crash::arm(None);
+        workload(&mut guest, &vring);
+        crash::asked()
+    };
+    for first in 0..=stores {
+        // How many stores the restart (reconcile included) and its pass make after this
+        // first crash.
+        let second_stores = {
+            let mut guest = Guest::new();
+            let vring = guest.vring(0, true, true);
+            crash::arm(Some(first));
+            workload(&mut guest, &vring);
+            drop(vring);
+            crash::arm(None);
+            let again = guest.vring(guest.used_idx(), true, true);
+            serve_all(&again);
+            crash::asked()
+        };
+        for second in 0..=second_stores {
+            let mut guest = Guest::new();
+            let vring = guest.vring(0, true, true);
+            crash::arm(Some(first));
+            workload(&mut guest, &vring);
+            drop(vring);
+            // The restart and its pass, killed after `second` stores.
+            crash::arm(Some(second));
+            let again = guest.vring(guest.used_idx(), true, true);
+            serve_all(&again);
+            drop(again);
+            crash::arm(None);
+            let last = guest.vring(guest.used_idx(), true, true);
+            serve_all(&last);
+            let mut used = guest.used_heads();
+            used.sort_unstable();
+            assert_eq!(
+                used,
+                (0..6).collect::<Vec<_>>(),
+                "crashes after stores {first} and {second}"
+            );
+        }
+    }
+}
+
+#[test]
 fn resubmitted_chains_come_oldest_first_and_before_new_ones() {
     let mut guest = Guest::new();
     let vring = guest.vring(0, true, true);
