@@ -14,6 +14,8 @@
 //! - the dirty-page log for live migration (`SET_LOG_BASE`, `SET_LOG_FD`, `VHOST_F_LOG_ALL`),
 //!   fed by every write device code makes through `GuestMemory`: each region carries a
 //!   [`LogBitmap`], vm-memory's [`Bitmap`](vm_memory::bitmap::Bitmap) hook;
+//! - the device IOTLB ([`Iotlb`]) of a backend behind a virtual IOMMU: IOVA ranges mapped
+//!   to VMM user addresses with permissions, filled by `IOTLB_MSG` updates and invalidations;
 //! - with feature `xen`, Xen foreign and grant mappings (vm-memory's `xen` feature);
 //! - for the other side, [`SharedMemory`]: guest memory as a frontend (or a test kit playing
 //!   the guest) creates it, a memfd mapped in this process, without `unsafe` for its user.
@@ -56,17 +58,20 @@
 
 mod dirty;
 mod error;
+mod iotlb;
 mod manager;
 mod region;
 mod shared;
 
 pub use dirty::{log_size_for, DirtyLog, LogBitmap, LogSlice, RegionBitmap, LOG_PAGE_SIZE};
 pub use error::{AddressSpace, MemError};
+pub use iotlb::{Iotlb, IotlbError, IotlbFault, IotlbMapping, DEFAULT_IOTLB_ENTRIES};
 pub use manager::{GuestMemoryManager, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
 pub use region::RegionSpec;
 #[cfg(feature = "xen")]
 pub use region::XenMapping;
 pub use shared::SharedMemory;
+pub use vm_memory::Permissions;
 
 #[cfg(test)]
 mod testutil;
