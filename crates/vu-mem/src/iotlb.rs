@@ -34,6 +34,8 @@
 //! [`GuestMemoryManager::vmm_to_guest`]: crate::GuestMemoryManager::vmm_to_guest
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use vm_memory::Permissions;
 
@@ -343,6 +345,134 @@ impl Iotlb {
                 self.order.insert((e.seq, right_start));
             }
             self.generation = self.generation.wrapping_add(1);
+        }
+    }
+}
+
+/// Why [`SharedIotlb::resolve`] gave up on an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The access can never succeed as mapped (an access failure or a wrapping range).
+    #[error(transparent)]
+    Fault(IotlbFault),
+    /// The miss could not be reported to the frontend.
+    #[error("IOTLB miss at IOVA {iova:#x} could not be sent to the frontend")]
+    MissNotSent {
+        /// The missing IOVA.
+        iova: u64,
+    },
+    /// The frontend did not map the missing IOVA within the wait.
+    #[error("IOTLB miss at IOVA {iova:#x} not answered within {waited:?}")]
+    Timeout {
+        /// The missing IOVA.
+        iova: u64,
+        /// How long the access waited.
+        waited: Duration,
+    },
+}
+
+/// An [`Iotlb`] shared between the thread that receives `IOTLB_MSG` (which changes it) and
+/// the threads that access guest memory (which translate through it and wait for the
+/// answers to their misses).
+///
+/// Every change wakes every waiter. [`resolve`](SharedIotlb::resolve) reports a miss through
+/// a callback with the lock released, so the thread that must receive the update answering
+/// the miss is never blocked by the one waiting for it.
+#[derive(Debug, Default)]
+pub struct SharedIotlb {
+    /// The table.
+    tlb: Mutex<Iotlb>,
+    /// Signalled after every change.
+    changed: Condvar,
+}
+
+impl SharedIotlb {
+    /// Shares `tlb`.
+    pub fn new(tlb: Iotlb) -> Self {
+        SharedIotlb {
+            tlb: Mutex::new(tlb),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The table, for a read or a change of its own; a change made through this guard wakes
+    /// no waiter (use the methods below for changes).
+    pub fn lock(&self) -> MutexGuard<'_, Iotlb> {
+        // A panic elsewhere while holding the lock leaves a consistent table: every method
+        // of `Iotlb` restores its invariants before it can panic.
+        self.tlb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`Iotlb::update`], then wakes the waiters.
+    pub fn update(
+        &self,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: Permissions,
+    ) -> Result<(), IotlbError> {
+        let result = self.lock().update(iova, size, uaddr, perm);
+        self.changed.notify_all();
+        result
+    }
+
+    /// [`Iotlb::invalidate`], then wakes the waiters.
+    pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), IotlbError> {
+        let result = self.lock().invalidate(iova, size);
+        self.changed.notify_all();
+        result
+    }
+
+    /// [`Iotlb::clear`], then wakes the waiters.
+    pub fn clear(&self) {
+        self.lock().clear();
+        self.changed.notify_all();
+    }
+
+    /// Translates the access of `len` bytes at `iova`, asking for what is missing: for each
+    /// missing IOVA, `ask_miss(iova, access)` is called once (without the lock held) to send
+    /// the back-end IOTLB miss, and the access waits for the frontend's update, at most
+    /// `timeout` in all. An access failure ends at once; `ask_miss` returning `false` ends
+    /// with [`ResolveError::MissNotSent`].
+    pub fn resolve(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        timeout: Duration,
+        mut ask_miss: impl FnMut(u64, Permissions) -> bool,
+    ) -> Result<Vec<IotlbMapping>, ResolveError> {
+        let start = Instant::now();
+        let mut asked: Option<u64> = None;
+        let mut tlb = self.lock();
+        loop {
+            let missing = match tlb.translate(iova, len, access) {
+                Ok(pieces) => return Ok(pieces),
+                Err(IotlbFault::Miss { iova }) => iova,
+                Err(fault) => return Err(ResolveError::Fault(fault)),
+            };
+            if asked != Some(missing) {
+                drop(tlb);
+                if !ask_miss(missing, access) {
+                    return Err(ResolveError::MissNotSent { iova: missing });
+                }
+                asked = Some(missing);
+                tlb = self.lock();
+                continue;
+            }
+            let waited = start.elapsed();
+            let Some(left) = timeout.checked_sub(waited).filter(|l| !l.is_zero()) else {
+                return Err(ResolveError::Timeout {
+                    iova: missing,
+                    waited,
+                });
+            };
+            tlb = self
+                .changed
+                .wait_timeout(tlb, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -674,6 +804,86 @@ mod tests {
                 len: u64::MAX
             })
         );
+    }
+
+    #[test]
+    fn resolve_hit_asks_nothing() {
+        let shared = SharedIotlb::default();
+        shared.update(0x1000, 0x1000, 0x5000, RW).unwrap();
+        let got = shared.resolve(0x1000, 8, RO, Duration::from_secs(5), |_, _| {
+            panic!("a hit must not ask")
+        });
+        assert_eq!(got, Ok(vec![map(0x1000, 0x5000, 8)]));
+    }
+
+    #[test]
+    fn resolve_miss_asks_and_returns_once_another_thread_updates() {
+        let shared = std::sync::Arc::new(SharedIotlb::default());
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Permissions)>();
+        let frontend = {
+            let shared = shared.clone();
+            // Plays the connection thread: answers each miss with an update.
+            std::thread::spawn(move || {
+                let mut answered = Vec::new();
+                while let Ok((iova, perm)) = rx.recv() {
+                    let page = iova & !0xfff;
+                    shared.update(page, 0x1000, 0x10_0000 + page, perm).unwrap();
+                    answered.push(iova);
+                }
+                answered
+            })
+        };
+        let got = shared.resolve(0x1ff0, 0x20, RO, Duration::from_secs(30), |iova, perm| {
+            tx.send((iova, perm)).is_ok()
+        });
+        drop(tx);
+        assert_eq!(
+            got,
+            Ok(vec![
+                map(0x1ff0, 0x10_1ff0, 0x10),
+                map(0x2000, 0x10_2000, 0x10)
+            ])
+        );
+        assert_eq!(frontend.join().unwrap(), vec![0x1ff0, 0x2000]);
+    }
+
+    #[test]
+    fn resolve_unanswered_miss_times_out() {
+        let shared = SharedIotlb::default();
+        let mut asks = 0;
+        let got = shared.resolve(0x1000, 8, RO, Duration::from_millis(20), |_, _| {
+            asks += 1;
+            true
+        });
+        assert!(matches!(
+            got,
+            Err(ResolveError::Timeout { iova: 0x1000, .. })
+        ));
+        assert_eq!(asks, 1);
+    }
+
+    #[test]
+    fn resolve_miss_that_cannot_be_sent_fails_at_once() {
+        let shared = SharedIotlb::default();
+        let got = shared.resolve(0x1000, 8, RO, Duration::from_secs(30), |_, _| false);
+        assert_eq!(got, Err(ResolveError::MissNotSent { iova: 0x1000 }));
+    }
+
+    #[test]
+    fn resolve_access_failure_fails_without_asking() {
+        let shared = SharedIotlb::default();
+        shared.update(0x1000, 0x1000, 0x5000, RO).unwrap();
+        let got = shared.resolve(
+            0x1000,
+            8,
+            Permissions::Write,
+            Duration::from_secs(30),
+            |_, _| panic!("an access failure is not a miss"),
+        );
+        assert!(matches!(
+            got,
+            Err(ResolveError::Fault(IotlbFault::Denied { .. }))
+        ));
     }
 
     /// A small deterministic generator: the hostile-sequence test needs no crate.

@@ -65,7 +65,9 @@ mod shared;
 
 pub use dirty::{log_size_for, DirtyLog, LogBitmap, LogSlice, RegionBitmap, LOG_PAGE_SIZE};
 pub use error::{AddressSpace, MemError};
-pub use iotlb::{Iotlb, IotlbError, IotlbFault, IotlbMapping, DEFAULT_IOTLB_ENTRIES};
+pub use iotlb::{
+    Iotlb, IotlbError, IotlbFault, IotlbMapping, ResolveError, SharedIotlb, DEFAULT_IOTLB_ENTRIES,
+};
 pub use manager::{GuestMemoryManager, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
 pub use region::RegionSpec;
 #[cfg(feature = "xen")]
