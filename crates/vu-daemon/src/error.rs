@@ -5,7 +5,7 @@
 
 use std::io;
 
-use vu_mem::MemError;
+use vu_mem::{IotlbError, MemError};
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::request::{FrontendReq, RequestCode};
 use vu_proto::DecodeError;
@@ -105,6 +105,15 @@ pub enum SessionError {
         /// What vu-mem reported.
         #[source]
         source: MemError,
+    },
+    /// The device IOTLB refused an update or invalidation.
+    #[error("{request}: {source}")]
+    Iotlb {
+        /// The refused request.
+        request: FrontendReq,
+        /// What vu-mem reported.
+        #[source]
+        source: IotlbError,
     },
     /// The backend (device) reported an error.
     #[error("{request}: the backend failed: {source}")]

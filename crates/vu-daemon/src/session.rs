@@ -36,6 +36,7 @@
 //! tests. Which features are offered at all is one table, `offer.rs`: a feature the
 //! framework cannot serve end to end is never offered, whatever the backend says.
 
+mod iommu;
 mod memory;
 mod offer;
 #[cfg(feature = "postcopy")]
@@ -50,7 +51,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use log::{error, warn};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vu_mem::{GuestMemoryManager, RegionBitmap};
+use vu_mem::{GuestMemoryManager, RegionBitmap, SharedIotlb};
 use vu_proto::features::{check_subset, ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::Header;
 use vu_proto::message::{encode_reply, FrontendRequest, RawMessage};
@@ -131,6 +132,8 @@ pub(crate) struct Session<S, V, B: RegionBitmap> {
     warned_unoffered: bool,
     /// The inflight area handed out or received.
     inflight: Option<InflightArea>,
+    /// The device IOTLB that `IOTLB_MSG` fills (empty without ACCESS_PLATFORM).
+    iotlb: SharedIotlb,
     #[cfg(feature = "postcopy")]
     postcopy: crate::postcopy::Postcopy,
 }
@@ -168,6 +171,7 @@ where
             polled,
             warned_unoffered: false,
             inflight: None,
+            iotlb: SharedIotlb::default(),
             #[cfg(feature = "postcopy")]
             postcopy: crate::postcopy::Postcopy::default(),
         }
@@ -243,6 +247,7 @@ where
         self.status = 0;
         self.warned_unoffered = false;
         self.inflight = None;
+        self.iotlb.clear();
         #[cfg(feature = "postcopy")]
         {
             self.postcopy = crate::postcopy::Postcopy::default();
@@ -280,7 +285,7 @@ where
             R::SendRarp(_) => Err(unsupported(FrontendReq::SendRarp, "no RARP support")),
             R::NetSetMtu(_) => Err(unsupported(FrontendReq::NetSetMtu, "no MTU support")),
             R::SetBackendReqFd { fd } => self.handle_set_backend_req_fd(fd).map(none),
-            R::IotlbMsg(_) => Err(unsupported(FrontendReq::IotlbMsg, "no IOMMU support")),
+            R::IotlbMsg(msg) => self.handle_iotlb_msg(msg).map(none),
             R::SetVringEndian(_) => Err(unsupported(
                 FrontendReq::SetVringEndian,
                 "legacy cross-endian rings are not supported",
@@ -485,6 +490,7 @@ where
         self.backend.reset_device();
         self.inflight = None;
         self.acked_features = 0;
+        self.iotlb.clear();
         self.status = 0;
         self.backend.set_event_idx(false);
         // Logging off cannot fail.

@@ -88,7 +88,9 @@ pub(crate) const VIRTIO_SERVICE: &[(VirtioFeatures, Service)] = &[
     ),
     (
         VirtioFeatures::ACCESS_PLATFORM,
-        Service::Masked("IOTLB_MSG is refused: no IOMMU translation"),
+        Service::Masked(
+            "IOTLB_MSG fills an IOTLB, but the rings do not translate IOVAs through it yet",
+        ),
     ),
 ];
 

@@ -36,6 +36,9 @@ use super::{new_eventfd, Outcome, Session};
 use crate::backend::{BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut};
 use crate::control::RingControl;
 
+#[cfg(not(feature = "xen"))]
+mod iommu;
+
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<LogBitmap>>;
 type Ring = VringMutex<Mem>;
 
