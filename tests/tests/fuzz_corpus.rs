@@ -11,15 +11,15 @@ use std::fs;
 use std::path::PathBuf;
 
 use vu_daemon::fuzzing::{
-    memory_table, session, session_guest_write, session_message, SESSION_DISCONNECT,
+    iotlb, memory_table, session, session_guest_write, session_message, SESSION_DISCONNECT,
     SESSION_PROCESS,
 };
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::fuzzing::{decode, decode_input};
 use vu_proto::header::{Header, HeaderFlags};
 use vu_proto::payload::{
-    Inflight, Log, MemoryRegion, MemoryTable, Payload, SingleMemoryRegion, VringAddr,
-    VringAddrFlags, VringEnable, VringState, U64,
+    Inflight, Iotlb, IotlbPerm, IotlbType, Log, MemoryRegion, MemoryTable, Payload,
+    SingleMemoryRegion, VringAddr, VringAddrFlags, VringEnable, VringState, U64,
 };
 use vu_proto::request::FrontendReq;
 use vu_tests::hostile::{
@@ -811,6 +811,70 @@ fn inflight_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// One `IOTLB_MSG` body of an `iotlb` input.
+fn iotlb_msg(kind: IotlbType, iova: u64, size: u64, uaddr: u64, perm: IotlbPerm) -> Vec<u8> {
+    body(&Iotlb {
+        iova,
+        size,
+        uaddr,
+        perm,
+        kind,
+    })
+}
+
+/// The raw bytes of a message the codec refuses (wrapping or unknown values), to check they
+/// are skipped.
+fn raw_iotlb(iova: u64, size: u64, uaddr: u64, perm: u8, kind: u8) -> Vec<u8> {
+    let mut out = u64s(&[iova, size, uaddr]);
+    out.extend_from_slice(&[perm, kind, 0, 0, 0, 0, 0, 0]);
+    out
+}
+
+fn iotlb_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use IotlbPerm::{Read, ReadWrite};
+    use IotlbType::{AccessFail, Invalidate, Miss, Update};
+    let flood: Vec<u8> = (0..40u64)
+        .flat_map(|i| iotlb_msg(Update, i * 0x1000, 0x1000, VMM + i * 0x1000, ReadWrite))
+        .collect();
+    vec![
+        (
+            "update_lookup_invalidate",
+            [
+                iotlb_msg(Update, 0x1000, 0x3000, VMM, ReadWrite),
+                iotlb_msg(Miss, 0x1ff0, 0x20, VMM, Read),
+                iotlb_msg(Invalidate, 0x2000, 0x1000, 0, Read),
+                iotlb_msg(Miss, 0x1ff0, 0x20, VMM, Read),
+            ]
+            .concat(),
+        ),
+        (
+            "overlapping_updates",
+            [
+                iotlb_msg(Update, 0, 0x4000, VMM, ReadWrite),
+                iotlb_msg(Update, 0x1000, 0x1000, VMM + 0x10000, Read),
+                iotlb_msg(Update, 0x800, 0x3000, VMM + 0x20000, ReadWrite),
+                iotlb_msg(AccessFail, 0, 0x4000, 0, ReadWrite),
+            ]
+            .concat(),
+        ),
+        (
+            "zero_size_and_wrapping",
+            [
+                iotlb_msg(Update, 0x1000, 0, VMM, Read),
+                raw_iotlb(u64::MAX - 0xfff, 0x2000, VMM, 3, 2),
+                raw_iotlb(0, 0x2000, u64::MAX, 3, 2),
+                raw_iotlb(0, 0x1000, VMM, 9, 2),
+                raw_iotlb(0, 0x1000, VMM, 3, 9),
+                iotlb_msg(Update, u64::MAX - 0x1fff, 0x1000, VMM, Read),
+                iotlb_msg(Miss, u64::MAX - 0x1fff, 0x1000, 0, Read),
+                iotlb_msg(Invalidate, 0, 0, 0, Read),
+            ]
+            .concat(),
+        ),
+        ("update_flood", flood),
+    ]
+}
+
 fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut all = Vec::new();
     for (target, seeds) in [
@@ -819,6 +883,7 @@ fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("memory_table", memory_table_seeds()),
         ("blk_queue", blk_seeds()),
         ("inflight", inflight_seeds()),
+        ("iotlb", iotlb_seeds()),
     ] {
         all.extend(seeds.into_iter().map(|(name, bytes)| (target, name, bytes)));
     }
@@ -895,6 +960,23 @@ fn memory_table_corpus_replays_without_panic() {
     replay("memory_table", memory_table);
 }
 
+fn iotlb_body(data: &[u8]) {
+    iotlb(data);
+}
+
+#[test]
+fn iotlb_corpus_replays_without_panic() {
+    replay("iotlb", iotlb_body);
+}
+
+/// The IOTLB seeds reach the table: the valid updates and invalidations are accepted.
+#[test]
+fn iotlb_seeds_are_accepted() {
+    for (name, bytes) in iotlb_seeds() {
+        assert!(iotlb(&bytes) >= 2, "{name} applied almost nothing");
+    }
+}
+
 #[test]
 fn inflight_corpus_replays_without_panic() {
     replay("inflight", inflight_region);
@@ -915,6 +997,7 @@ fn generated_seeds_run_without_panic() {
             "session" => session_body,
             "memory_table" => memory_table,
             "inflight" => inflight_region,
+            "iotlb" => iotlb_body,
             _ => blk_queue,
         };
         let result = std::panic::catch_unwind(|| body(&bytes));

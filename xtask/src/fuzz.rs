@@ -15,7 +15,14 @@ use std::process::ExitCode;
 use crate::cmd::Cmd;
 
 /// The targets of `tests/fuzz/Cargo.toml`, in the order they run.
-pub(crate) const TARGETS: &[&str] = &["decode", "session", "memory_table", "blk_queue", "inflight"];
+pub(crate) const TARGETS: &[&str] = &[
+    "decode",
+    "session",
+    "memory_table",
+    "blk_queue",
+    "inflight",
+    "iotlb",
+];
 
 /// Seconds per target unless `--seconds` says otherwise.
 const DEFAULT_SECONDS: u64 = 60;

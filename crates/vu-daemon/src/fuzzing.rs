@@ -29,6 +29,14 @@
 //! table of up to 4 regions, `1` add a region, `2` remove a region, `3` translate a VMM address,
 //! `4` map a log, `5` access guest memory through the published table; a region is `gpa`, `size`,
 //! `vmm`, `offset` (u64 LE each, the size cut to 16 pages) and a file length in pages (u8).
+//!
+//! # Input format of [`iotlb`](crate::fuzzing::iotlb)
+//!
+//! A sequence of 32-byte `struct vhost_iotlb_msg` bodies, decoded as `IOTLB_MSG` decodes them
+//! (undecodable ones are skipped, as the session refuses them) and applied to an IOTLB of
+//! [`IOTLB_FUZZ_ENTRIES`] entries: an update or an invalidation as the session applies it, a
+//! miss or access-fail message as a device access of `size` bytes at `iova` with its
+//! permissions. After each, the table's invariants are checked (a panic is a finding).
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -38,11 +46,12 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vu_mem::{GuestMemoryManager, LogBitmap, RegionSpec};
+use vu_mem::{GuestMemoryManager, IotlbFault, IotlbMapping, LogBitmap, Permissions, RegionSpec};
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::{Header, HeaderFlags};
 use vu_proto::message::RawMessage;
-use vu_proto::request::RequestCode;
+use vu_proto::payload::{Iotlb as IotlbMsg, IotlbPerm, IotlbType, Payload};
+use vu_proto::request::{FrontendReq, RequestCode};
 use vu_vring::{VringMutex, VringT};
 
 use crate::backend::VhostUserBackend;
@@ -412,4 +421,66 @@ mod tests {
         memory_table(&[0, 1, 0]);
         memory_table(&[5; 40]);
     }
+}
+
+/// Entries the IOTLB of the [`iotlb`] body keeps: small, so floods reach eviction.
+pub const IOTLB_FUZZ_ENTRIES: usize = 16;
+
+/// Fuzz body: `IOTLB_MSG` payloads against the device IOTLB (see the module documentation
+/// for the input format). Returns how many messages the IOTLB accepted.
+pub fn iotlb(data: &[u8]) -> usize {
+    let mut tlb = vu_mem::Iotlb::with_limit(IOTLB_FUZZ_ENTRIES);
+    let code = FrontendReq::IotlbMsg.code();
+    let mut accepted = 0;
+    for raw in data.chunks(IotlbMsg::SIZE) {
+        let Ok(msg) = IotlbMsg::decode_body(code, raw) else {
+            continue;
+        };
+        let perm = match msg.perm {
+            IotlbPerm::None => Permissions::No,
+            IotlbPerm::Read => Permissions::Read,
+            IotlbPerm::Write => Permissions::Write,
+            IotlbPerm::ReadWrite => Permissions::ReadWrite,
+        };
+        match msg.kind {
+            IotlbType::Update => {
+                if tlb.update(msg.iova, msg.size, msg.uaddr, perm).is_ok() {
+                    accepted += 1;
+                    // The newest entry maps exactly what the update said.
+                    assert_eq!(
+                        tlb.lookup(msg.iova, msg.size, Permissions::No),
+                        Ok(IotlbMapping {
+                            iova: msg.iova,
+                            uaddr: msg.uaddr,
+                            len: msg.size,
+                        })
+                    );
+                }
+            }
+            IotlbType::Invalidate => {
+                if tlb.invalidate(msg.iova, msg.size).is_ok() {
+                    accepted += 1;
+                    assert_eq!(
+                        tlb.lookup(msg.iova, 0, Permissions::No),
+                        Err(IotlbFault::Miss { iova: msg.iova })
+                    );
+                }
+            }
+            IotlbType::Miss | IotlbType::AccessFail => {
+                if let Ok(pieces) = tlb.translate(msg.iova, msg.size, perm) {
+                    // Contiguous in IOVA, covering exactly the access.
+                    let mut at = msg.iova;
+                    let mut total = 0u64;
+                    for piece in &pieces {
+                        assert_eq!(piece.iova, at);
+                        at = at.wrapping_add(piece.len);
+                        total = total.wrapping_add(piece.len);
+                    }
+                    assert_eq!(total, msg.size);
+                }
+            }
+        }
+        assert!(tlb.len() <= IOTLB_FUZZ_ENTRIES);
+    }
+    accepted
 }
