@@ -393,36 +393,6 @@ pub fn memory_table(data: &[u8]) {
     manager.reset();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn session_survives_empty_and_truncated_inputs() {
-        session(&[]);
-        session(&[0]);
-        session(&[0, 1, 1, 0xff, 0xff]);
-        session(&[SESSION_PROCESS, SESSION_DISCONNECT]);
-    }
-
-    #[test]
-    fn session_message_encodes_what_session_reads() {
-        let op = session_message(3, true, &[], &[]);
-        let mut input = Input(&op[1..]);
-        let msg = message(&mut input).unwrap();
-        assert_eq!(msg.header.request, RequestCode(3));
-        assert!(msg.header.needs_reply());
-        assert!(input.0.is_empty());
-    }
-
-    #[test]
-    fn memory_table_survives_empty_and_truncated_inputs() {
-        memory_table(&[]);
-        memory_table(&[0, 1, 0]);
-        memory_table(&[5; 40]);
-    }
-}
-
 /// Entries the IOTLB of the [`iotlb`] body keeps: small, so floods reach eviction.
 pub const IOTLB_FUZZ_ENTRIES: usize = 16;
 
@@ -483,4 +453,34 @@ pub fn iotlb(data: &[u8]) -> usize {
         assert!(tlb.len() <= IOTLB_FUZZ_ENTRIES);
     }
     accepted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_survives_empty_and_truncated_inputs() {
+        session(&[]);
+        session(&[0]);
+        session(&[0, 1, 1, 0xff, 0xff]);
+        session(&[SESSION_PROCESS, SESSION_DISCONNECT]);
+    }
+
+    #[test]
+    fn session_message_encodes_what_session_reads() {
+        let op = session_message(3, true, &[], &[]);
+        let mut input = Input(&op[1..]);
+        let msg = message(&mut input).unwrap();
+        assert_eq!(msg.header.request, RequestCode(3));
+        assert!(msg.header.needs_reply());
+        assert!(input.0.is_empty());
+    }
+
+    #[test]
+    fn memory_table_survives_empty_and_truncated_inputs() {
+        memory_table(&[]);
+        memory_table(&[0, 1, 0]);
+        memory_table(&[5; 40]);
+    }
 }
