@@ -1,4 +1,4 @@
-//! VMM-to-guest translation and dirty-log marking.
+//! VMM-to-guest translation, IOTLB lookups and dirty-log marking.
 //!
 //! `cargo bench -p vu-mem --bench translate` (add `-- --quick` for a smoke run).
 
@@ -10,8 +10,10 @@ use std::hint::black_box;
 use std::os::fd::FromRawFd;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vu_mem::{GuestMemoryManager, RegionSpec};
+
+use vu_mem::{GuestMemoryManager, Iotlb, Permissions, RegionSpec, SharedIotlb};
 
 const REGION: u64 = 0x10_0000;
 
@@ -106,5 +108,66 @@ fn dirty_log(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, translate, dirty_log);
+/// The IOVA-to-guest cost an access behind an IOMMU adds: an IOTLB hit among `n` page-sized
+/// entries, then the VMM-to-guest step, and the same through `SharedIotlb::resolve` (mutex,
+/// result vector).
+fn iotlb(c: &mut Criterion) {
+    const PAGE: u64 = 0x1000;
+    let m = manager(8);
+    let mut group = c.benchmark_group("iotlb");
+    for n in [16u64, 256, 2048] {
+        let mut tlb = Iotlb::new();
+        // IOVA page i maps to a scattered page of region 0's VMM range.
+        for i in 0..n {
+            let uaddr = vmm_of(0, 8) + ((i * 97) % (REGION / PAGE)) * PAGE;
+            tlb.update(
+                0x1_0000_0000 + i * PAGE,
+                PAGE,
+                uaddr,
+                Permissions::ReadWrite,
+            )
+            .unwrap();
+        }
+        let iovas: Vec<u64> = (0..n).map(|i| 0x1_0000_0000 + i * PAGE + 0x100).collect();
+        group.bench_with_input(BenchmarkId::new("lookup", n), &iovas, |b, iovas| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % iovas.len();
+                black_box(tlb.lookup(black_box(iovas[i]), 512, Permissions::Read)).unwrap()
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("lookup_to_guest", n),
+            &iovas,
+            |b, iovas| {
+                let mut i = 0;
+                b.iter(|| {
+                    i = (i + 1) % iovas.len();
+                    let hit = tlb
+                        .lookup(black_box(iovas[i]), 512, Permissions::Read)
+                        .unwrap();
+                    black_box(m.vmm_to_guest(hit.uaddr, hit.len)).unwrap()
+                })
+            },
+        );
+        let shared = SharedIotlb::new(tlb);
+        group.bench_with_input(BenchmarkId::new("shared_resolve", n), &iovas, |b, iovas| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % iovas.len();
+                black_box(shared.resolve(
+                    black_box(iovas[i]),
+                    512,
+                    Permissions::Read,
+                    Duration::ZERO,
+                    |_, _| false,
+                ))
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, translate, iotlb, dirty_log);
 criterion_main!(benches);
