@@ -34,7 +34,7 @@
 //!
 //! A sequence of 32-byte `struct vhost_iotlb_msg` bodies, decoded as `IOTLB_MSG` decodes them
 //! (undecodable ones are skipped, as the session refuses them) and applied to an IOTLB of
-//! [`IOTLB_FUZZ_ENTRIES`] entries: an update or an invalidation as the session applies it, a
+//! [`IOTLB_FUZZ_ENTRIES`](crate::fuzzing::IOTLB_FUZZ_ENTRIES) entries: an update or an invalidation as the session applies it, a
 //! miss or access-fail message as a device access of `size` bytes at `iova` with its
 //! permissions. After each, the table's invariants are checked (a panic is a finding).
 
