@@ -157,3 +157,19 @@ fn iotlb_update_flood_stays_bounded_and_the_connection_serves() {
     drop(tlb);
     f.alive();
 }
+
+/// QEMU invalidates the whole device IOTLB with `iova 0, size -1ULL`
+/// (`vhost_backend_invalidate_device_iotlb(dev, 0, -1ULL)`).
+#[test]
+fn iotlb_whole_space_invalidation_as_qemu_sends_it_empties_the_iotlb() {
+    let mut f = negotiated_with_iommu(protocol());
+    f.ok(update(0x1000, 0x1000, VMM_BASE, IotlbPerm::Read));
+    f.ok(update(
+        0xffff_f000,
+        0x1000,
+        VMM_BASE + 0x2000,
+        IotlbPerm::Write,
+    ));
+    f.ok(invalidate(0, u64::MAX));
+    assert!(f.session.iotlb.lock().is_empty());
+}
