@@ -15,10 +15,12 @@
 
 mod boot;
 mod cpio;
+mod demo;
 mod dump;
 mod elf;
 mod host;
 mod json;
+mod judge;
 mod kmod;
 mod monitor;
 mod progress;
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::cmd::Cmd;
 use boot::{Backend, Device, Machine, Outcome, Spec};
+pub(crate) use demo::main as demo;
 use progress::{Calibration, Class, Deadlines, Stage};
 
 /// How many failed boots per run get their logs printed.
@@ -656,127 +659,6 @@ fn run_all(options: &Options, deadlines: &mut Option<Deadlines>) -> Result<Vec<R
         rows.push(run_boots(&run, &boots, deadlines));
     }
     Ok(rows)
-}
-
-const DEMO_USAGE: &str = "\
-usage: cargo xtask demo [--backend vu|qsd|qemu] [--kvm] [--release]
-       cargo xtask demo --shell [--device blk|rng] [--backend vu|qsd|qemu] [--kvm] [--release]
-
-  (default)  build vu_blk and boot a Linux guest against it (the first run installs QEMU and
-             fetches a kernel, see docs/e2e.md); the guest makes an ext2 filesystem on the
-             disk, writes a file, unmounts, mounts again and reads it back. Shows the guest's
-             lines and the backend's log; exits 0 only if the guest succeeded and the host
-             finds the file in the disk image. Bounded: the guest gets 60 s to reach init,
-             60 s from one progress marker to the next, 120 s in all.
-  --shell    the same guest with a shell on this terminal instead of the script (`exit`
-             powers off, Ctrl-A X quits QEMU)
-  --backend  vu (default), qsd (qemu-storage-daemon) or qemu (QEMU's own virtio-blk)
-  --kvm      use KVM instead of TCG
-  --release  build the backend with --release
-
-Its files are in target/e2e/demo/.
-";
-
-/// `cargo xtask demo`: see [`DEMO_USAGE`].
-pub(crate) fn demo(args: &[String]) -> ExitCode {
-    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
-        print!("{DEMO_USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let shell = args.iter().any(|arg| arg == "--shell");
-    let rest: Vec<String> = args
-        .iter()
-        .filter(|arg| *arg != "--shell")
-        .cloned()
-        .collect();
-    let options = match parse(&rest) {
-        Ok(options) if !shell && !options.devices.contains(&Device::Blk) => {
-            eprintln!("xtask demo: the demo uses a disk; `--shell` boots the other devices\n\n{DEMO_USAGE}");
-            return ExitCode::from(2);
-        }
-        Ok(options) => options,
-        Err(err) => {
-            eprintln!("xtask demo: {err}\n\n{DEMO_USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(run) = plan(&options).into_iter().next() else {
-        eprintln!("xtask demo: qemu-storage-daemon serves blk only");
-        return ExitCode::from(2);
-    };
-    let spec = |backend| Spec {
-        device: run.device,
-        backend,
-        queues: run.queues,
-        cpus: run.cpus,
-        dir: PathBuf::from("target/e2e/demo"),
-        deadlines: Deadlines::UNCALIBRATED,
-    };
-    let machine = match prepare(std::slice::from_ref(&run), options.kvm) {
-        Ok(machine) => machine,
-        Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let backend = match backend_for(&run, options.release) {
-        Ok(backend) => backend,
-        Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if shell {
-        return match boot::interactive(&machine, &spec(backend)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("xtask demo: FAILED: {err}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let served_by = match &backend {
-        Backend::Vu(program) => format!(
-            "{} over vhost-user",
-            program.file_name().map_or_else(
-                || program.display().to_string(),
-                |name| name.to_string_lossy().into_owned()
-            )
-        ),
-        Backend::Qsd => "qemu-storage-daemon over vhost-user".to_owned(),
-        Backend::Builtin => "QEMU's own virtio-blk (no vhost-user)".to_owned(),
-    };
-    eprintln!("==> demo: booting a Linux guest whose /dev/vda is served by {served_by}");
-    let demo = match boot::demo(&machine, &spec(backend)) {
-        Ok(demo) => demo,
-        Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    report_demo(&demo)
-}
-
-/// Shows the guest's lines and the backend's log, then the verdict.
-fn report_demo(demo: &boot::Demo) -> ExitCode {
-    println!();
-    for line in &demo.guest {
-        println!("guest    | {line}");
-    }
-    for line in &demo.backend {
-        println!("backend  | {line}");
-    }
-    if demo.outcome.failure.is_none() {
-        println!(
-            "\ndemo: ok, the guest powered off after {:.1} s (files in target/e2e/demo/)",
-            demo.outcome.seconds
-        );
-        return ExitCode::SUCCESS;
-    }
-    eprintln!();
-    report_boot(0, &demo.outcome, true);
-    eprintln!("xtask demo: FAILED");
-    ExitCode::FAILURE
 }
 
 /// One line per failed run, with the class of each failure and where the failed boots are

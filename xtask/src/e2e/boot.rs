@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::dump::{self, Dump};
 use super::host;
+use super::judge::judge;
 use super::progress::{
     classify_timeout, Class, ConsoleWatch, Deadlines, Expiry, Failure, Progress,
 };
@@ -35,11 +36,9 @@ const IMAGE_SIZE: usize = 16 << 20;
 const PATTERN_AT: usize = 1 << 20;
 const PATTERN_LEN: usize = 2 << 20;
 /// The guest writes its marker for vCPU `n` in 4 KiB block `1 + n`.
-const GUEST_BLOCK: usize = 4096;
+pub(crate) const GUEST_BLOCK: usize = 4096;
 /// The rng backend's entropy source; far more than a boot consumes, so it never wraps.
-const RNG_SOURCE_LEN: usize = 1 << 20;
-/// The demo's blank disk (sparse), on which the guest makes a filesystem.
-const DEMO_IMAGE_SIZE: u64 = 32 << 20;
+pub(crate) const RNG_SOURCE_LEN: usize = 1 << 20;
 
 /// The device under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +164,7 @@ pub(crate) fn pass_marker(device: Device, nonce: &str) -> String {
 }
 
 /// A short private directory for the socket (`sun_path` is 108 bytes, target/ paths are long).
-fn socket_dir() -> Result<PathBuf, String> {
+pub(crate) fn socket_dir() -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
         "vu-e2e-{}-{:08x}",
         std::process::id(),
@@ -175,7 +174,7 @@ fn socket_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::write(path, bytes).map_err(|err| format!("cannot write {}: {err}", path.display()))
 }
 
@@ -194,7 +193,12 @@ fn sha256(path: &Path) -> Result<String, String> {
 
 /// Writes the blk image: host marker in sector 0, the pattern at 1 MiB. Returns the pattern's
 /// sha256 for the guest to compare against.
-fn prepare_image(dir: &Path, image: &Path, nonce: &str, seed: u64) -> Result<String, String> {
+pub(crate) fn prepare_image(
+    dir: &Path,
+    image: &Path,
+    nonce: &str,
+    seed: u64,
+) -> Result<String, String> {
     let pattern_bytes = pattern(seed, PATTERN_LEN);
     let pattern_file = dir.join("pattern.bin");
     write_file(&pattern_file, &pattern_bytes)?;
@@ -207,7 +211,7 @@ fn prepare_image(dir: &Path, image: &Path, nonce: &str, seed: u64) -> Result<Str
     Ok(sum)
 }
 
-fn log_file(path: &Path) -> Result<(Stdio, Stdio), String> {
+pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio), String> {
     let file =
         File::create(path).map_err(|err| format!("cannot create {}: {err}", path.display()))?;
     let copy = file
@@ -375,7 +379,7 @@ pub(crate) fn kernel_command_line(test: &str, nonce: &str, extra: &str) -> Strin
 }
 
 /// A command as a shell line for the logs.
-fn shell_line(command: &Command) -> String {
+pub(crate) fn shell_line(command: &Command) -> String {
     let mut words = vec![command.get_program().to_string_lossy().into_owned()];
     words.extend(command.get_args().map(|arg| {
         let arg = arg.to_string_lossy();
@@ -389,7 +393,7 @@ fn shell_line(command: &Command) -> String {
 }
 
 /// Sends SIGTERM by PID, waits a little, then SIGKILL. Returns whether it went on SIGTERM.
-fn stop(child: &mut Child) -> bool {
+pub(crate) fn stop(child: &mut Child) -> bool {
     if let Ok(Some(_)) = child.try_wait() {
         return true;
     }
@@ -409,7 +413,7 @@ fn stop(child: &mut Child) -> bool {
 }
 
 /// Waits until the backend has created its socket; `Err` says why it did not.
-fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), String> {
+pub(crate) fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), String> {
     let start = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = backend.try_wait() {
@@ -444,7 +448,7 @@ pub(crate) fn run(machine: &Machine, spec: &Spec) -> Result<Outcome, String> {
 }
 
 /// The files of a boot whose sockets go in `sockets`.
-fn files_in(dir: &Path, sockets: &Path) -> Files {
+pub(crate) fn files_in(dir: &Path, sockets: &Path) -> Files {
     Files {
         socket: sockets.join("vu.sock"),
         qmp: sockets.join("qmp.sock"),
@@ -623,7 +627,7 @@ pub(crate) fn keep_failed(machine: &Machine, spec: &Spec, outcome: &mut Outcome)
 /// deadlines (classifying and dumping a boot that passes one), stops the backend, and
 /// returns how it went with the console's text. `Outcome::failure` is set only when the
 /// backend never listened or a deadline passed; the caller judges the rest.
-fn launch(
+pub(crate) fn launch(
     machine: &Machine,
     spec: &Spec,
     files: &Files,
@@ -704,7 +708,7 @@ impl Outcome {
 
     /// After the guest's verdict: our backend must have exited on SIGTERM, and a failure
     /// says how QEMU ended.
-    fn add_late_failures(&mut self, spec: &Spec) {
+    pub(crate) fn add_late_failures(&mut self, spec: &Spec) {
         if self.failure.is_none() {
             if let (Backend::Vu(_), false) = (&spec.backend, self.backend_exited_on_term) {
                 self.failure = Some(Failure::new(
@@ -733,284 +737,6 @@ impl Outcome {
             outcome.kept = Some(PathBuf::from("/kept"));
         }
         outcome
-    }
-}
-
-/// What `cargo xtask demo` shows: the guest's lines and the backend's log.
-#[derive(Debug)]
-pub(crate) struct Demo {
-    pub(crate) outcome: Outcome,
-    /// The guest's `VU-DEMO` lines, without the tag, in order, each once.
-    pub(crate) guest: Vec<String>,
-    /// The backend's log (stderr).
-    pub(crate) backend: Vec<String>,
-}
-
-/// The text the demo guest writes into /mnt/hello.txt, which the host then looks for in the
-/// image.
-pub(crate) fn demo_file_text(nonce: &str) -> String {
-    format!("hello from the guest, boot {nonce}")
-}
-
-/// `cargo xtask demo`: one bounded boot whose guest makes an ext2 filesystem on the blank
-/// disk, writes a file, unmounts, reads it back, and powers off. Passes when the guest's
-/// success line with this boot's nonce is on the console and the host finds the file's text
-/// in the image.
-pub(crate) fn demo(machine: &Machine, spec: &Spec) -> Result<Demo, String> {
-    let _ = std::fs::remove_dir_all(&spec.dir);
-    std::fs::create_dir_all(&spec.dir)
-        .map_err(|err| format!("cannot create {}: {err}", spec.dir.display()))?;
-    let sockets = socket_dir()?;
-    let result = demo_in(machine, spec, &sockets);
-    let _ = std::fs::remove_dir_all(&sockets);
-    let mut demo = result?;
-    if demo.outcome.failure.is_some() {
-        keep_failed(machine, spec, &mut demo.outcome);
-    }
-    Ok(demo)
-}
-
-fn demo_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Demo, String> {
-    let nonce = format!("{:016x}", fresh_u64());
-    let files = files_in(&spec.dir, sockets);
-    File::create(&files.image)
-        .and_then(|file| file.set_len(DEMO_IMAGE_SIZE))
-        .map_err(|err| format!("cannot create {}: {err}", files.image.display()))?;
-    let append = kernel_command_line("demo", &nonce, "");
-    let (mut outcome, console) = launch(machine, spec, &files, &append, &nonce)?;
-    let guest = demo_lines(&console);
-    if outcome.failure.is_none() {
-        outcome.failure = judge_demo(&console, &nonce, &files.image).err();
-    }
-    outcome.add_late_failures(spec);
-    let backend = std::fs::read(&outcome.backend_log)
-        .map(|raw| {
-            String::from_utf8_lossy(&raw)
-                .lines()
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Demo {
-        outcome,
-        guest,
-        backend,
-    })
-}
-
-/// The guest's `VU-DEMO <text>` lines, in order, each once (init.sh prints each line both on
-/// the console and through printk).
-pub(crate) fn demo_lines(console: &str) -> Vec<String> {
-    let mut lines: Vec<String> = Vec::new();
-    for line in console.lines() {
-        if let Some((_, text)) = line.split_once("VU-DEMO ") {
-            let text = text.trim().to_owned();
-            if !lines.contains(&text) {
-                lines.push(text);
-            }
-        }
-    }
-    lines
-}
-
-/// The demo's verdict: the guest's success line with this nonce, no failure line, and the
-/// file's text in the image after power-off.
-pub(crate) fn judge_demo(console: &str, nonce: &str, image: &Path) -> Result<(), Failure> {
-    if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
-        return Err(Failure::new(
-            Class::WrongAnswer,
-            format!("guest: {}", line.trim()),
-        ));
-    }
-    let pass = format!("VU-DEMO-PASS {nonce}");
-    if !console.lines().any(|line| line.contains(&pass)) {
-        return Err(no_verdict(console));
-    }
-    let bytes = std::fs::read(image).map_err(|err| {
-        Failure::new(
-            Class::WrongAnswer,
-            format!("cannot read {}: {err}", image.display()),
-        )
-    })?;
-    let text = demo_file_text(nonce);
-    if bytes
-        .windows(text.len())
-        .any(|window| window == text.as_bytes())
-    {
-        Ok(())
-    } else {
-        Err(Failure::new(
-            Class::WrongAnswer,
-            format!("after power-off the image does not hold the file's text `{text}`"),
-        ))
-    }
-}
-
-/// QEMU exited without this boot's success line: a kernel panic (the console says so), or
-/// init or QEMU ending early.
-fn no_verdict(console: &str) -> Failure {
-    match console.lines().find(|line| line.contains("Kernel panic")) {
-        Some(line) => Failure::new(Class::Crash, format!("guest: {}", line.trim())),
-        None => Failure::new(
-            Class::Crash,
-            "QEMU exited without the success marker with this boot's nonce on the console",
-        ),
-    }
-}
-
-/// `cargo xtask demo --shell`: boots the guest against the backend with the serial console on
-/// this terminal and a shell in the guest, without a deadline; stops the backend afterwards.
-pub(crate) fn interactive(machine: &Machine, spec: &Spec) -> Result<(), String> {
-    let _ = std::fs::remove_dir_all(&spec.dir);
-    std::fs::create_dir_all(&spec.dir)
-        .map_err(|err| format!("cannot create {}: {err}", spec.dir.display()))?;
-    let sockets = socket_dir()?;
-    let result = interactive_in(machine, spec, &sockets);
-    let _ = std::fs::remove_dir_all(&sockets);
-    result
-}
-
-fn interactive_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<(), String> {
-    let nonce = format!("{:016x}", fresh_u64());
-    let files = Files {
-        console: PathBuf::new(),
-        ..files_in(&spec.dir, sockets)
-    };
-    let backend_log = spec.dir.join("backend.log");
-    match spec.device {
-        Device::Blk => {
-            prepare_image(&spec.dir, &files.image, &nonce, fresh_u64())?;
-        }
-        Device::Rng => write_file(&files.rng_source, &pattern(fresh_u64(), RNG_SOURCE_LEN))?,
-    }
-    let mut backend = match backend_command(spec, &files) {
-        Some(mut command) => {
-            let (out, err) = log_file(&backend_log)?;
-            command.stdin(Stdio::null()).stdout(out).stderr(err);
-            eprintln!("$ {}  2>{}", shell_line(&command), backend_log.display());
-            let mut child = command
-                .spawn()
-                .map_err(|err| format!("cannot start `{}`: {err}", shell_line(&command)))?;
-            wait_for_socket(&mut child, &files.socket)?;
-            Some(child)
-        }
-        None => None,
-    };
-    let append = kernel_command_line("shell", &nonce, "");
-    let mut qemu = qemu_command(machine, spec, &files, &append);
-    eprintln!("$ {}", shell_line(&qemu));
-    eprintln!(
-        "(the guest's shell: /dev/vda or /dev/hwrng; `exit` powers off; Ctrl-A X quits QEMU)"
-    );
-    let status = qemu.status();
-    if let Some(child) = &mut backend {
-        stop(child);
-    }
-    match status {
-        Ok(_) => Ok(()),
-        Err(err) => Err(format!("cannot run `{}`: {err}", shell_line(&qemu))),
-    }
-}
-
-/// Decides a boot from the console and the files: `Err(reason)` on failure.
-pub(crate) fn judge(
-    spec: &Spec,
-    nonce: &str,
-    console: &str,
-    image: &Path,
-    rng_source: &Path,
-) -> Result<(), Failure> {
-    if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
-        return Err(Failure::new(
-            Class::WrongAnswer,
-            format!("guest: {}", line.trim()),
-        ));
-    }
-    let pass = pass_marker(spec.device, nonce);
-    let Some(pass_line) = console.lines().find(|line| line.contains(&pass)) else {
-        return Err(no_verdict(console));
-    };
-    check_after_power_off(spec, nonce, pass_line, console, image, rng_source)
-        .map_err(|reason| Failure::new(Class::WrongAnswer, reason))
-}
-
-/// The host's own check once the guest has passed: the queue count it saw, and the data.
-fn check_after_power_off(
-    spec: &Spec,
-    nonce: &str,
-    pass_line: &str,
-    console: &str,
-    image: &Path,
-    rng_source: &Path,
-) -> Result<(), String> {
-    match spec.device {
-        Device::Blk => {
-            let want_queues = format!("queues={}", spec.queues);
-            if !pass_line.contains(&want_queues) {
-                return Err(format!(
-                    "guest saw another queue count: {}",
-                    pass_line.trim()
-                ));
-            }
-            let bytes = std::fs::read(image)
-                .map_err(|err| format!("cannot read {}: {err}", image.display()))?;
-            check_guest_markers(&bytes, nonce, spec.cpus)
-        }
-        Device::Rng => {
-            let source = std::fs::read(rng_source)
-                .map_err(|err| format!("cannot read {}: {err}", rng_source.display()))?;
-            check_rng(console, nonce, &source)
-        }
-    }
-}
-
-/// The image holds each vCPU's marker in its block, followed by NULs.
-pub(crate) fn check_guest_markers(image: &[u8], nonce: &str, cpus: u16) -> Result<(), String> {
-    for cpu in 0..cpus {
-        let marker = guest_marker(nonce, cpu);
-        let at = GUEST_BLOCK * (1 + usize::from(cpu));
-        let block = image
-            .get(at..at + GUEST_BLOCK)
-            .ok_or_else(|| "image too short".to_owned())?;
-        let ok =
-            block.starts_with(marker.as_bytes()) && block[marker.len()..].iter().all(|&b| b == 0);
-        if !ok {
-            let shown = String::from_utf8_lossy(&block[..64.min(block.len())]).into_owned();
-            return Err(format!(
-                "after power-off the image lacks `{marker}` at {at}: {shown:?}"
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// The bytes the guest read from /dev/hwrng are one contiguous run of the backend's source.
-pub(crate) fn check_rng(console: &str, nonce: &str, source: &[u8]) -> Result<(), String> {
-    let tag = format!("VU-E2E-RNG {nonce} ");
-    let hex = console
-        .lines()
-        .find_map(|line| line.split_once(&tag).map(|(_, rest)| rest.trim()))
-        .ok_or_else(|| "no VU-E2E-RNG line with this boot's nonce".to_owned())?;
-    let got = decode_hex(hex).ok_or_else(|| format!("bad hex from the guest: {hex}"))?;
-    if got.is_empty() {
-        return Err("the guest read no bytes".to_owned());
-    }
-    match source.windows(got.len()).position(|window| window == got) {
-        Some(_) => Ok(()),
-        None => Err(format!(
-            "the {} bytes the guest read are not a run of the backend's source",
-            got.len()
-        )),
     }
 }
 
@@ -1069,51 +795,6 @@ mod tests {
     }
 
     #[test]
-    fn missing_success_marker_fails_even_without_fail_line() {
-        let err = judge(
-            &spec(Device::Rng, 1),
-            "abc",
-            "VU-E2E-PASS rng stale\n",
-            Path::new("/x"),
-            Path::new("/x"),
-        )
-        .unwrap_err();
-        assert_eq!(err.class, Class::Crash);
-        assert!(err.reason.contains("nonce"), "{err}");
-    }
-
-    #[test]
-    fn a_kernel_panic_is_named_as_the_crash() {
-        let console = "[    0.9] Kernel panic - not syncing: IO-APIC + timer doesn't work!
-";
-        let err = judge(
-            &spec(Device::Blk, 1),
-            "abc",
-            console,
-            Path::new("/x"),
-            Path::new("/x"),
-        )
-        .unwrap_err();
-        assert_eq!(err.class, Class::Crash);
-        assert!(err.reason.contains("IO-APIC + timer"), "{err}");
-    }
-
-    #[test]
-    fn fail_line_wins_over_pass_line() {
-        let console = "VU-E2E-FAIL blk sector 0\nVU-E2E-PASS blk abc queues=1\n";
-        let err = judge(
-            &spec(Device::Blk, 1),
-            "abc",
-            console,
-            Path::new("/x"),
-            Path::new("/x"),
-        )
-        .unwrap_err();
-        assert_eq!(err.class, Class::WrongAnswer);
-        assert!(err.reason.contains("sector 0"), "{err}");
-    }
-
-    #[test]
     fn every_command_line_has_no_timer_check() {
         for test in ["blk", "demo", "shell"] {
             let line = kernel_command_line(test, "n", "");
@@ -1124,34 +805,6 @@ mod tests {
             );
         }
         assert!(kernel_command_line("blk", "n", "e2e.sum=x").ends_with("e2e.nonce=n e2e.sum=x"));
-    }
-
-    #[test]
-    fn guest_markers_are_found_per_cpu() {
-        let mut image = vec![0u8; 4 * GUEST_BLOCK];
-        for cpu in 0..2u16 {
-            let marker = guest_marker("n1", cpu);
-            let at = GUEST_BLOCK * (1 + usize::from(cpu));
-            image[at..at + marker.len()].copy_from_slice(marker.as_bytes());
-        }
-        check_guest_markers(&image, "n1", 2).unwrap();
-        assert!(check_guest_markers(&image, "n2", 1).is_err());
-        assert!(check_guest_markers(&image, "n1", 3).is_err());
-    }
-
-    #[test]
-    fn rng_bytes_must_be_a_run_of_the_source() {
-        let source = pattern(1, 4096);
-        let hex: String = source[100..164]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let console = format!("[    1.0] VU-E2E-RNG n {hex}\n");
-        check_rng(&console, "n", &source).unwrap();
-        let mut other = source.clone();
-        other[120] ^= 1;
-        assert!(check_rng(&console, "n", &other).is_err());
-        assert!(check_rng(&console, "m", &source).is_err());
     }
 
     #[test]
@@ -1194,33 +847,5 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("filename=/img"), "{line}");
-    }
-
-    #[test]
-    fn demo_lines_are_untagged_in_order_and_each_once() {
-        let console = "VU-DEMO first\n[    1.5] VU-DEMO first\nnoise\nVU-DEMO second line\n\
-                       [    1.6] VU-DEMO second line\nVU-DEMO-PASS n\n";
-        assert_eq!(demo_lines(console), ["first", "second line"]);
-    }
-
-    #[test]
-    fn demo_passes_only_with_its_nonce_and_the_file_in_the_image() {
-        let dir = std::env::temp_dir().join(format!("vu-e2e-test-{:x}", fresh_u64()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let image = dir.join("disk.img");
-        let mut bytes = vec![0u8; 8192];
-        let text = demo_file_text("n1");
-        bytes[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
-        std::fs::write(&image, &bytes).unwrap();
-        assert!(judge_demo("VU-DEMO-PASS n1\n", "n1", &image).is_ok());
-        let stale = judge_demo("VU-DEMO-PASS n0\n", "n0", &image).unwrap_err();
-        assert_eq!(stale.class, Class::WrongAnswer);
-        assert!(stale.reason.contains("does not hold"), "{stale}");
-        let no_pass = judge_demo("VU-DEMO-PASS n0\n", "n1", &image).unwrap_err();
-        assert!(no_pass.reason.contains("nonce"), "{no_pass}");
-        let failed =
-            judge_demo("VU-E2E-FAIL demo mount\nVU-DEMO-PASS n1\n", "n1", &image).unwrap_err();
-        assert!(failed.reason.contains("mount"), "{failed}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
