@@ -1,11 +1,11 @@
 //! One boot: prepare the disk image or entropy source, start the backend, boot QEMU against
 //! it within its [`Deadlines`], stop both by PID, and judge the result from the serial
-//! console and the files the guest touched. A boot stopped at a deadline is classified and
+//! console and the files the guest touched (`judge`). A boot stopped at a deadline is classified and
 //! dumped ([`at_deadline`]) before QEMU is killed; a failed boot's directory is kept under
 //! target/e2e/failed/ ([`keep_failed`]).
 //!
 //! The pieces are separate so that other scenarios can use them: [`spawn_backend`],
-//! [`spawn_qemu`], [`wait_for_qemu`], [`at_deadline`], [`keep_failed`].
+//! [`spawn_qemu`], [`wait_for_qemu`], [`at_deadline`], [`keep_failed`]; `demo` does.
 
 use std::fs::File;
 use std::io::Write;
