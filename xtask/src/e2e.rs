@@ -730,7 +730,7 @@ pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
                 eprint!("\n{}", table(&rows, false));
                 problems.extend(failures(&rows, false));
             }
-            Err(err) => problems.push(err),
+            Err(err) => problems.push(format!("setup: {err}")),
         }
     }
     if problems.is_empty() {
@@ -770,7 +770,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             }
         }
         Err(err) => {
-            eprintln!("xtask e2e: FAILED: {err}");
+            eprintln!("xtask e2e: FAILED: setup: {err}");
             ExitCode::FAILURE
         }
     }

@@ -75,14 +75,14 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let machine = match prepare(std::slice::from_ref(&run), options.kvm) {
         Ok(machine) => machine,
         Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
+            eprintln!("xtask demo: FAILED: setup: {err}");
             return ExitCode::FAILURE;
         }
     };
     let backend = match backend_for(&run, options.release) {
         Ok(backend) => backend,
         Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
+            eprintln!("xtask demo: FAILED: setup: {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -90,7 +90,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         return match interactive(&machine, &spec(backend)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("xtask demo: FAILED: {err}");
+                eprintln!("xtask demo: FAILED: setup: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -110,7 +110,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let demo = match run_demo(&machine, &spec(backend)) {
         Ok(demo) => demo,
         Err(err) => {
-            eprintln!("xtask demo: FAILED: {err}");
+            eprintln!("xtask demo: FAILED: setup: {err}");
             return ExitCode::FAILURE;
         }
     };

@@ -118,7 +118,7 @@ pub(crate) fn main(options: &Options, load: Load) -> ExitCode {
     let machine = match prepare(&runs, options.kvm) {
         Ok(machine) => machine,
         Err(err) => {
-            eprintln!("xtask e2e --stress: FAILED: {err}");
+            eprintln!("xtask e2e --stress: FAILED: setup: {err}");
             return ExitCode::FAILURE;
         }
     };
