@@ -530,6 +530,8 @@ struct Boots<'a> {
     dir: &'a dyn Fn(u32) -> PathBuf,
     /// Slow-host boots that may be made again (0 in stress mode).
     slow_host_retries: u32,
+    /// Keep the directories of boots that passed (stress mode removes them).
+    keep_passes: bool,
 }
 
 /// Makes the boots of `run`, printing one line per boot and the logs of the first failures.
@@ -563,6 +565,9 @@ fn run_boots(run: &Run, boots: &Boots<'_>, deadlines: &mut Option<Deadlines>) ->
             shown += 1;
         }
         calibrate_from(&outcome, deadlines);
+        if outcome.failure.is_none() && !boots.keep_passes {
+            let _ = std::fs::remove_dir_all(&spec.dir);
+        }
         index += 1;
     }
     row
@@ -655,6 +660,7 @@ fn run_all(options: &Options, deadlines: &mut Option<Deadlines>) -> Result<Vec<R
             count: options.boots,
             dir: &dir,
             slow_host_retries: SLOW_HOST_RETRIES,
+            keep_passes: true,
         };
         rows.push(run_boots(&run, &boots, deadlines));
     }

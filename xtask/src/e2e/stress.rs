@@ -147,15 +147,20 @@ pub(crate) fn main(options: &Options, load: Load) -> ExitCode {
                 continue;
             }
         };
-        // One directory per run, reused: a passing boot's files are not kept, a failing
-        // boot's directory is moved to target/e2e/failed/.
-        let dir = |_| PathBuf::from("target/e2e/stress").join(&name);
+        // A passing boot's directory is removed (200 disk images would fill the disk), a
+        // failing boot's is moved to target/e2e/failed/.
+        let dir = |index: u32| {
+            PathBuf::from("target/e2e/stress")
+                .join(&name)
+                .join(format!("boot-{index:03}"))
+        };
         let boots = Boots {
             machine: &machine,
             backend,
             count: options.boots,
             dir: &dir,
             slow_host_retries: 0,
+            keep_passes: false,
         };
         rows.push(run_boots(&run, &boots, &mut deadlines));
     }
