@@ -10,6 +10,8 @@
 #   VU-E2E-PASS <test> <nonce>    when every check here passed
 #   VU-E2E-FAIL <test> <reason>   otherwise
 # then powers off. The host makes its own checks after power-off (docs/e2e.md).
+# On the way it marks its progress, so that a boot stopped at a deadline says how far it got:
+#   VU-E2E-STAGE <nonce> init|modules|device|workload <guest uptime in s>
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
@@ -28,6 +30,16 @@ for arg in $(cat /proc/cmdline); do
         e2e.sum=*) sum="${arg#*=}" ;;
     esac
 done
+
+# A progress marker: the stage and the guest's uptime, read with builtins only (no fork).
+# Not on the terminal of `demo --shell`, which has no deadline.
+stage() {
+    [ "$test" = shell ] && return
+    read -r uptime _ < /proc/uptime
+    echo "VU-E2E-STAGE $nonce $1 $uptime"
+}
+
+stage init
 
 # Printed both on the console tty and through printk: printk writes to the serial console
 # synchronously, so the line is out before `poweroff -f` stops the machine.
@@ -54,6 +66,7 @@ for ko in /lib/modules/*.ko; do
     [ -e "$ko" ] || break
     insmod "$ko" || fail "insmod $ko"
 done
+stage modules
 
 # Waits up to 10 s for a device node to appear.
 wait_for() {
@@ -89,6 +102,7 @@ blk_worker() {
 
 test_blk() {
     wait_for /dev/vda || fail "no /dev/vda"
+    stage device
     host="$(read_block 0 0)"
     [ "$host" = "VU-E2E-HOST $nonce" ] || fail "sector 0 holds '$host'"
     ncpu="$(nproc)"
@@ -106,6 +120,7 @@ test_blk() {
     if [ "$bad" -ne 0 ]; then
         fail "$(cat /tmp/worker*.log | tr '\n' ' ')"
     fi
+    stage workload
     sync
     blockdev --flushbufs /dev/vda 2>/dev/null
     say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu"
@@ -124,11 +139,13 @@ test_rng() {
         [ "$i" -gt 100 ] && fail "current hwrng is '$current'"
         sleep 0.1
     done
+    stage device
     # Stop the kernel's own reader (khwrngd) so that what we read is one contiguous run of
     # the backend's stream.
     echo 0 > /sys/class/misc/hw_random/rng_quality 2>/dev/null
     hex="$(dd if=/dev/hwrng bs=64 count=4 iflag=fullblock 2>/dev/null | od -An -v -tx1 | tr -d ' \n')"
     [ "${#hex}" -eq 512 ] || fail "read ${#hex} hex digits from /dev/hwrng"
+    stage workload
     say "VU-E2E-RNG $nonce $hex"
     say "VU-E2E-PASS rng $nonce"
 }
@@ -142,6 +159,7 @@ demo() {
 
 test_demo() {
     wait_for /dev/vda || fail "no /dev/vda"
+    stage device
     demo "Linux $(uname -r) sees /dev/vda, $(($(cat /sys/block/vda/size) / 2048)) MiB, driver virtio_blk"
     mke2fs -L vu-demo /dev/vda > /tmp/mkfs.log 2>&1 || fail "mke2fs: $(cat /tmp/mkfs.log)"
     demo "mke2fs -L vu-demo /dev/vda: an empty ext2 filesystem"
@@ -160,6 +178,7 @@ test_demo() {
     demo "$(df -k /mnt | awk 'NR == 2 { print "df: " $3 " KiB used, " $4 " KiB free" }')"
     umount /mnt
     [ "$back" = "$text" ] || fail "read back '$back'"
+    stage workload
     say "VU-DEMO-PASS $nonce"
 }
 

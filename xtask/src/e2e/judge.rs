@@ -1,0 +1,213 @@
+//! The verdict on a boot whose QEMU exited: the guest's own lines on the console, then the
+//! host's check of the files after power-off. Every failure is classified ([`Failure`]).
+
+use std::path::Path;
+
+use super::boot::{guest_marker, pass_marker, Device, Spec, GUEST_BLOCK};
+use super::progress::{Class, Failure};
+
+/// QEMU exited without this boot's success line: a kernel panic (the console says so), or
+/// init or QEMU ending early.
+pub(crate) fn no_verdict(console: &str) -> Failure {
+    match console.lines().find(|line| line.contains("Kernel panic")) {
+        Some(line) => Failure::new(Class::Crash, format!("guest: {}", line.trim())),
+        None => Failure::new(
+            Class::Crash,
+            "QEMU exited without the success marker with this boot's nonce on the console",
+        ),
+    }
+}
+
+/// Decides a boot from the console and the files: `Err(reason)` on failure.
+pub(crate) fn judge(
+    spec: &Spec,
+    nonce: &str,
+    console: &str,
+    image: &Path,
+    rng_source: &Path,
+) -> Result<(), Failure> {
+    if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
+        return Err(Failure::new(
+            Class::WrongAnswer,
+            format!("guest: {}", line.trim()),
+        ));
+    }
+    let pass = pass_marker(spec.device, nonce);
+    let Some(pass_line) = console.lines().find(|line| line.contains(&pass)) else {
+        return Err(no_verdict(console));
+    };
+    check_after_power_off(spec, nonce, pass_line, console, image, rng_source)
+        .map_err(|reason| Failure::new(Class::WrongAnswer, reason))
+}
+
+/// The host's own check once the guest has passed: the queue count it saw, and the data.
+fn check_after_power_off(
+    spec: &Spec,
+    nonce: &str,
+    pass_line: &str,
+    console: &str,
+    image: &Path,
+    rng_source: &Path,
+) -> Result<(), String> {
+    match spec.device {
+        Device::Blk => {
+            let want_queues = format!("queues={}", spec.queues);
+            if !pass_line.contains(&want_queues) {
+                return Err(format!(
+                    "guest saw another queue count: {}",
+                    pass_line.trim()
+                ));
+            }
+            let bytes = std::fs::read(image)
+                .map_err(|err| format!("cannot read {}: {err}", image.display()))?;
+            check_guest_markers(&bytes, nonce, spec.cpus)
+        }
+        Device::Rng => {
+            let source = std::fs::read(rng_source)
+                .map_err(|err| format!("cannot read {}: {err}", rng_source.display()))?;
+            check_rng(console, nonce, &source)
+        }
+    }
+}
+
+/// The image holds each vCPU's marker in its block, followed by NULs.
+pub(crate) fn check_guest_markers(image: &[u8], nonce: &str, cpus: u16) -> Result<(), String> {
+    for cpu in 0..cpus {
+        let marker = guest_marker(nonce, cpu);
+        let at = GUEST_BLOCK * (1 + usize::from(cpu));
+        let block = image
+            .get(at..at + GUEST_BLOCK)
+            .ok_or_else(|| "image too short".to_owned())?;
+        let ok =
+            block.starts_with(marker.as_bytes()) && block[marker.len()..].iter().all(|&b| b == 0);
+        if !ok {
+            let shown = String::from_utf8_lossy(&block[..64.min(block.len())]).into_owned();
+            return Err(format!(
+                "after power-off the image lacks `{marker}` at {at}: {shown:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The bytes the guest read from /dev/hwrng are one contiguous run of the backend's source.
+pub(crate) fn check_rng(console: &str, nonce: &str, source: &[u8]) -> Result<(), String> {
+    let tag = format!("VU-E2E-RNG {nonce} ");
+    let hex = console
+        .lines()
+        .find_map(|line| line.split_once(&tag).map(|(_, rest)| rest.trim()))
+        .ok_or_else(|| "no VU-E2E-RNG line with this boot's nonce".to_owned())?;
+    let got = decode_hex(hex).ok_or_else(|| format!("bad hex from the guest: {hex}"))?;
+    if got.is_empty() {
+        return Err("the guest read no bytes".to_owned());
+    }
+    match source.windows(got.len()).position(|window| window == got) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "the {} bytes the guest read are not a run of the backend's source",
+            got.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::e2e::boot::{pattern, Backend};
+    use crate::e2e::progress::Deadlines;
+    use std::path::PathBuf;
+
+    fn spec(device: Device, queues: u16) -> Spec {
+        Spec {
+            device,
+            backend: Backend::Qsd,
+            queues,
+            cpus: queues,
+            dir: PathBuf::from("/nonexistent"),
+            deadlines: Deadlines::UNCALIBRATED,
+        }
+    }
+
+    #[test]
+    fn missing_success_marker_fails_even_without_fail_line() {
+        let err = judge(
+            &spec(Device::Rng, 1),
+            "abc",
+            "VU-E2E-PASS rng stale\n",
+            Path::new("/x"),
+            Path::new("/x"),
+        )
+        .unwrap_err();
+        assert_eq!(err.class, Class::Crash);
+        assert!(err.reason.contains("nonce"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_panic_is_named_as_the_crash() {
+        let console = "[    0.9] Kernel panic - not syncing: IO-APIC + timer doesn't work!
+";
+        let err = judge(
+            &spec(Device::Blk, 1),
+            "abc",
+            console,
+            Path::new("/x"),
+            Path::new("/x"),
+        )
+        .unwrap_err();
+        assert_eq!(err.class, Class::Crash);
+        assert!(err.reason.contains("IO-APIC + timer"), "{err}");
+    }
+
+    #[test]
+    fn fail_line_wins_over_pass_line() {
+        let console = "VU-E2E-FAIL blk sector 0\nVU-E2E-PASS blk abc queues=1\n";
+        let err = judge(
+            &spec(Device::Blk, 1),
+            "abc",
+            console,
+            Path::new("/x"),
+            Path::new("/x"),
+        )
+        .unwrap_err();
+        assert_eq!(err.class, Class::WrongAnswer);
+        assert!(err.reason.contains("sector 0"), "{err}");
+    }
+
+    #[test]
+    fn guest_markers_are_found_per_cpu() {
+        let mut image = vec![0u8; 4 * GUEST_BLOCK];
+        for cpu in 0..2u16 {
+            let marker = guest_marker("n1", cpu);
+            let at = GUEST_BLOCK * (1 + usize::from(cpu));
+            image[at..at + marker.len()].copy_from_slice(marker.as_bytes());
+        }
+        check_guest_markers(&image, "n1", 2).unwrap();
+        assert!(check_guest_markers(&image, "n2", 1).is_err());
+        assert!(check_guest_markers(&image, "n1", 3).is_err());
+    }
+
+    #[test]
+    fn rng_bytes_must_be_a_run_of_the_source() {
+        let source = pattern(1, 4096);
+        let hex: String = source[100..164]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let console = format!("[    1.0] VU-E2E-RNG n {hex}\n");
+        check_rng(&console, "n", &source).unwrap();
+        let mut other = source.clone();
+        other[120] ^= 1;
+        assert!(check_rng(&console, "n", &other).is_err());
+        assert!(check_rng(&console, "m", &source).is_err());
+    }
+}
