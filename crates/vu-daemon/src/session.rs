@@ -35,6 +35,10 @@
 //! that prove it; `cargo xtask tidy` checks the table against the request codes and the
 //! tests. Which features are offered at all is one table, `offer.rs`: a feature the
 //! framework cannot serve end to end is never offered, whatever the backend says.
+//! Live migration is offered only by a backend whose bitmap logs writes
+//! ([`RegionBitmap::LOGS_WRITES`], vu-mem's `LogBitmap`): with `()`, `VHOST_F_LOG_ALL` and
+//! `LOG_SHMFD` are removed from the offer (one warning), so `SET_LOG_BASE` is refused and
+//! QEMU refuses to migrate the guest instead of losing every page the device wrote.
 
 mod iommu;
 mod memory;
@@ -156,7 +160,10 @@ where
         mem: GuestMemoryAtomic<GuestMemoryMmap<B>>,
         vrings: Vec<V>,
     ) -> Self {
-        let offered_protocol = offer::offered_protocol(backend.protocol_features());
+        let offered_protocol = without_unlogged_migration::<B>(
+            offer::offered_protocol(backend.protocol_features()),
+            backend.features(),
+        );
         let polled = vec![false; vrings.len()];
         Session {
             backend,
@@ -390,7 +397,7 @@ where
     /// The virtio features offered to the frontend: the backend's, less those the framework
     /// cannot serve (`offer::VIRTIO_SERVICE`).
     fn offered_features(&self) -> u64 {
-        offer::offered_virtio(self.backend.features())
+        offer::offered_virtio(self.backend.features()) & !unlogged_features::<B>()
     }
 
     /// Whether the backend offers `VHOST_USER_F_PROTOCOL_FEATURES`.
@@ -744,6 +751,35 @@ fn none(_: ()) -> Option<Reply> {
 
 fn unsupported(request: FrontendReq, reason: &'static str) -> SessionError {
     SessionError::Unsupported { request, reason }
+}
+
+/// The virtio features never offered for bitmap `B`: `VHOST_F_LOG_ALL` when `B` does not log
+/// writes (see [`RegionBitmap::LOGS_WRITES`]).
+fn unlogged_features<B: RegionBitmap>() -> u64 {
+    if B::LOGS_WRITES {
+        0
+    } else {
+        VirtioFeatures::LOG_ALL.bits()
+    }
+}
+
+/// `protocol` without `VHOST_USER_PROTOCOL_F_LOG_SHMFD` when bitmap `B` does not log writes:
+/// a frontend would then migrate the guest and lose every page the device wrote. Warns once
+/// (per backend) if the backend offered either logging feature.
+fn without_unlogged_migration<B: RegionBitmap>(
+    protocol: ProtocolFeatures,
+    virtio: u64,
+) -> ProtocolFeatures {
+    if B::LOGS_WRITES {
+        return protocol;
+    }
+    if protocol.contains(ProtocolFeatures::LOG_SHMFD) || virtio & unlogged_features::<B>() != 0 {
+        warn!(
+            "the backend offers live migration (LOG_SHMFD or LOG_ALL) with a bitmap that does \
+             not log writes; not offering it (use vu_mem::LogBitmap)"
+        );
+    }
+    protocol - ProtocolFeatures::LOG_SHMFD
 }
 
 /// How a refused request is answered.

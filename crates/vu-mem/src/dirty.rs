@@ -334,11 +334,23 @@ impl DirtyLog {
 /// second step. Implemented by [`LogBitmap`] (logging) and `()` (no logging); a device that
 /// wants its own tracking as well can implement it and forward to [`DirtyLog::mark_dirty`].
 pub trait RegionBitmap: NewBitmap + Send + Sync + 'static {
+    /// Whether writes through guest memory with this bitmap set bits in the dirty log once
+    /// it is bound.
+    ///
+    /// The daemon offers live migration (`VHOST_F_LOG_ALL`, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`)
+    /// only for a bitmap that does: with one that does not, every page the device wrote during
+    /// the migration would be stale on the destination, and nothing would fail until the
+    /// guest read it. There is no default, so a new bitmap type has to say.
+    const LOGS_WRITES: bool;
+
     /// Points this bitmap, belonging to the region at `guest_base`, at `log`.
     fn bind(&self, guest_base: GuestAddress, log: &DirtyLog);
 }
 
+/// No tracking: the device does not support live migration.
 impl RegionBitmap for () {
+    const LOGS_WRITES: bool = false;
+
     fn bind(&self, _guest_base: GuestAddress, _log: &DirtyLog) {}
 }
 
@@ -359,6 +371,8 @@ pub struct LogBitmap {
 }
 
 impl RegionBitmap for LogBitmap {
+    const LOGS_WRITES: bool = true;
+
     fn bind(&self, guest_base: GuestAddress, log: &DirtyLog) {
         // A second bind is ignored: a region never moves and the manager has one log.
         let _ = self.binding.set(Binding {

@@ -1981,3 +1981,117 @@ fn session_fds_are_close_on_exec() {
 
 /// Scenarios of issue 13 (every request served as the spec says), kept together.
 mod conformance;
+
+// ------------------------------------------------------------ migration needs a logging bitmap
+
+type PlainMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type PlainRing = VringMutex<PlainMem>;
+
+/// A backend whose guest memory has no dirty tracking (`Bitmap = ()`) but offers the
+/// logging features all the same.
+struct UnloggedBackend;
+
+impl VhostUserBackend for UnloggedBackend {
+    type Bitmap = ();
+    type Vring = PlainRing;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+    fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::LOG_SHMFD | ProtocolFeatures::REPLY_ACK
+    }
+    fn set_event_idx(&self, _enabled: bool) {}
+    fn update_memory(&self, _mem: PlainMem) -> io::Result<()> {
+        Ok(())
+    }
+    fn handle_event(&self, _: u16, _: EventSet, _: &[PlainRing], _: usize) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn unlogged_session() -> Session<UnloggedBackend, PlainRing, ()> {
+    let mem = PlainMem::new(GuestMemoryMmap::new());
+    let vrings = vec![PlainRing::new(mem.clone(), MAX_QUEUE_SIZE as u16).unwrap()];
+    Session::new(UnloggedBackend, mem, vrings)
+}
+
+fn ask_plain(
+    session: &mut Session<UnloggedBackend, PlainRing, ()>,
+    req: FrontendRequest,
+) -> Outcome {
+    let (header, body) = req.encode(HeaderFlags::NEED_REPLY);
+    let fds = req
+        .fds()
+        .into_iter()
+        .map(|fd| fd.try_clone_to_owned().unwrap())
+        .collect();
+    session.handle(
+        RawMessage { header, body, fds },
+        &mut Recorder(Shared::default()),
+    )
+}
+
+/// A `()` bitmap logs nothing, so a frontend must not be told it can migrate the guest: it
+/// would lose every page the device wrote.
+#[test]
+fn a_backend_without_a_logging_bitmap_offers_no_migration() {
+    let mut s = unlogged_session();
+    let features = ack(&ask_plain(&mut s, FrontendRequest::GetFeatures));
+    assert_eq!(features & VirtioFeatures::LOG_ALL.bits(), 0);
+    assert_eq!(features, FEATURES & !VirtioFeatures::LOG_ALL.bits());
+    let protocol = ack(&ask_plain(&mut s, FrontendRequest::GetProtocolFeatures));
+    assert_eq!(protocol, ProtocolFeatures::REPLY_ACK.bits());
+}
+
+#[test]
+fn a_backend_without_a_logging_bitmap_refuses_set_log_base_and_log_all() {
+    let mut s = unlogged_session();
+    // A frontend acknowledging LOG_SHMFD anyway is refused.
+    assert_refused(&ask_plain(
+        &mut s,
+        FrontendRequest::SetProtocolFeatures(
+            ProtocolFeatures::LOG_SHMFD | ProtocolFeatures::REPLY_ACK,
+        ),
+    ));
+    assert_eq!(
+        ack(&ask_plain(
+            &mut s,
+            FrontendRequest::SetProtocolFeatures(ProtocolFeatures::REPLY_ACK)
+        )),
+        0
+    );
+    let log = FrontendRequest::SetLogBase {
+        log: Log {
+            mmap_size: 0x1000,
+            mmap_offset: 0,
+        },
+        fd: memfd(0x1000).into(),
+    };
+    assert_refused(&ask_plain(&mut s, log));
+    assert_eq!(s.mem.dirty_log().log_size(), None);
+    // LOG_ALL acknowledged unoffered is dropped: logging stays off.
+    assert_eq!(
+        ack(&ask_plain(
+            &mut s,
+            FrontendRequest::SetFeatures(VirtioFeatures::from_bits_retain(FEATURES))
+        )),
+        0
+    );
+    assert!(!s.mem.dirty_log().is_logging());
+}
+
+#[test]
+fn a_backend_with_a_logging_bitmap_offers_migration() {
+    let mut f = Fixture::new();
+    let features = ack(&f.ask(FrontendRequest::GetFeatures));
+    assert_ne!(features & VirtioFeatures::LOG_ALL.bits(), 0);
+    let protocol = ack(&f.ask(FrontendRequest::GetProtocolFeatures));
+    assert_ne!(protocol & ProtocolFeatures::LOG_SHMFD.bits(), 0);
+}
