@@ -38,6 +38,7 @@ use std::{fs::File, io};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vu_mem::DirtyLog;
 use vu_proto::listener::Listener;
 use vu_proto::socket::Endpoint;
 use vu_vring::VringT;
@@ -105,6 +106,8 @@ fn create_vrings<S: VhostUserBackend>(
 pub(crate) struct Serving<'a, S: VhostUserBackend> {
     pub(crate) backend: &'a S,
     pub(crate) vrings: &'a [S::Vring],
+    /// The session's dirty log: used rings that log are marked after each dispatch.
+    pub(crate) log: &'a DirtyLog,
 }
 
 impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
@@ -115,17 +118,21 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
     }
 
     fn handle_event(&self, device_event: u16, evset: EventSet, thread: usize) -> io::Result<()> {
-        if let Some(vring) = self.vrings.get(usize::from(device_event)) {
-            if !vring.is_enabled()
-                && self.backend.disabled_ring(device_event) == DisabledRing::Discard
-            {
+        let discard = self.vrings.get(usize::from(device_event)).filter(|vring| {
+            !vring.is_enabled() && self.backend.disabled_ring(device_event) == DisabledRing::Discard
+        });
+        let result = match discard {
+            Some(vring) => {
                 // "process and discard": every chain completed, nothing written into it.
                 process_queue(vring, |_chain| 0);
-                return Ok(());
+                Ok(())
             }
-        }
-        self.backend
-            .handle_event(device_event, evset, self.vrings, thread)
+            None => self
+                .backend
+                .handle_event(device_event, evset, self.vrings, thread),
+        };
+        crate::used_log::mark_used_rings(self.vrings, self.log);
+        result
     }
 
     fn ring_has_work(&self, queue: u16) -> bool {
@@ -158,6 +165,8 @@ fn no_such_queue(queue: u16) -> io::Error {
 struct Threaded<S: VhostUserBackend> {
     backend: Arc<S>,
     vrings: Vec<S::Vring>,
+    /// The session's dirty log, for the used rings' logging after each dispatch.
+    log: DirtyLog,
     workers: Vec<Arc<Worker>>,
     /// The worker of each queue.
     owner: Vec<usize>,
@@ -177,6 +186,7 @@ impl<S: VhostUserBackend> Threaded<S> {
         Serving {
             backend: &*self.backend,
             vrings: &self.vrings,
+            log: &self.log,
         }
     }
 
@@ -370,9 +380,11 @@ where
             handlers.push(Arc::new(worker.handler(num_queues, queues, notifier)));
             workers.push(Arc::new(worker));
         }
+        let session = Session::new(backend.clone(), mem, vrings.clone());
         let shared = Arc::new(Threaded {
-            backend: backend.clone(),
-            vrings: vrings.clone(),
+            backend,
+            vrings,
+            log: session.dirty_log().clone(),
             workers,
             owner,
             signal,
@@ -381,7 +393,7 @@ where
         let mut daemon = VhostUserDaemon {
             name,
             shared: shared.clone(),
-            session: Some(Session::new(backend, mem, vrings)),
+            session: Some(session),
             main: None,
             worker_threads: Vec::new(),
             handlers,

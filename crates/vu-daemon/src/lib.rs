@@ -60,6 +60,7 @@ pub mod process;
 mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod used_log;
 mod worker;
 #[cfg(feature = "postcopy")]
 pub use postcopy::PostcopyError;

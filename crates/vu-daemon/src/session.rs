@@ -194,6 +194,11 @@ where
         &self.vrings
     }
 
+    /// The dirty log of the connection's memory (the same handle for the session's life).
+    pub(crate) fn dirty_log(&self) -> &vu_mem::DirtyLog {
+        self.mem.dirty_log()
+    }
+
     /// Interprets one received message. Never panics on peer input, never does socket I/O.
     pub(crate) fn handle(&mut self, msg: RawMessage, ctl: &mut dyn RingControl) -> Outcome {
         let header = msg.header;

@@ -48,6 +48,7 @@ fn serving<S: VhostUserBackend>(session: &SessionOf<S>) -> Serving<'_, S> {
     Serving {
         backend: session.backend(),
         vrings: session.vrings(),
+        log: session.dirty_log(),
     }
 }
 

@@ -2095,3 +2095,92 @@ fn a_backend_with_a_logging_bitmap_offers_migration() {
     let protocol = ack(&f.ask(FrontendRequest::GetProtocolFeatures));
     assert_ne!(protocol & ProtocolFeatures::LOG_SHMFD.bits(), 0);
 }
+
+// ------------------------------------------------------------ used ring logging, log eventfd
+
+#[cfg(not(feature = "xen"))]
+/// Maps a log of `size` bytes (logging is on: FEATURES has LOG_ALL) and a log eventfd;
+/// returns both.
+fn map_log(f: &mut Fixture, size: u64) -> (File, File) {
+    let log = memfd(size);
+    let outcome = f.send(
+        FrontendRequest::SetLogBase {
+            log: Log {
+                mmap_size: size,
+                mmap_offset: 0,
+            },
+            fd: log.try_clone().unwrap().into(),
+        },
+        HeaderFlags::empty(),
+    );
+    assert_eq!(ack(&outcome), 0);
+    let notify = new_eventfd().unwrap();
+    f.ok(FrontendRequest::SetLogFd {
+        fd: notify.try_clone().unwrap().into(),
+    });
+    (log, notify)
+}
+
+#[cfg(not(feature = "xen"))]
+fn log_bit(log: &File, page: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0u8];
+    log.read_exact_at(&mut byte, page / 8).unwrap();
+    byte[0] & (1 << (page % 8)) != 0
+}
+
+/// "When logging modifications to the used ring (when `VHOST_VRING_F_LOG` is set for this
+/// ring), `log_guest_addr` should be used to calculate the log offset": the used ring is at
+/// guest 0x2000, the frontend asked for its writes to be logged at 0x8000 (page 8).
+#[cfg(not(feature = "xen"))]
+#[test]
+fn stopping_a_logged_ring_marks_its_used_ring_at_log_guest_addr_and_signals_the_log_fd() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    let (log, notify) = map_log(&mut f, 0x1000);
+    f.ok(FrontendRequest::SetVringAddr(ring_addr(
+        0,
+        VringAddrFlags::LOG,
+    )));
+    assert!(!log_bit(&log, 8));
+    f.ask(FrontendRequest::GetVringBase(VringState {
+        index: 0,
+        num: 0,
+    }));
+    assert!(
+        log_bit(&log, 8),
+        "the used ring was not logged at log_guest_addr"
+    );
+    assert_eq!(counter(&notify), 1, "the log eventfd was not signalled");
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
+fn stopping_a_ring_without_the_log_flag_marks_nothing() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    let (log, notify) = map_log(&mut f, 0x1000);
+    f.ask(FrontendRequest::GetVringBase(VringState {
+        index: 0,
+        num: 0,
+    }));
+    assert!(!log_bit(&log, 8));
+    assert_eq!(counter(&notify), 0);
+}
+
+/// "The bit offset of the last byte of the ring must fall within the size supplied by
+/// `VhostUserLog`."
+#[cfg(not(feature = "xen"))]
+#[test]
+fn set_vring_addr_logging_the_used_ring_past_the_log_is_refused() {
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    // 32 bytes of log cover guest 0..1 MiB; a ring logged at 1 MiB is past it.
+    map_log(&mut f, 32);
+    let mut addr = ring_addr(0, VringAddrFlags::LOG);
+    addr.log = MEM_SIZE;
+    assert_refused(&f.ask(FrontendRequest::SetVringAddr(addr)));
+    assert_eq!(f.vring(0).log_used(), None);
+    addr.log = MEM_SIZE - 0x1000;
+    f.ok(FrontendRequest::SetVringAddr(addr));
+}

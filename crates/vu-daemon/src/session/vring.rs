@@ -132,13 +132,37 @@ where
             queue,
             source,
         };
-        vring.set_queue_info(desc, avail, used).map_err(vring_err)?;
         let log = addr.flags.contains(VringAddrFlags::LOG).then_some(addr.log);
+        if let Some(start) = log {
+            self.check_used_ring_in_log(start, size)?;
+        }
+        vring.set_queue_info(desc, avail, used).map_err(vring_err)?;
         vring.set_log_guest_addr(log);
         // A rebooted driver starts from the used index it finds in memory.
         let used_idx = vring.queue_used_idx().map_err(vring_err)?;
         vring.set_queue_next_used(used_idx);
         Ok(())
+    }
+
+    /// "The bit offset of the last byte of the ring must fall within the size supplied by
+    /// `VhostUserLog`": checked against the log mapped now, if any (QEMU sends `SET_LOG_BASE`
+    /// before it turns the flag on).
+    fn check_used_ring_in_log(&self, start: u64, queue_size: u64) -> Result<(), SessionError> {
+        let Some(log_size) = self.mem.dirty_log().log_size() else {
+            return Ok(());
+        };
+        let len = USED_ENTRY * queue_size + RING_EXTRA;
+        let inside = start
+            .checked_add(len)
+            .is_some_and(|end| vu_mem::log_size_for(end) <= log_size);
+        if inside {
+            Ok(())
+        } else {
+            Err(SessionError::Memory {
+                request: FrontendReq::SetVringAddr,
+                source: vu_mem::MemError::OutsideLog { addr: start, len },
+            })
+        }
     }
 
     pub(super) fn handle_set_vring_base(&mut self, state: VringState) -> Result<(), SessionError> {
@@ -175,6 +199,14 @@ where
         if let Err(err) = self.backend.stop_vring(queue) {
             // The ring is stopped whatever the device says; the index is still the truth.
             warn!("GET_VRING_BASE: queue {queue}: the backend failed to stop: {err}");
+        }
+        // The ring's final contents go into the log QEMU syncs after stopping the device.
+        let log = self.mem.dirty_log();
+        if let Err(err) = crate::used_log::mark_used_ring(vring, log) {
+            warn!("GET_VRING_BASE: queue {queue}: used ring not logged: {err}");
+        }
+        if let Err(err) = log.notify_changed() {
+            warn!("GET_VRING_BASE: {err}");
         }
         let next_avail = vring.queue_next_avail();
         log::debug!(
