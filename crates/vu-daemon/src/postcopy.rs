@@ -25,6 +25,17 @@ pub enum PostcopyError {
     /// Duplicating the userfaultfd for the frontend failed.
     #[error("cannot duplicate the userfaultfd: {0}")]
     Dup(#[source] std::io::Error),
+    /// `madvise(MADV_NOHUGEPAGE)` on a mapping failed.
+    #[error("cannot madvise {len:#x} bytes at {addr:#x} MADV_NOHUGEPAGE: {source}")]
+    Advise {
+        /// The host address of the mapping.
+        addr: usize,
+        /// Its length.
+        len: usize,
+        /// What the kernel reported.
+        #[source]
+        source: std::io::Error,
+    },
     /// Registering or unregistering a mapping failed.
     #[error("cannot (un)register {len:#x} bytes at {addr:#x} with the userfaultfd: {source}")]
     Register {
@@ -94,6 +105,17 @@ impl Postcopy {
         let uffd = self.uffd.as_ref().ok_or(PostcopyError::State(
             "no userfaultfd to register memory with",
         ))?;
+        // As QEMU and libvhost-user do for registered memory: missing pages are placed one
+        // (source) page at a time with UFFDIO_COPY, which transparent huge pages would defeat.
+        // SAFETY: madvise changes no memory contents; `addr..addr+len` is a mapping of ours
+        // (the caller's pending table holds it).
+        if unsafe { libc::madvise(addr.cast(), len, libc::MADV_NOHUGEPAGE) } != 0 {
+            return Err(PostcopyError::Advise {
+                addr: addr as usize,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
         uffd.register(addr.cast(), len)
             .map_err(|source| PostcopyError::Register {
                 addr: addr as usize,

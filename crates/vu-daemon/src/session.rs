@@ -140,6 +140,10 @@ pub(crate) struct Session<S, V, B: RegionBitmap> {
     iotlb: SharedIotlb,
     #[cfg(feature = "postcopy")]
     postcopy: crate::postcopy::Postcopy,
+    /// While listening: the table answered with local addresses and registered with the
+    /// userfaultfd, published to the device only once the frontend acknowledged it.
+    #[cfg(feature = "postcopy")]
+    pending_table: Option<vu_mem::PendingTable<B>>,
 }
 
 impl<S, V, B> Session<S, V, B>
@@ -181,6 +185,8 @@ where
             iotlb: SharedIotlb::default(),
             #[cfg(feature = "postcopy")]
             postcopy: crate::postcopy::Postcopy::default(),
+            #[cfg(feature = "postcopy")]
+            pending_table: None,
         }
     }
 
@@ -212,11 +218,15 @@ where
         if self.is_postcopy_mem_table_ack(&msg) {
             // QEMU sends the acknowledgement without NEED_REPLY; a frontend that sets it
             // gets a REPLY_ACK.
-            return Outcome {
-                reply: header
-                    .needs_reply()
-                    .then(|| Reply::u64(&header, U64::ACK_SUCCESS.0)),
-                close: false,
+            let request = FrontendReq::try_from(header.request).ok();
+            return match self.publish_pending_table() {
+                Ok(()) => Outcome {
+                    reply: header
+                        .needs_reply()
+                        .then(|| Reply::u64(&header, U64::ACK_SUCCESS.0)),
+                    close: false,
+                },
+                Err(err) => self.refuse(&header, request, err),
             };
         }
         let request = match FrontendRequest::decode(msg) {
@@ -263,6 +273,7 @@ where
         #[cfg(feature = "postcopy")]
         {
             self.postcopy = crate::postcopy::Postcopy::default();
+            self.pending_table = None;
         }
     }
 

@@ -68,7 +68,7 @@ pub use error::{AddressSpace, MemError};
 pub use iotlb::{
     Iotlb, IotlbError, IotlbFault, IotlbMapping, ResolveError, SharedIotlb, DEFAULT_IOTLB_ENTRIES,
 };
-pub use manager::{GuestMemoryManager, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
+pub use manager::{GuestMemoryManager, PendingTable, DEFAULT_SIZE_LIMIT, DEFAULT_SLOT_LIMIT};
 pub use region::RegionSpec;
 #[cfg(feature = "xen")]
 pub use region::XenMapping;

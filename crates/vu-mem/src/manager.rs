@@ -120,6 +120,17 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
     /// All regions are checked and mapped before anything changes; on error the old table
     /// stays. Regions may come in any order.
     pub fn set_table(&mut self, specs: Vec<RegionSpec>) -> Result<(), MemError> {
+        let pending = self.prepare_table(specs)?;
+        self.publish(pending)
+    }
+
+    /// The first half of [`set_table`](Self::set_table): checks and maps the regions and
+    /// returns them unpublished, so that nothing reads them before [`publish`](Self::publish).
+    ///
+    /// Postcopy needs the two halves: the mappings must be registered with the userfaultfd,
+    /// and the frontend must have acknowledged their addresses, before the device may touch
+    /// them (a fault nobody can resolve would hang it).
+    pub fn prepare_table(&self, specs: Vec<RegionSpec>) -> Result<PendingTable<B>, MemError> {
         self.check_count(specs.len())?;
         let ranges = specs
             .iter()
@@ -134,24 +145,49 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
             .map(|(spec, ranges)| self.map(spec, ranges))
             .collect::<Result<Vec<_>, _>>()?;
         mapped.sort_by_key(|m| m.ranges.vmm);
-        self.commit(mapped)
+        Ok(PendingTable { mapped })
     }
 
     /// `ADD_MEM_REG`: adds one region.
     pub fn add_region(&mut self, spec: RegionSpec) -> Result<(), MemError> {
-        self.check_count(self.by_vmm.len() + 1)?;
+        let pending = self.prepare_add_region(None, spec)?;
+        self.publish(pending)
+    }
+
+    /// The first half of [`add_region`](Self::add_region): the table with the region added,
+    /// unpublished (see [`prepare_table`](Self::prepare_table)). The region is added to
+    /// `pending` if given (several `ADD_MEM_REG`s before one acknowledgement), else to the
+    /// current table; either stays as it was.
+    pub fn prepare_add_region(
+        &self,
+        pending: Option<&PendingTable<B>>,
+        spec: RegionSpec,
+    ) -> Result<PendingTable<B>, MemError> {
+        let base = pending.map_or(&self.by_vmm, |p| &p.mapped);
+        self.check_count(base.len() + 1)?;
         let new = spec.ranges()?;
-        for old in self.by_vmm.iter().map(|m| &m.ranges) {
+        for old in base.iter().map(|m| &m.ranges) {
             check_pair(old, &new)?;
         }
-        self.check_size(self.by_vmm.iter().map(|m| &m.ranges).chain([&new]))?;
-        let highest = self.highest_guest_end().max(new.guest_end());
+        self.check_size(base.iter().map(|m| &m.ranges).chain([&new]))?;
+        let highest = base
+            .iter()
+            .map(|m| m.ranges.guest_end())
+            .max()
+            .unwrap_or(0)
+            .max(new.guest_end());
         self.check_log_covers(highest)?;
         let added = self.map(spec, new)?;
-        let at = self.by_vmm.partition_point(|m| m.ranges.vmm < new.vmm);
-        let mut mapped = self.shallow_copy();
+        let at = base.partition_point(|m| m.ranges.vmm < new.vmm);
+        let mut mapped = shallow_copy(base);
         mapped.insert(at, added);
-        self.commit(mapped)
+        Ok(PendingTable { mapped })
+    }
+
+    /// The second half of [`set_table`](Self::set_table) and
+    /// [`add_region`](Self::add_region): makes `pending` the table that readers see.
+    pub fn publish(&mut self, pending: PendingTable<B>) -> Result<(), MemError> {
+        self.commit(pending.mapped)
     }
 
     /// `REM_MEM_REG`: removes the region with exactly this guest address, size and VMM
@@ -178,7 +214,7 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
                 memory_size,
                 userspace_addr,
             })?;
-        let mut mapped = self.shallow_copy();
+        let mut mapped = shallow_copy(&self.by_vmm);
         mapped.remove(at);
         self.commit(mapped)
     }
@@ -341,16 +377,6 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
         })
     }
 
-    fn shallow_copy(&self) -> Vec<Mapped<B>> {
-        self.by_vmm
-            .iter()
-            .map(|m| Mapped {
-                ranges: m.ranges,
-                region: Arc::clone(&m.region),
-            })
-            .collect()
-    }
-
     /// Publishes `mapped` (sorted by VMM address) as the new table.
     fn commit(&mut self, mapped: Vec<Mapped<B>>) -> Result<(), MemError> {
         let mut regions: Vec<_> = mapped.iter().map(|m| Arc::clone(&m.region)).collect();
@@ -373,6 +399,52 @@ impl<B: RegionBitmap> GuestMemoryManager<B> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .replace(GuestMemoryMmap::new());
+    }
+}
+
+/// A second handle on each mapping of `table`.
+fn shallow_copy<B>(table: &[Mapped<B>]) -> Vec<Mapped<B>> {
+    table
+        .iter()
+        .map(|m| Mapped {
+            ranges: m.ranges,
+            region: Arc::clone(&m.region),
+        })
+        .collect()
+}
+
+/// Regions checked and mapped by [`GuestMemoryManager::prepare_table`] or
+/// [`GuestMemoryManager::prepare_add_region`] and not yet published: no guest-memory
+/// snapshot holds them. Dropping it unmaps what no published table holds.
+pub struct PendingTable<B: RegionBitmap = LogBitmap> {
+    /// Sorted by VMM address.
+    mapped: Vec<Mapped<B>>,
+}
+
+impl<B: RegionBitmap> std::fmt::Debug for PendingTable<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTable")
+            .field(
+                "regions",
+                &self.mapped.iter().map(|m| m.ranges).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl<B: RegionBitmap> PendingTable<B> {
+    /// The backend's mapping of the region starting at guest address `guest_phys_addr`: its
+    /// host address and length.
+    pub fn host_range(&self, guest_phys_addr: u64) -> Option<(*mut u8, usize)> {
+        self.mapped
+            .iter()
+            .find(|m| m.ranges.guest == guest_phys_addr)
+            .map(|m| (m.region.as_ptr(), m.region.size()))
+    }
+
+    /// How many regions the table holds.
+    pub fn num_regions(&self) -> usize {
+        self.mapped.len()
     }
 }
 
@@ -665,6 +737,29 @@ mod tests {
         let err = m.set_table(vec![region(0, MIB, 1 << 32), region(0, MIB, 2 << 32)]);
         assert!(err.is_err());
         assert_eq!(m.num_regions(), 2);
+        assert_eq!(m.memory().memory().num_regions(), 2);
+    }
+
+    #[test]
+    fn a_prepared_table_is_invisible_until_published() {
+        let mut m = manager();
+        let pending = m
+            .prepare_table(vec![RegionSpec::new(0, MIB, 0x10_0000_0000, 0, memfd(MIB))])
+            .unwrap();
+        assert_eq!(m.num_regions(), 0);
+        assert_eq!(m.memory().memory().num_regions(), 0);
+        assert!(pending
+            .host_range(0)
+            .is_some_and(|(_, len)| len == MIB as usize));
+        let added = m
+            .prepare_add_region(
+                Some(&pending),
+                RegionSpec::new(MIB, MIB, 0x20_0000_0000, 0, memfd(MIB)),
+            )
+            .unwrap();
+        assert_eq!(added.num_regions(), 2);
+        assert_eq!(m.memory().memory().num_regions(), 0);
+        m.publish(added).unwrap();
         assert_eq!(m.memory().memory().num_regions(), 2);
     }
 

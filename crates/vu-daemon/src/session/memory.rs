@@ -124,7 +124,7 @@ where
     }
 
     /// Tells the backend the table changed; the vrings share the same memory handle.
-    fn memory_changed(&mut self, request: FrontendReq) -> Result<(), SessionError> {
+    pub(super) fn memory_changed(&mut self, request: FrontendReq) -> Result<(), SessionError> {
         self.backend
             .update_memory(self.mem.memory().clone())
             .map_err(|source| SessionError::Backend { request, source })
@@ -132,7 +132,7 @@ where
 
     pub(super) fn handle_set_mem_table(
         &mut self,
-        hdr: &Header,
+        #[cfg_attr(not(feature = "postcopy"), allow(unused_variables))] hdr: &Header,
         table: MemoryTable,
         fds: Vec<OwnedFd>,
     ) -> Result<Option<Reply>, SessionError> {
@@ -144,6 +144,14 @@ where
             .zip(fds)
             .map(|(region, fd)| region_spec(region, fd))
             .collect();
+        #[cfg(feature = "postcopy")]
+        if self.postcopy.listening() {
+            let pending = self
+                .mem
+                .prepare_table(specs)
+                .map_err(|source| SessionError::Memory { request, source })?;
+            return self.postcopy_register(hdr, request, &table.regions, pending);
+        }
         self.mem
             .set_table(specs)
             .map_err(|source| SessionError::Memory { request, source })?;
@@ -156,23 +164,31 @@ where
                 .fold(0u64, |sum, r| sum.saturating_add(r.memory_size))
         );
         self.memory_changed(request)?;
-        self.postcopy_register(hdr, request, &table.regions)
+        Ok(None)
     }
 
     pub(super) fn handle_add_mem_reg(
         &mut self,
-        hdr: &Header,
+        #[cfg_attr(not(feature = "postcopy"), allow(unused_variables))] hdr: &Header,
         region: MemoryRegion,
         fd: OwnedFd,
     ) -> Result<Option<Reply>, SessionError> {
         let request = FrontendReq::AddMemReg;
         self.require(request, ProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
         self.require_xen_mmap(request)?;
+        #[cfg(feature = "postcopy")]
+        if self.postcopy.listening() {
+            let pending = self
+                .mem
+                .prepare_add_region(self.pending_table.as_ref(), region_spec(&region, fd))
+                .map_err(|source| SessionError::Memory { request, source })?;
+            return self.postcopy_register(hdr, request, &[region], pending);
+        }
         self.mem
             .add_region(region_spec(&region, fd))
             .map_err(|source| SessionError::Memory { request, source })?;
         self.memory_changed(request)?;
-        self.postcopy_register(hdr, request, &[region])
+        Ok(None)
     }
 
     pub(super) fn handle_rem_mem_reg(&mut self, region: MemoryRegion) -> Result<(), SessionError> {
@@ -324,16 +340,5 @@ where
         .map_err(|source| SessionError::Inflight { request, source })?;
         self.inflight = Some(InflightArea { file, area, desc });
         Ok(())
-    }
-
-    /// Without postcopy there is nothing to register and no reply of its own.
-    #[cfg(not(feature = "postcopy"))]
-    fn postcopy_register(
-        &mut self,
-        _hdr: &Header,
-        _request: FrontendReq,
-        _regions: &[MemoryRegion],
-    ) -> Result<Option<Reply>, SessionError> {
-        Ok(None)
     }
 }

@@ -3,10 +3,8 @@
 
 use std::os::fd::OwnedFd;
 
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
-use vu_mem::RegionBitmap;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vu_mem::{PendingTable, RegionBitmap};
 use vu_proto::features::ProtocolFeatures;
 use vu_proto::header::Header;
 use vu_proto::message::RawMessage;
@@ -84,34 +82,30 @@ where
         Ok(Reply::u64(hdr, U64::ACK_SUCCESS.0))
     }
 
-    /// While listening: registers the new regions with the userfaultfd and answers with the
-    /// same regions, their user address replaced by the backend's own mapping address ("replies
-    /// with the bases of the memory mapped regions to the front-end").
+    /// While listening: registers the new regions of `pending` with the userfaultfd and
+    /// answers with the same regions, their user address replaced by the backend's own
+    /// mapping address ("replies with the bases of the memory mapped regions to the
+    /// front-end"). The table is not published yet: "The back-end must have mmap'd the
+    /// regions but not yet accessed them", and "only upon reception of [QEMU's
+    /// acknowledgement] may the guest start accessing the memory and generating faults",
+    /// which QEMU can resolve only once it knows these addresses. The device gets the table
+    /// with that acknowledgement ([`publish_pending_table`](Self::publish_pending_table)).
     pub(super) fn postcopy_register(
         &mut self,
         hdr: &Header,
         request: FrontendReq,
         regions: &[MemoryRegion],
+        pending: PendingTable<B>,
     ) -> Result<Option<Reply>, SessionError> {
-        if !self.postcopy.listening() {
-            return Ok(None);
-        }
-        let snapshot = self.mem.memory().memory();
         let mut local = Vec::with_capacity(regions.len());
         for region in regions {
-            let addr = snapshot
-                .get_host_address(GuestAddress(region.guest_phys_addr))
-                .map_err(|_| SessionError::ValueOutOfRange {
+            let (addr, len) = pending.host_range(region.guest_phys_addr).ok_or(
+                SessionError::ValueOutOfRange {
                     request,
                     field: "region guest address (not mapped)",
                     value: region.guest_phys_addr,
-                })?;
-            let len =
-                usize::try_from(region.memory_size).map_err(|_| SessionError::ValueOutOfRange {
-                    request,
-                    field: "region size",
-                    value: region.memory_size,
-                })?;
+                },
+            )?;
             self.postcopy
                 .register(addr, len)
                 .map_err(Self::postcopy_err(request))?;
@@ -128,7 +122,20 @@ where
         } else {
             Reply::new(hdr, &MemoryTable { regions: local }, Vec::new())
         };
+        self.pending_table = Some(pending);
         self.postcopy.expect_ack();
         Ok(Some(reply))
+    }
+
+    /// QEMU acknowledged the table reply: the registered table becomes the device's.
+    pub(super) fn publish_pending_table(&mut self) -> Result<(), SessionError> {
+        let request = FrontendReq::SetMemTable;
+        let Some(pending) = self.pending_table.take() else {
+            return Ok(());
+        };
+        self.mem
+            .publish(pending)
+            .map_err(|source| SessionError::Memory { request, source })?;
+        self.memory_changed(request)
     }
 }

@@ -1817,26 +1817,98 @@ mod postcopy {
         raw(code, flags, 0u64.to_ne_bytes().to_vec(), Vec::new())
     }
 
+    /// The VmFlags line of the mapping that contains `addr` in /proc/self/smaps.
+    fn vm_flags(addr: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) =
+                        (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+                    {
+                        inside = (start..end).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.to_owned();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    /// Spec: "The back-end must have mmap'd the regions but not yet accessed them", and only
+    /// after QEMU's acknowledgement "may the guest start accessing the memory and generating
+    /// faults". So the table is registered with the userfaultfd (VmFlags `um`), advised
+    /// MADV_NOHUGEPAGE (`nh`), and answered, but reaches the device only with the
+    /// acknowledgement.
     #[test]
-    fn set_mem_table_while_listening_replies_local_addresses() {
+    fn set_mem_table_while_listening_is_registered_before_it_is_published() {
         let (mut f, _uffd) = listening();
         let outcome = f.send(mem_table(&[(0, MEM_SIZE)]), HeaderFlags::empty());
         assert!(!outcome.close);
         let reply = outcome.reply.unwrap();
         let table = MemoryTable::decode_body(reply.header.request, &reply.body).unwrap();
-        let local = f
+        assert_eq!(table.regions[0].guest_phys_addr, 0);
+        let local = table.regions[0].user_addr;
+        let flags = vm_flags(local);
+        assert!(
+            flags.contains(" um"),
+            "not registered for missing pages: {flags}"
+        );
+        assert!(
+            flags.contains(" nh"),
+            "not advised MADV_NOHUGEPAGE: {flags}"
+        );
+        assert_eq!(f.session.mem.num_regions(), 0, "published before the ack");
+        assert_eq!(
+            lock(&f.rec).memory_updates,
+            0,
+            "the device saw it before the ack"
+        );
+        let outcome = f.raw(table_ack(HeaderFlags::empty()));
+        assert!(outcome.reply.is_none() && !outcome.close);
+        assert_eq!(f.session.mem.num_regions(), 1);
+        assert_eq!(lock(&f.rec).memory_updates, 1);
+        let published = f
             .session
             .mem
             .memory()
             .memory()
             .get_host_address(GuestAddress(0))
             .unwrap();
-        assert_eq!(table.regions[0].user_addr, local as u64);
-        assert_eq!(table.regions[0].guest_phys_addr, 0);
-        let outcome = f.raw(table_ack(HeaderFlags::empty()));
-        assert!(outcome.reply.is_none() && !outcome.close);
-        assert_eq!(f.session.mem.num_regions(), 1);
+        assert_eq!(published as u64, local);
         assert_eq!(ack(&f.ask(FrontendRequest::PostcopyEnd)), 0);
+    }
+
+    /// QEMU sends several ADD_MEM_REGs, reads each reply, and acknowledges them once.
+    #[test]
+    fn add_mem_regs_while_listening_are_published_together_on_the_ack() {
+        let (mut f, _uffd) = listening();
+        for gpa in [0, MEM_SIZE] {
+            let outcome = f.send(
+                FrontendRequest::AddMemReg {
+                    region: region(gpa, MEM_SIZE),
+                    fd: memfd(MEM_SIZE).into(),
+                },
+                HeaderFlags::empty(),
+            );
+            assert!(outcome.reply.is_some());
+        }
+        assert_eq!(f.session.mem.num_regions(), 0);
+        let code = FrontendReq::AddMemReg.code().0;
+        f.raw(raw(
+            code,
+            HeaderFlags::empty(),
+            0u64.to_ne_bytes().to_vec(),
+            Vec::new(),
+        ));
+        assert_eq!(f.session.mem.num_regions(), 2);
+        assert_eq!(lock(&f.rec).memory_updates, 1);
     }
 
     /// QEMU sets no NEED_REPLY on the acknowledgement (hw/virtio/vhost-user.c,
