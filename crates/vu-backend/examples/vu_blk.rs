@@ -13,6 +13,13 @@
 //! completed, and a SIGTERM completes the request being served before the frontend sees the
 //! connection end (docs/inflight.md).
 //!
+//! It supports live migration: guest memory carries vu-mem's `LogBitmap`, so every byte the
+//! device writes into the guest (data of read requests, the status byte, the used ring) is
+//! marked in QEMU's dirty log while QEMU asks for it, and the device offers `VHOST_F_LOG_ALL`
+//! and `LOG_SHMFD` (docs/migration.md). `--test-skip-logging N` breaks that on purpose for the
+//! e2e test of the test: the data of every Nth read is copied into the guest without marking
+//! the log.
+//!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
 //! stdout), no daemonizing, a clean exit on SIGTERM or SIGINT, logs on stderr.
@@ -30,11 +37,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use vu_backend::prelude::*;
-use vu_backend::vm_memory::Address;
+use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
+use vu_backend::LogBitmap;
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
@@ -65,6 +73,13 @@ const SECTOR_SIZE: u64 = 512;
 const ID_LEN: usize = 20;
 /// The device id string returned by GET_ID.
 const DEVICE_ID: &[u8] = b"vu-blk";
+
+/// Guest memory with dirty logging, and the vrings over it.
+type Mem = GuestMemoryMmap<LogBitmap>;
+type Ring = VringMutex<GuestMemoryAtomic<Mem>>;
+
+/// The log's page size (`VHOST_LOG_PAGE`), for the count of pages written while logging.
+const LOG_PAGE: u64 = 0x1000;
 
 /// Byte offsets in `struct virtio_blk_config` (virtio spec 5.2.4).
 const CONFIG_CAPACITY: usize = 0;
@@ -155,6 +170,10 @@ struct BlkBackend {
     num_queues: u16,
     queue_size: u16,
     stats: Stats,
+    /// Whether the frontend acknowledged `VHOST_F_LOG_ALL` (it is migrating the guest).
+    logging: AtomicBool,
+    /// Test only (`--test-skip-logging N`): the data of every Nth read bypasses the log.
+    skip_logging: Option<u64>,
 }
 
 /// What the device has served, for the log line it writes when it stops.
@@ -169,6 +188,10 @@ struct Stats {
     others: AtomicU64,
     /// Requests answered with an error status.
     errors: AtomicU64,
+    /// Guest pages (4 KiB) the data of read requests touched while the frontend logged.
+    logged_pages: AtomicU64,
+    /// Reads whose data was copied without marking the log (`--test-skip-logging`).
+    unlogged_reads: AtomicU64,
 }
 
 impl Stats {
@@ -188,10 +211,13 @@ impl Stats {
         );
         format!(
             "served {} requests: {reads} reads ({} bytes), {writes} writes ({} bytes), \
-             {flushes} flushes, {others} other, {errors} failed",
+             {flushes} flushes, {others} other, {errors} failed; {} pages of read data \
+             written while logging, {} reads not logged",
             reads + writes + flushes + others + errors,
             get(&self.read_bytes),
             get(&self.written_bytes),
+            get(&self.logged_pages),
+            get(&self.unlogged_reads),
         )
     }
 }
@@ -203,7 +229,7 @@ struct Segments {
 }
 
 impl Segments {
-    fn of(chain: &Chain<'_, GuestMemoryMmap>) -> Self {
+    fn of(chain: &Chain<'_, Mem>) -> Self {
         let mut segments = Segments {
             readable: Vec::new(),
             writable: Vec::new(),
@@ -256,11 +282,21 @@ fn gather<G: GuestMemory + ?Sized>(
     }
 }
 
+/// How `scatter` writes guest memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Through `GuestMemory`, which marks the dirty log while the frontend logs.
+    Logged,
+    /// Test only: through a second view of the same bytes that has no bitmap.
+    Unlogged,
+}
+
 /// Copies `data` to the start of the segments.
-fn scatter<G: GuestMemory + ?Sized>(
-    mem: &G,
+fn scatter(
+    mem: &Mem,
     list: &[(GuestAddress, usize)],
     data: &[u8],
+    how: Write,
 ) -> Result<(), String> {
     let mut done = 0;
     for &(addr, len) in list {
@@ -268,8 +304,12 @@ fn scatter<G: GuestMemory + ?Sized>(
             break;
         }
         let take = len.min(data.len() - done);
-        mem.write_slice(&data[done..done + take], addr)
-            .map_err(|err| format!("writing guest memory at {addr:#x?}: {err}"))?;
+        let chunk = &data[done..done + take];
+        let written = match how {
+            Write::Logged => mem.write_slice(chunk, addr).map_err(|err| err.to_string()),
+            Write::Unlogged => write_unlogged(mem, chunk, addr),
+        };
+        written.map_err(|err| format!("writing guest memory at {addr:#x?}: {err}"))?;
         done += take;
     }
     if done == data.len() {
@@ -279,14 +319,25 @@ fn scatter<G: GuestMemory + ?Sized>(
     }
 }
 
+/// `--test-skip-logging`: copies `chunk` to `addr` without marking the dirty log, the bug a
+/// device writing guest memory behind the framework's back would have.
+fn write_unlogged(mem: &Mem, chunk: &[u8], addr: GuestAddress) -> Result<(), String> {
+    let slice = mem
+        .get_slice(addr, chunk.len())
+        .map_err(|err| err.to_string())?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: `guard` keeps the mapping of `slice` alive, and `slice.len()` bytes from its
+    // pointer are guest memory mapped read-write; the new slice (with no bitmap) lives only
+    // for this copy.
+    let unlogged = unsafe { VolatileSlice::new(guard.as_ptr(), slice.len()) };
+    unlogged.copy_from(chunk);
+    Ok(())
+}
+
 impl BlkBackend {
     /// Executes one request and returns its status and how many data bytes it wrote into the
     /// writable segments (the status byte not included).
-    fn execute<G: GuestMemory + ?Sized>(
-        &self,
-        mem: &G,
-        segments: &Segments,
-    ) -> Result<(u8, usize), String> {
+    fn execute(&self, mem: &Mem, segments: &Segments) -> Result<(u8, usize), String> {
         let mut header = [0u8; HEADER_LEN];
         gather(mem, &segments.readable, 0, &mut header)?;
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -316,7 +367,8 @@ impl BlkBackend {
                     log::warn!("read at sector {sector}: {err}");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 }
-                scatter(mem, &segments.writable, &data)?;
+                let how = self.read_write_mode(&segments.writable, in_len);
+                scatter(mem, &segments.writable, &data, how)?;
                 Stats::count(&self.stats.reads, 1);
                 Stats::count(&self.stats.read_bytes, in_len);
                 Ok((VIRTIO_BLK_S_OK, in_len))
@@ -353,7 +405,7 @@ impl BlkBackend {
                 let mut id = [0u8; ID_LEN];
                 id[..DEVICE_ID.len()].copy_from_slice(DEVICE_ID);
                 let len = in_len.min(ID_LEN);
-                scatter(mem, &segments.writable, &id[..len])?;
+                scatter(mem, &segments.writable, &id[..len], Write::Logged)?;
                 Stats::count(&self.stats.others, 1);
                 Ok((VIRTIO_BLK_S_OK, len))
             }
@@ -365,8 +417,37 @@ impl BlkBackend {
         }
     }
 
+    /// How the data of a read goes into the guest, counting the pages it touches while the
+    /// frontend logs.
+    fn read_write_mode(&self, writable: &[(GuestAddress, usize)], len: usize) -> Write {
+        if !self.logging.load(Ordering::Relaxed) {
+            return Write::Logged;
+        }
+        let mut left = len as u64;
+        let mut pages = 0;
+        for &(addr, seg) in writable {
+            let take = left.min(seg as u64);
+            if take == 0 {
+                break;
+            }
+            let first = addr.raw_value() / LOG_PAGE;
+            let last = (addr.raw_value() + take - 1) / LOG_PAGE;
+            pages += last - first + 1;
+            left -= take;
+        }
+        Stats::count(&self.stats.logged_pages, pages as usize);
+        let reads = self.stats.reads.load(Ordering::Relaxed);
+        match self.skip_logging {
+            Some(n) if reads % n == 0 => {
+                Stats::count(&self.stats.unlogged_reads, 1);
+                Write::Unlogged
+            }
+            _ => Write::Logged,
+        }
+    }
+
     /// Serves one chain and returns the used length to report for it.
-    fn serve_chain(&self, chain: Chain<'_, GuestMemoryMmap>) -> u32 {
+    fn serve_chain(&self, chain: Chain<'_, Mem>) -> u32 {
         let mem = chain.memory();
         let segments = Segments::of(&chain);
         if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
@@ -417,8 +498,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringMutex;
+    type Bitmap = LogBitmap;
+    type Vring = Ring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.num_queues)
@@ -432,7 +513,8 @@ impl VhostUserBackend for BlkBackend {
         let mut features = (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_INDIRECT_DESC
             | VirtioFeatures::RING_EVENT_IDX
-            | VirtioFeatures::PROTOCOL_FEATURES)
+            | VirtioFeatures::PROTOCOL_FEATURES
+            | VirtioFeatures::LOG_ALL)
             .bits()
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
@@ -446,6 +528,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         log::debug!("acked features {features:#x}");
+        let logging = features & VirtioFeatures::LOG_ALL.bits() != 0;
+        if self.logging.swap(logging, Ordering::Relaxed) != logging {
+            log::info!("dirty logging {}", if logging { "on" } else { "off" });
+        }
     }
 
     fn protocol_features(&self) -> ProtocolFeatures {
@@ -453,11 +539,12 @@ impl VhostUserBackend for BlkBackend {
         // INFLIGHT_SHMFD: the framework records every chain process_queue pops in the
         // frontend's inflight area, so a restarted vu_blk serves again the requests a killed
         // one had popped and not completed (reads and writes are idempotent: the default
-        // `resubmit_inflight` is right for a disk).
+        // `resubmit_inflight` is right for a disk). QEMU migrates a guest only with LOG_SHMFD.
         ProtocolFeatures::MQ
             | ProtocolFeatures::REPLY_ACK
             | ProtocolFeatures::CONFIG
             | ProtocolFeatures::INFLIGHT_SHMFD
+            | ProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -477,7 +564,7 @@ impl VhostUserBackend for BlkBackend {
         out
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
         // Each descriptor chain carries the memory it was read from; nothing to keep here.
         Ok(())
     }
@@ -491,7 +578,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringMutex],
+        vrings: &[Ring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -518,11 +605,13 @@ struct Args {
     read_only: bool,
     num_queues: u16,
     queue_size: u16,
+    skip_logging: Option<u64>,
 }
 
 const USAGE: &str = "\
 usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
               [--read-only] [--num-queues N] [--queue-size N] [--log-level LEVEL]
+              [--test-skip-logging N]
        vu_blk --print-capabilities
 
   --blk-file FILE      the raw disk image (its size is the capacity, in 512-byte sectors)
@@ -530,6 +619,8 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
   --read-only          offer VIRTIO_BLK_F_RO and refuse writes
   --num-queues N       request queues, one worker thread each (default 1, at most 64)
   --queue-size N       largest queue size accepted (default 1024)
+  --test-skip-logging N  BROKEN ON PURPOSE, for tests: while migrating, copy the data of
+                       every Nth read into the guest without marking the dirty log
 ";
 
 /// The spec's capability document: a block device, with the options it takes.
@@ -549,6 +640,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         read_only: false,
         num_queues: 1,
         queue_size: 1024,
+        skip_logging: None,
     };
     common::for_each_option(args, |name, value| {
         if parsed.conventions.take(name, value)? {
@@ -571,6 +663,10 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                     .ok()
                     .filter(|n| n.is_power_of_two() && *n <= 32768)
                     .ok_or("--queue-size: a power of two up to 32768")?;
+            }
+            "--test-skip-logging" => {
+                let n = common::number(name, &value()?)?;
+                parsed.skip_logging = Some(n.max(1));
             }
             other => return Err(format!("unexpected argument `{other}`")),
         }
@@ -616,13 +712,18 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         stats: Stats::default(),
+        logging: AtomicBool::new(false),
+        skip_logging: args.skip_logging,
     };
     let mut daemon = VhostUserDaemon::new(
         "vu_blk".to_owned(),
         backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(Mem::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
+    if let Some(n) = args.skip_logging {
+        log::warn!("--test-skip-logging {n}: the data of every {n}th read is NOT logged");
+    }
     common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!(
         "{} sectors, {} queue(s) of up to {}, {}",
