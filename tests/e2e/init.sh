@@ -3,7 +3,8 @@
 #
 # The host passes the test on the kernel command line:
 #   e2e.test=blk|rng   which device to exercise; `demo`: the filesystem walk of
-#                      `cargo xtask demo`; `shell`: an interactive shell (`demo --shell`)
+#                      `cargo xtask demo`; `shell`: an interactive shell (`demo --shell`);
+#                      `migrate`: /migrate.sh, the guest of `cargo xtask e2e --migrate`
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
 #   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
 # and reads the verdict back from the serial console: the guest prints
@@ -192,6 +193,7 @@ case "$test" in
     blk) test_blk ;;
     rng) test_rng ;;
     demo) test_demo ;;
+    migrate) . /migrate.sh && test_migrate ;;
     shell) shell ;;
     *) fail "unknown e2e.test '$test'" ;;
 esac

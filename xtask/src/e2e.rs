@@ -24,6 +24,7 @@ mod judge;
 mod kmod;
 mod monitor;
 mod progress;
+mod migrate;
 mod provision;
 mod stress;
 
@@ -87,6 +88,7 @@ usage: cargo xtask e2e [--device blk|rng|all] [--backend vu|qsd|qemu|all] [--boo
   --load     spinning threads for --stress (default: one per CPU)
   --duty     percent of the time each spinning thread is busy, in bursts of 20-500 ms
              (default 80)
+  --migrate  live migration of a running guest instead (`--migrate --help`)
 
 See docs/e2e.md.
 ";
@@ -465,6 +467,9 @@ fn build_initramfs(kernel: &provision::Kernel, out: &Path) -> Result<(), String>
     // The interpreter of /init's `#!/bin/sh`; init.sh installs the other applets itself.
     archive.symlink("bin/sh", "busybox");
     archive.file("init", 0o755, &init);
+    let migrate = std::fs::read("tests/e2e/migrate.sh")
+        .map_err(|err| format!("cannot read tests/e2e/migrate.sh: {err}"))?;
+    archive.file("migrate.sh", 0o644, &migrate);
     for (index, (name, bytes)) in modules.iter().enumerate() {
         archive.file(&format!("lib/modules/{index:02}-{name}.ko"), 0o644, bytes);
     }
@@ -739,6 +744,9 @@ pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
             Err(err) => problems.push(format!("setup: {err}")),
         }
     }
+    if let Err(err) = migrate::ci_step() {
+        problems.push(err);
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -748,6 +756,9 @@ pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
 
 /// Entry point: `args` are the words after `e2e`.
 pub(crate) fn main(args: &[String]) -> ExitCode {
+    if args.iter().any(|arg| arg == "--migrate") {
+        return migrate::main(args);
+    }
     if args.iter().any(|arg| arg == "-h" || arg == "--help") {
         print!("{USAGE}");
         return ExitCode::SUCCESS;

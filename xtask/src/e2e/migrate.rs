@@ -1,0 +1,1028 @@
+//! `cargo xtask e2e --migrate`: live migration of a running guest between QEMU processes on
+//! this host, each with its own vhost-user-blk backend on the same image file.
+//!
+//! One boot: the source QEMU boots the guest (tests/e2e/migrate.sh keeps the disk and its
+//! page cache busy and checks every byte it reads); once the guest says it is ready, the
+//! host starts a destination backend and a destination QEMU with `-incoming`, migrates from
+//! the monitor (QMP `migrate`, precopy), waits for `completed`, quits the source, waits for
+//! the guest to finish a round on the destination, and migrates again, back and forth
+//! ([`MIGRATIONS`] times: A to B, B to A, A to B). Then it writes the stop word into the image's
+//! control block; the guest checks everything once more, writes its final marker and powers
+//! off. A boot passes when the guest's success line with this boot's nonce is on the last
+//! console, no console holds a failure line, and the image holds what the guest wrote.
+//!
+//! Guest RAM is preallocated on both sides (`prealloc=on`): under TCG, migrating a guest
+//! whose RAM is not preallocated corrupts it now and then even with QEMU's own virtio-blk and
+//! no vhost-user at all.
+//!
+//! `--skip-logging N` runs `vu_blk --test-skip-logging N` (the data of every Nth read during
+//! a migration is not logged): the test of the test. `ci_step` requires every boot of that
+//! run to fail with a data mismatch found by the guest.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use super::boot::{fresh_u64, Backend, Device, Machine};
+use super::{build_vu_backend, prepare, Run};
+
+/// Migrations per boot: there, back, and there again.
+pub(crate) const MIGRATIONS: u32 = 3;
+/// Guest RAM, preallocated on both sides.
+const MEMORY: &str = "128M";
+/// The bound on the guest's boot until it is ready to be migrated.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// The bound on one migration, from `migrate` to `completed`.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(60);
+/// The bound on the guest's progress after a migration, and on its final checks.
+const PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a process may take to create its socket.
+const SOCKET_DEADLINE: Duration = Duration::from_secs(10);
+/// Migration bandwidth, bytes/s. QEMU's default (128 MiB/s) moves this guest's RAM in about
+/// 150 ms, during which the guest makes few requests; at 64 MiB/s a migration lasts about
+/// 1.5 s and the guest reads its 4 MiB half a few times during it, and precopy still
+/// converges in a few passes (TCG dirties far less).
+const MAX_BANDWIDTH: u64 = 64 << 20;
+
+const IMAGE_SIZE: usize = 16 << 20;
+const BLOCK: usize = 4096;
+/// Block 1: the host writes [`stop_word`] here after its migrations.
+const CONTROL_BLOCK: u64 = 1;
+/// Block 2: the guest's final marker.
+const DONE_BLOCK: usize = 2;
+/// Blocks 64..80: the guest's O_DIRECT block of round `r` is in slot `r % 16`.
+const DIRECT_SLOTS_AT: usize = 64;
+const SLOTS: u64 = 16;
+/// The two halves the guest fills in turn and reads through its page cache: even rounds
+/// half A, odd rounds half B.
+const HALF_A_AT: usize = 1 << 20;
+const HALF_B_AT: usize = 5 << 20;
+const HALF_LEN: usize = 4 << 20;
+/// The guest's 64 KiB buffered writes: slot `r % 16` from 10 MiB.
+const BUFFERED_AT: usize = 10 << 20;
+const BUFFERED_LEN: usize = 64 << 10;
+
+/// Boots of `vu_blk` in `cargo xtask ci`.
+const CI_BOOTS: u32 = 10;
+/// Boots of qemu-storage-daemon (the reference) and of the broken `vu_blk` in `ci`.
+const CI_REFERENCE_BOOTS: u32 = 2;
+/// `--test-skip-logging` of the broken run in `ci`: every other read is not logged.
+const CI_SKIP_LOGGING: u64 = 2;
+
+/// The command line of `cargo xtask e2e --migrate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Options {
+    qsd: bool,
+    boots: u32,
+    skip_logging: Option<u64>,
+}
+
+const USAGE: &str = "\
+usage: cargo xtask e2e --migrate [--backend vu|qsd] [--boots N] [--skip-logging N]
+
+  Boots a guest whose /dev/vda is a vhost-user-blk device and migrates it, running, between
+  two QEMU processes on this host (each with its own backend on the same image), 3 times
+  per boot; the guest checks every byte it reads. See docs/migration.md.
+  --backend       vu: vu_blk (default); qsd: qemu-storage-daemon, the reference
+  --boots         boots (default 10)
+  --skip-logging  run vu_blk --test-skip-logging N (broken on purpose: must fail)
+";
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        qsd: false,
+        boots: 10,
+        skip_logging: None,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .map(String::as_str)
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match arg.as_str() {
+            "--migrate" => {}
+            "--backend" => {
+                options.qsd = match value("--backend")? {
+                    "vu" => false,
+                    "qsd" => true,
+                    other => return Err(format!("--migrate runs vu or qsd, not `{other}`")),
+                }
+            }
+            "--boots" => {
+                let text = value("--boots")?;
+                options.boots = text
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("--boots wants a positive number, not `{text}`"))?;
+            }
+            "--skip-logging" => {
+                let text = value("--skip-logging")?;
+                options.skip_logging = Some(
+                    text.parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| format!("--skip-logging wants N > 0, not `{text}`"))?,
+                );
+            }
+            other => return Err(format!("unexpected argument `{other}`")),
+        }
+    }
+    if options.qsd && options.skip_logging.is_some() {
+        return Err("--skip-logging breaks vu_blk, not qemu-storage-daemon".to_owned());
+    }
+    Ok(options)
+}
+
+/// One completed migration, as QEMU's `query-migrate` reported it.
+#[derive(Debug, Clone, Default)]
+struct Migration {
+    /// `downtime`, ms: the guest was stopped this long.
+    downtime_ms: u64,
+    /// `total-time`, ms.
+    total_ms: u64,
+    /// `ram.transferred`, bytes.
+    transferred: u64,
+    /// `ram.dirty-sync-count`: how many times QEMU synced the dirty log (iterations).
+    dirty_syncs: u64,
+}
+
+/// How one boot went.
+#[derive(Debug, Default)]
+struct Report {
+    failure: Option<String>,
+    migrations: Vec<Migration>,
+    /// Rounds the guest completed.
+    rounds: u64,
+    /// From the first QEMU's start to the last one's exit.
+    seconds: f64,
+    /// The backends' "pages of read data written while logging" (vu_blk only).
+    logged_pages: u64,
+    unlogged_reads: u64,
+}
+
+/// A QMP connection.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects once QEMU created the socket, and leaves capabilities negotiation mode.
+    fn connect(path: &Path, qemu: &mut Child) -> Result<Qmp, String> {
+        let start = Instant::now();
+        let stream = loop {
+            if let Ok(stream) = UnixStream::connect(path) {
+                break stream;
+            }
+            if let Ok(Some(status)) = qemu.try_wait() {
+                return Err(format!("QEMU exited before its monitor was up: {status}"));
+            }
+            if start.elapsed() > SOCKET_DEADLINE {
+                return Err(format!("no QMP socket at {} in time", path.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|err| format!("QMP: {err}"))?;
+        let writer = stream.try_clone().map_err(|err| format!("QMP: {err}"))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let mut greeting = String::new();
+        qmp.reader
+            .read_line(&mut greeting)
+            .map_err(|err| format!("QMP greeting: {err}"))?;
+        qmp.execute(r#"{"execute": "qmp_capabilities"}"#)?;
+        Ok(qmp)
+    }
+
+    /// Sends one command and returns its `return` line (events in between are skipped).
+    fn execute(&mut self, command: &str) -> Result<String, String> {
+        writeln!(self.writer, "{command}").map_err(|err| format!("QMP {command}: {err}"))?;
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|err| format!("QMP {command}: {err}"))?;
+            if n == 0 {
+                return Err(format!("QMP {command}: QEMU closed the monitor"));
+            }
+            if line.starts_with("{\"return\"") {
+                return Ok(line);
+            }
+            if line.starts_with("{\"error\"") {
+                return Err(format!("QMP {command}: {}", line.trim()));
+            }
+        }
+    }
+}
+
+/// The number after `"key":` in a JSON text (the first occurrence).
+fn json_number(text: &str, key: &str) -> Option<u64> {
+    let pattern = format!("\"{key}\":");
+    let (_, rest) = text.split_once(&pattern)?;
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The string after `"key":` in a JSON text (the first occurrence).
+fn json_string<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\":");
+    let (_, rest) = text.split_once(&pattern)?;
+    let rest = rest.trim_start().strip_prefix('"')?;
+    rest.split_once('"').map(|(value, _)| value)
+}
+
+/// One side of the migration: a backend and a QEMU.
+struct Side {
+    backend: Option<Child>,
+    qemu: Child,
+    qmp: Qmp,
+    console: PathBuf,
+    backend_log: PathBuf,
+}
+
+/// What every side of a boot shares.
+struct Boot<'a> {
+    machine: &'a Machine,
+    backend: &'a Backend,
+    skip_logging: Option<u64>,
+    dir: &'a Path,
+    sockets: &'a Path,
+    image: PathBuf,
+    append: String,
+}
+
+fn spawn_logged(mut command: Command, log: &Path) -> Result<Child, String> {
+    let file =
+        File::create(log).map_err(|err| format!("cannot create {}: {err}", log.display()))?;
+    let copy = file
+        .try_clone()
+        .map_err(|err| format!("cannot dup {}: {err}", log.display()))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(copy));
+    command
+        .spawn()
+        .map_err(|err| format!("cannot start {:?}: {err}", command.get_program()))
+}
+
+/// SIGTERM by PID, then SIGKILL after 5 s.
+fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn read_text(path: &Path) -> String {
+    let mut raw = Vec::new();
+    if let Ok(mut file) = File::open(path) {
+        let _ = file.read_to_end(&mut raw);
+    }
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+impl Boot<'_> {
+    /// Starts side `index`'s backend and QEMU (`incoming`: as the migration destination).
+    fn start(&self, index: u32, incoming: Option<&Path>) -> Result<Side, String> {
+        let socket = self.sockets.join(format!("vu{index}.sock"));
+        let backend_log = self.dir.join(format!("backend-{index}.log"));
+        let mut backend = match self.backend {
+            Backend::Vu(program) => {
+                let mut command = Command::new(program);
+                command.args([
+                    "--socket-path".to_owned(),
+                    socket.display().to_string(),
+                    "--blk-file".to_owned(),
+                    self.image.display().to_string(),
+                ]);
+                if let Some(n) = self.skip_logging {
+                    command.args(["--test-skip-logging".to_owned(), n.to_string()]);
+                }
+                Some(spawn_logged(command, &backend_log)?)
+            }
+            Backend::Qsd => {
+                let mut command = Command::new("qemu-storage-daemon");
+                // Two daemons hold the image at once during a migration: no image locking.
+                command.args([
+                    "--blockdev".to_owned(),
+                    format!(
+                        "driver=file,node-name=file0,filename={},locking=off",
+                        self.image.display()
+                    ),
+                    "--export".to_owned(),
+                    format!(
+                        "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,\
+                         addr.path={},writable=on",
+                        socket.display()
+                    ),
+                ]);
+                Some(spawn_logged(command, &backend_log)?)
+            }
+            Backend::Builtin => return Err("--migrate needs a vhost-user backend".to_owned()),
+        };
+        if let Some(child) = &mut backend {
+            let start = Instant::now();
+            while !socket.exists() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("backend {index} exited before listening: {status}"));
+                }
+                if start.elapsed() > SOCKET_DEADLINE {
+                    stop(child);
+                    return Err(format!("backend {index} did not create its socket"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let console = self.dir.join(format!("console-{index}.log"));
+        let qmp_path = self.sockets.join(format!("qmp{index}.sock"));
+        let mut command = Command::new(&self.machine.qemu);
+        command.args([
+            "-nodefaults".to_owned(),
+            "-no-user-config".to_owned(),
+            "-machine".to_owned(),
+            "q35,accel=tcg".to_owned(),
+            "-cpu".to_owned(),
+            "max".to_owned(),
+            "-smp".to_owned(),
+            "1".to_owned(),
+            "-m".to_owned(),
+            MEMORY.to_owned(),
+            "-object".to_owned(),
+            format!("memory-backend-memfd,id=mem,size={MEMORY},share=on,prealloc=on"),
+            "-numa".to_owned(),
+            "node,memdev=mem".to_owned(),
+            "-chardev".to_owned(),
+            format!("socket,id=char0,path={}", socket.display()),
+            "-device".to_owned(),
+            "vhost-user-blk-pci,chardev=char0,num-queues=1".to_owned(),
+            "-kernel".to_owned(),
+            self.machine.kernel.display().to_string(),
+            "-initrd".to_owned(),
+            self.machine.initrd.display().to_string(),
+            "-append".to_owned(),
+            self.append.clone(),
+            "-display".to_owned(),
+            "none".to_owned(),
+            "-serial".to_owned(),
+            format!("file:{}", console.display()),
+            "-qmp".to_owned(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
+            "-no-reboot".to_owned(),
+        ]);
+        if let Some(path) = incoming {
+            command.args(["-incoming".to_owned(), format!("unix:{}", path.display())]);
+        }
+        let mut qemu = match spawn_logged(command, &self.dir.join(format!("qemu-{index}.log"))) {
+            Ok(qemu) => qemu,
+            Err(err) => {
+                if let Some(child) = &mut backend {
+                    stop(child);
+                }
+                return Err(err);
+            }
+        };
+        let qmp = match Qmp::connect(&qmp_path, &mut qemu) {
+            Ok(qmp) => qmp,
+            Err(err) => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                if let Some(child) = &mut backend {
+                    stop(child);
+                }
+                return Err(err);
+            }
+        };
+        Ok(Side {
+            backend,
+            qemu,
+            qmp,
+            console,
+            backend_log,
+        })
+    }
+}
+
+impl Side {
+    /// Quits QEMU (bounded), then stops the backend; returns the backend's log.
+    fn finish(mut self) -> String {
+        let _ = self.qmp.execute(r#"{"execute": "quit"}"#);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.qemu.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        if let Some(child) = &mut self.backend {
+            stop(child);
+        }
+        read_text(&self.backend_log)
+    }
+
+    /// Kills QEMU without asking, then stops the backend; returns the backend's log.
+    fn kill(mut self) -> String {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        if let Some(child) = &mut self.backend {
+            stop(child);
+        }
+        read_text(&self.backend_log)
+    }
+}
+
+/// The first `VU-E2E-FAIL` line of `consoles`, if any.
+fn guest_failure(consoles: &[PathBuf]) -> Option<String> {
+    consoles.iter().find_map(|path| {
+        read_text(path)
+            .lines()
+            .find(|line| line.contains("VU-E2E-FAIL"))
+            .map(|line| format!("guest: {}", line.trim()))
+    })
+}
+
+/// Waits until `console` holds a line containing `text`; fails early when the guest
+/// reported a failure or QEMU exited.
+fn wait_for_line(
+    side: &mut Side,
+    consoles: &[PathBuf],
+    text: &str,
+    deadline: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if read_text(&side.console).contains(text) {
+            return Ok(());
+        }
+        if let Some(failure) = guest_failure(consoles) {
+            return Err(failure);
+        }
+        if let Ok(Some(status)) = side.qemu.try_wait() {
+            return Err(format!(
+                "QEMU exited ({status}) before the guest printed `{text}`"
+            ));
+        }
+        if start.elapsed() > deadline {
+            return Err(format!(
+                "the guest did not print `{text}` within {} s",
+                deadline.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Migrates `source` to `dest` and returns QEMU's figures.
+fn migrate(source: &mut Side, dest: &mut Side, uri: &Path) -> Result<Migration, String> {
+    source.qmp.execute(&format!(
+        r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-bandwidth": {MAX_BANDWIDTH}}}}}"#
+    ))?;
+    source.qmp.execute(&format!(
+        r#"{{"execute": "migrate", "arguments": {{"uri": "unix:{}"}}}}"#,
+        uri.display()
+    ))?;
+    let start = Instant::now();
+    let info = loop {
+        let info = source.qmp.execute(r#"{"execute": "query-migrate"}"#)?;
+        match json_string(&info, "status") {
+            Some("completed") => break info,
+            Some(status @ ("failed" | "cancelled")) => {
+                return Err(format!("migration {status}: {}", info.trim()));
+            }
+            _ => {}
+        }
+        if start.elapsed() > MIGRATION_DEADLINE {
+            return Err(format!(
+                "migration not completed within {} s: {}",
+                MIGRATION_DEADLINE.as_secs(),
+                info.trim()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The destination runs the guest once it has loaded the state.
+    loop {
+        let status = dest.qmp.execute(r#"{"execute": "query-status"}"#)?;
+        if json_string(&status, "status") == Some("running") {
+            break;
+        }
+        if start.elapsed() > MIGRATION_DEADLINE {
+            return Err(format!("destination not running: {}", status.trim()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Migration {
+        downtime_ms: json_number(&info, "downtime").unwrap_or(0),
+        total_ms: json_number(&info, "total-time").unwrap_or(0),
+        transferred: json_number(&info, "transferred").unwrap_or(0),
+        dirty_syncs: json_number(&info, "dirty-sync-count").unwrap_or(0),
+    })
+}
+
+/// The number before `tag` in the backend's summary line (vu_blk).
+fn summary_count(log: &str, tag: &str) -> u64 {
+    log.lines()
+        .filter_map(|line| line.split_once(tag))
+        .filter_map(|(before, _)| before.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Writes the blk image: zeros, and the host marker in block 0.
+fn prepare_image(image: &Path, nonce: &str) -> Result<(), String> {
+    let mut bytes = vec![0u8; IMAGE_SIZE];
+    let marker = format!("VU-E2E-HOST {nonce}");
+    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
+    std::fs::write(image, &bytes).map_err(|err| format!("cannot write {}: {err}", image.display()))
+}
+
+/// `count` bytes of `line` repeated, as busybox `yes line | head -c count` writes them.
+fn repeated(line: &str, count: usize) -> Vec<u8> {
+    format!("{line}\n").bytes().cycle().take(count).collect()
+}
+
+/// The image after power-off: the final marker and the last rounds' blocks and slots.
+fn check_image(image: &Path, nonce: &str, rounds: u64) -> Result<(), String> {
+    let bytes =
+        std::fs::read(image).map_err(|err| format!("cannot read {}: {err}", image.display()))?;
+    let block = |index: usize| -> &[u8] {
+        let at = index * BLOCK;
+        bytes.get(at..at + BLOCK).unwrap_or(&[])
+    };
+    let holds = |data: &[u8], text: &str| {
+        data.starts_with(text.as_bytes()) && data[text.len()..].iter().all(|&b| b == 0)
+    };
+    let done = format!("VU-MIG-DONE {nonce} {rounds}");
+    if !holds(block(DONE_BLOCK), &done) {
+        return Err(format!("after power-off the image lacks `{done}`"));
+    }
+    for round in rounds.saturating_sub(SLOTS - 1).max(1)..=rounds {
+        let slot = (round % SLOTS) as usize;
+        let mark = format!("VU-MIG-D {nonce} {round}");
+        if !holds(block(DIRECT_SLOTS_AT + slot), &mark) {
+            return Err(format!("after power-off the image lacks `{mark}`"));
+        }
+        let at = BUFFERED_AT + slot * BUFFERED_LEN;
+        let want = repeated(&format!("VU-MIG-B {nonce} {round}"), BUFFERED_LEN);
+        if bytes.get(at..at + BUFFERED_LEN) != Some(&want[..]) {
+            return Err(format!(
+                "after power-off the buffered slot {slot} lacks round {round}'s lines"
+            ));
+        }
+    }
+    for round in rounds.saturating_sub(1).max(1)..=rounds {
+        let at = if round % 2 == 0 { HALF_A_AT } else { HALF_B_AT };
+        let want = repeated(&format!("VU-MIG-P {nonce} {round}"), HALF_LEN);
+        if bytes.get(at..at + HALF_LEN) != Some(&want[..]) {
+            return Err(format!(
+                "after power-off the half at {at:#x} lacks round {round}'s lines"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One boot with [`MIGRATIONS`] migrations; the report says how it went.
+fn run_boot(
+    machine: &Machine,
+    backend: &Backend,
+    skip_logging: Option<u64>,
+    dir: &Path,
+) -> Result<Report, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let sockets = std::env::temp_dir().join(format!("vu-mig-{:08x}", fresh_u64() as u32));
+    std::fs::create_dir(&sockets)
+        .map_err(|err| format!("cannot create {}: {err}", sockets.display()))?;
+    let result = run_boot_in(machine, backend, skip_logging, dir, &sockets);
+    let _ = std::fs::remove_dir_all(&sockets);
+    result
+}
+
+fn run_boot_in(
+    machine: &Machine,
+    backend: &Backend,
+    skip_logging: Option<u64>,
+    dir: &Path,
+    sockets: &Path,
+) -> Result<Report, String> {
+    let nonce = format!("{:016x}", fresh_u64());
+    let image = dir.join("disk.img");
+    prepare_image(&image, &nonce)?;
+    let boot = Boot {
+        machine,
+        backend,
+        skip_logging,
+        dir,
+        sockets,
+        image: image.clone(),
+        // init_on_alloc=0: Debian's kernel zeroes every page it allocates, page-cache pages
+        // included, so each page the device is about to fill was just written by the guest's
+        // CPU, which QEMU tracks itself: QEMU would resend the page after the device's write
+        // whether or not the backend logged it, and the test could not see a missing log bit.
+        append: format!(
+            "console=ttyS0 panic=-1 quiet init_on_alloc=0 e2e.test=migrate e2e.nonce={nonce}"
+        ),
+    };
+    let mut report = Report::default();
+    let start = Instant::now();
+    let mut consoles = Vec::new();
+    let mut side = boot.start(0, None)?;
+    consoles.push(side.console.clone());
+    if let Err(failure) = wait_for_line(
+        &mut side,
+        &consoles,
+        &format!("VU-MIG-READY {nonce}"),
+        READY_DEADLINE,
+    ) {
+        side.kill();
+        report.failure = Some(failure);
+        return Ok(report);
+    }
+    let mut backend_logs = String::new();
+    let result = migrate_and_stop(
+        &boot,
+        &nonce,
+        side,
+        &mut consoles,
+        &mut backend_logs,
+        &mut report,
+    );
+    report.seconds = start.elapsed().as_secs_f64();
+    report.logged_pages = summary_count(&backend_logs, "pages of read data");
+    report.unlogged_reads = summary_count(&backend_logs, "reads not logged");
+    let console = match result {
+        Ok(console) => console,
+        Err(failure) => {
+            report.failure = Some(failure);
+            return Ok(report);
+        }
+    };
+    let pass = format!("VU-E2E-PASS migrate {nonce} rounds=");
+    report.rounds = console
+        .lines()
+        .find_map(|line| line.split_once(&pass))
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0);
+    report.failure = guest_failure(&consoles)
+        .map_or_else(|| check_image(&image, &nonce, report.rounds), Err)
+        .err();
+    Ok(report)
+}
+
+/// The migrations from `side` on, then the stop word and the guest's final checks; returns
+/// the last console's text, or why the boot failed. Every process is gone when it returns;
+/// their backends' logs are appended to `backend_logs`.
+fn migrate_and_stop(
+    boot: &Boot<'_>,
+    nonce: &str,
+    mut side: Side,
+    consoles: &mut Vec<PathBuf>,
+    backend_logs: &mut String,
+    report: &mut Report,
+) -> Result<String, String> {
+    let sockets = boot.sockets;
+    for index in 1..=MIGRATIONS {
+        let uri = sockets.join(format!("mig{index}.sock"));
+        let mut dest = match boot.start(index, Some(&uri)) {
+            Ok(dest) => dest,
+            Err(err) => {
+                backend_logs.push_str(&side.kill());
+                return Err(err);
+            }
+        };
+        consoles.push(dest.console.clone());
+        match migrate(&mut side, &mut dest, &uri) {
+            Ok(migration) => report.migrations.push(migration),
+            Err(failure) => {
+                backend_logs.push_str(&side.kill());
+                backend_logs.push_str(&dest.kill());
+                return Err(guest_failure(consoles).unwrap_or(failure));
+            }
+        }
+        backend_logs.push_str(&side.finish());
+        side = dest;
+        // Each QEMU has its own console file: a round line on this one is a round the guest
+        // finished on the destination.
+        let next = format!("VU-MIG-ROUND {nonce} ");
+        if let Err(failure) = wait_for_line(&mut side, consoles, &next, PROGRESS_DEADLINE) {
+            backend_logs.push_str(&side.kill());
+            return Err(failure);
+        }
+    }
+    let stop_word = format!("VU-MIG-STOP {nonce}");
+    let mut control = vec![0u8; BLOCK];
+    control[..stop_word.len()].copy_from_slice(stop_word.as_bytes());
+    let written = File::options()
+        .write(true)
+        .open(&boot.image)
+        .and_then(|file| file.write_all_at(&control, CONTROL_BLOCK * BLOCK as u64));
+    if let Err(err) = written {
+        backend_logs.push_str(&side.kill());
+        return Err(format!("cannot write the control block: {err}"));
+    }
+    let pass = format!("VU-E2E-PASS migrate {nonce} rounds=");
+    let waited = wait_for_line(&mut side, consoles, &pass, PROGRESS_DEADLINE);
+    // The guest powers off after its verdict.
+    let exit_start = Instant::now();
+    while exit_start.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(_)) = side.qemu.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let console = read_text(&side.console);
+    backend_logs.push_str(&side.finish());
+    waited.map(|()| console)
+}
+
+/// What a run of boots produced.
+#[derive(Debug, Default)]
+struct Summary {
+    boots: u32,
+    passes: u32,
+    /// Failures the guest found in the data it read (`VU-E2E-FAIL migrate data:`).
+    data_failures: u32,
+    migrations: Vec<Migration>,
+    logged_pages: u64,
+    unlogged_reads: u64,
+    seconds: Vec<f64>,
+}
+
+fn percentile(values: &[u64], pct: usize) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .get((sorted.len().saturating_sub(1)) * pct / 100)
+        .copied()
+        .unwrap_or(0)
+}
+
+impl Summary {
+    fn line(&self, name: &str) -> String {
+        let downtimes: Vec<u64> = self.migrations.iter().map(|m| m.downtime_ms).collect();
+        let totals: Vec<u64> = self.migrations.iter().map(|m| m.total_ms).collect();
+        let syncs: Vec<u64> = self.migrations.iter().map(|m| m.dirty_syncs).collect();
+        let mib: u64 = self.migrations.iter().map(|m| m.transferred).sum::<u64>() >> 20;
+        format!(
+            "{name}: {}/{} boots passed ({} data mismatches found by the guest); {} migrations; \
+             downtime ms median {} max {}; total ms median {} max {}; dirty syncs median {}; \
+             {mib} MiB sent; {} pages of read data written while logging, {} reads not logged",
+            self.passes,
+            self.boots,
+            self.data_failures,
+            self.migrations.len(),
+            percentile(&downtimes, 50),
+            percentile(&downtimes, 100),
+            percentile(&totals, 50),
+            percentile(&totals, 100),
+            percentile(&syncs, 50),
+            self.logged_pages,
+            self.unlogged_reads,
+        )
+    }
+}
+
+/// Runs `options.boots` boots, printing one line each.
+fn run(options: &Options) -> Result<Summary, String> {
+    let backend_name = if options.qsd { "qsd" } else { "vu" };
+    let machine = prepare(
+        &[Run {
+            device: Device::Blk,
+            backend: backend_name,
+            queues: 1,
+            cpus: 1,
+        }],
+        false,
+    )?;
+    let backend = if options.qsd {
+        Backend::Qsd
+    } else {
+        Backend::Vu(build_vu_backend(Device::Blk, false)?)
+    };
+    let name = match options.skip_logging {
+        Some(n) => format!("migrate-{backend_name}-skip{n}"),
+        None => format!("migrate-{backend_name}"),
+    };
+    let mut summary = Summary::default();
+    for index in 0..options.boots {
+        let dir = PathBuf::from("target/e2e/runs")
+            .join(&name)
+            .join(format!("boot-{index:02}"));
+        let report = run_boot(&machine, &backend, options.skip_logging, &dir)?;
+        summary.boots += 1;
+        summary.seconds.push(report.seconds);
+        summary.logged_pages += report.logged_pages;
+        summary.unlogged_reads += report.unlogged_reads;
+        let downtimes: Vec<String> = report
+            .migrations
+            .iter()
+            .map(|m| m.downtime_ms.to_string())
+            .collect();
+        match &report.failure {
+            None => {
+                summary.passes += 1;
+                eprintln!(
+                    "    boot {index}: pass in {:.1} s: {} migrations (downtime ms {}), {} \
+                     guest rounds",
+                    report.seconds,
+                    report.migrations.len(),
+                    downtimes.join(" "),
+                    report.rounds
+                );
+            }
+            Some(reason) => {
+                if reason.contains("VU-E2E-FAIL migrate data:") {
+                    summary.data_failures += 1;
+                }
+                eprintln!(
+                    "    boot {index}: FAIL after {} migrations: {reason} (logs in {})",
+                    report.migrations.len(),
+                    dir.display()
+                );
+            }
+        }
+        summary.migrations.extend(report.migrations);
+    }
+    eprintln!("    {}", summary.line(&name));
+    Ok(summary)
+}
+
+/// `cargo xtask e2e --migrate ...`.
+pub(crate) fn main(args: &[String]) -> ExitCode {
+    if args.iter().any(|arg| arg == "-h" || arg == "--help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let options = match parse(args) {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("xtask e2e --migrate: {err}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(summary) if summary.passes == summary.boots => ExitCode::SUCCESS,
+        Ok(summary) => {
+            eprintln!(
+                "xtask e2e --migrate: FAILED: {}/{} boots passed",
+                summary.passes, summary.boots
+            );
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("xtask e2e --migrate: FAILED: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The migration runs of `cargo xtask ci`: `vu_blk` ([`CI_BOOTS`] boots, all must pass),
+/// qemu-storage-daemon (the reference), and the broken `vu_blk`, every boot of which must
+/// fail with a data mismatch the guest found.
+pub(crate) fn ci_step() -> Result<(), String> {
+    let mut problems = Vec::new();
+    let runs = [
+        Options {
+            qsd: false,
+            boots: CI_BOOTS,
+            skip_logging: None,
+        },
+        Options {
+            qsd: true,
+            boots: CI_REFERENCE_BOOTS,
+            skip_logging: None,
+        },
+    ];
+    for options in runs {
+        eprintln!("==> e2e: migration, {}", describe(&options));
+        match run(&options) {
+            Ok(summary) if summary.passes == summary.boots => {}
+            Ok(summary) => problems.push(format!(
+                "{}: {}/{} boots passed",
+                describe(&options),
+                summary.passes,
+                summary.boots
+            )),
+            Err(err) => problems.push(err),
+        }
+    }
+    let broken = Options {
+        qsd: false,
+        boots: CI_REFERENCE_BOOTS,
+        skip_logging: Some(CI_SKIP_LOGGING),
+    };
+    eprintln!(
+        "==> e2e: migration, {} (broken on purpose: every boot must fail)",
+        describe(&broken)
+    );
+    match run(&broken) {
+        Ok(summary) if summary.data_failures == summary.boots => {}
+        Ok(summary) => problems.push(format!(
+            "the broken vu_blk was caught in {}/{} boots: the migration test cannot see \
+             unlogged writes",
+            summary.data_failures, summary.boots
+        )),
+        Err(err) => problems.push(err),
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn describe(options: &Options) -> String {
+    let mut line = format!(
+        "cargo xtask e2e --migrate --backend {} --boots {}",
+        if options.qsd { "qsd" } else { "vu" },
+        options.boots
+    );
+    if let Some(n) = options.skip_logging {
+        line.push_str(&format!(" --skip-logging {n}"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn options_are_parsed() {
+        let options = parse(&words("--migrate --backend qsd --boots 3")).unwrap();
+        assert_eq!(
+            options,
+            Options {
+                qsd: true,
+                boots: 3,
+                skip_logging: None
+            }
+        );
+        let options = parse(&words("--migrate --skip-logging 4")).unwrap();
+        assert_eq!(options.skip_logging, Some(4));
+        assert!(parse(&words("--backend qsd --skip-logging 2")).is_err());
+        assert!(parse(&words("--backend qemu")).is_err());
+        assert!(parse(&words("--boots 0")).is_err());
+    }
+
+    #[test]
+    fn query_migrate_figures_are_read() {
+        let info = r#"{"return": {"status": "completed", "setup-time": 2, "downtime": 17, "total-time": 1834, "ram": {"transferred": 9876543, "dirty-sync-count": 4}}}"#;
+        assert_eq!(json_string(info, "status"), Some("completed"));
+        assert_eq!(json_number(info, "downtime"), Some(17));
+        assert_eq!(json_number(info, "total-time"), Some(1834));
+        assert_eq!(json_number(info, "transferred"), Some(9876543));
+        assert_eq!(json_number(info, "dirty-sync-count"), Some(4));
+        assert_eq!(json_number(info, "missing"), None);
+    }
+
+    #[test]
+    fn backend_summaries_are_added_up() {
+        let log = "[INFO] served 9 requests: ...; 120 pages of read data written while \
+                   logging, 3 reads not logged\n[INFO] served 2 requests: ...; 5 pages of read \
+                   data written while logging, 0 reads not logged\n";
+        assert_eq!(summary_count(log, "pages of read data"), 125);
+        assert_eq!(summary_count(log, "reads not logged"), 3);
+    }
+
+    #[test]
+    fn percentiles_of_a_few_values() {
+        assert_eq!(percentile(&[30, 10, 20], 50), 20);
+        assert_eq!(percentile(&[30, 10, 20], 100), 30);
+        assert_eq!(percentile(&[], 50), 0);
+    }
+}
