@@ -20,6 +20,10 @@
 //! e2e test of the test: the data of every Nth read is copied into the guest without marking
 //! the log.
 //!
+//! It carries its state across a migration with `SET_DEVICE_STATE_FD` (protocol feature
+//! `DEVICE_STATE`; QEMU 7.2 does not send it): its geometry, which the destination checks
+//! against its own, and its request counters.
+//!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
 //! stdout), no daemonizing, a clean exit on SIGTERM or SIGINT, logs on stderr.
@@ -33,7 +37,7 @@
 //! `cargo xtask e2e` boots a Linux guest against it (docs/e2e.md).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,7 +46,8 @@ use std::sync::Mutex;
 
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
-use vu_backend::LogBitmap;
+use vu_backend::vu_daemon::device_state::StateTransfer;
+use vu_backend::{LogBitmap, TransferDirection, TransferPhase};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
@@ -174,7 +179,12 @@ struct BlkBackend {
     logging: AtomicBool,
     /// Test only (`--test-skip-logging N`): the data of every Nth read bypasses the log.
     skip_logging: Option<u64>,
+    /// The device state transfer under way (`SET_DEVICE_STATE_FD`).
+    transfer: StateTransfer,
 }
+
+/// The first bytes of vu_blk's device state, with its format version.
+const STATE_MAGIC: &[u8; 8] = b"VUBLK\0\0\x01";
 
 /// What the device has served, for the log line it writes when it stops.
 #[derive(Debug, Default)]
@@ -197,6 +207,19 @@ struct Stats {
 impl Stats {
     fn count(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The counters carried by the device state, in their order there.
+    fn carried(&self) -> [&AtomicU64; 7] {
+        [
+            &self.reads,
+            &self.read_bytes,
+            &self.writes,
+            &self.written_bytes,
+            &self.flushes,
+            &self.others,
+            &self.errors,
+        ]
     }
 
     /// One line: `served N requests: R reads (B bytes), W writes (B bytes), F flushes, ...`.
@@ -284,7 +307,7 @@ fn gather<G: GuestMemory + ?Sized>(
 
 /// How `scatter` writes guest memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Write {
+enum GuestWrite {
     /// Through `GuestMemory`, which marks the dirty log while the frontend logs.
     Logged,
     /// Test only: through a second view of the same bytes that has no bitmap.
@@ -296,7 +319,7 @@ fn scatter(
     mem: &Mem,
     list: &[(GuestAddress, usize)],
     data: &[u8],
-    how: Write,
+    how: GuestWrite,
 ) -> Result<(), String> {
     let mut done = 0;
     for &(addr, len) in list {
@@ -306,8 +329,8 @@ fn scatter(
         let take = len.min(data.len() - done);
         let chunk = &data[done..done + take];
         let written = match how {
-            Write::Logged => mem.write_slice(chunk, addr).map_err(|err| err.to_string()),
-            Write::Unlogged => write_unlogged(mem, chunk, addr),
+            GuestWrite::Logged => mem.write_slice(chunk, addr).map_err(|err| err.to_string()),
+            GuestWrite::Unlogged => write_unlogged(mem, chunk, addr),
         };
         written.map_err(|err| format!("writing guest memory at {addr:#x?}: {err}"))?;
         done += take;
@@ -405,7 +428,7 @@ impl BlkBackend {
                 let mut id = [0u8; ID_LEN];
                 id[..DEVICE_ID.len()].copy_from_slice(DEVICE_ID);
                 let len = in_len.min(ID_LEN);
-                scatter(mem, &segments.writable, &id[..len], Write::Logged)?;
+                scatter(mem, &segments.writable, &id[..len], GuestWrite::Logged)?;
                 Stats::count(&self.stats.others, 1);
                 Ok((VIRTIO_BLK_S_OK, len))
             }
@@ -419,9 +442,9 @@ impl BlkBackend {
 
     /// How the data of a read goes into the guest, counting the pages it touches while the
     /// frontend logs.
-    fn read_write_mode(&self, writable: &[(GuestAddress, usize)], len: usize) -> Write {
+    fn read_write_mode(&self, writable: &[(GuestAddress, usize)], len: usize) -> GuestWrite {
         if !self.logging.load(Ordering::Relaxed) {
-            return Write::Logged;
+            return GuestWrite::Logged;
         }
         let mut left = len as u64;
         let mut pages = 0;
@@ -440,9 +463,9 @@ impl BlkBackend {
         match self.skip_logging {
             Some(n) if reads % n == 0 => {
                 Stats::count(&self.stats.unlogged_reads, 1);
-                Write::Unlogged
+                GuestWrite::Unlogged
             }
-            _ => Write::Logged,
+            _ => GuestWrite::Logged,
         }
     }
 
@@ -480,6 +503,60 @@ impl BlkBackend {
             return 0;
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The device state: magic, capacity, read-only flag, queue count, then the counters,
+    /// little-endian.
+    fn save_state(&self, out: &mut dyn Write) -> io::Result<()> {
+        out.write_all(STATE_MAGIC)?;
+        out.write_all(&self.capacity.to_le_bytes())?;
+        out.write_all(&[u8::from(self.read_only)])?;
+        out.write_all(&self.num_queues.to_le_bytes())?;
+        for counter in self.stats.carried() {
+            out.write_all(&counter.load(Ordering::Relaxed).to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Restores what [`save_state`](Self::save_state) wrote, after checking that it comes
+    /// from a device of the same geometry and that nothing follows it.
+    fn load_state(&self, input: &mut dyn Read) -> io::Result<()> {
+        fn u64_of(input: &mut dyn Read) -> io::Result<u64> {
+            let mut bytes = [0u8; 8];
+            input.read_exact(&mut bytes)?;
+            Ok(u64::from_le_bytes(bytes))
+        }
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        if &magic != STATE_MAGIC {
+            return Err(invalid(format!("not a vu_blk state: {magic:02x?}")));
+        }
+        let capacity = u64_of(input)?;
+        let mut flag = [0u8; 1];
+        input.read_exact(&mut flag)?;
+        let mut queues = [0u8; 2];
+        input.read_exact(&mut queues)?;
+        let (read_only, num_queues) = (flag[0] != 0, u16::from_le_bytes(queues));
+        if (capacity, read_only, num_queues) != (self.capacity, self.read_only, self.num_queues) {
+            return Err(invalid(format!(
+                "the source had {capacity} bytes, read-only {read_only}, {num_queues} queues; \
+                 this device has {}, {}, {}",
+                self.capacity, self.read_only, self.num_queues
+            )));
+        }
+        let mut values = [0u64; 7];
+        for value in &mut values {
+            *value = u64_of(input)?;
+        }
+        if input.read(&mut [0u8; 1])? != 0 {
+            return Err(invalid("trailing bytes after the device state".to_owned()));
+        }
+        for (counter, value) in self.stats.carried().into_iter().zip(values) {
+            counter.store(value, Ordering::Relaxed);
+        }
+        log::info!("device state loaded: {}", self.stats.summary());
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -545,6 +622,7 @@ impl VhostUserBackend for BlkBackend {
             | ProtocolFeatures::CONFIG
             | ProtocolFeatures::INFLIGHT_SHMFD
             | ProtocolFeatures::LOG_SHMFD
+            | ProtocolFeatures::DEVICE_STATE
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -567,6 +645,20 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
         // Each descriptor chain carries the memory it was read from; nothing to keep here.
         Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: TransferDirection,
+        _phase: TransferPhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        self.transfer
+            .start(direction, file, |out| self.save_state(out))
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.transfer.finish(|input| self.load_state(input))
     }
 
     /// One worker thread per queue, so that queues are served in parallel.
@@ -714,6 +806,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         stats: Stats::default(),
         logging: AtomicBool::new(false),
         skip_logging: args.skip_logging,
+        transfer: StateTransfer::new(),
     };
     let mut daemon = VhostUserDaemon::new(
         "vu_blk".to_owned(),
@@ -754,4 +847,137 @@ fn main() -> ExitCode {
         |args| &args.conventions,
         run,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device state round trip, driven by vu-proto's frontend over real sockets: a source
+    //! and a destination vu_blk, each served by its own daemon.
+
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    use vu_backend::vu_proto::frontend::Frontend;
+    use vu_backend::vu_proto::payload::DeviceStateTransfer;
+    use vu_backend::vu_proto::socket::Endpoint;
+
+    use super::*;
+
+    fn device(capacity: u64) -> BlkBackend {
+        BlkBackend {
+            storage: Storage::Memory(Mutex::new(vec![0; capacity as usize])),
+            capacity,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 256,
+            stats: Stats::default(),
+            logging: AtomicBool::new(false),
+            skip_logging: None,
+            transfer: StateTransfer::new(),
+        }
+    }
+
+    /// A daemon serving `backend` on one end of a socket pair, and a frontend on the other
+    /// that negotiated DEVICE_STATE.
+    fn serve(backend: BlkBackend) -> (VhostUserDaemon<BlkBackend>, Frontend) {
+        let mut daemon = VhostUserDaemon::new(
+            "vu_blk-test".to_owned(),
+            backend,
+            GuestMemoryAtomic::new(Mem::new()),
+        )
+        .unwrap();
+        let (ours, theirs) = Endpoint::pair().unwrap();
+        daemon.start_connection(ours).unwrap();
+        let mut frontend = Frontend::new(theirs);
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_protocol_features().unwrap();
+        assert!(offered.contains(ProtocolFeatures::DEVICE_STATE));
+        frontend
+            .set_protocol_features(ProtocolFeatures::DEVICE_STATE | ProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        (daemon, frontend)
+    }
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two fds pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe {
+            (
+                File::from(OwnedFd::from_raw_fd(fds[0])),
+                File::from(OwnedFd::from_raw_fd(fds[1])),
+            )
+        }
+    }
+
+    /// Saves the state of the source through its frontend, as QEMU would on the source side.
+    fn save(frontend: &mut Frontend) -> Vec<u8> {
+        let (mut read, write) = pipe();
+        let transfer = DeviceStateTransfer {
+            direction: TransferDirection::Save,
+            phase: TransferPhase::Stopped,
+        };
+        let own = frontend
+            .set_device_state_fd(transfer, write.as_fd())
+            .unwrap();
+        assert!(own.is_none());
+        drop(write);
+        let mut state = Vec::new();
+        read.read_to_end(&mut state).unwrap();
+        frontend.check_device_state().unwrap();
+        state
+    }
+
+    /// Loads `state` into the destination; returns what CHECK_DEVICE_STATE said.
+    fn load(frontend: &mut Frontend, state: &[u8]) -> bool {
+        let (read, mut write) = pipe();
+        let transfer = DeviceStateTransfer {
+            direction: TransferDirection::Load,
+            phase: TransferPhase::Stopped,
+        };
+        frontend
+            .set_device_state_fd(transfer, read.as_fd())
+            .unwrap();
+        drop(read);
+        write.write_all(state).unwrap();
+        drop(write);
+        frontend.check_device_state().is_ok()
+    }
+
+    #[test]
+    fn the_device_state_round_trips_between_two_backends() {
+        let source = device(1 << 20);
+        source.stats.reads.store(17, Ordering::Relaxed);
+        source.stats.written_bytes.store(4096, Ordering::Relaxed);
+        source.stats.errors.store(2, Ordering::Relaxed);
+        let (_source_daemon, mut source_frontend) = serve(source);
+        let state = save(&mut source_frontend);
+
+        let (dest_daemon, mut dest_frontend) = serve(device(1 << 20));
+        assert!(load(&mut dest_frontend, &state));
+        let stats = &dest_daemon.backend().stats;
+        assert_eq!(stats.reads.load(Ordering::Relaxed), 17);
+        assert_eq!(stats.written_bytes.load(Ordering::Relaxed), 4096);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_state_from_a_disk_of_another_size_is_refused() {
+        let (_source_daemon, mut source_frontend) = serve(device(1 << 20));
+        let state = save(&mut source_frontend);
+        let (_dest_daemon, mut dest_frontend) = serve(device(2 << 20));
+        assert!(!load(&mut dest_frontend, &state));
+    }
+
+    #[test]
+    fn a_truncated_or_padded_state_is_refused() {
+        let (_source_daemon, mut source_frontend) = serve(device(1 << 20));
+        let state = save(&mut source_frontend);
+        let (_dest_daemon, mut dest_frontend) = serve(device(1 << 20));
+        assert!(!load(&mut dest_frontend, &state[..state.len() - 1]));
+        let mut padded = state.clone();
+        padded.push(0);
+        assert!(!load(&mut dest_frontend, &padded));
+        assert!(load(&mut dest_frontend, &state));
+    }
 }

@@ -49,6 +49,7 @@ mod control;
 pub mod conventions;
 pub mod daemon;
 mod daemon_error;
+pub mod device_state;
 pub mod epoll;
 pub mod error;
 /// Fuzz target bodies (see `tests/fuzz`); not part of the API.
