@@ -41,8 +41,13 @@
 //!    `SET_LOG_FD` → [`set_log_fd`](GuestMemoryManager::set_log_fd); `SET_FEATURES` with or
 //!    without `VHOST_F_LOG_ALL` → [`set_logging`](GuestMemoryManager::set_logging). Writes
 //!    through guest memory are then logged by themselves; ring code marks used-ring writes
-//!    of rings with `VHOST_VRING_F_LOG` with [`DirtyLog::mark_dirty`] and calls
-//!    [`DirtyLog::notify_changed`] once per batch.
+//!    of rings with `VHOST_VRING_F_LOG` at their `log_guest_addr` with
+//!    [`DirtyLog::mark_dirty`] and calls [`DirtyLog::notify_changed`] once per batch.
+//!    Postcopy splits a table change in two: [`prepare_table`](GuestMemoryManager::prepare_table)
+//!    (or [`prepare_add_region`](GuestMemoryManager::prepare_add_region)) maps the regions
+//!    without publishing them, so they can be registered with the userfaultfd, and
+//!    [`publish`](GuestMemoryManager::publish) makes them visible once the frontend
+//!    acknowledged their addresses.
 //! 5. `RESET_OWNER` or disconnect → [`reset`](GuestMemoryManager::reset).
 //!
 //! # Why the bitmap is generic, and what it may be
@@ -51,8 +56,9 @@
 //! daemon and its user name the memory type (`GuestMemoryMmap<B>`) in their own signatures,
 //! so `B` has to be a parameter somewhere; `()` gives a backend without migration support
 //! and no per-write cost at all, and a device that wants its own tracking as well can write a
-//! bitmap that also forwards to the shared [`DirtyLog`]. `RegionBitmap` adds one method to
-//! vm-memory's `NewBitmap`: vm-memory creates bitmaps knowing only a length (in Xen mode
+//! bitmap that also forwards to the shared [`DirtyLog`]. `RegionBitmap` adds a constant,
+//! [`LOGS_WRITES`](RegionBitmap::LOGS_WRITES) (the daemon offers live migration only when
+//! it is true), and one method to vm-memory's `NewBitmap`: vm-memory creates bitmaps knowing only a length (in Xen mode
 //! there is no other way), so the manager binds each one to its region's guest address and
 //! the log after mapping and before publishing.
 
