@@ -27,6 +27,7 @@ mod progress;
 mod migrate;
 mod provision;
 mod stress;
+mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -20,14 +20,14 @@
 //! run to fail with a data mismatch found by the guest.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use super::boot::{fresh_u64, Backend, Device, Machine};
+use super::qmp::{json_number, json_string, Qmp};
 use super::{build_vu_backend, prepare, Run};
 
 /// Migrations per boot: there, back, and there again.
@@ -169,89 +169,9 @@ struct Report {
     unlogged_reads: u64,
 }
 
-/// A QMP connection.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects once QEMU created the socket, and leaves capabilities negotiation mode.
-    fn connect(path: &Path, qemu: &mut Child) -> Result<Qmp, String> {
-        let start = Instant::now();
-        let stream = loop {
-            if let Ok(stream) = UnixStream::connect(path) {
-                break stream;
-            }
-            if let Ok(Some(status)) = qemu.try_wait() {
-                return Err(format!("QEMU exited before its monitor was up: {status}"));
-            }
-            if start.elapsed() > SOCKET_DEADLINE {
-                return Err(format!("no QMP socket at {} in time", path.display()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .map_err(|err| format!("QMP: {err}"))?;
-        let writer = stream.try_clone().map_err(|err| format!("QMP: {err}"))?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        let mut greeting = String::new();
-        qmp.reader
-            .read_line(&mut greeting)
-            .map_err(|err| format!("QMP greeting: {err}"))?;
-        qmp.execute(r#"{"execute": "qmp_capabilities"}"#)?;
-        Ok(qmp)
-    }
-
-    /// Sends one command and returns its `return` line (events in between are skipped).
-    fn execute(&mut self, command: &str) -> Result<String, String> {
-        writeln!(self.writer, "{command}").map_err(|err| format!("QMP {command}: {err}"))?;
-        loop {
-            let mut line = String::new();
-            let n = self
-                .reader
-                .read_line(&mut line)
-                .map_err(|err| format!("QMP {command}: {err}"))?;
-            if n == 0 {
-                return Err(format!("QMP {command}: QEMU closed the monitor"));
-            }
-            if line.starts_with("{\"return\"") {
-                return Ok(line);
-            }
-            if line.starts_with("{\"error\"") {
-                return Err(format!("QMP {command}: {}", line.trim()));
-            }
-        }
-    }
-}
-
-/// The number after `"key":` in a JSON text (the first occurrence).
-fn json_number(text: &str, key: &str) -> Option<u64> {
-    let pattern = format!("\"{key}\":");
-    let (_, rest) = text.split_once(&pattern)?;
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-/// The string after `"key":` in a JSON text (the first occurrence).
-fn json_string<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let pattern = format!("\"{key}\":");
-    let (_, rest) = text.split_once(&pattern)?;
-    let rest = rest.trim_start().strip_prefix('"')?;
-    rest.split_once('"').map(|(value, _)| value)
-}
-
 /// One side of the migration: a backend and a QEMU.
 struct Side {
-    backend: Option<Child>,
+    backend: Child,
     qemu: Child,
     qmp: Qmp,
     console: PathBuf,
@@ -312,11 +232,9 @@ fn read_text(path: &Path) -> String {
 }
 
 impl Boot<'_> {
-    /// Starts side `index`'s backend and QEMU (`incoming`: as the migration destination).
-    fn start(&self, index: u32, incoming: Option<&Path>) -> Result<Side, String> {
-        let socket = self.sockets.join(format!("vu{index}.sock"));
-        let backend_log = self.dir.join(format!("backend-{index}.log"));
-        let mut backend = match self.backend {
+    /// The backend's command line on `socket`.
+    fn backend_command(&self, socket: &Path) -> Result<Command, String> {
+        match self.backend {
             Backend::Vu(program) => {
                 let mut command = Command::new(program);
                 command.args([
@@ -328,7 +246,7 @@ impl Boot<'_> {
                 if let Some(n) = self.skip_logging {
                     command.args(["--test-skip-logging".to_owned(), n.to_string()]);
                 }
-                Some(spawn_logged(command, &backend_log)?)
+                Ok(command)
             }
             Backend::Qsd => {
                 let mut command = Command::new("qemu-storage-daemon");
@@ -346,25 +264,20 @@ impl Boot<'_> {
                         socket.display()
                     ),
                 ]);
-                Some(spawn_logged(command, &backend_log)?)
+                Ok(command)
             }
-            Backend::Builtin => return Err("--migrate needs a vhost-user backend".to_owned()),
-        };
-        if let Some(child) = &mut backend {
-            let start = Instant::now();
-            while !socket.exists() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("backend {index} exited before listening: {status}"));
-                }
-                if start.elapsed() > SOCKET_DEADLINE {
-                    stop(child);
-                    return Err(format!("backend {index} did not create its socket"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            Backend::Builtin => Err("--migrate needs a vhost-user backend".to_owned()),
         }
-        let console = self.dir.join(format!("console-{index}.log"));
-        let qmp_path = self.sockets.join(format!("qmp{index}.sock"));
+    }
+
+    /// QEMU's command line: the same on both sides, plus `-incoming` on the destination.
+    fn qemu_command(
+        &self,
+        socket: &Path,
+        console: &Path,
+        qmp: &Path,
+        incoming: Option<&Path>,
+    ) -> Command {
         let mut command = Command::new(&self.machine.qemu);
         command.args([
             "-nodefaults".to_owned(),
@@ -396,39 +309,57 @@ impl Boot<'_> {
             "-serial".to_owned(),
             format!("file:{}", console.display()),
             "-qmp".to_owned(),
-            format!("unix:{},server=on,wait=off", qmp_path.display()),
+            format!("unix:{},server=on,wait=off", qmp.display()),
             "-no-reboot".to_owned(),
         ]);
         if let Some(path) = incoming {
             command.args(["-incoming".to_owned(), format!("unix:{}", path.display())]);
         }
-        let mut qemu = match spawn_logged(command, &self.dir.join(format!("qemu-{index}.log"))) {
+        command
+    }
+
+    /// Starts side `index`'s backend and QEMU (`incoming`: as the migration destination).
+    fn start(&self, index: u32, incoming: Option<&Path>) -> Result<Side, String> {
+        let socket = self.sockets.join(format!("vu{index}.sock"));
+        let backend_log = self.dir.join(format!("backend-{index}.log"));
+        let mut backend = spawn_logged(self.backend_command(&socket)?, &backend_log)?;
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(status)) = backend.try_wait() {
+                return Err(format!("backend {index} exited before listening: {status}"));
+            }
+            if start.elapsed() > SOCKET_DEADLINE {
+                stop(&mut backend);
+                return Err(format!("backend {index} did not create its socket"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let console = self.dir.join(format!("console-{index}.log"));
+        let qmp_path = self.sockets.join(format!("qmp{index}.sock"));
+        let command = self.qemu_command(&socket, &console, &qmp_path, incoming);
+        let qemu_log = self.dir.join(format!("qemu-{index}.log"));
+        let mut qemu = match spawn_logged(command, &qemu_log) {
             Ok(qemu) => qemu,
             Err(err) => {
-                if let Some(child) = &mut backend {
-                    stop(child);
-                }
+                stop(&mut backend);
                 return Err(err);
             }
         };
-        let qmp = match Qmp::connect(&qmp_path, &mut qemu) {
-            Ok(qmp) => qmp,
+        match Qmp::connect(&qmp_path, &mut qemu) {
+            Ok(qmp) => Ok(Side {
+                backend,
+                qemu,
+                qmp,
+                console,
+                backend_log,
+            }),
             Err(err) => {
                 let _ = qemu.kill();
                 let _ = qemu.wait();
-                if let Some(child) = &mut backend {
-                    stop(child);
-                }
-                return Err(err);
+                stop(&mut backend);
+                Err(err)
             }
-        };
-        Ok(Side {
-            backend,
-            qemu,
-            qmp,
-            console,
-            backend_log,
-        })
+        }
     }
 }
 
@@ -445,9 +376,7 @@ impl Side {
         }
         let _ = self.qemu.kill();
         let _ = self.qemu.wait();
-        if let Some(child) = &mut self.backend {
-            stop(child);
-        }
+        stop(&mut self.backend);
         read_text(&self.backend_log)
     }
 
@@ -455,9 +384,7 @@ impl Side {
     fn kill(mut self) -> String {
         let _ = self.qemu.kill();
         let _ = self.qemu.wait();
-        if let Some(child) = &mut self.backend {
-            stop(child);
-        }
+        stop(&mut self.backend);
         read_text(&self.backend_log)
     }
 }
@@ -1014,17 +941,6 @@ mod tests {
         assert!(parse(&words("--backend qsd --skip-logging 2")).is_err());
         assert!(parse(&words("--backend qemu")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
-    }
-
-    #[test]
-    fn query_migrate_figures_are_read() {
-        let info = r#"{"return": {"status": "completed", "setup-time": 2, "downtime": 17, "total-time": 1834, "ram": {"transferred": 9876543, "dirty-sync-count": 4}}}"#;
-        assert_eq!(json_string(info, "status"), Some("completed"));
-        assert_eq!(json_number(info, "downtime"), Some(17));
-        assert_eq!(json_number(info, "total-time"), Some(1834));
-        assert_eq!(json_number(info, "transferred"), Some(9876543));
-        assert_eq!(json_number(info, "dirty-sync-count"), Some(4));
-        assert_eq!(json_number(info, "missing"), None);
     }
 
     #[test]
