@@ -616,13 +616,20 @@ impl VhostUserBackend for BlkBackend {
         // INFLIGHT_SHMFD: the framework records every chain process_queue pops in the
         // frontend's inflight area, so a restarted vu_blk serves again the requests a killed
         // one had popped and not completed (reads and writes are idempotent: the default
-        // `resubmit_inflight` is right for a disk). QEMU migrates a guest only with LOG_SHMFD.
+        // `resubmit_inflight` is right for a disk). QEMU migrates a guest only with LOG_SHMFD;
+        // postcopy needs PAGEFAULT (and the framework's `postcopy` feature).
+        let postcopy = if cfg!(feature = "postcopy") {
+            ProtocolFeatures::PAGEFAULT
+        } else {
+            ProtocolFeatures::empty()
+        };
         ProtocolFeatures::MQ
             | ProtocolFeatures::REPLY_ACK
             | ProtocolFeatures::CONFIG
             | ProtocolFeatures::INFLIGHT_SHMFD
             | ProtocolFeatures::LOG_SHMFD
             | ProtocolFeatures::DEVICE_STATE
+            | postcopy
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -78,7 +78,17 @@ const CI_SKIP_LOGGING: u64 = 2;
 struct Options {
     qsd: bool,
     boots: u32,
+    variant: Variant,
+}
+
+/// How the backend and the migrations differ from the plain run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Variant {
+    /// `vu_blk --test-skip-logging N`.
     skip_logging: Option<u64>,
+    /// Postcopy: `postcopy-ram` on both sides and `migrate-start-postcopy` (vu_blk built with
+    /// the `postcopy` feature).
+    postcopy: bool,
 }
 
 const USAGE: &str = "\
@@ -91,6 +101,8 @@ usage: cargo xtask e2e --migrate [--backend vu|qsd] [--boots N] [--skip-logging 
   --backend       vu: vu_blk (default); qsd: qemu-storage-daemon, the reference
   --boots         boots (default 10)
   --skip-logging  run vu_blk --test-skip-logging N (broken on purpose: must fail)
+  --postcopy      postcopy: postcopy-ram on both sides, migrate-start-postcopy at once
+                  (vu_blk built with the `postcopy` feature)
   --gate          the runs of `cargo xtask ci`: vu 10 boots, qsd 2, broken vu_blk 2
 ";
 
@@ -98,7 +110,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
         qsd: false,
         boots: 10,
-        skip_logging: None,
+        variant: Variant::default(),
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -126,18 +138,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--skip-logging" => {
                 let text = value("--skip-logging")?;
-                options.skip_logging = Some(
+                options.variant.skip_logging = Some(
                     text.parse()
                         .ok()
                         .filter(|&n| n > 0)
                         .ok_or_else(|| format!("--skip-logging wants N > 0, not `{text}`"))?,
                 );
             }
+            "--postcopy" => options.variant.postcopy = true,
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
-    if options.qsd && options.skip_logging.is_some() {
-        return Err("--skip-logging breaks vu_blk, not qemu-storage-daemon".to_owned());
+    if options.qsd && options.variant != Variant::default() {
+        return Err("--skip-logging and --postcopy run vu_blk only".to_owned());
     }
     Ok(options)
 }
@@ -182,7 +195,7 @@ struct Side {
 struct Boot<'a> {
     machine: &'a Machine,
     backend: &'a Backend,
-    skip_logging: Option<u64>,
+    variant: Variant,
     dir: &'a Path,
     sockets: &'a Path,
     image: PathBuf,
@@ -243,7 +256,7 @@ impl Boot<'_> {
                     "--blk-file".to_owned(),
                     self.image.display().to_string(),
                 ]);
-                if let Some(n) = self.skip_logging {
+                if let Some(n) = self.variant.skip_logging {
                     command.args(["--test-skip-logging".to_owned(), n.to_string()]);
                 }
                 Ok(command)
@@ -431,14 +444,29 @@ fn wait_for_line(
 }
 
 /// Migrates `source` to `dest` and returns QEMU's figures.
-fn migrate(source: &mut Side, dest: &mut Side, uri: &Path) -> Result<Migration, String> {
+fn migrate(
+    source: &mut Side,
+    dest: &mut Side,
+    uri: &Path,
+    postcopy: bool,
+) -> Result<Migration, String> {
     source.qmp.execute(&format!(
         r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-bandwidth": {MAX_BANDWIDTH}}}}}"#
     ))?;
+    if postcopy {
+        let caps = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}"#;
+        dest.qmp.execute(caps)?;
+        source.qmp.execute(caps)?;
+    }
     source.qmp.execute(&format!(
         r#"{{"execute": "migrate", "arguments": {{"uri": "unix:{}"}}}}"#,
         uri.display()
     ))?;
+    if postcopy {
+        source
+            .qmp
+            .execute(r#"{"execute": "migrate-start-postcopy"}"#)?;
+    }
     let start = Instant::now();
     let info = loop {
         let info = source.qmp.execute(r#"{"execute": "query-migrate"}"#)?;
@@ -543,7 +571,7 @@ fn check_image(image: &Path, nonce: &str, rounds: u64) -> Result<(), String> {
 fn run_boot(
     machine: &Machine,
     backend: &Backend,
-    skip_logging: Option<u64>,
+    variant: Variant,
     dir: &Path,
 ) -> Result<Report, String> {
     let _ = std::fs::remove_dir_all(dir);
@@ -552,7 +580,7 @@ fn run_boot(
     let sockets = std::env::temp_dir().join(format!("vu-mig-{:08x}", fresh_u64() as u32));
     std::fs::create_dir(&sockets)
         .map_err(|err| format!("cannot create {}: {err}", sockets.display()))?;
-    let result = run_boot_in(machine, backend, skip_logging, dir, &sockets);
+    let result = run_boot_in(machine, backend, variant, dir, &sockets);
     let _ = std::fs::remove_dir_all(&sockets);
     result
 }
@@ -560,7 +588,7 @@ fn run_boot(
 fn run_boot_in(
     machine: &Machine,
     backend: &Backend,
-    skip_logging: Option<u64>,
+    variant: Variant,
     dir: &Path,
     sockets: &Path,
 ) -> Result<Report, String> {
@@ -570,7 +598,7 @@ fn run_boot_in(
     let boot = Boot {
         machine,
         backend,
-        skip_logging,
+        variant,
         dir,
         sockets,
         image: image.clone(),
@@ -650,7 +678,7 @@ fn migrate_and_stop(
             }
         };
         consoles.push(dest.console.clone());
-        match migrate(&mut side, &mut dest, &uri) {
+        match migrate(&mut side, &mut dest, &uri, boot.variant.postcopy) {
             Ok(migration) => report.migrations.push(migration),
             Err(failure) => {
                 backend_logs.push_str(&side.kill());
@@ -756,18 +784,36 @@ fn run(options: &Options) -> Result<Summary, String> {
     let backend = if options.qsd {
         Backend::Qsd
     } else {
-        Backend::Vu(build_vu_backend(Device::Blk, false)?)
+        let program = build_vu_backend(Device::Blk, false)?;
+        if options.variant.postcopy {
+            // The same executable, rebuilt with the feature (the next plain run rebuilds it
+            // without).
+            crate::cmd::Cmd::cargo(&[
+                "build",
+                "-p",
+                "vu-backend",
+                "--example",
+                "vu_blk",
+                "--features",
+                "postcopy",
+            ])
+            .run()?;
+        }
+        Backend::Vu(program)
     };
-    let name = match options.skip_logging {
-        Some(n) => format!("migrate-{backend_name}-skip{n}"),
-        None => format!("migrate-{backend_name}"),
-    };
+    let mut name = format!("migrate-{backend_name}");
+    if let Some(n) = options.variant.skip_logging {
+        name.push_str(&format!("-skip{n}"));
+    }
+    if options.variant.postcopy {
+        name.push_str("-postcopy");
+    }
     let mut summary = Summary::default();
     for index in 0..options.boots {
         let dir = PathBuf::from("target/e2e/runs")
             .join(&name)
             .join(format!("boot-{index:02}"));
-        let report = run_boot(&machine, &backend, options.skip_logging, &dir)?;
+        let report = run_boot(&machine, &backend, options.variant, &dir)?;
         summary.boots += 1;
         summary.seconds.push(report.seconds);
         summary.logged_pages += report.logged_pages;
@@ -859,12 +905,12 @@ pub(crate) fn ci_step() -> Result<(), String> {
         Options {
             qsd: false,
             boots: CI_BOOTS,
-            skip_logging: None,
+            variant: Variant::default(),
         },
         Options {
             qsd: true,
             boots: CI_REFERENCE_BOOTS,
-            skip_logging: None,
+            variant: Variant::default(),
         },
     ];
     for options in runs {
@@ -883,7 +929,10 @@ pub(crate) fn ci_step() -> Result<(), String> {
     let broken = Options {
         qsd: false,
         boots: CI_REFERENCE_BOOTS,
-        skip_logging: Some(CI_SKIP_LOGGING),
+        variant: Variant {
+            skip_logging: Some(CI_SKIP_LOGGING),
+            postcopy: false,
+        },
     };
     eprintln!(
         "==> e2e: migration, {} (broken on purpose: every boot must fail)",
@@ -911,8 +960,11 @@ fn describe(options: &Options) -> String {
         if options.qsd { "qsd" } else { "vu" },
         options.boots
     );
-    if let Some(n) = options.skip_logging {
+    if let Some(n) = options.variant.skip_logging {
         line.push_str(&format!(" --skip-logging {n}"));
+    }
+    if options.variant.postcopy {
+        line.push_str(" --postcopy");
     }
     line
 }
@@ -933,11 +985,17 @@ mod tests {
             Options {
                 qsd: true,
                 boots: 3,
-                skip_logging: None
+                variant: Variant::default()
             }
         );
         let options = parse(&words("--migrate --skip-logging 4")).unwrap();
-        assert_eq!(options.skip_logging, Some(4));
+        assert_eq!(options.variant.skip_logging, Some(4));
+        assert!(
+            parse(&words("--migrate --postcopy"))
+                .unwrap()
+                .variant
+                .postcopy
+        );
         assert!(parse(&words("--backend qsd --skip-logging 2")).is_err());
         assert!(parse(&words("--backend qemu")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
