@@ -39,6 +39,8 @@ const XEN_MMAP: Service = if cfg!(feature = "xen") {
 /// Every protocol feature bit `vu_proto` names, with what the framework does with it.
 pub(crate) const PROTOCOL_SERVICE: &[(ProtocolFeatures, Service)] = &[
     (ProtocolFeatures::MQ, Service::Served),
+    // Served only for a bitmap that logs writes: with `()`, the session masks LOG_SHMFD and
+    // LOG_ALL by type (`without_unlogged_migration` in session.rs).
     (ProtocolFeatures::LOG_SHMFD, Service::Served),
     (
         ProtocolFeatures::RARP,
