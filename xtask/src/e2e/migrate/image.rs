@@ -1,0 +1,90 @@
+//! The migration guest's disk image: its layout (tests/e2e/migrate.sh has the same table), the
+//! host's writes before and during a boot, and its check after power-off.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const IMAGE_SIZE: usize = 16 << 20;
+const BLOCK: usize = 4096;
+/// Block 1: the host writes the stop word here after its migrations.
+const CONTROL_BLOCK: u64 = 1;
+/// Block 2: the guest's final marker.
+const DONE_BLOCK: usize = 2;
+/// Blocks 64..80: the guest's O_DIRECT block of round `r` is in slot `r % 16`.
+const DIRECT_SLOTS_AT: usize = 64;
+const SLOTS: u64 = 16;
+/// The two halves the guest fills in turn and reads through its page cache: even rounds
+/// half A, odd rounds half B.
+const HALF_A_AT: usize = 1 << 20;
+const HALF_B_AT: usize = 5 << 20;
+const HALF_LEN: usize = 4 << 20;
+/// The guest's 64 KiB buffered writes: slot `r % 16` from 10 MiB.
+const BUFFERED_AT: usize = 10 << 20;
+const BUFFERED_LEN: usize = 64 << 10;
+
+/// Writes the blk image: zeros, and the host marker in block 0.
+pub(super) fn prepare(image: &Path, nonce: &str) -> Result<(), String> {
+    let mut bytes = vec![0u8; IMAGE_SIZE];
+    let marker = format!("VU-E2E-HOST {nonce}");
+    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
+    std::fs::write(image, &bytes).map_err(|err| format!("cannot write {}: {err}", image.display()))
+}
+
+/// `count` bytes of `line` repeated, as busybox `yes line | head -c count` writes them.
+fn repeated(line: &str, count: usize) -> Vec<u8> {
+    format!("{line}\n").bytes().cycle().take(count).collect()
+}
+
+/// The image after power-off: the final marker and the last rounds' blocks and slots.
+pub(super) fn check(image: &Path, nonce: &str, rounds: u64) -> Result<(), String> {
+    let bytes =
+        std::fs::read(image).map_err(|err| format!("cannot read {}: {err}", image.display()))?;
+    let block = |index: usize| -> &[u8] {
+        let at = index * BLOCK;
+        bytes.get(at..at + BLOCK).unwrap_or(&[])
+    };
+    let holds = |data: &[u8], text: &str| {
+        data.starts_with(text.as_bytes()) && data[text.len()..].iter().all(|&b| b == 0)
+    };
+    let done = format!("VU-MIG-DONE {nonce} {rounds}");
+    if !holds(block(DONE_BLOCK), &done) {
+        return Err(format!("after power-off the image lacks `{done}`"));
+    }
+    for round in rounds.saturating_sub(SLOTS - 1).max(1)..=rounds {
+        let slot = (round % SLOTS) as usize;
+        let mark = format!("VU-MIG-D {nonce} {round}");
+        if !holds(block(DIRECT_SLOTS_AT + slot), &mark) {
+            return Err(format!("after power-off the image lacks `{mark}`"));
+        }
+        let at = BUFFERED_AT + slot * BUFFERED_LEN;
+        let want = repeated(&format!("VU-MIG-B {nonce} {round}"), BUFFERED_LEN);
+        if bytes.get(at..at + BUFFERED_LEN) != Some(&want[..]) {
+            return Err(format!(
+                "after power-off the buffered slot {slot} lacks round {round}'s lines"
+            ));
+        }
+    }
+    for round in rounds.saturating_sub(1).max(1)..=rounds {
+        let at = if round % 2 == 0 { HALF_A_AT } else { HALF_B_AT };
+        let want = repeated(&format!("VU-MIG-P {nonce} {round}"), HALF_LEN);
+        if bytes.get(at..at + HALF_LEN) != Some(&want[..]) {
+            return Err(format!(
+                "after power-off the half at {at:#x} lacks round {round}'s lines"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `VU-MIG-STOP <nonce>` into the control block: the guest finishes after its round.
+pub(super) fn write_stop_word(image: &Path, nonce: &str) -> Result<(), String> {
+    let stop_word = format!("VU-MIG-STOP {nonce}");
+    let mut control = vec![0u8; BLOCK];
+    control[..stop_word.len()].copy_from_slice(stop_word.as_bytes());
+    File::options()
+        .write(true)
+        .open(image)
+        .and_then(|file| file.write_all_at(&control, CONTROL_BLOCK * BLOCK as u64))
+        .map_err(|err| format!("cannot write the control block: {err}"))
+}
