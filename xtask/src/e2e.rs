@@ -22,12 +22,12 @@ mod host;
 mod json;
 mod judge;
 mod kmod;
+mod migrate;
 mod monitor;
 mod progress;
-mod migrate;
 mod provision;
-mod stress;
 mod qmp;
+mod stress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
