@@ -432,6 +432,7 @@ impl VhostUserBackend for BlkBackend {
         let mut features = (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_INDIRECT_DESC
             | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::RING_PACKED
             | VirtioFeatures::PROTOCOL_FEATURES)
             .bits()
             | VIRTIO_BLK_F_SEG_MAX
