@@ -323,7 +323,6 @@ where
         if !vring.ready() {
             // The restart point, fixed once as the ring starts: see `VringData::restart`.
             let inflight = self.inflight_queue(queue);
-            let tracked = inflight.is_some();
             let restart = vring
                 .get_mut()
                 .restart(inflight, self.backend.resubmit_inflight())
@@ -335,7 +334,8 @@ where
                         source,
                     },
                 })?;
-            if tracked {
+            // A packed ring takes no tracking (the vring says why); ask the vring, not the area.
+            if vring.get_ref().inflight_tracking() {
                 log::info!(
                     "queue {queue}: inflight I/O tracking on; {} chains in flight before the \
                      restart are served first",
