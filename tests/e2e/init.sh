@@ -7,6 +7,8 @@
 #                      `migrate`: /migrate.sh, the guest of `cargo xtask e2e --migrate`
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
 #   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
+#   e2e.packed=1       the device has packed=on: every virtio device must have negotiated
+#                      VIRTIO_F_RING_PACKED (feature bit 34)
 # and reads the verdict back from the serial console: the guest prints
 #   VU-E2E-PASS <test> <nonce>    when every check here passed
 #   VU-E2E-FAIL <test> <reason>   otherwise
@@ -24,11 +26,13 @@ mount -t devtmpfs dev /dev
 test=none
 nonce=none
 sum=none
+packed=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         e2e.test=*) test="${arg#*=}" ;;
         e2e.nonce=*) nonce="${arg#*=}" ;;
         e2e.sum=*) sum="${arg#*=}" ;;
+        e2e.packed=*) packed="${arg#*=}" ;;
     esac
 done
 
@@ -101,6 +105,21 @@ blk_worker() {
     return 0
 }
 
+# With e2e.packed=1: fails unless every virtio device negotiated packed virtqueues. The
+# driver's `features` file has one character per feature bit, bit 0 first.
+check_packed() {
+    rings=""
+    [ "$packed" = 1 ] || return 0
+    n=0
+    for f in /sys/bus/virtio/devices/*/features; do
+        [ -e "$f" ] || fail "no virtio device to check for packed rings"
+        bit="$(cut -c35 "$f")"
+        [ "$bit" = 1 ] || fail "$f: VIRTIO_F_RING_PACKED (bit 34) not negotiated: $(cat "$f")"
+        n=$((n + 1))
+    done
+    rings="packed=$n"
+}
+
 test_blk() {
     wait_for /dev/vda || fail "no /dev/vda"
     stage device
@@ -124,7 +143,8 @@ test_blk() {
     stage workload
     sync
     blockdev --flushbufs /dev/vda 2>/dev/null
-    say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu"
+    check_packed
+    say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu $rings"
 }
 
 test_rng() {
@@ -148,7 +168,8 @@ test_rng() {
     [ "${#hex}" -eq 512 ] || fail "read ${#hex} hex digits from /dev/hwrng"
     stage workload
     say "VU-E2E-RNG $nonce $hex"
-    say "VU-E2E-PASS rng $nonce"
+    check_packed
+    say "VU-E2E-PASS rng $nonce $rings"
 }
 
 # `cargo xtask demo`: a filesystem on the blank disk, a file written, unmounted, mounted

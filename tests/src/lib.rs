@@ -1,5 +1,5 @@
 //! Shared test support for the vu workspace: a scripted-frontend toolbox for the vu-proto
-//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]) and a lean one for benchmarks ([`lean_driver`]), a device setup helper over
+//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), its packed-ring counterpart ([`packed_driver`]) and a lean one for benchmarks ([`lean_driver`]), a device setup helper over
 //! vu-proto's `Frontend` ([`device`]), test backends ([`backends`]) and fd-leak helpers
 //! ([`fdleak`]).
 pub mod proto_support;
@@ -10,6 +10,8 @@ pub mod device;
 pub mod fdleak;
 pub mod hostile;
 pub mod lean_driver;
+pub mod packed_driver;
+pub mod packed_hostile;
 pub mod virtqueue;
 
 /// The README's examples, compiled as doc tests so they cannot drift from the API.

@@ -25,6 +25,7 @@ use vu_proto::request::FrontendReq;
 use vu_tests::hostile::{
     blk_queue, blk_queue_input, descriptor, BLK_DATA_ADDR, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
 };
+use vu_tests::packed_hostile::{packed_descriptor, packed_queue, packed_queue_input, PACKED_DATA};
 use vu_vring::fuzzing::inflight_region;
 
 /// Where the frontend maps guest memory, in the session seeds.
@@ -875,6 +876,141 @@ fn iotlb_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Packed descriptor flags of the `packed_queue` seeds.
+const P_NEXT: u16 = 1;
+const P_WRITE: u16 = 2;
+const P_INDIRECT: u16 = 4;
+const P_AVAIL: u16 = 1 << 7;
+const P_USED: u16 = 1 << 15;
+/// A fresh packed ring's `SET_VRING_BASE` word: avail 0 and used 0, both wrap counters 1.
+const P_FRESH: u32 = 0x8000_8000;
+
+fn packed_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let d = PACKED_DATA;
+    let enabled = [0, 0, 0, 0];
+    let request = [
+        packed_descriptor(d, 16, 0, P_AVAIL | P_NEXT),
+        packed_descriptor(d + 0x100, 512, 0, P_AVAIL | P_WRITE | P_NEXT),
+        packed_descriptor(d + 0x400, 1, 5, P_AVAIL | P_WRITE),
+    ];
+    let indirect_table = [
+        packed_descriptor(d, 16, 0, 0),
+        packed_descriptor(d + 0x100, 512, 0, P_WRITE | P_NEXT),
+        packed_descriptor(d + 0x400, 1, 0, P_WRITE),
+    ]
+    .concat();
+    let mut indirect_data = vec![0u8; 0x800];
+    indirect_data.extend_from_slice(&indirect_table);
+    let indirect = |addr: u64, len: u32| [packed_descriptor(addr, len, 9, P_AVAIL | P_INDIRECT)];
+    // Avail and used at position 15 of 16, wrap counters 1: a chain of two crosses the end,
+    // its second descriptor (position 0) made available with wrap counter 0.
+    let at_15 = 0x800f_800f;
+    let mut wrapping = vec![[0u8; 16]; 16];
+    wrapping[15] = packed_descriptor(d, 16, 0, P_AVAIL | P_NEXT);
+    wrapping[0] = packed_descriptor(d + 0x100, 8, 4, P_USED | P_WRITE);
+    let mut flipped = wrapping.clone();
+    flipped[0] = packed_descriptor(d + 0x100, 8, 4, P_AVAIL | P_WRITE);
+    let endless: Vec<[u8; 16]> = (0..16)
+        .map(|_| packed_descriptor(d, 16, 1, P_AVAIL | P_NEXT))
+        .collect();
+    vec![
+        (
+            "request",
+            packed_queue_input(4, false, P_FRESH, enabled, &request, &[]),
+        ),
+        (
+            "request_event_idx_desc",
+            packed_queue_input(4, true, P_FRESH, [1, 0x80, 2, 0], &request, &[]),
+        ),
+        (
+            "indirect",
+            packed_queue_input(
+                4,
+                false,
+                P_FRESH,
+                enabled,
+                &indirect(d + 0x800, 48),
+                &indirect_data,
+            ),
+        ),
+        (
+            "indirect_length_not_multiple_of_16",
+            packed_queue_input(
+                4,
+                false,
+                P_FRESH,
+                enabled,
+                &indirect(d + 0x800, 47),
+                &indirect_data,
+            ),
+        ),
+        (
+            "indirect_table_crossing_regions",
+            packed_queue_input(4, false, P_FRESH, enabled, &indirect(0xfff0, 48), &[]),
+        ),
+        (
+            "indirect_table_in_a_hole",
+            packed_queue_input(4, false, P_FRESH, enabled, &indirect(0x20000, 48), &[]),
+        ),
+        (
+            "chain_across_the_ring_end",
+            packed_queue_input(4, false, at_15, enabled, &wrapping, &[]),
+        ),
+        (
+            "flipped_wrap_counter_in_a_chain",
+            packed_queue_input(4, false, at_15, enabled, &flipped, &[]),
+        ),
+        (
+            "avail_and_used_both_set",
+            packed_queue_input(
+                4,
+                false,
+                P_FRESH,
+                enabled,
+                &[packed_descriptor(d, 16, 0, P_AVAIL | P_USED)],
+                &[],
+            ),
+        ),
+        (
+            "endless_chain",
+            packed_queue_input(4, false, P_FRESH, enabled, &endless, &[]),
+        ),
+        (
+            "reused_buffer_ids",
+            packed_queue_input(
+                4,
+                false,
+                P_FRESH,
+                enabled,
+                &[
+                    packed_descriptor(d, 16, 3, P_AVAIL),
+                    packed_descriptor(d + 0x100, 16, 3, P_AVAIL | P_WRITE),
+                ],
+                &[],
+            ),
+        ),
+        (
+            "base_past_the_ring",
+            packed_queue_input(4, false, P_FRESH | 40, enabled, &request, &[]),
+        ),
+        (
+            "buffers_unmapped_and_crossing",
+            packed_queue_input(
+                4,
+                false,
+                P_FRESH,
+                enabled,
+                &[
+                    packed_descriptor(0xfff8, 512, 0, P_AVAIL | P_WRITE | P_NEXT),
+                    packed_descriptor(0xdead_beef_0000, 1, 0, P_AVAIL | P_WRITE | P_NEXT),
+                    packed_descriptor(d, u32::MAX, 2, P_AVAIL | P_WRITE),
+                ],
+                &[],
+            ),
+        ),
+    ]
+}
+
 fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut all = Vec::new();
     for (target, seeds) in [
@@ -884,6 +1020,7 @@ fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("blk_queue", blk_seeds()),
         ("inflight", inflight_seeds()),
         ("iotlb", iotlb_seeds()),
+        ("packed_queue", packed_seeds()),
     ] {
         all.extend(seeds.into_iter().map(|(name, bytes)| (target, name, bytes)));
     }
@@ -987,6 +1124,36 @@ fn blk_queue_corpus_replays_without_panic() {
     replay("blk_queue", blk_queue);
 }
 
+fn packed_queue_body(data: &[u8]) {
+    packed_queue(data);
+}
+
+#[test]
+fn packed_queue_corpus_replays_without_panic() {
+    replay("packed_queue", packed_queue_body);
+}
+
+/// The packed seeds that describe servable chains reach the device; the hostile ones that
+/// must be refused serve nothing.
+#[test]
+fn packed_seeds_serve_what_they_should() {
+    for (name, bytes) in packed_seeds() {
+        let served = packed_queue(&bytes);
+        let refused = matches!(
+            name,
+            "flipped_wrap_counter_in_a_chain"
+                | "avail_and_used_both_set"
+                | "endless_chain"
+                | "base_past_the_ring"
+        );
+        if refused {
+            assert_eq!(served, 0, "{name} served {served} chains");
+        } else {
+            assert!(served >= 1, "{name} served no chain");
+        }
+    }
+}
+
 /// The generated seeds themselves, whatever is committed: a seed that crashes fails here
 /// with its name.
 #[test]
@@ -998,6 +1165,7 @@ fn generated_seeds_run_without_panic() {
             "memory_table" => memory_table,
             "inflight" => inflight_region,
             "iotlb" => iotlb_body,
+            "packed_queue" => packed_queue_body,
             _ => blk_queue,
         };
         let result = std::panic::catch_unwind(|| body(&bytes));

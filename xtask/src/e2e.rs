@@ -214,17 +214,26 @@ struct Run {
     backend: &'static str,
     queues: u16,
     cpus: u16,
+    /// The device with `packed=on`, the guest checking it negotiated packed virtqueues.
+    packed: bool,
 }
 
 impl Run {
-    /// `blk-vu-q2`: the run's directory and its name in reports.
+    /// `blk-vu-q2`, `blk-vu-q2-packed`: the run's directory and its name in reports.
     fn name(&self) -> String {
-        format!("{}-{}-q{}", self.device.name(), self.backend, self.queues)
+        let packed = if self.packed { "-packed" } else { "" };
+        format!(
+            "{}-{}-q{}{packed}",
+            self.device.name(),
+            self.backend,
+            self.queues
+        )
     }
 }
 
 /// The runs the options ask for: blk with 1 queue on 1 vCPU and 2 queues on 2 vCPUs, rng with
-/// one queue; qemu-storage-daemon serves blk only.
+/// one queue; qemu-storage-daemon serves blk only. Outside stress mode our backends run once
+/// more with packed virtqueues (`packed=on`): blk with 2 queues, and rng.
 fn plan(options: &Options) -> Vec<Run> {
     let backends: &[&'static str] = match options.backend {
         BackendChoice::Vu => &["vu"],
@@ -234,6 +243,7 @@ fn plan(options: &Options) -> Vec<Run> {
     };
     let mut runs = Vec::new();
     for &backend in backends {
+        let packed_runs = backend == "vu" && options.stress.is_none();
         for &device in &options.devices {
             match device {
                 Device::Blk => {
@@ -246,15 +256,32 @@ fn plan(options: &Options) -> Vec<Run> {
                             backend,
                             queues,
                             cpus: queues,
+                            packed: false,
                         });
+                        if queues == 2 && packed_runs {
+                            runs.push(Run {
+                                device,
+                                backend,
+                                queues,
+                                cpus: queues,
+                                packed: true,
+                            });
+                        }
                     }
                 }
-                Device::Rng if backend != "qsd" => runs.push(Run {
-                    device,
-                    backend,
-                    queues: 1,
-                    cpus: 1,
-                }),
+                Device::Rng if backend != "qsd" => {
+                    for packed in [false, true] {
+                        if !packed || packed_runs {
+                            runs.push(Run {
+                                device,
+                                backend,
+                                queues: 1,
+                                cpus: 1,
+                                packed,
+                            });
+                        }
+                    }
+                }
                 Device::Rng => {}
             }
         }
@@ -352,10 +379,11 @@ fn median(values: &[f64]) -> Option<f64> {
 
 fn table(rows: &[Row], stress: bool) -> String {
     let mut text = format!(
-        "{:<6} {:<7} {:>6} {:>5} {:>6} {:>4} {:>5} {:>5} {:>9}  {}\n",
+        "{:<6} {:<7} {:>6} {:<6} {:>5} {:>6} {:>4} {:>5} {:>5} {:>9}  {}\n",
         "device",
         "backend",
         "queues",
+        "ring",
         "boots",
         "passes",
         "slow",
@@ -364,7 +392,7 @@ fn table(rows: &[Row], stress: bool) -> String {
         "median s",
         "status"
     );
-    text.push_str(&format!("{}\n", "-".repeat(70)));
+    text.push_str(&format!("{}\n", "-".repeat(77)));
     for row in rows {
         let median = median(&row.seconds).map_or_else(|| "-".to_owned(), |m| format!("{m:.2}"));
         let status = match &row.setup_error {
@@ -374,10 +402,11 @@ fn table(rows: &[Row], stress: bool) -> String {
             None => "ok".to_owned(),
         };
         text.push_str(&format!(
-            "{:<6} {:<7} {:>6} {:>5} {:>6} {:>4} {:>5} {:>5} {:>9}  {}\n",
+            "{:<6} {:<7} {:>6} {:<6} {:>5} {:>6} {:>4} {:>5} {:>5} {:>9}  {}\n",
             row.run.device.name(),
             row.run.backend,
             row.run.queues,
+            if row.run.packed { "packed" } else { "split" },
             row.boots,
             row.passes,
             row.slow_host,
@@ -552,6 +581,7 @@ fn run_boots(run: &Run, boots: &Boots<'_>, deadlines: &mut Option<Deadlines>) ->
             backend: boots.backend.clone(),
             queues: run.queues,
             cpus: run.cpus,
+            packed: run.packed,
             dir: (boots.dir)(index),
             deadlines: deadlines.unwrap_or(Deadlines::UNCALIBRATED),
         };
@@ -829,23 +859,22 @@ mod tests {
     }
 
     #[test]
-    fn blk_runs_with_one_and_two_queues_and_qsd_skips_rng() {
+    fn blk_runs_with_one_and_two_queues_ours_also_packed_and_qsd_skips_rng() {
         let options = parse(&words("--backend all")).unwrap();
-        let runs: Vec<(&str, &str, u16)> = plan(&options)
-            .iter()
-            .map(|run| (run.device.name(), run.backend, run.queues))
-            .collect();
+        let runs: Vec<String> = plan(&options).iter().map(Run::name).collect();
         assert_eq!(
             runs,
             [
-                ("blk", "vu", 1),
-                ("blk", "vu", 2),
-                ("rng", "vu", 1),
-                ("blk", "qsd", 1),
-                ("blk", "qsd", 2),
-                ("blk", "qemu", 1),
-                ("blk", "qemu", 2),
-                ("rng", "qemu", 1)
+                "blk-vu-q1",
+                "blk-vu-q2",
+                "blk-vu-q2-packed",
+                "rng-vu-q1",
+                "rng-vu-q1-packed",
+                "blk-qsd-q1",
+                "blk-qsd-q2",
+                "blk-qemu-q1",
+                "blk-qemu-q2",
+                "rng-qemu-q1"
             ]
         );
     }
@@ -863,6 +892,7 @@ mod tests {
             backend,
             queues: 1,
             cpus: 1,
+            packed: false,
         });
         row.boots = 10;
         row.passes = passes;
@@ -977,19 +1007,21 @@ mod tests {
     #[test]
     fn ci_boots_our_devices_ten_times_and_qsd_blk_three_times() {
         let [ours, qsd] = ci_runs();
-        let runs: Vec<(&str, &str, u16)> = plan(&ours)
+        let runs: Vec<String> = plan(&ours)
             .iter()
             .chain(plan(&qsd).iter())
-            .map(|run| (run.device.name(), run.backend, run.queues))
+            .map(Run::name)
             .collect();
         assert_eq!(
             runs,
             [
-                ("blk", "vu", 1),
-                ("blk", "vu", 2),
-                ("rng", "vu", 1),
-                ("blk", "qsd", 1),
-                ("blk", "qsd", 2)
+                "blk-vu-q1",
+                "blk-vu-q2",
+                "blk-vu-q2-packed",
+                "rng-vu-q1",
+                "rng-vu-q1-packed",
+                "blk-qsd-q1",
+                "blk-qsd-q2"
             ]
         );
         assert_eq!((ours.boots, qsd.boots), (10, 3));

@@ -22,6 +22,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "blk_queue",
     "inflight",
     "iotlb",
+    "packed_queue",
 ];
 
 /// Seconds per target unless `--seconds` says otherwise.

@@ -590,6 +590,7 @@ impl VhostUserBackend for BlkBackend {
         let mut features = (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_INDIRECT_DESC
             | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::RING_PACKED
             | VirtioFeatures::PROTOCOL_FEATURES
             | VirtioFeatures::LOG_ALL)
             .bits()

@@ -137,6 +137,7 @@ impl VhostUserBackend for RngBackend {
         (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_INDIRECT_DESC
             | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::RING_PACKED
             | VirtioFeatures::PROTOCOL_FEATURES)
             .bits()
     }

@@ -143,6 +143,10 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
         if !data.ready() || !data.is_enabled() {
             return false;
         }
+        if data.queue_packed() {
+            // A packed ring holds at most a ring's worth of chains: no index can run ahead.
+            return data.has_available().unwrap_or(false);
+        }
         // Chains to serve, and not more than the ring holds: an index further ahead cannot be
         // popped from, and polling it would spin until the budget ends.
         data.pending_chains().is_ok_and(|n| n != 0)

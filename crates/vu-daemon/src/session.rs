@@ -448,8 +448,10 @@ where
             VirtioFeatures::from_bits_retain(masked)
         );
         let event_idx = masked & VirtioFeatures::RING_EVENT_IDX.bits() != 0;
+        let packed = masked & VirtioFeatures::RING_PACKED.bits() != 0;
         for vring in &self.vrings {
             vring.set_queue_event_idx(event_idx);
+            vring.set_queue_packed(packed);
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(masked);

@@ -14,8 +14,11 @@
 //!
 //! The same driver runs the framework's own tests, so it is exercised by every change of the
 //! framework; it follows the virtio spec's driver rules (memory barriers, `NO_NOTIFY` and
-//! `EVENT_IDX` suppression in both directions). Split rings only, for now: the framework does
-//! not serve packed rings.
+//! `EVENT_IDX` suppression in both directions). [`PackedQueue`] is its packed-ring
+//! counterpart (`VIRTIO_F_RING_PACKED`): the same [`Buf`] chains and [`Used`] results, with
+//! buffer ids, wrap counters and both event suppression structures; [`TestDevice`] sets up
+//! split queues, and a packed queue is driven over a vring directly (see vu-tests'
+//! `packed_ring` tests).
 //!
 //! Every wait is bounded (a timeout given by the caller, [`DEVICE_TIMEOUT`] in
 //! [`TestDevice::setup`]) and the kit panics with a message when one expires or the device
@@ -91,8 +94,13 @@ use vu_proto::socket::Endpoint;
 use crate::backend::VhostUserBackend;
 use crate::daemon::{DaemonError, VhostUserDaemon};
 
+mod packed;
 mod virtqueue;
 
+pub use packed::{
+    avail_bits, PackedQueue, Pos, EVENT_DESC, EVENT_DISABLE, EVENT_ENABLE, PACKED_AVAIL,
+    PACKED_INDIRECT, PACKED_NEXT, PACKED_USED, PACKED_WRITE,
+};
 pub use virtqueue::{wait_readable, Buf, DriverMemory, SplitQueue, Used, BUF_SIZE, GPA_BASE};
 
 /// How long [`TestDevice::setup`] waits for each reply of the device before failing instead of

@@ -336,20 +336,23 @@ impl Frontend {
         self.command(FrontendReq::SetVringNum, &msg)
     }
 
-    /// `VHOST_USER_SET_VRING_ADDR`: where the parts of a vring are.
+    /// `VHOST_USER_SET_VRING_ADDR`: where the parts of a vring are (for a packed ring: the
+    /// descriptor ring, the driver area as `available`, the device area as `used`).
     pub fn set_vring_addr(&mut self, addr: &VringAddr) -> Result<()> {
         let msg = FrontendRequest::SetVringAddr(*addr);
         self.command(FrontendReq::SetVringAddr, &msg)
     }
 
-    /// `VHOST_USER_SET_VRING_BASE`: the next available index of vring `index`.
+    /// `VHOST_USER_SET_VRING_BASE`: the next available index of vring `index`. For a packed
+    /// ring: the avail position with its wrap counter in bit 15, and (as QEMU sends it) the
+    /// used position with its wrap counter in bits 16-31.
     pub fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
         let msg = FrontendRequest::SetVringBase(VringState { index, num: base });
         self.command(FrontendReq::SetVringBase, &msg)
     }
 
     /// `VHOST_USER_GET_VRING_BASE`: stops vring `index` and returns its next available
-    /// index.
+    /// index (for a packed ring, the word [`set_vring_base`](Self::set_vring_base) takes).
     pub fn get_vring_base(&mut self, index: u32) -> Result<u32> {
         let request = FrontendReq::GetVringBase;
         let msg = FrontendRequest::GetVringBase(VringState { index, num: 0 });

@@ -4,6 +4,10 @@
 //!
 //! The `inflight_*` groups run `serve_available` and the batched pop/complete path with and
 //! without inflight I/O tracking (a memfd area, as a frontend hands over), on a `VringMutex`.
+//! The `ring_layout_*` groups serve the same batches through a split and a packed ring
+//! (`VIRTIO_F_RING_PACKED`), with a driver that writes every descriptor of every chain per
+//! offer in both layouts (as a driver recycling its buffers does), so the two differ only in
+//! the ring format.
 //!
 //! Run with `cargo bench -p vu-vring --bench vring`. The call eventfd is a real eventfd, so
 //! "per chain" pays one `write(2)` per chain, as a backend that signals after every
@@ -83,6 +87,97 @@ impl Driver {
             Ordering::Release,
         )
         .unwrap();
+    }
+}
+
+/// Packed descriptor flags: NEXT, and AVAIL (bit 7) / USED (bit 15).
+const P_NEXT: u16 = 1;
+const P_AVAIL: u16 = 1 << 7;
+const P_USED: u16 = 1 << 15;
+
+/// The driver of the `ring_layout_*` groups: `DEPTH` chains of `chain_len` descriptors per
+/// offer, every descriptor written in full, in either layout.
+struct LayoutDriver {
+    mem: Mem,
+    packed: bool,
+    chain_len: u16,
+    /// Split: the available index. Packed: the next position.
+    next: u16,
+    /// Packed: the avail wrap counter.
+    wrap: bool,
+}
+
+impl LayoutDriver {
+    fn new(packed: bool, chain_len: u16) -> Self {
+        let descs = u64::from(SIZE);
+        let len = (BUFFERS + descs * u64::from(BUF_LEN)) as usize;
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).unwrap();
+        LayoutDriver {
+            mem: GuestMemoryAtomic::new(mmap),
+            packed,
+            chain_len,
+            next: 0,
+            wrap: true,
+        }
+    }
+
+    fn write_desc(m: &GuestMemoryMmap, slot: u16, fields: (u16, u16)) {
+        let desc = DESC + 16 * u64::from(slot);
+        let buf = BUFFERS + u64::from(BUF_LEN) * u64::from(slot);
+        m.write_obj(buf.to_le(), GuestAddress(desc)).unwrap();
+        m.write_obj(BUF_LEN.to_le(), GuestAddress(desc + 8))
+            .unwrap();
+        m.write_obj(fields.0.to_le(), GuestAddress(desc + 12))
+            .unwrap();
+        m.store(fields.1.to_le(), GuestAddress(desc + 14), Ordering::Release)
+            .unwrap();
+    }
+
+    fn offer(&mut self) {
+        let m = self.mem.memory();
+        for chain in 0..DEPTH {
+            if self.packed {
+                let head = (self.next, self.wrap);
+                let mut head_flags = 0;
+                for j in 0..self.chain_len {
+                    let bits = if self.wrap { P_AVAIL } else { P_USED };
+                    let next = if j + 1 < self.chain_len { P_NEXT } else { 0 };
+                    if j == 0 {
+                        head_flags = bits | next;
+                        Self::write_desc(&m, self.next, (chain, 0));
+                    } else {
+                        Self::write_desc(&m, self.next, (chain, bits | next));
+                    }
+                    self.next += 1;
+                    if self.next == SIZE {
+                        self.next = 0;
+                        self.wrap = !self.wrap;
+                    }
+                }
+                let flags = GuestAddress(DESC + 16 * u64::from(head.0) + 14);
+                m.store(head_flags.to_le(), flags, Ordering::Release)
+                    .unwrap();
+            } else {
+                // Split: the chain in table slots from `chain * chain_len`, then its head
+                // in the available ring.
+                let first = chain * self.chain_len;
+                for j in 0..self.chain_len {
+                    let flags = if j + 1 < self.chain_len { F_NEXT } else { 0 };
+                    Self::write_desc(&m, first + j, (flags, first + j + 1));
+                }
+                let slot = AVAIL + 4 + 2 * u64::from(self.next % SIZE);
+                m.write_obj(first.to_le(), GuestAddress(slot)).unwrap();
+                self.next = self.next.wrapping_add(1);
+            }
+        }
+        if !self.packed {
+            m.store(
+                self.next.to_le(),
+                GuestAddress(AVAIL + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        }
     }
 }
 
@@ -233,7 +328,42 @@ fn bench_inflight(c: &mut Criterion) {
     }
 }
 
+/// The same batches through a split and a packed ring: `serve_available`, then one decision.
+fn bench_layouts(c: &mut Criterion) {
+    for descs in [1u16, 3] {
+        let mut group = c.benchmark_group(format!("ring_layout_{DEPTH}_chains_of_{descs}"));
+        group
+            .throughput(Throughput::Elements(u64::from(DEPTH)))
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
+        for (packed, name) in [(false, "split"), (true, "packed")] {
+            let mut driver = LayoutDriver::new(packed, descs);
+            let vring = VringMutex::<Mem>::new(driver.mem.clone(), SIZE).unwrap();
+            vring.set_queue_packed(packed);
+            vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            vring.set_call(Some(call_eventfd()));
+            group.bench_function(BenchmarkId::new("serve_available", name), |b| {
+                b.iter(|| {
+                    driver.offer();
+                    let mut guard = vring.get_mut();
+                    let mem = guard.mem().memory();
+                    let served = guard
+                        .serve_available(&mem, |chain| chain.map(|d| d.len()).sum())
+                        .unwrap();
+                    assert_eq!(served, usize::from(DEPTH));
+                    guard.signal_used_queue_if_needed().unwrap();
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 fn benches(c: &mut Criterion) {
+    bench_layouts(c);
     bench_impl::<VringState<Mem>>(c, "VringState");
     bench_impl::<VringMutex<Mem>>(c, "VringMutex");
     bench_impl::<VringRwLock<Mem>>(c, "VringRwLock");

@@ -17,14 +17,24 @@ use std::sync::atomic::Ordering;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BS;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{
+    Address, AtomicAccess, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
+};
 
-/// Bytes of one split-ring descriptor: `addr: u64`, `len: u32`, `flags: u16`, `next: u16`.
-const DESC_SIZE: usize = 16;
+/// Bytes of one descriptor: split `addr: u64`, `len: u32`, `flags: u16`, `next: u16`; packed
+/// `addr: u64`, `len: u32`, `id: u16`, `flags: u16`.
+pub(crate) const DESC_SIZE: usize = 16;
+/// Packed descriptor flag: the buffer continues in the next descriptor (same bit as split).
+pub(crate) const PACKED_F_NEXT: u16 = 1;
+/// Packed descriptor flag: device-writable (same bit as split).
+pub(crate) const PACKED_F_WRITE: u16 = 2;
+/// Packed descriptor flag: the descriptor points to an indirect table (same bit as split).
+pub(crate) const PACKED_F_INDIRECT: u16 = 4;
 
-/// One descriptor table (the queue's, or an indirect one): where it is in the guest, how many
-/// entries it has, and its host mapping when it lies in one memory region.
-struct Table<'m, G: GuestMemory> {
+/// One descriptor table (the queue's, or an indirect one; for a packed ring, the descriptor
+/// ring): where it is in the guest, how many entries it has, and its host mapping when it
+/// lies in one memory region.
+pub(crate) struct Table<'m, G: GuestMemory> {
     addr: GuestAddress,
     entries: u16,
     host: Option<VolatileSlice<'m, BS<'m, G::Bitmap>>>,
@@ -42,9 +52,19 @@ impl<'m, G: GuestMemory> Clone for Table<'m, G> {
 
 impl<'m, G: GuestMemory> Table<'m, G> {
     /// The table of `entries` descriptors at `addr`, mapped when it lies in one region.
-    fn map(mem: &'m G, addr: GuestAddress, entries: u16) -> Self {
+    pub(crate) fn map(mem: &'m G, addr: GuestAddress, entries: u16) -> Self {
+        Self::map_for(mem, addr, entries, Permissions::Read)
+    }
+
+    /// The same, mapped for reading and writing: a packed ring, where the device writes its
+    /// used descriptors.
+    pub(crate) fn map_writable(mem: &'m G, addr: GuestAddress, entries: u16) -> Self {
+        Self::map_for(mem, addr, entries, Permissions::ReadWrite)
+    }
+
+    fn map_for(mem: &'m G, addr: GuestAddress, entries: u16, access: Permissions) -> Self {
         let len = usize::from(entries) * DESC_SIZE;
-        let host = GuestMemory::get_slices(mem, addr, len, Permissions::Read)
+        let host = GuestMemory::get_slices(mem, addr, len, access)
             .ok()
             .and_then(|mut slices| slices.next())
             .and_then(Result::ok)
@@ -56,21 +76,28 @@ impl<'m, G: GuestMemory> Table<'m, G> {
         }
     }
 
-    /// Descriptor `index` (below `entries`): two loads from the host mapping, or, when the
-    /// table is not mapped in one piece or the load is misaligned, `read_obj` as virtio-queue
-    /// does. `None` when guest memory refuses the read.
+    /// Descriptor `index` (below `entries`) as a split descriptor; see [`read_raw`](Self::read_raw).
     fn read(&self, mem: &G, index: u16) -> Option<Descriptor> {
+        let (addr, len, flags, next) = self.read_raw(mem, index)?;
+        Some(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// The four fields of entry `index` (below `entries`): `addr: u64`, `len: u32`, then the
+    /// two `u16`s (split: `flags`, `next`; packed: `id`, `flags`). Two loads from the host
+    /// mapping, or, when the table is not mapped in one piece or the load is misaligned,
+    /// `read_obj` as virtio-queue does. `None` when guest memory refuses the read.
+    pub(crate) fn read_raw(&self, mem: &G, index: u16) -> Option<(u64, u32, u16, u16)> {
         let offset = usize::from(index) * DESC_SIZE;
         if let Some(host) = &self.host {
-            // The driver published the chain before the available index that was read with
-            // Acquire by `pop_descriptor_chain`, so Relaxed loads see it.
+            // The driver published the chain before the available index (split) or the head's
+            // flags (packed) that the caller read with Acquire, so Relaxed loads see it.
             if let (Ok(addr), Ok(rest)) = (
                 host.load::<u64>(offset, Ordering::Relaxed),
                 host.load::<u64>(offset + 8, Ordering::Relaxed),
             ) {
                 let rest = u64::from_le(rest);
-                // Little-endian fields: `len` in the low 32 bits, then `flags`, then `next`.
-                return Some(Descriptor::new(
+                // Little-endian fields: `len` in the low 32 bits, then the two u16s.
+                return Some((
                     u64::from_le(addr),
                     rest as u32,
                     (rest >> 32) as u16,
@@ -79,20 +106,71 @@ impl<'m, G: GuestMemory> Table<'m, G> {
             }
         }
         let addr = self.addr.checked_add(offset as u64)?;
-        mem.read_obj::<Descriptor>(addr).ok()
+        let desc = mem.read_obj::<Descriptor>(addr).ok()?;
+        Some((desc.addr().0, desc.len(), desc.flags(), desc.next()))
+    }
+
+    /// The number of entries.
+    pub(crate) fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Loads the `T` at byte `field` of entry `index` (below `entries`) with `order`: from
+    /// the host mapping, or through guest memory when there is none or the load is refused
+    /// there. `None` when guest memory refuses it.
+    pub(crate) fn load<T: AtomicAccess>(
+        &self,
+        mem: &G,
+        index: u16,
+        field: usize,
+        order: Ordering,
+    ) -> Option<T> {
+        let offset = usize::from(index) * DESC_SIZE + field;
+        if let Some(value) = self.host.as_ref().and_then(|h| h.load(offset, order).ok()) {
+            return Some(value);
+        }
+        mem.load(self.addr.checked_add(offset as u64)?, order).ok()
+    }
+
+    /// Stores `value` at byte `field` of entry `index` (below `entries`) with `order`, as
+    /// [`load`](Self::load) loads. `None` when guest memory refuses it. Stores through the
+    /// host mapping mark the dirty bitmap as guest-memory writes do.
+    pub(crate) fn store<T: AtomicAccess>(
+        &self,
+        mem: &G,
+        index: u16,
+        field: usize,
+        value: T,
+        order: Ordering,
+    ) -> Option<()> {
+        let offset = usize::from(index) * DESC_SIZE + field;
+        if let Some(host) = &self.host {
+            if host.store(value, offset, order).is_ok() {
+                return Some(());
+            }
+        }
+        mem.store(value, self.addr.checked_add(offset as u64)?, order)
+            .ok()
     }
 }
 
 /// A descriptor chain handed to the closure of
 /// [`VringData::serve_available`](crate::VringData::serve_available) (and so of
-/// `vu_daemon::process::process_queue`).
+/// `vu_daemon::process::process_queue`), from a split or a packed ring alike.
 ///
-/// It iterates over the chain's [`Descriptor`]s like virtio-queue's [`DescriptorChain`]
-/// (following `NEXT` links and one level of indirect table, at most as many descriptors as the
-/// table has, stopping where virtio-queue stops on a malformed chain), reading them through a
-/// host mapping of the table made once per pass. For virtio-queue's `Reader` and `Writer`,
-/// or any API that wants the virtio-queue type, [`descriptor_chain`](Self::descriptor_chain)
-/// gives the same chain as a [`DescriptorChain`].
+/// On a split ring it iterates over the chain's [`Descriptor`]s like virtio-queue's
+/// [`DescriptorChain`] (following `NEXT` links and one level of indirect table, at most as
+/// many descriptors as the table has, stopping where virtio-queue stops on a malformed chain),
+/// reading them through a host mapping of the table made once per pass. For virtio-queue's
+/// `Reader` and `Writer`, or any API that wants the virtio-queue type,
+/// [`descriptor_chain`](Self::descriptor_chain) gives the same chain as a [`DescriptorChain`].
+///
+/// On a packed ring (`VIRTIO_F_RING_PACKED`) it walks the chain's descriptors in ring order
+/// (as many as the chain was counted to have when it was taken, wrapping at the ring's end),
+/// and an indirect table's entries in table order, and yields each as a split [`Descriptor`]
+/// with the same meaning: `addr`, `len`, `VRING_DESC_F_WRITE` as the driver set it,
+/// `VRING_DESC_F_NEXT` on every descriptor but the last, and `next` 0. So a device written for
+/// split rings runs unchanged on packed ones.
 ///
 /// # Example
 ///
@@ -134,11 +212,12 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 /// Such a function is the closure of `process_queue(vring, |chain| reverse(chain))`.
 pub struct Chain<'m, G: GuestMemory> {
     mem: &'m G,
-    /// The index of the chain's first descriptor.
-    head: u16,
-    /// The chain as virtio-queue popped it, never advanced; `None` for a chain served again
-    /// after a reconnect, which was not popped from the available ring.
+    /// The chain as virtio-queue popped it (split rings only), never advanced.
     popped: Option<DescriptorChain<&'m G>>,
+    /// What the used ring reports: the head index (split) or the buffer id (packed).
+    id: u16,
+    /// For a chain of a packed ring, the ring's size, where ring positions wrap.
+    packed_ring: Option<u16>,
     /// The table the walk is in: the queue's, then an indirect one.
     table: Table<'m, G>,
     next_index: u16,
@@ -154,8 +233,9 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
         let head = popped.head_index();
         Chain {
             mem: table.mem,
-            head,
             popped: Some(popped),
+            id: head,
+            packed_ring: None,
             table: table.table.clone(),
             next_index: head,
             ttl: table.table.entries,
@@ -169,8 +249,9 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     pub(crate) fn resubmitted(head: u16, table: &ChainTable<'m, G>) -> Self {
         Chain {
             mem: table.mem,
-            head,
             popped: None,
+            id: head,
+            packed_ring: None,
             table: table.table.clone(),
             next_index: head,
             ttl: table.table.entries,
@@ -179,9 +260,26 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
         }
     }
 
-    /// The index of the chain's first descriptor: what the used ring reports.
+    /// The chain of a packed ring whose descriptor ring is `ring`: `count` descriptors from
+    /// position `head`, completed with buffer id `id`.
+    pub(crate) fn packed(mem: &'m G, ring: &Table<'m, G>, head: u16, count: u16, id: u16) -> Self {
+        Chain {
+            mem,
+            popped: None,
+            id,
+            packed_ring: Some(ring.entries),
+            table: ring.clone(),
+            next_index: head,
+            ttl: count,
+            yielded_bytes: 0,
+            in_indirect: false,
+        }
+    }
+
+    /// What the used ring reports for this chain: the index of its first descriptor on a
+    /// split ring, its buffer id (the `id` of its last descriptor) on a packed ring.
     pub fn head_index(&self) -> u16 {
-        self.head
+        self.id
     }
 
     /// The guest memory the descriptors point into.
@@ -195,9 +293,15 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     ///
     /// `None` for a chain served again after a reconnect (inflight I/O tracking): it was not
     /// popped from the available ring, and virtio-queue builds a `DescriptorChain` only by
-    /// popping. Iterate over the `Chain` itself, which yields the same descriptors.
+    /// popping; and `None` for a chain of a packed ring: virtio-queue 0.18 walks split rings
+    /// only. Iterate over the `Chain` itself, which yields the same descriptors.
     pub fn descriptor_chain(&self) -> Option<DescriptorChain<&'m G>> {
         self.popped.clone()
+    }
+
+    /// Whether the chain comes from a packed ring.
+    pub fn is_packed(&self) -> bool {
+        self.packed_ring.is_some()
     }
 
     /// The remaining device-readable descriptors.
@@ -213,12 +317,13 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// Continues the walk in the indirect table `desc` refers to, with virtio-queue's checks:
     /// no indirect table inside one, a length that is a whole number of descriptors, at most
     /// `u16::MAX` of them.
-    fn enter_indirect(&mut self, desc: &Descriptor) -> Option<()> {
-        if self.in_indirect || desc.len() as usize % DESC_SIZE != 0 {
+    /// The same checks hold for a packed ring's indirect descriptor.
+    fn enter_indirect(&mut self, addr: GuestAddress, len: u32) -> Option<()> {
+        if self.in_indirect || len as usize % DESC_SIZE != 0 {
             return None;
         }
-        let entries = u16::try_from(desc.len() as usize / DESC_SIZE).ok()?;
-        self.table = Table::map(self.mem, desc.addr(), entries);
+        let entries = u16::try_from(len as usize / DESC_SIZE).ok()?;
+        self.table = Table::map(self.mem, addr, entries);
         self.next_index = 0;
         self.ttl = entries;
         self.in_indirect = true;
@@ -230,13 +335,16 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {
+        if let Some(ring_size) = self.packed_ring {
+            return self.next_packed(ring_size);
+        }
         loop {
             if self.ttl == 0 || self.next_index >= self.table.entries {
                 return None;
             }
             let desc = self.table.read(self.mem, self.next_index)?;
             if desc.refers_to_indirect_table() {
-                self.enter_indirect(&desc)?;
+                self.enter_indirect(desc.addr(), desc.len())?;
                 continue;
             }
             // A chain longer than 4 GiB in total is invalid (virtio 1.2, 2.7.5.2): the walk
@@ -253,12 +361,50 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
     }
 }
 
+impl<G: GuestMemory> Chain<'_, G> {
+    /// The next descriptor of a packed ring's chain (see the type's documentation).
+    fn next_packed(&mut self, ring_size: u16) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next_index >= self.table.entries {
+                return None;
+            }
+            // Packed layout: `addr`, `len`, `id`, `flags`.
+            let (addr, len, _id, flags) = self.table.read_raw(self.mem, self.next_index)?;
+            // Inside an indirect table only VIRTQ_DESC_F_WRITE means something; the others
+            // are ignored (virtio 1.2, 2.8.19).
+            if !self.in_indirect && flags & PACKED_F_INDIRECT != 0 {
+                // "A driver MUST NOT set both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT in
+                // flags": such a chain ends here, as a malformed split chain does.
+                if flags & PACKED_F_NEXT != 0 {
+                    return None;
+                }
+                self.enter_indirect(GuestAddress(addr), len)?;
+                continue;
+            }
+            self.yielded_bytes = self.yielded_bytes.checked_add(len)?;
+            self.ttl -= 1;
+            self.next_index = match self.next_index.checked_add(1) {
+                Some(next) if self.in_indirect || next < ring_size => next,
+                _ => 0,
+            };
+            let next = if self.ttl > 0 { PACKED_F_NEXT } else { 0 };
+            return Some(Descriptor::new(
+                addr,
+                len,
+                (flags & PACKED_F_WRITE) | next,
+                0,
+            ));
+        }
+    }
+}
+
 impl<G: GuestMemory> Clone for Chain<'_, G> {
     fn clone(&self) -> Self {
         Chain {
             mem: self.mem,
-            head: self.head,
             popped: self.popped.clone(),
+            id: self.id,
+            packed_ring: self.packed_ring,
             table: self.table.clone(),
             next_index: self.next_index,
             ttl: self.ttl,
@@ -272,6 +418,7 @@ impl<G: GuestMemory> fmt::Debug for Chain<'_, G> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Chain")
             .field("head_index", &self.head_index())
+            .field("packed", &self.is_packed())
             .field("table", &self.table.addr)
             .field("mapped", &self.table.host.is_some())
             .field("next_index", &self.next_index)

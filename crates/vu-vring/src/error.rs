@@ -106,6 +106,47 @@ pub enum Error {
     /// [`InflightError`](crate::InflightError)).
     #[error("inflight area refused: {0}")]
     Inflight(#[from] crate::inflight::InflightError),
+    /// A packed ring's descriptor could not be read or written: the descriptor ring is not
+    /// (wholly) in guest memory.
+    #[error("packed ring entry {index} is not in guest memory")]
+    PackedRingAccess {
+        /// The ring position whose descriptor could not be accessed.
+        index: u16,
+    },
+    /// A packed ring's chain is malformed: a descriptor of it is not available, or it never
+    /// ends within the ring. The ring stays at the chain's head.
+    #[error("packed ring chain at position {head} refused: {reason}")]
+    PackedChain {
+        /// The ring position of the chain's first descriptor.
+        head: u16,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A packed ring's next available or used position (bits 0-14, wrap counter in bit 15)
+    /// is past the ring.
+    #[error("packed ring positions avail {avail:#x}, used {used:#x} do not fit a ring of {size}")]
+    PackedPosition {
+        /// The next available position word.
+        avail: u16,
+        /// The next used position word.
+        used: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// A vhost-user ring base (`SET_VRING_BASE`) does not fit the ring layout: above
+    /// `u16::MAX` for a split ring.
+    #[error("ring base {num:#x} does not fit a split ring")]
+    InvalidVringBase {
+        /// The refused base.
+        num: u32,
+    },
+    /// The operation exists for split rings only (virtio-queue's `DescriptorChain` and
+    /// used-ring calls); a packed ring is served through `serve_available`.
+    #[error("{operation} is not available on a packed ring: serve it with serve_available")]
+    SplitOnly {
+        /// The refused operation.
+        operation: &'static str,
+    },
     /// Writing the call eventfd failed.
     #[error("signalling the call eventfd failed: {0}")]
     Io(#[from] io::Error),

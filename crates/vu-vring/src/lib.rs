@@ -2,9 +2,9 @@
 //!
 //! # What this crate is
 //!
-//! One vring is a split virtqueue living in guest memory plus what the vhost-user protocol
-//! attaches to it: the kick, call and error eventfds, the enabled flag, whether it is started,
-//! and the address where used-ring writes are logged during migration. [`VringData`] holds all
+//! One vring is a split or packed virtqueue living in guest memory plus what the vhost-user
+//! protocol attaches to it: the kick, call and error eventfds, the enabled flag, whether it is
+//! started, and the address where used-ring writes are logged during migration. [`VringData`] holds all
 //! of that around a [`virtio_queue::Queue`]; the [`VringT`] trait gives access to it through
 //! `&self`, and three types implement the trait:
 //!
@@ -119,6 +119,35 @@
 //! area before the device sees it and cleared after its used element is published, and the
 //! chains found in flight at the restart are served again first. The layouts and the
 //! protocol are in [`inflight`]; docs/inflight.md says what a device author gets.
+//! # Packed rings
+//!
+//! When `VIRTIO_F_RING_PACKED` is acked the daemon calls
+//! [`set_queue_packed(true)`](VringT::set_queue_packed) at `SET_FEATURES`, and the vring is a
+//! packed virtqueue (virtio 1.2, 2.8) served by this crate's own implementation (virtio-queue
+//! 0.18 has split rings only). The `SET_VRING_ADDR` addresses are then the descriptor ring,
+//! the driver area and the device area; `SET_VRING_BASE` and `GET_VRING_BASE` carry the avail
+//! wrap counter in bit 15 and, as QEMU sends and reads them, the used position with its wrap
+//! counter in bits 16-31 ([`set_vring_base`](VringT::set_vring_base),
+//! [`vring_base`](VringT::vring_base)).
+//!
+//! The device API does not change: [`VringData::serve_available`] (and [`process_queue`]
+//! around it) hands the device the same [`Chain`], whose descriptors read as
+//! split descriptors, and completes each chain, in order, with the used length the device
+//! returns: the used descriptor goes to the position of the chain's first descriptor, with
+//! the buffer id of its last one, AVAIL and USED both equal to the used wrap counter, and
+//! the used position advances by the chain's descriptor count. Notifications follow the two
+//! event suppression structures: the device area is written by
+//! [`disable_notification`](VringT::disable_notification) (DISABLE) and
+//! [`enable_notification`](VringT::enable_notification) (ENABLE, or DESC with the next
+//! available position when EVENT_IDX is on), and the driver area decides
+//! [`signal_used_queue_if_needed`](VringT::signal_used_queue_if_needed) (DISABLE: no; DESC:
+//! when its position was just used; otherwise yes). A chain whose descriptors are not all
+//! available, or which does not end within the ring, is an [`Error`] on that ring and the
+//! ring stays at the chain; indirect tables are walked with the split path's bounds.
+//!
+//! The calls that trade in virtio-queue types ([`pop_descriptor_chain`](VringT::pop_descriptor_chain),
+//! [`add_used`](VringT::add_used), [`add_used_batch`](VringT::add_used_batch),
+//! [`Chain::descriptor_chain`]) serve split rings only.
 //!
 //! # `Send` and `Sync`
 //!
@@ -172,6 +201,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inflight;
+mod packed;
 mod process;
 mod state;
 #[cfg(test)]

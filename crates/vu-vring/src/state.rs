@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 use crate::inflight::{crash, InflightError, InflightQueue, InflightRegion};
+use crate::packed::{PackedRing, Position};
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
 /// virtqueue section makes the size a power of two of at most 32768.
@@ -91,6 +92,9 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// `next_used` when the notification decision was last taken; entries past it are the
     /// ones a notification would announce.
     notified_used: Wrapping<u16>,
+    /// The device's state of the ring when it is a packed ring (`VIRTIO_F_RING_PACKED`
+    /// acked); `None` for a split ring, served through `queue`.
+    packed: Option<PackedRing>,
     /// Inflight I/O tracking, when the frontend gave an area and the ring was restarted with
     /// it ([`VringData::restart`]).
     tracker: Option<Tracker>,
@@ -194,7 +198,30 @@ impl<M: GuestAddressSpace> VringData<M> {
             log_guest_addr: None,
             notified_used: Wrapping(0),
             tracker: None,
+            packed: None,
         })
+    }
+
+    /// Chooses the ring layout from the acked features (`SET_FEATURES`): packed when
+    /// `VIRTIO_F_RING_PACKED` was acked, split otherwise. A change of layout starts the
+    /// packed positions afresh (index 0, wrap counters 1).
+    ///
+    /// On a packed ring the three `SET_VRING_ADDR` addresses are the descriptor ring, the
+    /// driver area and the device area (the two event suppression structures);
+    /// [`serve_available`](Self::serve_available), the notification methods and the index
+    /// methods follow the layout, while the calls that hand out or take back virtio-queue
+    /// types ([`pop_descriptor_chain`](Self::pop_descriptor_chain),
+    /// [`add_used`](Self::add_used), [`add_used_batch`](Self::add_used_batch)) serve split
+    /// rings only.
+    pub fn set_queue_packed(&mut self, packed: bool) {
+        if packed != self.packed.is_some() {
+            self.packed = packed.then(PackedRing::default);
+        }
+    }
+
+    /// Whether the ring is a packed ring.
+    pub fn queue_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The underlying virtio-queue [`Queue`] (named as in the reference implementation, see
@@ -225,7 +252,13 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// With inflight tracking, the chain is recorded in the inflight area before it is
     /// returned. Chains found in flight at a restart are not returned here: only
     /// [`serve_available`](Self::serve_available) (and so `process_queue`) serves them again.
+    ///
+    /// A packed ring has no virtio-queue chain to hand out: `None` (serve it with
+    /// [`serve_available`](Self::serve_available)).
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
+        if self.packed.is_some() {
+            return None;
+        }
         let chain = pop_servable(&mut self.queue, self.mem.memory())?;
         if self.tracker.is_some() {
             Tracker::record(&mut self.tracker, None, chain.head_index());
@@ -236,8 +269,10 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// Puts one completed chain into the used ring and publishes the new used index.
     ///
     /// With inflight tracking, the chain is cleared from the inflight area following the
-    /// specification's protocol (linked, published, cleared).
+    /// specification's protocol (linked, published, cleared). [`Error::SplitOnly`] on a
+    /// packed ring.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), Error> {
+        self.split_only("add_used")?;
         if self.tracker.is_some() {
             return self.add_used_batch([(head, len)]).map(|_| ());
         }
@@ -257,6 +292,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
+        self.split_only("add_used_batch")?;
         let mem = self.mem.memory();
         if self.tracker.is_some() {
             let batch: Vec<(u16, u32)> = used.into_iter().collect();
@@ -307,6 +343,9 @@ impl<M: GuestAddressSpace> VringData<M> {
     where
         F: FnMut(Chain<'_, M::M>) -> u32,
     {
+        if let Some(packed) = &mut self.packed {
+            return packed.serve(&self.queue, mem, serve);
+        }
         let ring = used_ring_slice(&self.queue, mem);
         let table = ChainTable::map(
             mem,
@@ -466,6 +505,19 @@ impl<M: GuestAddressSpace> VringData<M> {
         inflight: Option<InflightQueue>,
         serve_resubmitted: bool,
     ) -> Result<Restart, Error> {
+        // A packed ring starts from the positions SET_VRING_BASE gave; its inflight layout
+        // (descriptor copies, not heads) is not tracked: nothing is recorded or served again.
+        if self.packed.is_some() {
+            if inflight.is_some() {
+                log::warn!("inflight I/O tracking is not done for packed rings: area ignored");
+            }
+            self.tracker = None;
+            return Ok(Restart {
+                next_used: self.queue_next_used(),
+                next_avail: self.queue_next_avail(),
+                resubmit: 0,
+            });
+        }
         let used = match self.queue_used_idx() {
             Ok(used) => used,
             // Nothing to reconcile with: the ring keeps the indices it was given, and the
@@ -542,8 +594,12 @@ impl<M: GuestAddressSpace> VringData<M> {
     ///
     /// An available index more than the queue size ahead of the device's is
     /// [`Error::InvalidAvailIndex`] (nothing can be popped from it); an unreadable available
-    /// ring is the memory error.
+    /// ring is the memory error. A packed ring counts 1 when a chain is available (its number
+    /// is not known without walking the ring), else 0.
     pub fn pending_chains(&self) -> Result<usize, Error> {
+        if self.packed.is_some() {
+            return self.has_available().map(usize::from);
+        }
         let mem = self.mem.memory();
         let idx = self.queue.avail_idx(mem.deref(), Ordering::Acquire)?.0;
         let next_avail = self.queue.next_avail();
@@ -588,7 +644,13 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// [`get_queue_mut`](Self::get_queue_mut) count as well. virtio-queue's own
     /// `Queue::needs_notification` is not used: it ignores `VRING_AVAIL_F_NO_INTERRUPT` and
     /// answers `true` when nothing was added.
+    ///
+    /// On a packed ring the driver area's event suppression structure decides instead: see
+    /// the [crate documentation](crate#packed-rings).
     pub fn needs_notification(&mut self) -> Result<bool, Error> {
+        if let Some(packed) = &mut self.packed {
+            return packed.needs_notification(&self.queue, self.mem.memory().deref());
+        }
         let used = Wrapping(self.queue.next_used());
         let old = self.notified_used;
         if used == old {
@@ -626,12 +688,18 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// meantime, in which case the caller processes the queue again.
     pub fn enable_notification(&mut self) -> Result<bool, Error> {
         let mem = self.mem.memory();
+        if let Some(packed) = &self.packed {
+            return packed.enable_notification(&self.queue, mem.deref());
+        }
         Ok(self.queue.enable_notification(mem.deref())?)
     }
 
     /// Asks the driver not to kick while the queue is being processed.
     pub fn disable_notification(&mut self) -> Result<(), Error> {
         let mem = self.mem.memory();
+        if let Some(packed) = &self.packed {
+            return packed.disable_notification(&self.queue, mem.deref());
+        }
         Ok(self.queue.disable_notification(mem.deref())?)
     }
 
@@ -669,13 +737,20 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// (`SET_VRING_ADDR`, after the daemon translated the frontend's VMM addresses).
     ///
     /// All three are checked before any is stored, so a refused request changes nothing.
+    /// On a packed ring they are the descriptor ring, the driver area and the device area;
+    /// the two areas are 4-byte aligned.
     pub fn set_queue_info(&mut self, desc: u64, avail: u64, used: u64) -> Result<(), Error> {
         for (part, addr) in [
             (RingPart::Descriptors, desc),
             (RingPart::Avail, avail),
             (RingPart::Used, used),
         ] {
-            if addr % part.align() != 0 {
+            let align = if self.packed.is_some() {
+                part.align().max(4)
+            } else {
+                part.align()
+            };
+            if addr % align != 0 {
                 return Err(Error::MisalignedRing { part, addr });
             }
         }
@@ -728,31 +803,96 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.queue.event_idx_enabled()
     }
 
-    /// The index of the next available entry the device will read (`GET_VRING_BASE`).
+    /// The index of the next available entry the device will read (`GET_VRING_BASE`). On a
+    /// packed ring: the position in bits 0-14 and the avail wrap counter in bit 15.
     pub fn queue_next_avail(&self) -> u16 {
-        self.queue.next_avail()
+        match &self.packed {
+            Some(packed) => packed.next_avail().word(),
+            None => self.queue.next_avail(),
+        }
     }
 
-    /// Sets the index of the next available entry (`SET_VRING_BASE`).
+    /// Sets the index of the next available entry (`SET_VRING_BASE`). On a packed ring: the
+    /// position in bits 0-14 and the avail wrap counter in bit 15.
     pub fn set_queue_next_avail(&mut self, idx: u16) {
-        self.queue.set_next_avail(idx);
+        match &mut self.packed {
+            Some(packed) => packed.set_next_avail(Position::from_word(idx)),
+            None => self.queue.set_next_avail(idx),
+        }
     }
 
-    /// The index of the next used entry the device will write.
+    /// The ring state word of `GET_VRING_BASE`: for a split ring the next available index;
+    /// for a packed ring, as QEMU reads it, the next available position with its wrap
+    /// counter in bit 15 and the next used position with its wrap counter in bits 16-31.
+    pub fn vring_base(&self) -> u32 {
+        match &self.packed {
+            Some(packed) => {
+                u32::from(packed.next_avail().word()) | u32::from(packed.next_used().word()) << 16
+            }
+            None => u32::from(self.queue.next_avail()),
+        }
+    }
+
+    /// Sets the ring state from `SET_VRING_BASE`'s word (see [`vring_base`](Self::vring_base)).
+    /// A split ring refuses a word above `u16::MAX`. A packed ring takes the available
+    /// position from the low half (vhost-user spec, "Ring states": bit 15 is the avail wrap
+    /// counter) and the used position from the high half, as QEMU sends it; the positions are
+    /// checked against the queue size when the ring is used.
+    pub fn set_vring_base(&mut self, num: u32) -> Result<(), Error> {
+        match &mut self.packed {
+            Some(packed) => {
+                packed.set_next_avail(Position::from_word(num as u16));
+                packed.set_next_used(Position::from_word((num >> 16) as u16));
+            }
+            None => {
+                let idx = u16::try_from(num).map_err(|_| Error::InvalidVringBase { num })?;
+                self.queue.set_next_avail(idx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the driver made chains available that the device has not taken: the split
+    /// ring's available index differs from the device's, or the packed ring's descriptor at
+    /// the next available position is available.
+    pub fn has_available(&self) -> Result<bool, Error> {
+        let mem = self.mem.memory();
+        match &self.packed {
+            Some(packed) => packed.has_available(&self.queue, mem.deref()),
+            None => {
+                Ok(self.queue.avail_idx(mem.deref(), Ordering::Acquire)?.0
+                    != self.queue.next_avail())
+            }
+        }
+    }
+
+    /// The index of the next used entry the device will write. On a packed ring: the
+    /// position in bits 0-14 and the used wrap counter in bit 15.
     pub fn queue_next_used(&self) -> u16 {
-        self.queue.next_used()
+        match &self.packed {
+            Some(packed) => packed.next_used().word(),
+            None => self.queue.next_used(),
+        }
     }
 
     /// Sets the index of the next used entry, typically to
     /// [`queue_used_idx`](Self::queue_used_idx) once the ring addresses are known. This also
     /// restarts the notification window.
     pub fn set_queue_next_used(&mut self, idx: u16) {
+        if let Some(packed) = &mut self.packed {
+            packed.set_next_used(Position::from_word(idx));
+            return;
+        }
         self.queue.set_next_used(idx);
         self.notified_used = Wrapping(idx);
     }
 
-    /// Reads the used ring's `idx` from guest memory.
+    /// Reads the used ring's `idx` from guest memory. A packed ring has no used index in
+    /// memory: its device's next used position ([`queue_next_used`](Self::queue_next_used)).
     pub fn queue_used_idx(&self) -> Result<u16, Error> {
+        if self.packed.is_some() {
+            return Ok(self.queue_next_used());
+        }
         let mem = self.mem.memory();
         Ok(self.queue.used_idx(mem.deref(), Ordering::Acquire)?.0)
     }
@@ -839,8 +979,15 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// After completing chains the daemon marks this range dirty in the log (vu-mem's
     /// bitmap); marking the whole ring is a little coarser than per element but never
     /// misses a write.
+    ///
+    /// On a packed ring the range is the 4-byte device area the log address stands for (as
+    /// QEMU gives it); the used descriptors written into the descriptor ring are not
+    /// covered, so dirty logging is not complete for packed rings.
     pub fn log_used(&self) -> Option<std::ops::Range<u64>> {
         let start = self.log_guest_addr?;
+        if self.packed.is_some() {
+            return Some(start..start.checked_add(4)?);
+        }
         let len = USED_HEADER + USED_ELEM * u64::from(self.queue.size()) + USED_TRAILER;
         Some(start..start.checked_add(len)?)
     }
@@ -857,6 +1004,15 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.log_guest_addr = None;
         self.notified_used = Wrapping(0);
         self.tracker = None;
+        self.packed = None;
+    }
+
+    /// Refuses `operation` on a packed ring.
+    fn split_only(&self, operation: &'static str) -> Result<(), Error> {
+        match self.packed {
+            Some(_) => Err(Error::SplitOnly { operation }),
+            None => Ok(()),
+        }
     }
 
     fn read_avail_u16(&self, offset: u64) -> Result<u16, Error> {

@@ -155,6 +155,33 @@ pub trait VringT<M: GuestAddressSpace>:
         self.get_ref().event_idx()
     }
 
+    /// Chooses the split or packed layout from the acked features; see
+    /// [`VringData::set_queue_packed`].
+    fn set_queue_packed(&self, packed: bool) {
+        self.get_mut().set_queue_packed(packed);
+    }
+
+    /// Whether the ring is a packed ring.
+    fn queue_packed(&self) -> bool {
+        self.get_ref().queue_packed()
+    }
+
+    /// The `GET_VRING_BASE` word for either layout; see [`VringData::vring_base`].
+    fn vring_base(&self) -> u32 {
+        self.get_ref().vring_base()
+    }
+
+    /// Sets the ring state from the `SET_VRING_BASE` word; see [`VringData::set_vring_base`].
+    fn set_vring_base(&self, num: u32) -> Result<(), Error> {
+        self.get_mut().set_vring_base(num)
+    }
+
+    /// Whether chains are available that the device has not taken; see
+    /// [`VringData::has_available`].
+    fn has_available(&self) -> Result<bool, Error> {
+        self.get_ref().has_available()
+    }
+
     /// The next available index (`GET_VRING_BASE`).
     fn queue_next_avail(&self) -> u16 {
         self.get_ref().queue_next_avail()

@@ -87,6 +87,9 @@ pub(crate) struct Spec {
     pub(crate) backend: Backend,
     pub(crate) queues: u16,
     pub(crate) cpus: u16,
+    /// `packed=on` on the device: the guest must negotiate packed virtqueues
+    /// (`VIRTIO_F_RING_PACKED`), which it checks in the device's feature bits.
+    pub(crate) packed: bool,
     /// Where this boot's files go (recreated).
     pub(crate) dir: PathBuf,
     /// How long the guest may take.
@@ -290,13 +293,16 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
         ..
     } = files;
     let accel = if machine.kvm { "kvm" } else { "tcg" };
-    let device = match spec.device {
+    let mut device = match spec.device {
         Device::Blk => format!(
             "vhost-user-blk-pci,chardev=char0,num-queues={}",
             spec.queues
         ),
         Device::Rng => "vhost-user-rng-pci,chardev=char0".to_owned(),
     };
+    if spec.packed {
+        device.push_str(",packed=on");
+    }
     let backend_args = match (&spec.backend, spec.device) {
         (Backend::Builtin, Device::Blk) => vec![
             "-drive".to_owned(),
@@ -463,6 +469,9 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     let nonce = format!("{:016x}", fresh_u64());
     let files = files_in(&spec.dir, sockets);
     let mut extra = "rng_core.default_quality=0".to_owned();
+    if spec.packed {
+        extra.push_str(" e2e.packed=1");
+    }
     match spec.device {
         Device::Blk => {
             let sum = prepare_image(&spec.dir, &files.image, &nonce, seed)?;
@@ -750,6 +759,7 @@ mod tests {
             backend: Backend::Qsd,
             queues,
             cpus: queues,
+            packed: false,
             dir: PathBuf::from("/nonexistent"),
             deadlines: Deadlines::UNCALIBRATED,
         }

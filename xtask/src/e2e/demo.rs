@@ -69,6 +69,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         backend,
         queues: run.queues,
         cpus: run.cpus,
+        packed: run.packed,
         dir: PathBuf::from("target/e2e/demo"),
         deadlines: Deadlines::UNCALIBRATED,
     };

@@ -49,6 +49,13 @@ fn check_after_power_off(
     image: &Path,
     rng_source: &Path,
 ) -> Result<(), String> {
+    // The guest counted the devices that negotiated packed rings (one here).
+    if spec.packed && !pass_line.contains(" packed=1") {
+        return Err(format!(
+            "guest did not confirm packed rings: {}",
+            pass_line.trim()
+        ));
+    }
     match spec.device {
         Device::Blk => {
             let want_queues = format!("queues={}", spec.queues);
@@ -133,6 +140,7 @@ mod tests {
             backend: Backend::Qsd,
             queues,
             cpus: queues,
+            packed: false,
             dir: PathBuf::from("/nonexistent"),
             deadlines: Deadlines::UNCALIBRATED,
         }

@@ -84,10 +84,7 @@ pub(crate) const PROTOCOL_SERVICE: &[(ProtocolFeatures, Service)] = &[
 /// Virtio feature bits the framework itself has a say in; a bit not listed (device bits,
 /// VERSION_1, ...) is the backend's business and offered as the backend says.
 pub(crate) const VIRTIO_SERVICE: &[(VirtioFeatures, Service)] = &[
-    (
-        VirtioFeatures::RING_PACKED,
-        Service::Masked("the vrings are split rings only"),
-    ),
+    (VirtioFeatures::RING_PACKED, Service::Served),
     (
         VirtioFeatures::ACCESS_PLATFORM,
         Service::Masked(

@@ -573,21 +573,21 @@ fn set_features_honours_unoffered_ring_features_and_drops_the_rest() {
     assert_eq!(f.session.acked_features, in_force.bits());
 }
 
-/// vu-vring serves split rings only: a backend offering RING_PACKED must not get it negotiated.
+/// RING_PACKED is offered as the backend offers it (the vrings serve packed rings; QEMU's
+/// blk and rng guests run on them in the e2e gate), and acking it makes every vring packed.
 #[test]
-fn packed_ring_is_never_offered() {
-    let offered =
-        VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES | VirtioFeatures::RING_PACKED;
+fn packed_ring_offer_follows_the_backend_and_the_ack_makes_the_vrings_packed() {
+    let split = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
+    let mut f = Fixture::with(split.bits(), protocol());
+    assert_eq!(ack(&f.ask(FrontendRequest::GetFeatures)), split.bits());
+    let offered = split | VirtioFeatures::RING_PACKED;
     let mut f = Fixture::with(offered.bits(), protocol());
-    assert_eq!(
-        ack(&f.ask(FrontendRequest::GetFeatures)),
-        (VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES).bits()
-    );
+    assert_eq!(ack(&f.ask(FrontendRequest::GetFeatures)), offered.bits());
     f.ok(FrontendRequest::SetFeatures(offered));
-    assert_eq!(
-        lock(&f.rec).acked,
-        Some((VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES).bits())
-    );
+    assert_eq!(lock(&f.rec).acked, Some(offered.bits()));
+    assert!(f.vring(0).queue_packed() && f.vring(1).queue_packed());
+    f.ok(FrontendRequest::SetFeatures(split));
+    assert!(!f.vring(0).queue_packed() && !f.vring(1).queue_packed());
 }
 
 #[test]
@@ -968,6 +968,34 @@ fn get_vring_base_stops_in_order_and_returns_next_avail() {
     );
     assert_eq!(f.vring(0).ring_state(), RingState::Stopped);
     assert!(f.vring(0).get_ref().get_kick().is_none());
+}
+
+/// A packed ring's base word carries the avail position and wrap counter in bits 0-15 and
+/// the used ones in bits 16-31, in and out. (The fixture's backend does not offer
+/// RING_PACKED, so the layout is chosen on the vring directly.)
+#[cfg(not(feature = "xen"))]
+#[test]
+fn packed_vring_base_carries_both_positions_both_ways() {
+    let mut f = Fixture::negotiated();
+    f.vring(0).set_queue_packed(true);
+    f.start_queue(0);
+    f.ok(FrontendRequest::SetVringBase(VringState {
+        index: 0,
+        num: 0x8003_0005,
+    }));
+    assert_eq!(f.vring(0).queue_next_avail(), 5);
+    assert_eq!(f.vring(0).queue_next_used(), 0x8003);
+    let outcome = f.send(
+        FrontendRequest::GetVringBase(VringState { index: 0, num: 0 }),
+        HeaderFlags::empty(),
+    );
+    let mut expected = Vec::new();
+    VringState {
+        index: 0,
+        num: 0x8003_0005,
+    }
+    .encode(&mut expected);
+    assert_eq!(outcome.reply.unwrap().body, expected);
 }
 
 /// Enabling does not kick: the runtime re-arms parked kicks after every message instead.

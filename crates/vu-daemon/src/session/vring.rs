@@ -30,6 +30,9 @@ const AVAIL_ENTRY: u64 = 2;
 const USED_ENTRY: u64 = 8;
 /// `flags` and `idx` before a ring's entries, plus the trailing event index: 2 + 2 + 2.
 const RING_EXTRA: u64 = 6;
+/// Bytes of a packed ring's driver or device area (an event suppression structure:
+/// `off_wrap: u16`, `flags: u16`).
+const EVENT_AREA: u64 = 4;
 
 /// How often a polled ring (`SET_VRING_KICK` with the no-fd flag) is looked at.
 pub(crate) const POLL_PERIOD: Duration = Duration::from_millis(1);
@@ -107,11 +110,21 @@ where
         let queue = self.queue(request, addr.index)?;
         let vring = self.vring(queue);
         let size = u64::from(vring.queue_size());
-        let parts = [
-            (addr.descriptor, DESC_ENTRY * size),
-            (addr.available, AVAIL_ENTRY * size + RING_EXTRA),
-            (addr.used, USED_ENTRY * size + RING_EXTRA),
-        ];
+        // A packed ring's three addresses are the descriptor ring, the driver area and the
+        // device area.
+        let parts = if vring.queue_packed() {
+            [
+                (addr.descriptor, DESC_ENTRY * size),
+                (addr.available, EVENT_AREA),
+                (addr.used, EVENT_AREA),
+            ]
+        } else {
+            [
+                (addr.descriptor, DESC_ENTRY * size),
+                (addr.available, AVAIL_ENTRY * size + RING_EXTRA),
+                (addr.used, USED_ENTRY * size + RING_EXTRA),
+            ]
+        };
         let mut guest = [0u64; 3];
         for (slot, (vmm, len)) in guest.iter_mut().zip(parts) {
             *slot = if self
@@ -138,9 +151,12 @@ where
         }
         vring.set_queue_info(desc, avail, used).map_err(vring_err)?;
         vring.set_log_guest_addr(log);
-        // A rebooted driver starts from the used index it finds in memory.
-        let used_idx = vring.queue_used_idx().map_err(vring_err)?;
-        vring.set_queue_next_used(used_idx);
+        // A rebooted driver starts from the used index it finds in memory (a packed ring has
+        // none: its used position comes with SET_VRING_BASE).
+        if !vring.queue_packed() {
+            let used_idx = vring.queue_used_idx().map_err(vring_err)?;
+            vring.set_queue_next_used(used_idx);
+        }
         Ok(())
     }
 
@@ -168,13 +184,15 @@ where
     pub(super) fn handle_set_vring_base(&mut self, state: VringState) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringBase;
         let queue = self.queue(request, state.index)?;
-        let base = u16::try_from(state.num).map_err(|_| SessionError::ValueOutOfRange {
-            request,
-            field: "split vring base",
-            value: u64::from(state.num),
-        })?;
-        self.vring(queue).set_queue_next_avail(base);
-        Ok(())
+        // Split: the next available index (16 bits). Packed: the avail position with its wrap
+        // counter in bit 15, the used position with its wrap counter in bits 16-31.
+        self.vring(queue)
+            .set_vring_base(state.num)
+            .map_err(|_| SessionError::ValueOutOfRange {
+                request,
+                field: "split vring base",
+                value: u64::from(state.num),
+            })
     }
 
     /// Stops the ring: no longer watched, no worker inside it, the device drained; then
@@ -208,17 +226,19 @@ where
         if let Err(err) = log.notify_changed() {
             warn!("GET_VRING_BASE: {err}");
         }
-        let next_avail = vring.queue_next_avail();
+        let base = vring.vring_base();
+        // Packed rings: the avail position with its wrap counter in bit 15.
         log::debug!(
-            "queue {queue} stopped (size {}) at available index {next_avail}",
-            vring.queue_size()
+            "queue {queue} stopped (size {}) at available index {}",
+            vring.queue_size(),
+            vring.queue_next_avail()
         );
         vring.set_kick(None);
         vring.set_call(None);
         self.set_polled(request, queue, false)?;
         let reply = VringState {
             index: state.index,
-            num: u32::from(next_avail),
+            num: base,
         };
         Ok(Reply::new(hdr, &reply, Vec::new()))
     }
@@ -335,7 +355,6 @@ where
         if !vring.ready() {
             // The restart point, fixed once as the ring starts: see `VringData::restart`.
             let inflight = self.inflight_queue(queue);
-            let tracked = inflight.is_some();
             let restart = vring
                 .get_mut()
                 .restart(inflight, self.backend.resubmit_inflight())
@@ -347,7 +366,8 @@ where
                         source,
                     },
                 })?;
-            if tracked {
+            // A packed ring takes no tracking (the vring says why); ask the vring, not the area.
+            if vring.get_ref().inflight_tracking() {
                 log::info!(
                     "queue {queue}: inflight I/O tracking on; {} chains in flight before the \
                      restart are served first",
@@ -554,7 +574,11 @@ where
     V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
     B: RegionBitmap,
 {
-    vring.get_ref().pending_chains().map_or(true, |n| n != 0)
+    let data = vring.get_ref();
+    if data.queue_packed() {
+        return data.has_available().unwrap_or(true);
+    }
+    data.pending_chains().map_or(true, |n| n != 0)
 }
 
 /// The device and inode numbers of the kernel's shared anonymous inode, which every eventfd

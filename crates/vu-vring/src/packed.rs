@@ -1,0 +1,530 @@
+//! Packed virtqueues (`VIRTIO_F_RING_PACKED`, virtio 1.2 section 2.8): the device side of the
+//! descriptor ring, its wrap counters and both event suppression structures.
+//!
+//! virtio-queue 0.18 serves split rings only, so this is the crate's own implementation. The
+//! ring addresses, size and `VIRTIO_F_RING_EVENT_IDX` stay in the [`Queue`] (the three
+//! `SET_VRING_ADDR` addresses mean the descriptor ring, the driver area and the device area);
+//! what a packed ring adds is kept here: the device's next available and next used positions
+//! with their wrap counters, and the position of the last notification decision.
+//!
+//! Every access goes through vm-memory with bounds checks, and nothing the driver wrote is
+//! trusted: a descriptor that is not available where a chain says it continues, a chain longer
+//! than the ring, or a ring outside guest memory is an [`Error`] on that ring; the device's
+//! positions then stay where they were.
+
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::chain::{Chain, Table, PACKED_F_NEXT};
+use crate::error::Error;
+
+/// Descriptor flag: the driver's avail wrap counter when it made the descriptor available.
+pub(crate) const PACKED_F_AVAIL: u16 = 1 << 7;
+/// Descriptor flag: set by the device to its used wrap counter when it used the descriptor.
+pub(crate) const PACKED_F_USED: u16 = 1 << 15;
+/// Event suppression flags: notifications enabled.
+pub(crate) const EVENT_F_ENABLE: u16 = 0;
+/// Event suppression flags: notifications disabled.
+pub(crate) const EVENT_F_DISABLE: u16 = 1;
+/// Event suppression flags: notify only at the position in `off_wrap` (needs
+/// `VIRTIO_F_RING_EVENT_IDX`).
+pub(crate) const EVENT_F_DESC: u16 = 2;
+/// Bit 15 of a position word (`off_wrap`, the vhost-user ring base): the wrap counter; bits
+/// 0-14 are the position.
+pub(crate) const WRAP_BIT: u16 = 1 << 15;
+/// Offset of `flags` in an event suppression structure (`off_wrap: u16` comes first).
+const EVENT_FLAGS: u64 = 2;
+/// Offset of `len: u32` in a packed descriptor.
+const DESC_LEN: usize = 8;
+/// Offset of `id: u16` in a packed descriptor.
+const DESC_ID: usize = 12;
+/// Offset of `flags: u16` in a packed descriptor.
+const DESC_FLAGS: usize = 14;
+
+/// A position in the ring with its wrap counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// The index in the ring, below the queue size.
+    pub(crate) idx: u16,
+    /// The wrap counter, starting at `true` (1) and flipped at each pass over the ring's end.
+    pub(crate) wrap: bool,
+}
+
+impl Position {
+    /// The position of a fresh ring: index 0, wrap counter 1.
+    const START: Position = Position { idx: 0, wrap: true };
+
+    /// The position word of vhost-user and `off_wrap`: the index in bits 0-14, the wrap
+    /// counter in bit 15.
+    pub(crate) fn word(self) -> u16 {
+        self.idx | if self.wrap { WRAP_BIT } else { 0 }
+    }
+
+    /// The position a word encodes (see [`word`](Self::word)).
+    pub(crate) fn from_word(word: u16) -> Self {
+        Position {
+            idx: word & !WRAP_BIT,
+            wrap: word & WRAP_BIT != 0,
+        }
+    }
+
+    /// The position `n` (at most `size`) descriptors further.
+    fn advance(self, n: u16, size: u16) -> Self {
+        let idx = u32::from(self.idx) + u32::from(n);
+        if idx >= u32::from(size) {
+            Position {
+                idx: (idx - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Position {
+                idx: idx as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+
+    /// The position on a circle of `2 * size` steps where both wrap values have their place,
+    /// so that distances between positions are differences modulo `2 * size`.
+    fn linear(self, size: u16) -> u32 {
+        u32::from(self.idx) + if self.wrap { 0 } else { u32::from(size) }
+    }
+}
+
+/// Whether descriptor `flags` say "available" to a device whose avail wrap counter is `wrap`:
+/// the AVAIL bit equals the counter and the USED bit does not (virtio 1.2, 2.8.1). Flags that
+/// claim both available and used, or neither, are not available.
+fn is_available(flags: u16, wrap: bool) -> bool {
+    (flags & PACKED_F_AVAIL != 0) == wrap && (flags & PACKED_F_USED != 0) != wrap
+}
+
+/// A chain taken from the ring: `count` descriptors from position `head`, with the buffer id
+/// of its last descriptor.
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    head: u16,
+    count: u16,
+    id: u16,
+}
+
+/// The device's state of one packed ring.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedRing {
+    next_avail: Position,
+    next_used: Position,
+    /// `next_used` when the notification decision was last taken.
+    notified: Position,
+}
+
+impl Default for PackedRing {
+    fn default() -> Self {
+        PackedRing {
+            next_avail: Position::START,
+            next_used: Position::START,
+            notified: Position::START,
+        }
+    }
+}
+
+impl PackedRing {
+    /// The next position the device reads from, with the avail wrap counter.
+    pub(crate) fn next_avail(&self) -> Position {
+        self.next_avail
+    }
+
+    /// The next position the device writes a used descriptor to, with the used wrap counter.
+    pub(crate) fn next_used(&self) -> Position {
+        self.next_used
+    }
+
+    /// Sets the next available position (`SET_VRING_BASE`, low half).
+    pub(crate) fn set_next_avail(&mut self, pos: Position) {
+        self.next_avail = pos;
+    }
+
+    /// Sets the next used position (`SET_VRING_BASE`, high half), restarting the notification
+    /// window.
+    pub(crate) fn set_next_used(&mut self, pos: Position) {
+        self.next_used = pos;
+        self.notified = pos;
+    }
+
+    /// Pops every chain available now (at most a ring's worth of descriptors, so a
+    /// notification window never covers more than the ring), serves each and writes its
+    /// used descriptor, in order. Returns how many chains were completed.
+    ///
+    /// A malformed chain after completed ones ends the call with their count: the ring stays
+    /// at the bad chain, so the next call reports its error with nothing completed, and a
+    /// caller counting completions (or deciding on an interrupt) sees every completed chain.
+    pub(crate) fn serve<G, F>(
+        &mut self,
+        queue: &Queue,
+        mem: &G,
+        mut serve: F,
+    ) -> Result<usize, Error>
+    where
+        G: GuestMemory,
+        F: FnMut(Chain<'_, G>) -> u32,
+    {
+        let size = queue.size();
+        let ring = Table::map_writable(mem, GuestAddress(queue.desc_table()), size);
+        let mut completed = 0;
+        let mut descriptors = 0u32;
+        while descriptors < u32::from(size) {
+            let taken = match self.take(&ring, mem) {
+                Ok(Some(taken)) => taken,
+                Ok(None) => break,
+                Err(err) if completed == 0 => return Err(err),
+                Err(_) => break,
+            };
+            let len = serve(Chain::packed(mem, &ring, taken.head, taken.count, taken.id));
+            self.put_used(&ring, mem, taken, len)?;
+            descriptors += u32::from(taken.count);
+            completed += 1;
+        }
+        Ok(completed)
+    }
+
+    /// Whether the descriptor at the next available position is available.
+    pub(crate) fn has_available<G: GuestMemory>(
+        &self,
+        queue: &Queue,
+        mem: &G,
+    ) -> Result<bool, Error> {
+        let ring = Table::map(mem, GuestAddress(queue.desc_table()), queue.size());
+        self.check_position(&ring)?;
+        let flags = load_u16(&ring, mem, self.next_avail.idx, DESC_FLAGS)?;
+        Ok(is_available(flags, self.next_avail.wrap))
+    }
+
+    /// Takes the chain at the next available position, if the driver made one available.
+    fn take<G: GuestMemory>(
+        &mut self,
+        ring: &Table<'_, G>,
+        mem: &G,
+    ) -> Result<Option<Taken>, Error> {
+        self.check_position(ring)?;
+        let size = ring.entries();
+        let head = self.next_avail;
+        let flags = load_u16(ring, mem, head.idx, DESC_FLAGS)?;
+        if !is_available(flags, head.wrap) {
+            return Ok(None);
+        }
+        // The driver writes the head's flags last, with Release: the rest of the chain is
+        // visible after this fence.
+        fence(Ordering::Acquire);
+        let mut pos = head;
+        let mut count = 0u16;
+        loop {
+            let (_, _, id, flags) = ring
+                .read_raw(mem, pos.idx)
+                .ok_or(Error::PackedRingAccess { index: pos.idx })?;
+            // Each descriptor of a chain is made available with the wrap counter of its own
+            // position: one that is not (a flipped counter, a stale entry) breaks the chain.
+            if !is_available(flags, pos.wrap) {
+                return Err(Error::PackedChain {
+                    head: head.idx,
+                    reason: "a descriptor of the chain is not available",
+                });
+            }
+            count += 1;
+            pos = pos.advance(1, size);
+            if flags & PACKED_F_NEXT == 0 {
+                self.next_avail = pos;
+                return Ok(Some(Taken {
+                    head: head.idx,
+                    count,
+                    id,
+                }));
+            }
+            if count == size {
+                return Err(Error::PackedChain {
+                    head: head.idx,
+                    reason: "the chain is longer than the ring",
+                });
+            }
+        }
+    }
+
+    /// Writes the used descriptor of `taken` at the next used position: `id` and `len`
+    /// first, then the flags (AVAIL and USED both equal to the used wrap counter) with
+    /// Release, so a driver that sees the flags sees the rest; the position then advances
+    /// by the chain's descriptor count.
+    fn put_used<G: GuestMemory>(
+        &mut self,
+        ring: &Table<'_, G>,
+        mem: &G,
+        taken: Taken,
+        len: u32,
+    ) -> Result<(), Error> {
+        let at = self.next_used.idx;
+        let flags = if self.next_used.wrap {
+            PACKED_F_AVAIL | PACKED_F_USED
+        } else {
+            0
+        };
+        store(ring, mem, at, DESC_LEN, len, Ordering::Relaxed)?;
+        store(ring, mem, at, DESC_ID, taken.id, Ordering::Relaxed)?;
+        store(ring, mem, at, DESC_FLAGS, flags, Ordering::Release)?;
+        self.next_used = self.next_used.advance(taken.count, ring.entries());
+        Ok(())
+    }
+
+    /// Decides whether the driver wants a notification for the used descriptors written
+    /// since the last decision, and restarts the window (virtio 1.2, 2.8.10).
+    ///
+    /// The driver area's flags say: ENABLE, notify; DISABLE, do not; DESC (with
+    /// `VIRTIO_F_RING_EVENT_IDX`), notify when the position in `off_wrap` lies in the window.
+    /// DESC without EVENT_IDX is not a valid value and is read as ENABLE.
+    pub(crate) fn needs_notification<G: GuestMemory>(
+        &mut self,
+        queue: &Queue,
+        mem: &G,
+    ) -> Result<bool, Error> {
+        let old = self.notified;
+        let new = self.next_used;
+        if old == new {
+            return Ok(false);
+        }
+        // The used flags (Release) must be visible before we read what the driver asked for.
+        fence(Ordering::SeqCst);
+        let driver = queue.avail_ring();
+        let flags = read_u16(mem, driver, EVENT_FLAGS)?;
+        let needed = match flags & 3 {
+            EVENT_F_DISABLE => false,
+            EVENT_F_DESC if queue.event_idx_enabled() => {
+                let event = Position::from_word(read_u16(mem, driver, 0)?);
+                let size = queue.size();
+                let span = 2 * u32::from(size);
+                let dist = |from: Position, to: Position| {
+                    (to.linear(size) + span - from.linear(size)) % span
+                };
+                // The driver's event position lies in [old, new).
+                event.idx < size && dist(old, event) < dist(old, new)
+            }
+            _ => true,
+        };
+        self.notified = new;
+        Ok(needed)
+    }
+
+    /// Asks the driver not to notify (device area flags DISABLE).
+    pub(crate) fn disable_notification<G: GuestMemory>(
+        &self,
+        queue: &Queue,
+        mem: &G,
+    ) -> Result<(), Error> {
+        write_u16(mem, queue.used_ring(), EVENT_FLAGS, EVENT_F_DISABLE)
+    }
+
+    /// Re-enables driver notifications: with EVENT_IDX, at the next available position
+    /// (DESC with `off_wrap`), else for every buffer (ENABLE); then returns whether a chain
+    /// became available meanwhile.
+    pub(crate) fn enable_notification<G: GuestMemory>(
+        &self,
+        queue: &Queue,
+        mem: &G,
+    ) -> Result<bool, Error> {
+        let device = queue.used_ring();
+        if queue.event_idx_enabled() {
+            write_u16(mem, device, 0, self.next_avail.word())?;
+            write_u16(mem, device, EVENT_FLAGS, EVENT_F_DESC)?;
+        } else {
+            write_u16(mem, device, EVENT_FLAGS, EVENT_F_ENABLE)?;
+        }
+        // The flags must be visible to the driver before we look at the ring again, or both
+        // sides may miss each other.
+        fence(Ordering::SeqCst);
+        self.has_available(queue, mem)
+    }
+
+    /// Refuses a position past the ring (a `SET_VRING_BASE` beyond the queue size).
+    fn check_position<G: GuestMemory>(&self, ring: &Table<'_, G>) -> Result<(), Error> {
+        if self.next_avail.idx >= ring.entries() || self.next_used.idx >= ring.entries() {
+            return Err(Error::PackedPosition {
+                avail: self.next_avail.word(),
+                used: self.next_used.word(),
+                size: ring.entries(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads the `u16` at byte `field` of ring entry `index` with Acquire.
+fn load_u16<G: GuestMemory>(
+    ring: &Table<'_, G>,
+    mem: &G,
+    index: u16,
+    field: usize,
+) -> Result<u16, Error> {
+    ring.load::<u16>(mem, index, field, Ordering::Acquire)
+        .map(u16::from_le)
+        .ok_or(Error::PackedRingAccess { index })
+}
+
+/// Stores the `u16` or `u32` `value` (made little-endian) at byte `field` of ring entry
+/// `index`.
+fn store<G, T>(
+    ring: &Table<'_, G>,
+    mem: &G,
+    index: u16,
+    field: usize,
+    value: T,
+    order: Ordering,
+) -> Result<(), Error>
+where
+    G: GuestMemory,
+    T: vm_memory::AtomicAccess + LittleEndian,
+{
+    ring.store(mem, index, field, value.to_le(), order)
+        .ok_or(Error::PackedRingAccess { index })
+}
+
+/// The integer types a used descriptor is made of.
+trait LittleEndian {
+    /// The value in little-endian byte order.
+    fn to_le(self) -> Self;
+}
+
+impl LittleEndian for u16 {
+    fn to_le(self) -> Self {
+        u16::to_le(self)
+    }
+}
+
+impl LittleEndian for u32 {
+    fn to_le(self) -> Self {
+        u32::to_le(self)
+    }
+}
+
+/// Reads the `u16` at `base + offset` (an event suppression structure field).
+fn read_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64) -> Result<u16, Error> {
+    let addr = base
+        .checked_add(offset)
+        .ok_or(Error::AddressOverflow { base, offset })?;
+    mem.load::<u16>(GuestAddress(addr), Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(|source| Error::GuestMemory { addr, source })
+}
+
+/// Writes the `u16` at `base + offset` (a field of the device area).
+fn write_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64, value: u16) -> Result<(), Error> {
+    let addr = base
+        .checked_add(offset)
+        .ok_or(Error::AddressOverflow { base, offset })?;
+    mem.store(value.to_le(), GuestAddress(addr), Ordering::Release)
+        .map_err(|source| Error::GuestMemory { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::*;
+    use crate::{VringMutex, VringT};
+
+    type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+    /// Two regions, adjacent in the guest, separate in the host.
+    const BOUNDARY: u64 = 0x1_0000;
+
+    fn write_desc(mem: &GuestMemoryMmap, at: u64, desc: (u64, u32, u16, u16)) {
+        let (addr, len, id, flags) = desc;
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(id, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 14)).unwrap();
+    }
+
+    #[test]
+    fn a_ring_across_two_regions_is_served_entry_by_entry() {
+        let mmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), BOUNDARY as usize),
+            (GuestAddress(BOUNDARY), BOUNDARY as usize),
+        ])
+        .unwrap();
+        let mem: Mem = GuestMemoryAtomic::new(mmap);
+        let vring = VringMutex::<Mem>::new(mem.clone(), 16).unwrap();
+        vring.set_queue_packed(true);
+        vring.set_queue_size(8).unwrap();
+        // Entries 0-3 below the boundary, 4-7 above it.
+        let ring = BOUNDARY - 64;
+        vring.set_queue_info(ring, 0x1000, 0x2000).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let m = mem.memory();
+        // A chain of three at positions 3, 4, 5: it crosses the boundary.
+        vring.set_vring_base(0x8003_8003).unwrap();
+        write_desc(&m, ring + 64, (0x100, 2, 0, PACKED_F_NEXT | PACKED_F_AVAIL));
+        write_desc(&m, ring + 80, (0x200, 3, 9, PACKED_F_AVAIL));
+        write_desc(&m, ring + 48, (0x300, 1, 0, PACKED_F_NEXT | PACKED_F_AVAIL));
+        let mut lens = Vec::new();
+        let served = vring
+            .get_mut()
+            .serve_available(&m, |chain| {
+                lens = chain.map(|d| d.len()).collect();
+                6
+            })
+            .unwrap();
+        assert_eq!((served, lens), (1, vec![1, 2, 3]));
+        let len: u32 = m.read_obj(GuestAddress(ring + 48 + 8)).unwrap();
+        let id: u16 = m.read_obj(GuestAddress(ring + 48 + 12)).unwrap();
+        let flags: u16 = m.read_obj(GuestAddress(ring + 48 + 14)).unwrap();
+        assert_eq!((len, id, flags), (6, 9, PACKED_F_AVAIL | PACKED_F_USED));
+        assert_eq!(vring.vring_base(), 0x8006_8006);
+    }
+
+    #[test]
+    fn restart_keeps_the_packed_positions_and_ignores_an_inflight_area() {
+        use std::os::fd::FromRawFd;
+
+        use crate::inflight::area_size;
+        use crate::InflightArea;
+
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vring = VringMutex::<Mem>::new(GuestMemoryAtomic::new(mmap), 16).unwrap();
+        vring.set_queue_packed(true);
+        vring.set_queue_size(8).unwrap();
+        vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        vring.set_vring_base(0x0003_8005).unwrap();
+        // SAFETY: the name is a valid NUL-terminated string that memfd_create does not keep.
+        let fd = unsafe { libc::memfd_create(c"vu-packed-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let size = area_size(1, 8, true);
+        file.set_len(size).unwrap();
+        let area = InflightArea::map(file, 0, size, 1, 8).unwrap();
+        let restart = vring.get_mut().restart(area.queue(0), true).unwrap();
+        assert_eq!(
+            (restart.next_avail, restart.next_used, restart.resubmit),
+            (0x8005, 0x0003, 0)
+        );
+        assert!(!vring.get_ref().inflight_tracking());
+        assert_eq!(vring.vring_base(), 0x0003_8005);
+    }
+
+    #[test]
+    fn positions_wrap_and_linearise_on_a_circle_of_twice_the_ring() {
+        let p = Position::START.advance(7, 8);
+        assert_eq!(p, Position { idx: 7, wrap: true });
+        let q = p.advance(3, 8);
+        assert_eq!(
+            q,
+            Position {
+                idx: 2,
+                wrap: false
+            }
+        );
+        assert_eq!((q.word(), Position::from_word(q.word())), (2, q));
+        assert_eq!((p.linear(8), q.linear(8)), (7, 10));
+        assert_eq!(q.advance(8, 8), Position { idx: 2, wrap: true });
+        assert!(is_available(PACKED_F_AVAIL, true) && is_available(PACKED_F_USED, false));
+        assert!(!is_available(PACKED_F_AVAIL | PACKED_F_USED, true));
+        assert!(!is_available(0, false) && !is_available(0, true));
+    }
+}
