@@ -705,6 +705,7 @@ fn run(options: &Options) -> Result<Summary, String> {
             backend: backend_name,
             queues: 1,
             cpus: 1,
+            packed: false,
         }],
         false,
     )?;
