@@ -172,6 +172,8 @@ struct BlkBackend {
     /// In bytes, a multiple of 512.
     capacity: u64,
     read_only: bool,
+    /// Offer packed virtqueues (`--packed`), without inflight tracking.
+    packed: bool,
     num_queues: u16,
     queue_size: u16,
     stats: Stats,
@@ -590,7 +592,6 @@ impl VhostUserBackend for BlkBackend {
         let mut features = (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_INDIRECT_DESC
             | VirtioFeatures::RING_EVENT_IDX
-            | VirtioFeatures::RING_PACKED
             | VirtioFeatures::PROTOCOL_FEATURES
             | VirtioFeatures::LOG_ALL)
             .bits()
@@ -600,6 +601,10 @@ impl VhostUserBackend for BlkBackend {
             | VIRTIO_BLK_F_MQ;
         if self.read_only {
             features |= VIRTIO_BLK_F_RO;
+        }
+        if self.packed {
+            // The framework then stops offering INFLIGHT_SHMFD: tracking is split-only.
+            features |= VirtioFeatures::RING_PACKED.bits();
         }
         features
     }
@@ -703,6 +708,7 @@ struct Args {
     blk_file: Option<PathBuf>,
     memory_size_mib: Option<u64>,
     read_only: bool,
+    packed: bool,
     num_queues: u16,
     queue_size: u16,
     skip_logging: Option<u64>,
@@ -710,13 +716,16 @@ struct Args {
 
 const USAGE: &str = "\
 usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
-              [--read-only] [--num-queues N] [--queue-size N] [--log-level LEVEL]
+              [--read-only] [--packed] [--num-queues N] [--queue-size N]
+              [--log-level LEVEL]
               [--test-skip-logging N]
        vu_blk --print-capabilities
 
   --blk-file FILE      the raw disk image (its size is the capacity, in 512-byte sectors)
   --memory-size MIB    an in-memory disk of this size instead
   --read-only          offer VIRTIO_BLK_F_RO and refuse writes
+  --packed             offer packed virtqueues (VIRTIO_F_RING_PACKED); inflight tracking,
+                       which covers split rings only, is then not offered
   --num-queues N       request queues, one worker thread each (default 1, at most 64)
   --queue-size N       largest queue size accepted (default 1024)
   --test-skip-logging N  BROKEN ON PURPOSE, for tests: while migrating, copy the data of
@@ -738,6 +747,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         blk_file: None,
         memory_size_mib: None,
         read_only: false,
+        packed: false,
         num_queues: 1,
         queue_size: 1024,
         skip_logging: None,
@@ -750,6 +760,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--blk-file" => parsed.blk_file = Some(PathBuf::from(value()?)),
             "--memory-size" => parsed.memory_size_mib = Some(common::number(name, &value()?)?),
             "--read-only" => parsed.read_only = true,
+            "--packed" => parsed.packed = true,
             "--num-queues" => {
                 let n = common::number(name, &value()?)?;
                 parsed.num_queues = u16::try_from(n)
@@ -809,6 +820,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         storage,
         capacity,
         read_only: args.read_only,
+        packed: args.packed,
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         stats: Stats::default(),
@@ -875,6 +887,7 @@ mod tests {
             storage: Storage::Memory(Mutex::new(vec![0; capacity as usize])),
             capacity,
             read_only: false,
+            packed: false,
             num_queues: 1,
             queue_size: 256,
             stats: Stats::default(),

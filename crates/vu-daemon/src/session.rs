@@ -165,7 +165,10 @@ where
         vrings: Vec<V>,
     ) -> Self {
         let offered_protocol = without_unlogged_migration::<B>(
-            offer::offered_protocol(backend.protocol_features()),
+            offer::offered_protocol(
+                backend.protocol_features(),
+                offer::offered_virtio(backend.features()),
+            ),
             backend.features(),
         );
         let polled = vec![false; vrings.len()];

@@ -268,6 +268,9 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
                 "--num-queues".to_owned(),
                 spec.queues.to_string(),
             ]);
+            if spec.packed {
+                command.arg("--packed");
+            }
             command
         }
         (Backend::Vu(program), Device::Rng) => {

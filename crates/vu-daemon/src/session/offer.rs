@@ -93,11 +93,22 @@ pub(crate) const VIRTIO_SERVICE: &[(VirtioFeatures, Service)] = &[
     ),
 ];
 
-/// The protocol features offered to the frontend for a backend offering `backend`: the
-/// served ones it offers plus the forced ones. Logs once what was removed.
-pub(crate) fn offered_protocol(backend: ProtocolFeatures) -> ProtocolFeatures {
+/// The protocol features offered to the frontend for a backend offering `backend`, beside
+/// the virtio features `virtio` the session offers: the served ones it offers plus the forced
+/// ones. Logs once what was removed.
+///
+/// Inflight tracking is served for split rings only, and protocol features are settled
+/// before the frontend picks the ring layout (QEMU sends `SET_PROTOCOL_FEATURES` at
+/// connection, `SET_FEATURES` at start): a backend that offers `VIRTIO_F_RING_PACKED` does
+/// not get `INFLIGHT_SHMFD` offered, so no frontend can count on tracking that a packed ring
+/// would not do.
+pub(crate) fn offered_protocol(backend: ProtocolFeatures, virtio: u64) -> ProtocolFeatures {
     let mut offered = backend;
     let mut removed = ProtocolFeatures::empty();
+    if virtio & VirtioFeatures::RING_PACKED.bits() != 0 {
+        removed |= backend & ProtocolFeatures::INFLIGHT_SHMFD;
+        offered -= ProtocolFeatures::INFLIGHT_SHMFD;
+    }
     for &(feature, service) in PROTOCOL_SERVICE {
         match service {
             Service::Served => {}
@@ -162,7 +173,7 @@ mod tests {
     #[test]
     fn inflight_shmfd_is_served_and_offered() {
         assert_eq!(service(ProtocolFeatures::INFLIGHT_SHMFD), Service::Served);
-        let offered = offered_protocol(ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ);
+        let offered = offered_protocol(ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ, 0);
         assert_eq!(
             offered,
             ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ | forced()
@@ -170,8 +181,20 @@ mod tests {
     }
 
     #[test]
+    fn inflight_shmfd_is_not_offered_beside_packed_rings() {
+        let backend = ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::MQ;
+        let packed = VirtioFeatures::RING_PACKED.bits();
+        assert_eq!(
+            offered_protocol(backend, packed),
+            ProtocolFeatures::MQ | forced()
+        );
+        // Split rings only: offered.
+        assert!(offered_protocol(backend, 0).contains(ProtocolFeatures::INFLIGHT_SHMFD));
+    }
+
+    #[test]
     fn host_notifier_is_masked() {
-        let offered = offered_protocol(ProtocolFeatures::HOST_NOTIFIER | ProtocolFeatures::MQ);
+        let offered = offered_protocol(ProtocolFeatures::HOST_NOTIFIER | ProtocolFeatures::MQ, 0);
         assert_eq!(offered, ProtocolFeatures::MQ | forced());
     }
 
@@ -189,19 +212,24 @@ mod tests {
     #[test]
     fn unnamed_protocol_bits_are_not_offered() {
         let backend = ProtocolFeatures::from_bits_retain(1 << 40) | ProtocolFeatures::MQ;
-        assert_eq!(offered_protocol(backend), ProtocolFeatures::MQ | forced());
+        assert_eq!(
+            offered_protocol(backend, 0),
+            ProtocolFeatures::MQ | forced()
+        );
     }
 
     #[cfg(feature = "xen")]
     #[test]
     fn xen_mmap_is_forced_into_the_offer() {
-        assert!(offered_protocol(ProtocolFeatures::MQ).contains(ProtocolFeatures::XEN_MMAP));
+        assert!(offered_protocol(ProtocolFeatures::MQ, 0).contains(ProtocolFeatures::XEN_MMAP));
     }
 
     #[cfg(not(feature = "xen"))]
     #[test]
     fn xen_mmap_is_masked_without_xen() {
-        assert!(!offered_protocol(ProtocolFeatures::XEN_MMAP).contains(ProtocolFeatures::XEN_MMAP));
+        assert!(
+            !offered_protocol(ProtocolFeatures::XEN_MMAP, 0).contains(ProtocolFeatures::XEN_MMAP)
+        );
     }
 
     /// The features a build forces into every offer.
