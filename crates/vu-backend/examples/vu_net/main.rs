@@ -1,0 +1,556 @@
+//! `vu_net`: a vhost-user-net device backend written on the vu framework.
+//!
+//! A virtio-net device with one or more RX/TX queue pairs (`VIRTIO_NET_F_MQ`), mergeable
+//! receive buffers (`VIRTIO_NET_F_MRG_RXBUF`), a MAC address, the link status and an MTU in
+//! the configuration space. Queue `2k` is pair `k`'s receive queue, `2k + 1` its transmit
+//! queue; the control queue belongs to the frontend (QEMU and DPDK's virtio-user handle it
+//! and turn its multiqueue command into `SET_VRING_ENABLE`). Packets go to one of two host
+//! sides:
+//!
+//! - `--loopback`: what the driver sends on TX queue `k` comes back on RX queue `k`, for
+//!   tests and benchmarks. No offload is offered.
+//! - `--tap NAME`: a Linux tap device (created, or attached) with `IFF_VNET_HDR`, one queue
+//!   pair. The virtio-net header goes to the tap with each packet, so the checksum and TSO
+//!   offloads (`CSUM`, `GUEST_CSUM`, `HOST_TSO4/6`, `GUEST_TSO4/6`, `HOST_ECN`, `GUEST_ECN`)
+//!   are offered and carried both ways; the guest offloads the driver takes are set on the
+//!   tap with `TUNSETOFFLOAD`.
+//!
+//! Each TX kick is served by the framework's `process_queue`. RX chains are taken one packet
+//! at a time (a packet may need several with mergeable buffers, and needs none when nothing
+//! arrived). Packets for which the driver has posted no RX buffer wait in a bounded backlog
+//! per pair and go out at the next RX kick; when the backlog is full they are dropped and
+//! counted. Malformed chains are completed with length 0, logged and counted (`packet.rs`).
+//! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered: after a
+//! migration the frontend announces the guest itself or not at all (docs/e2e.md).
+//!
+//! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
+//! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
+//! stdout), no daemonizing, a clean exit on SIGTERM or SIGINT, logs on stderr.
+//!
+//! ```text
+//! cargo run --release -p vu-backend --example vu_net -- --socket-path /tmp/net.sock --loopback --queue-pairs 2
+//! dpdk-testpmd -l 0,1 --no-pci --in-memory \
+//!     --vdev net_virtio_user0,path=/tmp/net.sock,queues=2,cq=1,packed_vq=0 -- -i --rxq=2 --txq=2
+//! ```
+//!
+//! `cargo xtask dpdk` drives it with DPDK's testpmd and compares what came back
+//! (docs/TESTING.md).
+
+mod io;
+mod packet;
+#[cfg(test)]
+mod tests;
+mod virtio_net;
+
+use std::io as stdio;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use vu_backend::prelude::*;
+use vu_backend::vu_vring::{RingState, VringData};
+
+use vu_backend::conventions::{self as common, Conventions, Socket};
+
+use io::{Loopback, PacketIo, Tap};
+use packet::{deliver, read_tx, Backlog, Counters, Delivery, RxMode, RxScratch};
+use virtio_net::{
+    header_len, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS, F_MAC, F_MQ,
+    F_MRG_RXBUF, F_MTU, F_STATUS, S_LINK_UP,
+};
+
+/// Packets one pair holds while the driver has posted no RX buffer for them.
+const DEFAULT_BACKLOG: usize = 1024;
+
+/// One queue pair's host-side state, used by the worker thread of that pair.
+#[derive(Debug)]
+struct Pair {
+    backlog: Backlog,
+    scratch: RxScratch,
+}
+
+/// The device.
+struct NetBackend {
+    pairs: u16,
+    queue_size: u16,
+    mac: [u8; 6],
+    mtu: u16,
+    io: Box<dyn PacketIo>,
+    state: Vec<Mutex<Pair>>,
+    counters: Vec<Counters>,
+    /// The features the driver acknowledged.
+    acked: AtomicU64,
+}
+
+impl NetBackend {
+    fn new(pairs: u16, queue_size: u16, backlog: usize, io: Box<dyn PacketIo>) -> Self {
+        NetBackend {
+            pairs,
+            queue_size,
+            // A locally administered unicast address.
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            mtu: 1500,
+            io,
+            state: (0..pairs)
+                .map(|_| {
+                    Mutex::new(Pair {
+                        backlog: Backlog::new(backlog),
+                        scratch: RxScratch::default(),
+                    })
+                })
+                .collect(),
+            counters: (0..pairs).map(|_| Counters::default()).collect(),
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    fn pair(&self, pair: usize) -> MutexGuard<'_, Pair> {
+        // A poisoned lock only means a panic mid-packet; the backlog is still a backlog.
+        self.state[pair]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn rx_mode(&self) -> RxMode {
+        let acked = self.acked.load(Ordering::Relaxed);
+        RxMode {
+            hdr_len: header_len(acked),
+            mergeable: acked & F_MRG_RXBUF != 0,
+        }
+    }
+
+    /// Serves pair `pair`'s TX queue: each chain's packet goes to the host side, then what
+    /// waits for the RX queue (in loopback, those packets) goes out.
+    fn transmit(&self, pair: usize, tx: &VringMutex, rx: &VringMutex) {
+        let counters = &self.counters[pair];
+        let hdr_len = self.rx_mode().hdr_len;
+        let mut state = self.pair(pair);
+        let backlog = &mut state.backlog;
+        process_queue(tx, |chain| {
+            let mem = chain.memory();
+            let head = chain.head_index();
+            let mut packet = backlog.buffer();
+            match read_tx(chain, mem, hdr_len, &mut packet) {
+                Ok(()) => {
+                    Counters::add(&counters.tx_packets, 1);
+                    Counters::add(
+                        &counters.tx_bytes,
+                        (packet.len() - virtio_net::HDR_LEN) as u64,
+                    );
+                    if let Err(packet) = self.io.transmit(pair, packet, backlog) {
+                        Counters::add(&counters.tx_dropped, 1);
+                        backlog.recycle(packet);
+                    }
+                }
+                Err(err) => {
+                    log::warn!("tx chain {head} of pair {pair}: {err}");
+                    Counters::add(&counters.tx_errors, 1);
+                    backlog.recycle(packet);
+                }
+            }
+            // The device writes nothing into a TX chain.
+            0
+        });
+        self.flush(pair, &mut state, rx);
+    }
+
+    /// Takes what the host side has for pair `pair` and places it, and what already
+    /// waited, into the RX queue, for as long as both have some.
+    fn receive(&self, pair: usize, rx: &VringMutex) -> stdio::Result<()> {
+        let mut state = self.pair(pair);
+        loop {
+            self.io.receive(pair, &mut state.backlog)?;
+            let was_full = state.backlog.is_full();
+            let before = state.backlog.len();
+            self.flush(pair, &mut state, rx);
+            // The host side is drained (or the driver took nothing): the next edge of its
+            // fd, or the next RX kick, brings us back.
+            if !was_full || state.backlog.len() == before {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Places waiting packets into RX queue `rx` while it has buffers, then decides once
+    /// whether the driver needs an interrupt.
+    fn flush(&self, pair: usize, state: &mut Pair, rx: &VringMutex) {
+        let mut guard = rx.get_mut();
+        let data = &mut *guard;
+        if data.ring_state() != RingState::Enabled || state.backlog.len() == 0 {
+            return;
+        }
+        if let Err(err) = self.flush_ring(pair, state, data) {
+            log::warn!("rx ring of pair {pair} not served: {err}; left alone until its next kick");
+            if let Err(e) = data.signal_error() {
+                log::warn!("cannot write the ring's error eventfd: {e}");
+            }
+        }
+    }
+
+    fn flush_ring(
+        &self,
+        pair: usize,
+        state: &mut Pair,
+        data: &mut VringData<GuestMemoryAtomic<GuestMemoryMmap>>,
+    ) -> Result<(), vu_backend::vu_vring::Error> {
+        let counters = &self.counters[pair];
+        let mode = self.rx_mode();
+        let Pair { backlog, scratch } = state;
+        let mut rechecks = 0;
+        while let Some(packet) = backlog.front_mut() {
+            match deliver(data, packet, mode, scratch, counters)? {
+                Delivery::NoBuffers => {
+                    // Ask for a kick when the driver adds buffers: with EVENT_IDX at its
+                    // next available entry, not at ours (a packet that needs more chains
+                    // than are available leaves ours behind the driver's).
+                    if rechecks == 2 || !rearm_rx(data)? {
+                        break;
+                    }
+                    rechecks += 1;
+                    continue;
+                }
+                Delivery::TooBig => {
+                    log::debug!(
+                        "pair {pair}: a {} byte packet fits no RX buffer",
+                        packet.len()
+                    );
+                    Counters::add(&counters.rx_too_big, 1);
+                }
+                Delivery::Placed(_) | Delivery::Failed => {}
+            }
+            if let Some(packet) = backlog.pop_front() {
+                backlog.recycle(packet);
+            }
+        }
+        data.signal_used_queue_if_needed()?;
+        Ok(())
+    }
+}
+
+/// Re-enables RX kicks so that the driver's next buffer brings one: with EVENT_IDX,
+/// `avail_event` is set to the driver's current available index (the device's own may lag
+/// behind it while a packet waits for more chains). Returns whether the driver added
+/// buffers meanwhile.
+fn rearm_rx(
+    data: &mut VringData<GuestMemoryAtomic<GuestMemoryMmap>>,
+) -> Result<bool, vu_backend::vu_vring::Error> {
+    let next = data.queue_next_avail();
+    let avail = {
+        let mem = data.mem().memory();
+        data.get_queue()
+            .avail_idx(&*mem, Ordering::Acquire)
+            .map(|idx| idx.0)
+            .unwrap_or(next)
+    };
+    data.set_queue_next_avail(avail);
+    let more = data.enable_notification();
+    data.set_queue_next_avail(next);
+    more
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringMutex;
+
+    fn num_queues(&self) -> usize {
+        2 * usize::from(self.pairs)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = (VirtioFeatures::VERSION_1
+            | VirtioFeatures::RING_INDIRECT_DESC
+            | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::PROTOCOL_FEATURES)
+            .bits()
+            | F_MAC
+            | F_STATUS
+            | F_MTU
+            | F_MRG_RXBUF
+            | self.io.offloads();
+        if self.pairs > 1 {
+            features |= F_MQ;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("acked features {features:#x}");
+        self.acked.store(features, Ordering::Relaxed);
+        if let Err(err) = self.io.set_guest_features(features) {
+            log::warn!("cannot set the tap's offloads: {err}");
+        }
+    }
+
+    fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK | ProtocolFeatures::CONFIG
+    }
+
+    fn reset_device(&self) {
+        for pair in 0..usize::from(self.pairs) {
+            self.pair(pair).backlog.clear();
+        }
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings know; process_queue and the RX path follow them.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut config = [0u8; CONFIG_LEN];
+        config[CONFIG_MAC..CONFIG_MAC + 6].copy_from_slice(&self.mac);
+        config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        config[CONFIG_MAX_PAIRS..CONFIG_MAX_PAIRS + 2].copy_from_slice(&self.pairs.to_le_bytes());
+        config[CONFIG_MTU..CONFIG_MTU + 2].copy_from_slice(&self.mtu.to_le_bytes());
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        let mut out = vec![0u8; size as usize];
+        if start < CONFIG_LEN {
+            let avail = &config[start..end.min(CONFIG_LEN)];
+            out[..avail.len()].copy_from_slice(avail);
+        }
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> stdio::Result<()> {
+        // The vrings hold the memory; chains carry the snapshot they were read from.
+        Ok(())
+    }
+
+    /// One worker thread per queue pair: a pair's RX and TX queues and its host side are
+    /// served together, pairs in parallel.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.pairs).map(|k| 0b11u64 << (2 * k)).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringMutex],
+        _thread_id: usize,
+    ) -> stdio::Result<()> {
+        let queues = vrings.len();
+        let event = usize::from(device_event);
+        // Kicks are the queues' indices; the host side's fds come after them.
+        let (pair, is_tx) = if event < queues {
+            (event / 2, event % 2 == 1)
+        } else {
+            (event - queues - 1, false)
+        };
+        let (Some(rx), Some(tx)) = (vrings.get(2 * pair), vrings.get(2 * pair + 1)) else {
+            return Err(stdio::Error::other(format!(
+                "unknown device event {device_event}"
+            )));
+        };
+        if !evset.contains(EventSet::IN) {
+            return Err(stdio::Error::other(format!("unexpected events {evset:?}")));
+        }
+        if is_tx {
+            self.transmit(pair, tx, rx);
+            Ok(())
+        } else {
+            self.receive(pair, rx)
+        }
+    }
+}
+
+/// Which host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Side {
+    Loopback,
+    Tap(String),
+}
+
+/// The command line.
+#[derive(Debug)]
+struct Args {
+    conventions: Conventions,
+    side: Option<Side>,
+    pairs: u16,
+    queue_size: u16,
+    mac: Option<[u8; 6]>,
+    mtu: u16,
+    backlog: usize,
+    poll_us: u64,
+}
+
+const USAGE: &str = "\
+usage: vu_net (--socket-path PATH | --fd N) (--loopback | --tap NAME) [--queue-pairs N]
+              [--queue-size N] [--mac XX:XX:XX:XX:XX:XX] [--mtu N] [--backlog N]
+              [--poll-us N] [--log-level LEVEL]
+       vu_net --print-capabilities
+
+  --loopback           what the driver sends on TX queue k comes back on RX queue k
+  --tap NAME           a Linux tap device with a virtio-net header (created if needed);
+                       one queue pair, the checksum and TSO offloads passed through
+  --queue-pairs N      RX/TX queue pairs, one worker thread each (default 1, at most 32)
+  --queue-size N       largest queue size accepted (default 1024)
+  --mac ADDR           the MAC address in the configuration space (default 52:54:00:12:34:56)
+  --mtu N              the MTU in the configuration space (default 1500)
+  --backlog N          packets a pair holds while the driver has no RX buffer (default 1024)
+  --poll-us N          after serving a queue, poll it for up to N microseconds before
+                       sleeping (default 0, off)
+";
+
+/// The spec's capability document: a network device.
+const CAPABILITIES: &str = r#"{
+  "type": "net",
+  "features": []
+}"#;
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or("--mac: six bytes, XX:XX:XX:XX:XX:XX")?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("--mac: bad byte `{part}`"))?;
+    }
+    if parts.next().is_some() {
+        return Err("--mac: six bytes, XX:XX:XX:XX:XX:XX".to_owned());
+    }
+    Ok(mac)
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut parsed = Args {
+        conventions: Conventions::default(),
+        side: None,
+        pairs: 1,
+        queue_size: 1024,
+        mac: None,
+        mtu: 1500,
+        backlog: DEFAULT_BACKLOG,
+        poll_us: 0,
+    };
+    let mut sides = 0;
+    common::for_each_option(args, |name, value| {
+        if parsed.conventions.take(name, value)? {
+            return Ok(());
+        }
+        match name {
+            "--loopback" => {
+                parsed.side = Some(Side::Loopback);
+                sides += 1;
+            }
+            "--tap" => {
+                parsed.side = Some(Side::Tap(value()?));
+                sides += 1;
+            }
+            "--queue-pairs" => {
+                let n = common::number(name, &value()?)?;
+                parsed.pairs = u16::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=32).contains(n))
+                    .ok_or("--queue-pairs: 1 to 32")?;
+            }
+            "--queue-size" => {
+                let n = common::number(name, &value()?)?;
+                parsed.queue_size = u16::try_from(n)
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && *n <= 32768)
+                    .ok_or("--queue-size: a power of two up to 32768")?;
+            }
+            "--mac" => parsed.mac = Some(parse_mac(&value()?)?),
+            "--mtu" => {
+                let n = common::number(name, &value()?)?;
+                parsed.mtu = u16::try_from(n)
+                    .ok()
+                    .filter(|n| *n >= 68)
+                    .ok_or("--mtu: 68 to 65535")?;
+            }
+            "--backlog" => {
+                let n = common::number(name, &value()?)?;
+                parsed.backlog = usize::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=65536).contains(n))
+                    .ok_or("--backlog: 1 to 65536")?;
+            }
+            "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
+            other => return Err(format!("unexpected argument `{other}`")),
+        }
+        Ok(())
+    })?;
+    if !parsed.conventions.print_capabilities {
+        if sides != 1 {
+            return Err("give exactly one of --loopback and --tap".to_owned());
+        }
+        if matches!(parsed.side, Some(Side::Tap(_))) && parsed.pairs != 1 {
+            return Err("--tap serves one queue pair".to_owned());
+        }
+    }
+    Ok(parsed)
+}
+
+fn run(args: &Args, socket: &Socket) -> Result<(), String> {
+    let io: Box<dyn PacketIo> = match &args.side {
+        Some(Side::Tap(name)) => {
+            let tap = Tap::open(name).map_err(|err| format!("cannot open tap {name}: {err}"))?;
+            log::info!("tap {}", tap.name());
+            Box::new(tap)
+        }
+        _ => Box::new(Loopback),
+    };
+    let mut backend = NetBackend::new(args.pairs, args.queue_size, args.backlog, io);
+    if let Some(mac) = args.mac {
+        backend.mac = mac;
+    }
+    backend.mtu = args.mtu;
+    let mut daemon = VhostUserDaemon::new(
+        "vu_net".to_owned(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|err| format!("cannot create the daemon: {err}"))?;
+    // The host side's fd wakes the worker of its pair, after the queues' kicks.
+    let queues = 2 * u64::from(args.pairs);
+    for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        if let Some(fd) = daemon.backend().io.ready_fd(pair) {
+            handler
+                .register_listener(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    queues + 1 + pair as u64,
+                )
+                .map_err(|err| format!("cannot watch the tap: {err}"))?;
+        }
+    }
+    if args.poll_us > 0 {
+        for queue in 0..2 * args.pairs {
+            daemon
+                .set_polling(queue, Duration::from_micros(args.poll_us))
+                .map_err(|err| format!("cannot set polling: {err}"))?;
+        }
+    }
+    common::stop_on_signals(daemon.shutdown_handle())?;
+    log::info!(
+        "{} queue pair(s) of up to {}, {}",
+        args.pairs,
+        args.queue_size,
+        match &args.side {
+            Some(Side::Tap(name)) => format!("tap {name}"),
+            _ => "loopback".to_owned(),
+        }
+    );
+    common::start(&mut daemon, socket)?;
+    let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
+    for (pair, counters) in daemon.backend().counters.iter().enumerate() {
+        log::info!("pair {pair}: {}", counters.summary());
+    }
+    result
+}
+
+fn main() -> ExitCode {
+    common::main(
+        "vu_net",
+        USAGE,
+        CAPABILITIES,
+        parse_args,
+        |args| &args.conventions,
+        run,
+    )
+}

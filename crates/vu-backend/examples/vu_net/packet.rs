@@ -1,0 +1,442 @@
+//! Moving packets between virtqueues and the host: reading a frame out of a TX chain, and
+//! placing one into RX chains (one, or several with `VIRTIO_NET_F_MRG_RXBUF`).
+//!
+//! Every buffer shape a driver may post is taken: the header split anywhere across
+//! descriptors, zero-length descriptors, chains longer than the packet, indirect tables (the
+//! chain walks follow them). A chain that cannot be a packet (a TX chain with a writable
+//! descriptor or shorter than the header, an RX chain with a readable descriptor, an address
+//! outside guest memory) is an error on that chain alone: it is completed with length 0 and
+//! counted, and the queue goes on.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vu_backend::prelude::*;
+use vu_backend::virtio_queue::desc::split::Descriptor;
+use vu_backend::vm_memory::Address;
+use vu_backend::vu_vring::{Error as RingError, VringData};
+
+use crate::virtio_net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
+
+/// Why a chain is not a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ChainError {
+    /// A TX chain holds a device-writable descriptor, or an RX chain a device-readable one.
+    WrongDirection,
+    /// A TX chain is shorter than the virtio-net header.
+    ShortHeader { len: usize },
+    /// A TX chain's frame is larger than any frame the device passes.
+    TooLong { len: usize },
+    /// An RX buffer cannot hold the header that must start it (mergeable buffers).
+    NoRoomForHeader { room: usize },
+    /// A descriptor points outside guest memory.
+    BadAddress { addr: u64 },
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::WrongDirection => write!(f, "descriptor of the wrong direction"),
+            ChainError::ShortHeader { len } => write!(f, "{len} bytes, shorter than the header"),
+            ChainError::TooLong { len } => write!(f, "frame of {len} bytes is too long"),
+            ChainError::NoRoomForHeader { room } => {
+                write!(f, "buffer of {room} bytes cannot hold the header")
+            }
+            ChainError::BadAddress { addr } => write!(f, "address {addr:#x} not in guest memory"),
+        }
+    }
+}
+
+/// What one queue pair has done, for the log line written when the device stops and for
+/// tests. Counters only grow.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Frames the driver sent, and their bytes (without the header).
+    pub(crate) tx_packets: AtomicU64,
+    pub(crate) tx_bytes: AtomicU64,
+    /// TX chains that were not packets.
+    pub(crate) tx_errors: AtomicU64,
+    /// Frames the host side refused (a full tap, or a full RX backlog in loopback).
+    pub(crate) tx_dropped: AtomicU64,
+    /// Frames placed in RX buffers, and their bytes.
+    pub(crate) rx_packets: AtomicU64,
+    pub(crate) rx_bytes: AtomicU64,
+    /// RX chains that could not take a packet.
+    pub(crate) rx_errors: AtomicU64,
+    /// Frames dropped because no buffer (set) the driver posts can hold them.
+    pub(crate) rx_too_big: AtomicU64,
+    /// Frames dropped because the backlog waiting for RX buffers was full.
+    pub(crate) rx_backlog_full: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// One line: `tx P packets (B bytes, E errors, D dropped), rx ...`.
+    pub(crate) fn summary(&self) -> String {
+        let get = Self::get;
+        format!(
+            "tx {} packets ({} bytes, {} bad chains, {} dropped), rx {} packets ({} bytes, \
+             {} bad chains, {} too big, {} dropped on a full backlog)",
+            get(&self.tx_packets),
+            get(&self.tx_bytes),
+            get(&self.tx_errors),
+            get(&self.tx_dropped),
+            get(&self.rx_packets),
+            get(&self.rx_bytes),
+            get(&self.rx_errors),
+            get(&self.rx_too_big),
+            get(&self.rx_backlog_full),
+        )
+    }
+}
+
+/// A packet on its way: a [`HDR_LEN`]-byte virtio-net header followed by the frame.
+pub(crate) type Packet = Vec<u8>;
+
+/// Packets waiting for RX buffers, at most `capacity` of them, and spent packet buffers for
+/// reuse (so that the steady state allocates nothing).
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    packets: VecDeque<Packet>,
+    capacity: usize,
+    spare: Vec<Packet>,
+}
+
+impl Backlog {
+    /// An empty backlog holding at most `capacity` packets.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Backlog {
+            packets: VecDeque::with_capacity(capacity),
+            capacity,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Whether another packet would be refused.
+    pub(crate) fn is_full(&self) -> bool {
+        self.packets.len() >= self.capacity
+    }
+
+    /// How many packets wait.
+    pub(crate) fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    /// Queues `packet`; gives it back when the backlog is full.
+    pub(crate) fn push(&mut self, packet: Packet) -> Result<(), Packet> {
+        if self.is_full() {
+            return Err(packet);
+        }
+        self.packets.push_back(packet);
+        Ok(())
+    }
+
+    /// The oldest waiting packet.
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Packet> {
+        self.packets.front_mut()
+    }
+
+    /// Takes the oldest waiting packet.
+    pub(crate) fn pop_front(&mut self) -> Option<Packet> {
+        self.packets.pop_front()
+    }
+
+    /// An empty packet buffer, reused if one is spare.
+    pub(crate) fn buffer(&mut self) -> Packet {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps `packet`'s allocation for a later [`buffer`](Self::buffer).
+    pub(crate) fn recycle(&mut self, mut packet: Packet) {
+        if self.spare.len() < self.capacity {
+            packet.clear();
+            self.spare.push(packet);
+        }
+    }
+
+    /// Drops every waiting packet (a device reset).
+    pub(crate) fn clear(&mut self) {
+        while let Some(packet) = self.packets.pop_front() {
+            self.recycle(packet);
+        }
+    }
+}
+
+/// Reads the packet of TX chain `chain` into `packet` (emptied first): the `hdr_len`-byte
+/// header the driver wrote becomes the first bytes of a [`HDR_LEN`]-byte header (the rest
+/// zero), then the frame. The header may be split anywhere across descriptors, and
+/// zero-length descriptors are skipped.
+pub(crate) fn read_tx<G: GuestMemory>(
+    descriptors: impl Iterator<Item = Descriptor>,
+    mem: &G,
+    hdr_len: usize,
+    packet: &mut Packet,
+) -> Result<(), ChainError> {
+    packet.clear();
+    packet.resize(HDR_LEN, 0);
+    // Bytes of the chain seen so far; the first `hdr_len` are the header.
+    let mut seen = 0usize;
+    for desc in descriptors {
+        if desc.is_write_only() {
+            return Err(ChainError::WrongDirection);
+        }
+        let len = desc.len() as usize;
+        let total = seen.saturating_add(len);
+        if total > hdr_len + MAX_FRAME {
+            return Err(ChainError::TooLong {
+                len: total - hdr_len.min(total),
+            });
+        }
+        // The part of this descriptor that belongs to the header, then to the frame.
+        let in_header = hdr_len.saturating_sub(seen).min(len);
+        let bad = |_| ChainError::BadAddress {
+            addr: desc.addr().raw_value(),
+        };
+        if in_header > 0 {
+            mem.read_slice(&mut packet[seen..seen + in_header], desc.addr())
+                .map_err(bad)?;
+        }
+        let rest = len - in_header;
+        if rest > 0 {
+            let at = desc
+                .addr()
+                .checked_add(in_header as u64)
+                .ok_or(ChainError::BadAddress {
+                    addr: desc.addr().raw_value(),
+                })?;
+            let start = packet.len();
+            packet.resize(start + rest, 0);
+            mem.read_slice(&mut packet[start..], at).map_err(bad)?;
+        }
+        seen = total;
+    }
+    if seen < hdr_len {
+        return Err(ChainError::ShortHeader { len: seen });
+    }
+    Ok(())
+}
+
+/// How RX buffers are used, from the negotiated features.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RxMode {
+    /// Bytes of header the driver expects before each frame (10 or 12).
+    pub(crate) hdr_len: usize,
+    /// `VIRTIO_NET_F_MRG_RXBUF`: a packet may span chains, counted in `num_buffers`.
+    pub(crate) mergeable: bool,
+}
+
+/// What [`deliver`] did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The packet is in the used ring, in this many chains.
+    Placed(u16),
+    /// Not enough buffers are available now: nothing was consumed; try again after the
+    /// driver's next RX kick.
+    NoBuffers,
+    /// No buffer (set) the driver posts can hold it: the packet is dropped, the buffers
+    /// stay available.
+    TooBig,
+    /// The buffers the packet was going into broke (an address outside guest memory): they
+    /// are completed with length 0 and the packet is dropped.
+    Failed,
+}
+
+/// One RX chain planned for the packet: its head, its writable segments and how many
+/// packet bytes go into it.
+#[derive(Debug, Default)]
+struct Planned {
+    head: u16,
+    segments: Vec<(GuestAddress, usize)>,
+    take: usize,
+}
+
+/// Reusable space for [`deliver`], so that it allocates nothing in the steady state.
+#[derive(Debug, Default)]
+pub(crate) struct RxScratch {
+    plan: Vec<Planned>,
+    used: usize,
+    /// Heads of chains that cannot take a packet, completed with length 0.
+    broken: Vec<u16>,
+}
+
+impl RxScratch {
+    fn next_slot(&mut self) -> &mut Planned {
+        if self.used == self.plan.len() {
+            self.plan.push(Planned::default());
+        }
+        let slot = &mut self.plan[self.used];
+        slot.segments.clear();
+        slot.take = 0;
+        self.used += 1;
+        slot
+    }
+}
+
+/// Places `packet` (a [`HDR_LEN`]-byte header then the frame) into the RX ring of `data`,
+/// completing the chains it used; the caller decides on the interrupt once per burst.
+///
+/// Without mergeable buffers one chain must hold the header and the whole frame; a chain too
+/// small for this packet stays available (for a smaller one) and the packet is dropped. With
+/// them, the packet fills chains in order and the header's `num_buffers` says how many; a
+/// chain that cannot hold the header is broken. When the available chains do not suffice,
+/// nothing is consumed ([`Delivery::NoBuffers`]). Chains that cannot take a packet are
+/// completed with length 0 after the packet's, so that a packet's chains stay consecutive in
+/// the used ring, and counted in `counters`.
+pub(crate) fn deliver<M: GuestAddressSpace>(
+    data: &mut VringData<M>,
+    packet: &mut Packet,
+    mode: RxMode,
+    scratch: &mut RxScratch,
+    counters: &Counters,
+) -> Result<Delivery, RingError> {
+    scratch.used = 0;
+    scratch.broken.clear();
+    let frame_len = packet.len().saturating_sub(HDR_LEN);
+    let total = mode.hdr_len + frame_len;
+    let start = data.queue_next_avail();
+    let size = data.queue_size();
+    let mut placed = 0usize;
+    let mut outcome = None;
+    while placed < total {
+        let before = data.queue_next_avail();
+        let Some(chain) = data.pop_descriptor_chain() else {
+            data.set_queue_next_avail(start);
+            scratch.broken.clear();
+            return Ok(Delivery::NoBuffers);
+        };
+        let head = chain.head_index();
+        let slot = scratch.next_slot();
+        slot.head = head;
+        let mut room = 0usize;
+        let mut wrong = false;
+        for desc in chain {
+            if !desc.is_write_only() {
+                wrong = true;
+                break;
+            }
+            let len = desc.len() as usize;
+            if len > 0 {
+                // An address outside guest memory fails the write, below.
+                slot.segments.push((desc.addr(), len));
+                room += len;
+            }
+        }
+        let first = placed == 0;
+        let broken = if wrong {
+            Some(ChainError::WrongDirection)
+        } else if mode.mergeable && (room == 0 || (first && room < mode.hdr_len)) {
+            // The header must start the first buffer; an empty one holds nothing.
+            Some(ChainError::NoRoomForHeader { room })
+        } else {
+            None
+        };
+        if let Some(err) = broken {
+            log::warn!("rx chain {head}: {err}");
+            Counters::add(&counters.rx_errors, 1);
+            scratch.used -= 1;
+            scratch.broken.push(head);
+            continue;
+        }
+        if !mode.mergeable && room < total {
+            // This buffer cannot take this packet; it stays for the next one.
+            data.set_queue_next_avail(before);
+            scratch.used -= 1;
+            outcome = Some(Delivery::TooBig);
+            break;
+        }
+        let take = room.min(total - placed);
+        scratch.plan[scratch.used - 1].take = take;
+        placed += take;
+        if placed < total && scratch.used >= usize::from(size) {
+            // Even the whole ring cannot hold it.
+            data.set_queue_next_avail(start);
+            scratch.used = 0;
+            scratch.broken.clear();
+            return Ok(Delivery::TooBig);
+        }
+    }
+    let outcome = match outcome {
+        Some(outcome) => outcome,
+        None => {
+            let chains = u16::try_from(scratch.used).unwrap_or(u16::MAX);
+            if mode.hdr_len == HDR_LEN {
+                packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&chains.to_le_bytes());
+            }
+            let mem = data.mem().memory();
+            let written = scatter(&*mem, &scratch.plan[..scratch.used], packet, mode.hdr_len);
+            let ok = written.is_ok();
+            if let Err(err) = written {
+                log::warn!("rx chain {}: {err}", scratch.plan[0].head);
+                Counters::add(&counters.rx_errors, 1);
+            }
+            for planned in &scratch.plan[..scratch.used] {
+                let len = if ok { planned.take } else { 0 };
+                data.add_used(planned.head, u32::try_from(len).unwrap_or(u32::MAX))?;
+            }
+            if ok {
+                Counters::add(&counters.rx_packets, 1);
+                Counters::add(&counters.rx_bytes, frame_len as u64);
+                Delivery::Placed(chains)
+            } else {
+                Delivery::Failed
+            }
+        }
+    };
+    for &head in &scratch.broken {
+        data.add_used(head, 0)?;
+    }
+    Ok(outcome)
+}
+
+/// Writes the packet's first `hdr_len` header bytes and then its frame across the planned
+/// chains' segments, `take` bytes into each chain.
+fn scatter<G: GuestMemory>(
+    mem: &G,
+    plan: &[Planned],
+    packet: &[u8],
+    hdr_len: usize,
+) -> Result<(), ChainError> {
+    let header = &packet[..hdr_len.min(packet.len())];
+    let frame = packet.get(HDR_LEN..).unwrap_or(&[]);
+    // Offset into the header-then-frame byte stream.
+    let mut at = 0usize;
+    for planned in plan {
+        let mut left = planned.take;
+        for &(addr, len) in &planned.segments {
+            if left == 0 {
+                break;
+            }
+            let mut n = len.min(left);
+            let mut dest = addr;
+            while n > 0 {
+                let piece = if at < header.len() {
+                    &header[at..header.len().min(at + n)]
+                } else {
+                    let from = at - header.len();
+                    &frame[from..from + n]
+                };
+                mem.write_slice(piece, dest)
+                    .map_err(|_| ChainError::BadAddress {
+                        addr: dest.raw_value(),
+                    })?;
+                at += piece.len();
+                n -= piece.len();
+                left -= piece.len();
+                dest = dest
+                    .checked_add(piece.len() as u64)
+                    .ok_or(ChainError::BadAddress {
+                        addr: dest.raw_value(),
+                    })?;
+            }
+        }
+    }
+    Ok(())
+}

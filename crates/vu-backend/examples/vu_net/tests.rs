@@ -1,0 +1,489 @@
+//! The packet path against every buffer shape a driver may post, on rings laid out by hand
+//! in memory (so that indirect tables, zero-length descriptors and bad addresses can be
+//! written as they are), and the device's loopback with its RX backlog.
+
+use vu_backend::prelude::*;
+use vu_backend::virtio_queue::desc::split::Descriptor;
+
+use crate::io::Loopback;
+use crate::packet::{deliver, read_tx, Counters, Delivery, Packet, RxMode, RxScratch};
+use crate::virtio_net::{F_MRG_RXBUF, HDR_LEN};
+use crate::NetBackend;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+const MEM_SIZE: u64 = 0x10_0000;
+const SIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+/// Indirect tables are written here.
+const INDIRECT: u64 = 0x4000;
+/// Data buffers start here, 0x1000 apart.
+const DATA: u64 = 0x1_0000;
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const INDIRECT_F: u16 = 4;
+
+/// A split ring driven by hand: descriptors are written where the test says.
+struct Ring {
+    mem: Mem,
+    vring: VringMutex<Mem>,
+    avail: u16,
+    used: u16,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
+        );
+        let vring = VringMutex::<Mem>::new(mem.clone(), 256).unwrap();
+        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Ring {
+            mem,
+            vring,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) {
+        self.mem
+            .memory()
+            .write_slice(bytes, GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        self.mem
+            .memory()
+            .read_slice(&mut bytes, GuestAddress(addr))
+            .unwrap();
+        bytes
+    }
+
+    /// Writes descriptor `index` of the table at `table`.
+    fn desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let desc = Descriptor::new(addr, len, flags, next);
+        self.mem
+            .memory()
+            .write_obj(desc, GuestAddress(table + 16 * u64::from(index)))
+            .unwrap();
+    }
+
+    /// Makes the chain starting at descriptor `head` available.
+    fn offer(&mut self, head: u16) {
+        let m = self.mem.memory();
+        let slot = u64::from(self.avail % SIZE);
+        m.write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+        self.avail = self.avail.wrapping_add(1);
+        m.write_obj(self.avail.to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// The used entries written since the last call: `(head, len)`.
+    fn take_used(&mut self) -> Vec<(u16, u32)> {
+        let m = self.mem.memory();
+        let idx = u16::from_le(m.read_obj(GuestAddress(USED + 2)).unwrap());
+        let mut out = Vec::new();
+        while self.used != idx {
+            let at = USED + 4 + 8 * u64::from(self.used % SIZE);
+            let id = u32::from_le(m.read_obj(GuestAddress(at)).unwrap());
+            let len = u32::from_le(m.read_obj(GuestAddress(at + 4)).unwrap());
+            out.push((u16::try_from(id).unwrap(), len));
+            self.used = self.used.wrapping_add(1);
+        }
+        out
+    }
+
+    fn next_avail(&self) -> u16 {
+        self.vring.queue_next_avail()
+    }
+}
+
+fn data(n: u64) -> u64 {
+    DATA + 0x1000 * n
+}
+
+/// A frame of `len` bytes whose bytes say where they are.
+fn frame(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// A header the driver might write (every byte distinct, `num_buffers` zero).
+fn driver_header() -> [u8; HDR_LEN] {
+    [1, 4, 0x36, 0, 0x5a, 0x05, 0x22, 0, 0x10, 0, 0, 0]
+}
+
+/// A packet as the device holds it: a zeroed header and the frame.
+fn packet(frame: &[u8]) -> Packet {
+    let mut packet = vec![0u8; HDR_LEN];
+    packet.extend_from_slice(frame);
+    packet
+}
+
+/// Serves every TX chain of `ring` and returns what each one gave.
+fn serve_tx(ring: &Ring) -> Vec<Result<Packet, String>> {
+    let mut out = Vec::new();
+    process_queue(&ring.vring, |chain| {
+        let mem = chain.memory();
+        let mut packet = Vec::new();
+        out.push(
+            read_tx(chain, mem, HDR_LEN, &mut packet)
+                .map(|()| packet)
+                .map_err(|err| err.to_string()),
+        );
+        0
+    });
+    out
+}
+
+fn placed(ring: &Ring, packet: &mut Packet, mode: RxMode, counters: &Counters) -> Delivery {
+    let mut guard = ring.vring.get_mut();
+    deliver(
+        &mut guard,
+        packet,
+        mode,
+        &mut RxScratch::default(),
+        counters,
+    )
+    .unwrap()
+}
+
+const PLAIN: RxMode = RxMode {
+    hdr_len: HDR_LEN,
+    mergeable: false,
+};
+const MERGEABLE: RxMode = RxMode {
+    hdr_len: HDR_LEN,
+    mergeable: true,
+};
+
+#[test]
+fn tx_header_split_across_descriptors_with_a_zero_length_one_is_reassembled() {
+    let mut ring = Ring::new();
+    let hdr = driver_header();
+    let body = frame(300);
+    // 5 header bytes | 7 header bytes and 3 frame bytes | nothing | the rest of the frame.
+    ring.write(data(0), &hdr[..5]);
+    let mut second = hdr[5..].to_vec();
+    second.extend_from_slice(&body[..3]);
+    ring.write(data(1), &second);
+    ring.write(data(3), &body[3..]);
+    ring.desc(DESC, 0, data(0), 5, NEXT, 1);
+    ring.desc(DESC, 1, data(1), 10, NEXT, 2);
+    ring.desc(DESC, 2, data(2), 0, NEXT, 3);
+    ring.desc(DESC, 3, data(3), 297, 0, 0);
+    ring.offer(0);
+    let got = serve_tx(&ring);
+    let mut want = hdr.to_vec();
+    want.extend_from_slice(&body);
+    assert_eq!(got, vec![Ok(want)]);
+    assert_eq!(ring.take_used(), vec![(0, 0)]);
+}
+
+#[test]
+fn tx_chain_in_an_indirect_table_is_read() {
+    let mut ring = Ring::new();
+    let hdr = driver_header();
+    let body = frame(64);
+    ring.write(data(0), &hdr);
+    ring.write(data(1), &body);
+    ring.desc(INDIRECT, 0, data(0), HDR_LEN as u32, NEXT, 1);
+    ring.desc(INDIRECT, 1, data(1), 64, 0, 0);
+    ring.desc(DESC, 0, INDIRECT, 32, INDIRECT_F, 0);
+    ring.offer(0);
+    let mut want = hdr.to_vec();
+    want.extend_from_slice(&body);
+    assert_eq!(serve_tx(&ring), vec![Ok(want)]);
+}
+
+#[test]
+fn tx_writable_or_short_chain_fails_alone_and_the_queue_goes_on() {
+    let mut ring = Ring::new();
+    ring.write(data(0), &driver_header());
+    // A writable descriptor in a TX chain.
+    ring.desc(DESC, 0, data(0), HDR_LEN as u32, WRITE, 0);
+    // Fewer bytes than the header.
+    ring.desc(DESC, 1, data(0), 7, 0, 0);
+    // A bad address.
+    ring.desc(DESC, 2, MEM_SIZE + 0x1000, 100, 0, 0);
+    // A good packet after them.
+    ring.desc(DESC, 3, data(0), 20, 0, 0);
+    for head in 0..4 {
+        ring.offer(head);
+    }
+    let got = serve_tx(&ring);
+    assert_eq!(got.len(), 4);
+    assert!(got[0].as_ref().unwrap_err().contains("wrong direction"));
+    assert!(got[1]
+        .as_ref()
+        .unwrap_err()
+        .contains("shorter than the header"));
+    assert!(got[2].as_ref().unwrap_err().contains("not in guest memory"));
+    assert_eq!(got[3].as_ref().unwrap().len(), 20);
+    // Every chain went back to the driver.
+    assert_eq!(ring.take_used().len(), 4);
+}
+
+#[test]
+fn rx_chain_longer_than_the_packet_gets_header_and_frame() {
+    let mut ring = Ring::new();
+    ring.desc(DESC, 0, data(0), 2048, WRITE, 0);
+    ring.offer(0);
+    let body = frame(100);
+    let counters = Counters::default();
+    let mut pkt = packet(&body);
+    assert_eq!(
+        placed(&ring, &mut pkt, PLAIN, &counters),
+        Delivery::Placed(1)
+    );
+    assert_eq!(ring.take_used(), vec![(0, 112)]);
+    let got = ring.read(data(0), 112);
+    assert_eq!(&got[..10], &[0u8; 10]);
+    assert_eq!(&got[10..12], &1u16.to_le_bytes());
+    assert_eq!(&got[12..], &body[..]);
+    assert_eq!(Counters::get(&counters.rx_packets), 1);
+}
+
+#[test]
+fn rx_header_split_across_descriptors_and_an_indirect_table() {
+    let mut ring = Ring::new();
+    // Indirect: 4 bytes | nothing | 8 bytes | 1000 bytes, all writable.
+    ring.desc(INDIRECT, 0, data(0), 4, WRITE | NEXT, 1);
+    ring.desc(INDIRECT, 1, data(1), 0, WRITE | NEXT, 2);
+    ring.desc(INDIRECT, 2, data(2), 8, WRITE | NEXT, 3);
+    ring.desc(INDIRECT, 3, data(3), 1000, WRITE, 0);
+    ring.desc(DESC, 5, INDIRECT, 64, INDIRECT_F, 0);
+    ring.offer(5);
+    let body = frame(500);
+    let mut pkt = packet(&body);
+    let counters = Counters::default();
+    assert_eq!(
+        placed(&ring, &mut pkt, PLAIN, &counters),
+        Delivery::Placed(1)
+    );
+    assert_eq!(ring.take_used(), vec![(5, 512)]);
+    let mut header = ring.read(data(0), 4);
+    header.extend(ring.read(data(2), 8));
+    assert_eq!(&header[10..12], &1u16.to_le_bytes());
+    assert_eq!(ring.read(data(3), 500), body);
+}
+
+#[test]
+fn rx_mergeable_packet_spans_chains_and_says_how_many() {
+    let mut ring = Ring::new();
+    for i in 0..4u16 {
+        ring.desc(DESC, i, data(u64::from(i)), 64, WRITE, 0);
+        ring.offer(i);
+    }
+    let body = frame(150);
+    let mut pkt = packet(&body);
+    let counters = Counters::default();
+    assert_eq!(
+        placed(&ring, &mut pkt, MERGEABLE, &counters),
+        Delivery::Placed(3)
+    );
+    // 162 bytes: 64 + 64 + 34, in consecutive used entries; the fourth chain stays.
+    assert_eq!(ring.take_used(), vec![(0, 64), (1, 64), (2, 34)]);
+    assert_eq!(ring.next_avail(), 3);
+    let mut stream = ring.read(data(0), 64);
+    stream.extend(ring.read(data(1), 64));
+    stream.extend(ring.read(data(2), 34));
+    assert_eq!(&stream[10..12], &3u16.to_le_bytes());
+    assert_eq!(&stream[12..], &body[..]);
+}
+
+#[test]
+fn rx_not_enough_buffers_consumes_nothing_and_is_retried() {
+    let mut ring = Ring::new();
+    ring.desc(DESC, 0, data(0), 64, WRITE, 0);
+    ring.offer(0);
+    let body = frame(150);
+    let mut pkt = packet(&body);
+    let counters = Counters::default();
+    assert_eq!(
+        placed(&ring, &mut pkt, MERGEABLE, &counters),
+        Delivery::NoBuffers
+    );
+    assert_eq!(ring.next_avail(), 0);
+    assert!(ring.take_used().is_empty());
+    // More buffers: the same packet now goes in.
+    for i in 1..3u16 {
+        ring.desc(DESC, i, data(u64::from(i)), 64, WRITE, 0);
+        ring.offer(i);
+    }
+    assert_eq!(
+        placed(&ring, &mut pkt, MERGEABLE, &counters),
+        Delivery::Placed(3)
+    );
+    assert_eq!(ring.take_used().len(), 3);
+}
+
+#[test]
+fn rx_buffer_too_small_without_merging_drops_the_packet_and_keeps_the_buffer() {
+    let mut ring = Ring::new();
+    ring.desc(DESC, 0, data(0), 50, WRITE, 0);
+    ring.offer(0);
+    let counters = Counters::default();
+    let mut big = packet(&frame(100));
+    assert_eq!(placed(&ring, &mut big, PLAIN, &counters), Delivery::TooBig);
+    assert_eq!(ring.next_avail(), 0);
+    assert!(ring.take_used().is_empty());
+    let mut small = packet(&frame(30));
+    assert_eq!(
+        placed(&ring, &mut small, PLAIN, &counters),
+        Delivery::Placed(1)
+    );
+    assert_eq!(ring.take_used(), vec![(0, 42)]);
+}
+
+#[test]
+fn rx_packet_larger_than_the_whole_ring_is_dropped() {
+    let mut ring = Ring::new();
+    for i in 0..SIZE {
+        ring.desc(DESC, i, data(u64::from(i)), 16, WRITE, 0);
+        ring.offer(i);
+    }
+    let counters = Counters::default();
+    let mut pkt = packet(&frame(1000));
+    assert_eq!(
+        placed(&ring, &mut pkt, MERGEABLE, &counters),
+        Delivery::TooBig
+    );
+    assert_eq!(ring.next_avail(), 0);
+}
+
+#[test]
+fn rx_broken_chains_are_completed_empty_after_the_packet() {
+    let mut ring = Ring::new();
+    // A readable descriptor in an RX chain; then a buffer too small for the header
+    // (mergeable); then a good one.
+    ring.desc(DESC, 0, data(0), 64, 0, 0);
+    ring.desc(DESC, 1, data(1), 8, WRITE, 0);
+    ring.desc(DESC, 2, data(2), 256, WRITE, 0);
+    for head in 0..3 {
+        ring.offer(head);
+    }
+    let counters = Counters::default();
+    let mut pkt = packet(&frame(60));
+    assert_eq!(
+        placed(&ring, &mut pkt, MERGEABLE, &counters),
+        Delivery::Placed(1)
+    );
+    assert_eq!(ring.take_used(), vec![(2, 72), (0, 0), (1, 0)]);
+    assert_eq!(Counters::get(&counters.rx_errors), 2);
+}
+
+#[test]
+fn rx_buffer_outside_guest_memory_fails_that_chain_only() {
+    let mut ring = Ring::new();
+    ring.desc(DESC, 0, MEM_SIZE - 16, 256, WRITE, 0);
+    ring.desc(DESC, 1, data(1), 256, WRITE, 0);
+    ring.offer(0);
+    ring.offer(1);
+    let counters = Counters::default();
+    let mut pkt = packet(&frame(60));
+    assert_eq!(placed(&ring, &mut pkt, PLAIN, &counters), Delivery::Failed);
+    let mut pkt = packet(&frame(60));
+    assert_eq!(
+        placed(&ring, &mut pkt, PLAIN, &counters),
+        Delivery::Placed(1)
+    );
+    assert_eq!(ring.take_used(), vec![(0, 0), (1, 72)]);
+    assert_eq!(Counters::get(&counters.rx_errors), 1);
+}
+
+/// A loopback device of one pair whose queues are `rx` and `tx`.
+fn loopback(backlog: usize) -> NetBackend {
+    let backend = NetBackend::new(1, 256, backlog, Box::new(Loopback));
+    backend.acked.store(
+        F_MRG_RXBUF | (1 << 32),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    backend
+}
+
+/// Offers TX chain `i` holding a header and `frame`.
+fn offer_tx(ring: &mut Ring, i: u16, body: &[u8]) {
+    let mut bytes = driver_header().to_vec();
+    bytes.extend_from_slice(body);
+    ring.write(data(u64::from(i)), &bytes);
+    ring.desc(DESC, i, data(u64::from(i)), bytes.len() as u32, 0, 0);
+    ring.offer(i);
+}
+
+#[test]
+fn loopback_holds_packets_until_rx_buffers_come_then_delivers_them_in_order() {
+    let backend = loopback(8);
+    let mut rx = Ring::new();
+    let mut tx = Ring::new();
+    let vrings = [rx.vring.clone(), tx.vring.clone()];
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(60 + i)).collect();
+    for (i, body) in frames.iter().enumerate() {
+        offer_tx(&mut tx, i as u16, body);
+    }
+    // The TX kick: no RX buffer yet, so the packets wait.
+    backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(tx.take_used().len(), 3);
+    assert!(rx.take_used().is_empty());
+    assert_eq!(backend.pair(0).backlog.len(), 3);
+    // The RX kick after the driver posts buffers.
+    for i in 0..3u16 {
+        rx.desc(DESC, i, data(u64::from(i)), 1024, WRITE, 0);
+        rx.offer(i);
+    }
+    backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    let used = rx.take_used();
+    assert_eq!(used.len(), 3);
+    for ((head, len), body) in used.iter().zip(&frames) {
+        assert_eq!(*len as usize, HDR_LEN + body.len());
+        let got = rx.read(data(u64::from(*head)), *len as usize);
+        // The device's header: no offload, one buffer.
+        assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&got[HDR_LEN..], &body[..]);
+    }
+    assert_eq!(backend.pair(0).backlog.len(), 0);
+    let counters = &backend.counters[0];
+    assert_eq!(Counters::get(&counters.tx_packets), 3);
+    assert_eq!(Counters::get(&counters.rx_packets), 3);
+}
+
+#[test]
+fn loopback_counts_what_a_full_backlog_drops() {
+    let backend = loopback(2);
+    let rx = Ring::new();
+    let mut tx = Ring::new();
+    let vrings = [rx.vring.clone(), tx.vring.clone()];
+    for i in 0..5u16 {
+        offer_tx(&mut tx, i, &frame(40));
+    }
+    backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(tx.take_used().len(), 5);
+    let counters = &backend.counters[0];
+    assert_eq!(Counters::get(&counters.tx_packets), 5);
+    assert_eq!(Counters::get(&counters.tx_dropped), 3);
+    assert_eq!(backend.pair(0).backlog.len(), 2);
+}
+
+#[test]
+fn config_space_has_mac_status_pairs_and_mtu() {
+    let backend = NetBackend::new(2, 256, 8, Box::new(Loopback));
+    let config = backend.get_config(0, 12);
+    assert_eq!(&config[..6], &[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+    assert_eq!(&config[6..8], &1u16.to_le_bytes());
+    assert_eq!(&config[8..10], &2u16.to_le_bytes());
+    assert_eq!(&config[10..12], &1500u16.to_le_bytes());
+    // Past the end: zeros, never a short read.
+    assert_eq!(
+        backend.get_config(10, 8),
+        vec![0xdc, 0x05, 0, 0, 0, 0, 0, 0]
+    );
+}
