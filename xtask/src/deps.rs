@@ -150,7 +150,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
         eprintln!("    {:<14} {state:<8} ({})", dep.debian, dep.why);
     }
     if missing.is_empty() {
-        return Ok(());
+        return dpdk_ready();
     }
     let packages: Vec<&str> = missing.iter().map(|dep| dep.debian).collect();
     install_missing(
@@ -163,7 +163,14 @@ pub(crate) fn run(_options: &Options) -> StepResult {
                 .map(|dep| dep.debian)
                 .collect()
         },
-    )
+    )?;
+    dpdk_ready()
+}
+
+/// DPDK's testpmd and hugepages for the `dpdk` step (installed and reserved when we may).
+fn dpdk_ready() -> StepResult {
+    crate::dpdk::ensure_packages()?;
+    crate::dpdk::ensure_hugepages()
 }
 
 /// Installs the `missing` Debian packages when that needs nobody's say: apt-get is there and

@@ -12,6 +12,7 @@ mod cmd;
 mod conformance;
 mod deps;
 mod doc;
+mod dpdk;
 mod e2e;
 mod features;
 mod fmt;
@@ -84,6 +85,12 @@ pub(crate) const STEPS: &[Step] = &[
         about:
             "review rules as checks: SAFETY comments, no #[ignore], no sleeps, dependency allowlist",
         run: tidy::run,
+    },
+    Step {
+        name: "dpdk",
+        about: "DPDK's testpmd (virtio-user) drives vu_net --loopback, 1 and 2 queue pairs; \
+                every packet must come back intact",
+        run: dpdk::run,
     },
     Step {
         name: "e2e",
@@ -209,7 +216,7 @@ mod tests {
         let names: Vec<&str> = STEPS.iter().map(|step| step.name).collect();
         assert_eq!(
             names,
-            ["deps", "fmt", "lint", "features", "test", "doc", "package", "tidy", "e2e"]
+            ["deps", "fmt", "lint", "features", "test", "doc", "package", "tidy", "dpdk", "e2e"]
         );
     }
 
