@@ -20,8 +20,11 @@
 //! arrived). Packets for which the driver has posted no RX buffer wait in a bounded backlog
 //! per pair and go out at the next RX kick; when the backlog is full they are dropped and
 //! counted. Malformed chains are completed with length 0, logged and counted (`packet.rs`).
-//! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered: after a
-//! migration the frontend announces the guest itself or not at all (docs/e2e.md).
+//! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered, so a
+//! frontend never sends `SEND_RARP` (the session refuses it, as it refuses any request whose
+//! protocol feature was not negotiated): announcing a migrated guest is then the frontend's
+//! or the guest's business, and this device has no migration state to carry anyway (no
+//! dirty-page log is offered).
 //!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on

@@ -487,3 +487,148 @@ fn config_space_has_mac_status_pairs_and_mtu() {
         vec![0xdc, 0x05, 0, 0, 0, 0, 0, 0]
     );
 }
+
+/// Over a real socket, through the daemon, with the project's virtqueue driver.
+mod over_a_socket {
+    use std::time::Duration;
+
+    use vu_backend::vu_proto::frontend::Frontend;
+    use vu_tests::device::{TestDevice, DEVICE_TIMEOUT};
+    use vu_tests::proto_support::endpoint_pair;
+    use vu_tests::virtqueue::{Buf, DriverMemory, SplitQueue};
+
+    use super::*;
+    use crate::virtio_net::F_MQ;
+
+    const QUEUE_SIZE: u16 = 64;
+
+    /// A loopback `vu_net` of `pairs` queue pairs served by the daemon, and a driver that
+    /// negotiated mergeable buffers (and MQ with two pairs) and started every queue.
+    fn device(pairs: u16) -> (VhostUserDaemon<NetBackend>, TestDevice) {
+        let backend = NetBackend::new(pairs, 256, 64, Box::new(Loopback));
+        let mut daemon = VhostUserDaemon::new(
+            "vu_net".to_owned(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        let (ours, theirs) = endpoint_pair();
+        daemon.start_connection(theirs).unwrap();
+        let mut frontend = Frontend::new(ours);
+        frontend.set_reply_timeout(Some(DEVICE_TIMEOUT)).unwrap();
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        let wanted = VirtioFeatures::VERSION_1
+            | VirtioFeatures::PROTOCOL_FEATURES
+            | VirtioFeatures::from_bits_retain(F_MRG_RXBUF | F_MQ);
+        let features = offered & wanted;
+        assert!(features.contains(VirtioFeatures::from_bits_retain(F_MRG_RXBUF)));
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend
+            .set_protocol_features(protocol & (ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK))
+            .unwrap();
+        frontend.set_features(features).unwrap();
+        assert_eq!(frontend.get_queue_num().unwrap(), u64::from(2 * pairs));
+        let memory = DriverMemory::new(8 << 20);
+        frontend
+            .set_mem_table(&[memory.region()], &[memory.fd()])
+            .unwrap();
+        let mut device = TestDevice {
+            frontend,
+            memory,
+            queues: Vec::new(),
+            features,
+            protocol_negotiated: true,
+        };
+        for q in 0..2 * pairs {
+            let queue = SplitQueue::new(&mut device.memory, q, QUEUE_SIZE);
+            device.queues.push(queue);
+            device.start_queue(q, 0);
+            device.enable_queue(q, true);
+        }
+        (daemon, device)
+    }
+
+    /// A frame of `len` bytes that says which pair and which packet it is.
+    fn tagged(pair: u8, seq: u8, len: usize) -> Vec<u8> {
+        let mut bytes = frame(len);
+        bytes[0] = pair;
+        bytes[1] = seq;
+        bytes
+    }
+
+    fn with_header(body: &[u8]) -> Vec<u8> {
+        let mut bytes = driver_header().to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn each_pair_sends_back_on_its_own_rx_queue() {
+        let (mut daemon, mut device) = device(2);
+        let mut sent = Vec::new();
+        for pair in 0..2u8 {
+            let rx = u16::from(2 * pair);
+            for _ in 0..4 {
+                device.queue(rx).post(&[Buf::Writable(2048)]);
+            }
+            device.queue(rx).kick();
+            let frames: Vec<Vec<u8>> = (0..4)
+                .map(|seq| tagged(pair, seq, 100 + 300 * usize::from(seq)))
+                .collect();
+            for body in &frames {
+                device
+                    .queue(rx + 1)
+                    .post_and_kick(&[Buf::Readable(with_header(body))]);
+            }
+            sent.push(frames);
+        }
+        for pair in 0..2u8 {
+            let rx = u16::from(2 * pair);
+            assert_eq!(device.queue(rx + 1).wait_used(4, WAIT).len(), 4);
+            let used = device.queue(rx).wait_used(4, WAIT);
+            let got: Vec<Vec<u8>> = used
+                .iter()
+                .map(|u| {
+                    let bytes = &u.written[0][..u.len as usize];
+                    assert_eq!(&bytes[10..12], &1u16.to_le_bytes());
+                    bytes[HDR_LEN..].to_vec()
+                })
+                .collect();
+            assert_eq!(got, sent[usize::from(pair)], "pair {pair}");
+        }
+        daemon.request_shutdown();
+        daemon.wait().unwrap();
+    }
+
+    #[test]
+    fn a_large_packet_spans_small_mergeable_buffers() {
+        let (mut daemon, mut device) = device(1);
+        for _ in 0..8 {
+            device.queue(0).post(&[Buf::Writable(256)]);
+        }
+        device.queue(0).kick();
+        let body = tagged(0, 9, 1400);
+        // The header split from the frame, and the frame in two pieces.
+        let packet = with_header(&body);
+        device.queue(1).post_and_kick(&[
+            Buf::Readable(packet[..7].to_vec()),
+            Buf::Readable(packet[7..500].to_vec()),
+            Buf::Readable(packet[500..].to_vec()),
+        ]);
+        assert_eq!(device.queue(1).wait_used(1, WAIT).len(), 1);
+        // 12 + 1400 bytes in 256-byte buffers: six of them.
+        let used = device.queue(0).wait_used(6, WAIT);
+        assert_eq!(used.len(), 6);
+        let mut stream = Vec::new();
+        for u in &used {
+            stream.extend_from_slice(&u.written[0][..u.len as usize]);
+        }
+        assert_eq!(&stream[10..12], &6u16.to_le_bytes());
+        assert_eq!(&stream[HDR_LEN..], &body[..]);
+        daemon.request_shutdown();
+        daemon.wait().unwrap();
+    }
+}
