@@ -11,6 +11,7 @@ use crate::cmd::Cmd;
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                          [--handshake-only | --polling-only]
+       cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts (a few minutes)
   --quick         3 runs of 100 ms per cell
@@ -20,10 +21,16 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
   --handshake-only
                   only the handshake table, from 5 x runs interleaved connections per backend
   --polling-only  only the depth-1 adaptive polling table
+  --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
+                  (cargo xtask bench --net --help)
 ";
 
 /// Runs the task with its own arguments (those after `bench`).
 pub(crate) fn main(args: &[String]) -> ExitCode {
+    // The network benchmark is DPDK against DPDK and vu_net (xtask/src/dpdk/bench.rs).
+    if args.first().map(String::as_str) == Some("--net") {
+        return crate::dpdk::bench_main(&args[1..]);
+    }
     let mut pass: Vec<&str> = Vec::new();
     let mut words = args.iter();
     while let Some(word) = words.next() {

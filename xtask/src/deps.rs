@@ -170,7 +170,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
 /// DPDK's testpmd and hugepages for the `dpdk` step (installed and reserved when we may).
 fn dpdk_ready() -> StepResult {
     crate::dpdk::ensure_packages()?;
-    crate::dpdk::ensure_hugepages()
+    crate::dpdk::ensure_hugepages(crate::dpdk::HUGEPAGES)
 }
 
 /// Installs the `missing` Debian packages when that needs nobody's say: apt-get is there and

@@ -26,10 +26,14 @@ use crate::cmd::Cmd;
 use crate::deps::{install_missing, program_on_path, running_as_root};
 use crate::{Options, StepResult};
 
+mod bench;
+
+pub(crate) use bench::main as bench_main;
+
 /// Packets written to each queue's input capture.
 const PACKETS_PER_QUEUE: usize = 256;
 /// 2 MiB hugepages testpmd needs free (its mbuf pool and rings, with room to spare).
-const HUGEPAGES: u64 = 64;
+pub(crate) const HUGEPAGES: u64 = 64;
 /// The virtio-user port's MAC address: `vu_net`'s, so that the frames are addressed to it.
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// How long one run may take from testpmd's start to the last packet back.
@@ -50,7 +54,7 @@ const PMDS: &[(&str, &str)] = &[
 /// The `dpdk` step: testpmd against `vu_net --loopback` with one and two queue pairs.
 pub(crate) fn run(_options: &Options) -> StepResult {
     ensure_packages()?;
-    ensure_hugepages()?;
+    ensure_hugepages(HUGEPAGES)?;
     Cmd::cargo(&["build", "-p", "vu-backend", "--example", "vu_net"]).run()?;
     let vu_net = crate::workspace_root().join("target/debug/examples/vu_net");
     for pairs in [1, 2] {
@@ -104,18 +108,18 @@ fn hugetlbfs_mounted(mounts: &str) -> bool {
         .any(|line| line.split_whitespace().nth(2) == Some("hugetlbfs"))
 }
 
-/// Reserves [`HUGEPAGES`] free 2 MiB pages and mounts hugetlbfs at /dev/hugepages, as root;
+/// Reserves `pages` free 2 MiB pages and mounts hugetlbfs at /dev/hugepages, as root;
 /// otherwise fails with the commands that would.
-pub(crate) fn ensure_hugepages() -> StepResult {
+pub(crate) fn ensure_hugepages(pages: u64) -> StepResult {
     let (free, mounted) = hugepages_state();
-    if free >= HUGEPAGES && mounted {
+    if free >= pages && mounted {
         return Ok(());
     }
     let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(0);
-    let wanted = total + HUGEPAGES.saturating_sub(free);
+    let wanted = total + pages.saturating_sub(free);
     let commands = [
         format!("echo {wanted} > /proc/sys/vm/nr_hugepages"),
         "mkdir -p /dev/hugepages".to_owned(),
@@ -123,13 +127,13 @@ pub(crate) fn ensure_hugepages() -> StepResult {
     ];
     if !running_as_root() {
         return Err(format!(
-            "DPDK needs {HUGEPAGES} free 2 MiB hugepages and a hugetlbfs mount \
+            "DPDK needs {pages} free 2 MiB hugepages and a hugetlbfs mount \
              ({free} free, {}); run as root: {}",
             if mounted { "mounted" } else { "not mounted" },
             commands.join(" && ")
         ));
     }
-    if free < HUGEPAGES {
+    if free < pages {
         eprintln!("$ {}", commands[0]);
         std::fs::write("/proc/sys/vm/nr_hugepages", format!("{wanted}\n"))
             .map_err(|err| format!("cannot reserve hugepages: {err}"))?;
@@ -142,9 +146,9 @@ pub(crate) fn ensure_hugepages() -> StepResult {
             .run()?;
     }
     let (free, mounted) = hugepages_state();
-    if free < HUGEPAGES || !mounted {
+    if free < pages || !mounted {
         return Err(format!(
-            "after setting up: {free} free hugepages (need {HUGEPAGES}), hugetlbfs {}",
+            "after setting up: {free} free hugepages (need {pages}), hugetlbfs {}",
             if mounted { "mounted" } else { "not mounted" }
         ));
     }
