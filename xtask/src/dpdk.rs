@@ -58,8 +58,12 @@ pub(crate) fn run(_options: &Options) -> StepResult {
     Cmd::cargo(&["build", "-p", "vu-backend", "--example", "vu_net"]).run()?;
     let vu_net = crate::workspace_root().join("target/debug/examples/vu_net");
     for pairs in [1, 2] {
+        let start = Instant::now();
         let summary = run_case(&vu_net, pairs)?;
-        eprintln!("    {pairs} queue pair(s): {summary}");
+        eprintln!(
+            "    {pairs} queue pair(s), {:.1} s: {summary}",
+            start.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
