@@ -488,14 +488,12 @@ fn config_space_has_mac_status_pairs_and_mtu() {
     );
 }
 
-/// Over a real socket, through the daemon, with the project's virtqueue driver.
+/// Over a real socket, through the daemon, with the facade's test kit (feature `testing`).
+#[cfg(feature = "testing")]
 mod over_a_socket {
     use std::time::Duration;
 
-    use vu_backend::vu_proto::frontend::Frontend;
-    use vu_tests::device::{TestDevice, DEVICE_TIMEOUT};
-    use vu_tests::proto_support::endpoint_pair;
-    use vu_tests::virtqueue::{Buf, DriverMemory, SplitQueue};
+    use vu_backend::testing::{socket_pair, Buf, DriverMemory, SplitQueue, TestDevice};
 
     use super::*;
     use crate::virtio_net::F_MQ;
@@ -512,10 +510,8 @@ mod over_a_socket {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap();
-        let (ours, theirs) = endpoint_pair();
+        let (theirs, mut frontend) = socket_pair();
         daemon.start_connection(theirs).unwrap();
-        let mut frontend = Frontend::new(ours);
-        frontend.set_reply_timeout(Some(DEVICE_TIMEOUT)).unwrap();
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
         let wanted = VirtioFeatures::VERSION_1
