@@ -365,35 +365,46 @@ pub(crate) fn deliver<M: GuestAddressSpace>(
     }
     let outcome = match outcome {
         Some(outcome) => outcome,
-        None => {
-            let chains = u16::try_from(scratch.used).unwrap_or(u16::MAX);
-            if mode.hdr_len == HDR_LEN {
-                packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&chains.to_le_bytes());
-            }
-            let mem = data.mem().memory();
-            let written = scatter(&*mem, &scratch.plan[..scratch.used], packet, mode.hdr_len);
-            let ok = written.is_ok();
-            if let Err(err) = written {
-                log::warn!("rx chain {}: {err}", scratch.plan[0].head);
-                Counters::add(&counters.rx_errors, 1);
-            }
-            for planned in &scratch.plan[..scratch.used] {
-                let len = if ok { planned.take } else { 0 };
-                data.add_used(planned.head, u32::try_from(len).unwrap_or(u32::MAX))?;
-            }
-            if ok {
-                Counters::add(&counters.rx_packets, 1);
-                Counters::add(&counters.rx_bytes, frame_len as u64);
-                Delivery::Placed(chains)
-            } else {
-                Delivery::Failed
-            }
-        }
+        None => complete(data, packet, mode, scratch, counters)?,
     };
     for &head in &scratch.broken {
         data.add_used(head, 0)?;
     }
     Ok(outcome)
+}
+
+/// Writes `packet` into the chains [`deliver`] planned, with `num_buffers` set to their
+/// number, and puts them in the used ring (with length 0 if the write failed).
+fn complete<M: GuestAddressSpace>(
+    data: &mut VringData<M>,
+    packet: &mut Packet,
+    mode: RxMode,
+    scratch: &RxScratch,
+    counters: &Counters,
+) -> Result<Delivery, RingError> {
+    let plan = &scratch.plan[..scratch.used];
+    let chains = u16::try_from(plan.len()).unwrap_or(u16::MAX);
+    if mode.hdr_len == HDR_LEN {
+        packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&chains.to_le_bytes());
+    }
+    let written = scatter(&*data.mem().memory(), plan, packet, mode.hdr_len);
+    if let Err(err) = &written {
+        log::warn!("rx chain {}: {err}", plan[0].head);
+        Counters::add(&counters.rx_errors, 1);
+    }
+    for planned in plan {
+        let len = if written.is_ok() { planned.take } else { 0 };
+        data.add_used(planned.head, u32::try_from(len).unwrap_or(u32::MAX))?;
+    }
+    if written.is_err() {
+        return Ok(Delivery::Failed);
+    }
+    Counters::add(&counters.rx_packets, 1);
+    Counters::add(
+        &counters.rx_bytes,
+        packet.len().saturating_sub(HDR_LEN) as u64,
+    );
+    Ok(Delivery::Placed(chains))
 }
 
 /// Writes the packet's first `hdr_len` header bytes and then its frame across the planned
