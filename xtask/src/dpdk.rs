@@ -422,7 +422,7 @@ fn drive(
     );
     let pcap = format!("net_pcap0,{}", pcap_args.join(","));
     let queues = pairs.to_string();
-    let mut testpmd = Command::new("dpdk-testpmd");
+    let mut testpmd = testpmd_command();
     testpmd.args([
         "-l",
         "0,1",
@@ -508,6 +508,14 @@ fn forward(child: &mut Child, pairs: u8) -> Result<u64, String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `dpdk-testpmd` with its stdout line-buffered (`stdbuf -oL`): into a pipe, stdio would
+/// hold the answer to a command until its buffer fills.
+fn testpmd_command() -> Command {
+    let mut command = Command::new("stdbuf");
+    command.args(["-oL", "dpdk-testpmd"]);
+    command
 }
 
 /// A command as a shell line, for the echo.

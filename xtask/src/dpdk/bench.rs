@@ -119,7 +119,7 @@ struct Testpmd {
 
 impl Testpmd {
     fn start(args: &[&str]) -> Result<Testpmd, String> {
-        let mut command = Command::new("dpdk-testpmd");
+        let mut command = super::testpmd_command();
         command.args(args);
         eprintln!("$ {}", shell_line(&command));
         let mut child = command
