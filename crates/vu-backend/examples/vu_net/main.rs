@@ -18,8 +18,9 @@
 //! Each TX kick is served by the framework's `process_queue`. RX chains are taken one packet
 //! at a time (a packet may need several with mergeable buffers, and needs none when nothing
 //! arrived). Packets for which the driver has posted no RX buffer wait in a bounded backlog
-//! per pair and go out at the next RX kick; when the backlog is full they are dropped and
-//! counted. Malformed chains are completed with length 0, logged and counted (`packet.rs`).
+//! per pair and go out at the next RX kick; when the backlog is full the loopback drops them
+//! (counted as TX drops) and the tap is left unread until there is room. Malformed chains
+//! are completed with length 0, logged and counted (`packet.rs`).
 //! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered, so a
 //! frontend never sends `SEND_RARP` (the session refuses it, as it refuses any request whose
 //! protocol feature was not negotiated): announcing a migrated guest is then the frontend's
@@ -343,9 +344,12 @@ impl VhostUserBackend for NetBackend {
         let (pair, is_tx) = if event < queues {
             (event / 2, event % 2 == 1)
         } else {
-            (event - queues - 1, false)
+            // Out of range (so refused below) if it is not one of ours.
+            (event.checked_sub(queues + 1).unwrap_or(usize::MAX), false)
         };
-        let (Some(rx), Some(tx)) = (vrings.get(2 * pair), vrings.get(2 * pair + 1)) else {
+        let rx_index = pair.saturating_mul(2);
+        let (Some(rx), Some(tx)) = (vrings.get(rx_index), vrings.get(rx_index.saturating_add(1)))
+        else {
             return Err(stdio::Error::other(format!(
                 "unknown device event {device_event}"
             )));

@@ -66,8 +66,6 @@ pub(crate) struct Counters {
     pub(crate) rx_errors: AtomicU64,
     /// Frames dropped because no buffer (set) the driver posts can hold them.
     pub(crate) rx_too_big: AtomicU64,
-    /// Frames dropped because the backlog waiting for RX buffers was full.
-    pub(crate) rx_backlog_full: AtomicU64,
 }
 
 impl Counters {
@@ -84,7 +82,7 @@ impl Counters {
         let get = Self::get;
         format!(
             "tx {} packets ({} bytes, {} bad chains, {} dropped), rx {} packets ({} bytes, \
-             {} bad chains, {} too big, {} dropped on a full backlog)",
+             {} bad chains, {} too big)",
             get(&self.tx_packets),
             get(&self.tx_bytes),
             get(&self.tx_errors),
@@ -93,7 +91,6 @@ impl Counters {
             get(&self.rx_bytes),
             get(&self.rx_errors),
             get(&self.rx_too_big),
-            get(&self.rx_backlog_full),
         )
     }
 }
