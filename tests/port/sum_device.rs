@@ -16,7 +16,7 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -284,9 +284,14 @@ impl VhostUserBackendMut for VhostUserSumBackend {
         match device_event {
             0 => self.serve(&vrings[0])?,
             DOORBELL_EVENT => {
-                // Consume the doorbell (level-triggered), then serve as for a kick.
+                // Consume the doorbell (level-triggered), then serve as for a kick. The
+                // doorbell is the device's own event: it can ring after the frontend stopped
+                // the ring (GET_VRING_BASE), when there is nothing to serve (and iterating a
+                // stopped queue is an error).
                 let _ = self.doorbell.read();
-                self.serve(&vrings[0])?;
+                if vrings[0].get_ref().get_queue().ready() {
+                    self.serve(&vrings[0])?;
+                }
             }
             other => return Err(Error::HandleEventUnknown(other).into()),
         }
@@ -467,7 +472,11 @@ mod tests {
         });
         compat::start(&mut daemon, listener);
         guest.join().expect("the guest's checks");
-        assert!(compat::ended_cleanly(&daemon.wait()));
+        let ended = daemon.wait();
+        assert!(
+            compat::ended_cleanly(&ended),
+            "the daemon ended with {ended:?}"
+        );
         assert_eq!(backend.read().unwrap().served, 2);
         backend.read().unwrap().stop_worker().unwrap();
     }
