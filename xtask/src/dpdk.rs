@@ -308,6 +308,17 @@ fn wait_or_kill(child: &mut Child, deadline: Duration) -> bool {
 /// Everything a run leaves behind, removed when dropped.
 struct Scratch(PathBuf);
 
+impl Scratch {
+    /// A fresh, empty `/tmp/<name>-<pid>` (whatever an earlier run left there is removed).
+    fn create(name: &str) -> Result<Scratch, String> {
+        let dir = Scratch(PathBuf::from(format!("/tmp/{name}-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0)
+            .map_err(|err| format!("cannot create {}: {err}", dir.0.display()))?;
+        Ok(dir)
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -316,13 +327,7 @@ impl Drop for Scratch {
 
 /// One run with `pairs` queue pairs; returns a one-line summary.
 fn run_case(vu_net: &Path, pairs: u8) -> Result<String, String> {
-    let dir = Scratch(PathBuf::from(format!(
-        "/tmp/vu-dpdk-{}-{pairs}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0)
-        .map_err(|err| format!("cannot create {}: {err}", dir.0.display()))?;
+    let dir = Scratch::create(&format!("vu-dpdk-{pairs}"))?;
     let socket = dir.0.join("net.sock");
     let mut inputs = Vec::new();
     let mut pcap_args = Vec::new();

@@ -12,7 +12,7 @@
 //! the frontend's received packets per second over the measured interval, after a warm-up.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
@@ -199,13 +199,7 @@ fn measure(
     pairs: u8,
     seconds: u64,
 ) -> Result<f64, String> {
-    let dir = Scratch(PathBuf::from(format!(
-        "/tmp/vu-bench-net-{}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0)
-        .map_err(|err| format!("cannot create {}: {err}", dir.0.display()))?;
+    let dir = Scratch::create("vu-bench-net")?;
     let socket = dir.0.join("net.sock");
     let queues = pairs.to_string();
     let mut backend_testpmd = None;
