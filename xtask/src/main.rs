@@ -17,6 +17,7 @@ mod e2e;
 mod features;
 mod fmt;
 mod fuzz;
+mod handlers;
 mod lint;
 mod package;
 mod size;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{conformance, size, Options, StepResult};
+use crate::{conformance, handlers, size, Options, StepResult};
 
 /// The directories whose `.rs` files are checked.
 const SOURCE_DIRS: &[&str] = &["crates", "tests", "xtask"];
@@ -321,6 +321,7 @@ pub(crate) fn run(_options: &Options) -> StepResult {
         Err(err) => report.push(format!("README.md: cannot read: {err}")),
     }
     check_conformance(root, &test_fns, &mut report);
+    check_handler_map(root, &mut report);
 
     for line in &report {
         eprintln!("{line}");
@@ -430,6 +431,28 @@ fn check_conformance(
             note(report, conformance::TABLE, findings);
         }
         (Err(err), _) => report.push(format!("{}: cannot read: {err}", conformance::TABLE)),
+        (_, Err(err)) => report.push(format!("{}: cannot read: {err}", conformance::REQUESTS)),
+    }
+}
+
+/// docs/ARCHITECTURE.md's message -> handler map against the request tables and the
+/// handlers' docs.
+fn check_handler_map(root: &Path, report: &mut Vec<String>) {
+    eprintln!(
+        "    checking the message -> handler map of {} against the requests and their handlers",
+        handlers::MAP
+    );
+    match (
+        std::fs::read_to_string(root.join(handlers::MAP)),
+        std::fs::read_to_string(root.join(conformance::REQUESTS)),
+    ) {
+        (Ok(map), Ok(requests)) => {
+            let requests = conformance::spec_names(&requests);
+            let read = |path: &str| std::fs::read_to_string(root.join(path)).ok();
+            let findings = handlers::check(&map, &requests, &read);
+            note(report, handlers::MAP, findings);
+        }
+        (Err(err), _) => report.push(format!("{}: cannot read: {err}", handlers::MAP)),
         (_, Err(err)) => report.push(format!("{}: cannot read: {err}", conformance::REQUESTS)),
     }
 }

@@ -290,7 +290,7 @@ where
     ) -> Result<Option<Reply>, SessionError> {
         use FrontendRequest as R;
         match request {
-            R::GetFeatures => Ok(Some(Reply::u64(hdr, self.offered_features()))),
+            R::GetFeatures => Ok(Some(self.handle_get_features(hdr))),
             R::SetFeatures(features) => self.handle_set_features(features).map(none),
             R::SetOwner => self.handle_set_owner().map(none),
             R::ResetOwner => self.handle_reset_owner(ctl).map(none),
@@ -308,21 +308,15 @@ where
             R::SetProtocolFeatures(f) => self.handle_set_protocol_features(f).map(none),
             R::GetQueueNum => self.handle_get_queue_num(hdr).map(Some),
             R::SetVringEnable(enable) => self.handle_set_vring_enable(enable).map(none),
-            R::SendRarp(_) => Err(unsupported(FrontendReq::SendRarp, "no RARP support")),
-            R::NetSetMtu(_) => Err(unsupported(FrontendReq::NetSetMtu, "no MTU support")),
+            R::SendRarp(_) => Err(refuse_unserved(FrontendReq::SendRarp)),
+            R::NetSetMtu(_) => Err(refuse_unserved(FrontendReq::NetSetMtu)),
             R::SetBackendReqFd { fd } => self.handle_set_backend_req_fd(fd).map(none),
             R::IotlbMsg(msg) => self.handle_iotlb_msg(msg).map(none),
-            R::SetVringEndian(_) => Err(unsupported(
-                FrontendReq::SetVringEndian,
-                "legacy cross-endian rings are not supported",
-            )),
+            R::SetVringEndian(_) => Err(refuse_unserved(FrontendReq::SetVringEndian)),
             R::GetConfig(config) => self.handle_get_config(hdr, config).map(Some),
             R::SetConfig(config) => self.handle_set_config(config).map(none),
             R::CreateCryptoSession(session) => Ok(Some(refuse_crypto_session(hdr, session))),
-            R::CloseCryptoSession(_) => Err(unsupported(
-                FrontendReq::CloseCryptoSession,
-                "no crypto sessions",
-            )),
+            R::CloseCryptoSession(_) => Err(refuse_unserved(FrontendReq::CloseCryptoSession)),
             R::PostcopyAdvise => self.handle_postcopy_advise(hdr).map(Some),
             R::PostcopyListen => self.handle_postcopy_listen().map(none),
             R::PostcopyEnd => self.handle_postcopy_end(hdr).map(Some),
@@ -424,6 +418,15 @@ where
         self.offered_features() & VirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
+    /// `VHOST_USER_GET_FEATURES`: the virtio features offered
+    /// ([`offered_features`](Self::offered_features)).
+    fn handle_get_features(&self, hdr: &Header) -> Reply {
+        Reply::u64(hdr, self.offered_features())
+    }
+
+    /// `VHOST_USER_SET_FEATURES`: acknowledges the offered virtio features and the ring
+    /// features the framework serves; sets logging, event index and ring layout on every
+    /// vring, and enables every ring when protocol features are not negotiated.
     fn handle_set_features(&mut self, features: VirtioFeatures) -> Result<(), SessionError> {
         let offered = self.offered_features();
         let requested = features.bits();
@@ -469,6 +472,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_SET_OWNER`.
+    ///
     /// "Issued when a new connection is established. It marks the sender as the front-end
     /// that owns of the session." A second one on the same connection comes from the same
     /// front-end, which owns the session already: it is accepted and changes nothing. QEMU's
@@ -480,6 +485,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_GPU_SET_SOCKET`.
+    ///
     /// Hands the GPU protocol socket to the backend, which speaks that protocol or refuses.
     fn handle_gpu_set_socket(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
         let request = FrontendReq::GpuSetSocket;
@@ -488,12 +495,15 @@ where
             .map_err(|source| SessionError::Backend { request, source })
     }
 
+    /// `VHOST_USER_RESET_OWNER`: forgets the device state (as `RESET_DEVICE`) and the owner.
     fn handle_reset_owner(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
         self.reset_device_state(ctl);
         self.owner = false;
         Ok(())
     }
 
+    /// `VHOST_USER_RESET_DEVICE`.
+    ///
     /// "Only valid if the `VHOST_USER_PROTOCOL_F_RESET_DEVICE` protocol feature is set by the
     /// back-end": offered, not necessarily acknowledged.
     fn handle_reset_device(&mut self, ctl: &mut dyn RingControl) -> Result<(), SessionError> {
@@ -525,6 +535,8 @@ where
         let _ = self.mem.set_logging(false);
     }
 
+    /// `VHOST_USER_GET_PROTOCOL_FEATURES`: the protocol features the framework serves, when the
+    /// backend offers `VHOST_USER_F_PROTOCOL_FEATURES`.
     fn handle_get_protocol_features(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         if !self.offers_protocol_features() {
             return Err(SessionError::ProtocolFeaturesNotNegotiated {
@@ -534,6 +546,8 @@ where
         Ok(Reply::u64(hdr, self.offered_protocol.bits()))
     }
 
+    /// `VHOST_USER_SET_PROTOCOL_FEATURES`: acknowledges a subset of the offered protocol features;
+    /// in-band notifications without `BACKEND_REQ` and `REPLY_ACK` close the connection.
     fn handle_set_protocol_features(
         &mut self,
         features: ProtocolFeatures,
@@ -567,6 +581,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_GET_QUEUE_NUM`.
+    ///
     /// "This request should be sent only when `VHOST_USER_PROTOCOL_F_MQ` is set in queried
     /// protocol features": offered, not necessarily acknowledged.
     fn handle_get_queue_num(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
@@ -580,6 +596,8 @@ where
         Ok(Reply::u64(hdr, self.vrings.len() as u64))
     }
 
+    /// `VHOST_USER_SET_BACKEND_REQ_FD`: the back-end channel (`BACKEND_REQ`), handed to the backend
+    /// and used for in-band notifications.
     fn handle_set_backend_req_fd(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
         let request = FrontendReq::SetBackendReqFd;
         if !self.protocol_negotiated() {
@@ -593,6 +611,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_GET_CONFIG`: the backend's configuration space bytes (`CONFIG`); a reply of
+    /// another size than asked for is refused.
     fn handle_get_config(
         &mut self,
         hdr: &Header,
@@ -617,6 +637,8 @@ where
         Ok(Reply::new(hdr, &reply, Vec::new()))
     }
 
+    /// `VHOST_USER_SET_CONFIG`: writes the configuration space through the backend, with the
+    /// request's flags (`CONFIG`).
     fn handle_set_config(&mut self, config: DeviceConfig) -> Result<(), SessionError> {
         let request = FrontendReq::SetConfig;
         self.require(request, ProtocolFeatures::CONFIG)?;
@@ -625,6 +647,8 @@ where
             .map_err(|source| SessionError::Backend { request, source })
     }
 
+    /// `VHOST_USER_SET_STATUS`.
+    ///
     /// Stores the status for `GET_STATUS` once the backend accepted it. The virtio status is
     /// one byte; a wider value is refused.
     fn handle_set_status(&mut self, status: U64) -> Result<(), SessionError> {
@@ -642,11 +666,14 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_GET_STATUS`: the status last accepted by `VHOST_USER_SET_STATUS` (`STATUS`).
     fn handle_get_status(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         self.require(FrontendReq::GetStatus, ProtocolFeatures::STATUS)?;
         Ok(Reply::u64(hdr, self.status))
     }
 
+    /// `VHOST_USER_GET_SHARED_OBJECT`: the backend's fd for a shared object's UUID
+    /// (`SHARED_OBJECT`).
     fn handle_get_shared_object(
         &mut self,
         hdr: &Header,
@@ -665,6 +692,8 @@ where
         ))
     }
 
+    /// `VHOST_USER_SET_DEVICE_STATE_FD`: hands the state transfer pipe to the backend and answers
+    /// whether it gives one of its own (`DEVICE_STATE`).
     fn handle_set_device_state_fd(
         &mut self,
         hdr: &Header,
@@ -688,6 +717,8 @@ where
         ))
     }
 
+    /// `VHOST_USER_CHECK_DEVICE_STATE`: whether the backend's state transfer succeeded
+    /// (`DEVICE_STATE`).
     fn handle_check_device_state(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         let request = FrontendReq::CheckDeviceState;
         self.require(request, ProtocolFeatures::DEVICE_STATE)?;
@@ -697,6 +728,7 @@ where
         Ok(Reply::u64(hdr, U64::ACK_SUCCESS.0))
     }
 
+    /// `VHOST_USER_GET_SHMEM_CONFIG`: the backend's shared memory regions (`SHMEM`).
     fn handle_get_shmem_config(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         let request = FrontendReq::GetShmemConfig;
         self.require(request, ProtocolFeatures::SHMEM)?;
@@ -707,6 +739,8 @@ where
         Ok(Reply::new(hdr, &config, Vec::new()))
     }
 
+    /// `VHOST_USER_POSTCOPY_ADVISE`: refused: built without the `postcopy` feature
+    /// (`session/postcopy.rs` serves it otherwise).
     #[cfg(not(feature = "postcopy"))]
     fn handle_postcopy_advise(&mut self, _hdr: &Header) -> Result<Reply, SessionError> {
         Err(unsupported(
@@ -715,6 +749,8 @@ where
         ))
     }
 
+    /// `VHOST_USER_POSTCOPY_LISTEN`: refused: built without the `postcopy` feature
+    /// (`session/postcopy.rs` serves it otherwise).
     #[cfg(not(feature = "postcopy"))]
     fn handle_postcopy_listen(&mut self) -> Result<(), SessionError> {
         Err(unsupported(
@@ -723,6 +759,8 @@ where
         ))
     }
 
+    /// `VHOST_USER_POSTCOPY_END`: refused: built without the `postcopy` feature
+    /// (`session/postcopy.rs` serves it otherwise).
     #[cfg(not(feature = "postcopy"))]
     fn handle_postcopy_end(&mut self, _hdr: &Header) -> Result<Reply, SessionError> {
         Err(unsupported(
@@ -732,6 +770,8 @@ where
     }
 }
 
+/// `VHOST_USER_CREATE_CRYPTO_SESSION`.
+///
 /// The failure reply to `CREATE_CRYPTO_SESSION`, which no backend can serve (CRYPTO_SESSION
 /// is never offered): the spec's "The back-end must return the session id, 0 or positive for
 /// success, negative for failure", instead of closing the connection.
@@ -768,6 +808,20 @@ fn failed_crypto_session(mut bytes: Vec<u8>) -> CryptoSession {
 /// Maps `Ok(())` to "no reply of its own".
 fn none(_: ()) -> Option<Reply> {
     None
+}
+
+/// `VHOST_USER_SEND_RARP`, `VHOST_USER_NET_SET_MTU`, `VHOST_USER_SET_VRING_ENDIAN` and
+/// `VHOST_USER_CLOSE_CRYPTO_SESSION`: refused, as the features they belong to are never
+/// offered (docs/conformance.md).
+fn refuse_unserved(request: FrontendReq) -> SessionError {
+    let reason = match request {
+        FrontendReq::SendRarp => "no RARP support",
+        FrontendReq::NetSetMtu => "no MTU support",
+        FrontendReq::SetVringEndian => "legacy cross-endian rings are not supported",
+        FrontendReq::CloseCryptoSession => "no crypto sessions",
+        _ => "not served",
+    };
+    unsupported(request, reason)
 }
 
 fn unsupported(request: FrontendReq, reason: &'static str) -> SessionError {

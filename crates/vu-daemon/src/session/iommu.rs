@@ -34,7 +34,7 @@ where
     V: VringT<GuestMemoryAtomic<GuestMemoryMmap<B>>>,
     B: RegionBitmap,
 {
-    /// `IOTLB_MSG`: an update (checked against the memory table) or an invalidation.
+    /// `VHOST_USER_IOTLB_MSG`: an update (checked against the memory table) or an invalidation.
     pub(super) fn handle_iotlb_msg(&mut self, msg: Iotlb) -> Result<(), SessionError> {
         if self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() == 0 {
             return Err(unsupported(

@@ -130,6 +130,8 @@ where
             .map_err(|source| SessionError::Backend { request, source })
     }
 
+    /// `VHOST_USER_SET_MEM_TABLE`: replaces the memory table (while postcopy listens: registers it
+    /// and answers with our mapping addresses) and tells the backend.
     pub(super) fn handle_set_mem_table(
         &mut self,
         #[cfg_attr(not(feature = "postcopy"), allow(unused_variables))] hdr: &Header,
@@ -167,6 +169,8 @@ where
         Ok(None)
     }
 
+    /// `VHOST_USER_ADD_MEM_REG`: adds one region to the table (`CONFIGURE_MEM_SLOTS`) and tells the
+    /// backend.
     pub(super) fn handle_add_mem_reg(
         &mut self,
         #[cfg_attr(not(feature = "postcopy"), allow(unused_variables))] hdr: &Header,
@@ -191,6 +195,8 @@ where
         Ok(None)
     }
 
+    /// `VHOST_USER_REM_MEM_REG`: removes one region from the table (`CONFIGURE_MEM_SLOTS`) and
+    /// tells the backend.
     pub(super) fn handle_rem_mem_reg(&mut self, region: MemoryRegion) -> Result<(), SessionError> {
         let request = FrontendReq::RemMemReg;
         self.require(request, ProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
@@ -200,6 +206,8 @@ where
         self.memory_changed(request)
     }
 
+    /// `VHOST_USER_GET_MAX_MEM_SLOTS`: how many regions the table holds at most
+    /// (`CONFIGURE_MEM_SLOTS`).
     pub(super) fn handle_get_max_mem_slots(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         self.require(
             FrontendReq::GetMaxMemSlots,
@@ -208,6 +216,8 @@ where
         Ok(Reply::u64(hdr, u64::from(self.mem.slot_limit())))
     }
 
+    /// `VHOST_USER_SET_LOG_BASE`: maps the dirty log (`LOG_SHMFD`) and answers, as QEMU waits for
+    /// it.
     pub(super) fn handle_set_log_base(
         &mut self,
         hdr: &Header,
@@ -222,6 +232,7 @@ where
         Ok(Some(Reply::u64(hdr, U64::ACK_SUCCESS.0)))
     }
 
+    /// `VHOST_USER_SET_LOG_FD`: the eventfd written when the log changed, made non-blocking.
     pub(super) fn handle_set_log_fd(&mut self, fd: OwnedFd) -> Result<(), SessionError> {
         // A blocking eventfd whose counter the frontend filled would block the device's
         // "log changed" write forever.
@@ -268,6 +279,8 @@ where
         Ok(inflight_size(desc.num_queues, desc.queue_size, packed))
     }
 
+    /// `VHOST_USER_GET_INFLIGHT_FD`: creates and maps a zeroed inflight area for the described
+    /// queues (`INFLIGHT_SHMFD`, docs/inflight.md) and answers with its fd.
     pub(super) fn handle_get_inflight_fd(
         &mut self,
         hdr: &Header,
@@ -301,6 +314,8 @@ where
         Ok(Reply::new(hdr, &desc, vec![theirs]))
     }
 
+    /// `VHOST_USER_SET_INFLIGHT_FD`: maps the frontend's inflight area after a restart, checked
+    /// against the described queues (`INFLIGHT_SHMFD`, docs/inflight.md).
     pub(super) fn handle_set_inflight_fd(
         &mut self,
         desc: Inflight,

@@ -47,6 +47,7 @@ where
         move |source| SessionError::Postcopy { request, source }
     }
 
+    /// `VHOST_USER_POSTCOPY_ADVISE`: opens the userfaultfd and answers with it (`PAGEFAULT`).
     pub(super) fn handle_postcopy_advise(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         let request = FrontendReq::PostcopyAdvise;
         self.require(request, ProtocolFeatures::PAGEFAULT)?;
@@ -57,6 +58,8 @@ where
         Ok(Reply::new(hdr, &Empty, vec![fd]))
     }
 
+    /// `VHOST_USER_POSTCOPY_LISTEN`.
+    ///
     /// "The back-end must ensure that shared memory is registered with userfaultfd": memory
     /// mapped before LISTEN was not registered, and QEMU never learned its local base to
     /// resolve faults, so LISTEN with a table in place is refused (as libvhost-user does).
@@ -75,6 +78,7 @@ where
         self.postcopy.listen().map_err(Self::postcopy_err(request))
     }
 
+    /// `VHOST_USER_POSTCOPY_END`: closes the userfaultfd and answers (`PAGEFAULT`).
     pub(super) fn handle_postcopy_end(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         let request = FrontendReq::PostcopyEnd;
         self.require(request, ProtocolFeatures::PAGEFAULT)?;

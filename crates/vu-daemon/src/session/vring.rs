@@ -88,6 +88,7 @@ where
         &self.vrings[usize::from(queue)]
     }
 
+    /// `VHOST_USER_SET_VRING_NUM`: the ring's size.
     pub(super) fn handle_set_vring_num(&mut self, state: VringState) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringNum;
         let queue = self.queue(request, state.index)?;
@@ -105,6 +106,8 @@ where
             })
     }
 
+    /// `VHOST_USER_SET_VRING_ADDR`: the ring's three areas, translated from VMM to guest addresses
+    /// (unless `GPA_ADDRESSES`), and its log address.
     pub(super) fn handle_set_vring_addr(&mut self, addr: VringAddr) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringAddr;
         let queue = self.queue(request, addr.index)?;
@@ -181,6 +184,8 @@ where
         }
     }
 
+    /// `VHOST_USER_SET_VRING_BASE`: the index (split) or positions with wrap counters (packed) the
+    /// ring resumes from.
     pub(super) fn handle_set_vring_base(&mut self, state: VringState) -> Result<(), SessionError> {
         let request = FrontendReq::SetVringBase;
         let queue = self.queue(request, state.index)?;
@@ -195,6 +200,8 @@ where
             })
     }
 
+    /// `VHOST_USER_GET_VRING_BASE`.
+    ///
     /// Stops the ring: no longer watched, no worker inside it, the device drained; then
     /// answers with the index to resume from.
     pub(super) fn handle_get_vring_base(
@@ -243,6 +250,8 @@ where
         Ok(Reply::new(hdr, &reply, Vec::new()))
     }
 
+    /// `VHOST_USER_SET_VRING_KICK`.
+    ///
     /// Installs the kick fd and starts the ring; without negotiated protocol features the
     /// ring is enabled as well.
     ///
@@ -394,6 +403,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_SET_VRING_CALL`: the ring's call eventfd (none: in-band
+    /// `VHOST_USER_BACKEND_VRING_CALL`).
     pub(super) fn handle_set_vring_call(
         &mut self,
         index: u8,
@@ -421,6 +432,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_SET_VRING_ERR`: the ring's error eventfd (none: in-band
+    /// `VHOST_USER_BACKEND_VRING_ERR`).
     pub(super) fn handle_set_vring_err(
         &mut self,
         index: u8,
@@ -433,6 +446,8 @@ where
         Ok(())
     }
 
+    /// `VHOST_USER_SET_VRING_ENABLE`: enables or disables a ring
+    /// ([`enable_ring`](Self::enable_ring)); needs negotiated protocol features.
     pub(super) fn handle_set_vring_enable(
         &mut self,
         enable: VringEnable,
@@ -474,7 +489,7 @@ where
         Ok(())
     }
 
-    /// `VRING_KICK`: an in-band kick. It starts a ring that has no kick fd yet (with an
+    /// `VHOST_USER_VRING_KICK`: an in-band kick. It starts a ring that has no kick fd yet (with an
     /// eventfd of the session's own), kicks it through that fd, and has the runtime serve the
     /// kick before the answer ([`RingControl::dispatch_now`]).
     pub(super) fn handle_vring_kick(
