@@ -15,8 +15,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::ptr;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
@@ -24,6 +23,7 @@ use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 use vm_memory::GuestAddress;
 
 use crate::error::MemError;
+use crate::sys::SharedBytes;
 
 /// Bytes of guest memory covered by one bit of the log (`VHOST_LOG_PAGE` in the spec).
 pub const LOG_PAGE_SIZE: u64 = 0x1000;
@@ -37,28 +37,18 @@ pub fn log_size_for(end: u64) -> u64 {
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf reads a constant of the running system and touches no memory of ours.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(LOG_PAGE_SIZE)
+    crate::sys::page_size().unwrap_or(LOG_PAGE_SIZE)
 }
 
 /// One mapping of the frontend's log fd.
 struct LogArea {
-    /// Start of the mapping (the log offset rounded down to a page).
-    map: *mut libc::c_void,
-    /// Length of the mapping.
-    map_len: usize,
-    /// First byte of the log inside the mapping.
-    log: *const u8,
+    /// The mapping, from the log offset rounded down to a page.
+    bytes: SharedBytes,
+    /// Offset of the log's first byte inside the mapping.
+    delta: usize,
     /// Length of the log in bytes, as the frontend sent it.
     len: u64,
 }
-
-// SAFETY: the area is a plain shared mapping; it is only read and written through atomics
-// (`cell`), and it is unmapped only on drop, which needs exclusive ownership.
-unsafe impl Send for LogArea {}
-// SAFETY: as above, every shared access goes through `AtomicU8`.
-unsafe impl Sync for LogArea {}
 
 impl LogArea {
     /// Maps `size` bytes of `fd` from `offset`, MAP_SHARED, read-write.
@@ -78,40 +68,21 @@ impl LogArea {
             libc::off_t::try_from(aligned).map_err(|_| MemError::LogOverflow { size, offset })?;
         let delta = usize::try_from(offset - aligned)
             .map_err(|_| MemError::LogOverflow { size, offset })?;
-        // SAFETY: a fresh mapping (no MAP_FIXED) of a borrowed fd; it replaces no memory of
-        // ours, and the result is checked for MAP_FAILED below.
-        let map = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_fd().as_raw_fd(),
-                file_offset,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(MemError::LogMmap(io::Error::last_os_error()));
-        }
-        // `delta < page size <= map_len`, so the log start lies inside the mapping.
-        let log = map.cast::<u8>().wrapping_add(delta).cast_const();
+        let bytes = SharedBytes::map(fd, file_offset, map_len).map_err(MemError::LogMmap)?;
         Ok(LogArea {
-            map,
-            map_len,
-            log,
+            bytes,
+            delta,
             len: size,
         })
     }
 
-    /// The log byte at `index`, which must be below `self.len`.
-    fn cell(&self, index: u64) -> &AtomicU8 {
-        debug_assert!(index < self.len);
-        // `index < len` and `len` bytes from `log` are mapped, so this stays in the mapping.
-        let byte = self.log.wrapping_add(index as usize).cast_mut();
-        // SAFETY: `byte` points into this live mapping (checked by every caller against
-        // `self.len`); u8 has no alignment needs; this process touches the log only through
-        // atomics, and the mapping outlives the returned reference, which borrows `self`.
-        unsafe { AtomicU8::from_ptr(byte) }
+    /// The log byte at `index`; `None` past the end of the log.
+    fn cell(&self, index: u64) -> Option<&AtomicU8> {
+        if index >= self.len {
+            return None;
+        }
+        // `delta + len` is the mapping's length, which fits in usize.
+        self.bytes.byte(self.delta + index as usize)
     }
 
     /// Sets the bits of pages `first..=last`, clipped to the log; true if any bit was clear.
@@ -126,25 +97,18 @@ impl LogArea {
             // Release: the guest-memory writes this bit reports happened before it, so a
             // frontend that sees the bit and copies the page sees the data too. The bit is set
             // even when it looks set already: the frontend may be clearing it right now.
-            let old = self.cell(index).fetch_or(mask, Ordering::Release);
-            changed |= old & mask != mask;
+            if let Some(cell) = self.cell(index) {
+                let old = cell.fetch_or(mask, Ordering::Release);
+                changed |= old & mask != mask;
+            }
         }
         changed
     }
 
     fn page_dirty(&self, page: u64) -> bool {
         let index = page / PAGES_PER_LOG_BYTE;
-        index < self.len && self.cell(index).load(Ordering::Acquire) & (1 << (page % 8)) != 0
-    }
-}
-
-impl Drop for LogArea {
-    fn drop(&mut self) {
-        // SAFETY: `map`/`map_len` are exactly what mmap returned in `LogArea::map`, and no
-        // reference from `cell` outlives `&self`, so nothing uses the mapping any more.
-        unsafe {
-            libc::munmap(self.map, self.map_len);
-        }
+        self.cell(index)
+            .is_some_and(|cell| cell.load(Ordering::Acquire) & (1 << (page % 8)) != 0)
     }
 }
 

@@ -62,12 +62,18 @@
 //! there is no other way), so the manager binds each one to its region's guest address and
 //! the log after mapping and before publishing.
 
+// `unsafe` is allowed in `sys` alone (raw system calls behind safe functions).
+#![deny(unsafe_code)]
+
 mod dirty;
 mod error;
 mod iotlb;
 mod manager;
 mod region;
 mod shared;
+// The one module allowed `unsafe`: the crate's raw system calls behind safe functions.
+#[allow(unsafe_code)]
+mod sys;
 
 pub use dirty::{log_size_for, DirtyLog, LogBitmap, LogSlice, RegionBitmap, LOG_PAGE_SIZE};
 pub use error::{AddressSpace, MemError};

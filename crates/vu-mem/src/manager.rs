@@ -491,8 +491,6 @@ fn check_disjoint(ranges: &[Ranges]) -> Result<(), MemError> {
 mod tests {
     use std::os::unix::fs::FileExt;
 
-    use std::os::fd::{FromRawFd, IntoRawFd};
-
     use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
 
     use super::*;
@@ -1156,10 +1154,8 @@ mod tests {
     #[test]
     fn log_fd_is_signalled_once_after_a_change() {
         let (mut m, _log) = logged();
-        let event = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let raw = event.try_clone().unwrap().into_raw_fd();
-        // SAFETY: `raw` was just released by its EventFd; the File is its only owner.
-        m.set_log_fd(Some(unsafe { std::fs::File::from_raw_fd(raw) }));
+        let event = crate::sys::eventfd().unwrap();
+        m.set_log_fd(Some(event.try_clone().unwrap()));
         assert!(!m.notify_log_changed().unwrap());
         m.memory()
             .memory()
@@ -1171,7 +1167,9 @@ mod tests {
             .unwrap();
         assert!(m.notify_log_changed().unwrap());
         assert!(!m.notify_log_changed().unwrap());
-        assert_eq!(event.read().unwrap(), 1);
+        let mut count = [0u8; 8];
+        std::io::Read::read_exact(&mut &event, &mut count).unwrap();
+        assert_eq!(u64::from_ne_bytes(count), 1);
     }
 
     #[test]

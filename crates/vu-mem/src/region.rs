@@ -1,7 +1,7 @@
 //! One region of the frontend's memory table, and mapping it.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
@@ -136,12 +136,7 @@ const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 /// Whether `file` lives on hugetlbfs (None if the kernel will not say).
 fn is_hugetlbfs(file: &File) -> Option<bool> {
-    // SAFETY: statfs is plain old data; all-zero is a valid value.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is borrowed from a live File and `stat` is a valid out-pointer.
-    let rc = unsafe { libc::fstatfs(file.as_fd().as_raw_fd(), &mut stat) };
-    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs.
-    (rc == 0).then_some(stat.f_type as u64 == HUGETLBFS_MAGIC)
+    crate::sys::fs_type(file).ok().map(|t| t == HUGETLBFS_MAGIC)
 }
 
 /// Refuses a mapping of `size` bytes from `offset` that a regular file (memfds included) does not
@@ -149,15 +144,10 @@ fn is_hugetlbfs(file: &File) -> Option<bool> {
 /// file could otherwise crash the backend at its first access. Other kinds of fd (Xen's privcmd
 /// and gntdev devices) have no meaningful size and are left to the kernel.
 pub(crate) fn check_file_covers(fd: impl AsFd, offset: u64, size: u64) -> Result<(), MemError> {
-    // SAFETY: `stat` is plain old data; all-zero is a valid value.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is borrowed from a live owner and `stat` is a valid out-pointer.
-    let rc = unsafe { libc::fstat(fd.as_fd().as_raw_fd(), &mut stat) };
-    if rc != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+    let Some(file_size) = crate::sys::regular_file_size(fd) else {
         // Nothing to check: fstat failing on a live fd, or an fd that is not a regular file.
         return Ok(());
-    }
-    let file_size = u64::try_from(stat.st_size).unwrap_or(0);
+    };
     match offset.checked_add(size) {
         Some(end) if end <= file_size => Ok(()),
         _ => Err(MemError::FileTooSmall {

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -30,7 +30,7 @@ impl SharedMemory {
             .ok()
             .filter(|&len| len > 0)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad memory size"))?;
-        let file = memfd(c"vu-shared-memory")?;
+        let file = crate::sys::memfd(c"vu-shared-memory")?;
         file.set_len(size)?;
         let offset = FileOffset::new(file.try_clone()?, 0);
         let mem = GuestMemoryMmap::from_ranges_with_files([(guest_addr, len, Some(offset))])
@@ -79,18 +79,6 @@ impl SharedMemory {
     pub fn user_addr_of(&self, addr: GuestAddress) -> Option<u64> {
         self.mem.get_host_address(addr).ok().map(|ptr| ptr as u64)
     }
-}
-
-/// A new anonymous memory file named `name`, empty and close-on-exec.
-fn memfd(name: &std::ffi::CStr) -> io::Result<File> {
-    // SAFETY: `name` is a NUL-terminated string that outlives the call, which reads nothing
-    // else and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create: it is open and nothing else owns it.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 #[cfg(test)]

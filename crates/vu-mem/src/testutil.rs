@@ -1,20 +1,13 @@
 //! Helpers shared by the unit tests.
 
-use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::region::RegionSpec;
 
 /// A memfd of `size` bytes, zero-filled.
 pub(crate) fn memfd(size: u64) -> File {
-    let name: &CStr = c"vu-mem-test";
-    // SAFETY: a valid NUL-terminated name; the result is checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = crate::sys::memfd(c"vu-mem-test").expect("memfd_create");
     file.set_len(size).unwrap();
     file
 }
