@@ -49,7 +49,6 @@
 //! ```
 
 use std::ffi::{c_int, c_void};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::OnceLock;
@@ -283,9 +282,7 @@ fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
     if !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists() {
         return Err(format!("--fd {fd}: no such open file descriptor"));
     }
-    // SAFETY: fd is open (checked just above) and, by the --fd convention, was handed to this
-    // process to own; nothing else in this program uses it, so taking ownership is sound.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = crate::sys::adopt_inherited(fd).map_err(|err| format!("--fd {fd}: {err}"))?;
     Endpoint::from_fd(owned).map_err(|err| format!("--fd {fd}: {err}"))
 }
 
@@ -374,5 +371,18 @@ mod tests {
     fn an_fd_that_is_not_open_is_refused() {
         let err = inherited_socket(i32::MAX).unwrap_err();
         assert!(err.contains("no such open file descriptor"), "{err}");
+    }
+
+    #[test]
+    fn an_open_socket_fd_is_adopted() {
+        use std::io::Read;
+        use std::os::fd::IntoRawFd;
+
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let endpoint = inherited_socket(ours.into_raw_fd()).unwrap();
+        // Dropping the endpoint closes the adopted fd: the peer reads end of file.
+        drop(endpoint);
+        let mut rest = Vec::new();
+        assert_eq!(theirs.read_to_end(&mut rest).unwrap(), 0);
     }
 }

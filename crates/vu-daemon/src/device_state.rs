@@ -178,21 +178,10 @@ fn wait<T>(done: &Receiver<io::Result<T>>) -> io::Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::{FromRawFd, OwnedFd};
-
     use super::*;
 
     fn pipe() -> (File, File) {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two fds pipe2 writes.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds were just created and are owned by nobody else.
-        unsafe {
-            (
-                File::from(OwnedFd::from_raw_fd(fds[0])),
-                File::from(OwnedFd::from_raw_fd(fds[1])),
-            )
-        }
+        crate::sys::pipe().unwrap()
     }
 
     #[test]

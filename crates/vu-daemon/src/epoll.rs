@@ -149,23 +149,13 @@ impl Poller {
     /// Whether an event is pending, without consuming it or blocking (one `poll(2)` on the
     /// epoll fd, which is readable while its ready list is not empty).
     pub(crate) fn has_events(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.epoll.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd that lives across the call, matching the count of
-        // 1; the epoll fd is owned by `self` and open for the whole call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0
+        crate::sys::readable_within(self.as_fd(), std::time::Duration::ZERO)
     }
 }
 
 impl AsFd for Poller {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: `Epoll` owns its fd and closes it only in its `Drop`; the borrow is tied to
-        // `&self`, which keeps the `Epoll` alive.
-        unsafe { BorrowedFd::borrow_raw(self.epoll.as_raw_fd()) }
+        crate::sys::epoll_fd(&self.epoll)
     }
 }
 
@@ -446,8 +436,6 @@ mod tests {
     #[test]
     fn poller_fd_is_close_on_exec() {
         let poller = Poller::new().unwrap();
-        // SAFETY: F_GETFD on an fd we own reads its flags and changes nothing.
-        let flags = unsafe { libc::fcntl(poller.as_fd().as_raw_fd(), libc::F_GETFD) };
-        assert!(flags & libc::FD_CLOEXEC != 0);
+        assert!(crate::sys::is_cloexec(&poller).unwrap());
     }
 }

@@ -38,14 +38,12 @@
 //! miss or access-fail message as a device access of `size` bytes at `iova` with its
 //! permissions. After each, the table's invariants are checked (a panic is a finding).
 
-use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_mem::{GuestMemoryManager, IotlbFault, IotlbMapping, LogBitmap, Permissions, RegionSpec};
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::{Header, HeaderFlags};
@@ -175,16 +173,7 @@ impl<'a> Input<'a> {
 
 /// A fresh memfd of `size` bytes (`None` if the kernel refuses one).
 fn memfd(size: u64) -> Option<File> {
-    let name: &CStr = c"vu-fuzz";
-    // SAFETY: a valid NUL-terminated name and valid flags; the result is checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just returned by memfd_create; nothing else owns it.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size).ok()?;
-    Some(file)
+    crate::sys::memfd(c"vu-fuzz", size, false).ok()
 }
 
 /// The fds of one message, as described by its fd bytes.
@@ -194,9 +183,7 @@ fn message_fds(input: &mut Input<'_>) -> Option<Vec<OwnedFd>> {
     for _ in 0..count {
         let kind = input.u8()?;
         let fd = if kind == 0 {
-            let event = EventFd::new(EFD_NONBLOCK).ok()?;
-            // SAFETY: `into_raw_fd` hands over the eventfd's only owner.
-            unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(event)) }
+            OwnedFd::from(crate::sys::eventfd(true).ok()?)
         } else {
             OwnedFd::from(memfd(u64::from(kind) * PAGE)?)
         };

@@ -38,6 +38,8 @@
 //! module's documentation for kicks that arrive while a ring is disabled (they are kept, not
 //! lost, and served once the ring is enabled).
 
+// `unsafe` is allowed in `sys` alone (raw system calls behind safe functions).
+#![deny(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -59,6 +61,9 @@ pub mod fuzzing;
 mod postcopy;
 pub mod process;
 mod session;
+// The one module allowed `unsafe`: the crate's raw system calls behind safe functions.
+#[allow(unsafe_code)]
+mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod used_log;

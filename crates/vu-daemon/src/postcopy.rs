@@ -107,15 +107,11 @@ impl Postcopy {
         ))?;
         // As QEMU and libvhost-user do for registered memory: missing pages are placed one
         // (source) page at a time with UFFDIO_COPY, which transparent huge pages would defeat.
-        // SAFETY: madvise changes no memory contents; `addr..addr+len` is a mapping of ours
-        // (the caller's pending table holds it).
-        if unsafe { libc::madvise(addr.cast(), len, libc::MADV_NOHUGEPAGE) } != 0 {
-            return Err(PostcopyError::Advise {
-                addr: addr as usize,
-                len,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        crate::sys::no_huge_pages(addr, len).map_err(|source| PostcopyError::Advise {
+            addr: addr as usize,
+            len,
+            source,
+        })?;
         uffd.register(addr.cast(), len)
             .map_err(|source| PostcopyError::Register {
                 addr: addr as usize,

@@ -51,7 +51,7 @@ mod vring;
 mod tests;
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use log::{error, warn};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -937,11 +937,5 @@ fn describe(hdr: &Header, req: Option<FrontendReq>) -> String {
 
 /// Creates a close-on-exec, non-blocking eventfd owned by the session.
 fn new_eventfd() -> std::io::Result<File> {
-    // SAFETY: eventfd takes no pointers; the flags are valid constants.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by eventfd, is valid and owned by nobody else.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    crate::sys::eventfd(true)
 }

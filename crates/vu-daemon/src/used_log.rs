@@ -67,7 +67,6 @@ mod tests {
 
     use std::fs::File;
     use std::io::Read;
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::fs::FileExt;
 
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -79,21 +78,11 @@ mod tests {
     type Mem = GuestMemoryAtomic<GuestMemoryMmap<LogBitmap>>;
 
     fn memfd(size: u64) -> File {
-        // SAFETY: a valid NUL-terminated name; the result is checked below.
-        let fd = unsafe { libc::memfd_create(c"vu-used-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is fresh and owned by nobody else.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(size).unwrap();
-        file
+        crate::sys::memfd(c"vu-used-log", size, false).unwrap()
     }
 
     fn eventfd() -> File {
-        // SAFETY: no pointers; valid flags.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is fresh and owned by nobody else.
-        File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+        crate::sys::eventfd(true).unwrap()
     }
 
     /// 1 MiB of guest memory, a 64-byte log (512 pages), logging on, a 16-entry ring whose

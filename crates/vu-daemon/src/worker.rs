@@ -694,12 +694,7 @@ mod tests {
     }
 
     fn eventfd_file() -> (File, File) {
-        let e = new_eventfd().unwrap();
-        // SAFETY: `into_raw_fd` gives up ownership of a valid, open eventfd fd, which the
-        // `File` now owns alone.
-        let f = unsafe {
-            <File as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(e))
-        };
+        let f = crate::sys::eventfd(true).unwrap();
         let dup = f.try_clone().unwrap();
         (f, dup)
     }

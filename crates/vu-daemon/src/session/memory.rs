@@ -2,9 +2,8 @@
 //! `GET_MAX_MEM_SLOTS`), the dirty log (`SET_LOG_BASE`, `SET_LOG_FD`) and the inflight
 //! area (`GET_INFLIGHT_FD`, `SET_INFLIGHT_FD`).
 
-use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 #[cfg(feature = "xen")]
@@ -59,29 +58,7 @@ pub(crate) use vu_vring::inflight::area_size as inflight_size;
 
 /// A memfd of `size` zero bytes, close-on-exec, sealed against shrinking and growing.
 fn inflight_memfd(size: u64) -> std::io::Result<File> {
-    const NAME: &CStr = c"vu-inflight";
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: NAME is a valid NUL-terminated string; memfd_create keeps no pointer to it.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create, is valid and owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS takes an int argument; the fd is the memfd owned by `file`.
-    if unsafe {
-        libc::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            libc::F_ADD_SEALS,
-            seals,
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
+    crate::sys::memfd(c"vu-inflight", size, true)
 }
 
 /// The region as vu-mem takes it, with its fd.

@@ -9,7 +9,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -410,13 +410,7 @@ fn memfd(size: u64) -> File {
 }
 
 fn named_memfd(name: &CStr, size: u64) -> File {
-    // SAFETY: `name` is a valid C string; memfd_create keeps no pointer to it.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size).unwrap();
-    file
+    crate::sys::memfd(name, size, false).expect("memfd_create")
 }
 
 #[cfg(not(feature = "xen"))]
@@ -1805,8 +1799,11 @@ mod postcopy {
             1,
             "POSTCOPY_ADVISE returned no userfaultfd"
         );
-        let link =
-            std::fs::read_link(format!("/proc/self/fd/{}", reply.fds[0].as_raw_fd())).unwrap();
+        let link = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&reply.fds[0])
+        ))
+        .unwrap();
         assert!(link.to_string_lossy().contains("userfaultfd"), "{link:?}");
     }
 
@@ -2074,9 +2071,7 @@ fn mutex_backend_is_a_backend() {
 #[test]
 fn session_fds_are_close_on_exec() {
     let fd = new_eventfd().unwrap();
-    // SAFETY: F_GETFD on a valid fd owned by `fd`.
-    let flags = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFD) };
-    assert!(flags & libc::FD_CLOEXEC != 0);
+    assert!(crate::sys::is_cloexec(&fd).unwrap());
 }
 
 /// Scenarios of issue 13 (every request served as the spec says), kept together.

@@ -2,7 +2,7 @@
 //! the ring state transitions of the spec's "Ring states".
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -552,34 +552,7 @@ where
 /// ring. Each expiry wakes an edge-triggered epoll watcher, as a kick does; reading it
 /// consumes the expiries as reading an eventfd consumes kicks.
 fn poll_timer(period: Duration) -> std::io::Result<File> {
-    // SAFETY: timerfd_create takes no pointers; the flags are valid constants.
-    let fd = unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by timerfd_create, is valid and owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let spec = libc::timespec {
-        tv_sec: libc::time_t::try_from(period.as_secs()).unwrap_or(libc::time_t::MAX),
-        // Under a second by construction: the nanoseconds of a `Duration` are below 10^9.
-        tv_nsec: libc::c_long::from(period.subsec_nanos()),
-    };
-    let value = libc::itimerspec {
-        it_interval: spec,
-        it_value: spec,
-    };
-    // SAFETY: `value` is a valid itimerspec that lives across the call; the old value
-    // pointer may be null; `file` keeps the fd open.
-    let rc = unsafe { libc::timerfd_settime(file.as_raw_fd(), 0, &value, std::ptr::null_mut()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
+    crate::sys::periodic_timer(period)
 }
 
 /// Whether a started `vring` holds chains the device has not served (an unreadable or broken
@@ -674,20 +647,7 @@ fn notifier(request: FrontendReq, queue: u16, fd: OwnedFd) -> Result<File, Sessi
 /// Sets `O_NONBLOCK` on `fd` (an eventfd from the frontend that the device writes), so that a
 /// counter the frontend filled cannot block the writer.
 pub(super) fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: F_GETFL on an fd owned by `fd`, which lives across the call; no pointers.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: F_SETFL with an integer argument on the same live fd; no pointers.
-        let rc = unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    crate::sys::set_nonblocking(fd)
 }
 
 #[cfg(test)]
@@ -696,14 +656,8 @@ mod tests {
 
     #[test]
     fn notifier_refuses_a_pipe() {
-        let mut ends = [0; 2];
-        // SAFETY: `ends` is a valid two-int out-pointer.
-        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
-        assert_eq!(rc, 0);
-        // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
-        let (read, _write) =
-            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
-        let err = notifier(FrontendReq::SetVringKick, 0, read).unwrap_err();
+        let (read, _write) = crate::sys::pipe().unwrap();
+        let err = notifier(FrontendReq::SetVringKick, 0, OwnedFd::from(read)).unwrap_err();
         assert!(
             matches!(err, SessionError::NotAnEventfd { queue: 0, .. }),
             "{err}"
@@ -733,14 +687,9 @@ mod tests {
 
     #[test]
     fn notifier_makes_a_blocking_eventfd_non_blocking() {
-        // SAFETY: eventfd takes no pointers; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = notifier(FrontendReq::SetVringCall, 1, fd).unwrap();
-        // SAFETY: F_GETFL on a live fd; no pointers.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        assert_ne!(flags & libc::O_NONBLOCK, 0);
+        let blocking = crate::sys::eventfd(false).unwrap();
+        assert!(!crate::sys::is_nonblocking(&blocking).unwrap());
+        let file = notifier(FrontendReq::SetVringCall, 1, OwnedFd::from(blocking)).unwrap();
+        assert!(crate::sys::is_nonblocking(&file).unwrap());
     }
 }

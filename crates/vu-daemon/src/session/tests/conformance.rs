@@ -1,7 +1,6 @@
 //! Each test sends the exact message and checks its effect on the backend, the rings or the
 //! back-end channel, not only the reply. docs/conformance.md names these tests.
 
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use vu_proto::backend::ChannelError;
@@ -96,15 +95,7 @@ fn set_status_refused_by_the_backend_keeps_the_old_status() {
 
 /// Waits until `fd` is readable, at most [`WAIT`].
 fn readable(fd: &File) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(WAIT.as_millis()).unwrap();
-    // SAFETY: one valid pollfd that lives across the call.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    rc == 1 && pfd.revents & libc::POLLIN != 0
+    crate::sys::readable_within(fd.as_fd(), WAIT)
 }
 
 #[test]
