@@ -35,11 +35,12 @@
 
 use std::fs::File;
 use std::mem::{offset_of, size_of};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, VolatileSlice};
+
+use crate::sys::SharedMapping;
 
 /// The `version` of a region in use: "It's 1 currently. Zero value indicates an
 /// uninitialized buffer".
@@ -324,7 +325,7 @@ impl InflightArea {
             return Err(InflightError::TooSmall { size, needed });
         }
         // Only the bytes of the layout are mapped.
-        let map = Mapping::new(&file, offset, needed)?;
+        let map = map_area(&file, offset, needed)?;
         let area = InflightArea {
             map: Arc::new(map),
             num_queues,
@@ -367,100 +368,28 @@ impl InflightArea {
     }
 }
 
-/// A shared, read-write mapping of `len` bytes of a file from some offset, unmapped on drop.
-///
-/// vm-memory's `MmapRegion` cannot map a file when vm-memory is built for Xen, so the area
-/// is mapped here, the way vu-mem maps the dirty log.
-#[derive(Debug)]
-struct Mapping {
-    /// What mmap returned (the offset rounded down to a page).
-    base: *mut libc::c_void,
-    /// Its length.
-    map_len: usize,
-    /// The first byte of the area inside it.
-    start: *mut u8,
-    /// The area's length.
-    len: usize,
-}
+/// The inflight area's mapping (the raw memory lives in `sys`).
+type Mapping = SharedMapping;
 
-// SAFETY: the mapping is plain shared memory owned by this value; it is only accessed through
-// `VolatileSlice`s borrowed from `&self`, and unmapped only on drop.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; every shared access is a volatile or atomic access through a slice.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Maps `len` bytes of `file` from `offset`, after checking that the file holds them.
-    fn new(file: &File, offset: u64, len: u64) -> Result<Self, InflightError> {
-        let map_err = |e: std::io::Error| InflightError::Map(e.to_string());
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| InflightError::Map(format!("offset {offset} + {len} overflows")))?;
-        let file_len = file.metadata().map_err(map_err)?.len();
-        if file_len < end {
-            return Err(InflightError::TooSmall {
-                size: file_len.saturating_sub(offset),
-                needed: len,
-            });
-        }
-        // SAFETY: sysconf reads a constant of the running system and touches no memory.
-        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        // mmap wants a page-aligned file offset: map from the page below and step over.
-        let aligned = offset - offset % page;
-        let too_big = || InflightError::Map(format!("area of {len} bytes at {offset}"));
-        let map_len = usize::try_from(end - aligned).map_err(|_| too_big())?;
-        let delta = usize::try_from(offset - aligned).map_err(|_| too_big())?;
-        let len = usize::try_from(len).map_err(|_| too_big())?;
-        let file_offset = libc::off_t::try_from(aligned).map_err(|_| too_big())?;
-        if map_len == 0 {
-            return Err(InflightError::TooSmall { size: 0, needed: 1 });
-        }
-        // SAFETY: a fresh shared mapping (no MAP_FIXED) of a borrowed, open fd; it replaces no
-        // memory of ours, and MAP_FAILED is checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                file_offset,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(map_err(std::io::Error::last_os_error()));
-        }
-        // `delta + len == map_len`: the area lies inside the mapping.
-        let start = base.cast::<u8>().wrapping_add(delta);
-        Ok(Mapping {
-            base,
-            map_len,
-            start,
-            len,
-        })
+/// Maps `len` bytes of `file` from `offset`, after checking that the file holds them.
+fn map_area(file: &File, offset: u64, len: u64) -> Result<Mapping, InflightError> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| InflightError::Map(format!("offset {offset} + {len} overflows")))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| InflightError::Map(e.to_string()))?
+        .len();
+    if file_len < end {
+        return Err(InflightError::TooSmall {
+            size: file_len.saturating_sub(offset),
+            needed: len,
+        });
     }
-
-    /// The `len` bytes at `offset` of the area, or `None` past its end.
-    fn slice(&self, offset: usize, len: usize) -> Option<VolatileSlice<'_, ()>> {
-        if offset.checked_add(len)? > self.len {
-            return None;
-        }
-        // SAFETY: `offset + len <= self.len` bytes from `start` are inside this live mapping,
-        // which the returned slice cannot outlive (it borrows `self`); the area is shared
-        // with the frontend, and this process touches it only through the slice's volatile
-        // and atomic accesses.
-        Some(unsafe { VolatileSlice::new(self.start.wrapping_add(offset), len) })
+    if len == 0 {
+        return Err(InflightError::TooSmall { size: 0, needed: 1 });
     }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`map_len` are what mmap returned, and no slice borrowed from `self`
-        // outlives it.
-        unsafe {
-            libc::munmap(self.base, self.map_len);
-        }
-    }
+    SharedMapping::map(file, offset, len).map_err(|e| InflightError::Map(e.to_string()))
 }
 
 /// One queue's region of a mapped [`InflightArea`], kept by the vring that records into it.

@@ -196,6 +196,9 @@
 //! `unsafe`), read and written 8 bytes at a time. A full counter on write and an empty
 //! counter on a non-blocking read are not errors.
 
+// `unsafe` is allowed in `sys` alone (raw system calls and memory behind safe types).
+#![deny(unsafe_code)]
+
 mod chain;
 mod error;
 #[doc(hidden)]
@@ -209,6 +212,9 @@ mod tests_inflight;
 #[cfg(test)]
 mod testutil;
 mod vring;
+// The one module allowed `unsafe`.
+#[allow(unsafe_code)]
+mod sys;
 
 pub use chain::Chain;
 pub use error::{Error, RingPart};

@@ -480,8 +480,6 @@ mod tests {
 
     #[test]
     fn restart_keeps_the_packed_positions_and_ignores_an_inflight_area() {
-        use std::os::fd::FromRawFd;
-
         use crate::inflight::area_size;
         use crate::InflightArea;
 
@@ -491,13 +489,8 @@ mod tests {
         vring.set_queue_size(8).unwrap();
         vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
         vring.set_vring_base(0x0003_8005).unwrap();
-        // SAFETY: the name is a valid NUL-terminated string that memfd_create does not keep.
-        let fd = unsafe { libc::memfd_create(c"vu-packed-inflight".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
         let size = area_size(1, 8, true);
-        file.set_len(size).unwrap();
+        let file = crate::testutil::memfd(size);
         let area = InflightArea::map(file, 0, size, 1, 8).unwrap();
         let restart = vring.get_mut().restart(area.queue(0), true).unwrap();
         assert_eq!(

@@ -154,13 +154,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::mpsc;
     use std::time::Duration;
 
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use crate::VringMutex;
 
@@ -241,11 +239,7 @@ mod tests {
         offer(&mem, 2);
         // The used ring now lies past the end of guest memory.
         vring.set_queue_info(DESC, AVAIL, 0x2_0000).unwrap();
-        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
-        // SAFETY: `into_raw_fd` gives up the EventFd's ownership of a valid, open fd, so the
-        // File becomes its only owner.
-        let observer = unsafe { std::fs::File::from_raw_fd(efd.into_raw_fd()) };
-        let err = observer.try_clone().unwrap();
+        let (err, observer) = crate::testutil::eventfd_pair();
         vring.set_err(Some(err));
         let (_vring, result) = process_bounded(vring);
         assert_eq!(result, 0);

@@ -383,12 +383,10 @@ mod tests {
     use std::fs::File;
     use std::io::{Read, Write};
     use std::ops::Deref;
-    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::atomic::Ordering;
 
     use virtio_queue::{QueueOwnedT, QueueT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
     use crate::state::{RingState, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
@@ -484,12 +482,7 @@ mod tests {
     /// A non-blocking eventfd as two `File`s sharing one counter: one for the vring, one for
     /// the test to read.
     fn eventfd_pair() -> (File, File) {
-        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
-        // SAFETY: `into_raw_fd` gives up the EventFd's ownership of a valid, open fd, so the
-        // File becomes its only owner.
-        let file = unsafe { File::from_raw_fd(efd.into_raw_fd()) };
-        let other = file.try_clone().unwrap();
-        (file, other)
+        crate::testutil::eventfd_pair()
     }
 
     /// Takes the eventfd counter (0 when empty).
