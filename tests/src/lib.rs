@@ -8,7 +8,12 @@ pub mod backends;
 pub mod daemon_support;
 pub mod device;
 pub mod fdleak;
+// The hostile frontend sends what `Endpoint` refuses to (fds with any payload, truncated
+// ancillary data): raw `sendmsg`/`recv` are its purpose.
+#[allow(unsafe_code)]
 pub mod hostile;
+// The lean driver plays the guest through atomics over raw ring pointers, at bench speed.
+#[allow(unsafe_code)]
 pub mod lean_driver;
 pub mod packed_driver;
 pub mod packed_hostile;

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,15 +31,9 @@ pub fn endpoint_pair() -> (Endpoint, Endpoint) {
 
 /// An anonymous memory file of `len` bytes (close-on-exec).
 pub fn memfd(len: u64) -> File {
-    let name = c"vu-proto-test";
-    // SAFETY: `name` is a valid NUL-terminated string that outlives the call; the
-    // call touches no other memory.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just returned by memfd_create, is open and owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(len).expect("memfd size");
-    file
+    // `SharedMemory`'s memfd (its mapping here is dropped at once).
+    let shared = vu_mem::SharedMemory::new(vm_memory::GuestAddress(0), len).expect("memfd");
+    shared.file().try_clone().expect("dup")
 }
 
 /// A non-blocking eventfd.

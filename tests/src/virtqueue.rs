@@ -7,6 +7,9 @@ use std::time::Duration;
 pub use vu_backend::testing::{Buf, DriverMemory, SplitQueue, Used, BUF_SIZE, GPA_BASE};
 
 /// Waits until raw fd `fd` is readable or `timeout` passes; returns whether it is readable.
+// A raw fd number (of a process under test, say) cannot be borrowed safely: `poll` on it is
+// this helper's `unsafe`.
+#[allow(unsafe_code)]
 pub fn wait_readable(fd: i32, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd,

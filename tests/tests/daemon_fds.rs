@@ -12,6 +12,8 @@ use vu_tests::device::{DeviceSetup, DEVICE_TIMEOUT};
 use vu_tests::fdleak::{assert_no_new_fds, describe, open_fds};
 use vu_tests::virtqueue::Buf;
 
+// The daemon's fds are known here by number only (from /proc/self/fd).
+#[allow(unsafe_code)]
 fn is_cloexec(fd: i32) -> bool {
     // SAFETY: F_GETFD reads the flags of an fd number and changes nothing; an fd closed
     // meanwhile yields -1, which reads as "not close-on-exec" and fails the test loudly.

@@ -338,6 +338,7 @@ fn rust_vmm_frontend_gets_a_shared_object_from_the_device() {
     assert_eq!(s.device.seen().shared, [bytes]);
 }
 
+#[allow(unsafe_code)] // pipe2(2): std's pipe is newer than the workspace's rust-version.
 fn pipe() -> (OwnedFd, OwnedFd) {
     let mut ends = [0; 2];
     // SAFETY: `ends` is a valid two-int out-pointer.

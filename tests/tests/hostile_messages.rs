@@ -551,6 +551,7 @@ fn kick_call_or_err_fd_that_is_not_an_eventfd_is_refused_and_closed() {
 }
 
 #[test]
+#[allow(unsafe_code)] // fcntl(F_GETFL) on our copy of the log eventfd.
 fn blocking_log_eventfd_is_made_non_blocking() {
     use std::os::fd::AsRawFd;
     let _serial = serial();

@@ -97,8 +97,7 @@ fn sigterm_during_traffic_stops_the_daemon_cleanly() {
             }
         }
     });
-    // SAFETY: kill with our own pid and a valid signal number.
-    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
+    sigterm_self();
 
     let HostileDaemon { mut daemon, .. } = daemon;
     let result = within(HOSTILE_TIMEOUT, "wait after SIGTERM", move || daemon.wait());
@@ -121,4 +120,11 @@ fn before_plus_stop_event(
         fds.insert(event.as_raw_fd());
     }
     fds
+}
+
+/// Sends SIGTERM to this process, as a service manager would.
+#[allow(unsafe_code)] // kill(2), which std does not wrap.
+fn sigterm_self() {
+    // SAFETY: kill with our own pid and a valid signal number.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
 }

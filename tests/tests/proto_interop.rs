@@ -485,6 +485,7 @@ impl VhostUserFrontendReqHandlerMut for RvFrontendState {
 }
 
 #[test]
+#[allow(unsafe_code)] // rust-vmm's handler lends its channel end only as a raw fd.
 fn our_backend_channel_is_served_by_rust_vmm() {
     let state = Arc::new(Mutex::new(RvFrontendState::default()));
     let mut handler = RvFrontendReqHandler::new(Arc::clone(&state)).unwrap();

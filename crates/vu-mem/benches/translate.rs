@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::hint::black_box;
-use std::os::fd::FromRawFd;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::Duration;
@@ -18,13 +17,9 @@ use vu_mem::{GuestMemoryManager, Iotlb, Permissions, RegionSpec, SharedIotlb};
 const REGION: u64 = 0x10_0000;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: a valid NUL-terminated name; the result is checked below.
-    let fd = unsafe { libc::memfd_create(c"vu-mem-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
+    // A memfd of `size` zero bytes: `SharedMemory`'s (its mapping here is dropped at once).
+    let shared = vu_mem::SharedMemory::new(GuestAddress(0), size).expect("memfd");
+    shared.file().try_clone().expect("dup")
 }
 
 /// VMM address of region `i` of `n`: scattered, so VMM order differs from guest order.

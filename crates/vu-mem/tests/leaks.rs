@@ -4,7 +4,6 @@
 //! meaningful while no other test opens or maps anything; the tests here also take a lock.
 
 use std::fs::{self, File};
-use std::os::fd::FromRawFd;
 use std::sync::{Mutex, PoisonError};
 
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -15,25 +14,22 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const MIB: u64 = 1 << 20;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: a valid NUL-terminated name; the result is checked below.
-    let fd = unsafe { libc::memfd_create(c"vu-mem-leak".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
+    // A memfd of `size` zero bytes: `SharedMemory`'s (its mapping here is dropped at once).
+    let shared = vu_mem::SharedMemory::new(GuestAddress(0), size).expect("memfd");
+    shared.file().try_clone().expect("dup")
 }
 
 fn region(gpa: u64, size: u64, vmm: u64) -> RegionSpec {
     RegionSpec::new(gpa, size, vmm, 0, memfd(size))
 }
 
-/// (open fds, mapping lines) of this process that refer to this binary's memfds.
+/// (open fds, mapping lines) of this process that refer to this binary's memfds (all made by
+/// `SharedMemory`, named `vu-shared-memory`).
 ///
 /// Only those: test threads come and go with their stacks, which would make a count of all
 /// mappings flaky.
 fn counts() -> (usize, usize) {
-    let ours = |s: &str| s.contains("memfd:vu-mem-leak");
+    let ours = |s: &str| s.contains("memfd:vu-shared-memory");
     let fds = fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())

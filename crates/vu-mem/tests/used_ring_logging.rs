@@ -4,7 +4,6 @@
 //! through `GuestMemory`, and the regions' `LogBitmap` sets the bits.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 
 use virtio_queue::{Queue, QueueT};
@@ -17,13 +16,9 @@ const AVAIL: u64 = 0x2_0000;
 const USED: u64 = 0x3_0000;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: a valid NUL-terminated name; the result is checked below.
-    let fd = unsafe { libc::memfd_create(c"vu-mem-used".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
+    // A memfd of `size` zero bytes: `SharedMemory`'s (its mapping here is dropped at once).
+    let shared = vu_mem::SharedMemory::new(GuestAddress(0), size).expect("memfd");
+    shared.file().try_clone().expect("dup")
 }
 
 /// One 1 MiB region at guest 0, VMM 0x7f00_0000_0000.

@@ -19,6 +19,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vu_proto::header::{Header, HeaderFlags, MAX_FDS, MAX_PAYLOAD_SIZE};
 use vu_proto::request::RequestCode;
 use vu_proto::socket::{Endpoint, SocketError};
+use vu_proto::BorrowFd;
 
 /// A header for request 1 with a `size`-byte body.
 fn header(size: u32) -> Header {
@@ -32,6 +33,8 @@ fn raw_send(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
 }
 
 /// Whether close-on-exec is set on `fd`.
+// `fcntl` on a borrowed fd: this test file's one kind of `unsafe`.
+#[allow(unsafe_code)]
 fn cloexec(fd: BorrowedFd<'_>) -> bool {
     // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
@@ -104,11 +107,7 @@ fn message_with_fds_round_trips_in_both_directions() {
     let events: Vec<EventFd> = (0..3)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
         .collect();
-    // SAFETY: the eventfds outlive these borrows (dropped at the end of the test).
-    let borrowed: Vec<BorrowedFd<'_>> = events
-        .iter()
-        .map(|e| unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) })
-        .collect();
+    let borrowed: Vec<BorrowedFd<'_>> = events.iter().map(|e| e.borrow_fd()).collect();
     for (from, to) in [(&a, &b), (&b, &a)] {
         from.send_message(&header(4), b"body", &borrowed).unwrap();
         let message = to.recv_message().unwrap();
@@ -467,8 +466,7 @@ fn part_of_a_buffered_message_then_eof_counts_the_buffered_bytes() {
 
 /// `event` borrowed as a `BorrowedFd`.
 fn bfd(event: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: `event` owns this open fd and keeps it open for as long as the borrow lives.
-    unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }
+    event.borrow_fd()
 }
 
 #[test]

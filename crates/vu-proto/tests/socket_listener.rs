@@ -47,11 +47,22 @@ fn is_socket(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+// Raw `fcntl` and `socket` calls: the fd flags these tests set and check, and a socket
+// that no std type leaves unconnected.
+#[allow(unsafe_code)]
 fn cloexec(fd: BorrowedFd<'_>) -> bool {
     // SAFETY: F_GETFD takes no argument and touches no memory; `fd` is borrowed, open.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
     assert!(flags >= 0);
     flags & libc::FD_CLOEXEC != 0
+}
+
+/// Clears close-on-exec on `fd`, as an fd inherited across exec would be.
+#[allow(unsafe_code)]
+fn clear_cloexec(fd: BorrowedFd<'_>) {
+    // SAFETY: F_SETFD takes an integer and touches no memory; the fd is borrowed, open.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(rc, 0);
 }
 
 /// Connects to `listener` at `path` and checks one message crosses the connection.
@@ -200,9 +211,7 @@ fn from_fd_adopts_a_listening_socket_and_never_removes_its_file() {
 fn from_fd_sets_close_on_exec() {
     let dir = TempDir::new();
     let inherited = OwnedFd::from(UnixListener::bind(dir.path("sock")).unwrap());
-    // SAFETY: F_SETFD takes an integer and touches no memory; the fd is open.
-    let rc = unsafe { libc::fcntl(inherited.as_raw_fd(), libc::F_SETFD, 0) };
-    assert_eq!(rc, 0);
+    clear_cloexec(inherited.as_fd());
     assert!(!cloexec(inherited.as_fd()));
     let listener = Listener::from_fd(inherited).unwrap();
     assert!(cloexec(listener.as_fd()));
@@ -271,9 +280,7 @@ fn nonblocking_accept_without_a_pending_connection_is_would_block() {
 fn endpoint_from_fd_adopts_a_connected_socket() {
     let (a, b) = UnixStream::pair().unwrap();
     let inherited = OwnedFd::from(a);
-    // SAFETY: F_SETFD takes an integer and touches no memory; the fd is open.
-    let rc = unsafe { libc::fcntl(inherited.as_raw_fd(), libc::F_SETFD, 0) };
-    assert_eq!(rc, 0);
+    clear_cloexec(inherited.as_fd());
     let endpoint = Endpoint::from_fd(inherited).unwrap();
     assert!(cloexec(endpoint.as_fd()));
     let peer = Endpoint::new(b);
@@ -296,6 +303,7 @@ fn endpoint_from_fd_refuses_a_listening_socket() {
 }
 
 #[test]
+#[allow(unsafe_code)] // socket(2): std has no unconnected stream socket.
 fn endpoint_from_fd_refuses_an_unconnected_socket() {
     // SAFETY: socket() takes integers and touches no memory.
     let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };

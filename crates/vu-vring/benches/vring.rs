@@ -181,6 +181,9 @@ impl LayoutDriver {
     }
 }
 
+// vmm-sys-util's `EventFd` gives up its fd only as a raw fd: adopting it is the bench's one
+// `unsafe`.
+#[allow(unsafe_code)]
 fn call_eventfd() -> File {
     let efd = EventFd::new(EFD_NONBLOCK).unwrap();
     // SAFETY: `into_raw_fd` gives up the EventFd's ownership of a valid, open fd, so the File
@@ -284,13 +287,8 @@ fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
 
 /// A memfd of `len` zero bytes, standing for the frontend's inflight area.
 fn area_memfd(len: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string that memfd_create does not keep.
-    let fd = unsafe { libc::memfd_create(c"vu-bench-inflight".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len).unwrap();
-    file
+    let shared = vu_mem::SharedMemory::new(GuestAddress(0), len).expect("memfd");
+    shared.file().try_clone().expect("dup")
 }
 
 /// A started `VringMutex`, with inflight tracking when `tracked`.

@@ -112,6 +112,9 @@ pub(crate) struct Tap {
 impl Tap {
     /// Opens `/dev/net/tun` and attaches to (or creates) tap `name`, non-blocking, with a
     /// 12-byte vnet header and no guest offloads until the driver acknowledges some.
+    // The TUN ioctls are the device's own system calls, which no framework API wraps: the
+    // example keeps their `unsafe` here, one block per ioctl.
+    #[allow(unsafe_code)]
     pub(crate) fn open(name: &str) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= 16 {
             return Err(io::Error::new(
@@ -151,6 +154,7 @@ impl Tap {
         Ok(tap)
     }
 
+    #[allow(unsafe_code)] // TUNSETOFFLOAD, as in `open`.
     fn set_offload(&self, flags: u64) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
         let ret = unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), flags) };
