@@ -286,9 +286,17 @@ fn bench_impl<V: VringT<Mem>>(c: &mut Criterion, name: &str) {
 }
 
 /// A memfd of `len` zero bytes, standing for the frontend's inflight area.
+// memfd_create(2): vu-mem's `SharedMemory` would do it without `unsafe`, but a dev-dependency
+// on vu-mem breaks `--features xen` (vm-memory's Xen build needs vu-mem's `xen` too).
+#[allow(unsafe_code)]
 fn area_memfd(len: u64) -> File {
-    let shared = vu_mem::SharedMemory::new(GuestAddress(0), len).expect("memfd");
-    shared.file().try_clone().expect("dup")
+    // SAFETY: the name is a valid NUL-terminated string that memfd_create does not keep.
+    let fd = unsafe { libc::memfd_create(c"vu-bench-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
 }
 
 /// A started `VringMutex`, with inflight tracking when `tracked`.
