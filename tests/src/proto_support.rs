@@ -31,9 +31,15 @@ pub fn endpoint_pair() -> (Endpoint, Endpoint) {
 
 /// An anonymous memory file of `len` bytes (close-on-exec).
 pub fn memfd(len: u64) -> File {
-    // `SharedMemory`'s memfd (its mapping here is dropped at once).
-    let shared = vu_mem::SharedMemory::new(vm_memory::GuestAddress(0), len).expect("memfd");
-    shared.file().try_clone().expect("dup")
+    // `SharedMemory`'s memfd (its mapping here is dropped at once); it maps at least one
+    // byte, and some tests want an empty file.
+    let file = vu_mem::SharedMemory::new(vm_memory::GuestAddress(0), len.max(1))
+        .expect("memfd")
+        .file()
+        .try_clone()
+        .expect("dup");
+    file.set_len(len).expect("memfd size");
+    file
 }
 
 /// A non-blocking eventfd.
