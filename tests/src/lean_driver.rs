@@ -36,12 +36,13 @@ const DESC_F_WRITE: u16 = 2;
 /// `VIRTQ_USED_F_NO_NOTIFY`.
 const USED_F_NO_NOTIFY: u16 = 1;
 
+// The ring layout is vu-vring's (`vu_vring::layout`), the one the device reads.
 /// Bytes of a split-ring descriptor.
-const DESC_SIZE: u64 = 16;
+const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
 /// Offset of the first entry in the available and used rings (after `flags` and `idx`).
-const RING_ENTRIES: u64 = 4;
+const RING_ENTRIES: u64 = vu_vring::layout::AVAIL_HEADER;
 /// Bytes of a used ring entry.
-const USED_ELEM_SIZE: u64 = 8;
+const USED_ELEM_SIZE: u64 = vu_vring::layout::USED_ELEM;
 
 /// One buffer of the chain every request posts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -204,6 +204,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inflight;
+pub mod layout;
 mod packed;
 mod process;
 mod state;

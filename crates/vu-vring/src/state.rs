@@ -26,22 +26,12 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// (only meaningful without `VIRTIO_F_EVENT_IDX`).
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// Offset of `used_event` in the available ring is `AVAIL_HEADER + 2 * size`: the header is
-/// `flags: u16` and `idx: u16`.
-const AVAIL_HEADER: u64 = 4;
-/// Size of one `ring[]` entry of the available ring.
-const AVAIL_ELEM: u64 = 2;
-/// The used ring header: `flags: u16`, `idx: u16`.
-const USED_HEADER: u64 = 4;
-/// Offset of the used ring's `idx: u16`, after `flags: u16`.
-const USED_IDX: usize = 2;
-/// Size of one used element: `id: u32`, `len: u32`.
-const USED_ELEM: u64 = 8;
+// The split ring's layout lives in `layout`, shared with vu-daemon and the test kit.
+use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER, USED_ELEM, USED_HEADER, USED_IDX};
+
 /// Chains `serve_available` takes from one iterator over the available ring before it puts
 /// them in the used ring.
 const SERVE_BATCH: usize = 64;
-/// The trailing `avail_event: u16` of the used ring.
-const USED_TRAILER: u64 = 2;
 
 /// The three states a vring can be in (vhost-user spec, "Ring states").
 ///
@@ -988,7 +978,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         if self.packed.is_some() {
             return Some(start..start.checked_add(4)?);
         }
-        let len = USED_HEADER + USED_ELEM * u64::from(self.queue.size()) + USED_TRAILER;
+        let len = layout::used_ring_size(u64::from(self.queue.size()));
         Some(start..start.checked_add(len)?)
     }
 
@@ -1092,7 +1082,12 @@ where
         let published = next + Wrapping(1);
         if store_used(ring, u32::from(head).to_le(), elem, Ordering::Relaxed)
             && store_used(ring, len.to_le(), elem + 4, Ordering::Relaxed)
-            && store_used(ring, published.0.to_le(), USED_IDX, Ordering::Release)
+            && store_used(
+                ring,
+                published.0.to_le(),
+                USED_IDX as usize,
+                Ordering::Release,
+            )
         {
             queue.set_next_used(published.0);
             return Ok(());

@@ -22,17 +22,19 @@ use crate::backend::VhostUserBackend;
 use crate::control::RingControl;
 use crate::error::SessionError;
 
-/// Bytes per descriptor table entry of a split virtqueue.
-const DESC_ENTRY: u64 = 16;
+use vu_vring::layout;
+
+// The ring layout is vu-vring's (`vu_vring::layout`); these name the sizes this file checks.
+/// Bytes per descriptor (both layouts).
+const DESC_ENTRY: u64 = layout::DESC_SIZE;
 /// Bytes per available ring entry.
-const AVAIL_ENTRY: u64 = 2;
+const AVAIL_ENTRY: u64 = layout::AVAIL_ELEM;
 /// Bytes per used ring entry.
-const USED_ENTRY: u64 = 8;
-/// `flags` and `idx` before a ring's entries, plus the trailing event index: 2 + 2 + 2.
-const RING_EXTRA: u64 = 6;
-/// Bytes of a packed ring's driver or device area (an event suppression structure:
-/// `off_wrap: u16`, `flags: u16`).
-const EVENT_AREA: u64 = 4;
+const USED_ENTRY: u64 = layout::USED_ELEM;
+/// `flags` and `idx` before a split ring's entries, plus the trailing event index.
+const RING_EXTRA: u64 = layout::AVAIL_HEADER + layout::EVENT_IDX;
+/// Bytes of a packed ring's driver or device area.
+const EVENT_AREA: u64 = layout::EVENT_SUPPRESSION;
 
 /// How often a polled ring (`SET_VRING_KICK` with the no-fd flag) is looked at.
 pub(crate) const POLL_PERIOD: Duration = Duration::from_millis(1);

@@ -41,10 +41,10 @@ pub const EVENT_DISABLE: u16 = 1;
 /// Event suppression: at the position in `off_wrap`.
 pub const EVENT_DESC: u16 = 2;
 
-/// Bytes of a packed descriptor.
-const DESC_SIZE: u64 = 16;
+/// Bytes of a packed descriptor (`vu_vring::layout`, the layout the device reads).
+const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
 /// Bytes of an event suppression structure (`off_wrap: u16`, `flags: u16`).
-const EVENT_SIZE: u64 = 4;
+const EVENT_SIZE: u64 = vu_vring::layout::EVENT_SUPPRESSION;
 
 /// The flags bits that make a descriptor at a position whose avail wrap counter is `wrap`
 /// available: AVAIL equal to the counter, USED its inverse.

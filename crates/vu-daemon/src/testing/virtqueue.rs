@@ -36,14 +36,15 @@ const DESC_F_WRITE: u16 = 2;
 /// `VIRTQ_USED_F_NO_NOTIFY`.
 const USED_F_NO_NOTIFY: u16 = 1;
 
+// The ring layout is vu-vring's (`vu_vring::layout`), the one the device reads.
 /// Bytes of a split-ring descriptor.
-const DESC_SIZE: u64 = 16;
+const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
 /// Offset of `idx` in the available and used rings (after `flags`).
-const RING_IDX: u64 = 2;
+const RING_IDX: u64 = vu_vring::layout::AVAIL_IDX;
 /// Offset of the first entry in the available and used rings.
-const RING_ENTRIES: u64 = 4;
+const RING_ENTRIES: u64 = vu_vring::layout::AVAIL_HEADER;
 /// Bytes of a used ring entry (`id: u32`, `len: u32`).
-const USED_ELEM_SIZE: u64 = 8;
+const USED_ELEM_SIZE: u64 = vu_vring::layout::USED_ELEM;
 
 /// Guest memory shared with the backend: a memfd mapped at [`GPA_BASE`], with a bump
 /// allocator for rings and buffers.
