@@ -19,7 +19,8 @@
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
 //! `--runs N`, `--no-callgrind`, `--handshake-only`, `--polling-only` (the depth-1 polling table
 //! alone), `--depth N` (only the cells of that depth, then only the throughput, floor and
-//! handshake tables), `--vu-null PATH`.
+//! handshake tables), `--callgrind-only` (the instructions-per-request table alone: the
+//! before/after check of a change, repeatable on a loaded machine), `--vu-null PATH`.
 
 // The harness measures and steers other processes (their CPU clocks, SIGTERM, inotify on
 // their sockets), system calls std does not wrap: its `unsafe` blocks are allowed here.
@@ -204,6 +205,8 @@ struct Options {
     smoke: bool,
     handshake_only: bool,
     polling_only: bool,
+    /// Only the instructions-per-request table (`--callgrind-only`).
+    callgrind_only: bool,
     /// Only cells of this depth (`--depth N`).
     depth: Option<usize>,
     vu_null: PathBuf,
@@ -1028,6 +1031,7 @@ fn main() -> ExitCode {
         smoke: false,
         handshake_only: false,
         polling_only: false,
+        callgrind_only: false,
         depth: None,
         vu_null: default_vu_null(),
     };
@@ -1053,6 +1057,7 @@ fn main() -> ExitCode {
             "--no-callgrind" => opts.callgrind = false,
             "--handshake-only" => opts.handshake_only = true,
             "--polling-only" => opts.polling_only = true,
+            "--callgrind-only" => opts.callgrind_only = true,
             "--depth" => {
                 opts.depth = Some(
                     words
@@ -1090,6 +1095,15 @@ fn main() -> ExitCode {
     if opts.polling_only {
         pin_self(0);
         polling(&opts);
+        return ExitCode::SUCCESS;
+    }
+    if opts.callgrind_only {
+        if !opts.callgrind {
+            eprintln!("datapath: --callgrind-only needs valgrind");
+            return ExitCode::FAILURE;
+        }
+        pin_self(0);
+        callgrind(&opts);
         return ExitCode::SUCCESS;
     }
     run(&opts);

@@ -10,7 +10,7 @@ use crate::cmd::Cmd;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
-                         [--handshake-only | --polling-only]
+                         [--handshake-only | --polling-only | --callgrind-only]
        cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts (a few minutes)
@@ -21,6 +21,9 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
   --handshake-only
                   only the handshake table, from 5 x runs interleaved connections per backend
   --polling-only  only the depth-1 adaptive polling table
+  --callgrind-only
+                  only the instructions-per-request table (callgrind; the before/after
+                  check of a change)
   --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
                   (cargo xtask bench --net --help)
 ";
@@ -35,9 +38,8 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
-            "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only" => {
-                pass.push(word)
-            }
+            "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only"
+            | "--callgrind-only" => pass.push(word),
             "--runs" => match words.next() {
                 Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
                     pass.extend(["--runs", n.as_str()]);
