@@ -132,14 +132,16 @@ impl Postcopy {
         std::mem::take(&mut self.awaiting_ack)
     }
 
-    /// `POSTCOPY_END`: unregisters every mapping still registered and closes the userfaultfd.
+    /// `POSTCOPY_END`: unregisters every mapping still registered and closes the userfaultfd;
+    /// returns how many mappings were registered.
     ///
     /// A mapping the table no longer holds was unmapped, which unregistered it already; the
     /// kernel's error for it is not a failure of the migration.
-    pub(crate) fn end(&mut self) -> Result<(), PostcopyError> {
+    pub(crate) fn end(&mut self) -> Result<usize, PostcopyError> {
         let Some(uffd) = self.uffd.take() else {
             return Err(PostcopyError::State("POSTCOPY_END before POSTCOPY_ADVISE"));
         };
+        let mappings = self.registered.len();
         for (addr, len) in self.registered.drain(..) {
             if let Err(err) = uffd.unregister(addr as *mut libc::c_void, len) {
                 log::debug!("postcopy end: {len:#x} bytes at {addr:#x} already gone: {err}");
@@ -147,6 +149,6 @@ impl Postcopy {
         }
         self.listening = false;
         self.awaiting_ack = false;
-        Ok(())
+        Ok(mappings)
     }
 }

@@ -55,6 +55,7 @@ where
             .postcopy
             .advise()
             .map_err(Self::postcopy_err(request))?;
+        log::info!("postcopy: userfaultfd opened and sent to the frontend");
         Ok(Reply::new(hdr, &Empty, vec![fd]))
     }
 
@@ -75,14 +76,19 @@ where
                 ),
             ));
         }
-        self.postcopy.listen().map_err(Self::postcopy_err(request))
+        self.postcopy
+            .listen()
+            .map_err(Self::postcopy_err(request))?;
+        log::info!("postcopy: listening (new memory is registered with the userfaultfd)");
+        Ok(())
     }
 
     /// `VHOST_USER_POSTCOPY_END`: closes the userfaultfd and answers (`PAGEFAULT`).
     pub(super) fn handle_postcopy_end(&mut self, hdr: &Header) -> Result<Reply, SessionError> {
         let request = FrontendReq::PostcopyEnd;
         self.require(request, ProtocolFeatures::PAGEFAULT)?;
-        self.postcopy.end().map_err(Self::postcopy_err(request))?;
+        let mappings = self.postcopy.end().map_err(Self::postcopy_err(request))?;
+        log::info!("postcopy: end, {mappings} mapping(s) unregistered, userfaultfd closed");
         Ok(Reply::u64(hdr, U64::ACK_SUCCESS.0))
     }
 
@@ -137,9 +143,11 @@ where
         let Some(pending) = self.pending_table.take() else {
             return Ok(());
         };
+        let regions = pending.num_regions();
         self.mem
             .publish(pending)
             .map_err(|source| SessionError::Memory { request, source })?;
+        log::info!("postcopy: memory table acknowledged, {regions} region(s) published");
         self.memory_changed(request)
     }
 }
