@@ -95,6 +95,24 @@ impl Hostile {
         reply.0
     }
 
+    /// Receives the reply to `request` and asserts it has no payload (a reply whose spec
+    /// payload is "N/A", such as `SET_LOG_BASE` with `LOG_SHMFD`).
+    pub fn recv_empty(&self, request: FrontendReq) {
+        let msg = self.recv().expect("a reply");
+        assert!(msg.header.is_reply(), "not a reply: {:?}", msg.header);
+        assert_eq!(
+            msg.header.request,
+            request.into(),
+            "reply to another request"
+        );
+        assert!(
+            msg.body.is_empty() && msg.fds.is_empty(),
+            "a payload of {} bytes and {} fds",
+            msg.body.len(),
+            msg.fds.len()
+        );
+    }
+
     /// The REPLY_ACK status of a request sent with [`ask`](Self::ask): 0 is success.
     pub fn ack(&self, request: FrontendReq) -> u64 {
         self.recv_u64(request)

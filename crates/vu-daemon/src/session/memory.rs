@@ -11,7 +11,7 @@ use vu_mem::XenMapping;
 use vu_mem::{RegionBitmap, RegionSpec};
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::Header;
-use vu_proto::payload::{Inflight, Log, MemoryRegion, MemoryTable, U64};
+use vu_proto::payload::{Empty, Inflight, Log, MemoryRegion, MemoryTable};
 use vu_proto::request::FrontendReq;
 use vu_vring::VringT;
 
@@ -206,7 +206,11 @@ where
         self.mem
             .set_log_base(&fd, log.mmap_size, log.mmap_offset)
             .map_err(|source| SessionError::Memory { request, source })?;
-        Ok(Some(Reply::u64(hdr, U64::ACK_SUCCESS.0)))
+        // A reply is due "if `VHOST_USER_PROTOCOL_F_LOG_SHMFD`", and its "reply payload" is
+        // "N/A": a header with no body. QEMU reads a reply of any size and checks only its
+        // request code (`vhost_user_set_log_base`); rust-vmm's frontend waits for its own
+        // 16-byte log description echoed instead (docs/conformance.md).
+        Ok(Some(Reply::new(hdr, &Empty, Vec::new())))
     }
 
     /// `VHOST_USER_SET_LOG_FD`: the eventfd written when the log changed, made non-blocking.
