@@ -86,6 +86,8 @@ test_migrate() {
     wait_for /dev/vda || fail "no /dev/vda"
     host="$(read_block 0 0)"
     [ "$host" = "VU-E2E-HOST $nonce" ] || mig_fail "sector 0 holds '$host'"
+    # With e2e.packed=1 (--packed): fails unless the device negotiated packed virtqueues.
+    check_packed
     round=0
     say "VU-MIG-READY $nonce"
     stop="VU-MIG-STOP $nonce"

@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+mod figures;
 mod image;
+
+use figures::{backend_faults, summary_count, Migration, Report, Summary, BACKEND_FAULT_EVENT};
 
 use super::boot::{fresh_u64, Backend, Device, Machine};
 use super::qmp::{json_number, json_string, Qmp};
@@ -53,6 +56,8 @@ const MAX_BANDWIDTH: u64 = 64 << 20;
 const CI_BOOTS: u32 = 10;
 /// Boots of qemu-storage-daemon (the reference) and of the broken `vu_blk` in `ci`.
 const CI_REFERENCE_BOOTS: u32 = 2;
+/// Boots of `vu_blk` with postcopy in `ci` (about 25-35 s each).
+const CI_POSTCOPY_BOOTS: u32 = 2;
 /// `--test-skip-logging` of the broken run in `ci`: every other read is not logged.
 const CI_SKIP_LOGGING: u64 = 2;
 
@@ -72,10 +77,14 @@ struct Variant {
     /// Postcopy: `postcopy-ram` on both sides and `migrate-start-postcopy` (vu_blk built with
     /// the `postcopy` feature).
     postcopy: bool,
+    /// Packed virtqueues: `vu_blk --packed`, `packed=on` on the device, and the guest
+    /// checks that it negotiated them.
+    packed: bool,
 }
 
 const USAGE: &str = "\
 usage: cargo xtask e2e --migrate [--backend vu|qsd] [--boots N] [--skip-logging N]
+                               [--postcopy] [--packed]
        cargo xtask e2e --migrate --gate
 
   Boots a guest whose /dev/vda is a vhost-user-blk device and migrates it, running, between
@@ -86,7 +95,9 @@ usage: cargo xtask e2e --migrate [--backend vu|qsd] [--boots N] [--skip-logging 
   --skip-logging  run vu_blk --test-skip-logging N (broken on purpose: must fail)
   --postcopy      postcopy: postcopy-ram on both sides, migrate-start-postcopy at once
                   (vu_blk built with the `postcopy` feature)
-  --gate          the runs of `cargo xtask ci`: vu 10 boots, qsd 2, broken vu_blk 2
+  --packed        packed virtqueues (vu_blk --packed, packed=on)
+  --gate          the runs of `cargo xtask ci`: vu 10 boots, qsd 2, vu postcopy 2,
+                  broken vu_blk 2
 ";
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -129,40 +140,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 );
             }
             "--postcopy" => options.variant.postcopy = true,
+            "--packed" => options.variant.packed = true,
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
     if options.qsd && options.variant != Variant::default() {
-        return Err("--skip-logging and --postcopy run vu_blk only".to_owned());
+        return Err("--skip-logging, --postcopy and --packed run vu_blk only".to_owned());
     }
     Ok(options)
-}
-
-/// One completed migration, as QEMU's `query-migrate` reported it.
-#[derive(Debug, Clone, Default)]
-struct Migration {
-    /// `downtime`, ms: the guest was stopped this long.
-    downtime_ms: u64,
-    /// `total-time`, ms.
-    total_ms: u64,
-    /// `ram.transferred`, bytes.
-    transferred: u64,
-    /// `ram.dirty-sync-count`: how many times QEMU synced the dirty log (iterations).
-    dirty_syncs: u64,
-}
-
-/// How one boot went.
-#[derive(Debug, Default)]
-struct Report {
-    failure: Option<String>,
-    migrations: Vec<Migration>,
-    /// Rounds the guest completed.
-    rounds: u64,
-    /// From the first QEMU's start to the last one's exit.
-    seconds: f64,
-    /// The backends' "pages of read data written while logging" (vu_blk only).
-    logged_pages: u64,
-    unlogged_reads: u64,
 }
 
 /// One side of the migration: a backend and a QEMU.
@@ -242,6 +227,9 @@ impl Boot<'_> {
                 if let Some(n) = self.variant.skip_logging {
                     command.args(["--test-skip-logging".to_owned(), n.to_string()]);
                 }
+                if self.variant.packed {
+                    command.arg("--packed");
+                }
                 Ok(command)
             }
             Backend::Qsd => {
@@ -293,7 +281,14 @@ impl Boot<'_> {
             "-chardev".to_owned(),
             format!("socket,id=char0,path={}", socket.display()),
             "-device".to_owned(),
-            "vhost-user-blk-pci,chardev=char0,num-queues=1".to_owned(),
+            format!(
+                "vhost-user-blk-pci,chardev=char0,num-queues=1{}",
+                if self.variant.packed {
+                    ",packed=on"
+                } else {
+                    ""
+                }
+            ),
             "-kernel".to_owned(),
             self.machine.kernel.display().to_string(),
             "-initrd".to_owned(),
@@ -310,6 +305,11 @@ impl Boot<'_> {
         ]);
         if let Some(path) = incoming {
             command.args(["-incoming".to_owned(), format!("unix:{}", path.display())]);
+        }
+        if self.variant.postcopy {
+            // Logged to QEMU's stderr (its log file): each fault of the backend's that the
+            // destination resolves.
+            command.args(["-trace".to_owned(), format!("enable={BACKEND_FAULT_EVENT}")]);
         }
         command
     }
@@ -437,6 +437,12 @@ fn migrate(
         r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-bandwidth": {MAX_BANDWIDTH}}}}}"#
     ))?;
     if postcopy {
+        // The pages left at the switch are sent at the same rate (QEMU's default is no
+        // limit), so that the guest and the backend run on the destination with pages missing
+        // for a second or two.
+        source.qmp.execute(&format!(
+            r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-postcopy-bandwidth": {MAX_BANDWIDTH}}}}}"#
+        ))?;
         let caps = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}"#;
         dest.qmp.execute(caps)?;
         source.qmp.execute(caps)?;
@@ -485,15 +491,9 @@ fn migrate(
         total_ms: json_number(&info, "total-time").unwrap_or(0),
         transferred: json_number(&info, "transferred").unwrap_or(0),
         dirty_syncs: json_number(&info, "dirty-sync-count").unwrap_or(0),
+        postcopy_requests: json_number(&info, "postcopy-requests").unwrap_or(0),
+        postcopy_bytes: json_number(&info, "postcopy-bytes").unwrap_or(0),
     })
-}
-
-/// The number before `tag` in the backend's summary line (vu_blk).
-fn summary_count(log: &str, tag: &str) -> u64 {
-    log.lines()
-        .filter_map(|line| line.split_once(tag))
-        .filter_map(|(before, _)| before.split_whitespace().last()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// One boot with [`MIGRATIONS`] migrations; the report says how it went.
@@ -536,7 +536,8 @@ fn run_boot_in(
         // CPU, which QEMU tracks itself: QEMU would resend the page after the device's write
         // whether or not the backend logged it, and the test could not see a missing log bit.
         append: format!(
-            "console=ttyS0 panic=-1 quiet init_on_alloc=0 e2e.test=migrate e2e.nonce={nonce}"
+            "console=ttyS0 panic=-1 quiet init_on_alloc=0 e2e.test=migrate e2e.nonce={nonce}{}",
+            if variant.packed { " e2e.packed=1" } else { "" }
         ),
     };
     let mut report = Report::default();
@@ -571,6 +572,7 @@ fn run_boot_in(
     report.seconds = start.elapsed().as_secs_f64();
     report.logged_pages = summary_count(&backend_logs, "pages of read data");
     report.unlogged_reads = summary_count(&backend_logs, "reads not logged");
+    report.backend_faults = backend_faults(dir);
     let console = match result {
         Ok(console) => console,
         Err(failure) => {
@@ -649,53 +651,6 @@ fn migrate_and_stop(
     waited.map(|()| console)
 }
 
-/// What a run of boots produced.
-#[derive(Debug, Default)]
-struct Summary {
-    boots: u32,
-    passes: u32,
-    /// Failures the guest found in the data it read (`VU-E2E-FAIL migrate data:`).
-    data_failures: u32,
-    migrations: Vec<Migration>,
-    logged_pages: u64,
-    unlogged_reads: u64,
-    seconds: Vec<f64>,
-}
-
-fn percentile(values: &[u64], pct: usize) -> u64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    sorted
-        .get((sorted.len().saturating_sub(1)) * pct / 100)
-        .copied()
-        .unwrap_or(0)
-}
-
-impl Summary {
-    fn line(&self, name: &str) -> String {
-        let downtimes: Vec<u64> = self.migrations.iter().map(|m| m.downtime_ms).collect();
-        let totals: Vec<u64> = self.migrations.iter().map(|m| m.total_ms).collect();
-        let syncs: Vec<u64> = self.migrations.iter().map(|m| m.dirty_syncs).collect();
-        let mib: u64 = self.migrations.iter().map(|m| m.transferred).sum::<u64>() >> 20;
-        format!(
-            "{name}: {}/{} boots passed ({} data mismatches found by the guest); {} migrations; \
-             downtime ms median {} max {}; total ms median {} max {}; dirty syncs median {}; \
-             {mib} MiB sent; {} pages of read data written while logging, {} reads not logged",
-            self.passes,
-            self.boots,
-            self.data_failures,
-            self.migrations.len(),
-            percentile(&downtimes, 50),
-            percentile(&downtimes, 100),
-            percentile(&totals, 50),
-            percentile(&totals, 100),
-            percentile(&syncs, 50),
-            self.logged_pages,
-            self.unlogged_reads,
-        )
-    }
-}
-
 /// Runs `options.boots` boots, printing one line each.
 fn run(options: &Options) -> Result<Summary, String> {
     let backend_name = if options.qsd { "qsd" } else { "vu" };
@@ -705,7 +660,7 @@ fn run(options: &Options) -> Result<Summary, String> {
             backend: backend_name,
             queues: 1,
             cpus: 1,
-            packed: false,
+            packed: options.variant.packed,
         }],
         false,
     )?;
@@ -736,6 +691,9 @@ fn run(options: &Options) -> Result<Summary, String> {
     if options.variant.postcopy {
         name.push_str("-postcopy");
     }
+    if options.variant.packed {
+        name.push_str("-packed");
+    }
     let mut summary = Summary::default();
     for index in 0..options.boots {
         let dir = PathBuf::from("target/e2e/runs")
@@ -746,6 +704,7 @@ fn run(options: &Options) -> Result<Summary, String> {
         summary.seconds.push(report.seconds);
         summary.logged_pages += report.logged_pages;
         summary.unlogged_reads += report.unlogged_reads;
+        summary.backend_faults += report.backend_faults;
         let downtimes: Vec<String> = report
             .migrations
             .iter()
@@ -754,9 +713,14 @@ fn run(options: &Options) -> Result<Summary, String> {
         match &report.failure {
             None => {
                 summary.passes += 1;
+                let faults = if options.variant.postcopy {
+                    format!(", {} backend faults resolved", report.backend_faults)
+                } else {
+                    String::new()
+                };
                 eprintln!(
                     "    boot {index}: pass in {:.1} s: {} migrations (downtime ms {}), {} \
-                     guest rounds",
+                     guest rounds{faults}",
                     report.seconds,
                     report.migrations.len(),
                     downtimes.join(" "),
@@ -825,8 +789,10 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
 }
 
 /// The migration runs of `cargo xtask ci`: `vu_blk` ([`CI_BOOTS`] boots, all must pass),
-/// qemu-storage-daemon (the reference), and the broken `vu_blk`, every boot of which must
-/// fail with a data mismatch the guest found.
+/// qemu-storage-daemon (the reference), `vu_blk` with postcopy ([`CI_POSTCOPY_BOOTS`], all
+/// must pass), and the broken `vu_blk`, every boot of which must fail with a data mismatch
+/// the guest found. The postcopy run rebuilds `vu_blk` with the feature, so the broken run
+/// after it rebuilds it without.
 pub(crate) fn ci_step() -> Result<(), String> {
     let mut problems = Vec::new();
     let runs = [
@@ -839,6 +805,15 @@ pub(crate) fn ci_step() -> Result<(), String> {
             qsd: true,
             boots: CI_REFERENCE_BOOTS,
             variant: Variant::default(),
+        },
+        Options {
+            qsd: false,
+            boots: CI_POSTCOPY_BOOTS,
+            variant: Variant {
+                skip_logging: None,
+                postcopy: true,
+                packed: false,
+            },
         },
     ];
     for options in runs {
@@ -860,6 +835,7 @@ pub(crate) fn ci_step() -> Result<(), String> {
         variant: Variant {
             skip_logging: Some(CI_SKIP_LOGGING),
             postcopy: false,
+            packed: false,
         },
     };
     eprintln!(
@@ -894,6 +870,9 @@ fn describe(options: &Options) -> String {
     if options.variant.postcopy {
         line.push_str(" --postcopy");
     }
+    if options.variant.packed {
+        line.push_str(" --packed");
+    }
     line
 }
 
@@ -924,24 +903,10 @@ mod tests {
                 .variant
                 .postcopy
         );
+        assert!(parse(&words("--migrate --packed")).unwrap().variant.packed);
         assert!(parse(&words("--backend qsd --skip-logging 2")).is_err());
+        assert!(parse(&words("--backend qsd --packed")).is_err());
         assert!(parse(&words("--backend qemu")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
-    }
-
-    #[test]
-    fn backend_summaries_are_added_up() {
-        let log = "[INFO] served 9 requests: ...; 120 pages of read data written while \
-                   logging, 3 reads not logged\n[INFO] served 2 requests: ...; 5 pages of read \
-                   data written while logging, 0 reads not logged\n";
-        assert_eq!(summary_count(log, "pages of read data"), 125);
-        assert_eq!(summary_count(log, "reads not logged"), 3);
-    }
-
-    #[test]
-    fn percentiles_of_a_few_values() {
-        assert_eq!(percentile(&[30, 10, 20], 50), 20);
-        assert_eq!(percentile(&[30, 10, 20], 100), 30);
-        assert_eq!(percentile(&[], 50), 0);
     }
 }
