@@ -26,7 +26,6 @@ mod migrate;
 mod monitor;
 mod progress;
 mod provision;
-mod qmp;
 mod stress;
 
 use std::path::{Path, PathBuf};

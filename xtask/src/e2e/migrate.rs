@@ -31,7 +31,8 @@ mod image;
 use figures::{backend_faults, summary_count, Migration, Report, Summary, BACKEND_FAULT_EVENT};
 
 use super::boot::{fresh_u64, Backend, Device, Machine};
-use super::qmp::{json_number, json_string, Qmp};
+use super::json::Json;
+use super::monitor::Qmp;
 use super::{build_vu_backend, prepare, Run};
 
 /// Migrations per boot: there, back, and there again.
@@ -341,7 +342,7 @@ impl Boot<'_> {
                 return Err(err);
             }
         };
-        match Qmp::connect(&qmp_path, &mut qemu) {
+        match connect_monitor(&qmp_path, &mut qemu) {
             Ok(qmp) => Ok(Side {
                 backend,
                 qemu,
@@ -359,10 +360,25 @@ impl Boot<'_> {
     }
 }
 
+/// Connects to QEMU's monitor once its socket exists; fails at once if QEMU exits first.
+fn connect_monitor(path: &Path, qemu: &mut Child) -> Result<Qmp, String> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Err(format!("QEMU exited before its monitor was up: {status}"));
+        }
+        if start.elapsed() > SOCKET_DEADLINE {
+            return Err(format!("no QMP socket at {} in time", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Qmp::connect(path, SOCKET_DEADLINE)
+}
+
 impl Side {
     /// Quits QEMU (bounded), then stops the backend; returns the backend's log.
     fn finish(mut self) -> String {
-        let _ = self.qmp.execute(r#"{"execute": "quit"}"#);
+        let _ = self.qmp.execute("quit", None);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = self.qemu.try_wait() {
@@ -433,67 +449,59 @@ fn migrate(
     uri: &Path,
     postcopy: bool,
 ) -> Result<Migration, String> {
-    source.qmp.execute(&format!(
-        r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-bandwidth": {MAX_BANDWIDTH}}}}}"#
-    ))?;
+    source.qmp.execute(
+        "migrate-set-parameters",
+        Some(&format!(r#"{{"max-bandwidth": {MAX_BANDWIDTH}}}"#)),
+    )?;
     if postcopy {
         // The pages left at the switch are sent at the same rate (QEMU's default is no
         // limit), so that the guest and the backend run on the destination with pages missing
         // for a second or two.
-        source.qmp.execute(&format!(
-            r#"{{"execute": "migrate-set-parameters", "arguments": {{"max-postcopy-bandwidth": {MAX_BANDWIDTH}}}}}"#
-        ))?;
-        let caps = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}"#;
-        dest.qmp.execute(caps)?;
-        source.qmp.execute(caps)?;
+        source.qmp.execute(
+            "migrate-set-parameters",
+            Some(&format!(r#"{{"max-postcopy-bandwidth": {MAX_BANDWIDTH}}}"#)),
+        )?;
+        let caps = r#"{"capabilities": [{"capability": "postcopy-ram", "state": true}]}"#;
+        dest.qmp.execute("migrate-set-capabilities", Some(caps))?;
+        source.qmp.execute("migrate-set-capabilities", Some(caps))?;
     }
-    source.qmp.execute(&format!(
-        r#"{{"execute": "migrate", "arguments": {{"uri": "unix:{}"}}}}"#,
-        uri.display()
-    ))?;
+    let uri = super::json::quote(&format!("unix:{}", uri.display()));
+    source
+        .qmp
+        .execute("migrate", Some(&format!(r#"{{"uri": {uri}}}"#)))?;
     if postcopy {
-        source
-            .qmp
-            .execute(r#"{"execute": "migrate-start-postcopy"}"#)?;
+        source.qmp.execute("migrate-start-postcopy", None)?;
     }
     let start = Instant::now();
     let info = loop {
-        let info = source.qmp.execute(r#"{"execute": "query-migrate"}"#)?;
-        match json_string(&info, "status") {
+        let info = source.qmp.execute("query-migrate", None)?;
+        match info.get("status").and_then(Json::as_str) {
             Some("completed") => break info,
             Some(status @ ("failed" | "cancelled")) => {
-                return Err(format!("migration {status}: {}", info.trim()));
+                return Err(format!("migration {status}: {info:?}"));
             }
             _ => {}
         }
         if start.elapsed() > MIGRATION_DEADLINE {
             return Err(format!(
-                "migration not completed within {} s: {}",
+                "migration not completed within {} s: {info:?}",
                 MIGRATION_DEADLINE.as_secs(),
-                info.trim()
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     // The destination runs the guest once it has loaded the state.
     loop {
-        let status = dest.qmp.execute(r#"{"execute": "query-status"}"#)?;
-        if json_string(&status, "status") == Some("running") {
+        let status = dest.qmp.execute("query-status", None)?;
+        if status.get("status").and_then(Json::as_str) == Some("running") {
             break;
         }
         if start.elapsed() > MIGRATION_DEADLINE {
-            return Err(format!("destination not running: {}", status.trim()));
+            return Err(format!("destination not running: {status:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Migration {
-        downtime_ms: json_number(&info, "downtime").unwrap_or(0),
-        total_ms: json_number(&info, "total-time").unwrap_or(0),
-        transferred: json_number(&info, "transferred").unwrap_or(0),
-        dirty_syncs: json_number(&info, "dirty-sync-count").unwrap_or(0),
-        postcopy_requests: json_number(&info, "postcopy-requests").unwrap_or(0),
-        postcopy_bytes: json_number(&info, "postcopy-bytes").unwrap_or(0),
-    })
+    Ok(Migration::from_query_migrate(&info))
 }
 
 /// One boot with [`MIGRATIONS`] migrations; the report says how it went.

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::{read_text, MIGRATIONS};
+use crate::e2e::json::Json;
 
 /// One completed migration, as QEMU's `query-migrate` reported it.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +22,23 @@ pub(super) struct Migration {
     pub(super) postcopy_requests: u64,
     /// `ram.postcopy-bytes`: bytes sent after the switch to postcopy.
     pub(super) postcopy_bytes: u64,
+}
+
+impl Migration {
+    /// The figures of a completed migration from `query-migrate`'s return value (a figure
+    /// QEMU did not report is 0).
+    pub(super) fn from_query_migrate(info: &Json) -> Migration {
+        let number = |value: Option<&Json>| value.and_then(Json::as_u64).unwrap_or(0);
+        let ram = |key: &str| number(info.get("ram").and_then(|ram| ram.get(key)));
+        Migration {
+            downtime_ms: number(info.get("downtime")),
+            total_ms: number(info.get("total-time")),
+            transferred: ram("transferred"),
+            dirty_syncs: ram("dirty-sync-count"),
+            postcopy_requests: ram("postcopy-requests"),
+            postcopy_bytes: ram("postcopy-bytes"),
+        }
+    }
 }
 
 /// How one boot went.
@@ -139,6 +157,24 @@ mod tests {
                    data written while logging, 0 reads not logged\n";
         assert_eq!(summary_count(log, "pages of read data"), 125);
         assert_eq!(summary_count(log, "reads not logged"), 3);
+    }
+
+    #[test]
+    fn query_migrate_figures_are_read() {
+        let info = Json::parse(
+            r#"{"status": "completed", "setup-time": 2, "downtime": 17, "total-time": 1834, "ram": {"transferred": 9876543, "dirty-sync-count": 4, "postcopy-requests": 12, "postcopy-bytes": 4096}}"#,
+        )
+        .unwrap();
+        let migration = Migration::from_query_migrate(&info);
+        assert_eq!(migration.downtime_ms, 17);
+        assert_eq!(migration.total_ms, 1834);
+        assert_eq!(migration.transferred, 9876543);
+        assert_eq!(migration.dirty_syncs, 4);
+        assert_eq!(migration.postcopy_requests, 12);
+        assert_eq!(migration.postcopy_bytes, 4096);
+        let none = Migration::from_query_migrate(&Json::parse(r#"{"status": "active"}"#).unwrap());
+        assert_eq!(none.downtime_ms, 0);
+        assert_eq!(none.transferred, 0);
     }
 
     #[test]
