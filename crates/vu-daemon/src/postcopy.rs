@@ -152,3 +152,6 @@ impl Postcopy {
         Ok(mappings)
     }
 }
+
+#[cfg(test)]
+mod tests;
