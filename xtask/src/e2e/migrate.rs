@@ -57,8 +57,10 @@ const MAX_BANDWIDTH: u64 = 64 << 20;
 const CI_BOOTS: u32 = 10;
 /// Boots of qemu-storage-daemon (the reference) and of the broken `vu_blk` in `ci`.
 const CI_REFERENCE_BOOTS: u32 = 2;
-/// Boots of `vu_blk` with postcopy in `ci` (about 25-35 s each).
+/// Boots of `vu_blk` with postcopy in `ci` (about 20-35 s each).
 const CI_POSTCOPY_BOOTS: u32 = 2;
+/// Boots of `vu_blk` on packed virtqueues in `ci` (about 20-25 s each).
+const CI_PACKED_BOOTS: u32 = 2;
 /// `--test-skip-logging` of the broken run in `ci`: every other read is not logged.
 const CI_SKIP_LOGGING: u64 = 2;
 
@@ -98,7 +100,7 @@ usage: cargo xtask e2e --migrate [--backend vu|qsd] [--boots N] [--skip-logging 
                   (vu_blk built with the `postcopy` feature)
   --packed        packed virtqueues (vu_blk --packed, packed=on)
   --gate          the runs of `cargo xtask ci`: vu 10 boots, qsd 2, vu postcopy 2,
-                  broken vu_blk 2
+                  vu packed 2, broken vu_blk 2
 ";
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -797,8 +799,8 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
 }
 
 /// The migration runs of `cargo xtask ci`: `vu_blk` ([`CI_BOOTS`] boots, all must pass),
-/// qemu-storage-daemon (the reference), `vu_blk` with postcopy ([`CI_POSTCOPY_BOOTS`], all
-/// must pass), and the broken `vu_blk`, every boot of which must fail with a data mismatch
+/// qemu-storage-daemon (the reference), `vu_blk` with postcopy ([`CI_POSTCOPY_BOOTS`]) and on
+/// packed virtqueues ([`CI_PACKED_BOOTS`]), all of which must pass, and the broken `vu_blk`, every boot of which must fail with a data mismatch
 /// the guest found. The postcopy run rebuilds `vu_blk` with the feature, so the broken run
 /// after it rebuilds it without.
 pub(crate) fn ci_step() -> Result<(), String> {
@@ -821,6 +823,15 @@ pub(crate) fn ci_step() -> Result<(), String> {
                 skip_logging: None,
                 postcopy: true,
                 packed: false,
+            },
+        },
+        Options {
+            qsd: false,
+            boots: CI_PACKED_BOOTS,
+            variant: Variant {
+                skip_logging: None,
+                postcopy: false,
+                packed: true,
             },
         },
     ];
