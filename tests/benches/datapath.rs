@@ -18,9 +18,14 @@
 //! `cargo xtask bench` builds `vu_null` and runs this; see docs/performance.md. Options:
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
 //! `--runs N`, `--no-callgrind`, `--handshake-only`, `--polling-only` (the depth-1 polling table
-//! alone), `--depth N` (only the cells of that depth, then only the throughput, floor and
-//! handshake tables), `--callgrind-only` (the instructions-per-request table alone: the
-//! before/after check of a change, repeatable on a loaded machine), `--vu-null PATH`.
+//! alone), `--layouts-only` (only `vu_null` with split against packed rings, same driver model),
+//! `--depth N` (only the cells of that depth, then only the throughput, floor, handshake and
+//! layout tables), `--callgrind-only` (the instructions-per-request table alone: the
+//! before/after check of a change, repeatable on a loaded machine; with `--layouts-only`, the
+//! layouts' one), `--vu-null PATH`.
+//!
+//! The last tables compare the two ring layouts on `vu_null` alone (the reference serves split
+//! rings only): the same matrix and driver model, the driver [`LeanPacked`] for packed rings.
 
 // The harness measures and steers other processes (their CPU clocks, SIGTERM, inotify on
 // their sockets), system calls std does not wrap: its `unsafe` blocks are allowed here.
@@ -40,7 +45,8 @@ use vmm_sys_util::tempdir::TempDir;
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::frontend::Frontend;
 use vu_tests::lean_driver::floor::FloorDevice;
-use vu_tests::lean_driver::{LeanQueue, Segment};
+use vu_tests::lean_driver::{LeanDriver, LeanQueue, Segment};
+use vu_tests::lean_packed::LeanPacked;
 use vu_tests::proto_support::eventfd_fd;
 use vu_tests::virtqueue::{wait_readable, DriverMemory};
 
@@ -207,6 +213,8 @@ struct Options {
     polling_only: bool,
     /// Only the instructions-per-request table (`--callgrind-only`).
     callgrind_only: bool,
+    /// Only the split-against-packed tables (`--layouts-only`).
+    layouts_only: bool,
     /// Only cells of this depth (`--depth N`).
     depth: Option<usize>,
     vu_null: PathBuf,
@@ -438,22 +446,26 @@ impl Cell {
     }
 }
 
-/// A device set up over the socket, driven by the lean driver.
-struct Driven {
+/// A device set up over the socket, driven by a lean driver of either ring layout.
+struct Driven<Q> {
     /// Kept open for the length of the run: closing it ends the connection.
     _frontend: Frontend,
     /// The guest memory the rings live in.
     _memory: DriverMemory,
-    queue: LeanQueue,
+    queue: Q,
 }
 
 /// Connects and sets the device up as QEMU does (REPLY_ACK on every message); returns the
 /// device and the time from `SET_OWNER` to the enabled ring. Before the clock starts, the
 /// driver's memory and queue layout are prepared (a VMM has them before it connects) and one
 /// `GET_FEATURES` round trip makes sure the backend process is up and has accepted.
-fn handshake(path: &Path, event_idx: bool, chain: &[Segment]) -> (Driven, Duration) {
+fn handshake<Q: LeanDriver>(
+    path: &Path,
+    event_idx: bool,
+    chain: &[Segment],
+) -> (Driven<Q>, Duration) {
     let mut memory = DriverMemory::new(MEMORY);
-    let mut queue = LeanQueue::new(&mut memory, 0, QUEUE_SIZE, chain);
+    let mut queue = Q::create(&mut memory, 0, QUEUE_SIZE, chain);
     let deadline = Instant::now() + TIMEOUT;
     let mut fe = loop {
         match Frontend::connect(path) {
@@ -472,11 +484,17 @@ fn handshake(path: &Path, event_idx: bool, chain: &[Segment]) -> (Driven, Durati
     let start = Instant::now();
     fe.set_owner().expect("SET_OWNER");
     let offered = fe.get_features().expect("GET_FEATURES");
-    let mut wanted = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
+    let mut wanted =
+        VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES | Q::layout_features();
     if event_idx {
         wanted |= VirtioFeatures::RING_EVENT_IDX;
     }
     let features = offered & wanted;
+    assert!(
+        features.contains(Q::layout_features()),
+        "the backend does not offer {} rings",
+        Q::LAYOUT
+    );
     let protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
     fe.set_protocol_features(protocol & (ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK))
         .expect("SET_PROTOCOL_FEATURES");
@@ -488,10 +506,11 @@ fn handshake(path: &Path, event_idx: bool, chain: &[Segment]) -> (Driven, Durati
         .expect("SET_VRING_NUM");
     fe.set_vring_addr(&queue.vring_addr())
         .expect("SET_VRING_ADDR");
-    fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
-    fe.set_vring_call(0, Some(eventfd_fd(&queue.call)))
+    fe.set_vring_base(0, Q::initial_base())
+        .expect("SET_VRING_BASE");
+    fe.set_vring_call(0, Some(eventfd_fd(queue.call())))
         .expect("SET_VRING_CALL");
-    fe.set_vring_kick(0, Some(eventfd_fd(&queue.kick)))
+    fe.set_vring_kick(0, Some(eventfd_fd(queue.kick())))
         .expect("SET_VRING_KICK");
     fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
     let elapsed = start.elapsed();
@@ -516,7 +535,7 @@ enum Until {
 /// The loop of an interrupt-driven guest driver: post a batch, publish it with one index
 /// store, decide once whether to kick; then take every used chain (asking for the next
 /// interrupt with `used_event`), and sleep on the call eventfd only when nothing was used.
-fn drive(queue: &mut LeanQueue, depth: usize, until: Until) -> (u64, Duration) {
+fn drive<Q: LeanDriver>(queue: &mut Q, depth: usize, until: Until) -> (u64, Duration) {
     assert!(
         depth <= queue.capacity(),
         "depth above the queue's capacity"
@@ -614,8 +633,19 @@ struct Sample {
 }
 
 fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration) -> Sample {
+    measure_on::<LeanQueue>(opts, which, cell, extra, t)
+}
+
+/// [`measure`] with the driver `Q`, so with its ring layout.
+fn measure_on<Q: LeanDriver>(
+    opts: &Options,
+    which: Impl,
+    cell: Cell,
+    extra: &[&str],
+    t: Duration,
+) -> Sample {
     let backend = Backend::spawn(opts, which, cell.placement.backend_cpu(), extra, None);
-    let (mut device, handshake) = handshake(&backend.path, cell.event_idx, &cell.chain());
+    let (mut device, handshake) = handshake::<Q>(&backend.path, cell.event_idx, &cell.chain());
     // Warm up: page faults, caches, the first wake-ups.
     drive(&mut device.queue, cell.depth, Until::Requests(1000));
     let cpu0 = backend.cpu_ns();
@@ -628,8 +658,8 @@ fn measure(opts: &Options, which: Impl, cell: Cell, extra: &[&str], t: Duration)
     let idle_start = Instant::now();
     let window = Duration::from_millis(100);
     while let Some(left) = window.checked_sub(idle_start.elapsed()) {
-        if wait_readable(device.queue.call.as_raw_fd(), left) {
-            let _ = device.queue.call.read();
+        if wait_readable(device.queue.call().as_raw_fd(), left) {
+            let _ = device.queue.call().read();
         }
     }
     let idle = idle_start.elapsed();
@@ -683,14 +713,14 @@ fn callgrind_total(path: &Path) -> u64 {
 
 /// Instructions the backend executes per request at `depth`: the difference between two runs
 /// of `n` and `5n` requests, so that start-up and handshake cancel out.
-fn instructions_per_request(opts: &Options, which: Impl, cell: Cell, n: u64) -> f64 {
+fn instructions_per_request<Q: LeanDriver>(opts: &Options, which: Impl, cell: Cell, n: u64) -> f64 {
     let dir = TempDir::new_with_prefix("/tmp/vu-cg-").expect("temp dir");
     let mut totals = Vec::new();
     let depth = cell.depth;
     for requests in [n, 5 * n] {
         let out = dir.as_path().join(format!("cg-{requests}.out"));
         let backend = Backend::spawn(opts, which, 1, &[], Some(&out));
-        let (mut device, _) = handshake(&backend.path, true, &cell.chain());
+        let (mut device, _) = handshake::<Q>(&backend.path, true, &cell.chain());
         drive(&mut device.queue, depth, Until::Requests(requests));
         drop(device);
         backend.finish();
@@ -776,6 +806,7 @@ fn run(opts: &Options) {
     handshakes(opts, &cells, &samples);
     if opts.depth.is_some() {
         // A partial matrix: the other tables are not asked for.
+        layouts(opts);
         return;
     }
     polling(opts);
@@ -783,6 +814,7 @@ fn run(opts: &Options) {
     if opts.callgrind {
         callgrind(opts);
     }
+    layouts(opts);
 }
 
 /// The two-CPU cells at depth 32 and above with EVENT_IDX, `vu_null` with adaptive polling
@@ -894,7 +926,7 @@ fn handshake_only(opts: &Options) {
             };
             for which in order {
                 let backend = Backend::spawn(opts, which, placement.backend_cpu(), &[], None);
-                let (device, t) = handshake(&backend.path, true, &chain);
+                let (device, t) = handshake::<LeanQueue>(&backend.path, true, &chain);
                 times[which as usize].push(t.as_secs_f64() * 1e6);
                 drop(device);
                 backend.finish();
@@ -962,7 +994,7 @@ fn footprint(opts: &Options) {
             len: 64,
             writable: true,
         }];
-        let (device, _) = handshake(&backend.path, true, &chain);
+        let (device, _) = handshake::<LeanQueue>(&backend.path, true, &chain);
         let (rss, threads) = backend.rss_and_threads();
         println!("| {} | {rss} KiB | {threads} |", which.name());
         drop(device);
@@ -986,9 +1018,86 @@ fn callgrind(opts: &Options) {
             descs,
             event_idx: true,
         };
-        let vu = instructions_per_request(opts, Impl::Vu, cell, n);
-        let rf = instructions_per_request(opts, Impl::Ref, cell, n);
+        let vu = instructions_per_request::<LeanQueue>(opts, Impl::Vu, cell, n);
+        let rf = instructions_per_request::<LeanQueue>(opts, Impl::Ref, cell, n);
         println!("| {depth} | {descs} | {vu:.0} | {rf:.0} | {:.2} |", vu / rf);
+    }
+}
+
+/// `vu_null` with split rings against `vu_null` with packed rings: the same lean driver model
+/// in both layouts ([`LeanQueue`], [`LeanPacked`]), every cell of the matrix, interleaved
+/// runs (the layout that goes first alternates); then instructions per request for both.
+fn layouts(opts: &Options) {
+    let cells = cells(opts);
+    let t = opts.run_time;
+    // samples[cell][0: split, 1: packed]
+    let mut samples: Vec<[Vec<Sample>; 2]> = (0..cells.len()).map(|_| [vec![], vec![]]).collect();
+    for run in 0..opts.runs {
+        eprintln!("layouts: run {} of {}", run + 1, opts.runs);
+        for (i, &cell) in cells.iter().enumerate() {
+            for k in [(run + i) % 2, (run + i + 1) % 2] {
+                let s = if k == 0 {
+                    measure_on::<LeanQueue>(opts, Impl::Vu, cell, &[], t)
+                } else {
+                    measure_on::<LeanPacked>(opts, Impl::Vu, cell, &[], t)
+                };
+                samples[i][k].push(s);
+            }
+        }
+    }
+    println!(
+        "\n### vu_null, split against packed rings (requests/s, median of {} interleaved runs of {} ms)\n",
+        opts.runs,
+        t.as_millis()
+    );
+    println!("| placement | depth | descs | EVENT_IDX | split | packed | packed/split | split CPU ns/req | packed CPU ns/req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    for (cell, s) in cells.iter().zip(&samples) {
+        let split = med(&s[0], |x| x.rate);
+        let packed = med(&s[1], |x| x.rate);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            cell.placement.name(),
+            cell.depth,
+            cell.descs,
+            if cell.event_idx { "on" } else { "off" },
+            fmt_rate(split),
+            fmt_rate(packed),
+            packed / split,
+            med(&s[0], |x| x.cpu_per_req),
+            med(&s[1], |x| x.cpu_per_req),
+        );
+    }
+    if opts.callgrind {
+        layouts_callgrind(opts);
+    }
+}
+
+/// Instructions per request in `vu_null` with split and with packed rings.
+fn layouts_callgrind(opts: &Options) {
+    let n = if opts.smoke { 200 } else { 5000 };
+    println!("\n### vu_null instructions per request, split against packed (callgrind; EVENT_IDX, 2 CPUs)\n");
+    println!("| depth | descs | split | packed | packed/split |\n|---|---|---|---|---|");
+    let depths: &[usize] = if opts.smoke { &[1, 32] } else { &[1, 32, 128] };
+    for &depth in depths
+        .iter()
+        .filter(|&&d| opts.depth.is_none_or(|o| o == d))
+    {
+        for descs in [1, 3] {
+            let cell = Cell {
+                placement: Placement::TwoCpus,
+                depth,
+                descs,
+                event_idx: true,
+            };
+            let split = instructions_per_request::<LeanQueue>(opts, Impl::Vu, cell, n);
+            let packed = instructions_per_request::<LeanPacked>(opts, Impl::Vu, cell, n);
+            println!(
+                "| {depth} | {descs} | {split:.0} | {packed:.0} | {:.2} |",
+                packed / split
+            );
+        }
     }
 }
 
@@ -1032,6 +1141,7 @@ fn main() -> ExitCode {
         handshake_only: false,
         polling_only: false,
         callgrind_only: false,
+        layouts_only: false,
         depth: None,
         vu_null: default_vu_null(),
     };
@@ -1058,6 +1168,7 @@ fn main() -> ExitCode {
             "--handshake-only" => opts.handshake_only = true,
             "--polling-only" => opts.polling_only = true,
             "--callgrind-only" => opts.callgrind_only = true,
+            "--layouts-only" => opts.layouts_only = true,
             "--depth" => {
                 opts.depth = Some(
                     words
@@ -1095,6 +1206,11 @@ fn main() -> ExitCode {
     if opts.polling_only {
         pin_self(0);
         polling(&opts);
+        return ExitCode::SUCCESS;
+    }
+    if opts.layouts_only {
+        pin_self(0);
+        layouts(&opts);
         return ExitCode::SUCCESS;
     }
     if opts.callgrind_only {

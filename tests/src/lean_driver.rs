@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vu_proto::features::VirtioFeatures;
 use vu_proto::payload::{VringAddr, VringAddrFlags};
 
 use crate::virtqueue::{wait_readable, DriverMemory};
@@ -347,19 +348,139 @@ impl LeanQueue {
 
     /// Waits for an interrupt on the call eventfd and consumes it; panics after `timeout`.
     pub fn wait_interrupt(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "queue {}: no interrupt before the timeout ({} in flight)",
-                self.index,
-                self.in_flight()
-            );
-            if wait_readable(self.call.as_raw_fd(), left) && self.call.read().is_ok() {
-                return;
-            }
+        wait_call(&self.call, self.index, self.in_flight(), timeout);
+    }
+}
+
+/// Waits for an interrupt on `call` and consumes it; panics after `timeout`.
+pub(crate) fn wait_call(call: &EventFd, index: u16, in_flight: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "queue {index}: no interrupt before the timeout ({in_flight} in flight)"
+        );
+        if wait_readable(call.as_raw_fd(), left) && call.read().is_ok() {
+            return;
         }
+    }
+}
+
+/// What a benchmark needs of a lean driver, for either ring layout: [`LeanQueue`] (split) or
+/// [`LeanPacked`](crate::lean_packed::LeanPacked) (packed), with the same driver model.
+pub trait LeanDriver {
+    /// The layout's name for tables: `split` or `packed`.
+    const LAYOUT: &'static str;
+
+    /// Lays out queue `index` of `size` entries in `memory` for requests that are all `chain`.
+    fn create(memory: &mut DriverMemory, index: u16, size: u16, chain: &[Segment]) -> Self;
+
+    /// The feature the layout needs acked besides the common ones (`RING_PACKED`, or none).
+    fn layout_features() -> VirtioFeatures;
+
+    /// The `SET_VRING_BASE` word of a fresh ring.
+    fn initial_base() -> u32;
+
+    /// The `SET_VRING_ADDR` payload (frontend addresses, no logging).
+    fn vring_addr(&self) -> VringAddr;
+
+    /// Follows `VIRTIO_RING_F_EVENT_IDX` (as negotiated) for kicks and interrupts.
+    fn set_event_idx(&mut self, enabled: bool);
+
+    /// How many chains fit in the queue at once.
+    fn capacity(&self) -> usize;
+
+    /// How many posted chains the driver has not yet seen used.
+    fn in_flight(&self) -> usize;
+
+    /// The sum of the lengths the device reported.
+    fn used_bytes(&self) -> u64;
+
+    /// Posts up to `n` requests and publishes them; does not kick. Returns how many.
+    fn post(&mut self, n: usize) -> usize;
+
+    /// Whether the device wants a kick for what was published since the last decision.
+    fn kick_prepare(&mut self) -> bool;
+
+    /// Kicks the device (writes the kick eventfd).
+    fn notify(&self);
+
+    /// Takes every used chain (with EVENT_IDX asking for the next interrupt and looking
+    /// again); returns how many.
+    fn take_used(&mut self) -> usize;
+
+    /// Waits for an interrupt and consumes it; panics after `timeout`.
+    fn wait_interrupt(&self, timeout: Duration);
+
+    /// The call eventfd (device to driver), for `SET_VRING_CALL`.
+    fn call(&self) -> &EventFd;
+
+    /// The kick eventfd (driver to device), for `SET_VRING_KICK`.
+    fn kick(&self) -> &EventFd;
+}
+
+impl LeanDriver for LeanQueue {
+    const LAYOUT: &'static str = "split";
+
+    fn create(memory: &mut DriverMemory, index: u16, size: u16, chain: &[Segment]) -> Self {
+        LeanQueue::new(memory, index, size, chain)
+    }
+
+    fn layout_features() -> VirtioFeatures {
+        VirtioFeatures::empty()
+    }
+
+    fn initial_base() -> u32 {
+        0
+    }
+
+    fn vring_addr(&self) -> VringAddr {
+        LeanQueue::vring_addr(self)
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        LeanQueue::set_event_idx(self, enabled);
+    }
+
+    fn capacity(&self) -> usize {
+        LeanQueue::capacity(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        LeanQueue::in_flight(self)
+    }
+
+    fn used_bytes(&self) -> u64 {
+        LeanQueue::used_bytes(self)
+    }
+
+    fn post(&mut self, n: usize) -> usize {
+        LeanQueue::post(self, n)
+    }
+
+    fn kick_prepare(&mut self) -> bool {
+        LeanQueue::kick_prepare(self)
+    }
+
+    fn notify(&self) {
+        LeanQueue::notify(self);
+    }
+
+    fn take_used(&mut self) -> usize {
+        LeanQueue::take_used(self)
+    }
+
+    fn wait_interrupt(&self, timeout: Duration) {
+        LeanQueue::wait_interrupt(self, timeout);
+    }
+
+    fn call(&self) -> &EventFd {
+        &self.call
+    }
+
+    fn kick(&self) -> &EventFd {
+        &self.kick
     }
 }
 

@@ -1,5 +1,5 @@
 //! Shared test support for the vu workspace: a scripted-frontend toolbox for the vu-proto
-//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), its packed-ring counterpart ([`packed_driver`]) and a lean one for benchmarks ([`lean_driver`]), a device setup helper over
+//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), its packed-ring counterpart ([`packed_driver`]) and lean ones for benchmarks ([`lean_driver`], split, and [`lean_packed`]), a device setup helper over
 //! vu-proto's `Frontend` ([`device`]), test backends ([`backends`]) and fd-leak helpers
 //! ([`fdleak`]).
 pub mod proto_support;
@@ -15,6 +15,7 @@ pub mod hostile;
 // The lean driver plays the guest through atomics over raw ring pointers, at bench speed.
 #[allow(unsafe_code)]
 pub mod lean_driver;
+pub mod lean_packed;
 pub mod packed_driver;
 pub mod packed_hostile;
 pub mod virtqueue;

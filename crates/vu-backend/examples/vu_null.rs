@@ -4,7 +4,9 @@
 //! length as written (nothing is read or written). The queue is served by the framework's
 //! [`process_queue`]: pop everything, complete, one interrupt decision per pass, notifications
 //! re-armed with the `VIRTIO_RING_F_EVENT_IDX` re-check. That is the whole device: the speed
-//! measured with it is the framework's. `cargo xtask bench` drives it (docs/performance.md).
+//! measured with it is the framework's. It offers `VIRTIO_F_RING_PACKED` too, so the same
+//! device serves split or packed rings as the frontend chooses. `cargo xtask bench` drives it
+//! (docs/performance.md).
 //!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen, serve frontends one after another) or `--fd N` (an inherited connected socket),
@@ -44,6 +46,7 @@ impl VhostUserBackend for NullBackend {
     fn features(&self) -> u64 {
         (VirtioFeatures::VERSION_1
             | VirtioFeatures::RING_EVENT_IDX
+            | VirtioFeatures::RING_PACKED
             | VirtioFeatures::PROTOCOL_FEATURES)
             .bits()
     }
