@@ -31,6 +31,68 @@ pub(crate) const PACKED_F_WRITE: u16 = 2;
 /// Packed descriptor flag: the descriptor points to an indirect table (same bit as split).
 pub(crate) const PACKED_F_INDIRECT: u16 = 4;
 
+/// How many descriptors of a packed chain [`PackedRing::take`](crate::packed) hands to its
+/// [`Chain`] as it read them, so that the walk does not read them again (chains of up to
+/// this many descriptors are read once; longer ones read the rest during the walk).
+pub(crate) const PACKED_READ_AHEAD: usize = 4;
+
+/// The fields of a packed descriptor a walk uses, as they were read when the chain was taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PackedDesc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+}
+
+/// The first descriptors of a packed chain, read (after the Acquire that made the chain
+/// visible) and checked when it was taken.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ReadAhead {
+    descs: [PackedDesc; PACKED_READ_AHEAD],
+    len: u8,
+}
+
+impl ReadAhead {
+    /// Keeps `desc`, the next descriptor of the chain, if there is room.
+    pub(crate) fn push(&mut self, desc: PackedDesc) {
+        if let Some(slot) = self.descs.get_mut(usize::from(self.len)) {
+            *slot = desc;
+            self.len += 1;
+        }
+    }
+}
+
+/// Where a [`Chain`] comes from.
+enum Source<'m, G: GuestMemory> {
+    /// A split ring: the chain as virtio-queue popped it (never advanced), or `None` for a
+    /// chain resubmitted from the inflight area.
+    Split(Option<DescriptorChain<&'m G>>),
+    /// A packed ring of `ring_size` entries; `read_ahead` holds the chain's first
+    /// descriptors, of which the walk has used `used`.
+    Packed {
+        ring_size: u16,
+        read_ahead: ReadAhead,
+        used: u8,
+    },
+}
+
+impl<G: GuestMemory> Clone for Source<'_, G> {
+    fn clone(&self) -> Self {
+        match self {
+            Source::Split(popped) => Source::Split(popped.clone()),
+            Source::Packed {
+                ring_size,
+                read_ahead,
+                used,
+            } => Source::Packed {
+                ring_size: *ring_size,
+                read_ahead: *read_ahead,
+                used: *used,
+            },
+        }
+    }
+}
+
 /// One descriptor table (the queue's, or an indirect one; for a packed ring, the descriptor
 /// ring): where it is in the guest, how many entries it has, and its host mapping when it
 /// lies in one memory region.
@@ -212,12 +274,10 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 /// Such a function is the closure of `process_queue(vring, |chain| reverse(chain))`.
 pub struct Chain<'m, G: GuestMemory> {
     mem: &'m G,
-    /// The chain as virtio-queue popped it (split rings only), never advanced.
-    popped: Option<DescriptorChain<&'m G>>,
+    /// The ring layout, with what each needs besides the walk.
+    source: Source<'m, G>,
     /// What the used ring reports: the head index (split) or the buffer id (packed).
     id: u16,
-    /// For a chain of a packed ring, the ring's size, where ring positions wrap.
-    packed_ring: Option<u16>,
     /// The table the walk is in: the queue's, then an indirect one.
     table: Table<'m, G>,
     next_index: u16,
@@ -233,9 +293,8 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
         let head = popped.head_index();
         Chain {
             mem: table.mem,
-            popped: Some(popped),
+            source: Source::Split(Some(popped)),
             id: head,
-            packed_ring: None,
             table: table.table.clone(),
             next_index: head,
             ttl: table.table.entries,
@@ -249,9 +308,8 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     pub(crate) fn resubmitted(head: u16, table: &ChainTable<'m, G>) -> Self {
         Chain {
             mem: table.mem,
-            popped: None,
+            source: Source::Split(None),
             id: head,
-            packed_ring: None,
             table: table.table.clone(),
             next_index: head,
             ttl: table.table.entries,
@@ -261,13 +319,22 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     }
 
     /// The chain of a packed ring whose descriptor ring is `ring`: `count` descriptors from
-    /// position `head`, completed with buffer id `id`.
-    pub(crate) fn packed(mem: &'m G, ring: &Table<'m, G>, head: u16, count: u16, id: u16) -> Self {
+    /// position `head`, completed with buffer id `id`, its first descriptors as `read_ahead`
+    /// holds them.
+    pub(crate) fn packed(
+        mem: &'m G,
+        ring: &Table<'m, G>,
+        (head, count, id): (u16, u16, u16),
+        read_ahead: ReadAhead,
+    ) -> Self {
         Chain {
             mem,
-            popped: None,
+            source: Source::Packed {
+                ring_size: ring.entries,
+                read_ahead,
+                used: 0,
+            },
             id,
-            packed_ring: Some(ring.entries),
             table: ring.clone(),
             next_index: head,
             ttl: count,
@@ -296,12 +363,15 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// popping; and `None` for a chain of a packed ring: virtio-queue 0.18 walks split rings
     /// only. Iterate over the `Chain` itself, which yields the same descriptors.
     pub fn descriptor_chain(&self) -> Option<DescriptorChain<&'m G>> {
-        self.popped.clone()
+        match &self.source {
+            Source::Split(popped) => popped.clone(),
+            Source::Packed { .. } => None,
+        }
     }
 
     /// Whether the chain comes from a packed ring.
     pub fn is_packed(&self) -> bool {
-        self.packed_ring.is_some()
+        matches!(self.source, Source::Packed { .. })
     }
 
     /// The remaining device-readable descriptors.
@@ -335,7 +405,7 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {
-        if let Some(ring_size) = self.packed_ring {
+        if let Source::Packed { ring_size, .. } = self.source {
             return self.next_packed(ring_size);
         }
         loop {
@@ -362,14 +432,36 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
 }
 
 impl<G: GuestMemory> Chain<'_, G> {
+    /// The next descriptor of a packed chain's ring part from what was read when it was
+    /// taken, if the walk is still in the ring and that far was read.
+    fn read_ahead(&mut self) -> Option<PackedDesc> {
+        match &mut self.source {
+            Source::Packed {
+                read_ahead, used, ..
+            } if !self.in_indirect => {
+                let desc =
+                    read_ahead.descs[..usize::from(read_ahead.len)].get(usize::from(*used))?;
+                *used += 1;
+                Some(*desc)
+            }
+            _ => None,
+        }
+    }
+
     /// The next descriptor of a packed ring's chain (see the type's documentation).
     fn next_packed(&mut self, ring_size: u16) -> Option<Descriptor> {
         loop {
             if self.ttl == 0 || self.next_index >= self.table.entries {
                 return None;
             }
-            // Packed layout: `addr`, `len`, `id`, `flags`.
-            let (addr, len, _id, flags) = self.table.read_raw(self.mem, self.next_index)?;
+            let PackedDesc { addr, len, flags } = match self.read_ahead() {
+                Some(desc) => desc,
+                None => {
+                    // Packed layout: `addr`, `len`, `id`, `flags`.
+                    let (addr, len, _id, flags) = self.table.read_raw(self.mem, self.next_index)?;
+                    PackedDesc { addr, len, flags }
+                }
+            };
             // Inside an indirect table only VIRTQ_DESC_F_WRITE means something; the others
             // are ignored (virtio 1.2, 2.8.19).
             if !self.in_indirect && flags & PACKED_F_INDIRECT != 0 {
@@ -402,9 +494,8 @@ impl<G: GuestMemory> Clone for Chain<'_, G> {
     fn clone(&self) -> Self {
         Chain {
             mem: self.mem,
-            popped: self.popped.clone(),
+            source: self.source.clone(),
             id: self.id,
-            packed_ring: self.packed_ring,
             table: self.table.clone(),
             next_index: self.next_index,
             ttl: self.ttl,

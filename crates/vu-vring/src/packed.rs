@@ -17,7 +17,7 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{Chain, Table, PACKED_F_NEXT};
+use crate::chain::{Chain, PackedDesc, ReadAhead, Table, PACKED_F_NEXT};
 use crate::error::Error;
 
 /// Descriptor flag: the driver's avail wrap counter when it made the descriptor available.
@@ -101,12 +101,13 @@ fn is_available(flags: u16, wrap: bool) -> bool {
 }
 
 /// A chain taken from the ring: `count` descriptors from position `head`, with the buffer id
-/// of its last descriptor.
+/// of its last descriptor and its first descriptors as they were read.
 #[derive(Debug, Clone, Copy)]
 struct Taken {
     head: u16,
     count: u16,
     id: u16,
+    read_ahead: ReadAhead,
 }
 
 /// The device's state of one packed ring.
@@ -179,7 +180,13 @@ impl PackedRing {
                 Err(err) if completed == 0 => return Err(err),
                 Err(_) => break,
             };
-            let len = serve(Chain::packed(mem, &ring, taken.head, taken.count, taken.id));
+            let chain = Chain::packed(
+                mem,
+                &ring,
+                (taken.head, taken.count, taken.id),
+                taken.read_ahead,
+            );
+            let len = serve(chain);
             self.put_used(&ring, mem, taken, len)?;
             descriptors += u32::from(taken.count);
             completed += 1;
@@ -217,10 +224,12 @@ impl PackedRing {
         fence(Ordering::Acquire);
         let mut pos = head;
         let mut count = 0u16;
+        // What is read here is what the device's walk sees: no descriptor is read twice.
+        let mut read_ahead = ReadAhead::default();
         loop {
-            let (_, _, id, flags) = ring
+            let (addr, len, id, flags) = ring
                 .read_raw(mem, pos.idx)
-                .ok_or(Error::PackedRingAccess { index: pos.idx })?;
+                .ok_or_else(|| Error::PackedRingAccess { index: pos.idx })?;
             // Each descriptor of a chain is made available with the wrap counter of its own
             // position: one that is not (a flipped counter, a stale entry) breaks the chain.
             if !is_available(flags, pos.wrap) {
@@ -229,6 +238,7 @@ impl PackedRing {
                     reason: "a descriptor of the chain is not available",
                 });
             }
+            read_ahead.push(PackedDesc { addr, len, flags });
             count += 1;
             pos = pos.advance(1, size);
             if flags & PACKED_F_NEXT == 0 {
@@ -237,6 +247,7 @@ impl PackedRing {
                     head: head.idx,
                     count,
                     id,
+                    read_ahead,
                 }));
             }
             if count == size {
@@ -248,10 +259,14 @@ impl PackedRing {
         }
     }
 
-    /// Writes the used descriptor of `taken` at the next used position: `id` and `len`
-    /// first, then the flags (AVAIL and USED both equal to the used wrap counter) with
-    /// Release, so a driver that sees the flags sees the rest; the position then advances
-    /// by the chain's descriptor count.
+    /// Writes the used descriptor of `taken` at the next used position: `len`, `id` and the
+    /// flags (AVAIL and USED both equal to the used wrap counter) in one 8-byte store with
+    /// Release (the three fields are the descriptor's last 8 bytes, and a ring is 16-byte
+    /// aligned), or one by one with the flags last when that store is refused, so a driver
+    /// that sees the flags sees the rest; the position then advances by the chain's
+    /// descriptor count. The descriptor's `addr` is left as the driver wrote
+    /// it (virtio 1.2, 2.8.8: only the buffer id, length and flags of a used descriptor
+    /// mean something).
     fn put_used<G: GuestMemory>(
         &mut self,
         ring: &Table<'_, G>,
@@ -265,9 +280,23 @@ impl PackedRing {
         } else {
             0
         };
-        store(ring, mem, at, DESC_LEN, len, Ordering::Relaxed)?;
-        store(ring, mem, at, DESC_ID, taken.id, Ordering::Relaxed)?;
-        store(ring, mem, at, DESC_FLAGS, flags, Ordering::Release)?;
+        let word = u64::from(len)
+            | u64::from(taken.id) << (8 * (DESC_ID - DESC_LEN))
+            | u64::from(flags) << (8 * (DESC_FLAGS - DESC_LEN));
+        if ring
+            .store(mem, at, DESC_LEN, word.to_le(), Ordering::Release)
+            .is_none()
+        {
+            // A host mapping that is not 8-byte aligned where the guest address is (or guest
+            // memory that refuses the store): the three fields one by one, flags last.
+            let access = || Error::PackedRingAccess { index: at };
+            ring.store(mem, at, DESC_LEN, len.to_le(), Ordering::Relaxed)
+                .ok_or_else(access)?;
+            ring.store(mem, at, DESC_ID, taken.id.to_le(), Ordering::Relaxed)
+                .ok_or_else(access)?;
+            ring.store(mem, at, DESC_FLAGS, flags.to_le(), Ordering::Release)
+                .ok_or_else(access)?;
+        }
         self.next_used = self.next_used.advance(taken.count, ring.entries());
         Ok(())
     }
@@ -362,50 +391,14 @@ fn load_u16<G: GuestMemory>(
 ) -> Result<u16, Error> {
     ring.load::<u16>(mem, index, field, Ordering::Acquire)
         .map(u16::from_le)
-        .ok_or(Error::PackedRingAccess { index })
-}
-
-/// Stores the `u16` or `u32` `value` (made little-endian) at byte `field` of ring entry
-/// `index`.
-fn store<G, T>(
-    ring: &Table<'_, G>,
-    mem: &G,
-    index: u16,
-    field: usize,
-    value: T,
-    order: Ordering,
-) -> Result<(), Error>
-where
-    G: GuestMemory,
-    T: vm_memory::AtomicAccess + LittleEndian,
-{
-    ring.store(mem, index, field, value.to_le(), order)
-        .ok_or(Error::PackedRingAccess { index })
-}
-
-/// The integer types a used descriptor is made of.
-trait LittleEndian {
-    /// The value in little-endian byte order.
-    fn to_le(self) -> Self;
-}
-
-impl LittleEndian for u16 {
-    fn to_le(self) -> Self {
-        u16::to_le(self)
-    }
-}
-
-impl LittleEndian for u32 {
-    fn to_le(self) -> Self {
-        u32::to_le(self)
-    }
+        .ok_or_else(|| Error::PackedRingAccess { index })
 }
 
 /// Reads the `u16` at `base + offset` (an event suppression structure field).
 fn read_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64) -> Result<u16, Error> {
     let addr = base
         .checked_add(offset)
-        .ok_or(Error::AddressOverflow { base, offset })?;
+        .ok_or_else(|| Error::AddressOverflow { base, offset })?;
     mem.load::<u16>(GuestAddress(addr), Ordering::Acquire)
         .map(u16::from_le)
         .map_err(|source| Error::GuestMemory { addr, source })
@@ -415,7 +408,7 @@ fn read_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64) -> Result<u16, Erro
 fn write_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64, value: u16) -> Result<(), Error> {
     let addr = base
         .checked_add(offset)
-        .ok_or(Error::AddressOverflow { base, offset })?;
+        .ok_or_else(|| Error::AddressOverflow { base, offset })?;
     mem.store(value.to_le(), GuestAddress(addr), Ordering::Release)
         .map_err(|source| Error::GuestMemory { addr, source })
 }
