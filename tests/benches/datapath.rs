@@ -18,8 +18,7 @@
 //! `cargo xtask bench` builds `vu_null` and runs this; see docs/performance.md. Options:
 //! `--quick` (short runs), `--smoke` (one tiny run of each kind: checks the harness only),
 //! `--runs N`, `--no-callgrind`, `--handshake-only`, `--polling-only` (the depth-1 polling table
-//! alone), `--layouts-only` (only `vu_null` with split against packed rings, same driver model;
-//! with `--callgrind-only`, only their instruction counts),
+//! alone), `--layouts-only` (only `vu_null` with split against packed rings, same driver model),
 //! `--depth N` (only the cells of that depth, then only the throughput, floor, handshake and
 //! layout tables), `--callgrind-only` (the instructions-per-request table alone: the
 //! before/after check of a change, repeatable on a loaded machine; with `--layouts-only`, the
@@ -216,8 +215,6 @@ struct Options {
     callgrind_only: bool,
     /// Only the split-against-packed tables (`--layouts-only`).
     layouts_only: bool,
-    /// Whether `--layouts-only` measures wall-clock throughput (not with `--callgrind-only`).
-    throughput: bool,
     /// Only cells of this depth (`--depth N`).
     depth: Option<usize>,
     vu_null: PathBuf,
@@ -1031,7 +1028,7 @@ fn callgrind(opts: &Options) {
 /// in both layouts ([`LeanQueue`], [`LeanPacked`]), every cell of the matrix, interleaved
 /// runs (the layout that goes first alternates); then instructions per request for both.
 fn layouts(opts: &Options) {
-    if opts.throughput {
+    if !opts.callgrind_only {
         layouts_throughput(opts);
     }
     if opts.callgrind {
@@ -1152,7 +1149,6 @@ fn main() -> ExitCode {
         polling_only: false,
         callgrind_only: false,
         layouts_only: false,
-        throughput: true,
         depth: None,
         vu_null: default_vu_null(),
     };
@@ -1180,7 +1176,6 @@ fn main() -> ExitCode {
             "--polling-only" => opts.polling_only = true,
             "--callgrind-only" => opts.callgrind_only = true,
             "--layouts-only" => opts.layouts_only = true,
-            "--callgrind-only" => opts.throughput = false,
             "--depth" => {
                 opts.depth = Some(
                     words

@@ -199,7 +199,7 @@ impl LeanDriver for LeanPacked {
     }
 
     fn vring_addr(&self) -> VringAddr {
-        self.addrs.clone()
+        self.addrs
     }
 
     fn set_event_idx(&mut self, enabled: bool) {

@@ -10,7 +10,7 @@ use crate::cmd::Cmd;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
-                         [--handshake-only | --polling-only | --callgrind-only]
+                         [--handshake-only | --polling-only | --callgrind-only | --layouts-only]
        cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts (a few minutes)
@@ -23,7 +23,8 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
   --polling-only  only the depth-1 adaptive polling table
   --callgrind-only
                   only the instructions-per-request table (callgrind; the before/after
-                  check of a change)
+                  check of a change); with --layouts-only, the layouts' one
+  --layouts-only  only vu_null with split against packed rings (same driver model)
   --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
                   (cargo xtask bench --net --help)
 ";
@@ -39,7 +40,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     while let Some(word) = words.next() {
         match word.as_str() {
             "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only"
-            | "--callgrind-only" => pass.push(word),
+            | "--callgrind-only" | "--layouts-only" => pass.push(word),
             "--runs" => match words.next() {
                 Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
                     pass.extend(["--runs", n.as_str()]);
