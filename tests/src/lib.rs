@@ -15,6 +15,8 @@ pub mod hostile;
 // The lean driver plays the guest through atomics over raw ring pointers, at bench speed.
 #[allow(unsafe_code)]
 pub mod lean_driver;
+// Its packed-ring counterpart, the same way.
+#[allow(unsafe_code)]
 pub mod lean_packed;
 pub mod packed_driver;
 pub mod packed_hostile;
