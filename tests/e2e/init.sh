@@ -2,11 +2,15 @@
 # /init of the `cargo xtask e2e` guest (busybox sh, run as PID 1 from the initramfs).
 #
 # The host passes the test on the kernel command line:
-#   e2e.test=blk|rng   which device to exercise; `demo`: the filesystem walk of
+#   e2e.test=blk|rng|net  which device to exercise; `demo`: the filesystem walk of
 #                      `cargo xtask demo`; `shell`: an interactive shell (`demo --shell`);
 #                      `migrate`: /migrate.sh, the guest of `cargo xtask e2e --migrate`
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
-#   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB
+#   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB;
+#                      (net) sha256 of the bytes the host's peer sends
+#   e2e.net=GUEST/LEN,HOST,UP,DOWN,BYTES
+#                      (net) the guest's address and prefix length, the host's address,
+#                      the peer's upload and download TCP ports, and how many bytes to upload
 #   e2e.packed=1       the device has packed=on: every virtio device must have negotiated
 #                      VIRTIO_F_RING_PACKED (feature bit 34)
 # and reads the verdict back from the serial console: the guest prints
@@ -27,12 +31,14 @@ test=none
 nonce=none
 sum=none
 packed=0
+net=none
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         e2e.test=*) test="${arg#*=}" ;;
         e2e.nonce=*) nonce="${arg#*=}" ;;
         e2e.sum=*) sum="${arg#*=}" ;;
         e2e.packed=*) packed="${arg#*=}" ;;
+        e2e.net=*) net="${arg#*=}" ;;
     esac
 done
 
@@ -172,6 +178,59 @@ test_rng() {
     say "VU-E2E-PASS rng $nonce $rings"
 }
 
+# The first network interface other than lo.
+first_netdev() {
+    for dev in /sys/class/net/*; do
+        name="${dev##*/}"
+        [ "$name" = lo ] || { echo "$name"; return 0; }
+    done
+    return 1
+}
+
+# net: configures the interface, pings the host end of the tap (in a network namespace on
+# the host), then moves data over TCP both ways at once: the host's peer sends its pattern
+# (the guest compares its sha256 with e2e.sum) while the guest uploads BYTES from
+# /dev/urandom (the peer answers `got N`; the host compares the sha256 the guest prints
+# with that of what it received).
+test_net() {
+    old_ifs="$IFS"
+    IFS=,
+    set -- $net
+    IFS="$old_ifs"
+    [ "$#" -eq 5 ] || fail "e2e.net=$net: want GUEST/LEN,HOST,UP,DOWN,BYTES"
+    guest="$1" host="$2" up="$3" down="$4" bytes="$5"
+    i=0
+    until dev="$(first_netdev)"; do
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && fail "no network interface"
+        sleep 0.1
+    done
+    stage device
+    ip link set lo up
+    ip addr add "$guest" dev "$dev" || fail "ip addr add $guest dev $dev"
+    ip link set "$dev" up || fail "ip link set $dev up"
+    # The first echo may wait for ARP and the link; 3 tries of up to 3 s each.
+    i=0
+    until ping -c 1 -W 3 "$host" > /tmp/ping.log 2>&1; do
+        i=$((i + 1))
+        [ "$i" -ge 3 ] && fail "ping $host: $(tr '\n' ' ' < /tmp/ping.log)"
+    done
+    dd if=/dev/urandom of=/tmp/up bs=65536 count=$((bytes / 65536)) 2>/dev/null
+    up_sum="$(sha256sum < /tmp/up)"
+    up_sum="${up_sum%% *}"
+    nc "$host" "$down" < /dev/null > /tmp/down 2>/tmp/down.err &
+    down_pid=$!
+    nc "$host" "$up" < /tmp/up > /tmp/up.ack 2>/tmp/up.err || fail "upload: $(cat /tmp/up.err)"
+    wait "$down_pid" || fail "download: $(cat /tmp/down.err)"
+    stage workload
+    ack="$(cat /tmp/up.ack)"
+    [ "$ack" = "got $bytes" ] || fail "upload: the host's peer answered '$ack', not 'got $bytes'"
+    got="$(sha256sum < /tmp/down)"
+    [ "${got%% *}" = "$sum" ] || fail "download: $(wc -c < /tmp/down) bytes, sha256 ${got%% *}"
+    say "VU-E2E-NET $nonce up=$up_sum down=$(wc -c < /tmp/down)"
+    say "VU-E2E-PASS net $nonce queues=$(ls -d /sys/class/net/$dev/queues/rx-* | wc -l) dev=$dev"
+}
+
 # `cargo xtask demo`: a filesystem on the blank disk, a file written, unmounted, mounted
 # again and read back. Each `VU-DEMO` line is shown by the xtask; the host then looks for the
 # file's text in the image.
@@ -213,6 +272,7 @@ shell() {
 case "$test" in
     blk) test_blk ;;
     rng) test_rng ;;
+    net) test_net ;;
     demo) test_demo ;;
     migrate) . /migrate.sh && test_migrate ;;
     shell) shell ;;

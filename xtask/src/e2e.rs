@@ -24,6 +24,7 @@ mod judge;
 mod kmod;
 mod migrate;
 mod monitor;
+mod net;
 mod progress;
 mod provision;
 mod stress;
@@ -71,7 +72,7 @@ struct Options {
 }
 
 const USAGE: &str = "\
-usage: cargo xtask e2e [--device blk|rng|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
+usage: cargo xtask e2e [--device blk|rng|net|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
                        [--release] [--queues 1|2]
        cargo xtask e2e --stress [--load THREADS] [--duty PERCENT] [the options above]
 
@@ -95,7 +96,7 @@ See docs/e2e.md.
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
-        devices: vec![Device::Blk, Device::Rng],
+        devices: Device::ALL.to_vec(),
         backend: BackendChoice::Vu,
         boots: 10,
         kvm: false,
@@ -119,7 +120,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 options.devices = match value("--device")? {
                     "blk" => vec![Device::Blk],
                     "rng" => vec![Device::Rng],
-                    "all" => vec![Device::Blk, Device::Rng],
+                    "net" => vec![Device::Net],
+                    "all" => Device::ALL.to_vec(),
                     other => return Err(format!("unknown device `{other}`")),
                 }
             }
@@ -181,6 +183,7 @@ impl Options {
         let device = match self.devices.as_slice() {
             [Device::Blk] => "blk",
             [Device::Rng] => "rng",
+            [Device::Net] => "net",
             _ => "all",
         };
         let backend = match self.backend {
@@ -282,6 +285,15 @@ fn plan(options: &Options) -> Vec<Run> {
                     }
                 }
                 Device::Rng => {}
+                // vu_net with a tap serves one queue pair; no reference backend here.
+                Device::Net if backend == "vu" => runs.push(Run {
+                    device,
+                    backend,
+                    queues: 1,
+                    cpus: 1,
+                    packed: false,
+                }),
+                Device::Net => {}
             }
         }
     }
@@ -434,9 +446,15 @@ fn tail(path: &Path, lines: usize) -> String {
 /// that `CARGO_TARGET_DIR` and `build.target-dir` are followed wherever they point).
 fn build_vu_backend(device: Device, release: bool) -> Result<PathBuf, String> {
     let example = format!("vu_{}", device.name());
-    let source = Path::new("crates/vu-backend/examples").join(format!("{example}.rs"));
-    if !source.is_file() {
-        return Err(format!("{} does not exist", source.display()));
+    let examples = Path::new("crates/vu-backend/examples");
+    let source = examples.join(format!("{example}.rs"));
+    let dir_source = examples.join(&example).join("main.rs");
+    if !source.is_file() && !dir_source.is_file() {
+        return Err(format!(
+            "neither {} nor {} exists",
+            source.display(),
+            dir_source.display()
+        ));
     }
     let mut args = vec!["build", "-p", "vu-backend", "--example", &example];
     if release {
@@ -512,7 +530,10 @@ fn prepare(runs: &[Run], kvm: bool) -> Result<Machine, String> {
     std::fs::create_dir_all(&work)
         .map_err(|err| format!("cannot create {}: {err}", work.display()))?;
     eprintln!("==> e2e: system packages");
-    provision::ensure_packages(runs.iter().any(|run| run.backend == "qsd"))?;
+    provision::ensure_packages(
+        runs.iter().any(|run| run.backend == "qsd"),
+        runs.iter().any(|run| run.device == Device::Net),
+    )?;
     eprintln!("    {}", provision::version_line("qemu-system-x86_64"));
     eprintln!("==> e2e: guest kernel");
     let kernel = provision::kernel(&work.join("kernel"))?;
@@ -738,7 +759,7 @@ const CI_QSD_BOOTS: u32 = 3;
 /// The runs `cargo xtask ci` makes: our devices, then qemu-storage-daemon's blk export.
 fn ci_runs() -> [Options; 2] {
     let ours = Options {
-        devices: vec![Device::Blk, Device::Rng],
+        devices: Device::ALL.to_vec(),
         backend: BackendChoice::Vu,
         boots: CI_BOOTS,
         kvm: false,
@@ -786,6 +807,9 @@ pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
 
 /// Entry point: `args` are the words after `e2e`.
 pub(crate) fn main(args: &[String]) -> ExitCode {
+    if args.first().is_some_and(|arg| arg == "--net-peer") {
+        return net::peer_main(&args[1..]);
+    }
     if args.iter().any(|arg| arg == "--migrate") {
         return migrate::main(args);
     }
@@ -834,7 +858,7 @@ mod tests {
     #[test]
     fn defaults_are_all_devices_on_vu_ten_boots_tcg() {
         let options = parse(&[]).unwrap();
-        assert_eq!(options.devices, [Device::Blk, Device::Rng]);
+        assert_eq!(options.devices, [Device::Blk, Device::Rng, Device::Net]);
         assert_eq!(options.backend, BackendChoice::Vu);
         assert_eq!(options.boots, 10);
         assert!(!options.kvm);
@@ -851,14 +875,14 @@ mod tests {
 
     #[test]
     fn bad_options_are_refused() {
-        assert!(parse(&words("--device net")).is_err());
+        assert!(parse(&words("--device scsi")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
         assert!(parse(&words("--boots")).is_err());
         assert!(parse(&words("--fast")).is_err());
     }
 
     #[test]
-    fn blk_runs_with_one_and_two_queues_ours_also_packed_and_qsd_skips_rng() {
+    fn blk_runs_with_one_and_two_queues_ours_also_packed_and_qsd_skips_rng_and_net() {
         let options = parse(&words("--backend all")).unwrap();
         let runs: Vec<String> = plan(&options).iter().map(Run::name).collect();
         assert_eq!(
@@ -869,6 +893,7 @@ mod tests {
                 "blk-vu-q2-packed",
                 "rng-vu-q1",
                 "rng-vu-q1-packed",
+                "net-vu-q1",
                 "blk-qsd-q1",
                 "blk-qsd-q2",
                 "blk-qemu-q1",
@@ -1019,6 +1044,7 @@ mod tests {
                 "blk-vu-q2-packed",
                 "rng-vu-q1",
                 "rng-vu-q1-packed",
+                "net-vu-q1",
                 "blk-qsd-q1",
                 "blk-qsd-q2"
             ]

@@ -12,6 +12,7 @@ use super::boot::{
     write_file, Backend, Device, Files, Machine, Outcome, Spec, RNG_SOURCE_LEN,
 };
 use super::judge::no_verdict;
+use super::net;
 use super::progress::{Class, Deadlines, Failure};
 use super::{backend_for, parse, plan, prepare, report_boot};
 
@@ -20,7 +21,7 @@ const DEMO_IMAGE_SIZE: u64 = 32 << 20;
 
 const DEMO_USAGE: &str = "\
 usage: cargo xtask demo [--backend vu|qsd|qemu] [--kvm] [--release]
-       cargo xtask demo --shell [--device blk|rng] [--backend vu|qsd|qemu] [--kvm] [--release]
+       cargo xtask demo --shell [--device blk|rng|net] [--backend vu|qsd|qemu] [--kvm] [--release]
 
   (default)  build vu_blk and boot a Linux guest against it (the first run installs QEMU and
              fetches a kernel, see docs/e2e.md); the guest makes an ext2 filesystem on the
@@ -274,7 +275,13 @@ fn interactive_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<(), 
             prepare_image(&spec.dir, &files.image, &nonce, fresh_u64())?;
         }
         Device::Rng => write_file(&files.rng_source, &pattern(fresh_u64(), RNG_SOURCE_LEN))?,
+        Device::Net => write_file(&files.download, &pattern(fresh_u64(), net::BYTES))?,
     }
+    // net: the tap's namespace (deleted when this returns) with the peer the boots use.
+    let _host_net = match (spec.device, &spec.backend) {
+        (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files)?),
+        _ => None,
+    };
     let mut backend = match backend_command(spec, &files) {
         Some(mut command) => {
             let (out, err) = log_file(&backend_log)?;
@@ -292,7 +299,10 @@ fn interactive_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<(), 
     let mut qemu = qemu_command(machine, spec, &files, &append);
     eprintln!("$ {}", shell_line(&qemu));
     eprintln!(
-        "(the guest's shell: /dev/vda or /dev/hwrng; `exit` powers off; Ctrl-A X quits QEMU)"
+        "(the guest's shell: /dev/vda, /dev/hwrng or eth0 (the host is {} in the tap's namespace, \
+         after `ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up`); `exit` powers off; \
+         Ctrl-A X quits QEMU)",
+        net::HOST_ADDR
     );
     let status = qemu.status();
     if let Some(child) = &mut backend {

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::boot::{guest_marker, pass_marker, Device, Spec, GUEST_BLOCK};
+use super::boot::{guest_marker, pass_marker, sha256, Device, Files, Spec, GUEST_BLOCK};
+use super::net;
 use super::progress::{Class, Failure};
 
 /// QEMU exited without this boot's success line: a kernel panic (the console says so), or
@@ -19,13 +20,7 @@ pub(crate) fn no_verdict(console: &str) -> Failure {
 }
 
 /// Decides a boot from the console and the files: `Err(reason)` on failure.
-pub(crate) fn judge(
-    spec: &Spec,
-    nonce: &str,
-    console: &str,
-    image: &Path,
-    rng_source: &Path,
-) -> Result<(), Failure> {
+pub(crate) fn judge(spec: &Spec, nonce: &str, console: &str, files: &Files) -> Result<(), Failure> {
     if let Some(line) = console.lines().find(|line| line.contains("VU-E2E-FAIL")) {
         return Err(Failure::new(
             Class::WrongAnswer,
@@ -36,7 +31,7 @@ pub(crate) fn judge(
     let Some(pass_line) = console.lines().find(|line| line.contains(&pass)) else {
         return Err(no_verdict(console));
     };
-    check_after_power_off(spec, nonce, pass_line, console, image, rng_source)
+    check_after_power_off(spec, nonce, pass_line, console, files)
         .map_err(|reason| Failure::new(Class::WrongAnswer, reason))
 }
 
@@ -46,9 +41,9 @@ fn check_after_power_off(
     nonce: &str,
     pass_line: &str,
     console: &str,
-    image: &Path,
-    rng_source: &Path,
+    files: &Files,
 ) -> Result<(), String> {
+    let (image, rng_source) = (&files.image, &files.rng_source);
     // The guest counted the devices that negotiated packed rings (one here).
     if spec.packed && !pass_line.contains(" packed=1") {
         return Err(format!(
@@ -74,7 +69,49 @@ fn check_after_power_off(
                 .map_err(|err| format!("cannot read {}: {err}", rng_source.display()))?;
             check_rng(console, nonce, &source)
         }
+        Device::Net => {
+            let want_queues = format!("queues={}", spec.queues);
+            if !pass_line.contains(&want_queues) {
+                return Err(format!(
+                    "guest saw another queue count: {}",
+                    pass_line.trim()
+                ));
+            }
+            check_upload(console, nonce, &files.upload)
+        }
     }
+}
+
+/// The upload the host's peer received is [`net::BYTES`] long and has the sha256 the guest
+/// computed before sending it (`VU-E2E-NET <nonce> up=<sha256> down=<bytes>`).
+fn check_upload(console: &str, nonce: &str, upload: &Path) -> Result<(), String> {
+    let tag = format!("VU-E2E-NET {nonce} up=");
+    let guest_sum = console
+        .lines()
+        .find_map(|line| line.split_once(&tag).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split_whitespace().next())
+        .ok_or_else(|| "no VU-E2E-NET line with this boot's nonce".to_owned())?;
+    let len = std::fs::metadata(upload)
+        .map_err(|err| {
+            format!(
+                "the host's peer stored no upload ({}): {err}",
+                upload.display()
+            )
+        })?
+        .len();
+    if len != net::BYTES as u64 {
+        return Err(format!(
+            "the host's peer received {len} bytes, the guest sent {}",
+            net::BYTES
+        ));
+    }
+    let host_sum = sha256(upload)?;
+    if host_sum != guest_sum {
+        return Err(format!(
+            "upload: the guest sent sha256 {guest_sum}, the host received sha256 {host_sum}"
+        ));
+    }
+    Ok(())
 }
 
 /// The image holds each vCPU's marker in its block, followed by NULs.
@@ -130,7 +167,7 @@ pub(crate) fn check_rng(console: &str, nonce: &str, source: &[u8]) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::e2e::boot::{pattern, Backend};
+    use crate::e2e::boot::{files_in, pattern, Backend};
     use crate::e2e::progress::Deadlines;
     use std::path::PathBuf;
 
@@ -146,14 +183,36 @@ mod tests {
         }
     }
 
+    fn files() -> Files {
+        files_in(Path::new("/nonexistent"), Path::new("/s"))
+    }
+
+    #[test]
+    fn net_upload_must_have_the_guests_length_and_sum() {
+        let dir = std::env::temp_dir().join(format!("vu-judge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let upload = dir.join("up.bin");
+        std::fs::write(&upload, pattern(3, net::BYTES)).unwrap();
+        let sum = sha256(&upload).unwrap();
+        let console = format!("VU-E2E-NET n up={sum} down=4194304\n");
+        check_upload(&console, "n", &upload).unwrap();
+        assert!(check_upload(&console, "m", &upload).is_err());
+        std::fs::write(&upload, pattern(4, net::BYTES)).unwrap();
+        let err = check_upload(&console, "n", &upload).unwrap_err();
+        assert!(err.contains("upload: the guest sent sha256"), "{err}");
+        std::fs::write(&upload, b"short").unwrap();
+        let err = check_upload(&console, "n", &upload).unwrap_err();
+        assert!(err.contains("received 5 bytes"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn missing_success_marker_fails_even_without_fail_line() {
         let err = judge(
             &spec(Device::Rng, 1),
             "abc",
             "VU-E2E-PASS rng stale\n",
-            Path::new("/x"),
-            Path::new("/x"),
+            &files(),
         )
         .unwrap_err();
         assert_eq!(err.class, Class::Crash);
@@ -164,14 +223,7 @@ mod tests {
     fn a_kernel_panic_is_named_as_the_crash() {
         let console = "[    0.9] Kernel panic - not syncing: IO-APIC + timer doesn't work!
 ";
-        let err = judge(
-            &spec(Device::Blk, 1),
-            "abc",
-            console,
-            Path::new("/x"),
-            Path::new("/x"),
-        )
-        .unwrap_err();
+        let err = judge(&spec(Device::Blk, 1), "abc", console, &files()).unwrap_err();
         assert_eq!(err.class, Class::Crash);
         assert!(err.reason.contains("IO-APIC + timer"), "{err}");
     }
@@ -179,14 +231,7 @@ mod tests {
     #[test]
     fn fail_line_wins_over_pass_line() {
         let console = "VU-E2E-FAIL blk sector 0\nVU-E2E-PASS blk abc queues=1\n";
-        let err = judge(
-            &spec(Device::Blk, 1),
-            "abc",
-            console,
-            Path::new("/x"),
-            Path::new("/x"),
-        )
-        .unwrap_err();
+        let err = judge(&spec(Device::Blk, 1), "abc", console, &files()).unwrap_err();
         assert_eq!(err.class, Class::WrongAnswer);
         assert!(err.reason.contains("sector 0"), "{err}");
     }

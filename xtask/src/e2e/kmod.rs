@@ -1,6 +1,6 @@
 //! The kernel modules the guest needs, in the order `insmod` must load them.
 //!
-//! Debian's cloud kernel builds virtio_pci, virtio_blk and virtio_rng as modules. The package
+//! Debian's cloud kernel builds virtio_pci, virtio_blk, virtio_rng and virtio_net as modules. The package
 //! ships no modules.dep (depmod writes it at install time, and we only unpack the package), so
 //! each module's dependencies come from its own `.modinfo` section (`depends=a,b`), which is
 //! what depmod reads too. Built-in drivers are listed in modules.builtin and need no file.
@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::elf;
 
-/// The drivers the guest uses: the PCI transport and the two device drivers.
-pub(crate) const WANTED: &[&str] = &["virtio_pci", "virtio_blk", "virtio_rng"];
+/// The drivers the guest uses: the PCI transport and the device drivers.
+pub(crate) const WANTED: &[&str] = &["virtio_pci", "virtio_blk", "virtio_rng", "virtio_net"];
 
 /// A module's name as the kernel spells it: the file name without `.ko[.xz|.zst|.gz]`, with
 /// dashes as underscores (virtio-rng.ko is module virtio_rng).

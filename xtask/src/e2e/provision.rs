@@ -35,8 +35,9 @@ fn busybox_is_static() -> bool {
 }
 
 /// Everything the run needs; `qsd` adds qemu-storage-daemon, which bookworm ships in
-/// qemu-system-common (a dependency of qemu-system-x86; from QEMU 8 on it is in qemu-utils).
-fn needs(qsd: bool) -> Vec<Need> {
+/// qemu-system-common (a dependency of qemu-system-x86; from QEMU 8 on it is in qemu-utils);
+/// `net` adds `ip` (network namespaces and the tap).
+fn needs(qsd: bool, net: bool) -> Vec<Need> {
     let mut list = vec![
         Need {
             package: "qemu-system-x86",
@@ -56,12 +57,19 @@ fn needs(qsd: bool) -> Vec<Need> {
             why: "qemu-storage-daemon serves the reference vhost-user-blk export",
         });
     }
+    if net {
+        list.push(Need {
+            package: "iproute2",
+            present: || program_on_path("ip"),
+            why: "`ip` makes the network namespace and the tap of the net boots",
+        });
+    }
     list
 }
 
 /// Checks the packages and installs the missing ones when it may.
-pub(crate) fn ensure_packages(qsd: bool) -> Result<(), String> {
-    let needs = needs(qsd);
+pub(crate) fn ensure_packages(qsd: bool, net: bool) -> Result<(), String> {
+    let needs = needs(qsd, net);
     let missing: Vec<&Need> = needs.iter().filter(|need| !(need.present)()).collect();
     for need in &needs {
         let state = if (need.present)() { "found" } else { "missing" };
@@ -243,11 +251,17 @@ mod tests {
 
     #[test]
     fn qsd_adds_the_package_that_ships_qemu_storage_daemon() {
-        assert!(!needs(false)
+        assert!(!needs(false, false)
             .iter()
             .any(|n| n.package == "qemu-system-common"));
-        assert!(needs(true)
+        assert!(needs(true, false)
             .iter()
             .any(|n| n.package == "qemu-system-common"));
+    }
+
+    #[test]
+    fn net_adds_iproute2() {
+        assert!(!needs(false, false).iter().any(|n| n.package == "iproute2"));
+        assert!(needs(false, true).iter().any(|n| n.package == "iproute2"));
     }
 }
