@@ -53,13 +53,7 @@ fn check_after_power_off(
     }
     match spec.device {
         Device::Blk => {
-            let want_queues = format!("queues={}", spec.queues);
-            if !pass_line.contains(&want_queues) {
-                return Err(format!(
-                    "guest saw another queue count: {}",
-                    pass_line.trim()
-                ));
-            }
+            check_queues(spec, pass_line)?;
             let bytes = std::fs::read(image)
                 .map_err(|err| format!("cannot read {}: {err}", image.display()))?;
             check_guest_markers(&bytes, nonce, spec.cpus)
@@ -70,15 +64,21 @@ fn check_after_power_off(
             check_rng(console, nonce, &source)
         }
         Device::Net => {
-            let want_queues = format!("queues={}", spec.queues);
-            if !pass_line.contains(&want_queues) {
-                return Err(format!(
-                    "guest saw another queue count: {}",
-                    pass_line.trim()
-                ));
-            }
+            check_queues(spec, pass_line)?;
             check_upload(console, nonce, &files.upload)
         }
+    }
+}
+
+/// The guest's success line names the queue count the run asked for (`queues=N`).
+fn check_queues(spec: &Spec, pass_line: &str) -> Result<(), String> {
+    if pass_line.contains(&format!("queues={}", spec.queues)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "guest saw another queue count: {}",
+            pass_line.trim()
+        ))
     }
 }
 
