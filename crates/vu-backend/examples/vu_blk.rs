@@ -646,15 +646,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
-        let start = offset as usize;
-        let end = start.saturating_add(size as usize);
-        let mut out = vec![0u8; size as usize];
-        if start < CONFIG_LEN {
-            let avail = &config[start..end.min(CONFIG_LEN)];
-            out[..avail.len()].copy_from_slice(avail);
-        }
-        out
+        vu_backend::config_read(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
@@ -763,20 +755,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--memory-size" => parsed.memory_size_mib = Some(common::number(name, &value()?)?),
             "--read-only" => parsed.read_only = true,
             "--packed" => parsed.packed = true,
-            "--num-queues" => {
-                let n = common::number(name, &value()?)?;
-                parsed.num_queues = u16::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=64).contains(n))
-                    .ok_or("--num-queues: 1 to 64")?;
-            }
-            "--queue-size" => {
-                let n = common::number(name, &value()?)?;
-                parsed.queue_size = u16::try_from(n)
-                    .ok()
-                    .filter(|n| n.is_power_of_two() && *n <= 32768)
-                    .ok_or("--queue-size: a power of two up to 32768")?;
-            }
+            "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
+            "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--test-skip-logging" => {
                 let n = common::number(name, &value()?)?;
                 parsed.skip_logging = Some(n.max(1));
@@ -839,7 +819,6 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     if let Some(n) = args.skip_logging {
         log::warn!("--test-skip-logging {n}: the data of every {n}th read is NOT logged");
     }
-    common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!(
         "{} sectors, {} queue(s) of up to {}, {}",
         capacity / SECTOR_SIZE,
@@ -851,8 +830,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
             "read-write"
         }
     );
-    common::start(&mut daemon, socket)?;
-    let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
+    let result = common::serve(&mut daemon, socket);
     if let Err(err) = daemon.backend().storage.flush() {
         log::error!("final flush failed: {err}");
     }

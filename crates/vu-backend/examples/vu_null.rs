@@ -126,20 +126,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             return Ok(());
         }
         match name {
-            "--num-queues" => {
-                let n = common::number(name, &value()?)?;
-                parsed.num_queues = u16::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=64).contains(n))
-                    .ok_or("--num-queues: 1 to 64")?;
-            }
-            "--queue-size" => {
-                let n = common::number(name, &value()?)?;
-                parsed.queue_size = u16::try_from(n)
-                    .ok()
-                    .filter(|n| n.is_power_of_two() && *n <= 32768)
-                    .ok_or("--queue-size: a power of two up to 32768")?;
-            }
+            "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
+            "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
             "--message-poll-us" => {
                 parsed.message_poll_us = Some(common::number(name, &value()?)?);
@@ -172,15 +160,13 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     if let Some(us) = args.message_poll_us {
         daemon.set_message_polling(Duration::from_micros(us));
     }
-    common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!(
         "{} queue(s) of up to {}, polling {} µs",
         args.num_queues,
         args.queue_size,
         args.poll_us
     );
-    common::start(&mut daemon, socket)?;
-    daemon.wait().map_err(|err| format!("daemon failed: {err}"))
+    common::serve(&mut daemon, socket)
 }
 
 fn main() -> ExitCode {

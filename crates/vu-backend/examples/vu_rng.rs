@@ -236,11 +236,9 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
-    common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!("serving the bytes of {}", args.rng_source.display());
-    common::start(&mut daemon, socket)?;
     // Serves frontend after frontend until SIGTERM.
-    let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
+    let result = common::serve(&mut daemon, socket);
     let source = daemon.backend().source();
     log::info!(
         "served {} requests, {} bytes",

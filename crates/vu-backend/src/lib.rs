@@ -369,7 +369,8 @@ pub use vmm_sys_util;
 
 // The backend traits and the daemon.
 pub use vu_daemon::backend::{
-    BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut, DEFAULT_QUEUES_MASK, GM,
+    config_read, BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut,
+    DEFAULT_QUEUES_MASK, GM,
 };
 pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
 pub use vu_daemon::process::process_queue;

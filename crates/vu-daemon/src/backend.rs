@@ -44,6 +44,20 @@ pub use vu_proto::backend::BackendChannel;
 /// vhost-user-backend (a port's test that checks the default passes unchanged).
 pub const DEFAULT_QUEUES_MASK: u64 = 0xffff_ffff;
 
+/// The `size` bytes at `offset` of a device's config space `config`, for
+/// [`VhostUserBackend::get_config`]: what lies past the end of `config` reads as zeros (the
+/// frontend asks for the config size it knows, which may be larger than the fields this
+/// device fills).
+pub fn config_read(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let start = (offset as usize).min(config.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(config.len());
+    out[..end - start].copy_from_slice(&config[start..end]);
+    out
+}
+
 /// An `io::Error` of kind `Unsupported` saying what the backend does not do.
 fn unsupported(what: &str) -> io::Error {
     io::Error::new(
@@ -113,7 +127,8 @@ pub trait VhostUserBackend {
     fn set_event_idx(&self, enabled: bool);
 
     /// Reads `size` bytes of the device config space from `offset` (`GET_CONFIG`). An empty
-    /// vector tells the frontend the read failed.
+    /// vector tells the frontend the read failed. [`config_read`] cuts the window out of a
+    /// device's config bytes.
     fn get_config(&self, _offset: u32, _size: u32) -> Vec<u8> {
         Vec::new()
     }
@@ -638,3 +653,18 @@ macro_rules! locked_backend {
 
 locked_backend!(Mutex, lock, lock);
 locked_backend!(RwLock, read, write);
+
+#[cfg(test)]
+mod tests {
+    use super::config_read;
+
+    #[test]
+    fn config_read_cuts_the_window_and_reads_zeros_past_the_end() {
+        let config = [1u8, 2, 3, 4];
+        assert_eq!(config_read(&config, 1, 2), [2, 3]);
+        assert_eq!(config_read(&config, 2, 4), [3, 4, 0, 0]);
+        assert_eq!(config_read(&config, 9, 3), [0, 0, 0]);
+        assert_eq!(config_read(&config, u32::MAX, 2), [0, 0]);
+        assert!(config_read(&config, 0, 0).is_empty());
+    }
+}

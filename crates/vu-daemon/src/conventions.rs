@@ -3,9 +3,9 @@
 //! socket), `--print-capabilities` (the JSON capability document on stdout), no daemonizing, a
 //! clean exit on SIGTERM or SIGINT, and `--log-level` with logs on stderr through `log`.
 //!
-//! [`main`] does all of it around a device's own `run`; the pieces ([`Conventions`],
-//! [`for_each_option`], [`stop_on_signals`], [`start`]) serve a program that wants its own
-//! `main`. Nothing here knows about a device; the example devices of `vu-backend`
+//! [`main`] does all of it around a device's own `run`, which builds the daemon and hands it
+//! to [`serve`]; the pieces ([`Conventions`], [`for_each_option`], [`number_in`],
+//! [`queue_size`], [`stop_on_signals`], [`start`]) serve a program that wants its own `main`. Nothing here knows about a device; the example devices of `vu-backend`
 //! (`examples/vu_rng.rs` is the shortest) use it. It adds no dependency: the option parser is
 //! a small one of its own, and the logger writes `<program>: <level>: <message>` lines.
 //!
@@ -30,8 +30,8 @@
 //! }
 //!
 //! fn run(_args: &Args, socket: &Socket) -> Result<(), String> {
-//!     // Build the daemon, then `conventions::stop_on_signals(daemon.shutdown_handle())?`,
-//!     // `conventions::start(&mut daemon, socket)?` and `daemon.wait()`.
+//!     // Build the daemon, then `conventions::serve(&mut daemon, socket)` (SIGTERM handling,
+//!     // `start`, `wait`).
 //!     # let _ = socket;
 //!     Ok(())
 //! }
@@ -49,6 +49,8 @@
 //! ```
 
 use std::ffi::{c_int, c_void};
+use std::fmt::Display;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::OnceLock;
@@ -239,6 +241,29 @@ pub fn number(name: &str, text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{name}: `{text}` is not a number"))
 }
 
+/// Option `name`'s value as a number of type `T` within `range` (`--num-queues: 1 to 64`
+/// otherwise).
+pub fn number_in<T>(name: &str, text: &str, range: RangeInclusive<T>) -> Result<T, String>
+where
+    T: TryFrom<u64> + PartialOrd + Display,
+{
+    T::try_from(number(name, text)?)
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| format!("{name}: {} to {}", range.start(), range.end()))
+}
+
+/// The largest queue size virtio allows (split and packed rings alike).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Option `name`'s value as a queue size: a power of two up to [`MAX_QUEUE_SIZE`].
+pub fn queue_size(name: &str, text: &str) -> Result<u16, String> {
+    u16::try_from(number(name, text)?)
+        .ok()
+        .filter(|n| n.is_power_of_two() && *n <= MAX_QUEUE_SIZE)
+        .ok_or_else(|| format!("{name}: a power of two up to {MAX_QUEUE_SIZE}"))
+}
+
 /// Written by the SIGTERM/SIGINT handler; a thread waiting on it stops the daemon.
 static STOP_EVENT: OnceLock<EventFd> = OnceLock::new();
 
@@ -286,6 +311,19 @@ fn inherited_socket(fd: i32) -> Result<Endpoint, String> {
     Endpoint::from_fd(owned).map_err(|err| format!("--fd {fd}: {err}"))
 }
 
+/// Serves `socket` with `daemon` until it stops: [`stop_on_signals`], [`start`], then the
+/// daemon's `wait`. `Ok` after a clean stop (a signal, or the end of an `--fd` connection).
+pub fn serve<S>(daemon: &mut VhostUserDaemon<S>, socket: &Socket) -> Result<(), String>
+where
+    S: VhostUserBackend + Send + Sync + 'static,
+    S::Vring: Clone + Send + Sync + 'static,
+    S::Bitmap: Send + Sync + 'static,
+{
+    stop_on_signals(daemon.shutdown_handle())?;
+    start(daemon, socket)?;
+    daemon.wait().map_err(|err| format!("daemon failed: {err}"))
+}
+
 /// Starts serving `socket` (listening on a path, or the inherited connection); returns at
 /// once. The daemon's `wait` returns when it stops.
 pub fn start<S>(daemon: &mut VhostUserDaemon<S>, socket: &Socket) -> Result<(), String>
@@ -318,6 +356,29 @@ mod tests {
 
     fn args(words: &[&str]) -> Vec<String> {
         words.iter().map(|w| (*w).to_owned()).collect()
+    }
+
+    #[test]
+    fn number_in_checks_the_type_and_the_range() {
+        assert_eq!(number_in::<u16>("--n", "64", 1..=64), Ok(64));
+        assert_eq!(
+            number_in::<u16>("--n", "65", 1..=64),
+            Err("--n: 1 to 64".to_owned())
+        );
+        assert_eq!(
+            number_in::<u16>("--n", "70000", 1..=u16::MAX),
+            Err("--n: 1 to 65535".to_owned())
+        );
+        assert!(number_in::<usize>("--n", "x", 1..=2).is_err());
+    }
+
+    #[test]
+    fn queue_size_is_a_power_of_two_up_to_32768() {
+        assert_eq!(queue_size("--queue-size", "256"), Ok(256));
+        assert_eq!(queue_size("--queue-size", "32768"), Ok(32768));
+        for bad in ["0", "100", "65536", "-1"] {
+            assert!(queue_size("--queue-size", bad).is_err(), "{bad}");
+        }
     }
 
     fn parse(words: &[&str]) -> Result<Conventions, String> {

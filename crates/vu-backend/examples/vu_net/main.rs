@@ -310,14 +310,7 @@ impl VhostUserBackend for NetBackend {
         config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&S_LINK_UP.to_le_bytes());
         config[CONFIG_MAX_PAIRS..CONFIG_MAX_PAIRS + 2].copy_from_slice(&self.pairs.to_le_bytes());
         config[CONFIG_MTU..CONFIG_MTU + 2].copy_from_slice(&self.mtu.to_le_bytes());
-        let start = offset as usize;
-        let end = start.saturating_add(size as usize);
-        let mut out = vec![0u8; size as usize];
-        if start < CONFIG_LEN {
-            let avail = &config[start..end.min(CONFIG_LEN)];
-            out[..avail.len()].copy_from_slice(avail);
-        }
-        out
+        vu_backend::config_read(&config, offset, size)
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> stdio::Result<()> {
@@ -448,35 +441,11 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 parsed.side = Some(Side::Tap(value()?));
                 sides += 1;
             }
-            "--queue-pairs" => {
-                let n = common::number(name, &value()?)?;
-                parsed.pairs = u16::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=32).contains(n))
-                    .ok_or("--queue-pairs: 1 to 32")?;
-            }
-            "--queue-size" => {
-                let n = common::number(name, &value()?)?;
-                parsed.queue_size = u16::try_from(n)
-                    .ok()
-                    .filter(|n| n.is_power_of_two() && *n <= 32768)
-                    .ok_or("--queue-size: a power of two up to 32768")?;
-            }
+            "--queue-pairs" => parsed.pairs = common::number_in(name, &value()?, 1..=32)?,
+            "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--mac" => parsed.mac = Some(parse_mac(&value()?)?),
-            "--mtu" => {
-                let n = common::number(name, &value()?)?;
-                parsed.mtu = u16::try_from(n)
-                    .ok()
-                    .filter(|n| *n >= 68)
-                    .ok_or("--mtu: 68 to 65535")?;
-            }
-            "--backlog" => {
-                let n = common::number(name, &value()?)?;
-                parsed.backlog = usize::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=65536).contains(n))
-                    .ok_or("--backlog: 1 to 65536")?;
-            }
+            "--mtu" => parsed.mtu = common::number_in(name, &value()?, 68..=u16::MAX)?,
+            "--backlog" => parsed.backlog = common::number_in(name, &value()?, 1..=65536)?,
             "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
             other => return Err(format!("unexpected argument `{other}`")),
         }
@@ -533,7 +502,6 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
                 .map_err(|err| format!("cannot set polling: {err}"))?;
         }
     }
-    common::stop_on_signals(daemon.shutdown_handle())?;
     log::info!(
         "{} queue pair(s) of up to {}, {}",
         args.pairs,
@@ -543,8 +511,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
             _ => "loopback".to_owned(),
         }
     );
-    common::start(&mut daemon, socket)?;
-    let result = daemon.wait().map_err(|err| format!("daemon failed: {err}"));
+    let result = common::serve(&mut daemon, socket);
     for (pair, counters) in daemon.backend().counters.iter().enumerate() {
         log::info!("pair {pair}: {}", counters.summary());
     }
