@@ -6,7 +6,7 @@
 //! virtio-net header) with [`HOST_ADDR`], and `vu_net` runs in it (`ip netns exec`) and
 //! attaches to the tap. Deleting the namespace deletes the tap.
 //!
-//! The peer is this xtask itself (`cargo xtask e2e --net-peer DOWN UP`, started in the
+//! The peer is this xtask itself (`/proc/<pid>/exe e2e --net-peer DOWN UP`, started in the
 //! namespace): it listens on [`UP_PORT`] and [`DOWN_PORT`], sends the download file to the
 //! guest that connects to the second, receives the guest's upload on the first into the
 //! upload file and answers `got N`. The guest compares the download's sha256 with the one on
@@ -105,8 +105,9 @@ impl HostSide {
     }
 
     fn start_peer(&self, files: &Files, log: &mut File) -> Result<Child, String> {
-        let xtask = std::env::current_exe()
-            .map_err(|err| format!("cannot find the xtask program: {err}"))?;
+        // This very program, through /proc: it stays executable even when a build replaced
+        // (and so deleted) target/debug/xtask while the run goes on.
+        let xtask = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
         let mut command = in_namespace(&self.namespace, &xtask);
         command
             .args(["e2e", "--net-peer"])
