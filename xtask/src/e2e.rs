@@ -83,7 +83,7 @@ usage: cargo xtask e2e [--device blk|rng|net|all] [--backend vu|qsd|qemu|all] [-
   --boots    boots per run (default 10; 200 with --stress)
   --kvm      use KVM instead of TCG (where /dev/kvm can run a guest)
   --release  build our backends with --release
-  --queues   blk with this queue count only (default: 1 and 2)
+  --queues   blk (queues) and net (queue pairs) with this count only (default: 1 and 2)
   --stress   boot while the harness keeps the CPUs busy, count passes, slow-host timeouts and
              hangs separately; fails only on hangs and other failures (not part of the gate)
   --load     spinning threads for --stress (default: one per CPU)
@@ -285,14 +285,22 @@ fn plan(options: &Options) -> Vec<Run> {
                     }
                 }
                 Device::Rng => {}
-                // vu_net with a tap serves one queue pair; no reference backend here.
-                Device::Net if backend == "vu" => runs.push(Run {
-                    device,
-                    backend,
-                    queues: 1,
-                    cpus: 1,
-                    packed: false,
-                }),
+                // vu_net on a tap with 1 and 2 queue pairs (as many vCPUs, so that the guest
+                // uses them all); no reference backend here.
+                Device::Net if backend == "vu" => {
+                    for queues in [1, 2]
+                        .into_iter()
+                        .filter(|&q| options.queues.is_none_or(|only| only == q))
+                    {
+                        runs.push(Run {
+                            device,
+                            backend,
+                            queues,
+                            cpus: queues,
+                            packed: false,
+                        });
+                    }
+                }
                 Device::Net => {}
             }
         }
@@ -894,6 +902,7 @@ mod tests {
                 "rng-vu-q1",
                 "rng-vu-q1-packed",
                 "net-vu-q1",
+                "net-vu-q2",
                 "blk-qsd-q1",
                 "blk-qsd-q2",
                 "blk-qemu-q1",
@@ -1045,6 +1054,7 @@ mod tests {
                 "rng-vu-q1",
                 "rng-vu-q1-packed",
                 "net-vu-q1",
+                "net-vu-q2",
                 "blk-qsd-q1",
                 "blk-qsd-q2"
             ]

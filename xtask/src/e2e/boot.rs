@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::dump::{self, Dump};
 use super::host;
-use super::judge::judge;
+use super::judge::{check_pairs, judge};
 use super::net;
 use super::progress::{
     classify_timeout, Class, ConsoleWatch, Deadlines, Expiry, Failure, Progress,
@@ -299,7 +299,8 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
         }
         (Backend::Vu(program), Device::Net) => {
             let mut command = net::in_namespace(&files.netns, program);
-            command.args(["--socket-path", &socket, "--tap", net::TAP]);
+            command.args(["--socket-path", &socket, "--tap", net::TAP, "--queue-pairs"]);
+            command.arg(spec.queues.to_string());
             command
         }
     })
@@ -325,6 +326,7 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
         // `vhost_net_start` -> `msix_set_vector_notifiers` when the driver starts a
         // vhost-user net device with MSI-X, whichever backend serves it (DPDK's vhost PMD
         // too). The backend's side is the same either way: QEMU hands it call eventfds.
+        Device::Net if spec.queues > 1 => "virtio-net-pci,netdev=net0,vectors=0,mq=on".to_owned(),
         Device::Net => "virtio-net-pci,netdev=net0,vectors=0".to_owned(),
     };
     if spec.packed {
@@ -528,7 +530,7 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     }
     let append = kernel_command_line(spec.device.name(), &nonce, &extra);
     let host_net = match (spec.device, &spec.backend) {
-        (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files)?),
+        (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files, spec.queues)?),
         _ => None,
     };
     let launched = launch(machine, spec, &files, &append, &nonce);
@@ -537,6 +539,12 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     if outcome.failure.is_none() {
         outcome.failure = judge(spec, &nonce, &console_text, &files).err();
         outcome.add_late_failures(spec);
+    }
+    if outcome.failure.is_none() && spec.device == Device::Net {
+        let log = std::fs::read_to_string(&outcome.backend_log).unwrap_or_default();
+        outcome.failure = check_pairs(&log, spec.queues)
+            .err()
+            .map(|reason| Failure::new(Class::WrongAnswer, reason));
     }
     if let (Some(failure), Some(peer)) = (&mut outcome.failure, peer) {
         failure

@@ -279,7 +279,7 @@ fn interactive_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<(), 
     }
     // net: the tap's namespace (deleted when this returns) with the peer the boots use.
     let _host_net = match (spec.device, &spec.backend) {
-        (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files)?),
+        (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files, spec.queues)?),
         _ => None,
     };
     let mut backend = match backend_command(spec, &files) {

@@ -70,6 +70,30 @@ fn check_after_power_off(
     }
 }
 
+/// Every one of `pairs` queue pairs carried packets both ways: `vu_net`'s stop summary in
+/// `backend_log` has `pair K: tx N packets ..., rx M packets ...` with N and M above 0.
+pub(crate) fn check_pairs(backend_log: &str, pairs: u16) -> Result<(), String> {
+    let count = |line: &str, tag: &str| -> Option<u64> {
+        let (_, rest) = line.split_once(tag)?;
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    for pair in 0..pairs {
+        let prefix = format!("pair {pair}: ");
+        let line = backend_log
+            .lines()
+            .find(|line| line.contains(&prefix))
+            .ok_or_else(|| format!("the backend's log has no summary of queue pair {pair}"))?;
+        let (tx, rx) = (count(line, ": tx "), count(line, ", rx "));
+        if !matches!((tx, rx), (Some(tx), Some(rx)) if tx > 0 && rx > 0) {
+            return Err(format!(
+                "queue pair {pair} did not carry packets both ways: {}",
+                line.trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The guest's success line names the queue count the run asked for (`queues=N`).
 fn check_queues(spec: &Spec, pass_line: &str) -> Result<(), String> {
     if pass_line.contains(&format!("queues={}", spec.queues)) {
@@ -204,6 +228,20 @@ mod tests {
         let err = check_upload(&console, "n", &upload).unwrap_err();
         assert!(err.contains("received 5 bytes"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_pair_must_carry_packets_both_ways() {
+        let log = "vu_net: info: pair 0: tx 435 packets (4223118 bytes, 0 bad chains, 0 dropped), \
+                   rx 399 packets (4222246 bytes, 0 bad chains, 0 too big)\n\
+                   vu_net: info: pair 1: tx 3 packets (180 bytes, 0 bad chains, 0 dropped), \
+                   rx 0 packets (0 bytes, 0 bad chains, 0 too big)\n";
+        check_pairs(log, 1).unwrap();
+        let err = check_pairs(log, 2).unwrap_err();
+        assert!(err.contains("queue pair 1 did not carry"), "{err}");
+        let first = log.lines().next().unwrap_or_default();
+        let err = check_pairs(first, 2).unwrap_err();
+        assert!(err.contains("no summary of queue pair"), "{err}");
     }
 
     #[test]

@@ -75,10 +75,11 @@ pub(crate) struct HostSide {
 }
 
 impl HostSide {
-    /// Creates the namespace of `files` with the tap and its address, and starts the peer
+    /// Creates the namespace of `files` with the tap (multi-queue for more than one queue
+    /// pair) and its address, and starts the peer
     /// serving `files.download`; the commands and the peer's output go to `files.net_log`.
     /// `Err` says which step failed and how (for example, not being root).
-    pub(crate) fn start(files: &Files) -> Result<HostSide, String> {
+    pub(crate) fn start(files: &Files, queues: u16) -> Result<HostSide, String> {
         let mut log = File::create(&files.net_log)
             .map_err(|err| format!("cannot create {}: {err}", files.net_log.display()))?;
         let namespace = files.netns.clone();
@@ -90,11 +91,15 @@ impl HostSide {
         };
         let ns = side.namespace.clone();
         let address = format!("{HOST_ADDR}/{PREFIX_LEN}");
+        let mut tuntap = vec![
+            "-n", &ns, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
+        ];
+        if queues > 1 {
+            tuntap.push("multi_queue");
+        }
         for args in [
             &["-n", &ns, "link", "set", "lo", "up"][..],
-            &[
-                "-n", &ns, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
-            ],
+            &tuntap,
             &["-n", &ns, "address", "add", &address, "dev", TAP],
             &["-n", &ns, "link", "set", TAP, "up"],
         ] {

@@ -84,6 +84,7 @@ struct IfReq {
 /// Tap flags (`include/uapi/linux/if_tun.h`).
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
+const IFF_MULTI_QUEUE: u16 = 0x0100;
 const IFF_VNET_HDR: u16 = 0x4000;
 /// `TUNSETOFFLOAD` bits: what the kernel may hand us with a virtio-net header.
 const TUN_F_CSUM: u64 = 0x01;
@@ -100,28 +101,48 @@ ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
 
 /// A Linux tap device (created, or attached if it exists) with `IFF_VNET_HDR`: every
 /// packet read or written starts with a 12-byte virtio-net header, so checksum and
-/// segmentation offloads pass through in both directions. One queue pair.
+/// segmentation offloads pass through in both directions. One tap queue (fd) per queue pair;
+/// with several, the tap is a multi-queue one (`IFF_MULTI_QUEUE`), and the kernel sends a
+/// flow's packets to the queue the flow last transmitted on.
 #[derive(Debug)]
 pub(crate) struct Tap {
-    file: File,
+    /// Queue pair `k`'s tap queue.
+    files: Vec<File>,
     name: String,
     /// The features the driver acknowledged, for what its RX headers may say.
     guest_features: AtomicU64,
 }
 
 impl Tap {
-    /// Opens `/dev/net/tun` and attaches to (or creates) tap `name`, non-blocking, with a
-    /// 12-byte vnet header and no guest offloads until the driver acknowledges some.
-    // The TUN ioctls are the device's own system calls, which no framework API wraps: the
-    // example keeps their `unsafe` here, one block per ioctl.
-    #[allow(unsafe_code)]
-    pub(crate) fn open(name: &str) -> io::Result<Tap> {
+    /// Opens `/dev/net/tun` `pairs` times and attaches each to (or creates) tap `name`,
+    /// non-blocking, with a 12-byte vnet header and no guest offloads until the driver
+    /// acknowledges some. With more than one pair the tap must be (or is made) a
+    /// multi-queue one.
+    pub(crate) fn open(name: &str, pairs: u16) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= 16 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "tap name: 1 to 15 bytes",
             ));
         }
+        let multi = if pairs > 1 { IFF_MULTI_QUEUE } else { 0 };
+        let files = (0..pairs)
+            .map(|_| Self::open_queue(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | multi))
+            .collect::<io::Result<Vec<File>>>()?;
+        let tap = Tap {
+            files,
+            name: name.to_owned(),
+            guest_features: AtomicU64::new(0),
+        };
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// One fd of tap `name`, attached with `flags`.
+    // The TUN ioctls are the device's own system calls, which no framework API wraps: the
+    // example keeps their `unsafe` here, one block per ioctl.
+    #[allow(unsafe_code)]
+    fn open_queue(name: &str, flags: u16) -> io::Result<File> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -129,7 +150,7 @@ impl Tap {
             .open("/dev/net/tun")?;
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -145,19 +166,17 @@ impl Tap {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        let tap = Tap {
-            file,
-            name: name.to_owned(),
-            guest_features: AtomicU64::new(0),
-        };
-        tap.set_offload(0)?;
-        Ok(tap)
+        Ok(file)
     }
 
-    #[allow(unsafe_code)] // TUNSETOFFLOAD, as in `open`.
+    /// Sets the device's offloads (one setting for the whole tap, through any of its fds).
+    #[allow(unsafe_code)] // TUNSETOFFLOAD, as in `open_queue`.
     fn set_offload(&self, flags: u64) -> io::Result<()> {
+        let Some(file) = self.files.first() else {
+            return Ok(());
+        };
         // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-        let ret = unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), flags) };
+        let ret = unsafe { ioctl_with_val(file, TUNSETOFFLOAD(), flags) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -171,9 +190,12 @@ impl Tap {
 }
 
 impl PacketIo for Tap {
-    fn transmit(&self, _pair: usize, packet: Packet, backlog: &mut Backlog) -> Result<(), Packet> {
+    fn transmit(&self, pair: usize, packet: Packet, backlog: &mut Backlog) -> Result<(), Packet> {
+        let Some(mut file) = self.files.get(pair) else {
+            return Err(packet);
+        };
         // A tap takes one packet per write, whole or not at all.
-        let result = (&self.file).write(&packet);
+        let result = file.write(&packet);
         match result {
             Ok(_) => {
                 backlog.recycle(packet);
@@ -188,11 +210,14 @@ impl PacketIo for Tap {
         }
     }
 
-    fn receive(&self, _pair: usize, backlog: &mut Backlog) -> io::Result<()> {
+    fn receive(&self, pair: usize, backlog: &mut Backlog) -> io::Result<()> {
+        let Some(mut file) = self.files.get(pair) else {
+            return Ok(());
+        };
         while !backlog.is_full() {
             let mut packet = backlog.buffer();
             packet.resize(HDR_LEN + MAX_FRAME, 0);
-            match (&self.file).read(&mut packet) {
+            match file.read(&mut packet) {
                 Ok(n) if n >= HDR_LEN => {
                     packet.truncate(n);
                     // The header's last two bytes (`num_buffers`) are the device's; the tap
@@ -213,8 +238,8 @@ impl PacketIo for Tap {
         Ok(())
     }
 
-    fn ready_fd(&self, _pair: usize) -> Option<BorrowedFd<'_>> {
-        Some(self.file.as_fd())
+    fn ready_fd(&self, pair: usize) -> Option<BorrowedFd<'_>> {
+        self.files.get(pair).map(AsFd::as_fd)
     }
 
     fn set_guest_features(&self, features: u64) -> io::Result<()> {

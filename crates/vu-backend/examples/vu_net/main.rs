@@ -9,8 +9,8 @@
 //!
 //! - `--loopback`: what the driver sends on TX queue `k` comes back on RX queue `k`, for
 //!   tests and benchmarks. No offload is offered.
-//! - `--tap NAME`: a Linux tap device (created, or attached) with `IFF_VNET_HDR`, one queue
-//!   pair. The virtio-net header goes to the tap with each packet, so the checksum and TSO
+//! - `--tap NAME`: a Linux tap device (created, or attached) with `IFF_VNET_HDR`, one tap
+//!   queue per queue pair (`IFF_MULTI_QUEUE` with several). The virtio-net header goes to the tap with each packet, so the checksum and TSO
 //!   offloads (`CSUM`, `GUEST_CSUM`, `HOST_TSO4/6`, `GUEST_TSO4/6`, `HOST_ECN`, `GUEST_ECN`)
 //!   are offered and carried both ways; the guest offloads the driver takes are set on the
 //!   tap with `TUNSETOFFLOAD`.
@@ -387,7 +387,8 @@ usage: vu_net (--socket-path PATH | --fd N) (--loopback | --tap NAME) [--queue-p
 
   --loopback           what the driver sends on TX queue k comes back on RX queue k
   --tap NAME           a Linux tap device with a virtio-net header (created if needed);
-                       one queue pair, the checksum and TSO offloads passed through
+                       one tap queue per pair (a multi-queue tap with several pairs),
+                       the checksum and TSO offloads passed through
   --queue-pairs N      RX/TX queue pairs, one worker thread each (default 1, at most 32)
   --queue-size N       largest queue size accepted (default 1024)
   --mac ADDR           the MAC address in the configuration space (default 52:54:00:12:34:56)
@@ -455,9 +456,6 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         if sides != 1 {
             return Err("give exactly one of --loopback and --tap".to_owned());
         }
-        if matches!(parsed.side, Some(Side::Tap(_))) && parsed.pairs != 1 {
-            return Err("--tap serves one queue pair".to_owned());
-        }
     }
     Ok(parsed)
 }
@@ -465,7 +463,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     let io: Box<dyn PacketIo> = match &args.side {
         Some(Side::Tap(name)) => {
-            let tap = Tap::open(name).map_err(|err| format!("cannot open tap {name}: {err}"))?;
+            let tap = Tap::open(name, args.pairs)
+                .map_err(|err| format!("cannot open tap {name}: {err}"))?;
             log::info!("tap {}", tap.name());
             Box::new(tap)
         }
