@@ -452,10 +452,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         }
         Ok(())
     })?;
-    if !parsed.conventions.print_capabilities {
-        if sides != 1 {
-            return Err("give exactly one of --loopback and --tap".to_owned());
-        }
+    if !parsed.conventions.print_capabilities && sides != 1 {
+        return Err("give exactly one of --loopback and --tap".to_owned());
     }
     Ok(parsed)
 }
