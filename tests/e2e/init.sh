@@ -219,8 +219,8 @@ test_net() {
     up_sum="$(sha256sum < /tmp/up)"
     up_sum="${up_sum%% *}"
     # The download on the first vCPU, the upload on the last: with a queue pair per vCPU the
-    # driver transmits each flow on its own pair, and the tap answers a flow on the queue it
-    # came from, so both pairs carry traffic both ways.
+    # driver picks a TX queue by the sending vCPU, and the tap answers a flow on the queue it
+    # last came from, so both pairs carry traffic both ways (the host checks that).
     last_cpu=$(($(nproc) - 1))
     taskset -c 0 nc "$host" "$down" < /dev/null > /tmp/down 2>/tmp/down.err &
     down_pid=$!

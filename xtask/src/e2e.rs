@@ -72,11 +72,11 @@ struct Options {
 }
 
 const USAGE: &str = "\
-usage: cargo xtask e2e [--device blk|rng|net|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
+usage: cargo xtask e2e [--device blk|rng|net|LIST|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
                        [--release] [--queues 1|2]
        cargo xtask e2e --stress [--load THREADS] [--duty PERCENT] [the options above]
 
-  --device   which devices to boot (default all)
+  --device   which devices to boot: blk, rng, net, a list such as blk,rng, or all (default)
   --backend  vu: the examples of crates/vu-backend (default); qsd: qemu-storage-daemon's
              vhost-user-blk export (blk only); qemu: QEMU's built-in virtio devices, no
              vhost-user (checks the guest test itself); all: each of them
@@ -116,15 +116,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{name} needs a value"))
         };
         match arg.as_str() {
-            "--device" => {
-                options.devices = match value("--device")? {
-                    "blk" => vec![Device::Blk],
-                    "rng" => vec![Device::Rng],
-                    "net" => vec![Device::Net],
-                    "all" => Device::ALL.to_vec(),
-                    other => return Err(format!("unknown device `{other}`")),
-                }
-            }
+            "--device" => options.devices = parse_devices(value("--device")?)?,
             "--backend" => {
                 options.backend = match value("--backend")? {
                     "vu" => BackendChoice::Vu,
@@ -170,6 +162,24 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(options)
 }
 
+/// `blk`, `rng`, `net`, a comma-separated list of them (`blk,rng`), or `all`.
+fn parse_devices(text: &str) -> Result<Vec<Device>, String> {
+    if text == "all" {
+        return Ok(Device::ALL.to_vec());
+    }
+    let mut devices = Vec::new();
+    for name in text.split(',') {
+        let device = Device::ALL
+            .into_iter()
+            .find(|device| device.name() == name)
+            .ok_or_else(|| format!("unknown device `{name}`"))?;
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
+    }
+    Ok(devices)
+}
+
 fn positive(name: &str, text: &str) -> Result<u32, String> {
     text.parse()
         .ok()
@@ -180,11 +190,11 @@ fn positive(name: &str, text: &str) -> Result<u32, String> {
 impl Options {
     /// The `cargo xtask e2e` arguments that make this run.
     fn args(&self) -> String {
-        let device = match self.devices.as_slice() {
-            [Device::Blk] => "blk",
-            [Device::Rng] => "rng",
-            [Device::Net] => "net",
-            _ => "all",
+        let device = if self.devices == Device::ALL {
+            "all".to_owned()
+        } else {
+            let names: Vec<&str> = self.devices.iter().map(|device| device.name()).collect();
+            names.join(",")
         };
         let backend = match self.backend {
             BackendChoice::Vu => "vu",
@@ -763,11 +773,15 @@ const CI_BOOTS: u32 = 10;
 /// Boots per run of qemu-storage-daemon in `cargo xtask ci`: it only shows that the guest
 /// test itself is sound.
 const CI_QSD_BOOTS: u32 = 3;
+/// Boots per net run (1 and 2 queue pairs) in `cargo xtask ci`: 10 net boots in all, whose
+/// TCP transfers make them the longest (about 6 s each on a quiet 2-core machine).
+const CI_NET_BOOTS: u32 = 5;
 
-/// The runs `cargo xtask ci` makes: our devices, then qemu-storage-daemon's blk export.
-fn ci_runs() -> [Options; 2] {
+/// The runs `cargo xtask ci` makes: our blk and rng devices, our net device, then
+/// qemu-storage-daemon's blk export.
+fn ci_runs() -> [Options; 3] {
     let ours = Options {
-        devices: Device::ALL.to_vec(),
+        devices: vec![Device::Blk, Device::Rng],
         backend: BackendChoice::Vu,
         boots: CI_BOOTS,
         kvm: false,
@@ -778,13 +792,18 @@ fn ci_runs() -> [Options; 2] {
         queues: None,
         stress: None,
     };
+    let net = Options {
+        devices: vec![Device::Net],
+        boots: CI_NET_BOOTS,
+        ..ours.clone()
+    };
     let qsd = Options {
         devices: vec![Device::Blk],
         backend: BackendChoice::Qsd,
         boots: CI_QSD_BOOTS,
         ..ours.clone()
     };
-    [ours, qsd]
+    [ours, net, qsd]
 }
 
 /// The `e2e` step of `cargo xtask ci`: [`ci_runs`], each with its table; the first boot to
@@ -884,6 +903,7 @@ mod tests {
     #[test]
     fn bad_options_are_refused() {
         assert!(parse(&words("--device scsi")).is_err());
+        assert!(parse(&words("--device blk,scsi")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
         assert!(parse(&words("--boots")).is_err());
         assert!(parse(&words("--fast")).is_err());
@@ -910,6 +930,17 @@ mod tests {
                 "rng-qemu-q1"
             ]
         );
+    }
+
+    #[test]
+    fn devices_are_one_a_list_or_all() {
+        let devices = |line: &str| parse(&words(line)).unwrap().devices;
+        assert_eq!(devices("--device net"), [Device::Net]);
+        assert_eq!(devices("--device blk,rng"), [Device::Blk, Device::Rng]);
+        assert_eq!(devices("--device rng,blk,rng"), [Device::Rng, Device::Blk]);
+        assert_eq!(devices("--device all"), Device::ALL);
+        let all = parse(&words("--device blk,rng,net")).unwrap();
+        assert_eq!(all.args(), "--device all --backend vu --boots 10");
     }
 
     #[test]
@@ -1038,10 +1069,11 @@ mod tests {
     }
 
     #[test]
-    fn ci_boots_our_devices_ten_times_and_qsd_blk_three_times() {
-        let [ours, qsd] = ci_runs();
+    fn ci_boots_blk_and_rng_ten_times_net_five_times_and_qsd_blk_three_times() {
+        let [ours, net, qsd] = ci_runs();
         let runs: Vec<String> = plan(&ours)
             .iter()
+            .chain(plan(&net).iter())
             .chain(plan(&qsd).iter())
             .map(Run::name)
             .collect();
@@ -1059,8 +1091,9 @@ mod tests {
                 "blk-qsd-q2"
             ]
         );
-        assert_eq!((ours.boots, qsd.boots), (10, 3));
-        assert_eq!(ours.args(), "--device all --backend vu --boots 10");
+        assert_eq!((ours.boots, net.boots, qsd.boots), (10, 5, 3));
+        assert_eq!(ours.args(), "--device blk,rng --backend vu --boots 10");
+        assert_eq!(net.args(), "--device net --backend vu --boots 5");
         assert_eq!(qsd.args(), "--device blk --backend qsd --boots 3");
     }
 

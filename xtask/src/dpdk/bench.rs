@@ -91,6 +91,7 @@ fn run(seconds: u64) -> Result<String, String> {
     ])
     .run()?;
     let vu_net = crate::workspace_root().join("target/release/examples/vu_net");
+    let before = load_average();
     let mut table = String::from(
         "| packet | queue pairs | DPDK vhost (Mpps) | vu_net (Mpps) | vu_net / DPDK |\n\
          |-------:|------------:|------------------:|--------------:|--------------:|\n",
@@ -108,7 +109,53 @@ fn run(seconds: u64) -> Result<String, String> {
             ));
         }
     }
-    Ok(table)
+    Ok(report(&table, seconds, &before, &load_average()))
+}
+
+/// The table with what it measured and on what machine, in what state: a busy machine (load
+/// above one runnable thread per CPU) measures the scheduler, not the data paths, and the
+/// report says so.
+fn report(table: &str, seconds: u64, before: &str, after: &str) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let mut text = format!(
+        "Mpps received by the frontend (testpmd net_virtio_user, io forwarding after `start \
+         tx_first`, bursts of 32, on CPU 1) from each backend on CPU 0 (DPDK's vhost PMD in \
+         testpmd; vu_net --loopback --poll-us {POLL_US}); {seconds} s per cell after 1 s of \
+         warm-up.\nmachine: {cpus} CPUs, {model}; load average (1, 5, 15 min) before: \
+         {before}, after: {after}\n\n{table}"
+    );
+    let busiest = [before, after]
+        .iter()
+        .filter_map(|load| load.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    if cpus > 0 && busiest > cpus as f64 {
+        text.push_str(&format!(
+            "\nThe machine was busy (load average {busiest:.1} on {cpus} CPUs): both sides \
+             busy-poll, so these figures measure the contention more than the data paths. \
+             Rerun on an idle machine.\n"
+        ));
+    }
+    text
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// A testpmd whose stdout is read line by line on a thread.
@@ -322,4 +369,23 @@ fn frontend(socket: &Path, size: usize, pairs: u8, seconds: u64) -> Result<f64, 
     })();
     testpmd.quit();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_names_the_machine_state_and_flags_a_busy_machine() {
+        let quiet = report("| t |\n", 3, "0.10 0.20 0.30", "0.50 0.20 0.30");
+        assert!(quiet.contains("load average (1, 5, 15 min) before: 0.10 0.20 0.30"));
+        assert!(quiet.contains("3 s per cell"), "{quiet}");
+        assert!(quiet.contains("| t |"), "{quiet}");
+        assert!(!quiet.contains("busy"), "{quiet}");
+        let busy = report("| t |\n", 3, "0.10 0.20 0.30", "999.00 9.0 9.0");
+        assert!(
+            busy.contains("The machine was busy (load average 999.0"),
+            "{busy}"
+        );
+    }
 }
