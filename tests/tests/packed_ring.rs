@@ -198,6 +198,31 @@ fn the_same_request_stream_gives_the_same_chains_on_split_and_packed_rings() {
 }
 
 #[test]
+fn packed_rings_whose_size_is_not_a_power_of_two_give_the_same_chains_as_split() {
+    // virtio 1.2, 2.8: a packed ring's size need not be a power of two. The chains a device
+    // sees and the results a driver reads do not depend on the ring's size, so a packed ring
+    // of any size must agree with a split ring of a power-of-two size on the same stream.
+    let mut rng = Rng(0x5eed_1710);
+    for (size, event_idx) in [(3, false), (10, true), (100, true), (255, false)] {
+        let requests = stream(&mut rng, 300, size.min(7));
+        let (split_seen, split_used) = run(false, 16, event_idx, &requests);
+        let (packed_seen, packed_used) = run(true, size, event_idx, &requests);
+        assert_eq!(split_seen.len(), requests.len());
+        assert_eq!(packed_seen, split_seen, "size {size}");
+        assert_eq!(packed_used, split_used, "size {size}");
+    }
+    // A split ring still refuses such a size, and a packed ring refuses 0 and sizes above
+    // the vring's maximum.
+    let memory = DriverMemory::new(MEM_SIZE);
+    let split = VringMutex::<Mem>::new(GuestMemoryAtomic::new(memory.mem().clone()), 256).unwrap();
+    assert!(split.set_queue_size(10).is_err());
+    split.set_queue_packed(true);
+    assert!(split.set_queue_size(0).is_err() && split.set_queue_size(257).is_err());
+    split.set_queue_size(257 - 2).unwrap();
+    assert_eq!(split.queue_size(), 255);
+}
+
+#[test]
 fn used_descriptors_go_to_the_chain_head_with_the_last_buffer_id_and_the_used_wrap_counter() {
     let (_memory, mut queue, vring) = packed(4);
     // Three descriptors from position 0, then two crossing the ring's end (positions 3, 0).

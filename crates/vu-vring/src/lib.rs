@@ -37,7 +37,7 @@
 //! 2. `SET_FEATURES`: [`set_queue_event_idx`](VringT::set_queue_event_idx) with whether
 //!    `VIRTIO_F_RING_EVENT_IDX` was acked.
 //! 3. `SET_VRING_NUM`: [`set_queue_size`](VringT::set_queue_size), which refuses a size that
-//!    is 0, not a power of two, or above the maximum, with
+//!    is 0, not a power of two (a packed ring takes any size), or above the maximum, with
 //!    [`Error::InvalidQueueSize`] (the reference logs and ignores such a size).
 //! 4. `SET_VRING_ADDR`: translate, then [`set_queue_info`](VringT::set_queue_info)`(desc,
 //!    avail, used)`, [`set_log_guest_addr`](VringT::set_log_guest_addr)`(Some(log))` when

@@ -113,15 +113,21 @@ struct Taken {
 /// The device's state of one packed ring.
 #[derive(Debug, Clone)]
 pub(crate) struct PackedRing {
+    /// The ring's size: any number of entries from 1 to 32768, not only powers of two
+    /// (virtio 1.2, 2.8: "Queue Size ... need not be a power of 2" for packed rings), so it
+    /// is kept here rather than in the [`Queue`], which takes powers of two only.
+    size: u16,
     next_avail: Position,
     next_used: Position,
     /// `next_used` when the notification decision was last taken.
     notified: Position,
 }
 
-impl Default for PackedRing {
-    fn default() -> Self {
+impl PackedRing {
+    /// A fresh ring of `size` entries: positions 0, wrap counters 1.
+    pub(crate) fn new(size: u16) -> Self {
         PackedRing {
+            size,
             next_avail: Position::START,
             next_used: Position::START,
             notified: Position::START,
@@ -130,6 +136,16 @@ impl Default for PackedRing {
 }
 
 impl PackedRing {
+    /// The ring's size.
+    pub(crate) fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Sets the ring's size (`SET_VRING_NUM`; checked by the caller).
+    pub(crate) fn set_size(&mut self, size: u16) {
+        self.size = size;
+    }
+
     /// The next position the device reads from, with the avail wrap counter.
     pub(crate) fn next_avail(&self) -> Position {
         self.next_avail
@@ -169,7 +185,7 @@ impl PackedRing {
         G: GuestMemory,
         F: FnMut(Chain<'_, G>) -> u32,
     {
-        let size = queue.size();
+        let size = self.size;
         let ring = Table::map_writable(mem, GuestAddress(queue.desc_table()), size);
         let mut completed = 0;
         let mut descriptors = 0u32;
@@ -200,7 +216,7 @@ impl PackedRing {
         queue: &Queue,
         mem: &G,
     ) -> Result<bool, Error> {
-        let ring = Table::map(mem, GuestAddress(queue.desc_table()), queue.size());
+        let ring = Table::map(mem, GuestAddress(queue.desc_table()), self.size);
         self.check_position(&ring)?;
         let flags = load_u16(&ring, mem, self.next_avail.idx, DESC_FLAGS)?;
         Ok(is_available(flags, self.next_avail.wrap))
@@ -327,7 +343,7 @@ impl PackedRing {
             EVENT_F_DISABLE => false,
             EVENT_F_DESC if queue.event_idx_enabled() => {
                 let event = Position::from_word(read_u16(mem, driver, 0)?);
-                let size = queue.size();
+                let size = self.size;
                 let span = 2 * u32::from(size);
                 let dist = |from: Position, to: Position| {
                     (to.linear(size) + span - from.linear(size)) % span

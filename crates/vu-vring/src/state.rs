@@ -205,7 +205,8 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// rings only.
     pub fn set_queue_packed(&mut self, packed: bool) {
         if packed != self.packed.is_some() {
-            self.packed = packed.then(PackedRing::default);
+            let size = self.queue.size();
+            self.packed = packed.then(|| PackedRing::new(size));
         }
     }
 
@@ -761,10 +762,21 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Sets the queue size (`SET_VRING_NUM`).
     ///
-    /// Refuses 0, a size that is not a power of two, or one above the maximum given at
-    /// creation (itself at most [`MAX_QUEUE_SIZE`]); the size is then unchanged.
+    /// Refuses 0, a size above the maximum given at creation (itself at most
+    /// [`MAX_QUEUE_SIZE`]), and on a split ring a size that is not a power of two; the size
+    /// is then unchanged. A packed ring takes any size from 1 to the maximum (virtio 1.2,
+    /// 2.8: its queue size need not be a power of two), so the layout must be chosen
+    /// ([`set_queue_packed`](Self::set_queue_packed), at `SET_FEATURES`) first, as QEMU
+    /// sends `SET_FEATURES` before `SET_VRING_NUM`.
     pub fn set_queue_size(&mut self, size: u16) -> Result<(), Error> {
         let max = self.queue.max_size();
+        if let Some(packed) = &mut self.packed {
+            if size == 0 || size > max || size > MAX_QUEUE_SIZE {
+                return Err(Error::InvalidQueueSize { size, max });
+            }
+            packed.set_size(size);
+            return Ok(());
+        }
         if !is_valid_size(size, max) {
             return Err(Error::InvalidQueueSize { size, max });
         }
@@ -773,9 +785,13 @@ impl<M: GuestAddressSpace> VringData<M> {
             .map_err(|_| Error::InvalidQueueSize { size, max })
     }
 
-    /// The current queue size.
+    /// The current queue size (a packed ring's own, see
+    /// [`set_queue_size`](Self::set_queue_size)).
     pub fn queue_size(&self) -> u16 {
-        self.queue.size()
+        match &self.packed {
+            Some(packed) => packed.size(),
+            None => self.queue.size(),
+        }
     }
 
     /// The maximum queue size given at creation.
