@@ -4,7 +4,8 @@
 # The host passes the test on the kernel command line:
 #   e2e.test=blk|rng|net  which device to exercise; `demo`: the filesystem walk of
 #                      `cargo xtask demo`; `shell`: an interactive shell (`demo --shell`);
-#                      `migrate`: /migrate.sh, the guest of `cargo xtask e2e --migrate`
+#                      `migrate`: /migrate.sh, the guest of `cargo xtask e2e --migrate`;
+#                      `restart`: /restart.sh, the guest of `cargo xtask e2e --restart`
 #   e2e.nonce=HEX      fresh for every boot, so that a stale console log cannot pass
 #   e2e.sum=HEX        (blk) sha256 of the 2 MiB pattern the host wrote at 1 MiB;
 #                      (net) sha256 of the bytes the host's peer sends
@@ -280,6 +281,7 @@ case "$test" in
     net) test_net ;;
     demo) test_demo ;;
     migrate) . /migrate.sh && test_migrate ;;
+    restart) . /restart.sh && test_restart ;;
     shell) shell ;;
     *) fail "unknown e2e.test '$test'" ;;
 esac

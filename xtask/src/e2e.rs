@@ -27,6 +27,7 @@ mod monitor;
 mod net;
 mod progress;
 mod provision;
+mod restart;
 mod stress;
 
 use std::path::{Path, PathBuf};
@@ -90,6 +91,7 @@ usage: cargo xtask e2e [--device blk|rng|net|LIST|all] [--backend vu|qsd|qemu|al
   --duty     percent of the time each spinning thread is busy, in bursts of 20-500 ms
              (default 80)
   --migrate  live migration of a running guest instead (`--migrate --help`)
+  --restart  the backend killed and restarted under a running guest instead (`--restart --help`)
 
 See docs/e2e.md.
 ";
@@ -535,6 +537,9 @@ fn build_initramfs(kernel: &provision::Kernel, out: &Path) -> Result<(), String>
     let migrate = std::fs::read("tests/e2e/migrate.sh")
         .map_err(|err| format!("cannot read tests/e2e/migrate.sh: {err}"))?;
     archive.file("migrate.sh", 0o644, &migrate);
+    let restart = std::fs::read("tests/e2e/restart.sh")
+        .map_err(|err| format!("cannot read tests/e2e/restart.sh: {err}"))?;
+    archive.file("restart.sh", 0o644, &restart);
     for (index, (name, bytes)) in modules.iter().enumerate() {
         archive.file(&format!("lib/modules/{index:02}-{name}.ko"), 0o644, bytes);
     }
@@ -825,6 +830,9 @@ pub(crate) fn ci_step(_options: &crate::Options) -> crate::StepResult {
     if let Err(err) = migrate::ci_step() {
         problems.push(err);
     }
+    if let Err(err) = restart::ci_step() {
+        problems.push(err);
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -839,6 +847,9 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     }
     if args.iter().any(|arg| arg == "--migrate") {
         return migrate::main(args);
+    }
+    if args.iter().any(|arg| arg == "--restart") {
+        return restart::main(args);
     }
     if args.iter().any(|arg| arg == "-h" || arg == "--help") {
         print!("{USAGE}");

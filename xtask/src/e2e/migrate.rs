@@ -173,7 +173,7 @@ struct Boot<'a> {
     append: String,
 }
 
-fn spawn_logged(mut command: Command, log: &Path) -> Result<Child, String> {
+pub(super) fn spawn_logged(mut command: Command, log: &Path) -> Result<Child, String> {
     let file =
         File::create(log).map_err(|err| format!("cannot create {}: {err}", log.display()))?;
     let copy = file
@@ -189,7 +189,7 @@ fn spawn_logged(mut command: Command, log: &Path) -> Result<Child, String> {
 }
 
 /// SIGTERM by PID, then SIGKILL after 5 s.
-fn stop(child: &mut Child) {
+pub(super) fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -207,7 +207,7 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn read_text(path: &Path) -> String {
+pub(super) fn read_text(path: &Path) -> String {
     let mut raw = Vec::new();
     if let Ok(mut file) = File::open(path) {
         let _ = file.read_to_end(&mut raw);
