@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vu_backend::{process_queue, VhostUserBackend, VhostUserDaemon, VringMutex, VringT};
+use vu_backend::{
+    process_queue, process_queue_async, Completion, VhostUserBackend, VhostUserDaemon, VringMutex,
+    VringT,
+};
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::message::FrontendRequest;
 use vu_proto::payload::{Inflight, Payload, VringAddr, VringAddrFlags, VringEnable, VringState};
@@ -32,6 +35,12 @@ enum Mode {
     Gate,
     /// Pop one chain and lose it, as a process killed after popping would.
     LoseOne,
+    /// Take every chain for later (`Completion::Later`); the test completes some, and the
+    /// ring's stop (`stop_vring`) completes the rest.
+    Defer,
+    /// As `Defer`, but the stop completes nothing, as a process killed with requests in
+    /// flight would.
+    DeferAndLose,
 }
 
 /// A device that writes one byte (0x5a) into each chain's first writable descriptor.
@@ -44,6 +53,8 @@ struct Device {
     release: Mutex<Receiver<()>>,
     /// The heads served, in order.
     served: Mutex<Vec<u16>>,
+    /// The chains taken for later and not completed, oldest first, and their vring.
+    taken: Mutex<(Vec<u16>, Option<VringMutex<Mem>>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,8 +70,21 @@ impl Device {
             entered: Mutex::new(entered_tx),
             release: Mutex::new(release_rx),
             served: Mutex::new(Vec::new()),
+            taken: Mutex::new((Vec::new(), None)),
         };
         (Arc::new(device), entered, release)
+    }
+
+    /// Completes the chain taken for later `head` (used length 1), as a device's I/O thread
+    /// would, from the calling thread.
+    fn complete(&self, head: u16) {
+        let mut taken = lock(&self.taken);
+        let vring = taken.1.clone().expect("a vring");
+        taken.0.retain(|&h| h != head);
+        drop(taken);
+        let mut data = vring.get_mut();
+        assert_eq!(data.complete_deferred([(head, 1)]).unwrap(), 1);
+        data.signal_used_queue_if_needed().unwrap();
     }
 
     fn served(&self) -> Vec<u16> {
@@ -100,6 +124,16 @@ impl VhostUserBackend for Device {
             return Ok(());
         }
         let mut mode = *lock(&self.mode);
+        if matches!(mode, Mode::Defer | Mode::DeferAndLose) {
+            lock(&self.taken).1 = Some(vring.clone());
+            process_queue_async(vring, |chain| {
+                let head = chain.head_index();
+                lock(&self.taken).0.push(head);
+                let _ = lock(&self.entered).send(head);
+                Completion::Later
+            });
+            return Ok(());
+        }
         if mode == Mode::LoseOne && vring.pop_descriptor_chain().is_some() {
             mode = Mode::Serve;
             *lock(&self.mode) = mode;
@@ -117,6 +151,17 @@ impl VhostUserBackend for Device {
                 _ => 0,
             }
         });
+        Ok(())
+    }
+
+    fn stop_vring(&self, _queue: u16) -> std::io::Result<()> {
+        if *lock(&self.mode) == Mode::Defer {
+            // Newest first: out of order.
+            let taken: Vec<u16> = lock(&self.taken).0.clone();
+            for &head in taken.iter().rev() {
+                self.complete(head);
+            }
+        }
         Ok(())
     }
 }
@@ -346,5 +391,64 @@ fn with_inflight_tracking_a_lost_chain_is_served_again_once_and_first() {
         .read_obj(vm_memory::GuestAddress(ring.data.0 + 16 * 5))
         .unwrap();
     assert_eq!(byte, 0x5a);
+    stop(served);
+}
+
+#[test]
+fn a_stop_completes_the_chains_taken_for_later_before_the_frontend_sees_the_end() {
+    let (device, entered, _release) = Device::new(Mode::Defer);
+    let served = serve(&device);
+    let (memory, mut ring) = driver();
+    start_ring(&served.fe, &memory, &ring, 0);
+    for head in 0..3 {
+        ring.offer(memory.mem(), head);
+    }
+    let mut taken: Vec<u16> = (0..3)
+        .map(|_| entered.recv_timeout(DEVICE_TIMEOUT).unwrap())
+        .collect();
+    taken.sort_unstable();
+    assert_eq!(taken, vec![0, 1, 2]);
+    // Completed out of order, from another thread.
+    device.complete(1);
+    wait_used(&memory, &ring, 1);
+    assert_eq!(ring.used_elem(memory.mem(), 0), (1, 1));
+
+    served.daemon.shutdown_handle().shutdown();
+    assert!(served.fe.is_closed_by_peer());
+    // The ring's stop completed the other two before the frontend saw the end.
+    assert_eq!(ring.used_idx(memory.mem()), 3);
+    assert_eq!(ring.used_elem(memory.mem(), 1), (2, 1));
+    assert_eq!(ring.used_elem(memory.mem(), 2), (0, 1));
+    stop(served);
+}
+
+#[test]
+fn with_inflight_tracking_chains_taken_for_later_and_lost_are_served_again() {
+    let (first, entered, _release) = Device::new(Mode::DeferAndLose);
+    let served = serve(&first);
+    let (desc, area) = get_inflight(&served.fe);
+    set_inflight(&served.fe, desc, &area);
+    let (memory, mut ring) = driver();
+    start_ring(&served.fe, &memory, &ring, 0);
+    for head in [3, 4, 5, 6] {
+        ring.offer(memory.mem(), head);
+    }
+    for _ in 0..4 {
+        entered.recv_timeout(DEVICE_TIMEOUT).unwrap();
+    }
+    // 5 and 3 complete, out of order; 4 and 6 are in flight when the process "dies".
+    first.complete(5);
+    first.complete(3);
+    wait_used(&memory, &ring, 2);
+    stop(served);
+
+    let (second, _entered, _release) = Device::new(Mode::Serve);
+    let served = serve(&second);
+    set_inflight(&served.fe, desc, &area);
+    start_ring(&served.fe, &memory, &ring, 2);
+    wait_used(&memory, &ring, 4);
+    assert_eq!(second.served(), vec![4, 6]);
+    let used: Vec<(u32, u32)> = (0..4).map(|i| ring.used_elem(memory.mem(), i)).collect();
+    assert_eq!(used, vec![(5, 1), (3, 1), (4, 1), (6, 1)]);
     stop(served);
 }

@@ -42,12 +42,12 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
 use vu_backend::vu_daemon::device_state::StateTransfer;
-use vu_backend::{LogBitmap, TransferDirection, TransferPhase};
+use vu_backend::{LogBitmap, Offload, TransferDirection, TransferPhase};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
@@ -165,24 +165,35 @@ fn out_of_range() -> io::Error {
     )
 }
 
-/// The device: storage, geometry and the negotiated ring options.
+/// The disk and what serving it counts: shared by the daemon's workers and the offload
+/// threads.
 #[derive(Debug)]
-struct BlkBackend {
+struct Disk {
     storage: Storage,
     /// In bytes, a multiple of 512.
     capacity: u64,
     read_only: bool,
-    /// Offer packed virtqueues (`--packed`), without inflight tracking.
-    packed: bool,
-    num_queues: u16,
-    queue_size: u16,
     stats: Stats,
     /// Whether the frontend acknowledged `VHOST_F_LOG_ALL` (it is migrating the guest).
     logging: AtomicBool,
     /// Test only (`--test-skip-logging N`): the data of every Nth read bypasses the log.
     skip_logging: Option<u64>,
+}
+
+/// The device: the disk, its geometry and the negotiated ring options.
+#[derive(Debug)]
+struct BlkBackend {
+    disk: Arc<Disk>,
+    /// Offer packed virtqueues (`--packed`), without inflight tracking.
+    packed: bool,
+    num_queues: u16,
+    queue_size: u16,
     /// The device state transfer under way (`SET_DEVICE_STATE_FD`).
     transfer: StateTransfer,
+    /// The threads split-ring requests run on, many in flight per queue and completed as
+    /// they finish; `None` with `--sync` (each request served and completed in the kick's
+    /// pass, in order). Packed rings complete in order: always served in the pass.
+    offload: Option<Offload>,
 }
 
 /// The first bytes of vu_blk's device state, with its format version.
@@ -361,7 +372,7 @@ fn write_unlogged(mem: &Mem, chunk: &[u8], addr: GuestAddress) -> Result<(), Str
     Ok(())
 }
 
-impl BlkBackend {
+impl Disk {
     /// Executes one request and returns its status and how many data bytes it wrote into the
     /// writable segments (the status byte not included).
     fn execute(&self, mem: &Mem, segments: &Segments) -> Result<(u8, usize), String> {
@@ -475,20 +486,21 @@ impl BlkBackend {
 
     /// Serves one chain and returns the used length to report for it.
     fn serve_chain(&self, chain: Chain<'_, Mem>) -> u32 {
-        let mem = chain.memory();
-        let segments = Segments::of(&chain);
+        self.serve(chain.memory(), &Segments::of(&chain), chain.head_index())
+    }
+
+    /// Serves request chain `head` located by `segments` in `mem`: executes it and writes
+    /// its status byte; returns the used length.
+    fn serve(&self, mem: &Mem, segments: &Segments, head: u16) -> u32 {
         if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
-            log::warn!(
-                "malformed request chain {}: no header or no status byte",
-                chain.head_index()
-            );
+            log::warn!("malformed request chain {head}: no header or no status byte");
             Stats::count(&self.stats.errors, 1);
             return 0;
         }
-        let (status, written) = match self.execute(mem, &segments) {
+        let (status, written) = match self.execute(mem, segments) {
             Ok(result) => result,
             Err(err) => {
-                log::warn!("request chain {}: {err}", chain.head_index());
+                log::warn!("request chain {head}: {err}");
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
@@ -508,15 +520,17 @@ impl BlkBackend {
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
     }
+}
 
+impl BlkBackend {
     /// The device state: magic, capacity, read-only flag, queue count, then the counters,
     /// little-endian.
     fn save_state(&self, out: &mut dyn Write) -> io::Result<()> {
         out.write_all(STATE_MAGIC)?;
-        out.write_all(&self.capacity.to_le_bytes())?;
-        out.write_all(&[u8::from(self.read_only)])?;
+        out.write_all(&self.disk.capacity.to_le_bytes())?;
+        out.write_all(&[u8::from(self.disk.read_only)])?;
         out.write_all(&self.num_queues.to_le_bytes())?;
-        for counter in self.stats.carried() {
+        for counter in self.disk.stats.carried() {
             out.write_all(&counter.load(Ordering::Relaxed).to_le_bytes())?;
         }
         Ok(())
@@ -542,11 +556,13 @@ impl BlkBackend {
         let mut queues = [0u8; 2];
         input.read_exact(&mut queues)?;
         let (read_only, num_queues) = (flag[0] != 0, u16::from_le_bytes(queues));
-        if (capacity, read_only, num_queues) != (self.capacity, self.read_only, self.num_queues) {
+        if (capacity, read_only, num_queues)
+            != (self.disk.capacity, self.disk.read_only, self.num_queues)
+        {
             return Err(invalid(format!(
                 "the source had {capacity} bytes, read-only {read_only}, {num_queues} queues; \
                  this device has {}, {}, {}",
-                self.capacity, self.read_only, self.num_queues
+                self.disk.capacity, self.disk.read_only, self.num_queues
             )));
         }
         let mut values = [0u64; 7];
@@ -556,16 +572,16 @@ impl BlkBackend {
         if input.read(&mut [0u8; 1])? != 0 {
             return Err(invalid("trailing bytes after the device state".to_owned()));
         }
-        for (counter, value) in self.stats.carried().into_iter().zip(values) {
+        for (counter, value) in self.disk.stats.carried().into_iter().zip(values) {
             counter.store(value, Ordering::Relaxed);
         }
-        log::info!("device state loaded: {}", self.stats.summary());
+        log::info!("device state loaded: {}", self.disk.stats.summary());
         Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut config = [0u8; CONFIG_LEN];
-        let sectors = self.capacity / SECTOR_SIZE;
+        let sectors = self.disk.capacity / SECTOR_SIZE;
         config[CONFIG_CAPACITY..CONFIG_CAPACITY + 8].copy_from_slice(&sectors.to_le_bytes());
         // Two descriptors of each request carry the header and the status.
         let seg_max = u32::from(self.queue_size).saturating_sub(2).max(1);
@@ -601,7 +617,7 @@ impl VhostUserBackend for BlkBackend {
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_MQ;
-        if self.read_only {
+        if self.disk.read_only {
             features |= VIRTIO_BLK_F_RO;
         }
         if self.packed {
@@ -614,7 +630,7 @@ impl VhostUserBackend for BlkBackend {
     fn acked_features(&self, features: u64) {
         log::debug!("acked features {features:#x}");
         let logging = features & VirtioFeatures::LOG_ALL.bits() != 0;
-        if self.logging.swap(logging, Ordering::Relaxed) != logging {
+        if self.disk.logging.swap(logging, Ordering::Relaxed) != logging {
             log::info!("dirty logging {}", if logging { "on" } else { "off" });
         }
     }
@@ -688,9 +704,42 @@ impl VhostUserBackend for BlkBackend {
                 "unknown device event {device_event}"
             )));
         };
-        // Every chain served and completed in one pass, one interrupt decision for the pass,
-        // kicks re-armed with the EVENT_IDX re-check: the framework's loop.
-        process_queue(vring, |chain| self.serve_chain(chain));
+        // The framework's loop: every chain taken in one pass, one interrupt decision for
+        // the pass, kicks re-armed with the EVENT_IDX re-check.
+        let Some(offload) = &self.offload else {
+            process_queue(vring, |chain| self.disk.serve_chain(chain));
+            return Ok(());
+        };
+        // Each request to the pool, completed when its I/O is done, in whatever order.
+        let memory = vring.get_ref().mem().clone();
+        process_queue_async(vring, |chain| {
+            if chain.is_packed() {
+                return Completion::Now(self.disk.serve_chain(chain));
+            }
+            let head = chain.head_index();
+            let segments = Segments::of(&chain);
+            let (disk, ring, memory) = (Arc::clone(&self.disk), vring.clone(), memory.clone());
+            offload.submit(device_event, move || {
+                let len = disk.serve(&memory.memory(), &segments, head);
+                let mut data = ring.get_mut();
+                let completed = data
+                    .complete_deferred([(head, len)])
+                    .and_then(|_| data.signal_used_queue_if_needed());
+                if let Err(err) = completed {
+                    log::warn!("request chain {head} not completed: {err}");
+                }
+            });
+            Completion::Later
+        });
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue: u16) -> io::Result<()> {
+        // Every request taken from the queue is completed before the frontend learns where
+        // the ring stopped.
+        if let Some(offload) = &self.offload {
+            offload.drain(queue);
+        }
         Ok(())
     }
 }
@@ -706,12 +755,18 @@ struct Args {
     num_queues: u16,
     queue_size: u16,
     skip_logging: Option<u64>,
+    /// Threads requests run on; 0: served in the kick's pass (`--sync`).
+    io_threads: usize,
 }
+
+/// Threads of the request pool by default: enough for many requests in flight on a few
+/// queues, few enough for a small host.
+const IO_THREADS: usize = 4;
 
 const USAGE: &str = "\
 usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
               [--read-only] [--packed] [--num-queues N] [--queue-size N]
-              [--log-level LEVEL]
+              [--io-threads N | --sync] [--log-level LEVEL]
               [--test-skip-logging N]
        vu_blk --print-capabilities
 
@@ -722,6 +777,10 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
                        which covers split rings only, is then not offered
   --num-queues N       request queues, one worker thread each (default 1, at most 64)
   --queue-size N       largest queue size accepted (default 1024)
+  --io-threads N       requests of split rings run on N threads shared by the queues, many
+                       in flight per queue, completed as they finish (default 4)
+  --sync               no threads: each request is served and completed in the kick's pass,
+                       in order
   --test-skip-logging N  BROKEN ON PURPOSE, for tests: while migrating, copy the data of
                        every Nth read into the guest without marking the dirty log
 ";
@@ -745,6 +804,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         num_queues: 1,
         queue_size: 1024,
         skip_logging: None,
+        io_threads: IO_THREADS,
     };
     common::for_each_option(args, |name, value| {
         if parsed.conventions.take(name, value)? {
@@ -757,6 +817,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--packed" => parsed.packed = true,
             "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
+            "--io-threads" => parsed.io_threads = common::number_in(name, &value()?, 1..=64)?,
+            "--sync" => parsed.io_threads = 0,
             "--test-skip-logging" => {
                 let n = common::number(name, &value()?)?;
                 parsed.skip_logging = Some(n.max(1));
@@ -798,17 +860,24 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         .len()
         .map_err(|err| format!("cannot size the disk: {err}"))?;
     let capacity = size - size % SECTOR_SIZE;
+    let offload = match args.io_threads {
+        0 => None,
+        n => Some(Offload::new("vu_blk", n).map_err(|err| format!("cannot start threads: {err}"))?),
+    };
     let backend = BlkBackend {
-        storage,
-        capacity,
-        read_only: args.read_only,
+        disk: Arc::new(Disk {
+            storage,
+            capacity,
+            read_only: args.read_only,
+            stats: Stats::default(),
+            logging: AtomicBool::new(false),
+            skip_logging: args.skip_logging,
+        }),
         packed: args.packed,
         num_queues: args.num_queues,
         queue_size: args.queue_size,
-        stats: Stats::default(),
-        logging: AtomicBool::new(false),
-        skip_logging: args.skip_logging,
         transfer: StateTransfer::new(),
+        offload,
     };
     let mut daemon = VhostUserDaemon::new(
         "vu_blk".to_owned(),
@@ -816,6 +885,10 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         GuestMemoryAtomic::new(Mem::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
+    match args.io_threads {
+        0 => log::info!("requests served in the kick's pass, in order (--sync)"),
+        n => log::info!("requests served on {n} threads, completed as they finish"),
+    }
     if let Some(n) = args.skip_logging {
         log::warn!("--test-skip-logging {n}: the data of every {n}th read is NOT logged");
     }
@@ -831,10 +904,10 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         }
     );
     let result = common::serve(&mut daemon, socket);
-    if let Err(err) = daemon.backend().storage.flush() {
+    if let Err(err) = daemon.backend().disk.storage.flush() {
         log::error!("final flush failed: {err}");
     }
-    log::info!("{}", daemon.backend().stats.summary());
+    log::info!("{}", daemon.backend().disk.stats.summary());
     result
 }
 
@@ -864,16 +937,19 @@ mod tests {
 
     fn device(capacity: u64) -> BlkBackend {
         BlkBackend {
-            storage: Storage::Memory(Mutex::new(vec![0; capacity as usize])),
-            capacity,
-            read_only: false,
+            disk: Arc::new(Disk {
+                storage: Storage::Memory(Mutex::new(vec![0; capacity as usize])),
+                capacity,
+                read_only: false,
+                stats: Stats::default(),
+                logging: AtomicBool::new(false),
+                skip_logging: None,
+            }),
             packed: false,
             num_queues: 1,
             queue_size: 256,
-            stats: Stats::default(),
-            logging: AtomicBool::new(false),
-            skip_logging: None,
             transfer: StateTransfer::new(),
+            offload: None,
         }
     }
 
@@ -949,15 +1025,19 @@ mod tests {
     #[test]
     fn the_device_state_round_trips_between_two_backends() {
         let source = device(1 << 20);
-        source.stats.reads.store(17, Ordering::Relaxed);
-        source.stats.written_bytes.store(4096, Ordering::Relaxed);
-        source.stats.errors.store(2, Ordering::Relaxed);
+        source.disk.stats.reads.store(17, Ordering::Relaxed);
+        source
+            .disk
+            .stats
+            .written_bytes
+            .store(4096, Ordering::Relaxed);
+        source.disk.stats.errors.store(2, Ordering::Relaxed);
         let (_source_daemon, mut source_frontend) = serve(source);
         let state = save(&mut source_frontend);
 
         let (dest_daemon, mut dest_frontend) = serve(device(1 << 20));
         assert!(load(&mut dest_frontend, &state));
-        let stats = &dest_daemon.backend().stats;
+        let stats = &dest_daemon.backend().disk.stats;
         assert_eq!(stats.reads.load(Ordering::Relaxed), 17);
         assert_eq!(stats.written_bytes.load(Ordering::Relaxed), 4096);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 2);

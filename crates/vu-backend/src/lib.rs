@@ -373,10 +373,10 @@ pub use vu_daemon::backend::{
     DEFAULT_QUEUES_MASK, GM,
 };
 pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
-pub use vu_daemon::process::process_queue;
+pub use vu_daemon::process::{process_queue, process_queue_async, Completion};
 pub use vu_daemon::{
-    DaemonError, ListenerError, LocalDaemon, ShutdownHandle, VhostUserDaemon, VringEpollHandler,
-    FRAMEWORK_RING_FEATURES,
+    DaemonError, ListenerError, LocalDaemon, Offload, ShutdownHandle, VhostUserDaemon,
+    VringEpollHandler, FRAMEWORK_RING_FEATURES,
 };
 
 // The vrings, and the error their methods return.
@@ -437,11 +437,11 @@ pub use vu_daemon::testing;
 /// The names most device code uses: `use vu_backend::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        process_queue, Address, BorrowFd, Bytes, Chain, DaemonError, DescriptorChain,
-        EventConsumer, EventFd, EventNotifier, EventSet, GuestAddress, GuestAddressSpace,
-        GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, Listener, LocalDaemon,
-        ProtocolFeatures, QueueOwnedT, QueueT, ShutdownHandle, VhostUserBackend,
-        VhostUserBackendMut, VhostUserDaemon, VirtioFeatures, VringData, VringEpollHandler,
-        VringError, VringMutex, VringRwLock, VringState, VringT,
+        process_queue, process_queue_async, Address, BorrowFd, Bytes, Chain, Completion,
+        DaemonError, DescriptorChain, EventConsumer, EventFd, EventNotifier, EventSet,
+        GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend,
+        GuestMemoryMmap, Listener, LocalDaemon, ProtocolFeatures, QueueOwnedT, QueueT,
+        ShutdownHandle, VhostUserBackend, VhostUserBackendMut, VhostUserDaemon, VirtioFeatures,
+        VringData, VringEpollHandler, VringError, VringMutex, VringRwLock, VringState, VringT,
     };
 }

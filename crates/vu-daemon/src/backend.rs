@@ -216,9 +216,11 @@ pub trait VhostUserBackend {
         None
     }
 
-    /// Queue `queue` is stopping (`GET_VRING_BASE`). Called after its kick is no longer
-    /// watched and no worker is handling it, before the frontend learns the index to resume
-    /// from: an asynchronous device completes or drains what it accepted from the queue here.
+    /// Queue `queue` is stopping (`GET_VRING_BASE`, or a reset or disconnect of a started
+    /// ring). Called after its kick is no longer watched and no worker is handling it, before
+    /// the frontend learns the index to resume from and before the ring is reset: an
+    /// asynchronous device completes or drains what it accepted from the queue here
+    /// ([`Offload::drain`](crate::Offload::drain)).
     fn stop_vring(&self, _queue: u16) -> io::Result<()> {
         Ok(())
     }

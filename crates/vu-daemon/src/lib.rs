@@ -57,6 +57,7 @@ pub mod error;
 /// Fuzz target bodies (see `tests/fuzz`); not part of the API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod offload;
 #[cfg(feature = "postcopy")]
 mod postcopy;
 pub mod process;
@@ -74,4 +75,5 @@ pub use postcopy::PostcopyError;
 
 pub use daemon::{DaemonError, LocalDaemon, ShutdownHandle, VhostUserDaemon};
 pub use epoll::{ListenerError, VringEpollHandler};
+pub use offload::Offload;
 pub use session::FRAMEWORK_RING_FEATURES;

@@ -212,6 +212,7 @@ mod state;
 mod tests_inflight;
 #[cfg(test)]
 mod testutil;
+mod tracker;
 mod vring;
 // The one module allowed `unsafe`.
 #[allow(unsafe_code)]
@@ -220,7 +221,7 @@ mod sys;
 pub use chain::Chain;
 pub use error::{Error, RingPart};
 pub use inflight::{InflightArea, InflightError, InflightQueue};
-pub use process::process_queue;
+pub use process::{process_queue, process_queue_async, Completion};
 pub use state::{
     InbandNotifier, Restart, RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT,
 };

@@ -86,11 +86,74 @@ use crate::{Chain, Error, VringData, VringT};
 /// ```
 ///
 /// `vu_backend::testing` drives such a device with real chains, without QEMU.
-pub fn process_queue<M, V, F>(vring: &V, serve: F) -> usize
+pub fn process_queue<M, V, F>(vring: &V, mut serve: F) -> usize
 where
     M: GuestAddressSpace,
     V: VringT<M> + ?Sized,
     F: FnMut(Chain<'_, M::M>) -> u32,
+{
+    process_queue_async(vring, |chain| Completion::Now(serve(chain)))
+}
+
+/// What a device did with a chain [`process_queue_async`] (or
+/// [`VringData::serve_available_async`]) handed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Served: the chain goes into the used ring now, with this used length (the bytes the
+    /// device wrote into it).
+    Now(u32),
+    /// Taken: the device has copied out what it needs (the chain's descriptors, its head
+    /// index) and completes it later, from any thread and in any order, with
+    /// [`VringData::complete_deferred`] under the vring's lock, then
+    /// [`VringData::signal_used_queue_if_needed`].
+    Later,
+}
+
+/// [`process_queue`] for a device that completes chains later and out of order: `serve`
+/// returns [`Completion::Now`] with the used length, or [`Completion::Later`] for a chain the
+/// device keeps (a request handed to a thread pool, say). Returns how many chains were handed
+/// to `serve`.
+///
+/// Inflight I/O tracking covers the chains taken for later: each is recorded before `serve`
+/// sees it and cleared only when [`VringData::complete_deferred`] puts it in the used ring,
+/// so after a crash exactly the chains not completed are served again, whatever order the
+/// others were completed in. The device must complete every chain it took before the ring
+/// stops: vu-daemon calls `VhostUserBackend::stop_vring` for that before it tells the
+/// frontend where the ring stopped, and before a reset or a disconnect.
+///
+/// # Example
+///
+/// A device that completes every chain from another thread, after the kick's pass:
+///
+/// ```
+/// use vu_vring::{process_queue_async, Completion, VringMutex, VringT};
+///
+/// fn on_kick(vring: &VringMutex) {
+///     let mut taken = Vec::new();
+///     process_queue_async(vring, |chain| {
+///         taken.push(chain.head_index());
+///         Completion::Later
+///     });
+///     let vring = vring.clone();
+///     std::thread::spawn(move || {
+///         // ... the requests are served here, then completed in any order ...
+///         let mut data = vring.get_mut();
+///         let done = taken.iter().rev().map(|&head| (head, 0));
+///         if data.complete_deferred(done).is_ok() {
+///             let _ = data.signal_used_queue_if_needed();
+///         }
+///     })
+///     .join()
+///     .unwrap();
+/// }
+/// # use vu_vring::vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+/// # on_kick(&VringMutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 256).unwrap());
+/// ```
+pub fn process_queue_async<M, V, F>(vring: &V, serve: F) -> usize
+where
+    M: GuestAddressSpace,
+    V: VringT<M> + ?Sized,
+    F: FnMut(Chain<'_, M::M>) -> Completion,
 {
     let mut guard = vring.get_mut();
     let data = &mut *guard;
@@ -104,7 +167,7 @@ where
     completed
 }
 
-/// The passes of [`process_queue`], counting completed chains in `completed`.
+/// The passes of [`process_queue_async`], counting the chains handed out in `completed`.
 fn serve_passes<M, F>(
     data: &mut VringData<M>,
     mut serve: F,
@@ -112,7 +175,7 @@ fn serve_passes<M, F>(
 ) -> Result<(), Error>
 where
     M: GuestAddressSpace,
-    F: FnMut(Chain<'_, M::M>) -> u32,
+    F: FnMut(Chain<'_, M::M>) -> Completion,
 {
     // One memory snapshot for the whole call: the chains borrow it, so popping and completing
     // a chain touches no reference count.
@@ -123,7 +186,7 @@ where
         data.disable_notification()?;
         let used_before = data.queue_next_used();
         // Entries added here count for the interrupt decision below too.
-        let served = match data.serve_available(mem, &mut serve) {
+        let served = match data.serve_available_async(mem, &mut serve) {
             Ok(n) => n,
             Err(err) => {
                 // The chains completed before the error are counted and signalled. A pass

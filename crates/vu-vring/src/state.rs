@@ -15,8 +15,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions
 
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
-use crate::inflight::{crash, InflightError, InflightQueue, InflightRegion};
+use crate::inflight::{crash, InflightError, InflightQueue};
 use crate::packed::{PackedRing, Position};
+use crate::process::Completion;
+use crate::tracker::Tracker;
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
 /// virtqueue section makes the size a power of two of at most 32768.
@@ -88,71 +90,9 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Inflight I/O tracking, when the frontend gave an area and the ring was restarted with
     /// it ([`VringData::restart`]).
     tracker: Option<Tracker>,
-}
-
-/// A vring's inflight I/O tracking: its region, the counter for the next popped chain, and
-/// the chains found in flight at restart that are still to be served again.
-#[derive(Debug)]
-struct Tracker {
-    queue: InflightQueue,
-    counter: u64,
-    /// Heads to serve again, newest first: `pop` gives the oldest.
-    resubmit: Vec<u16>,
-    /// Whether resubmitted chains go to the device (`false`: returned unserved).
-    serve_resubmitted: bool,
-}
-
-impl Tracker {
-    /// Runs `f` on `region` (the tracker's own, made by the caller once for many calls) or,
-    /// when `None`, on a view made now; an error is logged once and ends tracking for the
-    /// ring.
-    fn with_region(
-        tracker: &mut Option<Tracker>,
-        region: Option<&InflightRegion<'_>>,
-        f: impl FnOnce(&InflightRegion<'_>, &mut u64) -> Result<(), InflightError>,
-    ) {
-        let Some(t) = tracker.as_mut() else { return };
-        let result = match region {
-            Some(r) => f(r, &mut t.counter),
-            None => t.queue.region().and_then(|r| f(&r, &mut t.counter)),
-        };
-        if let Err(err) = result {
-            log::error!("inflight tracking stopped for this ring: {err}");
-            *tracker = None;
-        }
-    }
-
-    /// Records the popped chain `head`.
-    fn record(tracker: &mut Option<Tracker>, region: Option<&InflightRegion<'_>>, head: u16) {
-        Tracker::with_region(tracker, region, |r, counter| {
-            r.record(head, *counter)?;
-            *counter = counter.wrapping_add(1);
-            Ok(())
-        });
-    }
-
-    /// Links a batch of completions before their used elements are written.
-    fn link(
-        tracker: &mut Option<Tracker>,
-        region: Option<&InflightRegion<'_>>,
-        heads: &[(u16, u32)],
-    ) {
-        Tracker::with_region(tracker, region, |r, _| {
-            r.link_batch(heads.iter().map(|&(h, _)| h))
-        });
-    }
-
-    /// Clears a batch of completions once `used_idx` is published.
-    fn finish(
-        tracker: &mut Option<Tracker>,
-        region: Option<&InflightRegion<'_>>,
-        heads: &[(u16, u32)],
-        used_idx: u16,
-    ) {
-        Tracker::with_region(tracker, region, |r, _| {
-            r.finish_batch(heads.iter().map(|&(h, _)| h), used_idx)
-        });
-    }
+    /// Chains the device took to complete later ([`Completion::Later`]) and has not completed
+    /// ([`VringData::complete_deferred`]).
+    deferred: usize,
 }
 
 /// What [`VringData::restart`] did.
@@ -188,6 +128,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             log_guest_addr: None,
             notified_used: Wrapping(0),
             tracker: None,
+            deferred: 0,
             packed: None,
         })
     }
@@ -334,9 +275,36 @@ impl<M: GuestAddressSpace> VringData<M> {
     where
         F: FnMut(Chain<'_, M::M>) -> u32,
     {
+        self.serve_available_async(mem, |chain| Completion::Now(serve(chain)))
+    }
+
+    /// [`serve_available`](Self::serve_available) for a device that may complete chains
+    /// later, in any order: `serve` returns [`Completion::Now`] with the used length, or
+    /// [`Completion::Later`] when it keeps the chain (having copied out what it needs: the
+    /// [`Chain`] borrows the snapshot `mem`) and will complete it with
+    /// [`complete_deferred`](Self::complete_deferred). Returns how many chains were handed to
+    /// `serve`, completed or not.
+    ///
+    /// A chain taken for later is recorded in the inflight area like any other (before
+    /// `serve` sees it) and stays recorded until its completion, so a crash in between
+    /// serves it again after the restart. Chains served again after a restart may be taken
+    /// for later too. A packed ring completes in order: there a chain `serve` takes for later
+    /// is completed at once with a used length of 0 and an error is logged; serve packed
+    /// rings ([`Chain::is_packed`]) with [`Completion::Now`].
+    pub fn serve_available_async<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> Completion,
+    {
         if let Some(packed) = &mut self.packed {
-            return packed.serve(&self.queue, mem, serve);
+            return packed.serve(&self.queue, mem, |chain| match serve(chain) {
+                Completion::Now(len) => len,
+                Completion::Later => {
+                    log::error!("a packed ring completes in order: chain completed now, empty");
+                    0
+                }
+            });
         }
+        let deferred_before = self.deferred;
         let ring = used_ring_slice(&self.queue, mem);
         let table = ChainTable::map(
             mem,
@@ -358,7 +326,30 @@ impl<M: GuestAddressSpace> VringData<M> {
         } else {
             self.serve_rounds::<false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
         };
-        Ok(completed)
+        Ok(completed + self.deferred.wrapping_sub(deferred_before))
+    }
+
+    /// Completes chains the device took with [`Completion::Later`]: `(head, used length)`
+    /// each, in any order. Like [`add_used_batch`](Self::add_used_batch) (the used elements
+    /// are written and the used index published; with inflight tracking the chains are then
+    /// cleared from the area with the last-batch protocol), and it does not notify: call
+    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) after. Returns how
+    /// many were completed.
+    pub fn complete_deferred<I>(&mut self, done: I) -> Result<usize, Error>
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
+        let done: Vec<(u16, u32)> = done.into_iter().collect();
+        self.deferred = self.deferred.saturating_sub(done.len());
+        self.add_used_batch(done)
+    }
+
+    /// Chains taken with [`Completion::Later`] and not completed yet. A device that defers
+    /// completes them all before its ring stops (`VhostUserBackend::stop_vring` in
+    /// vu-daemon): what it completes after the frontend learned the ring's index would be
+    /// lost or, worse, completed twice by the next process.
+    pub fn deferred(&self) -> usize {
+        self.deferred
     }
 
     /// The rounds of [`serve_available`](Self::serve_available), with inflight tracking when
@@ -372,7 +363,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         serve: &mut F,
     ) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> u32,
+        F: FnMut(Chain<'_, M::M>) -> Completion,
         B: BitmapSlice,
     {
         let size = self.queue.size();
@@ -409,8 +400,13 @@ impl<M: GuestAddressSpace> VringData<M> {
                     if TRACK {
                         Tracker::record(&mut self.tracker, region, head);
                     }
-                    served[n] = (head, serve(Chain::new(chain, table)));
-                    n += 1;
+                    match serve(Chain::new(chain, table)) {
+                        Completion::Now(len) => {
+                            served[n] = (head, len);
+                            n += 1;
+                        }
+                        Completion::Later => self.deferred += 1,
+                    }
                 }
             }
             let batch = &served[..n];
@@ -439,7 +435,8 @@ impl<M: GuestAddressSpace> VringData<M> {
     }
 
     /// Serves the chains found in flight at the restart (or, when the device opted out,
-    /// returns them unserved with a used length of 0), one completion each.
+    /// returns them unserved with a used length of 0), one completion each; returns how many
+    /// were completed now.
     fn serve_resubmitted<F, B>(
         &mut self,
         mem: &M::M,
@@ -448,7 +445,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         serve: &mut F,
     ) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> u32,
+        F: FnMut(Chain<'_, M::M>) -> Completion,
         B: BitmapSlice,
     {
         let mut completed = 0;
@@ -457,7 +454,13 @@ impl<M: GuestAddressSpace> VringData<M> {
                 break;
             };
             let len = if tracker.serve_resubmitted {
-                serve(Chain::resubmitted(head, table))
+                match serve(Chain::resubmitted(head, table)) {
+                    Completion::Now(len) => len,
+                    Completion::Later => {
+                        self.deferred += 1;
+                        continue;
+                    }
+                }
             } else {
                 0
             };
@@ -1011,6 +1014,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.notified_used = Wrapping(0);
         self.tracker = None;
         self.packed = None;
+        self.deferred = 0;
     }
 
     /// Refuses `operation` on a packed ring.

@@ -525,7 +525,8 @@ where
             })
     }
 
-    /// Stops every ring (unwatched, quiesced) and returns it to its initial state.
+    /// Stops every ring (unwatched, quiesced, the backend's `stop_vring` for a started one)
+    /// and returns it to its initial state.
     pub(super) fn reset_rings(&mut self, ctl: &mut dyn RingControl) {
         for (queue, vring) in self.vrings.iter().enumerate() {
             let Ok(queue) = u16::try_from(queue) else {
@@ -536,6 +537,13 @@ where
             }
             if let Err(err) = ctl.quiesce(queue) {
                 warn!("reset: queue {queue}: cannot quiesce: {err}");
+            }
+            // A device completing requests asynchronously finishes them while the ring is
+            // still where they belong (before a disconnect closes the socket, too).
+            if vring.ready() {
+                if let Err(err) = self.backend.stop_vring(queue) {
+                    warn!("reset: queue {queue}: the backend failed to stop: {err}");
+                }
             }
             vring.reset();
         }
