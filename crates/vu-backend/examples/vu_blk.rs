@@ -42,7 +42,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
@@ -215,18 +215,6 @@ struct Stats {
     logged_pages: AtomicU64,
     /// Reads whose data was copied without marking the log (`--test-skip-logging`).
     unlogged_reads: AtomicU64,
-    /// The requests on the offload threads, by submission number: which are in flight, the
-    /// most at once, and how many completed while an older one was still in flight.
-    order: Mutex<Order>,
-}
-
-/// See [`Stats::order`].
-#[derive(Debug, Default)]
-struct Order {
-    next: u64,
-    in_flight: std::collections::BTreeSet<u64>,
-    most: usize,
-    overtaking: u64,
 }
 
 impl Stats {
@@ -257,7 +245,7 @@ impl Stats {
             get(&self.others),
             get(&self.errors),
         );
-        let mut line = format!(
+        format!(
             "served {} requests: {reads} reads ({} bytes), {writes} writes ({} bytes), \
              {flushes} flushes, {others} other, {errors} failed; {} pages of read data \
              written while logging, {} reads not logged",
@@ -266,39 +254,7 @@ impl Stats {
             get(&self.written_bytes),
             get(&self.logged_pages),
             get(&self.unlogged_reads),
-        );
-        let order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        if order.next > 0 {
-            line.push_str(&format!(
-                "; {} on the offload threads, at most {} in flight at once, {} completed \
-                 before an older one",
-                order.next, order.most, order.overtaking
-            ));
-        }
-        line
-    }
-
-    /// A request goes to the offload threads: its submission number.
-    fn submitted(&self) -> u64 {
-        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        let number = order.next;
-        order.next += 1;
-        order.in_flight.insert(number);
-        order.most = order.most.max(order.in_flight.len());
-        number
-    }
-
-    /// Request `number` completed.
-    fn completed(&self, number: u64) {
-        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        if order
-            .in_flight
-            .first()
-            .is_some_and(|&oldest| oldest < number)
-        {
-            order.overtaking += 1;
-        }
-        order.in_flight.remove(&number);
+        )
     }
 }
 
@@ -763,15 +719,12 @@ impl VhostUserBackend for BlkBackend {
             let head = chain.head_index();
             let segments = Segments::of(&chain);
             let (disk, ring, memory) = (Arc::clone(&self.disk), vring.clone(), memory.clone());
-            let number = disk.stats.submitted();
             offload.submit(device_event, move || {
                 let len = disk.serve(&memory.memory(), &segments, head);
                 let mut data = ring.get_mut();
                 let completed = data
                     .complete_deferred([(head, len)])
                     .and_then(|_| data.signal_used_queue_if_needed());
-                drop(data);
-                disk.stats.completed(number);
                 if let Err(err) = completed {
                     log::warn!("request chain {head} not completed: {err}");
                 }
@@ -907,10 +860,10 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         .len()
         .map_err(|err| format!("cannot size the disk: {err}"))?;
     let capacity = size - size % SECTOR_SIZE;
-    let offload = match args.io_threads {
-        0 => None,
-        n => Some(Offload::new("vu_blk", n).map_err(|err| format!("cannot start threads: {err}"))?),
-    };
+    let offload = (args.io_threads > 0)
+        .then(|| Offload::new("vu_blk", args.io_threads))
+        .transpose()
+        .map_err(|err| format!("cannot start threads: {err}"))?;
     let backend = BlkBackend {
         disk: Arc::new(Disk {
             storage,
@@ -955,6 +908,16 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         log::error!("final flush failed: {err}");
     }
     log::info!("{}", daemon.backend().disk.stats.summary());
+    if let Some(offload) = &daemon.backend().offload {
+        let stats = offload.stats();
+        log::info!(
+            "{} requests on the offload threads, at most {} in flight at once, {} completed \
+             before an older one",
+            stats.jobs,
+            stats.most_in_flight,
+            stats.overtaking
+        );
+    }
     result
 }
 

@@ -75,5 +75,5 @@ pub use postcopy::PostcopyError;
 
 pub use daemon::{DaemonError, LocalDaemon, ShutdownHandle, VhostUserDaemon};
 pub use epoll::{ListenerError, VringEpollHandler};
-pub use offload::Offload;
+pub use offload::{Offload, OffloadStats};
 pub use session::FRAMEWORK_RING_FEATURES;

@@ -13,8 +13,10 @@
 //!
 //! Jobs run in submission order as threads become free; a job that panics is logged and
 //! counted as done. Dropping the pool runs the jobs still queued, then joins its threads.
+//! [`Offload::stats`] says how many jobs ran, the most in flight at once, and how many
+//! finished before an older one.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -23,13 +25,28 @@ use std::thread::{self, JoinHandle};
 /// A job: one request of queue `queue`.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// What a pool has run so far ([`Offload::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffloadStats {
+    /// Jobs submitted.
+    pub jobs: u64,
+    /// The most jobs queued or running at once.
+    pub most_in_flight: usize,
+    /// Jobs that finished while a job submitted before them had not: completions out of
+    /// order.
+    pub overtaking: u64,
+}
+
 /// What the pool's threads and its users share.
 #[derive(Default)]
 struct State {
-    /// Jobs not started yet, oldest first, with their queue.
-    jobs: VecDeque<(u16, Job)>,
+    /// Jobs not started yet, oldest first, with their queue and submission number.
+    jobs: VecDeque<(u16, u64, Job)>,
     /// Per queue index: jobs queued or running.
     pending: Vec<usize>,
+    /// The submission numbers of the jobs queued or running.
+    in_flight: BTreeSet<u64>,
+    stats: OffloadStats,
     /// Set when the pool is dropped: the threads finish the queued jobs and exit.
     closing: bool,
 }
@@ -91,9 +108,18 @@ impl Offload {
             state.pending.resize(index + 1, 0);
         }
         state.pending[index] += 1;
-        state.jobs.push_back((queue, Box::new(job)));
+        let number = state.stats.jobs;
+        state.stats.jobs += 1;
+        state.in_flight.insert(number);
+        state.stats.most_in_flight = state.stats.most_in_flight.max(state.in_flight.len());
+        state.jobs.push_back((queue, number, Box::new(job)));
         drop(state);
         self.shared.work.notify_one();
+    }
+
+    /// What the pool has run so far.
+    pub fn stats(&self) -> OffloadStats {
+        self.shared.lock().stats
     }
 
     /// Jobs of queue `queue` queued or running now.
@@ -133,7 +159,7 @@ impl Drop for Offload {
 fn run(shared: &Shared) {
     loop {
         let mut state = shared.lock();
-        let (queue, job) = loop {
+        let (queue, number, job) = loop {
             if let Some(next) = state.jobs.pop_front() {
                 break next;
             }
@@ -153,6 +179,14 @@ fn run(shared: &Shared) {
         if let Some(n) = state.pending.get_mut(usize::from(queue)) {
             *n = n.saturating_sub(1);
         }
+        if state
+            .in_flight
+            .first()
+            .is_some_and(|&oldest| oldest < number)
+        {
+            state.stats.overtaking += 1;
+        }
+        state.in_flight.remove(&number);
         drop(state);
         shared.done.notify_all();
     }
@@ -178,6 +212,12 @@ mod tests {
         pool.submit(1, move || done_tx.send("b").unwrap());
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok("b"));
         pool.drain(1);
+        // B overtook A.
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.jobs, stats.most_in_flight, stats.overtaking),
+            (2, 2, 1)
+        );
         assert_eq!(pool.pending(1), 0);
         assert_eq!(pool.pending(0), 1);
         release_tx.send(()).unwrap();
