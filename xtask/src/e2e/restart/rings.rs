@@ -79,16 +79,18 @@ impl Rings {
         Ok(Rings { memory, rings })
     }
 
-    /// The indices of every ring now (each index is one aligned 16-bit load by its writer;
-    /// the two of a ring are read a few microseconds apart).
+    /// The indices of every ring now. Each index is one aligned 16-bit store by its writer;
+    /// the two of a ring are read a few microseconds apart, the used index first: the
+    /// available index only grows, and never trails the used index at any instant, so the
+    /// later reading of it cannot trail the earlier reading of the used index (read the other
+    /// way round, completions in between made `avail - used` wrap).
     pub(super) fn read(&self) -> Result<Vec<Indices>, String> {
         self.rings
             .iter()
             .map(|ring| {
-                Ok(Indices {
-                    avail: self.u16_at(ring.avail + 2)?,
-                    used: self.u16_at(ring.used + 2)?,
-                })
+                let used = self.u16_at(ring.used + 2)?;
+                let avail = self.u16_at(ring.avail + 2)?;
+                Ok(Indices { avail, used })
             })
             .collect()
     }
