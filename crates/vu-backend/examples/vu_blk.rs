@@ -3,15 +3,19 @@
 //! It serves a raw image file (`--blk-file`) or a disk held in memory (`--memory-size`), with
 //! any number of queues, each served by its own worker thread. Requests: read, write, flush
 //! and get-id; anything else is answered `VIRTIO_BLK_S_UNSUPP`. `--read-only` offers
-//! `VIRTIO_BLK_F_RO` and fails writes. Each kick is served by the framework's `process_queue`
-//! (descriptors read through a mapping of the table, one interrupt decision per pass,
-//! `VIRTIO_RING_F_EVENT_IDX` when the driver takes it, indirect descriptors).
+//! `VIRTIO_BLK_F_RO` and fails writes. Each kick is served by the framework's
+//! `process_queue_async` (descriptors read through a mapping of the table, one interrupt
+//! decision per pass, `VIRTIO_RING_F_EVENT_IDX` when the driver takes it, indirect
+//! descriptors), which hands each request of a split ring to a pool of threads
+//! (`vu_daemon::Offload`, 4 by default, `--io-threads N`): many requests are in flight per
+//! queue, each completed when its I/O is done, out of order. `--sync` serves each request in
+//! the kick's pass instead, in order (and so do packed rings).
 //!
 //! It can be killed or restarted under a running guest: it offers
 //! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, so a new process (started on the same socket path,
-//! whose old file it replaces) serves again the requests the old one had popped and not
-//! completed, and a SIGTERM completes the request being served before the frontend sees the
-//! connection end (docs/inflight.md).
+//! whose old file it replaces) serves again the requests the old one had taken and not
+//! completed, and a SIGTERM (or any stop of a ring) completes the requests in flight before
+//! the frontend sees the connection end (docs/inflight.md).
 //!
 //! It supports live migration: guest memory carries vu-mem's `LogBitmap`, so every byte the
 //! device writes into the guest (data of read requests, the status byte, the used ring) is
