@@ -15,14 +15,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vu_proto::fd::BorrowFd;
 use vu_proto::payload::{VringAddr, VringAddrFlags};
 
-use super::virtqueue::{wait_readable, Buf, DriverMemory, Used, BUF_SIZE};
+use super::virtqueue::{
+    fill_buffer, wait_used, Buf, DriverMemory, PolledQueue, Posted, Used, BUF_SIZE,
+};
 
 /// `VIRTQ_DESC_F_NEXT`.
 pub const PACKED_NEXT: u16 = 1;
@@ -94,13 +95,6 @@ impl Pos {
     fn linear(self, size: u16) -> u32 {
         u32::from(self.idx) + if self.wrap { 0 } else { u32::from(size) }
     }
-}
-
-#[derive(Debug)]
-struct Posted {
-    avail_pos: u16,
-    /// Ring position, writable, length of each descriptor.
-    descs: Vec<(u16, bool, u32)>,
 }
 
 /// A packed virtqueue laid out in [`DriverMemory`], driven from the test.
@@ -243,8 +237,8 @@ impl PackedQueue {
             .unchecked_add(u64::from(BUF_SIZE) * u64::from(pos))
     }
 
-    /// Writes descriptor `pos` raw: `addr`, `len`, `id`, then `flags` (with Release).
-    pub fn write_desc(&self, pos: u16, addr: u64, len: u32, id: u16, flags: u16) {
+    /// Writes `addr`, `len` and `id` of descriptor `pos`, not its flags.
+    fn write_desc_fields(&self, pos: u16, addr: u64, len: u32, id: u16) {
         let d = self.desc_addr(pos);
         self.mem.write_obj(addr.to_le(), d).expect("desc addr");
         self.mem
@@ -253,6 +247,12 @@ impl PackedQueue {
         self.mem
             .write_obj(id.to_le(), d.unchecked_add(12))
             .expect("desc id");
+    }
+
+    /// Writes descriptor `pos` raw: `addr`, `len`, `id`, then `flags` (with Release).
+    pub fn write_desc(&self, pos: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        self.write_desc_fields(pos, addr, len, id);
+        let d = self.desc_addr(pos);
         fence(Ordering::SeqCst);
         self.mem
             .store(flags.to_le(), d.unchecked_add(14), Ordering::Release)
@@ -287,36 +287,15 @@ impl PackedQueue {
         let mut head_flags = 0;
         for (k, buf) in bufs.iter().enumerate() {
             let addr = self.buf_addr(pos.idx);
-            let (len, mut flags) = match buf {
-                Buf::Readable(bytes) => {
-                    let len = u32::try_from(bytes.len()).expect("buffer length");
-                    assert!(len <= BUF_SIZE, "buffer larger than BUF_SIZE");
-                    self.mem.write_slice(bytes, addr).expect("write buffer");
-                    (len, 0)
-                }
-                Buf::Writable(len) => {
-                    assert!(*len <= BUF_SIZE, "buffer larger than BUF_SIZE");
-                    let zero = vec![0u8; *len as usize];
-                    self.mem.write_slice(&zero, addr).expect("zero buffer");
-                    (*len, PACKED_WRITE)
-                }
-            };
+            let (len, writable) = fill_buffer(&self.mem, buf, addr);
+            let mut flags = if writable { PACKED_WRITE } else { 0 };
             if k + 1 < bufs.len() {
                 flags |= PACKED_NEXT;
             }
             flags |= avail_bits(pos.wrap);
             if k == 0 {
                 // The head's flags are written last: they publish the chain.
-                let d = self.desc_addr(pos.idx);
-                self.mem
-                    .write_obj(addr.raw_value().to_le(), d)
-                    .expect("desc addr");
-                self.mem
-                    .write_obj(len.to_le(), d.unchecked_add(8))
-                    .expect("desc len");
-                self.mem
-                    .write_obj(id.to_le(), d.unchecked_add(12))
-                    .expect("desc id");
+                self.write_desc_fields(pos.idx, addr.raw_value(), len, id);
                 head_flags = flags;
             } else {
                 self.write_desc(pos.idx, addr.raw_value(), len, id, flags);
@@ -425,16 +404,7 @@ impl PackedQueue {
                 .posted
                 .remove(&id)
                 .unwrap_or_else(|| panic!("queue {}: used id {id} was not in flight", self.index));
-            let mut written = Vec::new();
-            for &(pos, writable, dlen) in &posted.descs {
-                if writable {
-                    let mut bytes = vec![0u8; dlen as usize];
-                    self.mem
-                        .read_slice(&mut bytes, self.buf_addr(pos))
-                        .expect("read buffer");
-                    written.push(bytes);
-                }
-            }
+            let written = posted.written(&self.mem, |pos| self.buf_addr(pos));
             let count = u16::try_from(posted.descs.len()).expect("chain length");
             self.next_used = self.next_used.advance(count, self.size);
             self.free_descs += count;
@@ -455,28 +425,25 @@ impl PackedQueue {
     /// Waits until `count` more chains are used, waking on the call eventfd; panics after
     /// `timeout`.
     pub fn wait_used(&mut self, count: usize, timeout: Duration) -> Vec<Used> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        loop {
-            out.extend(self.poll_used());
-            if out.len() >= count {
-                return out;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "queue {}: {} of {count} chains used before the timeout",
-                self.index,
-                out.len()
-            );
-            if wait_readable(self.call.borrow_fd(), left) {
-                let _ = self.call.read();
-            }
-        }
+        wait_used(self, count, timeout)
     }
 
     /// Consumes the call eventfd's counter: how many interrupts arrived (0 if none).
     pub fn take_calls(&self) -> u64 {
         self.call.read().unwrap_or(0)
+    }
+}
+
+impl PolledQueue for PackedQueue {
+    fn queue_index(&self) -> u16 {
+        self.index
+    }
+
+    fn call_fd(&self) -> &EventFd {
+        &self.call
+    }
+
+    fn poll(&mut self) -> Vec<Used> {
+        self.poll_used()
     }
 }

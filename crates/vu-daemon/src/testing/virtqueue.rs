@@ -134,11 +134,92 @@ pub struct Used {
     pub written: Vec<Vec<u8>>,
 }
 
+/// A chain posted and not yet used, for either ring layout.
 #[derive(Debug)]
-struct Posted {
-    avail_pos: u16,
-    /// Descriptor index, writable, length.
-    descs: Vec<(u16, bool, u32)>,
+pub(super) struct Posted {
+    /// The chain's position in the stream of posted chains.
+    pub(super) avail_pos: u16,
+    /// Per descriptor: its index (split) or ring position (packed), whether the device writes
+    /// it, its length.
+    pub(super) descs: Vec<(u16, bool, u32)>,
+}
+
+impl Posted {
+    /// The contents of the chain's writable buffers, in chain order, read back from the
+    /// buffer `buf_addr` gives for each descriptor.
+    pub(super) fn written(
+        &self,
+        mem: &GuestMemoryMmap,
+        buf_addr: impl Fn(u16) -> GuestAddress,
+    ) -> Vec<Vec<u8>> {
+        self.descs
+            .iter()
+            .filter(|&&(_, writable, _)| writable)
+            .map(|&(d, _, len)| {
+                let mut bytes = vec![0u8; len as usize];
+                mem.read_slice(&mut bytes, buf_addr(d))
+                    .expect("read buffer");
+                bytes
+            })
+            .collect()
+    }
+}
+
+/// Puts `buf` in the buffer at `addr` (a readable one's bytes, a writable one zeroed); returns
+/// its length and whether the device writes it.
+pub(super) fn fill_buffer(mem: &GuestMemoryMmap, buf: &Buf, addr: GuestAddress) -> (u32, bool) {
+    match buf {
+        Buf::Readable(bytes) => {
+            let len = u32::try_from(bytes.len()).expect("buffer length");
+            assert!(len <= BUF_SIZE, "buffer larger than BUF_SIZE");
+            mem.write_slice(bytes, addr).expect("write buffer");
+            (len, false)
+        }
+        Buf::Writable(len) => {
+            assert!(*len <= BUF_SIZE, "buffer larger than BUF_SIZE");
+            let zero = vec![0u8; *len as usize];
+            mem.write_slice(&zero, addr).expect("zero buffer");
+            (*len, true)
+        }
+    }
+}
+
+/// A test driver's queue, either layout: what [`wait_used`] needs of it.
+pub(super) trait PolledQueue {
+    /// The queue index, for messages.
+    fn queue_index(&self) -> u16;
+    /// The call eventfd.
+    fn call_fd(&self) -> &EventFd;
+    /// Collects the chains used since the last call.
+    fn poll(&mut self) -> Vec<Used>;
+}
+
+/// Waits until `count` more chains of `queue` are used, waking on its call eventfd; panics
+/// after `timeout`.
+pub(super) fn wait_used(
+    queue: &mut impl PolledQueue,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Used> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        out.extend(queue.poll());
+        if out.len() >= count {
+            return out;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "queue {}: {} of {count} chains used before the timeout",
+            queue.queue_index(),
+            out.len()
+        );
+        if wait_readable(queue.call_fd().borrow_fd(), left) {
+            // Consume the interrupt; a second one may already be pending, which is fine.
+            let _ = queue.call_fd().read();
+        }
+    }
 }
 
 /// A split virtqueue laid out in [`DriverMemory`], driven from the test.
@@ -288,20 +369,8 @@ impl SplitQueue {
         let mut descs = Vec::with_capacity(bufs.len());
         for (k, (buf, &id)) in bufs.iter().zip(&ids).enumerate() {
             let addr = self.buf_addr(id);
-            let (len, mut flags) = match buf {
-                Buf::Readable(bytes) => {
-                    let len = u32::try_from(bytes.len()).expect("buffer length");
-                    assert!(len <= BUF_SIZE, "buffer larger than BUF_SIZE");
-                    self.mem.write_slice(bytes, addr).expect("write buffer");
-                    (len, 0)
-                }
-                Buf::Writable(len) => {
-                    assert!(*len <= BUF_SIZE, "buffer larger than BUF_SIZE");
-                    let zero = vec![0u8; *len as usize];
-                    self.mem.write_slice(&zero, addr).expect("zero buffer");
-                    (*len, DESC_F_WRITE)
-                }
-            };
+            let (len, writable) = fill_buffer(&self.mem, buf, addr);
+            let mut flags = if writable { DESC_F_WRITE } else { 0 };
             let next = ids.get(k + 1).copied().unwrap_or(0);
             if k + 1 < ids.len() {
                 flags |= DESC_F_NEXT;
@@ -399,17 +468,8 @@ impl SplitQueue {
                 .posted
                 .remove(&head)
                 .unwrap_or_else(|| panic!("queue {}: used id {id} was not in flight", self.index));
-            let mut written = Vec::new();
-            for &(d, writable, dlen) in &posted.descs {
-                if writable {
-                    let mut bytes = vec![0u8; dlen as usize];
-                    self.mem
-                        .read_slice(&mut bytes, self.buf_addr(d))
-                        .expect("read buffer");
-                    written.push(bytes);
-                }
-                self.free.push(d);
-            }
+            let written = posted.written(&self.mem, |d| self.buf_addr(d));
+            self.free.extend(posted.descs.iter().map(|&(d, _, _)| d));
             out.push(Used {
                 head,
                 len,
@@ -433,30 +493,26 @@ impl SplitQueue {
     /// Waits until `count` more chains are used, waking on the call eventfd; panics after
     /// `timeout`.
     pub fn wait_used(&mut self, count: usize, timeout: Duration) -> Vec<Used> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        loop {
-            out.extend(self.poll_used());
-            if out.len() >= count {
-                return out;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "queue {}: {} of {count} chains used before the timeout",
-                self.index,
-                out.len()
-            );
-            if wait_readable(self.call.borrow_fd(), left) {
-                // Consume the interrupt; a second one may already be pending, which is fine.
-                let _ = self.call.read();
-            }
-        }
+        wait_used(self, count, timeout)
     }
 
     /// Consumes the call eventfd's counter: how many interrupts arrived (0 if none).
     pub fn take_calls(&self) -> u64 {
         self.call.read().unwrap_or(0)
+    }
+}
+
+impl PolledQueue for SplitQueue {
+    fn queue_index(&self) -> u16 {
+        self.index
+    }
+
+    fn call_fd(&self) -> &EventFd {
+        &self.call
+    }
+
+    fn poll(&mut self) -> Vec<Used> {
+        self.poll_used()
     }
 }
 
