@@ -553,10 +553,11 @@ fn prepare(runs: &[Run], kvm: bool) -> Result<Machine, String> {
     std::fs::create_dir_all(&work)
         .map_err(|err| format!("cannot create {}: {err}", work.display()))?;
     eprintln!("==> e2e: system packages");
-    provision::ensure_packages(
-        runs.iter().any(|run| run.backend == "qsd"),
-        runs.iter().any(|run| run.device == Device::Net),
-    )?;
+    let net = runs.iter().any(|run| run.device == Device::Net);
+    provision::ensure_packages(runs.iter().any(|run| run.backend == "qsd"), net)?;
+    if net {
+        net::remove_stale_namespaces();
+    }
     eprintln!("    {}", provision::version_line("qemu-system-x86_64"));
     eprintln!("==> e2e: guest kernel");
     let kernel = provision::kernel(&work.join("kernel"))?;

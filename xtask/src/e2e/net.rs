@@ -47,6 +47,41 @@ pub(crate) fn guest_argument() -> String {
     format!("e2e.net={GUEST_ADDR}/{PREFIX_LEN},{HOST_ADDR},{UP_PORT},{DOWN_PORT},{BYTES}")
 }
 
+/// The process that made namespace `name` (`vu-e2e-<pid>-<hex>`, the boot's socket
+/// directory's name), if the name is one of ours.
+fn owner_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("vu-e2e-")?;
+    let (pid, hex) = rest.split_once('-')?;
+    (hex.len() == 8 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
+/// Deletes the namespaces (and so the taps) that earlier runs left behind when they were
+/// killed before they could clean up: ours whose process is gone.
+pub(crate) fn remove_stale_namespaces() {
+    let Ok(out) = Cmd::new("ip").args(&["netns", "list"]).capture_quietly() else {
+        return;
+    };
+    for name in out
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+    {
+        let stale = owner_of(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if stale {
+            let cmd = Cmd::new("ip").args(&["netns", "delete", name]);
+            eprintln!(
+                "    a killed run left namespace {name}: $ {}",
+                cmd.display()
+            );
+            if let Err(err) = cmd.capture_quietly() {
+                eprintln!("    {err}");
+            }
+        }
+    }
+}
+
 /// `program` run inside namespace `namespace`.
 pub(crate) fn in_namespace(namespace: &str, program: &Path) -> Command {
     let mut command = Command::new("ip");
@@ -294,6 +329,14 @@ mod tests {
             "e2e.net=10.0.2.15/24,10.0.2.1,5001,5002,4194304"
         );
         assert_eq!(BYTES % 65536, 0, "the guest uploads in 64 KiB blocks");
+    }
+
+    #[test]
+    fn only_our_namespaces_have_an_owner() {
+        assert_eq!(owner_of("vu-e2e-4242-0badcafe"), Some(4242));
+        assert_eq!(owner_of("vu-e2e-4242-xyz"), None);
+        assert_eq!(owner_of("vu-e2e-x-0badcafe"), None);
+        assert_eq!(owner_of("other-4242-0badcafe"), None);
     }
 
     #[test]
