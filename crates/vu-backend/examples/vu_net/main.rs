@@ -38,7 +38,9 @@
 //! ```
 //!
 //! `cargo xtask dpdk` drives it with DPDK's testpmd and compares what came back
-//! (docs/TESTING.md).
+//! (docs/TESTING.md); `cargo xtask e2e --device net` boots a Linux guest on `vu_net --tap`
+//! with 1 and 2 queue pairs, which pings the host and moves data over TCP both ways
+//! (docs/e2e.md#net).
 
 mod io;
 mod packet;
