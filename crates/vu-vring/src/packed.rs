@@ -17,7 +17,7 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{Chain, PackedDesc, ReadAhead, Table, PACKED_F_NEXT};
+use crate::chain::{Chain, PackedDesc, ReadAhead, Table, DESC_SIZE, PACKED_F_NEXT};
 use crate::error::Error;
 
 /// Descriptor flag: the driver's avail wrap counter when it made the descriptor available.
@@ -216,9 +216,11 @@ impl PackedRing {
         queue: &Queue,
         mem: &G,
     ) -> Result<bool, Error> {
-        let ring = Table::map(mem, GuestAddress(queue.desc_table()), self.size);
-        self.check_position(&ring)?;
-        let flags = load_u16(&ring, mem, self.next_avail.idx, DESC_FLAGS)?;
+        self.check_position(self.size)?;
+        // One load through guest memory, not a mapping of the whole ring: this runs once or
+        // twice per pass, for one descriptor.
+        let offset = (usize::from(self.next_avail.idx) * DESC_SIZE + DESC_FLAGS) as u64;
+        let flags = read_u16(mem, queue.desc_table(), offset)?;
         Ok(is_available(flags, self.next_avail.wrap))
     }
 
@@ -228,7 +230,7 @@ impl PackedRing {
         ring: &Table<'_, G>,
         mem: &G,
     ) -> Result<Option<Taken>, Error> {
-        self.check_position(ring)?;
+        self.check_position(ring.entries())?;
         let size = ring.entries();
         let head = self.next_avail;
         let flags = load_u16(ring, mem, head.idx, DESC_FLAGS)?;
@@ -337,12 +339,13 @@ impl PackedRing {
         }
         // The used flags (Release) must be visible before we read what the driver asked for.
         fence(Ordering::SeqCst);
-        let driver = queue.avail_ring();
-        let flags = read_u16(mem, driver, EVENT_FLAGS)?;
+        // `off_wrap` and `flags` in one load (the area is 4-byte aligned).
+        let area = read_u32(mem, queue.avail_ring())?;
+        let flags = (area >> 16) as u16;
         let needed = match flags & 3 {
             EVENT_F_DISABLE => false,
             EVENT_F_DESC if queue.event_idx_enabled() => {
-                let event = Position::from_word(read_u16(mem, driver, 0)?);
+                let event = Position::from_word(area as u16);
                 let size = self.size;
                 let span = 2 * u32::from(size);
                 let dist = |from: Position, to: Position| {
@@ -376,8 +379,9 @@ impl PackedRing {
     ) -> Result<bool, Error> {
         let device = queue.used_ring();
         if queue.event_idx_enabled() {
-            write_u16(mem, device, 0, self.next_avail.word())?;
-            write_u16(mem, device, EVENT_FLAGS, EVENT_F_DESC)?;
+            // `off_wrap` and `flags` in one store (the area is 4-byte aligned).
+            let area = u32::from(self.next_avail.word()) | u32::from(EVENT_F_DESC) << 16;
+            write_u32(mem, device, area)?;
         } else {
             write_u16(mem, device, EVENT_FLAGS, EVENT_F_ENABLE)?;
         }
@@ -388,12 +392,12 @@ impl PackedRing {
     }
 
     /// Refuses a position past the ring (a `SET_VRING_BASE` beyond the queue size).
-    fn check_position<G: GuestMemory>(&self, ring: &Table<'_, G>) -> Result<(), Error> {
-        if self.next_avail.idx >= ring.entries() || self.next_used.idx >= ring.entries() {
+    fn check_position(&self, size: u16) -> Result<(), Error> {
+        if self.next_avail.idx >= size || self.next_used.idx >= size {
             return Err(Error::PackedPosition {
                 avail: self.next_avail.word(),
                 used: self.next_used.word(),
-                size: ring.entries(),
+                size,
             });
         }
         Ok(())
@@ -420,6 +424,20 @@ fn read_u16<G: GuestMemory>(mem: &G, base: u64, offset: u64) -> Result<u16, Erro
     };
     mem.load::<u16>(GuestAddress(addr), Ordering::Acquire)
         .map(u16::from_le)
+        .map_err(|source| Error::GuestMemory { addr, source })
+}
+
+/// Reads a whole event suppression structure at `addr`: `off_wrap` in the low half, `flags`
+/// in the high half.
+fn read_u32<G: GuestMemory>(mem: &G, addr: u64) -> Result<u32, Error> {
+    mem.load::<u32>(GuestAddress(addr), Ordering::Acquire)
+        .map(u32::from_le)
+        .map_err(|source| Error::GuestMemory { addr, source })
+}
+
+/// Writes a whole event suppression structure at `addr` (see [`read_u32`]).
+fn write_u32<G: GuestMemory>(mem: &G, addr: u64, value: u32) -> Result<(), Error> {
+    mem.store(value.to_le(), GuestAddress(addr), Ordering::Release)
         .map_err(|source| Error::GuestMemory { addr, source })
 }
 
