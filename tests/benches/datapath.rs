@@ -22,14 +22,24 @@
 //! `--depth N` (only the cells of that depth, then only the throughput, floor, handshake and
 //! layout tables), `--callgrind-only` (the instructions-per-request table alone: the
 //! before/after check of a change, repeatable on a loaded machine; with `--layouts-only`, the
-//! layouts' one), `--vu-null PATH`.
+//! layouts' one), `--vu-null PATH`,
+//! `--models` (only the driver-model tables of `datapath/models.rs`; `--model NAME`,
+//! `--cpus 1|2` and `--descs N` narrow them; the full run prints them after the others),
+//! `--svg DIR` (write the driver-model charts there, one SVG per model).
 //!
 //! The last tables compare the two ring layouts on `vu_null` alone (the reference serves split
 //! rings only): the same matrix and driver model, the driver [`LeanPacked`] for packed rings.
+//!
+//! The environment variable `VU_BENCH_BACKEND_PREFIX` puts a command in front of every backend
+//! (its words, then `taskset ...`), for experiments such as a fixed scheduling order
+//! (`chrt -f 1`) or profiling (`valgrind --tool=callgrind --trace-children=yes`).
 
 // The harness measures and steers other processes (their CPU clocks, SIGTERM, inotify on
 // their sockets), system calls std does not wrap: its `unsafe` blocks are allowed here.
 #![allow(unsafe_code)]
+
+#[path = "datapath/models.rs"]
+mod models;
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -44,6 +54,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::tempdir::TempDir;
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::frontend::Frontend;
+use vu_tests::driver_models::{self, Model, Outcome, Until};
 use vu_tests::lean_driver::floor::FloorDevice;
 use vu_tests::lean_driver::{LeanDriver, LeanQueue, Segment};
 use vu_tests::lean_packed::LeanPacked;
@@ -79,6 +90,9 @@ mod reference {
     /// per pass, notifications suppressed while it works, all under one lock of the vring.
     pub(crate) struct RefNull {
         pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        /// The per-chain idiom: decide on (and send) the interrupt after every chain, as
+        /// the vhost-device backends do, instead of once per pass.
+        pub(crate) per_chain: bool,
     }
 
     impl VhostUserBackend for RefNull {
@@ -128,8 +142,11 @@ mod reference {
                         .filter(|d| d.is_write_only())
                         .fold(0u32, |total, d| total.saturating_add(d.len()));
                     state.add_used(head, len).map_err(io::Error::other)?;
+                    if self.per_chain && state.needs_notification().map_err(io::Error::other)? {
+                        state.signal_used_queue()?;
+                    }
                 }
-                if state.needs_notification().map_err(io::Error::other)? {
+                if !self.per_chain && state.needs_notification().map_err(io::Error::other)? {
                     state.signal_used_queue()?;
                 }
                 if !state.enable_notification().map_err(io::Error::other)? {
@@ -140,9 +157,12 @@ mod reference {
     }
 
     /// Serves one frontend on `path`, then returns.
-    pub(crate) fn serve(path: &Path) -> Result<(), String> {
+    pub(crate) fn serve(path: &Path, per_chain: bool) -> Result<(), String> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(RefNull { mem: mem.clone() });
+        let backend = Arc::new(RefNull {
+            mem: mem.clone(),
+            per_chain,
+        });
         let mut daemon = VhostUserDaemon::new("ref-null".to_owned(), backend, mem)
             .map_err(|e| format!("daemon: {e}"))?;
         let mut listener = Listener::new(path, true).map_err(|e| format!("listen: {e}"))?;
@@ -164,6 +184,8 @@ mod reference {
 enum Impl {
     Vu,
     Ref,
+    /// The reference with the per-chain interrupt decision.
+    RefChain,
     /// Not a backend: a process that echoes fixed-size messages, for the socket's own cost.
     Echo,
 }
@@ -173,6 +195,7 @@ impl Impl {
         match self {
             Impl::Vu => "vu",
             Impl::Ref => "ref",
+            Impl::RefChain => "ref per chain",
             Impl::Echo => "echo",
         }
     }
@@ -217,6 +240,12 @@ struct Options {
     layouts_only: bool,
     /// Only cells of this depth (`--depth N`).
     depth: Option<usize>,
+    /// Only the driver-model tables (`--models`).
+    models_only: bool,
+    /// Which driver-model cells to run.
+    model_filter: models::ModelFilter,
+    /// Where to write the driver-model charts (`--svg DIR`).
+    svg_dir: Option<PathBuf>,
     vu_null: PathBuf,
 }
 
@@ -233,7 +262,16 @@ impl Backend {
         let dir = TempDir::new_with_prefix("/tmp/vu-bench-").expect("temp dir");
         let path = dir.as_path().join("s.sock");
         let watch = Watch::new(dir.as_path());
-        let mut cmd = Command::new("taskset");
+        let prefix = std::env::var("VU_BENCH_BACKEND_PREFIX").unwrap_or_default();
+        let mut words = prefix.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(first) => {
+                let mut c = Command::new(first);
+                c.args(words).arg("taskset");
+                c
+            }
+            None => Command::new("taskset"),
+        };
         cmd.arg("-c").arg(cpu.to_string());
         if let Some(out) = cg {
             cmd.args(["valgrind", "--tool=callgrind", "-q"]);
@@ -247,11 +285,11 @@ impl Backend {
                     .args(["--log-level", "warn"])
                     .args(extra);
             }
-            Impl::Ref | Impl::Echo => {
-                let mode = if which == Impl::Ref {
-                    "--serve-ref"
-                } else {
-                    "--serve-echo"
+            Impl::Ref | Impl::RefChain | Impl::Echo => {
+                let mode = match which {
+                    Impl::Ref => "--serve-ref",
+                    Impl::RefChain => "--serve-ref-chain",
+                    _ => "--serve-echo",
                 };
                 cmd.arg(std::env::current_exe().expect("current exe"))
                     .arg(mode)
@@ -309,7 +347,7 @@ impl Backend {
         (field("VmRSS:"), field("Threads:"))
     }
 
-    /// Ends the backend: the reference exits when its frontend leaves, vu_null on SIGTERM.
+    /// Ends the backend: the references exit when their frontend leaves, vu_null on SIGTERM.
     fn finish(mut self) {
         if self.which == Impl::Vu {
             let pid = libc::pid_t::try_from(self.pid()).expect("pid");
@@ -520,13 +558,6 @@ fn handshake<Q: LeanDriver>(
         queue,
     };
     (device, elapsed)
-}
-
-/// When the driver stops posting.
-#[derive(Debug, Clone, Copy)]
-enum Until {
-    Time(Duration),
-    Requests(u64),
 }
 
 /// Keeps `depth` chains in flight until `until`, then drains; returns the requests completed
@@ -811,6 +842,7 @@ fn run(opts: &Options) {
     }
     polling(opts);
     footprint(opts);
+    models::models(opts);
     if opts.callgrind {
         callgrind(opts);
     }
@@ -1127,12 +1159,15 @@ fn main() -> ExitCode {
         serve_echo(Path::new(path));
         return ExitCode::SUCCESS;
     }
-    if let Some(i) = args.iter().position(|a| a == "--serve-ref") {
+    if let Some(i) = args
+        .iter()
+        .position(|a| a == "--serve-ref" || a == "--serve-ref-chain")
+    {
         let Some(path) = args.get(i + 1) else {
-            eprintln!("--serve-ref needs a socket path");
+            eprintln!("{} needs a socket path", args[i]);
             return ExitCode::from(2);
         };
-        return match reference::serve(Path::new(path)) {
+        return match reference::serve(Path::new(path), args[i] == "--serve-ref-chain") {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("datapath --serve-ref: {e}");
@@ -1150,6 +1185,9 @@ fn main() -> ExitCode {
         callgrind_only: false,
         layouts_only: false,
         depth: None,
+        models_only: false,
+        model_filter: models::ModelFilter::default(),
+        svg_dir: None,
         vu_null: default_vu_null(),
     };
     let mut words = args.iter();
@@ -1185,6 +1223,32 @@ fn main() -> ExitCode {
                         .expect("--depth N"),
                 );
             }
+            "--models" => opts.models_only = true,
+            "--svg" => opts.svg_dir = Some(PathBuf::from(words.next().expect("--svg DIR"))),
+            "--model" => {
+                let name = words.next().map(String::as_str).unwrap_or_default();
+                let Some(model) = Model::from_name(name) else {
+                    eprintln!(
+                        "datapath: --model takes one of {:?}",
+                        Model::ALL.map(Model::name)
+                    );
+                    return ExitCode::from(2);
+                };
+                opts.model_filter.models.push(model);
+            }
+            "--cpus" => {
+                opts.model_filter.placement = match words.next().map(String::as_str) {
+                    Some("1") => Some(Placement::OneCpu),
+                    Some("2") => Some(Placement::TwoCpus),
+                    _ => {
+                        eprintln!("datapath: --cpus takes 1 or 2");
+                        return ExitCode::from(2);
+                    }
+                };
+            }
+            "--descs" => {
+                opts.model_filter.descs = words.next().and_then(|n| n.parse().ok());
+            }
             "--vu-null" => opts.vu_null = PathBuf::from(words.next().expect("--vu-null PATH")),
             // Passed by `cargo bench`.
             "--bench" => {}
@@ -1208,6 +1272,10 @@ fn main() -> ExitCode {
     print_machine();
     if opts.handshake_only {
         handshake_only(&opts);
+        return ExitCode::SUCCESS;
+    }
+    if opts.models_only {
+        models::models(&opts);
         return ExitCode::SUCCESS;
     }
     if opts.polling_only {

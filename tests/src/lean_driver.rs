@@ -19,6 +19,7 @@
 //! [`SplitQueue`](crate::virtqueue::SplitQueue) stays the driver of the behaviour tests: it
 //! keeps every chain's contents and checks them; this one only counts.
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// `VIRTQ_USED_F_NO_NOTIFY`.
 const USED_F_NO_NOTIFY: u16 = 1;
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 // The ring layout is vu-vring's (`vu_vring::layout`), the one the device reads.
 /// Bytes of a split-ring descriptor.
@@ -82,6 +85,7 @@ pub struct LeanQueue {
     /// Keeps the mapping the pointers below point into alive.
     _mem: GuestMemoryMmap,
     desc: *const Desc,
+    avail_flags: *const AtomicU16,
     avail_idx_ptr: *const AtomicU16,
     avail_ring: *const AtomicU16,
     used_event: *const AtomicU16,
@@ -109,6 +113,8 @@ pub struct LeanQueue {
     /// Sum of the lengths the device reported, so the work cannot be optimised away and a
     /// benchmark can check it.
     used_bytes: u64,
+    /// Call eventfd signals consumed (the eventfd counter's values read).
+    interrupts: Cell<u64>,
     /// The kick eventfd (driver to device), passed with `SET_VRING_KICK`.
     pub kick: EventFd,
     /// The call eventfd (device to driver), passed with `SET_VRING_CALL`.
@@ -144,6 +150,7 @@ impl LeanQueue {
             size,
             _mem: memory.mem().clone(),
             desc: d.cast(),
+            avail_flags: a.cast(),
             avail_idx_ptr: at(a, 2).cast(),
             avail_ring: at(a, RING_ENTRIES).cast(),
             used_event: at(a, RING_ENTRIES + 2 * n).cast(),
@@ -164,6 +171,7 @@ impl LeanQueue {
             last_used: 0,
             event_idx: false,
             used_bytes: 0,
+            interrupts: Cell::new(0),
             kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
             call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
         };
@@ -315,40 +323,150 @@ impl LeanQueue {
     pub fn take_used(&mut self) -> usize {
         let mut n = 0;
         loop {
-            let used_idx = u16::from_le(self.ring(self.used_idx_ptr, 0).load(Ordering::Acquire));
-            while self.last_used != used_idx {
-                let elem = self.used_elem(self.last_used % self.size);
-                let id = u32::from_le(elem.id.load(Ordering::Relaxed));
-                let len = u32::from_le(elem.len.load(Ordering::Relaxed));
-                let head = u16::try_from(id)
-                    .ok()
-                    .filter(|&h| h < self.size && self.in_flight_head[usize::from(h)])
-                    .unwrap_or_else(|| {
-                        panic!("queue {}: used id {id} was not in flight", self.index)
-                    });
-                self.in_flight_head[usize::from(head)] = false;
-                self.free.push(head);
-                self.used_bytes += u64::from(len);
-                self.last_used = self.last_used.wrapping_add(1);
-                n += 1;
-            }
-            if !self.event_idx {
-                return n;
-            }
-            self.ring(self.used_event, 0)
-                .store(self.last_used.to_le(), Ordering::Relaxed);
-            // used_event must be visible before the used index is read again.
-            fence(Ordering::SeqCst);
-            let again = u16::from_le(self.ring(self.used_idx_ptr, 0).load(Ordering::Acquire));
-            if again == self.last_used {
+            n += self.reap(usize::MAX);
+            if !self.event_idx || !self.arm() {
                 return n;
             }
         }
     }
 
+    /// Takes up to `max` used entries and frees their chains, touching no notification
+    /// field. Returns how many were taken.
+    pub fn reap(&mut self, max: usize) -> usize {
+        let used_idx = u16::from_le(self.ring(self.used_idx_ptr, 0).load(Ordering::Acquire));
+        let mut n = 0;
+        while self.last_used != used_idx && n < max {
+            let elem = self.used_elem(self.last_used % self.size);
+            let id = u32::from_le(elem.id.load(Ordering::Relaxed));
+            let len = u32::from_le(elem.len.load(Ordering::Relaxed));
+            let head = u16::try_from(id)
+                .ok()
+                .filter(|&h| h < self.size && self.in_flight_head[usize::from(h)])
+                .unwrap_or_else(|| panic!("queue {}: used id {id} was not in flight", self.index));
+            self.in_flight_head[usize::from(head)] = false;
+            self.free.push(head);
+            self.used_bytes += u64::from(len);
+            self.last_used = self.last_used.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes one used entry, as Linux's `virtqueue_get_buf` with callbacks enabled: with
+    /// EVENT_IDX it then stores `used_event` (the last used index) with a full barrier, so
+    /// the device interrupts for the next one. Returns whether an entry was taken.
+    pub fn get_buf(&mut self) -> bool {
+        if self.reap(1) == 0 {
+            return false;
+        }
+        if self.event_idx {
+            self.ring(self.used_event, 0)
+                .store(self.last_used.to_le(), Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// The number of used entries the driver has not taken yet.
+    fn unseen(&self) -> u16 {
+        let used_idx = u16::from_le(self.ring(self.used_idx_ptr, 0).load(Ordering::Acquire));
+        used_idx.wrapping_sub(self.last_used)
+    }
+
+    /// Asks for an interrupt at the next used entry and returns whether entries were used
+    /// meanwhile (Linux's `virtqueue_enable_cb_prepare` and `virtqueue_poll`): with EVENT_IDX
+    /// `used_event` becomes the last used index seen, without it `VRING_AVAIL_F_NO_INTERRUPT`
+    /// is cleared.
+    pub fn arm(&mut self) -> bool {
+        if self.event_idx {
+            self.ring(self.used_event, 0)
+                .store(self.last_used.to_le(), Ordering::Relaxed);
+        } else {
+            self.ring(self.avail_flags, 0).store(0, Ordering::Relaxed);
+        }
+        // The request must be visible before the used index is read again.
+        fence(Ordering::SeqCst);
+        self.unseen() != 0
+    }
+
+    /// Asks for an interrupt once three quarters of the chains in flight are used, and
+    /// returns whether that many were used meanwhile (Linux's
+    /// `virtqueue_enable_cb_delayed`). Without EVENT_IDX this is [`arm`](Self::arm).
+    pub fn arm_delayed(&mut self) -> bool {
+        if !self.event_idx {
+            return self.arm();
+        }
+        let bufs = u16::try_from(self.in_flight() * 3 / 4).unwrap_or(u16::MAX);
+        self.ring(self.used_event, 0)
+            .store(self.last_used.wrapping_add(bufs).to_le(), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.unseen() > bufs
+    }
+
+    /// Asks for no interrupts (a polling driver): `VRING_AVAIL_F_NO_INTERRUPT`, and with
+    /// EVENT_IDX a `used_event` half the index space away from the last used index, which
+    /// no batch of in-flight chains can cross.
+    pub fn suppress(&mut self) {
+        if self.event_idx {
+            self.ring(self.used_event, 0).store(
+                self.last_used.wrapping_add(0x8000).to_le(),
+                Ordering::Relaxed,
+            );
+        }
+        self.ring(self.avail_flags, 0)
+            .store(AVAIL_F_NO_INTERRUPT.to_le(), Ordering::Relaxed);
+    }
+
     /// Waits for an interrupt on the call eventfd and consumes it; panics after `timeout`.
+    /// The signals it carried (the eventfd's counter) are added to
+    /// [`interrupts`](Self::interrupts).
     pub fn wait_interrupt(&self, timeout: Duration) {
-        wait_call(&self.call, self.index, self.in_flight(), timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "queue {}: no interrupt before the timeout ({})",
+                self.index,
+                self.ring_state()
+            );
+            if wait_readable(self.call.as_raw_fd(), left) {
+                if let Ok(n) = self.call.read() {
+                    self.interrupts.set(self.interrupts.get() + n);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The ring's indices and notification fields, for a failure message.
+    pub fn ring_state(&self) -> String {
+        let load = |p: *const AtomicU16| u16::from_le(self.ring(p, 0).load(Ordering::SeqCst));
+        format!(
+            "{} in flight; avail idx {}, kicked at {}, last used {}, used idx {}, \
+             used_event {}, avail_event {}, used flags {}",
+            self.in_flight(),
+            self.avail_idx,
+            self.kicked_at,
+            self.last_used,
+            load(self.used_idx_ptr),
+            load(self.used_event),
+            load(self.avail_event),
+            load(self.used_flags),
+        )
+    }
+
+    /// Adds the signals pending on the call eventfd to [`interrupts`](Self::interrupts)
+    /// without waiting (a polling driver never waits on it).
+    pub fn collect_interrupts(&mut self) {
+        if let Ok(n) = self.call.read() {
+            self.interrupts.set(self.interrupts.get() + n);
+        }
+    }
+
+    /// The device's writes of the call eventfd the driver consumed so far.
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts.get()
     }
 }
 
@@ -606,6 +724,65 @@ mod tests {
             .store(USED_F_NO_NOTIFY, Ordering::Relaxed);
         q.post(1);
         assert!(!q.kick_prepare());
+    }
+
+    fn used_event(q: &LeanQueue) -> u16 {
+        u16::from_le(q.ring(q.used_event, 0).load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn arming_asks_for_the_next_interrupt_and_sees_entries_used_meanwhile() {
+        let mut mem = DriverMemory::new(1 << 20);
+        let mut q = LeanQueue::new(&mut mem, 0, 16, &chain());
+        q.set_event_idx(true);
+        let mut dev = FloorDevice::new(&mem, &q, true);
+        q.post(4);
+        dev.process();
+        assert_eq!(q.reap(3), 3);
+        // One used entry is still unseen: arming reports it.
+        assert!(q.arm());
+        assert_eq!(used_event(&q), 3);
+        assert_eq!(q.reap(usize::MAX), 1);
+        assert!(!q.arm());
+        assert_eq!(used_event(&q), 4);
+    }
+
+    #[test]
+    fn delayed_arming_waits_for_three_quarters_of_the_chains_in_flight() {
+        let mut mem = DriverMemory::new(1 << 20);
+        let mut q = LeanQueue::new(&mut mem, 0, 16, &chain());
+        q.set_event_idx(true);
+        q.post(4);
+        assert!(!q.arm_delayed());
+        assert_eq!(used_event(&q), 3);
+    }
+
+    #[test]
+    fn get_buf_takes_one_entry_and_moves_used_event_with_it() {
+        let mut mem = DriverMemory::new(1 << 20);
+        let mut q = LeanQueue::new(&mut mem, 0, 16, &chain());
+        q.set_event_idx(true);
+        let mut dev = FloorDevice::new(&mem, &q, true);
+        q.post(2);
+        dev.process();
+        assert!(q.get_buf());
+        assert_eq!(used_event(&q), 1);
+        assert!(q.get_buf());
+        assert!(!q.get_buf());
+        assert_eq!(used_event(&q), 2);
+    }
+
+    #[test]
+    fn a_suppressing_driver_gets_no_interrupt_decision_from_the_device() {
+        let mut mem = DriverMemory::new(1 << 20);
+        let mut q = LeanQueue::new(&mut mem, 0, 16, &chain());
+        q.set_event_idx(true);
+        let mut dev = FloorDevice::new(&mem, &q, true);
+        q.suppress();
+        q.post(5);
+        dev.process();
+        assert_eq!(dev.interrupts, 0);
+        assert_eq!(q.reap(usize::MAX), 5);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Shared test support for the vu workspace: a scripted-frontend toolbox for the vu-proto
-//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), its packed-ring counterpart ([`packed_driver`]) and lean ones for benchmarks ([`lean_driver`], split, and [`lean_packed`]), a device setup helper over
+//! tests ([`proto_support`]), a virtqueue driver ([`virtqueue`]), its packed-ring counterpart ([`packed_driver`]) and lean ones for benchmarks ([`lean_driver`], split, and [`lean_packed`]) with the guest driver models the split one is driven as ([`driver_models`]), a device setup helper over
 //! vu-proto's `Frontend` ([`device`]), test backends ([`backends`]) and fd-leak helpers
 //! ([`fdleak`]).
 pub mod proto_support;
@@ -7,6 +7,7 @@ pub mod proto_support;
 pub mod backends;
 pub mod daemon_support;
 pub mod device;
+pub mod driver_models;
 pub mod fdleak;
 // The hostile frontend sends what `Endpoint` refuses to (fds with any payload, truncated
 // ancillary data): raw `sendmsg`/`recv` are its purpose.

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the data-path benchmark. Builds the `vu_null` example, then runs the
 //! `datapath` bench of `vu-tests` (tests/benches/datapath.rs), which drives `vu_null` and a null
 //! device on rust-vmm's vhost-user-backend with one virtqueue driver (the lean driver of
-//! `vu-tests`) and prints the tables of docs/performance.md, the in-memory floor among them.
+//! `vu-tests`) and prints the tables of docs/performance.md, the in-memory floor among them,
+//! then the same backends under five guest driver models (`vu_tests::driver_models`).
 //! Timings never gate anything: this is not a `ci` step.
 
 use std::process::ExitCode;
@@ -11,9 +12,11 @@ use crate::cmd::Cmd;
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                          [--handshake-only | --polling-only | --callgrind-only | --layouts-only]
+                         [--models [--model NAME]...]
        cargo xtask bench --net [--seconds N]
 
-  (default)       5 interleaved runs of 250 ms per cell, callgrind counts (a few minutes)
+  (default)       5 interleaved runs of 250 ms per cell, callgrind counts, then the
+                  driver-model tables (about 8 minutes)
   --quick         3 runs of 100 ms per cell
   --smoke         one tiny run of everything: checks that the harness works end to end
   --runs N        this many interleaved runs per cell
@@ -25,6 +28,11 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                   only the instructions-per-request table (callgrind; the before/after
                   check of a change); with --layouts-only, the layouts' one
   --layouts-only  only vu_null with split against packed rings (same driver model)
+  --models        only the driver-model tables: every model (idle-arm, eager-arm,
+                  linux-blk, napi, polling) x 1 and 2 CPUs x depth 1/32/128 x 1 and 3
+                  descriptors, vu_null against both rust-vmm idioms
+  --model NAME    with --models: only this model (repeatable)
+  Every run that draws the driver-model tables redraws docs/charts/model-*.svg.
   --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
                   (cargo xtask bench --net --help)
 ";
@@ -40,7 +48,14 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     while let Some(word) = words.next() {
         match word.as_str() {
             "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only"
-            | "--callgrind-only" | "--layouts-only" => pass.push(word),
+            | "--callgrind-only" | "--layouts-only" | "--models" => pass.push(word),
+            "--model" => match words.next() {
+                Some(name) => pass.extend(["--model", name.as_str()]),
+                None => {
+                    eprintln!("xtask bench: --model needs a name\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--runs" => match words.next() {
                 Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
                     pass.extend(["--runs", n.as_str()]);
@@ -60,6 +75,11 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             }
         }
     }
+    // The driver-model charts of docs/performance.md, redrawn with every run's numbers.
+    let charts = crate::workspace_root()
+        .join("docs/charts")
+        .display()
+        .to_string();
     let steps = [
         Cmd::cargo(&[
             "build",
@@ -69,7 +89,9 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             "--example",
             "vu_null",
         ]),
-        Cmd::cargo(&["bench", "-p", "vu-tests", "--bench", "datapath", "--"]).args(&pass),
+        Cmd::cargo(&["bench", "-p", "vu-tests", "--bench", "datapath", "--"])
+            .args(&pass)
+            .args(&["--svg", charts.as_str()]),
     ];
     for step in &steps {
         if let Err(err) = step.run() {
