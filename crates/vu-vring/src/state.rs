@@ -414,7 +414,12 @@ impl<M: GuestAddressSpace> VringData<M> {
                 Tracker::link(&mut self.tracker, region, batch);
             }
             let mut published = 0;
-            for &(head, len) in batch {
+            // Untracked, through the ring's mapping: the round's elements, then one store of
+            // the index (tracking keeps one publication per chain: its area follows each).
+            if let (false, Some(ring)) = (TRACK, ring) {
+                published = put_used_round(&mut self.queue, ring, batch);
+            }
+            for &(head, len) in &batch[published..] {
                 if let Err(err) = put_used(&mut self.queue, ring, mem, head, len) {
                     if TRACK {
                         let done = &batch[..published];
@@ -1116,6 +1121,40 @@ where
     queue
         .add_used(mem, head, len)
         .map_err(|source| Error::AddUsed { head, source })
+}
+
+/// Writes the used elements of `batch` from `next_used` on through `ring` (from
+/// [`used_ring_slice`]), then publishes the index after the last one with one `Release`
+/// store: a driver that sees the index sees every element before it, as with [`put_used`],
+/// for one index store per round instead of one per chain. Returns how many were written and
+/// published; the rest of the batch (none, unless a head is past the queue size or a store was
+/// refused) is left to [`put_used`].
+fn put_used_round<B: BitmapSlice>(
+    queue: &mut Queue,
+    ring: &VolatileSlice<'_, B>,
+    batch: &[(u16, u32)],
+) -> usize {
+    let size = queue.size();
+    let mut next = Wrapping(queue.next_used());
+    let mut written = 0;
+    for &(head, len) in batch {
+        // In bounds: `slot < size` and the slice covers the header and `size` elements.
+        let elem = (USED_HEADER + USED_ELEM * u64::from(next.0 % size)) as usize;
+        if head >= size
+            || !store_used(ring, u32::from(head).to_le(), elem, Ordering::Relaxed)
+            || !store_used(ring, len.to_le(), elem + 4, Ordering::Relaxed)
+        {
+            break;
+        }
+        next += Wrapping(1);
+        written += 1;
+    }
+    if written == 0 || !store_used(ring, next.0.to_le(), USED_IDX as usize, Ordering::Release) {
+        // Nothing published: put_used writes the elements again, one by one.
+        return 0;
+    }
+    queue.set_next_used(next.0);
+    written
 }
 
 /// One store of [`put_used`]; `false` when guest memory refused it. (The tests' crash
