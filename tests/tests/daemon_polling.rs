@@ -1,5 +1,6 @@
 //! Adaptive polling (`VhostUserDaemon::set_polling`) over a real socket: a polled queue serves
-//! chains the driver publishes without kicking, kicks are never lost (EVENT_IDX on and off,
+//! chains the driver publishes without kicking and asks the driver not to kick while it
+//! polls, kicks are never lost (EVENT_IDX on and off,
 //! across the ring wrap, after the window closed), and a polling worker still stops, quiesces
 //! for `GET_VRING_BASE` and serves its other queues. No timing is asserted: the windows are
 //! either far longer than any test (so that polling is certainly on) or as short as possible
@@ -58,6 +59,39 @@ fn polled_queue_serves_chains_published_without_a_kick() {
 #[test]
 fn polled_queue_serves_chains_published_without_a_kick_with_event_idx() {
     unkicked_chain_is_served(true);
+}
+
+/// While its window is open, the polled queue asks the driver not to kick: at most the first
+/// chain after the window opened (EVENT_IDX's `avail_event` is left where the kicked pass put
+/// it) comes with a kick.
+fn polled_queue_holds_kicks_off(event_idx: bool) {
+    let running = Running::serving(echo(1));
+    running.daemon.set_polling(0, FOREVER).unwrap();
+    let mut dev = running.device(&setup(event_idx));
+    round_trip(&mut dev, 0, 1);
+    let mut kicks = 0;
+    for tag in 2..40u8 {
+        let queue = dev.queue(0);
+        let old = queue.avail_idx();
+        queue.post(&[Buf::Readable(vec![tag; 4]), Buf::Writable(4)]);
+        if queue.needs_kick(old) {
+            kicks += 1;
+            queue.kick();
+        }
+        let used = queue.wait_used(1, DEVICE_TIMEOUT);
+        assert_eq!(used[0].written, vec![vec![tag; 4]]);
+    }
+    assert!(kicks <= 1, "{kicks} kicks asked for 38 polled chains");
+}
+
+#[test]
+fn polled_queue_holds_kicks_off_without_event_idx() {
+    polled_queue_holds_kicks_off(false);
+}
+
+#[test]
+fn polled_queue_holds_kicks_off_with_event_idx() {
+    polled_queue_holds_kicks_off(true);
 }
 
 fn kicked_chains_all_complete(event_idx: bool, budget: Duration) {

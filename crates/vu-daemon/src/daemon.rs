@@ -151,6 +151,26 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
         // popped from, and polling it would spin until the budget ends.
         data.pending_chains().is_ok_and(|n| n != 0)
     }
+
+    fn hold_kicks(&self, queue: u16) {
+        if let Some(vring) = self.vrings.get(usize::from(queue)) {
+            if let Err(e) = vring.get_mut().hold_kicks() {
+                log::warn!("queue {queue}: cannot hold kicks off while polling: {e}");
+            }
+        }
+    }
+
+    fn release_kicks(&self, queue: u16) -> bool {
+        let Some(vring) = self.vrings.get(usize::from(queue)) else {
+            return false;
+        };
+        let released = vring.get_mut().release_kicks();
+        released.unwrap_or_else(|e| {
+            // Dispatch the queue: the device meets the broken ring and reports it.
+            log::warn!("queue {queue}: cannot re-enable kicks: {e}");
+            true
+        })
+    }
 }
 
 /// A duplicate of the kick eventfd currently stored in `vring`, if any.
@@ -464,6 +484,11 @@ where
     /// busy. The spin does not yield: give the worker a CPU of its own. (On a CPU shared with
     /// the driver the scheduler still runs the driver when its wait ends, but every round trip
     /// then pays for the switch, and a busy neighbour on the worker's CPU takes the gain away.)
+    /// While the queue is polled, the driver is asked not to kick
+    /// ([`VringData::hold_kicks`](vu_vring::VringData::hold_kicks)): a device's own
+    /// `enable_notification` then returns `false` and leaves kicks suppressed, as the worker
+    /// looks at the ring itself; notifications are re-enabled, with the usual re-check, before
+    /// the worker sleeps.
     ///
     /// Fails (an `Io` error of kind `InvalidInput`) if the queue does not exist.
     pub fn set_polling(&self, queue: u16, budget: Duration) -> Result<(), DaemonError> {

@@ -93,6 +93,9 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Chains the device took to complete later ([`Completion::Later`]) and has not completed
     /// ([`VringData::complete_deferred`]).
     deferred: usize,
+    /// Driver notifications are held off by a poller ([`VringData::hold_kicks`]):
+    /// [`VringData::enable_notification`] leaves them suppressed.
+    kicks_held: bool,
 }
 
 /// What [`VringData::restart`] did.
@@ -130,6 +133,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             tracker: None,
             deferred: 0,
             packed: None,
+            kicks_held: false,
         })
     }
 
@@ -685,7 +689,18 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Re-enables driver notifications (kicks) and returns whether new chains arrived in the
     /// meantime, in which case the caller processes the queue again.
+    ///
+    /// While a poller holds kicks off ([`hold_kicks`](Self::hold_kicks)) this leaves them
+    /// suppressed and returns `false`: the poller looks at the ring itself, and
+    /// [`release_kicks`](Self::release_kicks) does the re-enable and its re-check.
     pub fn enable_notification(&mut self) -> Result<bool, Error> {
+        if self.kicks_held {
+            return Ok(false);
+        }
+        self.enable_notification_now()
+    }
+
+    fn enable_notification_now(&mut self) -> Result<bool, Error> {
         let mem = self.mem.memory();
         if let Some(packed) = &self.packed {
             return packed.enable_notification(&self.queue, mem.deref());
@@ -700,6 +715,30 @@ impl<M: GuestAddressSpace> VringData<M> {
             return packed.disable_notification(&self.queue, mem.deref());
         }
         Ok(self.queue.disable_notification(mem.deref())?)
+    }
+
+    /// Suppresses driver notifications for as long as a poller (vu-daemon's polling worker)
+    /// watches the ring, so that the driver does not kick for chains the poller finds anyway:
+    /// [`enable_notification`](Self::enable_notification) leaves them suppressed until
+    /// [`release_kicks`](Self::release_kicks). A ring that is not started is only marked.
+    pub fn hold_kicks(&mut self) -> Result<(), Error> {
+        self.kicks_held = true;
+        if !self.ready() {
+            return Ok(());
+        }
+        self.disable_notification()
+    }
+
+    /// Ends [`hold_kicks`](Self::hold_kicks): re-enables driver notifications (with
+    /// `VIRTIO_F_EVENT_IDX`, `avail_event` at the device's next available index) and returns
+    /// whether chains are available, which no kick will announce: the poller must have them
+    /// served before it sleeps. A ring that is not started is only unmarked (`false`).
+    pub fn release_kicks(&mut self) -> Result<bool, Error> {
+        self.kicks_held = false;
+        if !self.ready() {
+            return Ok(false);
+        }
+        self.enable_notification_now()
     }
 
     /// Whether the ring is enabled (`SET_VRING_ENABLE`).
@@ -1020,6 +1059,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.tracker = None;
         self.packed = None;
         self.deferred = 0;
+        self.kicks_held = false;
     }
 
     /// Refuses `operation` on a packed ring.

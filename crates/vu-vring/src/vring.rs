@@ -1072,6 +1072,47 @@ mod tests {
         assert_eq!(driver.avail_event(), 3);
     }
 
+    fn held_kicks_stay_suppressed_until_released<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.get_mut().hold_kicks().unwrap();
+        assert_eq!(driver.used_flags(), 1);
+        // A device's own re-enable leaves them suppressed while the poller holds them.
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.used_flags(), 1);
+        driver.offer(1);
+        // The release re-enables and reports the chain no kick announced.
+        assert!(vring.get_mut().release_kicks().unwrap());
+        assert_eq!(driver.used_flags(), 0);
+    }
+
+    fn held_kicks_with_event_idx_leave_avail_event_behind<V: VringT<Mem>>() {
+        let (vring, mut driver) = started::<V>();
+        vring.set_queue_event_idx(true);
+        driver.offer(3);
+        pop_all(&vring);
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.avail_event(), 3);
+        vring.get_mut().hold_kicks().unwrap();
+        driver.offer(2);
+        pop_all(&vring);
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.avail_event(), 3);
+        assert!(!vring.get_mut().release_kicks().unwrap());
+        assert_eq!(driver.avail_event(), 5);
+    }
+
+    fn reset_ends_a_hold<V: VringT<Mem>>() {
+        let (vring, driver) = started::<V>();
+        vring.get_mut().hold_kicks().unwrap();
+        vring.get_mut().reset();
+        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.disable_notification().unwrap();
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(driver.used_flags(), 0);
+    }
+
     fn event_idx_processing_loop_drains_the_queue<V: VringT<Mem>>() {
         let (vring, mut driver) = started::<V>();
         vring.set_queue_event_idx(true);
@@ -1273,6 +1314,9 @@ mod tests {
         enable_notification_reports_chains_offered_meanwhile,
         enable_notification_with_event_idx_publishes_avail_event,
         event_idx_processing_loop_drains_the_queue,
+        held_kicks_stay_suppressed_until_released,
+        held_kicks_with_event_idx_leave_avail_event_behind,
+        reset_ends_a_hold,
         reference_shaped_guard_access_works,
         read_kick_consumes_the_counter_and_reports_enabled,
         read_kick_on_disabled_ring_reports_disabled,
