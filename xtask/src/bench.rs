@@ -16,7 +16,7 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
        cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts, then the
-                  driver-model tables (about 8 minutes)
+                  driver-model tables (about 20 minutes; --quick about 10)
   --quick         3 runs of 100 ms per cell
   --smoke         one tiny run of everything: checks that the harness works end to end
   --runs N        this many interleaved runs per cell
@@ -30,7 +30,8 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
   --layouts-only  only vu_null with split against packed rings (same driver model)
   --models        only the driver-model tables: every model (idle-arm, eager-arm,
                   linux-blk, napi, polling) x 1 and 2 CPUs x depth 1/32/128 x 1 and 3
-                  descriptors, vu_null against both rust-vmm idioms
+                  descriptors, vu_null against both rust-vmm idioms (with --quick
+                  about 8 minutes)
   --model NAME    with --models: only this model (repeatable)
   Every run that draws the driver-model tables redraws docs/charts/model-*.svg.
   --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
