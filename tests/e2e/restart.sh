@@ -86,17 +86,14 @@ test_restart() {
         wait "$pid"
     done
     why="$(rs_failure)" && rs_fail "$why"
-    # Every region once more, from the disk.
+    # Each worker's last round was read back after the last restart; the host checks every
+    # region in the image after power-off.
     rounds=""
     total=0
     w=0
     while [ "$w" -lt "$workers" ]; do
         [ -e "/tmp/rs-r$w" ] || rs_fail "worker $w finished no round"
-        read -r r want < "/tmp/rs-r$w"
-        got="$(dd if=/dev/vda bs="$RS_REGION" skip=$((RS_FIRST + w)) count=1 iflag=direct \
-            2>/dev/null | sha256sum)"
-        [ "${got%% *}" = "$want" ] \
-            || rs_fail "data: worker $w region holds sha256 ${got%% *} after round $r, not $want"
+        read -r r _ < "/tmp/rs-r$w"
         rounds="$rounds $r"
         total=$((total + r))
         w=$((w + 1))
