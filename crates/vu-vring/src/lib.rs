@@ -201,12 +201,14 @@
 
 mod chain;
 mod error;
+mod eventfd;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inflight;
 pub mod layout;
 mod packed;
 mod process;
+mod ring_state;
 mod state;
 #[cfg(test)]
 mod tests_inflight;
@@ -222,9 +224,8 @@ pub use chain::Chain;
 pub use error::{Error, RingPart};
 pub use inflight::{InflightArea, InflightError, InflightQueue};
 pub use process::{process_queue, process_queue_async, Completion};
-pub use state::{
-    InbandNotifier, Restart, RingState, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT,
-};
+pub use ring_state::{InbandNotifier, Restart, RingState};
+pub use state::{VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
 };

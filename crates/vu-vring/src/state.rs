@@ -1,9 +1,8 @@
 //! [`VringData`]: the plain state of one vring, which every [`VringT`](crate::VringT) guard
 //! dereferences to.
 
-use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::{fence, Ordering};
@@ -15,9 +14,11 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions
 
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
+use crate::eventfd::{eventfd_add_one, eventfd_take};
 use crate::inflight::{crash, InflightError, InflightQueue};
 use crate::packed::{PackedRing, Position};
 use crate::process::Completion;
+use crate::ring_state::{InbandNotifier, Restart, RingState};
 use crate::tracker::Tracker;
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
@@ -34,35 +35,6 @@ use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER, USED_ELEM, USED_HEADER, USED
 /// Chains `serve_available` takes from one iterator over the available ring before it puts
 /// them in the used ring.
 const SERVE_BATCH: usize = 64;
-
-/// The three states a vring can be in (vhost-user spec, "Ring states").
-///
-/// The specification starts a ring when its first kick arrives and stops it on
-/// `GET_VRING_BASE`; here a ring is *started* while it is marked ready, which the daemon does
-/// when the kick fd arrives (`SET_VRING_KICK`, as the reference does) and undoes on
-/// `GET_VRING_BASE` or a reset. A started ring is processed only when it is also *enabled*
-/// (`SET_VRING_ENABLE`, or from the start when `VHOST_USER_F_PROTOCOL_FEATURES` was not
-/// negotiated). The daemon decides the transitions; the vring only stores them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RingState {
-    /// Not started: the backend must not touch the rings.
-    Stopped,
-    /// Started but disabled: the backend consumes kicks but does not process buffers.
-    Disabled,
-    /// Started and enabled: the backend processes buffers.
-    Enabled,
-}
-
-/// Where a ring's notifications go when the frontend gave no eventfd for them: the in-band
-/// messages `VHOST_USER_BACKEND_VRING_CALL` and `VHOST_USER_BACKEND_VRING_ERR`, sent by the
-/// daemon over the back-end channel when in-band notifications are negotiated. This crate
-/// knows no sockets; the daemon implements the trait.
-pub trait InbandNotifier: fmt::Debug + Send + Sync {
-    /// Tells the frontend the ring's used ring has new entries (in place of the call fd).
-    fn call(&self) -> io::Result<()>;
-    /// Tells the frontend the ring hit an error (in place of the error fd).
-    fn error(&self) -> io::Result<()>;
-}
 
 /// The plain, unsynchronised state of one vring.
 ///
@@ -96,17 +68,6 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Driver notifications are held off by a poller ([`VringData::hold_kicks`]):
     /// [`VringData::enable_notification`] leaves them suppressed.
     kicks_held: bool,
-}
-
-/// What [`VringData::restart`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Restart {
-    /// The used index read from guest memory: the device's next used index.
-    pub next_used: u16,
-    /// The next available index the ring starts from.
-    pub next_avail: u16,
-    /// Chains found in flight, to be served again before new ones.
-    pub resubmit: usize,
 }
 
 impl<M: GuestAddressSpace> VringData<M> {
@@ -1214,44 +1175,4 @@ fn store_used<B: BitmapSlice, T: vm_memory::AtomicAccess>(
 /// A queue size is valid when it is a non-zero power of two no larger than `max`.
 fn is_valid_size(size: u16, max: u16) -> bool {
     size.is_power_of_two() && size <= max && size <= MAX_QUEUE_SIZE
-}
-
-/// Adds one to an eventfd counter. A full counter (EAGAIN) already wakes the reader, so it
-/// counts as delivered.
-fn eventfd_add_one(fd: &File) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    loop {
-        match (&*fd).write(&one) {
-            Ok(n) if n == one.len() => return Ok(()),
-            Ok(n) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short eventfd write of {n} bytes"),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reads (and so resets) an eventfd counter, returning it; 0 when a non-blocking eventfd was
-/// empty.
-fn eventfd_take(fd: &File) -> io::Result<u64> {
-    let mut buf = [0u8; 8];
-    loop {
-        match (&*fd).read(&mut buf) {
-            Ok(n) if n == buf.len() => return Ok(u64::from_ne_bytes(buf)),
-            Ok(n) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("short eventfd read of {n} bytes"),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) => return Err(e),
-        }
-    }
 }

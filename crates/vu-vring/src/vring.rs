@@ -10,7 +10,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::error::Error;
-use crate::state::{InbandNotifier, RingState, VringData};
+use crate::ring_state::{InbandNotifier, RingState};
+use crate::state::VringData;
 
 /// The memory handle the vring types default to, as in the reference implementation, so
 /// that `&VringMutex` names `VringMutex<GuestMemoryAtomic<GuestMemoryMmap>>`.
@@ -389,7 +390,8 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::*;
-    use crate::state::{RingState, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
+    use crate::ring_state::RingState;
+    use crate::state::{MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
     use crate::RingPart;
 
     type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
