@@ -512,6 +512,26 @@ fn the_device_area_follows_enable_and_disable() {
 }
 
 #[test]
+fn held_kicks_keep_the_device_area_disabled_until_released() {
+    let (_memory, mut queue, vring) = packed(8);
+    vring.get_mut().hold_kicks().unwrap();
+    assert_eq!(queue.device_area().1, EVENT_DISABLE);
+    // process_queue's own re-enable leaves kicks off while they are held.
+    let before = queue.next_avail();
+    queue.post(&[Buf::Writable(1)]);
+    assert!(!queue.needs_kick(before));
+    assert_eq!(process_queue(&vring, |_| 0), 1);
+    assert_eq!(queue.device_area().1, EVENT_DISABLE);
+    let before = queue.next_avail();
+    queue.post(&[Buf::Writable(1)]);
+    assert!(!queue.needs_kick(before));
+    // The release enables them and reports the chain posted without a kick.
+    assert!(vring.get_mut().release_kicks().unwrap());
+    assert_eq!(queue.device_area().1, EVENT_ENABLE);
+    assert_eq!(process_queue(&vring, |_| 0), 1);
+}
+
+#[test]
 fn the_driver_area_decides_the_interrupt() {
     let (_memory, mut queue, vring) = packed(8);
     // serve_available, not process_queue: the latter takes the decision itself.
