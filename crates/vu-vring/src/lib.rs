@@ -112,7 +112,9 @@
 //! # Serving a queue, and inflight I/O tracking
 //!
 //! [`process_queue`] is the loop a device gets for free (pop, serve, complete, one interrupt
-//! decision per pass, re-enable kicks with the EVENT_IDX re-check); its inner loop is
+//! decision per pass, re-enable kicks with the EVENT_IDX re-check; while a poller holds the
+//! ring's kicks off with [`VringData::hold_kicks`], the re-enable is left to the poller's
+//! [`VringData::release_kicks`]); its inner loop is
 //! [`VringData::serve_available`], which hands out [`Chain`]s. With an inflight area from the
 //! frontend ([`InflightArea`], mapped by the daemon on `SET_INFLIGHT_FD`), the daemon starts
 //! each ring with [`VringData::restart`]: from then on every chain popped is recorded in the
