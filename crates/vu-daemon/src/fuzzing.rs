@@ -408,7 +408,7 @@ pub fn iotlb(data: &[u8]) -> usize {
                         tlb.lookup(msg.iova, msg.size, Permissions::No),
                         Ok(IotlbMapping {
                             iova: msg.iova,
-                            uaddr: msg.uaddr,
+                            addr: msg.uaddr,
                             len: msg.size,
                         })
                     );

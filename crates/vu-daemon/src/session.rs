@@ -52,10 +52,11 @@ mod tests;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use log::{error, warn};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vu_mem::{GuestMemoryManager, RegionBitmap, SharedIotlb};
+use vu_mem::{GuestMemoryManager, RegionBitmap};
 use vu_proto::features::{check_subset, ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::Header;
 use vu_proto::message::{encode_reply, FrontendRequest, RawMessage};
@@ -136,8 +137,9 @@ pub(crate) struct Session<S, V, B: RegionBitmap> {
     warned_unoffered: bool,
     /// The inflight area handed out or received.
     inflight: Option<InflightArea>,
-    /// The device IOTLB that `IOTLB_MSG` fills (empty without ACCESS_PLATFORM).
-    iotlb: SharedIotlb,
+    /// The device IOTLB that `IOTLB_MSG` fills (empty without ACCESS_PLATFORM), which the
+    /// rings translate through when ACCESS_PLATFORM is acked.
+    iommu: Arc<iommu::SessionIommu>,
     #[cfg(feature = "postcopy")]
     postcopy: crate::postcopy::Postcopy,
     /// While listening: the table answered with local addresses and registered with the
@@ -185,7 +187,7 @@ where
             polled,
             warned_unoffered: false,
             inflight: None,
-            iotlb: SharedIotlb::default(),
+            iommu: Arc::new(iommu::SessionIommu::new(iommu::MISS_TIMEOUT)),
             #[cfg(feature = "postcopy")]
             postcopy: crate::postcopy::Postcopy::default(),
             #[cfg(feature = "postcopy")]
@@ -272,7 +274,8 @@ where
         self.status = 0;
         self.warned_unoffered = false;
         self.inflight = None;
-        self.iotlb.clear();
+        self.iommu.iotlb.clear();
+        self.iommu.set_channel(None);
         #[cfg(feature = "postcopy")]
         {
             self.postcopy = crate::postcopy::Postcopy::default();
@@ -455,9 +458,13 @@ where
         );
         let event_idx = masked & VirtioFeatures::RING_EVENT_IDX.bits() != 0;
         let packed = masked & VirtioFeatures::RING_PACKED.bits() != 0;
+        // Behind an IOMMU the rings translate their IOVAs through the connection's IOTLB.
+        let iommu = (masked & VirtioFeatures::ACCESS_PLATFORM.bits() != 0)
+            .then(|| self.iommu.clone() as Arc<dyn vu_vring::Iommu>);
         for vring in &self.vrings {
             vring.set_queue_event_idx(event_idx);
             vring.set_queue_packed(packed);
+            vring.set_iommu(iommu.clone());
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(masked);
@@ -528,7 +535,7 @@ where
         self.backend.reset_device();
         self.inflight = None;
         self.acked_features = 0;
-        self.iotlb.clear();
+        self.iommu.iotlb.clear();
         self.status = 0;
         self.backend.set_event_idx(false);
         // Logging off cannot fail.
@@ -607,6 +614,7 @@ where
         let channel = vu_proto::backend::BackendChannel::from_fd(fd, self.acked_protocol)
             .map_err(|source| SessionError::Socket { request, source })?;
         self.install_inband(Some(&channel));
+        self.iommu.set_channel(Some(channel.clone()));
         self.backend.set_backend_req_fd(channel);
         Ok(())
     }

@@ -141,7 +141,7 @@ fn iotlb(c: &mut Criterion) {
                     let hit = tlb
                         .lookup(black_box(iovas[i]), 512, Permissions::Read)
                         .unwrap();
-                    black_box(m.vmm_to_guest(hit.uaddr, hit.len)).unwrap()
+                    black_box(m.vmm_to_guest(hit.addr, hit.len)).unwrap()
                 })
             },
         );

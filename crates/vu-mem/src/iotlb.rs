@@ -5,10 +5,12 @@
 //! The spec: "the front-end sends IOTLB entries update & invalidation by sending
 //! `VHOST_USER_IOTLB_MSG` requests to the back-end", an update carrying "the I/O virtual
 //! address, the size, the user virtual address, and the permissions flags", an invalidation
-//! "the I/O virtual address and the size". [`Iotlb`] is that table: IOVA ranges mapped to the
-//! frontend's user (VMM) addresses with permissions; [`GuestMemoryManager::vmm_to_guest`]
-//! then takes a user address to the guest physical address that guest memory and the dirty
-//! log are indexed by.
+//! "the I/O virtual address and the size". [`Iotlb`] is that table: IOVA ranges mapped to
+//! addresses with permissions. What the addresses are is the user's choice: vu-daemon takes each update's user address to the
+//! guest physical address ([`GuestMemoryManager::vmm_to_guest`]: an update lies in one memory
+//! region, so its whole range is contiguous there) and stores that, the address guest memory
+//! and the dirty log are indexed by, so a lookup needs no second translation; it empties the
+//! table whenever the memory table changes.
 //!
 //! # Decisions
 //!
@@ -16,7 +18,7 @@
 //!   (newest wins): QEMU answers each miss with an update, and two queues missing the same page
 //!   get two identical updates, which must not be refused.
 //! - An update of zero bytes maps nothing and is refused ([`IotlbError::ZeroSize`]); an update
-//!   whose IOVA or user range wraps past `u64::MAX` is refused ([`IotlbError::Overflow`]).
+//!   whose IOVA or mapped range wraps past `u64::MAX` is refused ([`IotlbError::Overflow`]).
 //! - An invalidation of zero bytes invalidates from its IOVA to the end of the IOVA space: the
 //!   kernel's vhost computes the last byte as `iova + size - 1`, which for `iova = 0, size = 0`
 //!   is everything, and dropping more of a cache than asked is always safe.
@@ -34,6 +36,7 @@
 //! [`GuestMemoryManager::vmm_to_guest`]: crate::GuestMemoryManager::vmm_to_guest
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -56,7 +59,7 @@ pub enum IotlbError {
     /// The last byte of the range, `start + size - 1`, does not fit in 64 bits.
     #[error("IOTLB {space} {start:#x} + size {size:#x} wraps")]
     Overflow {
-        /// Which address the frontend sent: "IOVA" or "user address".
+        /// Which address the frontend sent: "IOVA" or "mapped address".
         space: &'static str,
         /// The start the frontend sent.
         start: u64,
@@ -108,14 +111,14 @@ impl IotlbFault {
     }
 }
 
-/// One contiguous piece of a translation: `len` bytes from `iova` are the frontend's user
-/// addresses from `uaddr`.
+/// One contiguous piece of a translation: `len` bytes from `iova` are the addresses from
+/// `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IotlbMapping {
     /// The first IOVA of the piece.
     pub iova: u64,
-    /// The user (VMM) address `iova` maps to.
-    pub uaddr: u64,
+    /// The address `iova` maps to.
+    pub addr: u64,
     /// The length of the piece in bytes.
     pub len: u64,
 }
@@ -125,15 +128,15 @@ pub struct IotlbMapping {
 struct Entry {
     /// The last IOVA of the range, inclusive (a range may end at `u64::MAX`).
     last: u64,
-    /// The user address of the range's first IOVA.
-    uaddr: u64,
+    /// The address of the range's first IOVA.
+    addr: u64,
     /// What the range allows.
     perm: Permissions,
     /// Insertion order, for eviction; pieces split off an entry keep its number.
     seq: u64,
 }
 
-/// The device IOTLB: non-overlapping IOVA ranges mapped to user addresses with permissions.
+/// The device IOTLB: non-overlapping IOVA ranges mapped to addresses with permissions.
 /// See the module documentation for the rules.
 #[derive(Debug)]
 pub struct Iotlb {
@@ -193,20 +196,20 @@ impl Iotlb {
         self.generation
     }
 
-    /// IOTLB update: maps `size` bytes from `iova` to user addresses from `uaddr` with `perm`,
+    /// IOTLB update: maps `size` bytes from `iova` to the addresses from `addr` with `perm`,
     /// replacing what older entries mapped there.
     pub fn update(
         &mut self,
         iova: u64,
         size: u64,
-        uaddr: u64,
+        addr: u64,
         perm: Permissions,
     ) -> Result<(), IotlbError> {
         if size == 0 {
             return Err(IotlbError::ZeroSize { iova });
         }
         let last = last_byte("IOVA", iova, size)?;
-        last_byte("user address", uaddr, size)?;
+        last_byte("mapped address", addr, size)?;
         self.remove_range(iova, last);
         while self.entries.len() >= self.limit {
             let Some((seq, first)) = self.order.pop_first() else {
@@ -222,7 +225,7 @@ impl Iotlb {
             iova,
             Entry {
                 last,
-                uaddr,
+                addr,
                 perm,
                 seq,
             },
@@ -276,20 +279,20 @@ impl Iotlb {
                 access,
             });
         }
-        // `first <= iova <= entry.last`; the update checked that `uaddr + (last - first)`
+        // `first <= iova <= entry.last`; the update checked that `addr + (last - first)`
         // does not overflow.
         let offset = iova - first;
         let in_entry = (entry.last - iova).saturating_add(1);
         Ok(IotlbMapping {
             iova,
-            uaddr: entry.uaddr + offset,
+            addr: entry.addr + offset,
             len: len.min(in_entry),
         })
     }
 
     /// Translates the whole access of `len` bytes at `iova` into contiguous pieces, in IOVA
     /// order, or reports the first fault. The pieces are not merged: two entries that map
-    /// adjacent IOVAs to adjacent user addresses give two pieces.
+    /// adjacent IOVAs to adjacent addresses give two pieces.
     pub fn translate(
         &self,
         iova: u64,
@@ -326,7 +329,7 @@ impl Iotlb {
             };
             self.order.remove(&(e.seq, start));
             if start < first {
-                // The left part keeps its start and user address.
+                // The left part keeps its start and address.
                 let left = Entry {
                     last: first - 1,
                     ..e
@@ -338,7 +341,7 @@ impl Iotlb {
                 // `start <= last < e.last`, so `last + 1` does not overflow.
                 let right_start = last + 1;
                 let right = Entry {
-                    uaddr: e.uaddr + (right_start - start),
+                    addr: e.addr + (right_start - start),
                     ..e
                 };
                 self.entries.insert(right_start, right);
@@ -385,15 +388,36 @@ pub struct SharedIotlb {
     tlb: Mutex<Iotlb>,
     /// Signalled after every change.
     changed: Condvar,
+    /// The table's generation as of its last change through this type, readable without
+    /// the lock.
+    generation: AtomicU64,
 }
 
 impl SharedIotlb {
     /// Shares `tlb`.
     pub fn new(tlb: Iotlb) -> Self {
+        let generation = AtomicU64::new(tlb.generation());
         SharedIotlb {
             tlb: Mutex::new(tlb),
             changed: Condvar::new(),
+            generation,
         }
+    }
+
+    /// [`Iotlb::generation`] as of the last change made through [`update`](Self::update),
+    /// [`invalidate`](Self::invalidate) or [`clear`](Self::clear), without taking the lock:
+    /// what a worker checks before each use of a cached translation. It is stored before the
+    /// lock of the change is released, so a translation made after a change was seen is
+    /// made from the changed table.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Publishes the generation of `tlb` (held locked) and wakes the waiters.
+    fn publish(&self, tlb: MutexGuard<'_, Iotlb>) {
+        self.generation.store(tlb.generation(), Ordering::Release);
+        drop(tlb);
+        self.changed.notify_all();
     }
 
     /// The table, for a read or a change of its own; a change made through this guard wakes
@@ -409,25 +433,28 @@ impl SharedIotlb {
         &self,
         iova: u64,
         size: u64,
-        uaddr: u64,
+        addr: u64,
         perm: Permissions,
     ) -> Result<(), IotlbError> {
-        let result = self.lock().update(iova, size, uaddr, perm);
-        self.changed.notify_all();
+        let mut tlb = self.lock();
+        let result = tlb.update(iova, size, addr, perm);
+        self.publish(tlb);
         result
     }
 
     /// [`Iotlb::invalidate`], then wakes the waiters.
     pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), IotlbError> {
-        let result = self.lock().invalidate(iova, size);
-        self.changed.notify_all();
+        let mut tlb = self.lock();
+        let result = tlb.invalidate(iova, size);
+        self.publish(tlb);
         result
     }
 
     /// [`Iotlb::clear`], then wakes the waiters.
     pub fn clear(&self) {
-        self.lock().clear();
-        self.changed.notify_all();
+        let mut tlb = self.lock();
+        tlb.clear();
+        self.publish(tlb);
     }
 
     /// Translates the access of `len` bytes at `iova`, asking for what is missing: for each
@@ -492,8 +519,8 @@ mod tests {
     const RW: Permissions = Permissions::ReadWrite;
     const RO: Permissions = Permissions::Read;
 
-    fn map(iova: u64, uaddr: u64, len: u64) -> IotlbMapping {
-        IotlbMapping { iova, uaddr, len }
+    fn map(iova: u64, addr: u64, len: u64) -> IotlbMapping {
+        IotlbMapping { iova, addr, len }
     }
 
     #[test]
@@ -605,12 +632,12 @@ mod tests {
     }
 
     #[test]
-    fn wrapping_user_address_update_is_refused() {
+    fn wrapping_mapped_address_update_is_refused() {
         let mut t = Iotlb::new();
         assert!(matches!(
             t.update(0, 0x2000, u64::MAX - 0xfff, RW),
             Err(IotlbError::Overflow {
-                space: "user address",
+                space: "mapped address",
                 ..
             })
         ));
@@ -902,7 +929,7 @@ mod tests {
         const PAGE: u64 = 0x1000;
         let mut state = 0x9e37_79b9_7f4a_7c15;
         let mut t = Iotlb::with_limit(1 << 20);
-        // Per page: the user address of its first byte and its permissions.
+        // Per page: the address of its first byte and its permissions.
         let mut model: Vec<Option<(u64, Permissions)>> = vec![None; PAGES as usize];
         let perms = [Permissions::No, RO, Permissions::Write, RW];
         for _ in 0..5000 {
@@ -914,11 +941,11 @@ mod tests {
                     model[p as usize] = None;
                 }
             } else {
-                let uaddr = (next(&mut state) % 1024) * PAGE;
+                let addr = (next(&mut state) % 1024) * PAGE;
                 let perm = perms[(next(&mut state) % 4) as usize];
-                t.update(first * PAGE, count * PAGE, uaddr, perm).unwrap();
+                t.update(first * PAGE, count * PAGE, addr, perm).unwrap();
                 for p in first..first + count {
-                    model[p as usize] = Some((uaddr + (p - first) * PAGE, perm));
+                    model[p as usize] = Some((addr + (p - first) * PAGE, perm));
                 }
             }
             let mut prev_last: Option<u64> = None;
@@ -932,8 +959,8 @@ mod tests {
                 let iova = p as u64 * PAGE + 8;
                 match (m, t.lookup(iova, 1, Permissions::No)) {
                     (None, Err(IotlbFault::Miss { .. })) => {}
-                    (Some((uaddr, perm)), Ok(got)) => {
-                        assert_eq!(got.uaddr, uaddr + 8);
+                    (Some((addr, perm)), Ok(got)) => {
+                        assert_eq!(got.addr, addr + 8);
                         assert!(perm.allow(RO) == t.lookup(iova, 1, RO).is_ok());
                         assert!(
                             perm.allow(Permissions::Write)

@@ -8,6 +8,9 @@
 //! (`VIRTIO_F_RING_PACKED`), with a driver that writes every descriptor of every chain per
 //! offer in both layouts (as a driver recycling its buffers does), so the two differ only in
 //! the ring format.
+//! The `iommu_*` groups serve the same batches with the ring and every buffer given as IOVAs
+//! and translated through an IOTLB (vu-mem's `SharedIotlb`, one entry per 4 KiB page, what
+//! vu-daemon's IOMMU does on a hit) against the same ring without an IOMMU.
 //!
 //! Run with `cargo bench -p vu-vring --bench vring`. The call eventfd is a real eventfd, so
 //! "per chain" pays one `write(2)` per chain, as a backend that signals after every
@@ -16,13 +19,17 @@
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vu_mem::SharedIotlb;
 use vu_vring::inflight::area_size;
-use vu_vring::{InflightArea, VringMutex, VringRwLock, VringState, VringT};
+use vu_vring::{InflightArea, Iommu, IommuError, VringMutex, VringRwLock, VringState, VringT};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -246,9 +253,10 @@ fn served<V: VringT<Mem>>(vring: &V, driver: &mut Driver) {
     driver.offer(DEPTH);
     let mut guard = vring.get_mut();
     let mem = guard.mem().memory();
-    guard
+    let served = guard
         .serve_available(&mem, |chain| chain.map(|d| d.len()).sum())
         .unwrap();
+    assert_eq!(served, usize::from(DEPTH));
     guard.signal_used_queue_if_needed().unwrap();
 }
 
@@ -368,7 +376,90 @@ fn bench_layouts(c: &mut Criterion) {
     }
 }
 
+/// Where IOVAs start: guest address `g` is IOVA `IOVA_BASE + g`.
+const IOVA_BASE: u64 = 0x10_0000_0000;
+/// The IOTLB's page.
+const PAGE: u64 = 0x1000;
+
+/// The work of vu-daemon's IOMMU on a hit: `SharedIotlb::resolve`, then the pieces that
+/// follow in guest memory merged into one run.
+#[derive(Debug)]
+struct Tlb(SharedIotlb);
+
+impl Iommu for Tlb {
+    fn generation(&self) -> u64 {
+        self.0.generation()
+    }
+
+    fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(GuestAddress, u64), IommuError> {
+        let pieces = self
+            .0
+            .resolve(iova, len, access, Duration::ZERO, |_, _| false)
+            .map_err(|_| IommuError::Unmapped { iova })?;
+        let first = pieces[0];
+        let mut run = first.len;
+        for piece in &pieces[1..] {
+            if first.addr + run != piece.addr {
+                break;
+            }
+            run += piece.len;
+        }
+        Ok((GuestAddress(first.addr), run))
+    }
+}
+
+/// `serve_available` and one decision on a split ring without an IOMMU and behind one.
+fn bench_iommu(c: &mut Criterion) {
+    for descs in [1u16, 3] {
+        let mut group = c.benchmark_group(format!("iommu_{DEPTH}_chains_of_{descs}"));
+        group
+            .throughput(Throughput::Elements(u64::from(DEPTH)))
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
+        for (on, name) in [(false, "off"), (true, "on")] {
+            let (vring, mut driver) = started::<VringMutex<Mem>>(descs);
+            if on {
+                behind_iommu(&vring, &driver);
+            }
+            group.bench_function(BenchmarkId::new("serve_available", name), |b| {
+                b.iter(|| served(&vring, &mut driver))
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Puts `vring` behind an IOTLB mapping every page of the driver's memory at `IOVA_BASE`,
+/// and rewrites the ring addresses and every descriptor's buffer address as IOVAs.
+fn behind_iommu(vring: &VringMutex<Mem>, driver: &Driver) {
+    let m = driver.mem.memory();
+    let buffers = u64::from(DEPTH) * u64::from(driver.chain_len) * u64::from(BUF_LEN);
+    let size = BUFFERS + buffers;
+    let tlb = SharedIotlb::default();
+    for page in 0..size / PAGE {
+        let gpa = page * PAGE;
+        tlb.update(IOVA_BASE + gpa, PAGE, gpa, Permissions::ReadWrite)
+            .unwrap();
+    }
+    for i in 0..DEPTH * driver.chain_len {
+        let at = GuestAddress(DESC + 16 * u64::from(i));
+        let addr: u64 = m.read_obj(at).unwrap();
+        m.write_obj(IOVA_BASE + addr, at).unwrap();
+    }
+    vring.set_iommu(Some(Arc::new(Tlb(tlb))));
+    vring
+        .set_queue_info(IOVA_BASE + DESC, IOVA_BASE + AVAIL, IOVA_BASE + USED)
+        .unwrap();
+}
+
 fn benches(c: &mut Criterion) {
+    bench_iommu(c);
     bench_layouts(c);
     bench_impl::<VringState<Mem>>(c, "VringState");
     bench_impl::<VringMutex<Mem>>(c, "VringMutex");

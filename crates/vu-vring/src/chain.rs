@@ -13,6 +13,7 @@
 use std::fmt;
 use std::iter::Filter;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -20,6 +21,8 @@ use vm_memory::bitmap::BS;
 use vm_memory::{
     Address, AtomicAccess, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
 };
+
+use crate::iommu::{translate_whole, Iommu};
 
 /// Bytes of one descriptor: split `addr: u64`, `len: u32`, `flags: u16`, `next: u16`; packed
 /// `addr: u64`, `len: u32`, `id: u16`, `flags: u16`.
@@ -285,6 +288,18 @@ pub struct Chain<'m, G: GuestMemory> {
     ttl: u16,
     yielded_bytes: u32,
     in_indirect: bool,
+    /// Behind an IOMMU: the translation every descriptor goes through (boxed, so that a
+    /// chain without one stays as small as before: one null pointer).
+    translated: Option<Box<Translated>>,
+}
+
+/// A chain's translation state behind an IOMMU.
+#[derive(Clone)]
+struct Translated {
+    iommu: Arc<dyn Iommu>,
+    /// What is left of a descriptor whose buffer is not contiguous in guest memory (`addr`
+    /// the IOVA of the rest), yielded next.
+    rest: Option<Descriptor>,
 }
 
 impl<'m, G: GuestMemory> Chain<'m, G> {
@@ -300,6 +315,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             ttl: table.table.entries,
             yielded_bytes: 0,
             in_indirect: false,
+            translated: None,
         }
     }
 
@@ -315,6 +331,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             ttl: table.table.entries,
             yielded_bytes: 0,
             in_indirect: false,
+            translated: None,
         }
     }
 
@@ -340,6 +357,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             ttl: count,
             yielded_bytes: 0,
             in_indirect: false,
+            translated: None,
         }
     }
 
@@ -362,11 +380,24 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// popped from the available ring, and virtio-queue builds a `DescriptorChain` only by
     /// popping; and `None` for a chain of a packed ring: virtio-queue 0.18 walks split rings
     /// only. Iterate over the `Chain` itself, which yields the same descriptors.
+    ///
+    /// `None` behind an IOMMU too: virtio-queue's chain would hand out the descriptors' IOVAs
+    /// as guest addresses, where the `Chain` yields them translated.
     pub fn descriptor_chain(&self) -> Option<DescriptorChain<&'m G>> {
+        if self.translated.is_some() {
+            return None;
+        }
         match &self.source {
             Source::Split(popped) => popped.clone(),
             Source::Packed { .. } => None,
         }
+    }
+
+    /// The same chain, yielding its descriptors translated through `iommu` (see the
+    /// [`iommu`](crate::iommu) module).
+    pub(crate) fn with_iommu(mut self, iommu: Arc<dyn Iommu>) -> Self {
+        self.translated = Some(Box::new(Translated { iommu, rest: None }));
+        self
     }
 
     /// Whether the chain comes from a packed ring.
@@ -393,6 +424,14 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             return None;
         }
         let entries = u16::try_from(len as usize / DESC_SIZE).ok()?;
+        let addr = match &self.translated {
+            None => addr,
+            Some(t) => translate_whole(&*t.iommu, addr.0, u64::from(len), Permissions::Read)
+                .map_err(|err| {
+                    log::warn!("chain {}: indirect table not translatable: {err}", self.id);
+                })
+                .ok()?,
+        };
         self.table = Table::map(self.mem, addr, entries);
         self.next_index = 0;
         self.ttl = entries;
@@ -405,6 +444,17 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {
+        if self.translated.is_none() {
+            return self.next_raw();
+        }
+        self.next_translated()
+    }
+}
+
+impl<G: GuestMemory> Chain<'_, G> {
+    /// The next descriptor as the driver wrote it (see the type's documentation).
+    #[inline(always)]
+    fn next_raw(&mut self) -> Option<Descriptor> {
         if let Source::Packed { ring_size, .. } = self.source {
             return self.next_packed(ring_size);
         }
@@ -429,9 +479,51 @@ impl<G: GuestMemory> Iterator for Chain<'_, G> {
             return Some(desc);
         }
     }
-}
 
-impl<G: GuestMemory> Chain<'_, G> {
+    /// Behind an IOMMU: the next descriptor with its buffer translated to guest addresses,
+    /// for reading or for writing as its `WRITE` flag says; the first contiguous piece of
+    /// it, the rest coming next. A buffer that cannot be translated ends the chain.
+    #[inline(never)]
+    fn next_translated(&mut self) -> Option<Descriptor> {
+        let rest = self.translated.as_mut().and_then(|t| t.rest.take());
+        let desc = match rest {
+            Some(rest) => rest,
+            None => self.next_raw()?,
+        };
+        let t = self.translated.as_mut()?;
+        let access = if desc.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let (iova, len) = (desc.addr().0, desc.len());
+        match t.iommu.translate(iova, u64::from(len), access) {
+            // `got <= len`, so it fits in u32 and `iova + got` does not wrap (the
+            // translation checked `iova + len`).
+            Ok((gpa, got)) if got < u64::from(len) => {
+                let got = got as u32;
+                t.rest = Some(Descriptor::new(
+                    iova + u64::from(got),
+                    len - got,
+                    desc.flags(),
+                    desc.next(),
+                ));
+                // The `NEXT` bit is the same in split and packed layouts.
+                let flags = desc.flags() | PACKED_F_NEXT;
+                Some(Descriptor::new(gpa.0, got, flags, desc.next()))
+            }
+            Ok((gpa, _)) => Some(Descriptor::new(gpa.0, len, desc.flags(), desc.next())),
+            Err(err) => {
+                log::warn!(
+                    "chain {}: buffer at IOVA {iova:#x} ({len} bytes) not translatable: {err}",
+                    self.id
+                );
+                self.ttl = 0;
+                None
+            }
+        }
+    }
+
     /// The next descriptor of a packed chain's ring part from what was read when it was
     /// taken, if the walk is still in the ring and that far was read.
     fn read_ahead(&mut self) -> Option<PackedDesc> {
@@ -501,6 +593,7 @@ impl<G: GuestMemory> Clone for Chain<'_, G> {
             ttl: self.ttl,
             yielded_bytes: self.yielded_bytes,
             in_indirect: self.in_indirect,
+            translated: self.translated.clone(),
         }
     }
 }
@@ -515,6 +608,7 @@ impl<G: GuestMemory> fmt::Debug for Chain<'_, G> {
             .field("next_index", &self.next_index)
             .field("ttl", &self.ttl)
             .field("in_indirect", &self.in_indirect)
+            .field("iommu", &self.translated.is_some())
             .finish()
     }
 }

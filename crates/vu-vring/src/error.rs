@@ -147,6 +147,22 @@ pub enum Error {
         /// The refused operation.
         operation: &'static str,
     },
+    /// Behind an IOMMU (`VIRTIO_F_ACCESS_PLATFORM`), a part of the ring could not be
+    /// translated from its IOVA into one contiguous guest range: unmapped after the miss was
+    /// answered (or not answered in time), not allowed, or split across guest memory.
+    #[error("{part} not translatable through the IOMMU: {source}")]
+    Iommu {
+        /// The part of the ring.
+        part: RingPart,
+        /// Why.
+        #[source]
+        source: crate::iommu::IommuError,
+    },
+    /// Behind an IOMMU, the ring was read before its addresses were translated (the worker
+    /// translates them when it first serves the ring after `SET_VRING_ADDR` or an
+    /// invalidation), or before `SET_VRING_ADDR` gave them.
+    #[error("the ring's addresses are not translated through the IOMMU yet")]
+    RingNotTranslated,
     /// Writing the call eventfd failed.
     #[error("signalling the call eventfd failed: {0}")]
     Io(#[from] io::Error),

@@ -21,9 +21,11 @@
 //! # What it is not
 //!
 //! It knows rings, not sockets: it parses no vhost-user message, opens no socket, spawns no
-//! thread and runs no epoll loop; those are vu-proto's and vu-daemon's. It translates no
-//! address: ring addresses arrive here as *guest* addresses, already translated from the
-//! frontend's VMM addresses by the daemon (with vu-mem). It does not mark the dirty log either:
+//! thread and runs no epoll loop; those are vu-proto's and vu-daemon's. Ring addresses
+//! arrive here as *guest* addresses, already translated from the frontend's VMM addresses by
+//! the daemon (with vu-mem); behind a virtual IOMMU (`VIRTIO_F_ACCESS_PLATFORM`) they are
+//! I/O virtual addresses, which this crate translates, with every descriptor, through the
+//! [`Iommu`] the daemon installs ([`VringT::set_iommu`]; see the [`iommu`] module). It does not mark the dirty log either:
 //! it stores the log address and tells which range to mark ([`VringData::log_used`]); vu-mem's
 //! bitmap does the marking. It decides nothing about ring state transitions; the daemon does,
 //! following the specification, and records them here.
@@ -207,6 +209,7 @@ mod eventfd;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inflight;
+pub mod iommu;
 pub mod layout;
 mod packed;
 mod process;
@@ -214,6 +217,8 @@ mod ring_state;
 mod state;
 #[cfg(test)]
 mod tests_inflight;
+#[cfg(test)]
+mod tests_iommu;
 #[cfg(test)]
 mod testutil;
 mod tracker;
@@ -225,6 +230,7 @@ mod sys;
 pub use chain::Chain;
 pub use error::{Error, RingPart};
 pub use inflight::{InflightArea, InflightError, InflightQueue};
+pub use iommu::{Iommu, IommuError};
 pub use process::{process_queue, process_queue_async, Completion};
 pub use ring_state::{InbandNotifier, Restart, RingState};
 pub use state::{VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};

@@ -16,6 +16,9 @@ use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 use crate::eventfd::{eventfd_add_one, eventfd_take};
 use crate::inflight::{crash, InflightError, InflightQueue};
+use crate::iommu::RingIommu;
+
+mod ring_iommu;
 use crate::packed::{PackedRing, Position};
 use crate::process::Completion;
 use crate::ring_state::{InbandNotifier, Restart, RingState};
@@ -68,6 +71,8 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Driver notifications are held off by a poller ([`VringData::hold_kicks`]):
     /// [`VringData::enable_notification`] leaves them suppressed.
     kicks_held: bool,
+    /// Behind an IOMMU: the ring addresses as IOVAs and their translation.
+    iommu: Option<RingIommu>,
 }
 
 impl<M: GuestAddressSpace> VringData<M> {
@@ -95,6 +100,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             deferred: 0,
             packed: None,
             kicks_held: false,
+            iommu: None,
         })
     }
 
@@ -153,7 +159,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// A packed ring has no virtio-queue chain to hand out: `None` (serve it with
     /// [`serve_available`](Self::serve_available)).
     pub fn pop_descriptor_chain(&mut self) -> Option<DescriptorChain<M::T>> {
-        if self.packed.is_some() {
+        if self.packed.is_some() || self.iommu.is_some() {
             return None;
         }
         let chain = pop_servable(&mut self.queue, self.mem.memory())?;
@@ -173,7 +179,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         if self.tracker.is_some() {
             return self.add_used_batch([(head, len)]).map(|_| ());
         }
-        let mem = self.mem.memory();
+        let mem = self.ring_memory()?;
         self.queue
             .add_used(mem.deref(), head, len)
             .map_err(|source| Error::AddUsed { head, source })
@@ -190,7 +196,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         I: IntoIterator<Item = (u16, u32)>,
     {
         self.split_only("add_used_batch")?;
-        let mem = self.mem.memory();
+        let mem = self.ring_memory()?;
         if self.tracker.is_some() {
             let batch: Vec<(u16, u32)> = used.into_iter().collect();
             let start = self.queue.next_used();
@@ -257,6 +263,19 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// is completed at once with a used length of 0 and an error is logged; serve packed
     /// rings ([`Chain::is_packed`]) with [`Completion::Now`].
     pub fn serve_available_async<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> Completion,
+    {
+        self.translate_rings()?;
+        if let Some(iommu) = self.iommu.as_ref().map(|i| i.iommu.clone()) {
+            // Every chain translates its descriptors through the IOMMU.
+            return self.serve_translated(mem, |chain| serve(chain.with_iommu(iommu.clone())));
+        }
+        self.serve_translated(mem, serve)
+    }
+
+    /// [`serve_available_async`](Self::serve_available_async) once the rings are translated.
+    fn serve_translated<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
@@ -469,6 +488,10 @@ impl<M: GuestAddressSpace> VringData<M> {
         inflight: Option<InflightQueue>,
         serve_resubmitted: bool,
     ) -> Result<Restart, Error> {
+        let inflight = match self.defer_restart(inflight, serve_resubmitted) {
+            Ok(deferred) => return Ok(deferred),
+            Err(inflight) => inflight,
+        };
         // A packed ring starts from the positions SET_VRING_BASE gave; its inflight layout
         // (descriptor copies, not heads) is not tracked: nothing is recorded or served again.
         if self.packed.is_some() {
@@ -564,7 +587,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         if self.packed.is_some() {
             return self.has_available().map(usize::from);
         }
-        let mem = self.mem.memory();
+        let mem = self.ring_memory_now()?;
         let idx = self.queue.avail_idx(mem.deref(), Ordering::Acquire)?.0;
         let next_avail = self.queue.next_avail();
         let available = idx.wrapping_sub(next_avail);
@@ -612,6 +635,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// On a packed ring the driver area's event suppression structure decides instead: see
     /// the [crate documentation](crate#packed-rings).
     pub fn needs_notification(&mut self) -> Result<bool, Error> {
+        self.translate_rings()?;
         if let Some(packed) = &mut self.packed {
             return packed.needs_notification(&self.queue, self.mem.memory().deref());
         }
@@ -662,7 +686,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     }
 
     fn enable_notification_now(&mut self) -> Result<bool, Error> {
-        let mem = self.mem.memory();
+        let mem = self.ring_memory()?;
         if let Some(packed) = &self.packed {
             return packed.enable_notification(&self.queue, mem.deref());
         }
@@ -671,7 +695,7 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Asks the driver not to kick while the queue is being processed.
     pub fn disable_notification(&mut self) -> Result<(), Error> {
-        let mem = self.mem.memory();
+        let mem = self.ring_memory()?;
         if let Some(packed) = &self.packed {
             return packed.disable_notification(&self.queue, mem.deref());
         }
@@ -733,7 +757,9 @@ impl<M: GuestAddressSpace> VringData<M> {
     }
 
     /// Sets the guest addresses of the descriptor table, the available ring and the used ring
-    /// (`SET_VRING_ADDR`, after the daemon translated the frontend's VMM addresses).
+    /// (`SET_VRING_ADDR`, after the daemon translated the frontend's VMM addresses); behind an
+    /// IOMMU ([`set_iommu`](Self::set_iommu)), the IOVAs as the frontend gave them, translated
+    /// before the ring is next touched.
     ///
     /// All three are checked before any is stored, so a refused request changes nothing.
     /// On a packed ring they are the descriptor ring, the driver area and the device area;
@@ -753,14 +779,23 @@ impl<M: GuestAddressSpace> VringData<M> {
                 return Err(Error::MisalignedRing { part, addr });
             }
         }
+        if let Some(iommu) = &mut self.iommu {
+            iommu.set_iovas(desc, avail, used, self.packed.is_none());
+            return Ok(());
+        }
         self.queue.try_set_desc_table_address(GuestAddress(desc))?;
         self.queue.try_set_avail_ring_address(GuestAddress(avail))?;
         self.queue.try_set_used_ring_address(GuestAddress(used))?;
         Ok(())
     }
 
-    /// The guest addresses of the descriptor table, available ring and used ring.
+    /// The addresses of the descriptor table, available ring and used ring, as
+    /// [`set_queue_info`](Self::set_queue_info) took them: guest addresses, or behind an
+    /// IOMMU the IOVAs (zero before any).
     pub fn queue_info(&self) -> (u64, u64, u64) {
+        if let Some(iovas) = self.ring_iovas() {
+            return iovas;
+        }
         (
             self.queue.desc_table(),
             self.queue.avail_ring(),
@@ -870,7 +905,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// ring's available index differs from the device's, or the packed ring's descriptor at
     /// the next available position is available.
     pub fn has_available(&self) -> Result<bool, Error> {
-        let mem = self.mem.memory();
+        let mem = self.ring_memory_now()?;
         match &self.packed {
             Some(packed) => packed.has_available(&self.queue, mem.deref()),
             None => {
@@ -907,7 +942,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         if self.packed.is_some() {
             return Ok(self.queue_next_used());
         }
-        let mem = self.mem.memory();
+        let mem = self.ring_memory_now()?;
         Ok(self.queue.used_idx(mem.deref(), Ordering::Acquire)?.0)
     }
 
@@ -998,7 +1033,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// QEMU gives it); the used descriptors written into the descriptor ring are not
     /// covered, so dirty logging is not complete for packed rings.
     pub fn log_used(&self) -> Option<std::ops::Range<u64>> {
-        let start = self.log_guest_addr?;
+        let start = self.used_log_start()?;
         if self.packed.is_some() {
             return Some(start..start.checked_add(4)?);
         }
@@ -1021,6 +1056,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.packed = None;
         self.deferred = 0;
         self.kicks_held = false;
+        self.iommu.iter_mut().for_each(RingIommu::forget_rings);
     }
 
     /// Refuses `operation` on a packed ring.

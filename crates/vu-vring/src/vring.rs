@@ -10,6 +10,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::error::Error;
+use crate::iommu::Iommu;
 use crate::ring_state::{InbandNotifier, RingState};
 use crate::state::VringData;
 
@@ -221,6 +222,11 @@ pub trait VringT<M: GuestAddressSpace>:
     /// Sets or clears the error eventfd.
     fn set_err(&self, fd: Option<File>) {
         self.get_mut().set_err(fd);
+    }
+
+    /// Puts the ring behind an IOMMU or takes it out; see [`VringData::set_iommu`].
+    fn set_iommu(&self, iommu: Option<Arc<dyn Iommu>>) {
+        self.get_mut().set_iommu(iommu);
     }
 
     /// Installs or removes the in-band notifier; see [`VringData::set_inband`].

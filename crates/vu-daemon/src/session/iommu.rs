@@ -11,15 +11,25 @@
 //! BACKEND_REQ and REPLY_ACK, the protocol features QEMU requires for a vhost-user device
 //! behind an IOMMU ("IOMMU support requires reply-ack and backend-req protocol features"):
 //! misses go to the frontend over the backend channel. Otherwise it is refused as before.
-//! The table lives in a [`SharedIotlb`](vu_mem::SharedIotlb); ring accesses do not translate
-//! through it yet, which is why the offer table still masks ACCESS_PLATFORM.
+//!
+//! An update's user address is taken to its guest address as it arrives (it must lie in one
+//! memory region, so the whole range is contiguous there), and the table
+//! ([`SharedIotlb`]) maps IOVAs to guest addresses; it is emptied when the memory table
+//! changes. [`SessionIommu`] is the table as the rings see it ([`vu_vring::Iommu`]): the
+//! session installs it in every ring at `SET_FEATURES` when ACCESS_PLATFORM is acked, and the
+//! workers translate through it, sending the miss over the backend channel and waiting (at
+//! most [`MISS_TIMEOUT`]) for the update, which this connection thread receives.
 
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap, Permissions};
-use vu_mem::RegionBitmap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, Permissions};
+use vu_mem::{IotlbFault, RegionBitmap, ResolveError, SharedIotlb};
+use vu_proto::backend::BackendChannel;
 use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::payload::{Iotlb, IotlbPerm, IotlbType};
 use vu_proto::request::FrontendReq;
-use vu_vring::VringT;
+use vu_vring::{Iommu, IommuError, VringT};
 
 use super::{unsupported, Session};
 use crate::backend::VhostUserBackend;
@@ -50,17 +60,23 @@ where
         };
         match msg.kind {
             IotlbType::Update => {
-                self.mem
+                let guest = self
+                    .mem
                     .vmm_to_guest(msg.uaddr, msg.size)
                     .map_err(|source| SessionError::Memory {
                         request: REQ,
                         source,
                     })?;
-                self.iotlb
-                    .update(msg.iova, msg.size, msg.uaddr, permissions(msg.perm))
+                self.iommu
+                    .iotlb
+                    .update(msg.iova, msg.size, guest.0, permissions(msg.perm))
                     .map_err(iotlb)
             }
-            IotlbType::Invalidate => self.iotlb.invalidate(msg.iova, msg.size).map_err(iotlb),
+            IotlbType::Invalidate => self
+                .iommu
+                .iotlb
+                .invalidate(msg.iova, msg.size)
+                .map_err(iotlb),
             IotlbType::Miss | IotlbType::AccessFail => Err(unsupported(
                 REQ,
                 "misses and access failures go from the back-end to the front-end",
@@ -76,5 +92,117 @@ fn permissions(perm: IotlbPerm) -> Permissions {
         IotlbPerm::Read => Permissions::Read,
         IotlbPerm::Write => Permissions::Write,
         IotlbPerm::ReadWrite => Permissions::ReadWrite,
+    }
+}
+
+/// How long a worker waits for the frontend's answer to an IOTLB miss before it gives up on
+/// the access (the chain, or the ring's pass). QEMU answers from its main loop, in well under
+/// a millisecond when idle.
+pub(crate) const MISS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The device IOTLB of a connection as its rings translate through it: IOVAs to guest
+/// addresses, misses asked over the backend channel.
+#[derive(Debug)]
+pub(crate) struct SessionIommu {
+    /// IOVAs to guest addresses, filled by `IOTLB_MSG`.
+    pub(crate) iotlb: SharedIotlb,
+    /// Where misses go (`SET_BACKEND_REQ_FD`).
+    channel: Mutex<Option<BackendChannel>>,
+    /// How long an access waits for a miss to be answered.
+    timeout: Duration,
+}
+
+impl SessionIommu {
+    /// An empty IOTLB, no channel yet, misses waited for at most `timeout`.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        SessionIommu {
+            iotlb: SharedIotlb::default(),
+            channel: Mutex::new(None),
+            timeout,
+        }
+    }
+
+    /// Sets (or removes) the backend channel misses are sent on.
+    pub(crate) fn set_channel(&self, channel: Option<BackendChannel>) {
+        *self.channel.lock().unwrap_or_else(PoisonError::into_inner) = channel;
+    }
+
+    /// Sends the miss of `iova` for `access`; `false` when there is no channel or the send
+    /// failed (logged).
+    fn ask(&self, iova: u64, access: Permissions) -> bool {
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(channel) = channel else {
+            log::warn!("IOTLB miss at IOVA {iova:#x}: no backend channel to ask the frontend");
+            return false;
+        };
+        let perm = if access.allow(Permissions::Write) {
+            if access.allow(Permissions::Read) {
+                IotlbPerm::ReadWrite
+            } else {
+                IotlbPerm::Write
+            }
+        } else {
+            IotlbPerm::Read
+        };
+        match channel.iotlb_miss(iova, perm) {
+            Ok(()) => true,
+            Err(err) => {
+                log::warn!("IOTLB miss at IOVA {iova:#x} not sent: {err}");
+                false
+            }
+        }
+    }
+}
+
+impl Iommu for SessionIommu {
+    fn generation(&self) -> u64 {
+        self.iotlb.generation()
+    }
+
+    fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(GuestAddress, u64), IommuError> {
+        let pieces = self
+            .iotlb
+            .resolve(iova, len, access, self.timeout, |miss, access| {
+                self.ask(miss, access)
+            })
+            .map_err(|err| {
+                let err = match err {
+                    ResolveError::Fault(IotlbFault::Denied { iova, .. }) => {
+                        IommuError::Denied { iova, access }
+                    }
+                    ResolveError::Fault(IotlbFault::Wraps { iova, len }) => {
+                        IommuError::Invalid { iova, len }
+                    }
+                    ResolveError::Fault(fault) => IommuError::Unmapped { iova: fault.iova() },
+                    ResolveError::MissNotSent { iova } | ResolveError::Timeout { iova, .. } => {
+                        IommuError::Unmapped { iova }
+                    }
+                    _ => IommuError::Unmapped { iova },
+                };
+                log::debug!("IOTLB translation of {iova:#x} + {len:#x} failed: {err}");
+                err
+            })?;
+        // The pieces that follow the first one in guest memory too make one run.
+        let mut pieces = pieces.into_iter();
+        let Some(first) = pieces.next() else {
+            return Err(IommuError::Unmapped { iova });
+        };
+        let mut run = first.len;
+        for piece in pieces {
+            if first.addr.checked_add(run) != Some(piece.addr) {
+                break;
+            }
+            run += piece.len;
+        }
+        Ok((GuestAddress(first.addr), run))
     }
 }

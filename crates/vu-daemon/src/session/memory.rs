@@ -100,8 +100,11 @@ where
         Ok(())
     }
 
-    /// Tells the backend the table changed; the vrings share the same memory handle.
+    /// Tells the backend the table changed; the vrings share the same memory handle. The
+    /// IOTLB, which maps IOVAs to guest addresses found in the old table, is emptied: what is
+    /// still mapped comes back as misses the frontend answers.
     pub(super) fn memory_changed(&mut self, request: FrontendReq) -> Result<(), SessionError> {
+        self.iommu.iotlb.clear();
         self.backend
             .update_memory(self.mem.memory().clone())
             .map_err(|source| SessionError::Backend { request, source })

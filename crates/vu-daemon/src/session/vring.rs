@@ -11,7 +11,7 @@ use log::warn;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vu_mem::RegionBitmap;
 use vu_proto::backend::BackendChannel;
-use vu_proto::features::ProtocolFeatures;
+use vu_proto::features::{ProtocolFeatures, VirtioFeatures};
 use vu_proto::header::Header;
 use vu_proto::payload::{VringAddr, VringAddrFlags, VringEnable, VringState};
 use vu_proto::request::FrontendReq;
@@ -130,11 +130,15 @@ where
                 (addr.used, USED_ENTRY * size + RING_EXTRA),
             ]
         };
+        // Behind an IOMMU the addresses are IOVAs: the vring translates them when the worker
+        // first touches the ring (a miss there waits for this thread to receive the update).
+        let iommu = self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() != 0;
         let mut guest = [0u64; 3];
         for (slot, (vmm, len)) in guest.iter_mut().zip(parts) {
-            *slot = if self
-                .acked_protocol
-                .contains(ProtocolFeatures::GPA_ADDRESSES)
+            *slot = if iommu
+                || self
+                    .acked_protocol
+                    .contains(ProtocolFeatures::GPA_ADDRESSES)
             {
                 vmm
             } else {
@@ -151,14 +155,17 @@ where
             source,
         };
         let log = addr.flags.contains(VringAddrFlags::LOG).then_some(addr.log);
-        if let Some(start) = log {
+        // Behind an IOMMU the log address is the used ring's IOVA (QEMU sends the address the
+        // driver gave), and the vring logs the guest range it translates it to.
+        if let Some(start) = log.filter(|_| !iommu) {
             self.check_used_ring_in_log(start, size)?;
         }
         vring.set_queue_info(desc, avail, used).map_err(vring_err)?;
         vring.set_log_guest_addr(log);
         // A rebooted driver starts from the used index it finds in memory (a packed ring has
-        // none: its used position comes with SET_VRING_BASE).
-        if !vring.queue_packed() {
+        // none: its used position comes with SET_VRING_BASE). Behind an IOMMU the vring reads
+        // it when it first translates the ring.
+        if !vring.queue_packed() && !iommu {
             let used_idx = vring.queue_used_idx().map_err(vring_err)?;
             vring.set_queue_next_used(used_idx);
         }

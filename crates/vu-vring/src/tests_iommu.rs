@@ -1,0 +1,385 @@
+//! Rings behind an IOMMU: ring parts and buffers given as IOVAs, translated through a table
+//! that maps IOVA pages to guest pages out of order, with misses, refusals and invalidations.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
+};
+
+use crate::iommu::{Iommu, IommuError};
+use crate::{Error, RingPart, VringMutex, VringT};
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+const SIZE: u16 = 16;
+const PAGE: u64 = 0x1000;
+/// The IOVAs of the descriptor table, available ring and used ring: one page each.
+const RING_IOVA: u64 = 0x1_0000_0000;
+const DESC_IOVA: u64 = RING_IOVA;
+const AVAIL_IOVA: u64 = RING_IOVA + PAGE;
+const USED_IOVA: u64 = RING_IOVA + 2 * PAGE;
+/// Where they are in guest memory.
+const DESC_GPA: u64 = 0x5000;
+const AVAIL_GPA: u64 = 0x3000;
+const USED_GPA: u64 = 0x8000;
+/// Two buffer pages, contiguous in IOVA, in reverse order in guest memory.
+const BUF_IOVA: u64 = 0x2_0000_0000;
+const BUF_GPA: [u64; 2] = [0x20000, 0x10000];
+const MEM_LEN: usize = 0x40000;
+
+const WRITE: u16 = 2;
+const NEXT: u16 = 1;
+const INDIRECT: u16 = 4;
+
+/// An IOMMU over a list of page mappings; a miss is answered at once (unmapped).
+#[derive(Debug, Default)]
+struct Table {
+    maps: Mutex<Vec<(u64, u64, u64, Permissions)>>,
+    generation: AtomicU64,
+    translations: AtomicUsize,
+}
+
+impl Table {
+    fn map(&self, iova: u64, gpa: u64, len: u64, perm: Permissions) {
+        self.maps.lock().unwrap().push((iova, gpa, len, perm));
+    }
+
+    fn invalidate(&self, iova: u64) {
+        self.maps.lock().unwrap().retain(|m| m.0 != iova);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn find(&self, iova: u64) -> Option<(u64, u64, u64, Permissions)> {
+        let maps = self.maps.lock().unwrap();
+        maps.iter()
+            .find(|m| m.0 <= iova && iova - m.0 < m.2)
+            .copied()
+    }
+}
+
+impl Iommu for Table {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn translate(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(GuestAddress, u64), IommuError> {
+        self.translations.fetch_add(1, Ordering::Relaxed);
+        iova.checked_add(len)
+            .ok_or(IommuError::Invalid { iova, len })?;
+        let (start, gpa, size, perm) = self.find(iova).ok_or(IommuError::Unmapped { iova })?;
+        if !perm.allow(access) {
+            return Err(IommuError::Denied { iova, access });
+        }
+        let first = gpa + (iova - start);
+        let mut got = len.min(size - (iova - start));
+        while got < len {
+            match self.find(iova + got) {
+                Some((s, g, n, p)) if p.allow(access) && g + (iova + got - s) == first + got => {
+                    got += (len - got).min(n - (iova + got - s));
+                }
+                _ => break,
+            }
+        }
+        Ok((GuestAddress(first), got))
+    }
+}
+
+/// What the device saw of one chain: `(guest address, length, writable)` per descriptor.
+type Seen = Vec<(u64, u32, bool)>;
+
+/// Guest memory, the IOMMU, a split ring behind it, and the driver's available index.
+struct Guest {
+    mem: Mem,
+    iommu: Arc<Table>,
+    vring: VringMutex<Mem>,
+    avail_idx: u16,
+}
+
+impl Guest {
+    /// The ring's three pages and both buffer pages mapped read-write.
+    fn new() -> Self {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap(),
+        );
+        let iommu = Arc::new(Table::default());
+        let rw = Permissions::ReadWrite;
+        iommu.map(DESC_IOVA, DESC_GPA, PAGE, Permissions::Read);
+        iommu.map(AVAIL_IOVA, AVAIL_GPA, PAGE, Permissions::Read);
+        iommu.map(USED_IOVA, USED_GPA, PAGE, rw);
+        iommu.map(BUF_IOVA, BUF_GPA[0], PAGE, rw);
+        iommu.map(BUF_IOVA + PAGE, BUF_GPA[1], PAGE, rw);
+        let vring = VringMutex::<Mem>::new(mem.clone(), SIZE).unwrap();
+        vring.set_iommu(Some(iommu.clone() as Arc<dyn Iommu>));
+        vring.set_queue_size(SIZE).unwrap();
+        vring
+            .set_queue_info(DESC_IOVA, AVAIL_IOVA, USED_IOVA)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Guest {
+            mem,
+            iommu,
+            vring,
+            avail_idx: 0,
+        }
+    }
+
+    /// Writes descriptor `index` of the table at guest address `table`.
+    fn desc(&self, table: u64, index: u16, desc: (u64, u32, u16, u16)) {
+        let (addr, len, flags, next) = desc;
+        let at = GuestAddress(table + 16 * u64::from(index));
+        let m = self.mem.memory();
+        m.write_obj(Descriptor::new(addr, len, flags, next), at)
+            .unwrap();
+    }
+
+    /// Makes the chain at `head` available.
+    fn offer(&mut self, head: u16) {
+        let m = self.mem.memory();
+        let slot = AVAIL_GPA + 4 + 2 * u64::from(self.avail_idx % SIZE);
+        m.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        m.write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL_GPA + 2))
+            .unwrap();
+    }
+
+    /// Serves every available chain, recording what the device saw of each: `(guest
+    /// address, length, writable)` per descriptor; each chain reports 1 byte written.
+    fn serve(&self) -> Result<Vec<Seen>, Error> {
+        let mut seen = Vec::new();
+        let m = self.mem.memory();
+        self.vring.get_mut().serve_available(&m, |chain| {
+            assert!(chain.descriptor_chain().is_none());
+            seen.push(
+                chain
+                    .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+                    .collect(),
+            );
+            1
+        })?;
+        Ok(seen)
+    }
+
+    /// Used element `i` as `(id, len)`, read at `used` (a guest address).
+    fn used_elem(&self, used: u64, i: u16) -> (u32, u32) {
+        let m = self.mem.memory();
+        let at = used + 4 + 8 * u64::from(i % SIZE);
+        let id: u32 = m.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = m.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
+
+    fn used_idx(&self, used: u64) -> u16 {
+        self.mem.memory().read_obj(GuestAddress(used + 2)).unwrap()
+    }
+}
+
+#[test]
+fn buffers_and_rings_are_translated_and_split_where_guest_memory_is_not_contiguous() {
+    let mut g = Guest::new();
+    // 0x200 readable bytes across the two buffer pages, then 0x10 writable ones.
+    g.desc(DESC_GPA, 0, (BUF_IOVA + PAGE - 0x100, 0x200, NEXT, 1));
+    g.desc(DESC_GPA, 1, (BUF_IOVA + PAGE + 0x100, 0x10, WRITE, 0));
+    g.offer(0);
+    let seen = g.serve().unwrap();
+    assert_eq!(
+        seen,
+        vec![vec![
+            (BUF_GPA[0] + PAGE - 0x100, 0x100, false),
+            (BUF_GPA[1], 0x100, false),
+            (BUF_GPA[1] + 0x100, 0x10, true),
+        ]]
+    );
+    // Completed in the used ring's guest page.
+    assert_eq!(g.used_idx(USED_GPA), 1);
+    assert_eq!(g.used_elem(USED_GPA, 0), (0, 1));
+    // The addresses stay the IOVAs the frontend gave; the log range is the guest one.
+    assert_eq!(g.vring.queue_info(), (DESC_IOVA, AVAIL_IOVA, USED_IOVA));
+    g.vring.set_log_guest_addr(Some(USED_IOVA));
+    let logged = g.vring.get_ref().log_used().unwrap();
+    assert_eq!(logged.start, USED_GPA);
+}
+
+#[test]
+fn a_piece_split_off_keeps_next_so_the_chain_reads_as_one() {
+    let mut g = Guest::new();
+    // One writable buffer across both pages, alone in its chain.
+    g.desc(DESC_GPA, 3, (BUF_IOVA + PAGE - 8, 16, WRITE, 0));
+    g.offer(3);
+    let m = g.mem.memory();
+    let mut flags = Vec::new();
+    g.vring
+        .get_mut()
+        .serve_available(&m, |chain| {
+            flags.extend(chain.map(|d| (d.flags() & NEXT != 0, d.len())));
+            0
+        })
+        .unwrap();
+    assert_eq!(flags, vec![(true, 8), (false, 8)]);
+}
+
+#[test]
+fn a_write_through_a_read_only_mapping_fails_that_chain_only() {
+    let mut g = Guest::new();
+    let ro = 0x3_0000_0000;
+    g.iommu.map(ro, 0x30000, PAGE, Permissions::Read);
+    // Chain 0: a header, then a "status" in the read-only page.
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 0x10, NEXT, 1));
+    g.desc(DESC_GPA, 1, (ro, 1, WRITE, 0));
+    // Chain 2: fine.
+    g.desc(DESC_GPA, 2, (BUF_IOVA + 0x10, 1, WRITE, 0));
+    g.offer(0);
+    g.offer(2);
+    let seen = g.serve().unwrap();
+    assert_eq!(
+        seen,
+        vec![
+            vec![(BUF_GPA[0], 0x10, false)],
+            vec![(BUF_GPA[0] + 0x10, 1, true)],
+        ]
+    );
+    assert_eq!(g.used_idx(USED_GPA), 2);
+}
+
+#[test]
+fn an_unmapped_buffer_ends_the_chain_and_the_ring_goes_on() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (0x9_0000_0000, 0x10, 0, 0));
+    g.desc(DESC_GPA, 1, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    g.offer(1);
+    let seen = g.serve().unwrap();
+    assert_eq!(seen, vec![vec![], vec![(BUF_GPA[0], 4, true)]]);
+}
+
+#[test]
+fn an_unmapped_ring_part_fails_the_pass_until_it_is_mapped() {
+    let mut g = Guest::new();
+    g.iommu.invalidate(USED_IOVA);
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    match g.serve() {
+        Err(Error::Iommu {
+            part: RingPart::Used,
+            source: IommuError::Unmapped { iova: USED_IOVA },
+        }) => {}
+        other => panic!("expected the used ring's miss, got {other:?}"),
+    }
+    // Neither the connection thread's reads: they do not translate.
+    assert!(matches!(
+        g.vring.get_ref().has_available(),
+        Err(Error::RingNotTranslated)
+    ));
+    g.iommu
+        .map(USED_IOVA, USED_GPA, PAGE, Permissions::ReadWrite);
+    assert_eq!(g.serve().unwrap().len(), 1);
+    assert_eq!(g.used_elem(USED_GPA, 0), (0, 1));
+}
+
+#[test]
+fn a_ring_moved_by_an_invalidation_is_translated_again_before_the_next_access() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    g.serve().unwrap();
+    assert_eq!(g.used_idx(USED_GPA), 1);
+    // The guest moves the used ring: same IOVA, another guest page (holding its copy).
+    let moved = 0x9000;
+    let m = g.mem.memory();
+    let mut page = vec![0u8; PAGE as usize];
+    m.read_slice(&mut page, GuestAddress(USED_GPA)).unwrap();
+    m.write_slice(&page, GuestAddress(moved)).unwrap();
+    g.iommu.invalidate(USED_IOVA);
+    g.iommu.map(USED_IOVA, moved, PAGE, Permissions::ReadWrite);
+    g.desc(DESC_GPA, 1, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(1);
+    g.serve().unwrap();
+    assert_eq!(g.used_idx(moved), 2);
+    assert_eq!(g.used_elem(moved, 1), (1, 1));
+    // The old page saw nothing more.
+    assert_eq!(g.used_idx(USED_GPA), 1);
+}
+
+#[test]
+fn the_rings_are_translated_once_while_nothing_is_invalidated() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    g.serve().unwrap();
+    let after_first = g.iommu.translations.load(Ordering::Relaxed);
+    g.offer(0);
+    g.serve().unwrap();
+    // The second pass translated its one buffer, not the rings again.
+    assert_eq!(
+        g.iommu.translations.load(Ordering::Relaxed),
+        after_first + 1
+    );
+}
+
+#[test]
+fn an_indirect_table_is_read_at_its_translated_address() {
+    let mut g = Guest::new();
+    let table_iova = BUF_IOVA + 0x800;
+    let table_gpa = BUF_GPA[0] + 0x800;
+    g.desc(table_gpa, 0, (BUF_IOVA + PAGE, 8, NEXT, 1));
+    g.desc(table_gpa, 1, (BUF_IOVA + PAGE + 8, 1, WRITE, 0));
+    g.desc(DESC_GPA, 0, (table_iova, 32, INDIRECT, 0));
+    g.offer(0);
+    let seen = g.serve().unwrap();
+    assert_eq!(
+        seen,
+        vec![vec![(BUF_GPA[1], 8, false), (BUF_GPA[1] + 8, 1, true)]]
+    );
+}
+
+#[test]
+fn an_indirect_table_that_is_not_mapped_ends_the_chain() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (0x7_0000_0000, 32, INDIRECT, 0));
+    g.offer(0);
+    assert_eq!(g.serve().unwrap(), vec![vec![]]);
+}
+
+#[test]
+fn virtio_queue_chains_are_not_handed_out_behind_an_iommu() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    assert!(g.vring.pop_descriptor_chain().is_none());
+}
+
+#[test]
+fn the_used_index_of_new_addresses_is_read_at_their_first_translation() {
+    let mut g = Guest::new();
+    // A rebooted driver left used idx 5 (and offers from 5 on).
+    let m = g.mem.memory();
+    m.write_obj(5u16.to_le(), GuestAddress(USED_GPA + 2))
+        .unwrap();
+    g.vring
+        .set_queue_info(DESC_IOVA, AVAIL_IOVA, USED_IOVA)
+        .unwrap();
+    g.vring.set_queue_next_avail(5);
+    g.avail_idx = 5;
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 4, WRITE, 0));
+    g.offer(0);
+    g.serve().unwrap();
+    assert_eq!(g.used_idx(USED_GPA), 6);
+    assert_eq!(g.used_elem(USED_GPA, 5), (0, 1));
+}
+
+#[test]
+fn reinstalling_the_same_iommu_keeps_the_ring_and_none_takes_it_out() {
+    let g = Guest::new();
+    g.vring.set_iommu(Some(g.iommu.clone() as Arc<dyn Iommu>));
+    assert_eq!(g.vring.queue_info(), (DESC_IOVA, AVAIL_IOVA, USED_IOVA));
+    g.vring.set_iommu(None);
+    assert!(!g.vring.get_ref().has_iommu());
+}
