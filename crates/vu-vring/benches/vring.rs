@@ -9,17 +9,20 @@
 //! offer in both layouts (as a driver recycling its buffers does), so the two differ only in
 //! the ring format.
 //! The `iommu_*` groups serve the same batches with the ring and every buffer given as IOVAs
-//! and translated through an IOTLB (vu-mem's `SharedIotlb`, one entry per 4 KiB page, what
-//! vu-daemon's IOMMU does on a hit) against the same ring without an IOMMU.
+//! and translated through an IOTLB of one entry per 4 KiB page against the same ring without
+//! an IOMMU. The IOTLB here does on a hit what vu-daemon's does (vu-mem's
+//! `SharedIotlb::resolve`, not a dependency of this crate: a mutex, an ordered-map lookup
+//! per entry, a vector of pieces, then the pieces contiguous in guest memory merged).
 //!
 //! Run with `cargo bench -p vu-vring --bench vring`. The call eventfd is a real eventfd, so
 //! "per chain" pays one `write(2)` per chain, as a backend that signals after every
 //! `add_used` does.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -27,7 +30,6 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vu_mem::SharedIotlb;
 use vu_vring::inflight::area_size;
 use vu_vring::{InflightArea, Iommu, IommuError, VringMutex, VringRwLock, VringState, VringT};
 
@@ -381,35 +383,52 @@ const IOVA_BASE: u64 = 0x10_0000_0000;
 /// The IOTLB's page.
 const PAGE: u64 = 0x1000;
 
-/// The work of vu-daemon's IOMMU on a hit: `SharedIotlb::resolve`, then the pieces that
-/// follow in guest memory merged into one run.
-#[derive(Debug)]
-struct Tlb(SharedIotlb);
+/// An IOTLB of page entries (first IOVA -> guest address), translating as vu-daemon's does on
+/// a hit: the pieces of the access under the lock, then those contiguous in guest memory
+/// merged into one run.
+#[derive(Debug, Default)]
+struct Tlb {
+    pages: Mutex<BTreeMap<u64, u64>>,
+}
 
 impl Iommu for Tlb {
     fn generation(&self) -> u64 {
-        self.0.generation()
+        0
     }
 
     fn translate(
         &self,
         iova: u64,
         len: u64,
-        access: Permissions,
+        _access: Permissions,
     ) -> Result<(GuestAddress, u64), IommuError> {
-        let pieces = self
-            .0
-            .resolve(iova, len, access, Duration::ZERO, |_, _| false)
-            .map_err(|_| IommuError::Unmapped { iova })?;
-        let first = pieces[0];
-        let mut run = first.len;
-        for piece in &pieces[1..] {
-            if first.addr + run != piece.addr {
+        let pieces: Vec<(u64, u64)> = {
+            let pages = self.pages.lock().unwrap();
+            let mut pieces = Vec::new();
+            let (mut at, end) = (iova, iova + len);
+            while at < end || pieces.is_empty() {
+                let (&first, &gpa) = pages
+                    .range(..=at)
+                    .next_back()
+                    .filter(|(&first, _)| at - first < PAGE)
+                    .ok_or(IommuError::Unmapped { iova: at })?;
+                let piece = (end - at).min(first + PAGE - at);
+                pieces.push((gpa + (at - first), piece));
+                at += piece;
+                if piece == 0 {
+                    break;
+                }
+            }
+            pieces
+        };
+        let (first, mut run) = pieces[0];
+        for &(gpa, piece) in &pieces[1..] {
+            if first + run != gpa {
                 break;
             }
-            run += piece.len;
+            run += piece;
         }
-        Ok((GuestAddress(first.addr), run))
+        Ok((GuestAddress(first), run))
     }
 }
 
@@ -441,18 +460,17 @@ fn behind_iommu(vring: &VringMutex<Mem>, driver: &Driver) {
     let m = driver.mem.memory();
     let buffers = u64::from(DEPTH) * u64::from(driver.chain_len) * u64::from(BUF_LEN);
     let size = BUFFERS + buffers;
-    let tlb = SharedIotlb::default();
+    let tlb = Tlb::default();
     for page in 0..size / PAGE {
         let gpa = page * PAGE;
-        tlb.update(IOVA_BASE + gpa, PAGE, gpa, Permissions::ReadWrite)
-            .unwrap();
+        tlb.pages.lock().unwrap().insert(IOVA_BASE + gpa, gpa);
     }
     for i in 0..DEPTH * driver.chain_len {
         let at = GuestAddress(DESC + 16 * u64::from(i));
         let addr: u64 = m.read_obj(at).unwrap();
         m.write_obj(IOVA_BASE + addr, at).unwrap();
     }
-    vring.set_iommu(Some(Arc::new(Tlb(tlb))));
+    vring.set_iommu(Some(Arc::new(tlb)));
     vring
         .set_queue_info(IOVA_BASE + DESC, IOVA_BASE + AVAIL, IOVA_BASE + USED)
         .unwrap();
