@@ -266,8 +266,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
-        self.translate_rings()?;
-        if let Some(iommu) = self.iommu.as_ref().map(|i| i.iommu.clone()) {
+        if let Some(iommu) = self.translated_iommu()? {
             // Every chain translates its descriptors through the IOMMU.
             return self.serve_translated(mem, |chain| serve(chain.with_iommu(iommu.clone())));
         }
@@ -779,8 +778,7 @@ impl<M: GuestAddressSpace> VringData<M> {
                 return Err(Error::MisalignedRing { part, addr });
             }
         }
-        if let Some(iommu) = &mut self.iommu {
-            iommu.set_iovas(desc, avail, used, self.packed.is_none());
+        if self.set_ring_iovas(desc, avail, used) {
             return Ok(());
         }
         self.queue.try_set_desc_table_address(GuestAddress(desc))?;

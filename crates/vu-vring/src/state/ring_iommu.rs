@@ -114,4 +114,24 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.check_translated()?;
         Ok(self.mem.memory())
     }
+
+    /// Behind an IOMMU: translates the rings (see [`translate_rings`](Self::translate_rings))
+    /// and returns the IOMMU the chains translate their descriptors through.
+    pub(super) fn translated_iommu(&mut self) -> Result<Option<Arc<dyn Iommu>>, Error> {
+        self.translate_rings()?;
+        Ok(self.iommu.as_ref().map(|i| i.iommu.clone()))
+    }
+
+    /// Behind an IOMMU, keeps `SET_VRING_ADDR`'s addresses as IOVAs, to be translated before
+    /// the next access, and returns `true`; `false` without one.
+    pub(super) fn set_ring_iovas(&mut self, desc: u64, avail: u64, used: u64) -> bool {
+        let split = self.packed.is_none();
+        match &mut self.iommu {
+            Some(iommu) => {
+                iommu.set_iovas(desc, avail, used, split);
+                true
+            }
+            None => false,
+        }
+    }
 }
