@@ -33,7 +33,7 @@ pub trait InbandNotifier: fmt::Debug + Send + Sync {
     fn error(&self) -> io::Result<()>;
 }
 
-/// What [`VringData::restart`] did.
+/// What [`VringData::restart`](crate::VringData::restart) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Restart {
     /// The used index read from guest memory: the device's next used index.

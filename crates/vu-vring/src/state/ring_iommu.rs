@@ -16,7 +16,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// Puts the ring behind an IOMMU (`VIRTIO_F_ACCESS_PLATFORM` acked; the daemon calls this
     /// at `SET_FEATURES`), or takes it out with `None`. Behind one, the addresses of
     /// [`set_queue_info`](Self::set_queue_info) are IOVAs, translated by the worker before it
-    /// touches the ring, and every descriptor of a [`Chain`] is translated as it is yielded;
+    /// touches the ring, and every descriptor of a [`Chain`](crate::Chain) is translated as it is yielded;
     /// see the [`iommu`](crate::iommu) module. Installing the IOMMU the ring already has
     /// changes nothing (QEMU sends `SET_FEATURES` again to turn logging on).
     ///

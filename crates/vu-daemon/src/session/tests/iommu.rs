@@ -1,7 +1,7 @@
 //! `IOTLB_MSG` scenarios (`session/iommu.rs`).
 //!
-//! The offer table still masks `VIRTIO_F_ACCESS_PLATFORM` (the rings do not translate yet),
-//! so no handshake can acknowledge it: [`negotiated_with_iommu`] sets it in the session's
+//! The offer table still masks `VIRTIO_F_ACCESS_PLATFORM` (the rings translate, but no QEMU
+//! guest has proven it yet), so no handshake can acknowledge it: [`negotiated_with_iommu`] sets it in the session's
 //! acknowledged features after the handshake, to test the handler ahead of the offer.
 
 use std::sync::Arc;
