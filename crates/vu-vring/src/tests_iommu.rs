@@ -383,3 +383,52 @@ fn reinstalling_the_same_iommu_keeps_the_ring_and_none_takes_it_out() {
     g.vring.set_iommu(None);
     assert!(!g.vring.get_ref().has_iommu());
 }
+
+#[test]
+fn a_packed_ring_behind_an_iommu_is_served_through_its_translation() {
+    const AVAIL_F: u16 = 1 << 7;
+    const USED_F: u16 = 1 << 15;
+    let mem = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap(),
+    );
+    let iommu = Arc::new(Table::default());
+    let rw = Permissions::ReadWrite;
+    iommu.map(DESC_IOVA, DESC_GPA, PAGE, rw);
+    iommu.map(AVAIL_IOVA, AVAIL_GPA, PAGE, Permissions::Read);
+    iommu.map(USED_IOVA, USED_GPA, PAGE, rw);
+    iommu.map(BUF_IOVA, BUF_GPA[0], PAGE, rw);
+    iommu.map(BUF_IOVA + PAGE, BUF_GPA[1], PAGE, rw);
+    let vring = VringMutex::<Mem>::new(mem.clone(), SIZE).unwrap();
+    vring.set_iommu(Some(iommu.clone() as Arc<dyn Iommu>));
+    vring.set_queue_packed(true);
+    vring.set_queue_size(SIZE).unwrap();
+    vring
+        .set_queue_info(DESC_IOVA, AVAIL_IOVA, USED_IOVA)
+        .unwrap();
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    // One available descriptor (avail wrap counter 1): a writable buffer across both pages.
+    let m = mem.memory();
+    let at = |off: u64| GuestAddress(DESC_GPA + off);
+    m.write_obj((BUF_IOVA + PAGE - 8).to_le(), at(0)).unwrap();
+    m.write_obj(16u32.to_le(), at(8)).unwrap();
+    m.write_obj(7u16.to_le(), at(12)).unwrap();
+    m.write_obj((AVAIL_F | WRITE).to_le(), at(14)).unwrap();
+    let mut seen = Vec::new();
+    let served = vring
+        .get_mut()
+        .serve_available(&m, |chain| {
+            assert!(chain.is_packed());
+            seen.extend(chain.map(|d| (d.addr().0, d.len())));
+            16
+        })
+        .unwrap();
+    assert_eq!(served, 1);
+    assert_eq!(seen, vec![(BUF_GPA[0] + PAGE - 8, 8), (BUF_GPA[1], 8)]);
+    // The used descriptor went to the ring's guest page: id 7, length 16, AVAIL and USED set.
+    let id: u16 = m.read_obj(at(12)).unwrap();
+    let len: u32 = m.read_obj(at(8)).unwrap();
+    let flags: u16 = m.read_obj(at(14)).unwrap();
+    assert_eq!((id, len), (7, 16));
+    assert_eq!(flags & (AVAIL_F | USED_F), AVAIL_F | USED_F);
+}
