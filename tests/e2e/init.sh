@@ -14,6 +14,9 @@
 #                      the peer's upload and download TCP ports, and how many bytes to upload
 #   e2e.packed=1       the device has packed=on: every virtio device must have negotiated
 #                      VIRTIO_F_RING_PACKED (feature bit 34)
+#   e2e.iommu=1        (blk) the device sits behind QEMU's intel-iommu (booted intel_iommu=on):
+#                      its PCI function must be in an IOMMU group, dmesg must have DMAR lines
+#                      and the device must have negotiated VIRTIO_F_ACCESS_PLATFORM (bit 33)
 # and reads the verdict back from the serial console: the guest prints
 #   VU-E2E-PASS <test> <nonce>    when every check here passed
 #   VU-E2E-FAIL <test> <reason>   otherwise
@@ -32,6 +35,7 @@ test=none
 nonce=none
 sum=none
 packed=0
+iommu=0
 net=none
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -39,6 +43,7 @@ for arg in $(cat /proc/cmdline); do
         e2e.nonce=*) nonce="${arg#*=}" ;;
         e2e.sum=*) sum="${arg#*=}" ;;
         e2e.packed=*) packed="${arg#*=}" ;;
+        e2e.iommu=*) iommu="${arg#*=}" ;;
         e2e.net=*) net="${arg#*=}" ;;
     esac
 done
@@ -127,6 +132,21 @@ check_packed() {
     rings="packed=$n"
 }
 
+# With e2e.iommu=1: fails unless /dev/vda's PCI function is in an IOMMU group, the DMAR
+# driver logged, and the device negotiated VIRTIO_F_ACCESS_PLATFORM.
+check_iommu() {
+    behind=""
+    [ "$iommu" = 1 ] || return 0
+    # /sys/block/vda/device is the virtio device; its parent is the PCI function.
+    group="$(readlink /sys/block/vda/device/../iommu_group)" \
+        || fail "/dev/vda's PCI function has no iommu_group"
+    dmar="$(dmesg | grep -c DMAR)"
+    [ "$dmar" -gt 0 ] || fail "no DMAR lines in dmesg"
+    bit="$(cut -c34 /sys/block/vda/device/features)"
+    [ "$bit" = 1 ] || fail "VIRTIO_F_ACCESS_PLATFORM (bit 33) not negotiated"
+    behind="iommu_group=${group##*/} dmar_lines=$dmar"
+}
+
 test_blk() {
     wait_for /dev/vda || fail "no /dev/vda"
     stage device
@@ -151,7 +171,8 @@ test_blk() {
     sync
     blockdev --flushbufs /dev/vda 2>/dev/null
     check_packed
-    say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu $rings"
+    check_iommu
+    say "VU-E2E-PASS blk $nonce queues=$(ls /sys/block/vda/mq | wc -l) cpus=$ncpu $rings $behind"
 }
 
 test_rng() {

@@ -70,11 +70,13 @@ struct Options {
     queues: Option<u16>,
     /// `--stress`: the load the harness puts on the CPUs while it boots.
     stress: Option<stress::Load>,
+    /// `--iommu`: only the runs behind QEMU's intel-iommu.
+    iommu_only: bool,
 }
 
 const USAGE: &str = "\
 usage: cargo xtask e2e [--device blk|rng|net|LIST|all] [--backend vu|qsd|qemu|all] [--boots N] [--kvm]
-                       [--release] [--queues 1|2]
+                       [--release] [--queues 1|2] [--iommu]
        cargo xtask e2e --stress [--load THREADS] [--duty PERCENT] [the options above]
 
   --device   which devices to boot: blk, rng, net, a list such as blk,rng, or all (default)
@@ -85,6 +87,8 @@ usage: cargo xtask e2e [--device blk|rng|net|LIST|all] [--backend vu|qsd|qemu|al
   --kvm      use KVM instead of TCG (where /dev/kvm can run a guest)
   --release  build our backends with --release
   --queues   blk (queues) and net (queue pairs) with this count only (default: 1 and 2)
+  --iommu    only the run behind QEMU's intel-iommu (vu_blk --iommu, iommu_platform=on,
+             guest intel_iommu=on; part of the default runs)
   --stress   boot while the harness keeps the CPUs busy, count passes, slow-host timeouts and
              hangs separately; fails only on hangs and other failures (not part of the gate)
   --load     spinning threads for --stress (default: one per CPU)
@@ -105,6 +109,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         release: false,
         queues: None,
         stress: None,
+        iommu_only: false,
     };
     let mut boots = None;
     let mut load = stress::Load::default();
@@ -152,6 +157,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--stress" => stress = true,
             "--kvm" => options.kvm = true,
             "--release" => options.release = true,
+            "--iommu" => options.iommu_only = true,
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
@@ -217,6 +223,9 @@ impl Options {
         if let Some(queues) = self.queues {
             line.push_str(&format!(" --queues {queues}"));
         }
+        if self.iommu_only {
+            line.push_str(" --iommu");
+        }
         line
     }
 }
@@ -230,14 +239,18 @@ struct Run {
     cpus: u16,
     /// The device with `packed=on`, the guest checking it negotiated packed virtqueues.
     packed: bool,
+    /// Behind QEMU's intel-iommu (`iommu_platform=on`), the guest checking the device is.
+    iommu: bool,
 }
 
 impl Run {
-    /// `blk-vu-q2`, `blk-vu-q2-packed`: the run's directory and its name in reports.
+    /// `blk-vu-q2`, `blk-vu-q2-packed`, `blk-vu-q1-iommu`: the run's directory and its name
+    /// in reports.
     fn name(&self) -> String {
         let packed = if self.packed { "-packed" } else { "" };
+        let iommu = if self.iommu { "-iommu" } else { "" };
         format!(
-            "{}-{}-q{}{packed}",
+            "{}-{}-q{}{packed}{iommu}",
             self.device.name(),
             self.backend,
             self.queues
@@ -247,8 +260,18 @@ impl Run {
 
 /// The runs the options ask for: blk with 1 queue on 1 vCPU and 2 queues on 2 vCPUs, rng with
 /// one queue; qemu-storage-daemon serves blk only. Outside stress mode our backends run once
-/// more with packed virtqueues (`packed=on`): blk with 2 queues, and rng.
+/// more with packed virtqueues (`packed=on`): blk with 2 queues, and rng; and `vu_blk` with 1
+/// queue once more behind QEMU's intel-iommu (the only run with `--iommu`).
 fn plan(options: &Options) -> Vec<Run> {
+    let runs = plan_all(options);
+    if options.iommu_only {
+        runs.into_iter().filter(|run| run.iommu).collect()
+    } else {
+        runs
+    }
+}
+
+fn plan_all(options: &Options) -> Vec<Run> {
     let backends: &[&'static str] = match options.backend {
         BackendChoice::Vu => &["vu"],
         BackendChoice::Qsd => &["qsd"],
@@ -265,21 +288,25 @@ fn plan(options: &Options) -> Vec<Run> {
                         .into_iter()
                         .filter(|&q| options.queues.is_none_or(|only| only == q))
                     {
-                        runs.push(Run {
+                        let run = Run {
                             device,
                             backend,
                             queues,
                             cpus: queues,
                             packed: false,
-                        });
+                            iommu: false,
+                        };
                         if queues == 2 && packed_runs {
+                            runs.push(run.clone());
                             runs.push(Run {
-                                device,
-                                backend,
-                                queues,
-                                cpus: queues,
                                 packed: true,
+                                ..run
                             });
+                        } else if queues == 1 && packed_runs {
+                            runs.push(run.clone());
+                            runs.push(Run { iommu: true, ..run });
+                        } else {
+                            runs.push(run);
                         }
                     }
                 }
@@ -292,6 +319,7 @@ fn plan(options: &Options) -> Vec<Run> {
                                 queues: 1,
                                 cpus: 1,
                                 packed,
+                                iommu: false,
                             });
                         }
                     }
@@ -310,6 +338,7 @@ fn plan(options: &Options) -> Vec<Run> {
                             queues,
                             cpus: queues,
                             packed: false,
+                            iommu: false,
                         });
                     }
                 }
@@ -437,7 +466,11 @@ fn table(rows: &[Row], stress: bool) -> String {
             row.run.device.name(),
             row.run.backend,
             row.run.queues,
-            if row.run.packed { "packed" } else { "split" },
+            match (row.run.packed, row.run.iommu) {
+                (true, _) => "packed",
+                (false, true) => "iommu",
+                (false, false) => "split",
+            },
             row.boots,
             row.passes,
             row.slow_host,
@@ -626,6 +659,7 @@ fn run_boots(run: &Run, boots: &Boots<'_>, deadlines: &mut Option<Deadlines>) ->
             queues: run.queues,
             cpus: run.cpus,
             packed: run.packed,
+            iommu: run.iommu,
             dir: (boots.dir)(index),
             deadlines: deadlines.unwrap_or(Deadlines::UNCALIBRATED),
         };
@@ -797,6 +831,7 @@ fn ci_runs() -> [Options; 3] {
         release: false,
         queues: None,
         stress: None,
+        iommu_only: false,
     };
     let net = Options {
         devices: vec![Device::Net],
@@ -929,6 +964,7 @@ mod tests {
             runs,
             [
                 "blk-vu-q1",
+                "blk-vu-q1-iommu",
                 "blk-vu-q2",
                 "blk-vu-q2-packed",
                 "rng-vu-q1",
@@ -969,6 +1005,7 @@ mod tests {
             queues: 1,
             cpus: 1,
             packed: false,
+            iommu: false,
         });
         row.boots = 10;
         row.passes = passes;
@@ -1093,6 +1130,7 @@ mod tests {
             runs,
             [
                 "blk-vu-q1",
+                "blk-vu-q1-iommu",
                 "blk-vu-q2",
                 "blk-vu-q2-packed",
                 "rng-vu-q1",

@@ -190,6 +190,8 @@ struct BlkBackend {
     disk: Arc<Disk>,
     /// Offer packed virtqueues (`--packed`), without inflight tracking.
     packed: bool,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM` (`--iommu`): serve a guest behind a virtual IOMMU.
+    iommu: bool,
     num_queues: u16,
     queue_size: u16,
     /// The device state transfer under way (`SET_DEVICE_STATE_FD`).
@@ -628,6 +630,10 @@ impl VhostUserBackend for BlkBackend {
             // The framework then stops offering INFLIGHT_SHMFD: tracking is split-only.
             features |= VirtioFeatures::RING_PACKED.bits();
         }
+        if self.iommu {
+            // Every access goes through `Chain`, which the framework translates.
+            features |= VirtioFeatures::ACCESS_PLATFORM.bits();
+        }
         features
     }
 
@@ -651,6 +657,13 @@ impl VhostUserBackend for BlkBackend {
         } else {
             ProtocolFeatures::empty()
         };
+        // Behind an IOMMU the framework asks QEMU for IOTLB misses over the backend channel
+        // (QEMU requires BACKEND_REQ and REPLY_ACK for iommu_platform=on).
+        let iommu = if self.iommu {
+            ProtocolFeatures::BACKEND_REQ
+        } else {
+            ProtocolFeatures::empty()
+        };
         ProtocolFeatures::MQ
             | ProtocolFeatures::REPLY_ACK
             | ProtocolFeatures::CONFIG
@@ -658,6 +671,7 @@ impl VhostUserBackend for BlkBackend {
             | ProtocolFeatures::LOG_SHMFD
             | ProtocolFeatures::DEVICE_STATE
             | postcopy
+            | iommu
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -756,6 +770,7 @@ struct Args {
     memory_size_mib: Option<u64>,
     read_only: bool,
     packed: bool,
+    iommu: bool,
     num_queues: u16,
     queue_size: u16,
     skip_logging: Option<u64>,
@@ -769,7 +784,7 @@ const IO_THREADS: usize = 4;
 
 const USAGE: &str = "\
 usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
-              [--read-only] [--packed] [--num-queues N] [--queue-size N]
+              [--read-only] [--packed] [--iommu] [--num-queues N] [--queue-size N]
               [--io-threads N | --sync] [--log-level LEVEL]
               [--test-skip-logging N]
        vu_blk --print-capabilities
@@ -779,6 +794,8 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
   --read-only          offer VIRTIO_BLK_F_RO and refuse writes
   --packed             offer packed virtqueues (VIRTIO_F_RING_PACKED); inflight tracking,
                        which covers split rings only, is then not offered
+  --iommu              offer VIRTIO_F_ACCESS_PLATFORM (and BACKEND_REQ for IOTLB misses):
+                       serves a guest behind a virtual IOMMU (QEMU's iommu_platform=on)
   --num-queues N       request queues, one worker thread each (default 1, at most 64)
   --queue-size N       largest queue size accepted (default 1024)
   --io-threads N       requests of split rings run on N threads shared by the queues, many
@@ -805,6 +822,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         memory_size_mib: None,
         read_only: false,
         packed: false,
+        iommu: false,
         num_queues: 1,
         queue_size: 1024,
         skip_logging: None,
@@ -819,6 +837,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--memory-size" => parsed.memory_size_mib = Some(common::number(name, &value()?)?),
             "--read-only" => parsed.read_only = true,
             "--packed" => parsed.packed = true,
+            "--iommu" => parsed.iommu = true,
             "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--io-threads" => parsed.io_threads = common::number_in(name, &value()?, 1..=64)?,
@@ -878,6 +897,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
             skip_logging: args.skip_logging,
         }),
         packed: args.packed,
+        iommu: args.iommu,
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         transfer: StateTransfer::new(),
@@ -960,6 +980,7 @@ mod tests {
                 skip_logging: None,
             }),
             packed: false,
+            iommu: false,
             num_queues: 1,
             queue_size: 256,
             transfer: StateTransfer::new(),

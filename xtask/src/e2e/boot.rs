@@ -98,6 +98,10 @@ pub(crate) struct Spec {
     /// `packed=on` on the device: the guest must negotiate packed virtqueues
     /// (`VIRTIO_F_RING_PACKED`), which it checks in the device's feature bits.
     pub(crate) packed: bool,
+    /// Behind QEMU's intel-iommu: `vu_blk --iommu`, the device with `iommu_platform=on,ats=on`
+    /// after `-device intel-iommu`, the guest booted with `intel_iommu=on` checking that the
+    /// device is in an IOMMU group (blk on our backend only).
+    pub(crate) iommu: bool,
     /// Where this boot's files go (recreated).
     pub(crate) dir: PathBuf,
     /// How long the guest may take.
@@ -285,6 +289,9 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
             if spec.packed {
                 command.arg("--packed");
             }
+            if spec.iommu {
+                command.arg("--iommu");
+            }
             command
         }
         (Backend::Vu(program), Device::Rng) => {
@@ -332,6 +339,19 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
     if spec.packed {
         device.push_str(",packed=on");
     }
+    // The IOMMU must exist before the device that sits behind it. The device goes on a PCIe
+    // root port: a modern-only PCI Express function, as ACCESS_PLATFORM (QEMU refuses it on a
+    // transitional device) and ATS (a PCIe capability, for the device IOTLB) need.
+    let mut iommu_args = Vec::new();
+    if spec.iommu {
+        device.push_str(",bus=rp0,disable-legacy=on,iommu_platform=on,ats=on");
+        iommu_args = vec![
+            "-device".to_owned(),
+            "intel-iommu,intremap=on,device-iotlb=on".to_owned(),
+            "-device".to_owned(),
+            "pcie-root-port,id=rp0,bus=pcie.0,chassis=1".to_owned(),
+        ];
+    }
     let backend_args = match (&spec.backend, spec.device) {
         (Backend::Builtin, Device::Blk) => vec![
             "-drive".to_owned(),
@@ -365,7 +385,12 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
         "-nodefaults".to_owned(),
         "-no-user-config".to_owned(),
         "-machine".to_owned(),
-        format!("q35,accel={accel}"),
+        // Interrupt remapping (intremap=on) needs the split irqchip.
+        if spec.iommu {
+            format!("q35,accel={accel},kernel-irqchip=split")
+        } else {
+            format!("q35,accel={accel}")
+        },
         "-cpu".to_owned(),
         if machine.kvm { "host" } else { "max" }.to_owned(),
         "-smp".to_owned(),
@@ -377,6 +402,7 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
         "-numa".to_owned(),
         "node,memdev=mem".to_owned(),
     ]);
+    command.args(iommu_args);
     command.args(backend_args);
     command.args([
         "-kernel".to_owned(),
@@ -515,6 +541,9 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     let mut extra = "rng_core.default_quality=0".to_owned();
     if spec.packed {
         extra.push_str(" e2e.packed=1");
+    }
+    if spec.iommu {
+        extra.push_str(" intel_iommu=on e2e.iommu=1");
     }
     match spec.device {
         Device::Blk => {
@@ -825,6 +854,7 @@ mod tests {
             queues,
             cpus: queues,
             packed: false,
+            iommu: false,
             dir: PathBuf::from("/nonexistent"),
             deadlines: Deadlines::UNCALIBRATED,
         }

@@ -71,6 +71,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         queues: run.queues,
         cpus: run.cpus,
         packed: run.packed,
+        iommu: run.iommu,
         dir: PathBuf::from("target/e2e/demo"),
         deadlines: Deadlines::UNCALIBRATED,
     };

@@ -51,6 +51,13 @@ fn check_after_power_off(
             pass_line.trim()
         ));
     }
+    // The guest found the device in an IOMMU group, with the DMAR driver's lines in dmesg.
+    if spec.iommu && !pass_line.contains(" iommu_group=") {
+        return Err(format!(
+            "guest did not confirm the device behind the IOMMU: {}",
+            pass_line.trim()
+        ));
+    }
     match spec.device {
         Device::Blk => {
             check_queues(spec, pass_line)?;
@@ -202,6 +209,7 @@ mod tests {
             queues,
             cpus: queues,
             packed: false,
+            iommu: false,
             dir: PathBuf::from("/nonexistent"),
             deadlines: Deadlines::UNCALIBRATED,
         }

@@ -671,6 +671,7 @@ fn run(options: &Options) -> Result<Summary, String> {
             queues: 1,
             cpus: 1,
             packed: options.variant.packed,
+            iommu: false,
         }],
         false,
     )?;

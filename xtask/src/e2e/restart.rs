@@ -267,6 +267,7 @@ fn run(options: &Options) -> Result<Summary, String> {
             queues: 2,
             cpus: 2,
             packed: false,
+            iommu: false,
         }],
         false,
     )?;

@@ -270,12 +270,8 @@ fn disconnect_removes_the_in_band_notifiers() {
 
 #[test]
 fn masked_features_are_not_offered_even_when_the_backend_offers_them() {
-    let backend_virtio = FEATURES | VirtioFeatures::ACCESS_PLATFORM.bits();
     let backend_protocol = protocol() | ProtocolFeatures::HOST_NOTIFIER;
-    let mut f = Fixture::with(backend_virtio, backend_protocol);
-    let features = ack(&f.ask(FrontendRequest::GetFeatures));
-    assert_eq!(features & VirtioFeatures::ACCESS_PLATFORM.bits(), 0);
-    assert_eq!(features, FEATURES);
+    let mut f = Fixture::with(FEATURES, backend_protocol);
     let offered =
         ProtocolFeatures::from_bits_retain(ack(&f.ask(FrontendRequest::GetProtocolFeatures)));
     assert!(!offered.contains(ProtocolFeatures::HOST_NOTIFIER));
@@ -285,14 +281,24 @@ fn masked_features_are_not_offered_even_when_the_backend_offers_them() {
     )));
 }
 
+/// ACCESS_PLATFORM is served: offered when the backend offers it, and once acknowledged the
+/// backend sees it in force.
+#[test]
+fn access_platform_is_offered_and_acknowledged_when_the_backend_offers_it() {
+    let backend_virtio = FEATURES | VirtioFeatures::ACCESS_PLATFORM.bits();
+    let mut f = Fixture::with(backend_virtio, protocol());
+    assert_eq!(ack(&f.ask(FrontendRequest::GetFeatures)), backend_virtio);
+    f.ok(FrontendRequest::SetFeatures(
+        VirtioFeatures::from_bits_retain(backend_virtio),
+    ));
+    assert_eq!(lock(&f.rec).acked, Some(backend_virtio));
+}
+
 /// A frontend that acknowledges ACCESS_PLATFORM unoffered does not get it: the backend
 /// sees the value in force, without the bit.
 #[test]
 fn access_platform_acknowledged_unoffered_is_dropped() {
-    let mut f = Fixture::with(
-        FEATURES | VirtioFeatures::ACCESS_PLATFORM.bits(),
-        protocol(),
-    );
+    let mut f = Fixture::with(FEATURES, protocol());
     f.ok(FrontendRequest::SetFeatures(
         VirtioFeatures::from_bits_retain(FEATURES | VirtioFeatures::ACCESS_PLATFORM.bits()),
     ));

@@ -1,8 +1,8 @@
 //! `IOTLB_MSG` scenarios (`session/iommu.rs`).
 //!
-//! The offer table still masks `VIRTIO_F_ACCESS_PLATFORM` (the rings translate, but no QEMU
-//! guest has proven it yet), so no handshake can acknowledge it: [`negotiated_with_iommu`] sets it in the session's
-//! acknowledged features after the handshake, to test the handler ahead of the offer.
+//! The fixture's backend does not offer `VIRTIO_F_ACCESS_PLATFORM`: [`negotiated_with_iommu`]
+//! sets it in the session's acknowledged features after the handshake, to test the handler on
+//! its own (the offer is tested in conformance.rs).
 
 use std::sync::Arc;
 use std::thread;

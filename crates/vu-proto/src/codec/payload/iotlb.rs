@@ -61,22 +61,17 @@ impl Iotlb {
     pub const SIZE: usize = ADDRESS_FIELDS + 2 + TAIL_PADDING;
 
     /// Reads and checks the message.
+    ///
+    /// An invalidation carries only its range: QEMU (7.2, `vhost_backend_invalidate_device_
+    /// iotlb`) leaves `perm` and `uaddr` of an invalidation uninitialised, so both are read as
+    /// 0 (`IotlbPerm::None`) whatever the bytes hold, and only its IOVA range is checked; the
+    /// range may end at the end of the address space (`iova + size` = 2^64, as QEMU's
+    /// intel-iommu sends).
     pub fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         let iova = r.u64()?;
         let size = r.u64()?;
-        let uaddr = r.u64()?;
-        let perm = match r.u8()? {
-            0 => IotlbPerm::None,
-            1 => IotlbPerm::Read,
-            2 => IotlbPerm::Write,
-            3 => IotlbPerm::ReadWrite,
-            other => {
-                return Err(WireError::InvalidValue {
-                    field: "iotlb permissions",
-                    value: u64::from(other),
-                })
-            }
-        };
+        let raw_uaddr = r.u64()?;
+        let raw_perm = r.u8()?;
         let kind = match r.u8()? {
             1 => IotlbType::Miss,
             2 => IotlbType::Update,
@@ -90,12 +85,36 @@ impl Iotlb {
             }
         };
         r.skip(TAIL_PADDING)?;
+        if kind == IotlbType::Invalidate {
+            // QEMU invalidates "from iova to the end of the address space" with
+            // iova + size = 2^64: the last byte, not the end, must not overflow.
+            checked_end("iotlb iova", iova, size.saturating_sub(1))?;
+            return Ok(Iotlb {
+                iova,
+                size,
+                uaddr: 0,
+                perm: IotlbPerm::None,
+                kind,
+            });
+        }
+        let perm = match raw_perm {
+            0 => IotlbPerm::None,
+            1 => IotlbPerm::Read,
+            2 => IotlbPerm::Write,
+            3 => IotlbPerm::ReadWrite,
+            other => {
+                return Err(WireError::InvalidValue {
+                    field: "iotlb permissions",
+                    value: u64::from(other),
+                })
+            }
+        };
         checked_end("iotlb iova", iova, size)?;
-        checked_end("iotlb user address", uaddr, size)?;
+        checked_end("iotlb user address", raw_uaddr, size)?;
         Ok(Iotlb {
             iova,
             size,
-            uaddr,
+            uaddr: raw_uaddr,
             perm,
             kind,
         })
@@ -178,6 +197,40 @@ mod tests {
                 Err(WireError::InvalidValue { .. })
             ));
         }
+    }
+
+    /// QEMU sends invalidations with `perm` and `uaddr` uninitialised (seen: 0x06 and 0xb2):
+    /// they are ignored, only the IOVA range counts.
+    #[test]
+    fn an_invalidation_ignores_its_uninitialised_perm_and_user_address() {
+        for perm in [0x06, 0xb2, 3] {
+            assert_eq!(
+                Iotlb::decode_body(REQ, &bytes(0x1000, 0x2000, u64::MAX, perm, 3)),
+                Ok(Iotlb {
+                    iova: 0x1000,
+                    size: 0x2000,
+                    uaddr: 0,
+                    perm: IotlbPerm::None,
+                    kind: IotlbType::Invalidate,
+                })
+            );
+        }
+        // A range to the end of the address space, as QEMU's intel-iommu sends it.
+        let to_the_end = Iotlb::decode_body(
+            REQ,
+            &bytes(0xfef0_0000, 0u64.wrapping_sub(0xfef0_0000), 0, 0, 3),
+        );
+        assert_eq!(to_the_end.map(|m| m.size), Ok(0xffff_ffff_0110_0000));
+        // Its IOVA range is still checked.
+        assert!(matches!(
+            Iotlb::decode_body(REQ, &bytes(u64::MAX, 2, 0, 0, 3)),
+            Err(WireError::Overflow { .. })
+        ));
+        // An update's permissions are not ignored.
+        assert!(matches!(
+            Iotlb::decode_body(REQ, &bytes(0, 1, 0, 0x06, 2)),
+            Err(WireError::InvalidValue { value: 6, .. })
+        ));
     }
 
     #[test]
