@@ -458,10 +458,13 @@ impl SharedIotlb {
     }
 
     /// Translates the access of `len` bytes at `iova`, asking for what is missing: for each
-    /// missing IOVA, `ask_miss(iova, access)` is called once (without the lock held) to send
-    /// the back-end IOTLB miss, and the access waits for the frontend's update, at most
-    /// `timeout` in all. An access failure ends at once; `ask_miss` returning `false` ends
-    /// with [`ResolveError::MissNotSent`].
+    /// missing IOVA, `ask_miss(iova, access)` is called (without the lock held) to send the
+    /// back-end IOTLB miss, and the access waits for the frontend's update, at most `timeout`
+    /// in all. An IOVA still missing after the table changed is asked again: the update that
+    /// answered it may have been invalidated before this thread looked (QEMU's intel-iommu
+    /// invalidates whole domains, up to the end of the address space, while misses are in
+    /// flight). An access failure ends at once; `ask_miss` returning `false` ends with
+    /// [`ResolveError::MissNotSent`].
     pub fn resolve(
         &self,
         iova: u64,
@@ -471,7 +474,8 @@ impl SharedIotlb {
         mut ask_miss: impl FnMut(u64, Permissions) -> bool,
     ) -> Result<Vec<IotlbMapping>, ResolveError> {
         let start = Instant::now();
-        let mut asked: Option<u64> = None;
+        // The IOVA last asked for, and the table's generation when it was found missing.
+        let mut asked: Option<(u64, u64)> = None;
         let mut tlb = self.lock();
         loop {
             let missing = match tlb.translate(iova, len, access) {
@@ -479,12 +483,13 @@ impl SharedIotlb {
                 Err(IotlbFault::Miss { iova }) => iova,
                 Err(fault) => return Err(ResolveError::Fault(fault)),
             };
-            if asked != Some(missing) {
+            let generation = tlb.generation();
+            if asked != Some((missing, generation)) {
                 drop(tlb);
                 if !ask_miss(missing, access) {
                     return Err(ResolveError::MissNotSent { iova: missing });
                 }
-                asked = Some(missing);
+                asked = Some((missing, generation));
                 tlb = self.lock();
                 continue;
             }
@@ -872,6 +877,25 @@ mod tests {
             ])
         );
         assert_eq!(frontend.join().unwrap(), vec![0x1ff0, 0x2000]);
+    }
+
+    /// The update answering a miss is invalidated before the waiting thread looks (QEMU's
+    /// intel-iommu invalidates to the end of the address space while misses are in flight):
+    /// the IOVA is asked again, not waited for until the timeout.
+    #[test]
+    fn resolve_asks_again_when_the_answer_was_invalidated_before_it_was_used() {
+        let shared = SharedIotlb::default();
+        let mut asks = 0;
+        let got = shared.resolve(0x1000, 8, RO, Duration::from_secs(30), |iova, perm| {
+            asks += 1;
+            shared.update(iova, 0x1000, 0x5000, perm).unwrap();
+            if asks == 1 {
+                shared.invalidate(0x1000, 0x1000).unwrap();
+            }
+            true
+        });
+        assert_eq!(got, Ok(vec![map(0x1000, 0x5000, 8)]));
+        assert_eq!(asks, 2);
     }
 
     #[test]
