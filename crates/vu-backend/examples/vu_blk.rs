@@ -268,6 +268,9 @@ impl Stats {
 struct Segments {
     readable: Vec<(GuestAddress, usize)>,
     writable: Vec<(GuestAddress, usize)>,
+    /// Behind an IOMMU, the walk stopped at a buffer that did not translate: the segments
+    /// are not the whole request.
+    cut_short: bool,
 }
 
 impl Segments {
@@ -275,8 +278,10 @@ impl Segments {
         let mut segments = Segments {
             readable: Vec::new(),
             writable: Vec::new(),
+            cut_short: false,
         };
-        for desc in chain.clone() {
+        let mut walk = chain.clone();
+        for desc in walk.by_ref() {
             let entry = (desc.addr(), desc.len() as usize);
             if desc.is_write_only() {
                 segments.writable.push(entry);
@@ -284,6 +289,7 @@ impl Segments {
                 segments.readable.push(entry);
             }
         }
+        segments.cut_short = walk.is_cut_short();
         segments
     }
 
@@ -498,6 +504,13 @@ impl Disk {
     /// Serves request chain `head` located by `segments` in `mem`: executes it and writes
     /// its status byte; returns the used length.
     fn serve(&self, mem: &Mem, segments: &Segments, head: u16) -> u32 {
+        if segments.cut_short {
+            // Its status byte may be among what did not translate: nothing is served or
+            // written, as for a malformed chain.
+            log::warn!("request chain {head} not served: cut short by the IOMMU");
+            Stats::count(&self.stats.errors, 1);
+            return 0;
+        }
         if Segments::total(&segments.readable) < HEADER_LEN || segments.writable.is_empty() {
             log::warn!("malformed request chain {head}: no header or no status byte");
             Stats::count(&self.stats.errors, 1);

@@ -300,6 +300,8 @@ struct Translated {
     /// What is left of a descriptor whose buffer is not contiguous in guest memory (`addr`
     /// the IOVA of the rest), yielded next.
     rest: Option<Descriptor>,
+    /// The walk ended at a buffer or indirect table that did not translate.
+    cut_short: bool,
 }
 
 impl<'m, G: GuestMemory> Chain<'m, G> {
@@ -396,8 +398,20 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The same chain, yielding its descriptors translated through `iommu` (see the
     /// [`iommu`](crate::iommu) module).
     pub(crate) fn with_iommu(mut self, iommu: Arc<dyn Iommu>) -> Self {
-        self.translated = Some(Box::new(Translated { iommu, rest: None }));
+        self.translated = Some(Box::new(Translated {
+            iommu,
+            rest: None,
+            cut_short: false,
+        }));
         self
+    }
+
+    /// Whether the walk so far ended because a buffer or an indirect table could not be
+    /// translated through the IOMMU: the descriptors it yielded are then not the whole
+    /// chain, and a device must not serve them as if they were (a truncated chain can look
+    /// well formed). Always `false` without an IOMMU.
+    pub fn is_cut_short(&self) -> bool {
+        self.translated.as_ref().is_some_and(|t| t.cut_short)
     }
 
     /// Whether the chain comes from a packed ring.
@@ -424,11 +438,13 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             return None;
         }
         let entries = u16::try_from(len as usize / DESC_SIZE).ok()?;
-        let addr = match &self.translated {
+        let id = self.id;
+        let addr = match &mut self.translated {
             None => addr,
             Some(t) => translate_whole(&*t.iommu, addr.0, u64::from(len), Permissions::Read)
                 .map_err(|err| {
-                    log::warn!("chain {}: indirect table not translatable: {err}", self.id);
+                    log::warn!("chain {id}: indirect table not translatable: {err}");
+                    t.cut_short = true;
                 })
                 .ok()?,
         };
@@ -519,6 +535,7 @@ impl<G: GuestMemory> Chain<'_, G> {
                     self.id
                 );
                 self.ttl = 0;
+                t.cut_short = true;
                 None
             }
         }

@@ -154,15 +154,26 @@ impl Guest {
     /// Serves every available chain, recording what the device saw of each: `(guest
     /// address, length, writable)` per descriptor; each chain reports 1 byte written.
     fn serve(&self) -> Result<Vec<Seen>, Error> {
+        Ok(self
+            .serve_walks()?
+            .into_iter()
+            .map(|(seen, _)| seen)
+            .collect())
+    }
+
+    /// [`serve`](Self::serve), with whether each chain's walk was cut short.
+    fn serve_walks(&self) -> Result<Vec<(Seen, bool)>, Error> {
         let mut seen = Vec::new();
         let m = self.mem.memory();
         self.vring.get_mut().serve_available(&m, |chain| {
             assert!(chain.descriptor_chain().is_none());
-            seen.push(
-                chain
-                    .map(|d| (d.addr().0, d.len(), d.is_write_only()))
-                    .collect(),
-            );
+            assert!(!chain.is_cut_short());
+            let mut walk = chain;
+            let descs = walk
+                .by_ref()
+                .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+                .collect();
+            seen.push((descs, walk.is_cut_short()));
             1
         })?;
         Ok(seen)
@@ -238,12 +249,13 @@ fn a_write_through_a_read_only_mapping_fails_that_chain_only() {
     g.desc(DESC_GPA, 2, (BUF_IOVA + 0x10, 1, WRITE, 0));
     g.offer(0);
     g.offer(2);
-    let seen = g.serve().unwrap();
+    let seen = g.serve_walks().unwrap();
+    // Chain 0 looks like a well-formed one-descriptor chain: only `is_cut_short` tells.
     assert_eq!(
         seen,
         vec![
-            vec![(BUF_GPA[0], 0x10, false)],
-            vec![(BUF_GPA[0] + 0x10, 1, true)],
+            (vec![(BUF_GPA[0], 0x10, false)], true),
+            (vec![(BUF_GPA[0] + 0x10, 1, true)], false),
         ]
     );
     assert_eq!(g.used_idx(USED_GPA), 2);
@@ -256,8 +268,11 @@ fn an_unmapped_buffer_ends_the_chain_and_the_ring_goes_on() {
     g.desc(DESC_GPA, 1, (BUF_IOVA, 4, WRITE, 0));
     g.offer(0);
     g.offer(1);
-    let seen = g.serve().unwrap();
-    assert_eq!(seen, vec![vec![], vec![(BUF_GPA[0], 4, true)]]);
+    let seen = g.serve_walks().unwrap();
+    assert_eq!(
+        seen,
+        vec![(vec![], true), (vec![(BUF_GPA[0], 4, true)], false)]
+    );
 }
 
 #[test]
@@ -345,7 +360,7 @@ fn an_indirect_table_that_is_not_mapped_ends_the_chain() {
     let mut g = Guest::new();
     g.desc(DESC_GPA, 0, (0x7_0000_0000, 32, INDIRECT, 0));
     g.offer(0);
-    assert_eq!(g.serve().unwrap(), vec![vec![]]);
+    assert_eq!(g.serve_walks().unwrap(), vec![(vec![], true)]);
 }
 
 #[test]
