@@ -981,6 +981,22 @@ mod tests {
     }
 
     #[test]
+    fn iommu_runs_only_vu_blk_with_one_queue_behind_intel_iommu() {
+        let options = parse(&words("--iommu")).unwrap();
+        let runs = plan(&options);
+        let names: Vec<String> = runs.iter().map(Run::name).collect();
+        assert_eq!(names, ["blk-vu-q1-iommu"]);
+        assert!(runs[0].iommu && !runs[0].packed);
+        assert_eq!(
+            options.args(),
+            "--device all --backend vu --boots 10 --iommu"
+        );
+        // Not in stress mode, nor for the reference backends.
+        assert!(plan(&parse(&words("--iommu --stress")).unwrap()).is_empty());
+        assert!(plan(&parse(&words("--iommu --backend qsd")).unwrap()).is_empty());
+    }
+
+    #[test]
     fn devices_are_one_a_list_or_all() {
         let devices = |line: &str| parse(&words(line)).unwrap().devices;
         assert_eq!(devices("--device net"), [Device::Net]);

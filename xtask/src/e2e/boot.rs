@@ -947,6 +947,44 @@ mod tests {
         );
     }
 
+    /// The IOMMU comes before the device, the device sits on a PCIe root port, modern only,
+    /// and the backend is asked to offer ACCESS_PLATFORM.
+    #[test]
+    fn an_iommu_boot_puts_the_device_behind_intel_iommu() {
+        let machine = Machine {
+            qemu: "qemu-system-x86_64".to_owned(),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            kvm: false,
+            failed: PathBuf::from("/f"),
+        };
+        let mut iommu = spec(Device::Blk, 1);
+        iommu.backend = Backend::Vu(PathBuf::from("/vu_blk"));
+        iommu.iommu = true;
+        let line = shell_line(&qemu_command(&machine, &iommu, &files(), ""));
+        assert!(
+            line.contains("q35,accel=tcg,kernel-irqchip=split"),
+            "{line}"
+        );
+        let at = |needle: &str| {
+            line.find(needle)
+                .unwrap_or_else(|| panic!("{needle}: {line}"))
+        };
+        assert!(at("intel-iommu,intremap=on,device-iotlb=on") < at("vhost-user-blk-pci"));
+        assert!(
+            line.contains("bus=rp0,disable-legacy=on,iommu_platform=on,ats=on"),
+            "{line}"
+        );
+        let backend = shell_line(&backend_command(&iommu, &files()).unwrap());
+        assert!(backend.ends_with(" --iommu"), "{backend}");
+        // Without it, none of that.
+        let plain = shell_line(&qemu_command(&machine, &spec(Device::Blk, 1), &files(), ""));
+        assert!(
+            !plain.contains("iommu") && !plain.contains("kernel-irqchip"),
+            "{plain}"
+        );
+    }
+
     #[test]
     fn qsd_export_is_writable_with_the_queue_count() {
         let command = backend_command(&spec(Device::Blk, 2), &files()).unwrap();
