@@ -313,16 +313,9 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
     })
 }
 
-/// QEMU's command line.
-pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append: &str) -> Command {
-    let Files {
-        socket,
-        image,
-        rng_source,
-        console,
-        ..
-    } = files;
-    let accel = if machine.kvm { "kvm" } else { "tcg" };
+/// The `-device` of the vhost-user device (its options) and, for a boot behind an IOMMU, the
+/// arguments that must come before it.
+fn device_and_iommu(spec: &Spec) -> (String, Vec<String>) {
     let mut device = match spec.device {
         Device::Blk => format!(
             "vhost-user-blk-pci,chardev=char0,num-queues={}",
@@ -352,6 +345,20 @@ pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append
             "pcie-root-port,id=rp0,bus=pcie.0,chassis=1".to_owned(),
         ];
     }
+    (device, iommu_args)
+}
+
+/// QEMU's command line.
+pub(crate) fn qemu_command(machine: &Machine, spec: &Spec, files: &Files, append: &str) -> Command {
+    let Files {
+        socket,
+        image,
+        rng_source,
+        console,
+        ..
+    } = files;
+    let accel = if machine.kvm { "kvm" } else { "tcg" };
+    let (device, iommu_args) = device_and_iommu(spec);
     let backend_args = match (&spec.backend, spec.device) {
         (Backend::Builtin, Device::Blk) => vec![
             "-drive".to_owned(),
