@@ -16,6 +16,7 @@
 mod boot;
 mod cpio;
 mod demo;
+mod disk;
 mod dump;
 mod elf;
 mod host;

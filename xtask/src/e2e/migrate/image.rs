@@ -1,16 +1,11 @@
 //! The migration guest's disk image: its layout (tests/e2e/migrate.sh has the same table), the
 //! host's writes before and during a boot, and its check after power-off.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const IMAGE_SIZE: usize = 16 << 20;
-const BLOCK: usize = 4096;
-/// Block 1: the host writes the stop word here after its migrations.
-const CONTROL_BLOCK: u64 = 1;
-/// Block 2: the guest's final marker.
-const DONE_BLOCK: usize = 2;
+pub(super) use crate::e2e::disk::prepare;
+use crate::e2e::disk::{repeated, write_control_word, BLOCK, DONE_BLOCK};
+
 /// Blocks 64..80: the guest's O_DIRECT block of round `r` is in slot `r % 16`.
 const DIRECT_SLOTS_AT: usize = 64;
 const SLOTS: u64 = 16;
@@ -22,19 +17,6 @@ const HALF_LEN: usize = 4 << 20;
 /// The guest's 64 KiB buffered writes: slot `r % 16` from 10 MiB.
 const BUFFERED_AT: usize = 10 << 20;
 const BUFFERED_LEN: usize = 64 << 10;
-
-/// Writes the blk image: zeros, and the host marker in block 0.
-pub(super) fn prepare(image: &Path, nonce: &str) -> Result<(), String> {
-    let mut bytes = vec![0u8; IMAGE_SIZE];
-    let marker = format!("VU-E2E-HOST {nonce}");
-    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
-    std::fs::write(image, &bytes).map_err(|err| format!("cannot write {}: {err}", image.display()))
-}
-
-/// `count` bytes of `line` repeated, as busybox `yes line | head -c count` writes them.
-fn repeated(line: &str, count: usize) -> Vec<u8> {
-    format!("{line}\n").bytes().cycle().take(count).collect()
-}
 
 /// The image after power-off: the final marker and the last rounds' blocks and slots.
 pub(super) fn check(image: &Path, nonce: &str, rounds: u64) -> Result<(), String> {
@@ -79,12 +61,5 @@ pub(super) fn check(image: &Path, nonce: &str, rounds: u64) -> Result<(), String
 
 /// Writes `VU-MIG-STOP <nonce>` into the control block: the guest finishes after its round.
 pub(super) fn write_stop_word(image: &Path, nonce: &str) -> Result<(), String> {
-    let stop_word = format!("VU-MIG-STOP {nonce}");
-    let mut control = vec![0u8; BLOCK];
-    control[..stop_word.len()].copy_from_slice(stop_word.as_bytes());
-    File::options()
-        .write(true)
-        .open(image)
-        .and_then(|file| file.write_all_at(&control, CONTROL_BLOCK * BLOCK as u64))
-        .map_err(|err| format!("cannot write the control block: {err}"))
+    write_control_word(image, &format!("VU-MIG-STOP {nonce}"))
 }

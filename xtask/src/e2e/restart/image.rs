@@ -1,34 +1,16 @@
 //! The restart guest's disk image: its layout (tests/e2e/restart.sh has the same table), the
 //! host's writes before and during a boot, and its check after power-off.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const IMAGE_SIZE: usize = 16 << 20;
-const BLOCK: usize = 4096;
-/// Block 1: the host writes the stop word here after its restarts.
-const CONTROL_BLOCK: u64 = 1;
-/// Block 2: the guest's final marker with each worker's last round.
-const DONE_BLOCK: usize = 2;
+pub(super) use crate::e2e::disk::prepare;
+use crate::e2e::disk::{repeated, write_control_word, BLOCK, DONE_BLOCK, IMAGE_SIZE};
+
 /// Worker `w`'s region starts at `(REGION_FIRST + w) * REGION`.
 const REGION: usize = 512 << 10;
 const REGION_FIRST: usize = 2;
 /// The regions that fit after the first one.
 pub(super) const MAX_WORKERS: u32 = (IMAGE_SIZE / REGION - REGION_FIRST) as u32;
-
-/// Writes the image: zeros, and the host marker in block 0.
-pub(super) fn prepare(image: &Path, nonce: &str) -> Result<(), String> {
-    let mut bytes = vec![0u8; IMAGE_SIZE];
-    let marker = format!("VU-E2E-HOST {nonce}");
-    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
-    std::fs::write(image, &bytes).map_err(|err| format!("cannot write {}: {err}", image.display()))
-}
-
-/// `count` bytes of `line` repeated, as busybox `yes line | head -c count` writes them.
-fn repeated(line: &str, count: usize) -> Vec<u8> {
-    format!("{line}\n").bytes().cycle().take(count).collect()
-}
 
 /// The image after power-off: the final marker names each worker's last round, and each
 /// region holds that round's lines. Returns the rounds, summed over the workers.
@@ -70,18 +52,14 @@ pub(super) fn check(image: &Path, nonce: &str, workers: u32) -> Result<u64, Stri
 /// Writes `VU-RS-STOP <nonce>` into the control block: the guest's workers finish their round
 /// and the guest checks everything once more.
 pub(super) fn write_stop_word(image: &Path, nonce: &str) -> Result<(), String> {
-    let stop_word = format!("VU-RS-STOP {nonce}");
-    let mut control = vec![0u8; BLOCK];
-    control[..stop_word.len()].copy_from_slice(stop_word.as_bytes());
-    File::options()
-        .write(true)
-        .open(image)
-        .and_then(|file| file.write_all_at(&control, CONTROL_BLOCK * BLOCK as u64))
-        .map_err(|err| format!("cannot write the control block: {err}"))
+    write_control_word(image, &format!("VU-RS-STOP {nonce}"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     #[test]
