@@ -17,6 +17,9 @@
 //!   with [`SocketError::AddressInUse`], which names the path. A socket file left behind
 //!   by a crashed backend can be replaced with [`Listener::bind_replacing_stale`], which
 //!   removes the file only when it is a socket and nobody listens on it.
+//! - [`Listener::bind`]'s path names a socket that already listens from the instant it
+//!   appears (bound and listening under a private name beside it, then linked): a launcher
+//!   that starts the frontend as soon as the file exists never sees a refused connection.
 //! - An inherited fd is checked (`SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`) before use and
 //!   made close-on-exec, so it does not leak into programs the backend may start.
 //!
@@ -28,6 +31,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::socket::{adopt_inherited, Endpoint, Role, SocketError};
 
@@ -53,8 +57,10 @@ impl Listener {
     /// is deleted. The socket file is removed when the listener is dropped.
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, SocketError> {
         let path = path.as_ref();
-        let socket = UnixListener::bind(path).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrInUse {
+        let bind_error = |source: io::Error| {
+            if source.kind() == io::ErrorKind::AddrInUse
+                || source.kind() == io::ErrorKind::AlreadyExists
+            {
                 SocketError::AddressInUse {
                     path: path.to_path_buf(),
                 }
@@ -64,7 +70,24 @@ impl Listener {
                     source,
                 }
             }
-        })?;
+        };
+        // bind(2) creates the file before listen(2) makes it accept: a frontend started
+        // as soon as the file appears (QEMU after a launcher waited for the path) could
+        // be refused in between. So the socket binds and listens under a private name in
+        // the same directory, and only then gets `path` as a second name: link(2) refuses
+        // an existing path as bind(2) does, and the path names a listening socket from
+        // its first instant. A path too long for that private name binds directly.
+        let socket = match staging_path(path) {
+            Some(staging) => {
+                let socket = UnixListener::bind(&staging).map_err(bind_error)?;
+                let linked = fs::hard_link(&staging, path);
+                // The private name is ours alone: nothing else can have it to lose.
+                let _ = fs::remove_file(&staging);
+                linked.map_err(bind_error)?;
+                socket
+            }
+            None => UnixListener::bind(path).map_err(bind_error)?,
+        };
         // If the file is already gone (someone removed it in between), there is nothing
         // of ours to remove on drop.
         let created = fs::symlink_metadata(path).ok().map(|meta| CreatedPath {
@@ -184,4 +207,23 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// `sun_path`'s size: a socket path (with its terminating NUL) must fit in it.
+const SUN_PATH_LEN: usize = 108;
+
+/// A private name beside `path` to bind and listen under before `path` appears, or `None`
+/// when that name would not fit in `sun_path`.
+fn staging_path(path: &Path) -> Option<PathBuf> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        ".vu-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let staging = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+        _ => PathBuf::from(name),
+    };
+    (staging.as_os_str().len() < SUN_PATH_LEN).then_some(staging)
 }

@@ -330,3 +330,47 @@ fn endpoint_from_fd_refuses_a_file_that_is_not_a_socket() {
         })
     ));
 }
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn bound_path_is_the_only_name_left_and_accepts_at_once() {
+    // The socket listens under a private name first and gets the path as a second name
+    // (so the path never names a socket that refuses connections): that private name
+    // must be gone, the path must accept, and drop must remove the path.
+    let dir = TempDir::new();
+    let path = dir.path("vu.sock");
+    let listener = Listener::bind(&path).unwrap();
+    assert_eq!(names_in(&dir.0), ["vu.sock"]);
+    assert!(is_socket(&path));
+    let _client = UnixStream::connect(&path).unwrap();
+    let _endpoint = listener.accept().unwrap();
+    drop(listener);
+    assert!(names_in(&dir.0).is_empty());
+}
+
+#[test]
+fn path_too_long_for_a_private_name_beside_it_still_binds() {
+    // 100 bytes in all: the path fits in sun_path, a longer private name beside it
+    // would not, so the listener binds the path itself.
+    let dir = TempDir::new();
+    let room = 100 - dir.0.as_os_str().len() - 1;
+    let path = dir.path(&"s".repeat(room));
+    assert_eq!(path.as_os_str().len(), 100);
+    let listener = Listener::bind(&path).unwrap();
+    assert_eq!(
+        names_in(&dir.0),
+        [path.file_name().unwrap().to_string_lossy()]
+    );
+    let _client = UnixStream::connect(&path).unwrap();
+    drop(listener);
+    assert!(names_in(&dir.0).is_empty());
+}
