@@ -801,7 +801,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
 
 /// The migration runs of `cargo xtask ci`: `vu_blk` ([`CI_BOOTS`] boots, all must pass),
 /// qemu-storage-daemon (the reference), `vu_blk` with postcopy ([`CI_POSTCOPY_BOOTS`]) and on
-/// packed virtqueues ([`CI_PACKED_BOOTS`]), all of which must pass, and the broken `vu_blk`, every boot of which must fail with a data mismatch
+/// packed virtqueues ([`CI_PACKED_BOOTS`]), all of which must pass, and the broken `vu_blk`, which must be caught by a data mismatch in at least one boot (no boot failing otherwise)
 /// the guest found. The postcopy run rebuilds `vu_blk` with the feature, so the broken run
 /// after it rebuilds it without.
 pub(crate) fn ci_step() -> Result<(), String> {
@@ -859,15 +859,21 @@ pub(crate) fn ci_step() -> Result<(), String> {
         },
     };
     eprintln!(
-        "==> e2e: migration, {} (broken on purpose: every boot must fail)",
+        "==> e2e: migration, {} (broken on purpose: must be caught, by a data mismatch)",
         describe(&broken)
     );
+    // The broken run is what the real one would be with a backend that drops log bits: it
+    // must go red, so at least one boot must find a data mismatch, and no boot may fail
+    // for any other reason. Whether one boot catches it depends on which unlogged pages the
+    // guest reads back after the switch: a gate run has seen 1 of 2 boots pass.
     match run(&broken) {
-        Ok(summary) if summary.data_failures == summary.boots => {}
+        Ok(summary)
+            if summary.data_failures >= 1
+                && summary.boots - summary.passes == summary.data_failures => {}
         Ok(summary) => problems.push(format!(
-            "the broken vu_blk was caught in {}/{} boots: the migration test cannot see \
-             unlogged writes",
-            summary.data_failures, summary.boots
+            "the broken vu_blk was caught in {}/{} boots ({} passed): the migration test \
+             cannot see unlogged writes, or failed for another reason",
+            summary.data_failures, summary.boots, summary.passes
         )),
         Err(err) => problems.push(err),
     }

@@ -160,7 +160,23 @@ impl Options {
 struct Summary {
     boots: u32,
     passes: u32,
+    /// Failed boots whose guest saw a request completed twice (`is not a head`).
+    double_completions: u32,
     reports: Vec<Report>,
+}
+
+/// How many times the gate runs a qemu-storage-daemon reference run whose every failure was
+/// the guest seeing a request completed twice: qemu-storage-daemon 7.2 does that after a
+/// restart now and then (the issue measured 1 in 21 deep runs; a gate run hit it once),
+/// which says nothing about the test.
+const REFERENCE_ATTEMPTS: u32 = 3;
+
+/// Whether the guest's console shows a request completed twice (Linux virtio_ring's
+/// "id N is not a head!").
+fn saw_double_completion(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join("console.log"))
+        .map(|console| console.contains("is not a head!"))
+        .unwrap_or(false)
 }
 
 /// The value at `pct` percent of `values` sorted (0 when empty).
@@ -294,6 +310,8 @@ fn run(options: &Options) -> Result<Summary, String> {
         summary.boots += 1;
         if report.failure.is_none() {
             summary.passes += 1;
+        } else if saw_double_completion(&dir) {
+            summary.double_completions += 1;
         }
         eprintln!("    {}", boot_line(index, &report, &dir));
         summary.reports.push(report);
@@ -373,7 +391,28 @@ pub(crate) fn ci_step() -> Result<(), String> {
     let mut problems = Vec::new();
     for options in ci_runs() {
         eprintln!("==> e2e: restarts, {}", options.describe());
-        match run(&options) {
+        let mut result = run(&options);
+        let mut attempt = 1;
+        // The reference's own known bug is not a fault of the test: repeat its run.
+        while let Ok(summary) = &result {
+            let failed = summary.boots - summary.passes;
+            if !options.qsd
+                || failed == 0
+                || summary.double_completions != failed
+                || attempt == REFERENCE_ATTEMPTS
+            {
+                break;
+            }
+            eprintln!(
+                "    qemu-storage-daemon completed a request twice after a restart (the \
+                 guest's virtio_blk: `is not a head`), its known bug, not the test's: run \
+                 {} of at most {REFERENCE_ATTEMPTS}",
+                attempt + 1
+            );
+            attempt += 1;
+            result = run(&options);
+        }
+        match result {
             Ok(summary) if summary.passes == summary.boots => {}
             Ok(summary) => problems.push(format!(
                 "{}: {}/{} boots passed",
@@ -417,6 +456,23 @@ mod tests {
         assert!(parse(&words("--signal stop")).is_err());
         assert!(parse(&words("--backend qemu")).is_err());
         assert!(parse(&words("--boots 0")).is_err());
+    }
+
+    #[test]
+    fn a_console_with_a_request_completed_twice_is_recognised() {
+        let dir = std::env::temp_dir().join(format!("vu-rs-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!saw_double_completion(&dir));
+        let console = dir.join("console.log");
+        std::fs::write(&console, "[ 5.9] I/O error, dev vda, sector 2048\n").unwrap();
+        assert!(!saw_double_completion(&dir));
+        std::fs::write(
+            &console,
+            "[ 5.9] virtio_blk virtio0: req.0:id 2 is not a head!\n",
+        )
+        .unwrap();
+        assert!(saw_double_completion(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
