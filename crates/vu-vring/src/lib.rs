@@ -123,6 +123,16 @@
 //! area before the device sees it and cleared after its used element is published, and the
 //! chains found in flight at the restart are served again first. The layouts and the
 //! protocol are in [`inflight`]; docs/inflight.md says what a device author gets.
+//!
+//! # Filling device-writable chains
+//!
+//! A device whose data arrives on its own (net RX, vsock RX, console input, input events)
+//! fills the chains the driver posted with [`VringData::fill_available`]: one lock, one
+//! memory snapshot and the same [`Chain`] walk as `serve_available` (packed rings, inflight
+//! tracking, IOMMU translation included), a [`Filler`] that takes chains until their writable
+//! room covers what the device asks for (gathering across chains for `VIRTIO_NET_F_MRG_RXBUF`),
+//! the room handed out as guest-memory slices ([`Buffers::slices`], written in place), chains
+//! not used given back, and the completions published together when the pass ends.
 //! # Packed rings
 //!
 //! When `VIRTIO_F_RING_PACKED` is acked the daemon calls
@@ -216,6 +226,8 @@ mod process;
 mod ring_state;
 mod state;
 #[cfg(test)]
+mod tests_fill;
+#[cfg(test)]
 mod tests_inflight;
 #[cfg(test)]
 mod tests_iommu;
@@ -233,6 +245,7 @@ pub use inflight::{InflightArea, InflightError, InflightQueue};
 pub use iommu::{Iommu, IommuError};
 pub use process::{process_queue, process_queue_async, Completion};
 pub use ring_state::{InbandNotifier, Restart, RingState};
+pub use state::fill::{Buffers, Filler, WritableSlice};
 pub use state::{VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,

@@ -103,11 +103,11 @@ fn is_available(flags: u16, wrap: bool) -> bool {
 /// A chain taken from the ring: `count` descriptors from position `head`, with the buffer id
 /// of its last descriptor and its first descriptors as they were read.
 #[derive(Debug, Clone, Copy)]
-struct Taken {
-    head: u16,
-    count: u16,
-    id: u16,
-    read_ahead: ReadAhead,
+pub(crate) struct Taken {
+    pub(crate) head: u16,
+    pub(crate) count: u16,
+    pub(crate) id: u16,
+    pub(crate) read_ahead: ReadAhead,
 }
 
 /// The device's state of one packed ring.
@@ -225,7 +225,7 @@ impl PackedRing {
     }
 
     /// Takes the chain at the next available position, if the driver made one available.
-    fn take<G: GuestMemory>(
+    pub(crate) fn take<G: GuestMemory>(
         &mut self,
         ring: &Table<'_, G>,
         mem: &G,
@@ -287,7 +287,7 @@ impl PackedRing {
     /// descriptor count. The descriptor's `addr` is left as the driver wrote
     /// it (virtio 1.2, 2.8.8: only the buffer id, length and flags of a used descriptor
     /// mean something).
-    fn put_used<G: GuestMemory>(
+    pub(crate) fn put_used<G: GuestMemory>(
         &mut self,
         ring: &Table<'_, G>,
         mem: &G,

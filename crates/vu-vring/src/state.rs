@@ -18,6 +18,7 @@ use crate::eventfd::{eventfd_add_one, eventfd_take};
 use crate::inflight::{crash, InflightError, InflightQueue};
 use crate::iommu::RingIommu;
 
+pub(crate) mod fill;
 mod ring_iommu;
 use crate::packed::{PackedRing, Position};
 use crate::process::Completion;

@@ -447,3 +447,52 @@ fn a_packed_ring_behind_an_iommu_is_served_through_its_translation() {
     assert_eq!((id, len), (7, 16));
     assert_eq!(flags & (AVAIL_F | USED_F), AVAIL_F | USED_F);
 }
+
+#[test]
+fn room_behind_an_iommu_is_translated_and_split_where_guest_memory_is_not_contiguous() {
+    let mut guest = Guest::new();
+    // A writable buffer across both IOVA pages, which are in reverse order in the guest.
+    guest.desc(DESC_GPA, 0, (BUF_IOVA + PAGE - 8, 16, WRITE, 0));
+    guest.offer(0);
+    let packet: Vec<u8> = (1..=16).collect();
+    let m = guest.mem.memory();
+    let slices = guest
+        .vring
+        .get_mut()
+        .fill_available(&m, |rx| {
+            let buffers = rx.take(16, 1).unwrap();
+            let lens: Vec<usize> = buffers.slices().iter().map(|s| s.len()).collect();
+            assert_eq!(buffers.write_at(0, &packet), 16);
+            buffers.commit(16);
+            lens
+        })
+        .unwrap();
+    assert_eq!(slices, vec![8, 8]);
+    let mut first = [0u8; 8];
+    let mut second = [0u8; 8];
+    m.read_slice(&mut first, GuestAddress(BUF_GPA[0] + PAGE - 8))
+        .unwrap();
+    m.read_slice(&mut second, GuestAddress(BUF_GPA[1])).unwrap();
+    assert_eq!([first, second].concat(), packet);
+    assert_eq!(guest.used_elem(USED_GPA, 0), (0, 16));
+    assert_eq!(guest.used_idx(USED_GPA), 1);
+}
+
+#[test]
+fn room_the_iommu_does_not_map_is_a_malformed_chain() {
+    let mut guest = Guest::new();
+    guest.desc(DESC_GPA, 0, (BUF_IOVA + 4 * PAGE, 16, WRITE, 0));
+    guest.offer(0);
+    let m = guest.mem.memory();
+    let (taken, malformed) = guest
+        .vring
+        .get_mut()
+        .fill_available(&m, |rx| {
+            let taken = rx.take(16, 1).is_some();
+            (taken, rx.malformed())
+        })
+        .unwrap();
+    assert_eq!((taken, malformed), (false, 1));
+    assert_eq!(guest.used_elem(USED_GPA, 0), (0, 0));
+    assert_eq!(guest.used_idx(USED_GPA), 1);
+}

@@ -1,0 +1,582 @@
+//! Filling device-writable buffers: the receive side of a device (net RX, vsock RX, console
+//! input, input events), where data arrives at the device and goes into chains the driver
+//! posted, rather than a request arriving in a chain.
+//!
+//! [`VringData::fill_available`] opens a pass with the discipline of
+//! [`serve_available`](VringData::serve_available): one lock (the caller's guard), one memory
+//! snapshot, the descriptor table read through its host mapping, chains walked by the same
+//! [`Chain`] (split and packed rings, indirect tables, the IOMMU's translation), every chain
+//! recorded in the inflight area before the device sees it. Inside the pass the device asks a
+//! [`Filler`] for writable room ([`Filler::take`]): chains are taken until the room covers
+//! what the device asked for (gathering across chains, as `VIRTIO_NET_F_MRG_RXBUF` needs), and
+//! their writable buffers are handed out as guest-memory [`VolatileSlice`]s, which the device
+//! fills in place (a socket or tap read straight into guest memory, no copy in between).
+//! [`Buffers::commit`] says how many bytes were written: they fill the chains in order, and
+//! chains the bytes did not reach are given back; dropping the [`Buffers`] gives them all
+//! back (split rings rewind the next available index, packed rings their available position,
+//! inflight records are cleared). Completions are written to the used ring when the pass ends,
+//! with one publication of the used index, and the caller decides on the interrupt once
+//! ([`VringData::signal_used_queue_if_needed`]).
+
+use std::sync::Arc;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::bitmap::BS;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
+
+use super::{put_used, put_used_round, used_ring_slice, VringData};
+use crate::chain::{Chain, ChainTable, Table};
+use crate::error::Error;
+use crate::iommu::Iommu;
+use crate::packed::{self, Position};
+use crate::tracker::Tracker;
+
+/// A device-writable buffer of guest memory, as [`Buffers::slices`] hands it out (a buffer
+/// that is not contiguous in the host is several of them).
+pub type WritableSlice<'m, G> = VolatileSlice<'m, BS<'m, <G as GuestMemory>::Bitmap>>;
+
+/// Where a taken chain came from, to complete it or give it back.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// Split ring: popped from the available ring, with this head.
+    Avail(u16),
+    /// Split ring: found in flight at a restart (inflight tracking), with this head.
+    Resubmitted(u16),
+    /// Packed ring: taken at this position.
+    Packed(packed::Taken, Position),
+}
+
+/// A chain taken by the current [`Filler::take`]: its room and where its slices end, or
+/// `None` when it cannot take data (completed empty once the take is committed).
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    origin: Origin,
+    room: Option<(usize, usize)>,
+}
+
+/// The device's side of one fill pass of [`VringData::fill_available`]: takes writable room
+/// from the chains the driver made available. See the module documentation of
+/// [`fill_available`](VringData::fill_available) for an example.
+pub struct Filler<'a, 'm, M: GuestAddressSpace> {
+    data: &'a mut VringData<M>,
+    mem: &'m M::M,
+    table: ChainTable<'m, M::M>,
+    /// A packed ring's descriptor ring, mapped for writing.
+    ring: Option<Table<'m, M::M>>,
+    /// A split ring's used ring, when it lies in one region.
+    used: Option<WritableSlice<'m, M::M>>,
+    iommu: Option<Arc<dyn Iommu>>,
+    /// The current take: its chains in ring order, and their writable slices.
+    items: Vec<Item>,
+    slices: Vec<WritableSlice<'m, M::M>>,
+    /// Completions not yet in the used ring: split `(head, len)`, packed `(chain, len)`.
+    done: Vec<(u16, u32)>,
+    done_packed: Vec<(packed::Taken, u32)>,
+    /// Chains taken in the pass (a pass takes at most a ring's worth).
+    taken: usize,
+    completed: usize,
+    malformed: usize,
+    error: Option<Error>,
+}
+
+/// Completions a pass keeps before writing them to the used ring (a device that fills more
+/// in one pass publishes every this many).
+const FILL_BATCH: usize = 64;
+
+impl<M: GuestAddressSpace> VringData<M> {
+    /// Opens a fill pass over the chains available now and runs `fill` with its [`Filler`];
+    /// then writes every chain `fill` committed into the used ring (the used index published
+    /// once for up to 64 of them) and returns what `fill` returned. `mem` is the memory
+    /// snapshot the slices borrow (normally `self.mem().memory()`, taken once by the caller).
+    ///
+    /// It does not touch notifications: after the pass, decide on the interrupt once with
+    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed), and, when the device
+    /// still has data but the ring ran out of chains, re-enable kicks with
+    /// [`enable_notification`](Self::enable_notification) (its EVENT_IDX re-check says whether
+    /// chains arrived meanwhile).
+    ///
+    /// A chain that cannot take data is an error on that chain only: a device-readable
+    /// descriptor, no writable room at all (zero-length descriptors are skipped), a buffer
+    /// outside guest memory or not translatable through the IOMMU. It is completed with a
+    /// used length of 0 (after the chains of the data it was found among, so that a packet's
+    /// chains stay consecutive in the used ring), logged, counted ([`Filler::malformed`]), and
+    /// the pass goes on. A walk the driver broke (a loop, a bad indirect table) ends the chain
+    /// where virtio-queue's walk ends it, as for [`serve_available`](Self::serve_available).
+    /// An error of the ring itself (its used ring or a packed descriptor outside guest memory,
+    /// a broken packed chain) ends the pass: `fill` gets no more chains, the chains committed
+    /// before are completed, and the error is returned.
+    ///
+    /// # Example
+    ///
+    /// A device delivering datagrams, one per chain set, each spread over as many chains as
+    /// it needs (as `VIRTIO_NET_F_MRG_RXBUF` does), keeping what does not fit for later:
+    ///
+    /// ```
+    /// use std::collections::VecDeque;
+    /// use vu_vring::vm_memory::GuestAddressSpace;
+    /// use vu_vring::{Error, VringData};
+    ///
+    /// fn deliver<M: GuestAddressSpace>(
+    ///     data: &mut VringData<M>,
+    ///     waiting: &mut VecDeque<Vec<u8>>,
+    /// ) -> Result<usize, Error> {
+    ///     let mem = data.mem().memory();
+    ///     let delivered = data.fill_available(&mem, |rx| {
+    ///         let mut delivered = 0;
+    ///         while let Some(datagram) = waiting.front() {
+    ///             // Chains until the datagram's bytes are covered (at most 64 of them).
+    ///             let Some(buffers) = rx.take(datagram.len(), 64) else {
+    ///                 break; // no chain available: the datagram waits
+    ///             };
+    ///             if buffers.capacity() < datagram.len() {
+    ///                 break; // not enough room yet: dropping `buffers` gives the chains back
+    ///             }
+    ///             let written = buffers.write_at(0, datagram);
+    ///             buffers.commit(written); // the bytes fill the chains in order
+    ///             waiting.pop_front();
+    ///             delivered += 1;
+    ///         }
+    ///         delivered
+    ///     })?;
+    ///     drop(mem);
+    ///     data.signal_used_queue_if_needed()?; // one interrupt decision for the pass
+    ///     Ok(delivered)
+    /// }
+    /// # let _ = deliver::<vu_vring::DefaultMem>;
+    /// ```
+    pub fn fill_available<F, R>(&mut self, mem: &M::M, fill: F) -> Result<R, Error>
+    where
+        F: FnOnce(&mut Filler<'_, '_, M>) -> R,
+    {
+        let iommu = self.translated_iommu()?;
+        let desc = GuestAddress(self.queue.desc_table());
+        let ring = self
+            .packed
+            .as_ref()
+            .map(|p| Table::map_writable(mem, desc, p.size()));
+        let used = match ring {
+            None => used_ring_slice(&self.queue, mem),
+            Some(_) => None,
+        };
+        let mut filler = Filler {
+            table: ChainTable::map(mem, desc, self.queue.size()),
+            data: self,
+            mem,
+            ring,
+            used,
+            iommu,
+            items: Vec::new(),
+            slices: Vec::new(),
+            done: Vec::new(),
+            done_packed: Vec::new(),
+            taken: 0,
+            completed: 0,
+            malformed: 0,
+            error: None,
+        };
+        let out = fill(&mut filler);
+        // Nothing is left taken unless a `Buffers` was leaked (`mem::forget`): given back.
+        filler.give_back(0);
+        filler.publish();
+        match filler.error {
+            Some(err) => Err(err),
+            None => Ok(out),
+        }
+    }
+}
+
+impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
+    /// Takes available chains until their writable room covers `bytes` or `max_chains` were
+    /// taken (at least one, whatever `bytes` is), and hands out their writable buffers.
+    /// `None` when no chain can be taken (the ring has none available, this pass already
+    /// took a ring's worth, or the ring broke).
+    ///
+    /// The room may fall short of `bytes` (the ring ran out, or `max_chains` chains were not
+    /// enough): [`Buffers::capacity`] says. Chains that cannot take data are skipped (and
+    /// completed empty, see [`VringData::fill_available`]).
+    pub fn take(&mut self, bytes: usize, max_chains: usize) -> Option<Buffers<'_, 'a, 'm, M>> {
+        self.items.clear();
+        self.slices.clear();
+        let mut capacity = 0;
+        let mut good = 0;
+        while good == 0 || (capacity < bytes && good < max_chains) {
+            let Some((origin, chain)) = self.next_chain() else {
+                break;
+            };
+            let start = self.slices.len();
+            match self.gather(chain) {
+                Ok(room) => {
+                    self.items.push(Item {
+                        origin,
+                        room: Some((room, self.slices.len())),
+                    });
+                    capacity += room;
+                    good += 1;
+                }
+                Err(reason) => {
+                    self.slices.truncate(start);
+                    let head = self.head(origin);
+                    log::warn!("chain {head} cannot take data: {reason}; completed empty");
+                    self.malformed += 1;
+                    if good == 0 {
+                        // Before the take's first chain: nothing of it to keep consecutive.
+                        self.complete(origin, 0);
+                    } else {
+                        self.items.push(Item { origin, room: None });
+                    }
+                }
+            }
+        }
+        if good == 0 {
+            return None;
+        }
+        Some(Buffers {
+            filler: self,
+            capacity,
+        })
+    }
+
+    /// Chains completed by this pass so far (committed or completed empty).
+    pub fn completed(&self) -> usize {
+        self.completed
+    }
+
+    /// Chains this pass found unable to take data (completed empty).
+    pub fn malformed(&self) -> usize {
+        self.malformed
+    }
+
+    /// The next chain of the ring, recorded for inflight tracking; `None` when there is none
+    /// (or the pass took a ring's worth, or the ring broke).
+    fn next_chain(&mut self) -> Option<(Origin, Chain<'m, M::M>)> {
+        let size = usize::from(self.data.queue_size());
+        if self.error.is_some() || self.taken >= size {
+            return None;
+        }
+        let (origin, chain) = match &self.ring {
+            Some(ring) => {
+                let packed = self.data.packed.as_mut()?;
+                let at = packed.next_avail();
+                match packed.take(ring, self.mem) {
+                    Ok(Some(t)) => {
+                        let chain =
+                            Chain::packed(self.mem, ring, (t.head, t.count, t.id), t.read_ahead);
+                        (Origin::Packed(t, at), chain)
+                    }
+                    Ok(None) => return None,
+                    Err(err) => {
+                        self.error = Some(err);
+                        return None;
+                    }
+                }
+            }
+            None => self.next_split()?,
+        };
+        self.taken += 1;
+        let chain = match &self.iommu {
+            Some(iommu) => chain.with_iommu(iommu.clone()),
+            None => chain,
+        };
+        Some((origin, chain))
+    }
+
+    /// The next chain of a split ring: one found in flight at a restart, or the next
+    /// available one (an entry whose head is past the table is skipped, as
+    /// [`serve_available`](VringData::serve_available) skips it).
+    fn next_split(&mut self) -> Option<(Origin, Chain<'m, M::M>)> {
+        let data = &mut *self.data;
+        if let Some(head) = data.tracker.as_mut().and_then(|t| t.resubmit.pop()) {
+            return Some((
+                Origin::Resubmitted(head),
+                Chain::resubmitted(head, &self.table),
+            ));
+        }
+        let size = data.queue.size();
+        loop {
+            // An index the ring cannot hold (more than `size` ahead) yields nothing.
+            let popped = data.queue.iter(self.mem).ok()?.next()?;
+            let head = popped.head_index();
+            if head >= size {
+                log::warn!("skipping available entry with head index {head} (queue size {size})");
+                continue;
+            }
+            if data.tracker.is_some() {
+                Tracker::record(&mut data.tracker, None, head);
+            }
+            return Some((Origin::Avail(head), Chain::new(popped, &self.table)));
+        }
+    }
+
+    /// Adds the writable buffers of `chain` to the take's slices; returns their room, or why
+    /// the chain cannot take data.
+    fn gather(&mut self, mut chain: Chain<'m, M::M>) -> Result<usize, &'static str> {
+        let mut room = 0usize;
+        for desc in chain.by_ref() {
+            if !desc.is_write_only() {
+                return Err("a device-readable descriptor");
+            }
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
+            }
+            let slices = GuestMemory::get_slices(self.mem, desc.addr(), len, Permissions::Write)
+                .map_err(|_| "a buffer outside guest memory")?;
+            for slice in slices {
+                self.slices
+                    .push(slice.map_err(|_| "a buffer outside guest memory")?);
+            }
+            room += len;
+        }
+        if chain.is_cut_short() {
+            return Err("a buffer the IOMMU does not translate");
+        }
+        if room == 0 {
+            return Err("no writable room");
+        }
+        Ok(room)
+    }
+
+    /// What the used ring reports for `origin`.
+    fn head(&self, origin: Origin) -> u16 {
+        match origin {
+            Origin::Avail(head) | Origin::Resubmitted(head) => head,
+            Origin::Packed(t, _) => t.id,
+        }
+    }
+
+    /// Queues the completion of `origin` with `len` bytes, writing the queue to the used ring
+    /// when it is full.
+    fn complete(&mut self, origin: Origin, len: u32) {
+        match origin {
+            Origin::Avail(head) | Origin::Resubmitted(head) => self.done.push((head, len)),
+            Origin::Packed(t, _) => self.done_packed.push((t, len)),
+        }
+        self.completed += 1;
+        if self.done.len() + self.done_packed.len() >= FILL_BATCH && self.items.is_empty() {
+            self.publish();
+        }
+    }
+
+    /// Gives back the take's chains from `items[from]` on, unused: they become available
+    /// again, as if never taken (split: the next available index moves back; packed: the
+    /// available position; inflight: their records are cleared, resubmitted ones wait
+    /// again). The chains before `from` must be completed already.
+    fn give_back(&mut self, from: usize) {
+        let Some(first) = self.items.get(from).copied() else {
+            self.items.clear();
+            return;
+        };
+        let back = &self.items[from..];
+        let data = &mut *self.data;
+        self.taken -= back.len();
+        match first.origin {
+            Origin::Packed(_, at) => {
+                if let Some(packed) = data.packed.as_mut() {
+                    packed.set_next_avail(at);
+                }
+            }
+            _ => {
+                let popped: Vec<(u16, u32)> = back
+                    .iter()
+                    .filter_map(|i| match i.origin {
+                        Origin::Avail(head) => Some((head, 0)),
+                        _ => None,
+                    })
+                    .collect();
+                // Fewer than the queue size: fits in u16.
+                let n = popped.len() as u16;
+                let next = data.queue.next_avail().wrapping_sub(n);
+                data.queue.set_next_avail(next);
+                if data.tracker.is_some() {
+                    let used = data.queue.next_used();
+                    Tracker::finish(&mut data.tracker, None, &popped, used);
+                }
+                if let Some(tracker) = data.tracker.as_mut() {
+                    // Newest first in `resubmit`: the oldest given back is popped first.
+                    let again = back.iter().rev().filter_map(|i| match i.origin {
+                        Origin::Resubmitted(head) => Some(head),
+                        _ => None,
+                    });
+                    tracker.resubmit.extend(again);
+                }
+            }
+        }
+        self.items.clear();
+    }
+
+    /// Writes the completions kept so far into the used ring. An error is kept for the pass
+    /// (and ends it); the completions not written stay with the driver as before.
+    fn publish(&mut self) {
+        if let Err(err) = self.publish_split().and_then(|()| self.publish_packed()) {
+            self.error.get_or_insert(err);
+        }
+    }
+
+    fn publish_split(&mut self) -> Result<(), Error> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.done);
+        let data = &mut *self.data;
+        let tracked = data.tracker.is_some();
+        if tracked {
+            Tracker::link(&mut data.tracker, None, &batch);
+        }
+        let mut published = 0;
+        // Untracked, through the ring's mapping: the elements, then one store of the index
+        // (tracking keeps one publication per chain: its area follows each).
+        if let (false, Some(ring)) = (tracked, self.used.as_ref()) {
+            published = put_used_round(&mut data.queue, ring, &batch);
+        }
+        let mut result = Ok(());
+        for &(head, len) in &batch[published..] {
+            result = put_used(&mut data.queue, self.used.as_ref(), self.mem, head, len);
+            if result.is_err() {
+                break;
+            }
+            published += 1;
+        }
+        if tracked {
+            let used = data.queue.next_used();
+            Tracker::finish(&mut data.tracker, None, &batch[..published], used);
+        }
+        self.done = batch;
+        self.done.clear();
+        result
+    }
+
+    fn publish_packed(&mut self) -> Result<(), Error> {
+        let (Some(ring), Some(packed)) = (&self.ring, self.data.packed.as_mut()) else {
+            return Ok(());
+        };
+        let result = self
+            .done_packed
+            .iter()
+            .try_for_each(|&(t, len)| packed.put_used(ring, self.mem, t, len));
+        self.done_packed.clear();
+        result
+    }
+}
+
+/// Writable room taken by [`Filler::take`]: the buffers of one or more chains, in order.
+/// [`commit`](Self::commit) completes the chains the device wrote into; dropping it gives
+/// every chain back.
+pub struct Buffers<'f, 'a, 'm, M: GuestAddressSpace> {
+    filler: &'f mut Filler<'a, 'm, M>,
+    capacity: usize,
+}
+
+impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
+    /// The writable bytes of all the chains together.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many chains were taken (chains that cannot take data are not counted).
+    pub fn chains(&self) -> usize {
+        self.rooms().count()
+    }
+
+    /// The writable bytes of chain `index` (in the order taken), 0 past the last.
+    pub fn chain_capacity(&self, index: usize) -> usize {
+        self.rooms().nth(index).map_or(0, |(room, _)| room)
+    }
+
+    /// How many chains `bytes` written from the start fill (at least 1): with
+    /// `VIRTIO_NET_F_MRG_RXBUF`, the header's `num_buffers` for a packet of `bytes`.
+    pub fn chains_for(&self, bytes: usize) -> usize {
+        let mut left = bytes;
+        let mut n = 0;
+        for (room, _) in self.rooms() {
+            n += 1;
+            if left <= room {
+                break;
+            }
+            left -= room;
+        }
+        n.max(1)
+    }
+
+    /// The writable buffers of every chain, in order, as slices of guest memory: the device
+    /// writes into them in place (zero copy). Writes through them mark the dirty log as
+    /// guest-memory writes do; a device writing through their raw pointers (a `readv`)
+    /// marks it itself (`slice.bitmap().mark_dirty(..)`).
+    pub fn slices(&self) -> &[WritableSlice<'m, M::M>] {
+        &self.filler.slices
+    }
+
+    /// Copies `bytes` into the buffers from byte `offset` of their room on, as far as they
+    /// reach; returns how many bytes were copied.
+    pub fn write_at(&self, mut offset: usize, bytes: &[u8]) -> usize {
+        let mut copied = 0;
+        for slice in &self.filler.slices {
+            if copied == bytes.len() {
+                break;
+            }
+            if offset >= slice.len() {
+                offset -= slice.len();
+                continue;
+            }
+            let n = (slice.len() - offset).min(bytes.len() - copied);
+            // In bounds: `offset + n <= slice.len()`.
+            if slice
+                .write_slice(&bytes[copied..copied + n], offset)
+                .is_err()
+            {
+                break;
+            }
+            copied += n;
+            offset = 0;
+        }
+        copied
+    }
+
+    /// Completes the chains `written` bytes (written from the start of the room) fill, in
+    /// order, each with the bytes that went into it (at least the first chain, with 0 when
+    /// `written` is 0), and gives back the chains after them; returns how many chains were
+    /// completed. More than [`capacity`](Self::capacity) counts as the capacity.
+    pub fn commit(self, written: usize) -> usize {
+        let filler = &mut *self.filler;
+        let mut left = written.min(self.capacity);
+        let mut used = 0;
+        let mut cut = filler.items.len();
+        for (i, item) in filler.items.iter().enumerate() {
+            if let Some((room, _)) = item.room {
+                if used > 0 && left == 0 {
+                    cut = i;
+                    break;
+                }
+                used += 1;
+                left -= left.min(room);
+            }
+        }
+        left = written.min(self.capacity);
+        let items = std::mem::take(&mut filler.items);
+        // The data's chains first, then the chains found unable to take data among them.
+        for item in &items[..cut] {
+            if let Some((room, _)) = item.room {
+                let n = left.min(room);
+                left -= n;
+                // At most a descriptor chain's length, which is below 4 GiB.
+                filler.complete(item.origin, n as u32);
+            }
+        }
+        for item in items[..cut].iter().filter(|i| i.room.is_none()) {
+            filler.complete(item.origin, 0);
+        }
+        filler.items = items;
+        filler.give_back(cut);
+        used
+    }
+
+    /// The room of each chain and where its slices end.
+    fn rooms(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.filler.items.iter().filter_map(|i| i.room)
+    }
+}
+
+impl<M: GuestAddressSpace> Drop for Buffers<'_, '_, '_, M> {
+    fn drop(&mut self) {
+        self.filler.give_back(0);
+    }
+}
