@@ -60,7 +60,7 @@ use vu_backend::vu_vring::{RingState, VringData};
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
 use io::{Loopback, PacketIo, Tap};
-use packet::{deliver, read_tx, Backlog, Counters, Delivery, RxMode, RxScratch};
+use packet::{deliver, read_tx, Backlog, Counters, Delivery, RxMode};
 use virtio_net::{
     header_len, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS, F_MAC, F_MQ,
     F_MRG_RXBUF, F_MTU, F_STATUS, S_LINK_UP,
@@ -73,7 +73,6 @@ const DEFAULT_BACKLOG: usize = 1024;
 #[derive(Debug)]
 struct Pair {
     backlog: Backlog,
-    scratch: RxScratch,
 }
 
 /// The device.
@@ -102,7 +101,6 @@ impl NetBackend {
                 .map(|_| {
                     Mutex::new(Pair {
                         backlog: Backlog::new(backlog),
-                        scratch: RxScratch::default(),
                     })
                 })
                 .collect(),
@@ -202,31 +200,48 @@ impl NetBackend {
     ) -> Result<(), vu_backend::vu_vring::Error> {
         let counters = &self.counters[pair];
         let mode = self.rx_mode();
-        let Pair { backlog, scratch } = state;
+        let size = data.queue_size();
+        let backlog = &mut state.backlog;
         let mut rechecks = 0;
-        while let Some(packet) = backlog.front_mut() {
-            match deliver(data, packet, mode, scratch, counters)? {
-                Delivery::NoBuffers => {
-                    // Ask for a kick when the driver adds buffers: with EVENT_IDX at its
-                    // next available entry, not at ours (a packet that needs more chains
-                    // than are available leaves ours behind the driver's).
-                    if rechecks == 2 || !rearm_rx(data)? {
-                        break;
+        loop {
+            // One pass: one snapshot, the completions published together at its end.
+            let mem = data.mem().memory();
+            let filled = data.fill_available(&mem, |rx| {
+                let mut starved = false;
+                while let Some(packet) = backlog.front_mut() {
+                    match deliver(rx, packet, mode, size, counters) {
+                        Delivery::NoBuffers => {
+                            starved = true;
+                            break;
+                        }
+                        Delivery::TooBig => {
+                            log::debug!(
+                                "pair {pair}: a {} byte packet fits no RX buffer",
+                                packet.len()
+                            );
+                            Counters::add(&counters.rx_too_big, 1);
+                        }
+                        Delivery::Placed(_) => {}
                     }
-                    rechecks += 1;
-                    continue;
+                    if let Some(packet) = backlog.pop_front() {
+                        backlog.recycle(packet);
+                    }
                 }
-                Delivery::TooBig => {
-                    log::debug!(
-                        "pair {pair}: a {} byte packet fits no RX buffer",
-                        packet.len()
-                    );
-                    Counters::add(&counters.rx_too_big, 1);
+                Counters::add(&counters.rx_errors, rx.malformed() as u64);
+                starved
+            });
+            drop(mem);
+            // Ask for a kick when the driver adds buffers: with EVENT_IDX at its next
+            // available entry, not at ours (a packet that needs more chains than are
+            // available leaves ours behind the driver's).
+            match filled {
+                Ok(true) if rechecks < 2 && rearm_rx(data)? => rechecks += 1,
+                Ok(_) => break,
+                Err(err) => {
+                    // What was placed before the ring broke is in the used ring.
+                    data.signal_used_queue_if_needed()?;
+                    return Err(err);
                 }
-                Delivery::Placed(_) | Delivery::Failed => {}
-            }
-            if let Some(packet) = backlog.pop_front() {
-                backlog.recycle(packet);
             }
         }
         data.signal_used_queue_if_needed()?;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vu_backend::prelude::*;
 use vu_backend::virtio_queue::desc::split::Descriptor;
 use vu_backend::vm_memory::Address;
-use vu_backend::vu_vring::{Error as RingError, VringData};
+use vu_backend::vu_vring::Filler;
 
 use crate::virtio_net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
 
@@ -233,218 +233,74 @@ pub(crate) struct RxMode {
 /// What [`deliver`] did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Delivery {
-    /// The packet is in the used ring, in this many chains.
-    Placed(u16),
+    /// The packet is in the fill pass's completions, in this many chains.
+    Placed(usize),
     /// Not enough buffers are available now: nothing was consumed; try again after the
     /// driver's next RX kick.
     NoBuffers,
     /// No buffer (set) the driver posts can hold it: the packet is dropped, the buffers
     /// stay available.
     TooBig,
-    /// The buffers the packet was going into broke (an address outside guest memory): they
-    /// are completed with length 0 and the packet is dropped.
-    Failed,
 }
 
-/// One RX chain planned for the packet: its head, its writable segments and how many
-/// packet bytes go into it.
-#[derive(Debug, Default)]
-struct Planned {
-    head: u16,
-    segments: Vec<(GuestAddress, usize)>,
-    take: usize,
-}
-
-/// Reusable space for [`deliver`], so that it allocates nothing in the steady state.
-#[derive(Debug, Default)]
-pub(crate) struct RxScratch {
-    plan: Vec<Planned>,
-    used: usize,
-    /// Heads of chains that cannot take a packet, completed with length 0.
-    broken: Vec<u16>,
-}
-
-impl RxScratch {
-    fn next_slot(&mut self) -> &mut Planned {
-        if self.used == self.plan.len() {
-            self.plan.push(Planned::default());
-        }
-        let slot = &mut self.plan[self.used];
-        slot.segments.clear();
-        slot.take = 0;
-        self.used += 1;
-        slot
-    }
-}
-
-/// Places `packet` (a [`HDR_LEN`]-byte header then the frame) into the RX ring of `data`,
-/// completing the chains it used; the caller decides on the interrupt once per burst.
+/// Places `packet` (a [`HDR_LEN`]-byte header then the frame) into RX chains of the fill
+/// pass `rx` (the framework's [`Filler`]): the header's first `hdr_len` bytes, then the frame,
+/// written straight into the chains' guest memory; the pass completes them when it ends, and
+/// the caller decides on the interrupt once per pass.
 ///
 /// Without mergeable buffers one chain must hold the header and the whole frame; a chain too
 /// small for this packet stays available (for a smaller one) and the packet is dropped. With
 /// them, the packet fills chains in order and the header's `num_buffers` says how many; a
-/// chain that cannot hold the header is broken. When the available chains do not suffice,
-/// nothing is consumed ([`Delivery::NoBuffers`]). Chains that cannot take a packet are
-/// completed with length 0 after the packet's, so that a packet's chains stay consecutive in
-/// the used ring, and counted in `counters`.
+/// first chain that cannot hold the header is completed empty and counted. When the
+/// available chains do not suffice, nothing is consumed ([`Delivery::NoBuffers`]). Chains
+/// that cannot take data at all are completed empty by the framework (after the packet's,
+/// so that a packet's chains stay consecutive in the used ring) and counted by the caller
+/// ([`Filler::malformed`]).
 pub(crate) fn deliver<M: GuestAddressSpace>(
-    data: &mut VringData<M>,
+    rx: &mut Filler<'_, '_, M>,
     packet: &mut Packet,
     mode: RxMode,
-    scratch: &mut RxScratch,
+    queue_size: u16,
     counters: &Counters,
-) -> Result<Delivery, RingError> {
-    scratch.used = 0;
-    scratch.broken.clear();
+) -> Delivery {
     let frame_len = packet.len().saturating_sub(HDR_LEN);
     let total = mode.hdr_len + frame_len;
-    let start = data.queue_next_avail();
-    let size = data.queue_size();
-    let mut placed = 0usize;
-    let mut outcome = None;
-    while placed < total {
-        let before = data.queue_next_avail();
-        let Some(chain) = data.pop_descriptor_chain() else {
-            data.set_queue_next_avail(start);
-            scratch.broken.clear();
-            return Ok(Delivery::NoBuffers);
+    let max_chains = if mode.mergeable {
+        usize::from(queue_size)
+    } else {
+        1
+    };
+    loop {
+        let Some(buffers) = rx.take(total, max_chains) else {
+            return Delivery::NoBuffers;
         };
-        let head = chain.head_index();
-        let slot = scratch.next_slot();
-        slot.head = head;
-        let mut room = 0usize;
-        let mut wrong = false;
-        for desc in chain {
-            if !desc.is_write_only() {
-                wrong = true;
-                break;
-            }
-            let len = desc.len() as usize;
-            if len > 0 {
-                // An address outside guest memory fails the write, below.
-                slot.segments.push((desc.addr(), len));
-                room += len;
-            }
-        }
-        let first = placed == 0;
-        let broken = if wrong {
-            Some(ChainError::WrongDirection)
-        } else if mode.mergeable && (room == 0 || (first && room < mode.hdr_len)) {
-            // The header must start the first buffer; an empty one holds nothing.
-            Some(ChainError::NoRoomForHeader { room })
-        } else {
-            None
-        };
-        if let Some(err) = broken {
-            log::warn!("rx chain {head}: {err}");
+        if mode.mergeable && buffers.chain_capacity(0) < mode.hdr_len {
+            // The header must start the first buffer.
+            let room = buffers.chain_capacity(0);
+            log::warn!("rx chain: {}", ChainError::NoRoomForHeader { room });
             Counters::add(&counters.rx_errors, 1);
-            scratch.used -= 1;
-            scratch.broken.push(head);
+            buffers.commit(0);
             continue;
         }
-        if !mode.mergeable && room < total {
-            // This buffer cannot take this packet; it stays for the next one.
-            data.set_queue_next_avail(before);
-            scratch.used -= 1;
-            outcome = Some(Delivery::TooBig);
-            break;
+        if buffers.capacity() < total {
+            // Dropping `buffers` gives the chains back.
+            return if !mode.mergeable || buffers.chains() >= max_chains {
+                Delivery::TooBig
+            } else {
+                Delivery::NoBuffers
+            };
         }
-        let take = room.min(total - placed);
-        scratch.plan[scratch.used - 1].take = take;
-        placed += take;
-        if placed < total && scratch.used >= usize::from(size) {
-            // Even the whole ring cannot hold it.
-            data.set_queue_next_avail(start);
-            scratch.used = 0;
-            scratch.broken.clear();
-            return Ok(Delivery::TooBig);
+        let chains = buffers.chains_for(total);
+        if mode.hdr_len == HDR_LEN {
+            let n = u16::try_from(chains).unwrap_or(u16::MAX);
+            packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&n.to_le_bytes());
         }
+        // The room covers `total`: both copies are whole.
+        buffers.write_at(0, &packet[..mode.hdr_len]);
+        buffers.write_at(mode.hdr_len, packet.get(HDR_LEN..).unwrap_or(&[]));
+        buffers.commit(total);
+        Counters::add(&counters.rx_packets, 1);
+        Counters::add(&counters.rx_bytes, frame_len as u64);
+        return Delivery::Placed(chains);
     }
-    let outcome = match outcome {
-        Some(outcome) => outcome,
-        None => complete(data, packet, mode, scratch, counters)?,
-    };
-    for &head in &scratch.broken {
-        data.add_used(head, 0)?;
-    }
-    Ok(outcome)
-}
-
-/// Writes `packet` into the chains [`deliver`] planned, with `num_buffers` set to their
-/// number, and puts them in the used ring (with length 0 if the write failed).
-fn complete<M: GuestAddressSpace>(
-    data: &mut VringData<M>,
-    packet: &mut Packet,
-    mode: RxMode,
-    scratch: &RxScratch,
-    counters: &Counters,
-) -> Result<Delivery, RingError> {
-    let plan = &scratch.plan[..scratch.used];
-    let chains = u16::try_from(plan.len()).unwrap_or(u16::MAX);
-    if mode.hdr_len == HDR_LEN {
-        packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&chains.to_le_bytes());
-    }
-    let written = scatter(&*data.mem().memory(), plan, packet, mode.hdr_len);
-    if let Err(err) = &written {
-        log::warn!("rx chain {}: {err}", plan[0].head);
-        Counters::add(&counters.rx_errors, 1);
-    }
-    for planned in plan {
-        let len = if written.is_ok() { planned.take } else { 0 };
-        data.add_used(planned.head, u32::try_from(len).unwrap_or(u32::MAX))?;
-    }
-    if written.is_err() {
-        return Ok(Delivery::Failed);
-    }
-    Counters::add(&counters.rx_packets, 1);
-    Counters::add(
-        &counters.rx_bytes,
-        packet.len().saturating_sub(HDR_LEN) as u64,
-    );
-    Ok(Delivery::Placed(chains))
-}
-
-/// Writes the packet's first `hdr_len` header bytes and then its frame across the planned
-/// chains' segments, `take` bytes into each chain.
-fn scatter<G: GuestMemory>(
-    mem: &G,
-    plan: &[Planned],
-    packet: &[u8],
-    hdr_len: usize,
-) -> Result<(), ChainError> {
-    let header = &packet[..hdr_len.min(packet.len())];
-    let frame = packet.get(HDR_LEN..).unwrap_or(&[]);
-    // Offset into the header-then-frame byte stream.
-    let mut at = 0usize;
-    for planned in plan {
-        let mut left = planned.take;
-        for &(addr, len) in &planned.segments {
-            if left == 0 {
-                break;
-            }
-            let mut n = len.min(left);
-            let mut dest = addr;
-            while n > 0 {
-                let piece = if at < header.len() {
-                    &header[at..header.len().min(at + n)]
-                } else {
-                    let from = at - header.len();
-                    &frame[from..from + n]
-                };
-                mem.write_slice(piece, dest)
-                    .map_err(|_| ChainError::BadAddress {
-                        addr: dest.raw_value(),
-                    })?;
-                at += piece.len();
-                n -= piece.len();
-                left -= piece.len();
-                dest = dest
-                    .checked_add(piece.len() as u64)
-                    .ok_or(ChainError::BadAddress {
-                        addr: dest.raw_value(),
-                    })?;
-            }
-        }
-    }
-    Ok(())
 }
