@@ -9,6 +9,7 @@ pub mod daemon_support;
 pub mod device;
 pub mod driver_models;
 pub mod fdleak;
+pub mod fill_hostile;
 // The hostile frontend sends what `Endpoint` refuses to (fds with any payload, truncated
 // ancillary data): raw `sendmsg`/`recv` are its purpose.
 #[allow(unsafe_code)]

@@ -22,6 +22,7 @@ use vu_proto::payload::{
     SingleMemoryRegion, VringAddr, VringAddrFlags, VringEnable, VringState, U64,
 };
 use vu_proto::request::FrontendReq;
+use vu_tests::fill_hostile::{fill_queue, fill_queue_input, Take, FILL_DATA};
 use vu_tests::hostile::{
     blk_queue, blk_queue_input, descriptor, BLK_DATA_ADDR, DESC_INDIRECT, DESC_NEXT, DESC_WRITE,
 };
@@ -1011,6 +1012,99 @@ fn packed_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Seeds of `fill_queue`: the device's takes and the chains it finds.
+fn fill_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let d = FILL_DATA;
+    let take = |bytes, max_chains, action| Take {
+        bytes,
+        max_chains,
+        action,
+    };
+    // Four 64-byte writable chains.
+    let four: Vec<[u8; 16]> = (0..4)
+        .map(|i| descriptor(d + 0x100 * i, 64, DESC_WRITE, 0))
+        .collect();
+    let packed_four: Vec<[u8; 16]> = (0..4u16)
+        .map(|i| packed_descriptor(d + 0x100 * u64::from(i), 64, i, P_AVAIL | P_WRITE))
+        .collect();
+    let heads = [0, 1, 2, 3];
+    vec![
+        (
+            "one_chain_each",
+            fill_queue_input(4, false, &[take(60, 1, 255); 4], &four, &heads, &[]),
+        ),
+        (
+            "gathered_and_given_back",
+            fill_queue_input(
+                4,
+                false,
+                &[take(150, 64, 255), take(100, 64, 0), take(10, 64, 40)],
+                &four,
+                &heads,
+                &[],
+            ),
+        ),
+        (
+            "split_header_and_empty_descriptor",
+            fill_queue_input(
+                4,
+                false,
+                &[take(12, 1, 255)],
+                &[
+                    descriptor(d, 5, DESC_WRITE | DESC_NEXT, 1),
+                    descriptor(d + 0x10, 0, DESC_WRITE | DESC_NEXT, 2),
+                    descriptor(d + 0x20, 100, DESC_WRITE, 0),
+                ],
+                &[0],
+                &[],
+            ),
+        ),
+        (
+            "readable_outside_and_looping_chains",
+            fill_queue_input(
+                4,
+                false,
+                &[take(64, 64, 255)],
+                &[
+                    descriptor(d, 64, 0, 0),
+                    descriptor(0x2_0000, 64, DESC_WRITE, 0),
+                    descriptor(d, 8, DESC_WRITE | DESC_NEXT, 3),
+                    descriptor(d, 8, DESC_WRITE | DESC_NEXT, 2),
+                    descriptor(0xfff0, 64, DESC_WRITE, 0),
+                ],
+                &[0, 1, 2, 4, 9],
+                &[],
+            ),
+        ),
+        (
+            "nested_indirect_table",
+            fill_queue_input(
+                4,
+                false,
+                &[take(64, 1, 255)],
+                &[descriptor(d, 16, DESC_INDIRECT, 0)],
+                &[0],
+                &descriptor(d, 16, DESC_INDIRECT, 0),
+            ),
+        ),
+        (
+            "avail_index_far_ahead",
+            fill_queue_input(4, false, &[take(64, 1, 255)], &four, &[0; 40], &[]),
+        ),
+        (
+            "packed_gathered_and_given_back",
+            fill_queue_input(
+                4,
+                true,
+                &[take(100, 64, 255), take(100, 64, 0), take(20, 1, 255)],
+                &packed_four,
+                &[],
+                &[],
+            ),
+        ),
+    ]
+}
+
 fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut all = Vec::new();
     for (target, seeds) in [
@@ -1021,6 +1115,7 @@ fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("inflight", inflight_seeds()),
         ("iotlb", iotlb_seeds()),
         ("packed_queue", packed_seeds()),
+        ("fill_queue", fill_seeds()),
     ] {
         all.extend(seeds.into_iter().map(|(name, bytes)| (target, name, bytes)));
     }
@@ -1128,6 +1223,29 @@ fn packed_queue_body(data: &[u8]) {
     packed_queue(data);
 }
 
+fn fill_queue_body(data: &[u8]) {
+    fill_queue(data);
+}
+
+#[test]
+fn fill_queue_corpus_replays_without_panic() {
+    replay("fill_queue", fill_queue_body);
+}
+
+/// The fill seeds reach the ring: each completes at least one chain (the far-ahead index
+/// none: nothing can be taken from it).
+#[test]
+fn fill_seeds_complete_chains() {
+    for (name, bytes) in fill_seeds() {
+        let completed = fill_queue(&bytes);
+        if name == "avail_index_far_ahead" {
+            assert_eq!(completed, 0, "{name}");
+        } else {
+            assert!(completed >= 1, "{name} completed no chain");
+        }
+    }
+}
+
 #[test]
 fn packed_queue_corpus_replays_without_panic() {
     replay("packed_queue", packed_queue_body);
@@ -1166,6 +1284,7 @@ fn generated_seeds_run_without_panic() {
             "inflight" => inflight_region,
             "iotlb" => iotlb_body,
             "packed_queue" => packed_queue_body,
+            "fill_queue" => fill_queue_body,
             _ => blk_queue,
         };
         let result = std::panic::catch_unwind(|| body(&bytes));

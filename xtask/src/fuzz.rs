@@ -23,6 +23,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "inflight",
     "iotlb",
     "packed_queue",
+    "fill_queue",
 ];
 
 /// Seconds per target unless `--seconds` says otherwise.
