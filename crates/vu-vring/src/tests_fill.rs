@@ -4,7 +4,9 @@
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 
 use crate::inflight::{area_size, InflightArea};
 use crate::testutil::memfd;
@@ -471,4 +473,33 @@ fn chains_in_flight_at_a_restart_are_filled_first() {
     // The resubmitted chain, given back once, is still the first filled.
     assert_eq!(guest.used(), vec![(0, 1)]);
     assert_eq!(guest.vring.get_ref().resubmit_pending(), 0);
+}
+
+#[test]
+fn guest_memory_is_copied_into_gathered_room_with_nothing_in_between() {
+    let mut guest = Guest::new(false);
+    guest.offer_buffer(0, 24);
+    guest.offer_buffer(1, 24);
+    let source = BUFFERS + 0x1000;
+    guest
+        .mem
+        .memory()
+        .write_slice(&pattern(40), GuestAddress(source))
+        .unwrap();
+    let copied = guest
+        .fill(|rx| {
+            let buffers = rx.take(40, 64).unwrap();
+            let mem = guest.mem.memory();
+            let src = mem.get_slice(GuestAddress(source), 40).unwrap();
+            // From byte 4 of the room on: 20 bytes in the first chain, 20 in the second.
+            let copied = buffers.write_volatile_at(4, &src);
+            buffers.commit(44);
+            copied
+        })
+        .unwrap();
+    assert_eq!(copied, 40);
+    assert_eq!(guest.used(), vec![(0, 24), (1, 20)]);
+    let mut got = guest.read(BUFFERS + 4, 20);
+    got.extend(guest.read(BUFFERS + 0x100, 20));
+    assert_eq!(got, pattern(40));
 }

@@ -36,6 +36,12 @@ pub(crate) trait PacketIo: Send + Sync {
 
     /// The virtio-net offload features this host side carries.
     fn offloads(&self) -> u64;
+
+    /// Whether what a TX queue sends comes back on the paired RX queue (the loopback): the
+    /// device then copies each packet from its TX chain straight into RX room.
+    fn reflects(&self) -> bool {
+        false
+    }
 }
 
 /// What arrives on TX queue `k` goes out on RX queue `k`, header flags cleared (no offload
@@ -70,6 +76,10 @@ impl PacketIo for Loopback {
 
     fn offloads(&self) -> u64 {
         0
+    }
+
+    fn reflects(&self) -> bool {
+        true
     }
 }
 

@@ -55,12 +55,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use vu_backend::prelude::*;
-use vu_backend::vu_vring::{RingState, VringData};
+use vu_backend::vu_vring::{Chain, RingState, VringData};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
 use io::{Loopback, PacketIo, Tap};
-use packet::{deliver, read_tx, Backlog, Counters, Delivery, RxMode};
+use packet::{deliver, read_tx, reflect, Backlog, Counters, Delivery, RxMode};
 use virtio_net::{
     header_len, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS, F_MAC, F_MQ,
     F_MRG_RXBUF, F_MTU, F_STATUS, S_LINK_UP,
@@ -73,6 +73,8 @@ const DEFAULT_BACKLOG: usize = 1024;
 #[derive(Debug)]
 struct Pair {
     backlog: Backlog,
+    /// Scratch space of the loopback's TX-to-RX copy.
+    segments: Vec<(GuestAddress, usize)>,
 }
 
 /// The device.
@@ -101,6 +103,7 @@ impl NetBackend {
                 .map(|_| {
                     Mutex::new(Pair {
                         backlog: Backlog::new(backlog),
+                        segments: Vec::new(),
                     })
                 })
                 .collect(),
@@ -127,36 +130,95 @@ impl NetBackend {
     /// Serves pair `pair`'s TX queue: each chain's packet goes to the host side, then what
     /// waits for the RX queue (in loopback, those packets) goes out.
     fn transmit(&self, pair: usize, tx: &VringMutex, rx: &VringMutex) {
-        let counters = &self.counters[pair];
-        let hdr_len = self.rx_mode().hdr_len;
         let mut state = self.pair(pair);
-        let backlog = &mut state.backlog;
-        process_queue(tx, |chain| {
-            let mem = chain.memory();
-            let head = chain.head_index();
-            let mut packet = backlog.buffer();
-            match read_tx(chain, mem, hdr_len, &mut packet) {
-                Ok(()) => {
-                    Counters::add(&counters.tx_packets, 1);
-                    Counters::add(
-                        &counters.tx_bytes,
-                        (packet.len() - virtio_net::HDR_LEN) as u64,
-                    );
-                    if let Err(packet) = self.io.transmit(pair, packet, backlog) {
-                        Counters::add(&counters.tx_dropped, 1);
-                        backlog.recycle(packet);
-                    }
-                }
-                Err(err) => {
-                    log::warn!("tx chain {head} of pair {pair}: {err}");
-                    Counters::add(&counters.tx_errors, 1);
+        if !self.io.reflects() || !self.reflect(pair, &mut state, tx, rx) {
+            let counters = &self.counters[pair];
+            let hdr_len = self.rx_mode().hdr_len;
+            let backlog = &mut state.backlog;
+            process_queue(tx, |chain| {
+                self.send(pair, chain, backlog, counters, hdr_len);
+                // The device writes nothing into a TX chain.
+                0
+            });
+        }
+        self.flush(pair, &mut state, rx);
+    }
+
+    /// Hands TX chain `chain`'s packet to the host side (or the backlog, in loopback).
+    fn send(
+        &self,
+        pair: usize,
+        chain: Chain<'_, GuestMemoryMmap>,
+        backlog: &mut Backlog,
+        counters: &Counters,
+        hdr_len: usize,
+    ) {
+        let mem = chain.memory();
+        let head = chain.head_index();
+        let mut packet = backlog.buffer();
+        match read_tx(chain, mem, hdr_len, &mut packet) {
+            Ok(()) => {
+                Counters::add(&counters.tx_packets, 1);
+                Counters::add(
+                    &counters.tx_bytes,
+                    (packet.len() - virtio_net::HDR_LEN) as u64,
+                );
+                if let Err(packet) = self.io.transmit(pair, packet, backlog) {
+                    Counters::add(&counters.tx_dropped, 1);
                     backlog.recycle(packet);
                 }
             }
-            // The device writes nothing into a TX chain.
-            0
+            Err(err) => {
+                log::warn!("tx chain {head} of pair {pair}: {err}");
+                Counters::add(&counters.tx_errors, 1);
+                backlog.recycle(packet);
+            }
+        }
+    }
+
+    /// Loopback: serves the TX queue inside one fill pass of the RX queue, each packet
+    /// copied from its TX chain straight into RX room; a packet that finds no room waits in
+    /// the backlog (and every packet after it, to keep their order). Returns `false`, having
+    /// done nothing, when the RX queue cannot take packets now (not enabled, or packets
+    /// already wait).
+    fn reflect(&self, pair: usize, state: &mut Pair, tx: &VringMutex, rx: &VringMutex) -> bool {
+        let mut guard = rx.get_mut();
+        let data = &mut *guard;
+        if data.ring_state() != RingState::Enabled || state.backlog.len() > 0 {
+            return false;
+        }
+        let counters = &self.counters[pair];
+        let mode = self.rx_mode();
+        let size = data.queue_size();
+        let Pair { backlog, segments } = state;
+        let mem = data.mem().memory();
+        let filled = data.fill_available(&mem, |rx| {
+            process_queue(tx, |chain| {
+                if backlog.len() == 0 {
+                    match reflect(chain.clone(), rx, mode, size, counters, segments) {
+                        Ok(Delivery::Placed(_)) => return 0,
+                        // No room now: the packet waits in the backlog.
+                        Ok(_) => {}
+                        Err(err) => {
+                            log::warn!("tx chain {} of pair {pair}: {err}", chain.head_index());
+                            Counters::add(&counters.tx_errors, 1);
+                            return 0;
+                        }
+                    }
+                }
+                self.send(pair, chain, backlog, counters, mode.hdr_len);
+                0
+            });
+            Counters::add(&counters.rx_errors, rx.malformed() as u64);
         });
-        self.flush(pair, &mut state, rx);
+        drop(mem);
+        if let Err(err) = filled.and_then(|()| data.signal_used_queue_if_needed()) {
+            log::warn!("rx ring of pair {pair} not served: {err}; left alone until its next kick");
+            if let Err(e) = data.signal_error() {
+                log::warn!("cannot write the ring's error eventfd: {e}");
+            }
+        }
+        true
     }
 
     /// Takes what the host side has for pair `pair` and places it, and what already
@@ -221,7 +283,7 @@ impl NetBackend {
                             );
                             Counters::add(&counters.rx_too_big, 1);
                         }
-                        Delivery::Placed(_) => {}
+                        Delivery::Placed(_) | Delivery::Failed => {}
                     }
                     if let Some(packet) = backlog.pop_front() {
                         backlog.recycle(packet);

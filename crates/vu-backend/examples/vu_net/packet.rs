@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vu_backend::prelude::*;
 use vu_backend::virtio_queue::desc::split::Descriptor;
 use vu_backend::vm_memory::Address;
-use vu_backend::vu_vring::Filler;
+use vu_backend::vm_memory::Permissions;
+use vu_backend::vu_vring::{Buffers, Chain, Filler};
 
 use crate::virtio_net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
 
@@ -230,7 +231,7 @@ pub(crate) struct RxMode {
     pub(crate) mergeable: bool,
 }
 
-/// What [`deliver`] did with a packet.
+/// What [`deliver`] (or [`reflect`]) did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Delivery {
     /// The packet is in the fill pass's completions, in this many chains.
@@ -241,30 +242,34 @@ pub(crate) enum Delivery {
     /// No buffer (set) the driver posts can hold it: the packet is dropped, the buffers
     /// stay available.
     TooBig,
+    /// The packet could not be copied (its TX chain points outside guest memory): the RX
+    /// buffers stay available.
+    Failed,
 }
 
-/// Places `packet` (a [`HDR_LEN`]-byte header then the frame) into RX chains of the fill
-/// pass `rx` (the framework's [`Filler`]): the header's first `hdr_len` bytes, then the frame,
-/// written straight into the chains' guest memory; the pass completes them when it ends, and
-/// the caller decides on the interrupt once per pass.
+/// Takes RX room for a packet of `total` bytes (header included) from the fill pass `rx`
+/// and has `write` fill it (given the room and its `num_buffers`; `false` when it could
+/// not, which gives the room back); completes the chains the packet filled.
 ///
-/// Without mergeable buffers one chain must hold the header and the whole frame; a chain too
-/// small for this packet stays available (for a smaller one) and the packet is dropped. With
-/// them, the packet fills chains in order and the header's `num_buffers` says how many; a
-/// first chain that cannot hold the header is completed empty and counted. When the
-/// available chains do not suffice, nothing is consumed ([`Delivery::NoBuffers`]). Chains
-/// that cannot take data at all are completed empty by the framework (after the packet's,
-/// so that a packet's chains stay consecutive in the used ring) and counted by the caller
+/// Without mergeable buffers one chain must hold the whole packet; a chain too small for it
+/// stays available (for a smaller one) and the packet is dropped. With them, the packet
+/// fills chains in order; a first chain that cannot hold the header is completed empty and
+/// counted. When the available chains do not suffice, nothing is consumed. Chains that
+/// cannot take data at all are completed empty by the framework (after the packet's, so
+/// that a packet's chains stay consecutive in the used ring) and counted by the caller
 /// ([`Filler::malformed`]).
-pub(crate) fn deliver<M: GuestAddressSpace>(
+fn place<M, W>(
     rx: &mut Filler<'_, '_, M>,
-    packet: &mut Packet,
+    total: usize,
     mode: RxMode,
     queue_size: u16,
     counters: &Counters,
-) -> Delivery {
-    let frame_len = packet.len().saturating_sub(HDR_LEN);
-    let total = mode.hdr_len + frame_len;
+    mut write: W,
+) -> Delivery
+where
+    M: GuestAddressSpace,
+    W: FnMut(&Buffers<'_, '_, '_, M>, u16) -> bool,
+{
     let max_chains = if mode.mergeable {
         usize::from(queue_size)
     } else {
@@ -291,16 +296,114 @@ pub(crate) fn deliver<M: GuestAddressSpace>(
             };
         }
         let chains = buffers.chains_for(total);
-        if mode.hdr_len == HDR_LEN {
-            let n = u16::try_from(chains).unwrap_or(u16::MAX);
-            packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&n.to_le_bytes());
+        if !write(&buffers, u16::try_from(chains).unwrap_or(u16::MAX)) {
+            return Delivery::Failed;
         }
-        // The room covers `total`: both copies are whole.
-        buffers.write_at(0, &packet[..mode.hdr_len]);
-        buffers.write_at(mode.hdr_len, packet.get(HDR_LEN..).unwrap_or(&[]));
         buffers.commit(total);
         Counters::add(&counters.rx_packets, 1);
-        Counters::add(&counters.rx_bytes, frame_len as u64);
+        Counters::add(&counters.rx_bytes, (total - mode.hdr_len) as u64);
         return Delivery::Placed(chains);
+    }
+}
+
+/// Places `packet` (a [`HDR_LEN`]-byte header then the frame) into RX chains of the fill
+/// pass `rx` (the framework's [`Filler`]), as [`place`] says: the header's first `hdr_len`
+/// bytes (with `num_buffers` set), then the frame, written straight into the chains' guest
+/// memory; the pass completes them when it ends, and the caller decides on the interrupt
+/// once per pass.
+pub(crate) fn deliver<M: GuestAddressSpace>(
+    rx: &mut Filler<'_, '_, M>,
+    packet: &mut Packet,
+    mode: RxMode,
+    queue_size: u16,
+    counters: &Counters,
+) -> Delivery {
+    let total = mode.hdr_len + packet.len().saturating_sub(HDR_LEN);
+    place(rx, total, mode, queue_size, counters, |room, chains| {
+        if mode.hdr_len == HDR_LEN {
+            packet[HDR_NUM_BUFFERS..HDR_LEN].copy_from_slice(&chains.to_le_bytes());
+        }
+        // The room covers `total`: both copies are whole.
+        room.write_at(0, &packet[..mode.hdr_len]);
+        room.write_at(mode.hdr_len, packet.get(HDR_LEN..).unwrap_or(&[]));
+        true
+    })
+}
+
+/// The loopback's TX-to-RX copy with nothing in between: the frame of TX chain `chain`
+/// (whose first `hdr_len` bytes are the driver's header) goes straight from the TX buffers'
+/// guest memory into RX room of `rx`, behind a zeroed header (no offload is offered) with
+/// its `num_buffers`. `segments` is scratch space. A chain that is not a packet is the
+/// error [`read_tx`] would give; [`Delivery::NoBuffers`] and [`Delivery::TooBig`] leave the
+/// packet to the caller (to queue, or to drop as [`deliver`] would).
+pub(crate) fn reflect<M: GuestAddressSpace>(
+    chain: Chain<'_, M::M>,
+    rx: &mut Filler<'_, '_, M>,
+    mode: RxMode,
+    queue_size: u16,
+    counters: &Counters,
+    segments: &mut Vec<(GuestAddress, usize)>,
+) -> Result<Delivery, ChainError> {
+    let mem = chain.memory();
+    let hdr_len = mode.hdr_len;
+    segments.clear();
+    let mut seen = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(ChainError::WrongDirection);
+        }
+        let len = desc.len() as usize;
+        seen = seen.saturating_add(len);
+        if seen > hdr_len + MAX_FRAME {
+            return Err(ChainError::TooLong {
+                len: seen - hdr_len,
+            });
+        }
+        if len > 0 {
+            segments.push((desc.addr(), len));
+        }
+    }
+    if seen < hdr_len {
+        return Err(ChainError::ShortHeader { len: seen });
+    }
+    let mut bad = None;
+    let delivery = place(rx, seen, mode, queue_size, counters, |room, chains| {
+        let mut header = [0u8; HDR_LEN];
+        header[HDR_NUM_BUFFERS..].copy_from_slice(&chains.to_le_bytes());
+        room.write_at(0, &header[..hdr_len]);
+        // Offset in the chain's byte stream, and in the room (the same: equal headers).
+        let mut at = 0usize;
+        for &(addr, len) in segments.iter() {
+            let skip = hdr_len.saturating_sub(at).min(len);
+            at += skip;
+            let Some(from) = addr.checked_add(skip as u64) else {
+                bad = Some(addr);
+                return false;
+            };
+            let Ok(slices) = GuestMemory::get_slices(mem, from, len - skip, Permissions::Read)
+            else {
+                bad = Some(from);
+                return false;
+            };
+            for slice in slices {
+                let Ok(slice) = slice else {
+                    bad = Some(from);
+                    return false;
+                };
+                at += room.write_volatile_at(at, &slice);
+            }
+        }
+        true
+    });
+    match (delivery, bad) {
+        (Delivery::Failed, Some(addr)) => Err(ChainError::BadAddress {
+            addr: addr.raw_value(),
+        }),
+        (Delivery::Placed(chains), _) => {
+            Counters::add(&counters.tx_packets, 1);
+            Counters::add(&counters.tx_bytes, (seen - hdr_len) as u64);
+            Ok(Delivery::Placed(chains))
+        }
+        (delivery, _) => Ok(delivery),
     }
 }

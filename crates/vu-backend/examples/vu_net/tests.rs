@@ -574,6 +574,82 @@ fn loopback_holds_packets_until_rx_buffers_come_then_delivers_them_in_order() {
 }
 
 #[test]
+fn loopback_copies_tx_chains_straight_into_rx_room_and_queues_the_rest_in_order() {
+    let backend = loopback(8);
+    let mut rx = Ring::new();
+    let mut tx = Ring::new();
+    let vrings = [rx.vring.clone(), tx.vring.clone()];
+    // RX room for the first packet only: two 64-byte chains (mergeable).
+    for i in 0..2u16 {
+        rx.desc(DESC, i, data(u64::from(i)), 64, WRITE, 0);
+        rx.offer(i);
+    }
+    // TX: a 100-byte frame whose header is split 5 / 0 / 7 across descriptors, then two
+    // more frames.
+    let first = frame(100);
+    let mut bytes = driver_header().to_vec();
+    bytes.extend_from_slice(&first);
+    tx.write(data(10), &bytes);
+    tx.desc(DESC, 0, data(10), 5, NEXT, 1);
+    tx.desc(DESC, 1, data(10) + 5, 0, NEXT, 2);
+    tx.desc(DESC, 2, data(10) + 5, bytes.len() as u32 - 5, 0, 0);
+    tx.offer(0);
+    let others: Vec<Vec<u8>> = (0..2).map(|i| frame(30 + i)).collect();
+    for (i, body) in others.iter().enumerate() {
+        offer_tx(&mut tx, 3 + i as u16, body);
+    }
+    backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(tx.take_used().len(), 3);
+    // The first packet went straight into both RX chains: a zeroed header saying 2 buffers.
+    assert_eq!(rx.take_used(), vec![(0, 64), (1, 48)]);
+    let mut got = rx.read(data(0), 64);
+    got.extend(rx.read(data(1), 48));
+    assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0]);
+    assert_eq!(&got[HDR_LEN..], &first[..]);
+    // The other two found no room: they wait, in order, and go at the next RX kick.
+    assert_eq!(backend.pair(0).backlog.len(), 2);
+    for i in 2..4u16 {
+        rx.desc(DESC, i, data(u64::from(i)), 1024, WRITE, 0);
+        rx.offer(i);
+    }
+    backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    let used = rx.take_used();
+    assert_eq!(used.len(), 2);
+    for ((head, len), body) in used.iter().zip(&others) {
+        let got = rx.read(data(u64::from(*head)), *len as usize);
+        assert_eq!(&got[HDR_LEN..], &body[..]);
+    }
+    let counters = &backend.counters[0];
+    assert_eq!(Counters::get(&counters.tx_packets), 3);
+    assert_eq!(Counters::get(&counters.rx_packets), 3);
+    assert_eq!(Counters::get(&counters.tx_bytes), 100 + 30 + 31);
+}
+
+#[test]
+fn loopback_tx_chain_that_is_not_a_packet_fails_alone_with_rx_room_waiting() {
+    let backend = loopback(8);
+    let mut rx = Ring::new();
+    let mut tx = Ring::new();
+    let vrings = [rx.vring.clone(), tx.vring.clone()];
+    rx.desc(DESC, 0, data(0), 1024, WRITE, 0);
+    rx.offer(0);
+    // A writable descriptor in a TX chain, one outside guest memory, then a good one.
+    tx.desc(DESC, 0, data(1), 64, WRITE, 0);
+    tx.offer(0);
+    tx.desc(DESC, 1, MEM_SIZE - 16, 64, 0, 0);
+    tx.offer(1);
+    let body = frame(50);
+    offer_tx(&mut tx, 2, &body);
+    backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(tx.take_used(), vec![(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(rx.take_used(), vec![(0, (HDR_LEN + 50) as u32)]);
+    assert_eq!(&rx.read(data(0), HDR_LEN + 50)[HDR_LEN..], &body[..]);
+    let counters = &backend.counters[0];
+    assert_eq!(Counters::get(&counters.tx_errors), 2);
+    assert_eq!(Counters::get(&counters.rx_packets), 1);
+}
+
+#[test]
 fn loopback_counts_what_a_full_backlog_drops() {
     let backend = loopback(2);
     let rx = Ring::new();

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::BS;
+use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice,
 };
@@ -592,6 +592,35 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
                 .is_err()
             {
                 break;
+            }
+            copied += n;
+            offset = 0;
+        }
+        copied
+    }
+
+    /// Copies the guest-memory slice `src` into the buffers from byte `offset` of their room
+    /// on, as far as they reach, with no copy in between (a device moving data from one
+    /// chain to another: a loopback, a bridge); returns how many bytes were copied.
+    pub fn write_volatile_at<B: BitmapSlice>(
+        &self,
+        mut offset: usize,
+        src: &VolatileSlice<'_, B>,
+    ) -> usize {
+        let mut copied = 0;
+        for slice in &self.filler.slices {
+            if copied == src.len() {
+                break;
+            }
+            if offset >= slice.len() {
+                offset -= slice.len();
+                continue;
+            }
+            let n = (slice.len() - offset).min(src.len() - copied);
+            // In bounds: `offset + n <= slice.len()` and `copied + n <= src.len()`.
+            match (src.subslice(copied, n), slice.subslice(offset, n)) {
+                (Ok(from), Ok(to)) => from.copy_to_volatile_slice(to),
+                _ => break,
             }
             copied += n;
             offset = 0;
