@@ -215,11 +215,11 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
         let mut capacity = 0;
         let mut good = 0;
         while good == 0 || (capacity < bytes && good < max_chains) {
-            let Some((origin, chain)) = self.next_chain() else {
+            let Some(origin) = self.next_chain() else {
                 break;
             };
             let start = self.slices.len();
-            match self.gather(chain) {
+            match self.gather(origin) {
                 Ok(room) => {
                     self.items.push(Item {
                         origin,
@@ -263,21 +263,17 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
 
     /// The next chain of the ring, recorded for inflight tracking; `None` when there is none
     /// (or the pass took a ring's worth, or the ring broke).
-    fn next_chain(&mut self) -> Option<(Origin, Chain<'m, M::M>)> {
+    fn next_chain(&mut self) -> Option<Origin> {
         let size = usize::from(self.data.queue_size());
         if self.error.is_some() || self.taken >= size {
             return None;
         }
-        let (origin, chain) = match &self.ring {
+        let origin = match &self.ring {
             Some(ring) => {
                 let packed = self.data.packed.as_mut()?;
                 let at = packed.next_avail();
                 match packed.take(ring, self.mem) {
-                    Ok(Some(t)) => {
-                        let chain =
-                            Chain::packed(self.mem, ring, (t.head, t.count, t.id), t.read_ahead);
-                        (Origin::Packed(t, at), chain)
-                    }
+                    Ok(Some(t)) => Origin::Packed(t, at),
                     Ok(None) => return None,
                     Err(err) => {
                         self.error = Some(err);
@@ -288,11 +284,7 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
             None => self.next_split()?,
         };
         self.taken += 1;
-        let chain = match &self.iommu {
-            Some(iommu) => chain.with_iommu(iommu.clone()),
-            None => chain,
-        };
-        Some((origin, chain))
+        Some(origin)
     }
 
     /// The next chain of a split ring: one found in flight at a restart, or the next
@@ -304,12 +296,9 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// once, as `serve_available` does per round; virtio-queue's iterator, which reads it at
     /// every start, cannot stay open across takes (it borrows the queue the completions go
     /// through).
-    fn next_split(&mut self) -> Option<(Origin, Chain<'m, M::M>)> {
+    fn next_split(&mut self) -> Option<Origin> {
         if let Some(head) = self.data.tracker.as_mut().and_then(|t| t.resubmit.pop()) {
-            return Some((
-                Origin::Resubmitted(head),
-                Chain::resubmitted(head, &self.table),
-            ));
+            return Some(Origin::Resubmitted(head));
         }
         let size = self.data.queue.size();
         loop {
@@ -338,9 +327,7 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
             if data.tracker.is_some() {
                 Tracker::record(&mut data.tracker, None, head);
             }
-            // A chain built from its head, as for one found in flight: the `Chain` is not
-            // handed out, so that it has no virtio-queue twin does not matter.
-            return Some((Origin::Avail(head), Chain::resubmitted(head, &self.table)));
+            return Some(Origin::Avail(head));
         }
     }
 
@@ -364,7 +351,21 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
 
     /// Adds the writable buffers of `chain` to the take's slices; returns their room, or why
     /// the chain cannot take data.
-    fn gather(&mut self, mut chain: Chain<'m, M::M>) -> Result<usize, &'static str> {
+    fn gather(&mut self, origin: Origin) -> Result<usize, &'static str> {
+        // Built here, walked here: a `Chain` returned or passed along is copied each time.
+        let chain = match (origin, &self.ring) {
+            (Origin::Packed(t, _), Some(ring)) => {
+                Chain::packed(self.mem, ring, (t.head, t.count, t.id), t.read_ahead)
+            }
+            // A split chain is built from its head, as for one found in flight (it is not
+            // handed out, so that it has no virtio-queue twin does not matter). A packed
+            // origin always comes with `self.ring`.
+            (origin, _) => Chain::resubmitted(self.head(origin), &self.table),
+        };
+        let mut chain = match &self.iommu {
+            Some(iommu) => chain.with_iommu(iommu.clone()),
+            None => chain,
+        };
         let mut room = 0usize;
         for desc in chain.by_ref() {
             if !desc.is_write_only() {
