@@ -821,3 +821,74 @@ mod over_a_socket {
         daemon.wait().unwrap();
     }
 }
+
+/// Rounds of the burst tests below: 2, or `VU_NET_ROUNDS` (docs/performance.md counts
+/// their instructions per packet with callgrind over many rounds).
+fn burst_rounds() -> usize {
+    std::env::var("VU_NET_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// A frame of `VU_NET_FRAME` bytes (64 unless set).
+fn burst_frame() -> Vec<u8> {
+    let len = std::env::var("VU_NET_FRAME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    frame(len)
+}
+
+/// One burst of `SIZE` packets around the loopback; `rx_first` posts the RX buffers before
+/// the TX kick (each packet copied straight across), else after it (the packets wait in
+/// the backlog until the RX kick). Checks every packet came back whole.
+fn burst(backend: &NetBackend, rx: &mut Ring, tx: &mut Ring, body: &[u8], rx_first: bool) {
+    let vrings = [rx.vring.clone(), tx.vring.clone()];
+    let post = |rx: &mut Ring| {
+        for i in 0..SIZE {
+            rx.desc(DESC, i, data(u64::from(16 + i)), 2048, WRITE, 0);
+            rx.offer(i);
+        }
+    };
+    for i in 0..SIZE {
+        offer_tx(tx, i, body);
+    }
+    if rx_first {
+        post(rx);
+    }
+    backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    if !rx_first {
+        post(rx);
+        backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    }
+    assert_eq!(tx.take_used().len(), usize::from(SIZE));
+    let used = rx.take_used();
+    assert_eq!(used.len(), usize::from(SIZE));
+    let (head, len) = used[usize::from(SIZE) - 1];
+    assert_eq!(len as usize, HDR_LEN + body.len());
+    assert_eq!(
+        &rx.read(data(u64::from(16 + head)) + HDR_LEN as u64, body.len())[..],
+        body
+    );
+}
+
+#[test]
+fn loopback_bursts_with_rx_room_come_straight_back() {
+    let backend = loopback(64);
+    let (mut rx, mut tx) = (Ring::new(), Ring::new());
+    let body = burst_frame();
+    for _ in 0..burst_rounds() {
+        burst(&backend, &mut rx, &mut tx, &body, true);
+    }
+}
+
+#[test]
+fn loopback_bursts_without_rx_room_come_back_at_the_rx_kick() {
+    let backend = loopback(64);
+    let (mut rx, mut tx) = (Ring::new(), Ring::new());
+    let body = burst_frame();
+    for _ in 0..burst_rounds() {
+        burst(&backend, &mut rx, &mut tx, &body, false);
+    }
+}
