@@ -15,11 +15,14 @@
 //!   are offered and carried both ways; the guest offloads the driver takes are set on the
 //!   tap with `TUNSETOFFLOAD`.
 //!
-//! Each TX kick is served by the framework's `process_queue`. RX chains are taken one packet
-//! at a time (a packet may need several with mergeable buffers, and needs none when nothing
-//! arrived). Packets for which the driver has posted no RX buffer wait in a bounded backlog
-//! per pair and go out at the next RX kick; when the backlog is full the loopback drops them
-//! (counted as TX drops) and the tap is left unread until there is room. Malformed chains
+//! Each TX kick is served by the framework's `process_queue`. RX goes through the framework's
+//! fill pass (`VringData::fill_available`): a packet takes chains until their room covers it
+//! (several with mergeable buffers) and is written straight into their guest memory; the
+//! pass publishes its completions and decides on the interrupt once. In loopback the TX queue
+//! is served inside a fill pass of the RX queue, each packet copied from its TX chain
+//! straight into RX room. Packets for which the driver has posted no RX buffer wait in a
+//! bounded backlog per pair and go out at the next RX kick; when the backlog is full the
+//! loopback drops them (counted as TX drops) and the tap is left unread until there is room. Malformed chains
 //! are completed with length 0, logged and counted (`packet.rs`).
 //! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered, so a
 //! frontend never sends `SEND_RARP` (the session refuses it, as it refuses any request whose

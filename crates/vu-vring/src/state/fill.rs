@@ -171,6 +171,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             Some(_) => (None, None),
         };
         let avail_end = self.queue.next_avail();
+        let packed = ring.is_some();
         let mut filler = Filler {
             table: ChainTable::map(mem, desc, self.queue.size()),
             data: self,
@@ -180,10 +181,11 @@ impl<M: GuestAddressSpace> VringData<M> {
             avail,
             avail_end,
             iommu,
-            items: Vec::new(),
-            slices: Vec::new(),
-            done: Vec::new(),
-            done_packed: Vec::new(),
+            // Sized for a pass (growing them chain by chain was 6 % of a small packet's cost).
+            items: Vec::with_capacity(8),
+            slices: Vec::with_capacity(8),
+            done: Vec::with_capacity(if packed { 0 } else { FILL_BATCH }),
+            done_packed: Vec::with_capacity(if packed { FILL_BATCH } else { 0 }),
             taken: 0,
             completed: 0,
             malformed: 0,
