@@ -81,7 +81,8 @@ pub struct Filler<'a, 'm, M: GuestAddressSpace> {
     /// Completions not yet in the used ring: split `(head, len)`, packed `(chain, len)`.
     done: Vec<(u16, u32)>,
     done_packed: Vec<(packed::Taken, u32)>,
-    /// Chains taken in the pass (a pass takes at most a ring's worth).
+    /// Chains taken in the pass (a packed pass takes at most a ring's worth, as
+    /// `serve_available` does, so that a notification window never covers more).
     taken: usize,
     completed: usize,
     malformed: usize,
@@ -205,8 +206,8 @@ impl<M: GuestAddressSpace> VringData<M> {
 impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// Takes available chains until their writable room covers `bytes` or `max_chains` were
     /// taken (at least one, whatever `bytes` is), and hands out their writable buffers.
-    /// `None` when no chain can be taken (the ring has none available, this pass already
-    /// took a ring's worth, or the ring broke).
+    /// `None` when no chain can be taken (the ring has none available, a packed ring's pass
+    /// already took a ring's worth, or the ring broke).
     ///
     /// The room may fall short of `bytes` (the ring ran out, or `max_chains` chains were not
     /// enough): [`Buffers::capacity`] says. Chains that cannot take data are skipped (and
@@ -264,14 +265,16 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     }
 
     /// The next chain of the ring, recorded for inflight tracking; `None` when there is none
-    /// (or the pass took a ring's worth, or the ring broke).
+    /// (or a packed pass took a ring's worth, or the ring broke).
     fn next_chain(&mut self) -> Option<Origin> {
-        let size = usize::from(self.data.queue_size());
-        if self.error.is_some() || self.taken >= size {
+        if self.error.is_some() {
             return None;
         }
         let origin = match &self.ring {
             Some(ring) => {
+                if self.taken >= usize::from(self.data.queue_size()) {
+                    return None;
+                }
                 let packed = self.data.packed.as_mut()?;
                 let at = packed.next_avail();
                 match packed.take(ring, self.mem) {
