@@ -503,3 +503,38 @@ fn guest_memory_is_copied_into_gathered_room_with_nothing_in_between() {
     got.extend(guest.read(BUFFERS + 0x100, 20));
     assert_eq!(got, pattern(40));
 }
+
+#[test]
+fn a_split_pass_goes_on_past_a_ring_of_chains_while_the_driver_refills() {
+    let mut guest = Guest::new(false);
+    for slot in 0..u64::from(SIZE) {
+        guest.offer_buffer(slot, 32);
+    }
+    let mem = guest.mem.clone();
+    let filled = {
+        let mut data = guest.vring.get_mut();
+        let snapshot = data.mem().memory();
+        data.fill_available(&snapshot, |rx| {
+            let mut filled = 0u16;
+            while let Some(buffers) = rx.take(8, 1) {
+                buffers.commit(8);
+                filled += 1;
+                if filled == SIZE {
+                    // The driver reposts the first chain (its descriptor 0) once more.
+                    let m = mem.memory();
+                    let slot = AVAIL + 4 + 2 * u64::from(SIZE % SIZE);
+                    m.write_obj(0u16.to_le(), GuestAddress(slot)).unwrap();
+                    m.store(
+                        (SIZE + 1).to_le(),
+                        GuestAddress(AVAIL + 2),
+                        Ordering::Release,
+                    )
+                    .unwrap();
+                }
+            }
+            filled
+        })
+    };
+    assert_eq!(filled.unwrap(), SIZE + 1);
+    assert_eq!(guest.used().len(), usize::from(SIZE + 1));
+}
