@@ -47,7 +47,11 @@
 //!    batched (one lock, one memory snapshot and one interrupt decision per pass): give it a
 //!    closure that serves one chain and returns the number of bytes it wrote. The example
 //!    below spells the loop out, as rust-vmm's `vhost-user-backend` documentation does;
-//!    `examples/vu_rng.rs` uses `process_queue`.
+//!    `examples/vu_rng.rs` uses `process_queue`. A queue the device fills as its own data
+//!    arrives (network or vsock receive, console input) is served with [`fill_queue`]
+//!    instead: a [`Filler`] takes chains until their room covers what the device has, hands
+//!    the room out as guest-memory slices, and gives back what the data did not reach
+//!    (`examples/vu_net/` receives that way).
 //! 3. **Run the daemon.** Build a [`VhostUserDaemon`] with the backend and an empty guest
 //!    memory (the frontend's memory table fills it) and call
 //!    [`serve`](VhostUserDaemon::serve) with the socket path: it serves frontend after
@@ -382,8 +386,8 @@ pub use vu_daemon::{
 // The vrings, and the error their methods return.
 pub use vu_vring::Error as VringError;
 pub use vu_vring::{
-    Chain, DefaultMem, VringData, VringMutex, VringRwLock, VringState, VringStateGuard,
-    VringStateMutGuard, VringT,
+    fill_queue, Buffers, Chain, DefaultMem, Filler, VringData, VringMutex, VringRwLock, VringState,
+    VringStateGuard, VringStateMutGuard, VringT,
 };
 
 // The sockets `start` and `start_connection` take.

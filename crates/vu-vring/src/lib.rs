@@ -133,6 +133,8 @@
 //! room covers what the device asks for (gathering across chains for `VIRTIO_NET_F_MRG_RXBUF`),
 //! the room handed out as guest-memory slices ([`Buffers::slices`], written in place), chains
 //! not used given back, and the completions published together when the pass ends.
+//! [`fill_queue`] wraps one pass with the lock and the interrupt decision, as
+//! [`process_queue`] does for serving.
 //! # Packed rings
 //!
 //! When `VIRTIO_F_RING_PACKED` is acked the daemon calls
@@ -245,7 +247,7 @@ pub use inflight::{InflightArea, InflightError, InflightQueue};
 pub use iommu::{Iommu, IommuError};
 pub use process::{process_queue, process_queue_async, Completion};
 pub use ring_state::{InbandNotifier, Restart, RingState};
-pub use state::fill::{Buffers, Filler, WritableSlice};
+pub use state::fill::{fill_queue, Buffers, Filler, WritableSlice};
 pub use state::{VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,

@@ -538,3 +538,30 @@ fn a_split_pass_goes_on_past_a_ring_of_chains_while_the_driver_refills() {
     assert_eq!(filled.unwrap(), SIZE + 1);
     assert_eq!(guest.used().len(), usize::from(SIZE + 1));
 }
+
+#[test]
+fn fill_queue_decides_on_the_interrupt_once_per_pass() {
+    let mut guest = Guest::new(false);
+    let (call, observe) = crate::testutil::eventfd_pair();
+    guest.vring.set_call(Some(call));
+    for slot in 0..4 {
+        guest.offer_buffer(slot, 32);
+    }
+    let placed = crate::fill_queue(&guest.vring, |rx| {
+        let mut placed = 0;
+        while let Some(buffers) = rx.take(8, 1) {
+            buffers.commit(8);
+            placed += 1;
+        }
+        placed
+    })
+    .unwrap();
+    assert_eq!(placed, 4);
+    assert_eq!(guest.used().len(), 4);
+    // Four completions, one signal.
+    assert_eq!(crate::eventfd::eventfd_take(&observe).unwrap(), 1);
+    // A pass that completes nothing does not signal.
+    let took = crate::fill_queue(&guest.vring, |rx| rx.take(8, 1).is_some()).unwrap();
+    assert!(!took);
+    assert_eq!(crate::eventfd::eventfd_take(&observe).unwrap(), 0);
+}

@@ -34,6 +34,7 @@ use crate::iommu::Iommu;
 use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER};
 use crate::packed::{self, Position};
 use crate::tracker::Tracker;
+use crate::VringT;
 
 /// A device-writable buffer of guest memory, as [`Buffers::slices`] hands it out (a buffer
 /// that is not contiguous in the host is several of them).
@@ -201,6 +202,61 @@ impl<M: GuestAddressSpace> VringData<M> {
             None => Ok(out),
         }
     }
+}
+
+/// Fills chains of `vring` in one pass: locks it once, takes one memory snapshot, runs `fill`
+/// with the pass's [`Filler`] ([`VringData::fill_available`]), then decides once whether the
+/// driver needs an interrupt for the chains completed and writes the call eventfd at most
+/// once. Returns what `fill` returned. The vring is locked for the whole call, so `fill`
+/// must not call methods of the same vring.
+///
+/// A ring the driver broke (see [`VringData::fill_available`]) is the returned error; the
+/// chains committed before it are in the used ring and the interrupt is still decided. When
+/// the device keeps data because the ring ran out of chains, re-enable kicks afterwards
+/// ([`VringT::enable_notification`](crate::VringT::enable_notification)) to hear when the
+/// driver posts more.
+///
+/// # Example
+///
+/// A console's input: bytes typed on the host go into the chains the driver posted for
+/// them, as far as they reach; what does not fit waits for the next pass.
+///
+/// ```
+/// use vu_vring::{fill_queue, Error, VringMutex};
+///
+/// fn input(vring: &VringMutex, typed: &mut Vec<u8>) -> Result<(), Error> {
+///     let sent = fill_queue(vring, |rx| {
+///         let mut sent = 0;
+///         while sent < typed.len() {
+///             let Some(room) = rx.take(typed.len() - sent, 1) else {
+///                 break; // no chain posted: the rest waits
+///             };
+///             let n = room.write_at(0, &typed[sent..]);
+///             room.commit(n);
+///             sent += n;
+///         }
+///         sent
+///     })?;
+///     typed.drain(..sent);
+///     Ok(())
+/// }
+/// # let _ = input;
+/// ```
+pub fn fill_queue<M, V, F, R>(vring: &V, fill: F) -> Result<R, Error>
+where
+    M: GuestAddressSpace,
+    V: VringT<M> + ?Sized,
+    F: FnOnce(&mut Filler<'_, '_, M>) -> R,
+{
+    let mut guard = vring.get_mut();
+    let data = &mut *guard;
+    let mem = data.mem().memory();
+    let filled = data.fill_available(&mem, fill);
+    drop(mem);
+    let decided = data.signal_used_queue_if_needed();
+    let out = filled?;
+    decided?;
+    Ok(out)
 }
 
 impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
