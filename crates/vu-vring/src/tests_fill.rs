@@ -565,3 +565,25 @@ fn fill_queue_decides_on_the_interrupt_once_per_pass() {
     assert!(!took);
     assert_eq!(crate::eventfd::eventfd_take(&observe).unwrap(), 0);
 }
+
+#[test]
+fn room_leaked_with_mem_forget_is_given_back_not_lost() {
+    let mut guest = Guest::new(false);
+    guest.offer_buffer(0, 32);
+    guest
+        .fill(|rx| {
+            std::mem::forget(rx.take(8, 1).unwrap());
+            // The next take starts by giving the leaked chain back, and takes it again.
+            let buffers = rx.take(8, 1).unwrap();
+            assert_eq!(buffers.chains(), 1);
+            buffers.commit(8);
+        })
+        .unwrap();
+    assert_eq!(guest.used(), vec![(0, 8)]);
+    // Leaked as the pass ends: given back, taken by the next pass.
+    guest.offer_buffer(1, 32);
+    guest
+        .fill(|rx| std::mem::forget(rx.take(8, 1).unwrap()))
+        .unwrap();
+    assert_eq!(guest.vring.queue_next_avail(), 1);
+}

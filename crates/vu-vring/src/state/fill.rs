@@ -269,7 +269,8 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// enough): [`Buffers::capacity`] says. Chains that cannot take data are skipped (and
     /// completed empty, see [`VringData::fill_available`]).
     pub fn take(&mut self, bytes: usize, max_chains: usize) -> Option<Buffers<'_, 'a, 'm, M>> {
-        self.items.clear();
+        // Whatever a leaked `Buffers` (`mem::forget`) left taken goes back first.
+        self.give_back(0);
         self.slices.clear();
         let mut capacity = 0;
         let mut good = 0;
