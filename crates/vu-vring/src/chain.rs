@@ -12,17 +12,18 @@
 
 use std::fmt;
 use std::iter::Filter;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::BS;
 use vm_memory::{
     Address, AtomicAccess, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
 };
 
 use crate::iommu::{translate_whole, Iommu};
+use crate::sys::atomic_view;
 
 /// Bytes of one descriptor: split `addr: u64`, `len: u32`, `flags: u16`, `next: u16`; packed
 /// `addr: u64`, `len: u32`, `id: u16`, `flags: u16`.
@@ -65,11 +66,27 @@ impl ReadAhead {
     }
 }
 
+/// Where a split ring's chain was found: its entry in the available ring and the queue it
+/// belongs to, all [`Chain::descriptor_chain`] needs to pop the same chain again through
+/// virtio-queue when asked.
+#[derive(Debug, Clone, Copy)]
+struct AvailEntry {
+    /// The available ring's guest address.
+    ring: GuestAddress,
+    /// The queue's descriptor table.
+    table: GuestAddress,
+    /// The queue size.
+    size: u16,
+    /// The available index the chain's head was read at.
+    position: u16,
+}
+
 /// Where a [`Chain`] comes from.
-enum Source<'m, G: GuestMemory> {
-    /// A split ring: the chain as virtio-queue popped it (never advanced), or `None` for a
-    /// chain resubmitted from the inflight area.
-    Split(Option<DescriptorChain<&'m G>>),
+#[derive(Clone, Copy)]
+enum Source {
+    /// A split ring: the available entry the head was read from, or `None` for a chain
+    /// resubmitted from the inflight area.
+    Split(Option<AvailEntry>),
     /// A packed ring of `ring_size` entries; `read_ahead` holds the chain's first
     /// descriptors, of which the walk has used `used`.
     Packed {
@@ -79,23 +96,6 @@ enum Source<'m, G: GuestMemory> {
     },
 }
 
-impl<G: GuestMemory> Clone for Source<'_, G> {
-    fn clone(&self) -> Self {
-        match self {
-            Source::Split(popped) => Source::Split(popped.clone()),
-            Source::Packed {
-                ring_size,
-                read_ahead,
-                used,
-            } => Source::Packed {
-                ring_size: *ring_size,
-                read_ahead: *read_ahead,
-                used: *used,
-            },
-        }
-    }
-}
-
 /// One descriptor table (the queue's, or an indirect one; for a packed ring, the descriptor
 /// ring): where it is in the guest, how many entries it has, and its host mapping when it
 /// lies in one memory region.
@@ -103,6 +103,9 @@ pub(crate) struct Table<'m, G: GuestMemory> {
     addr: GuestAddress,
     entries: u16,
     host: Option<VolatileSlice<'m, BS<'m, G::Bitmap>>>,
+    /// The same mapping as 8-byte words (two per descriptor), when it is 8-byte aligned:
+    /// what [`read_raw`](Self::read_raw) loads from.
+    words: Option<&'m [AtomicU64]>,
 }
 
 impl<'m, G: GuestMemory> Clone for Table<'m, G> {
@@ -111,6 +114,7 @@ impl<'m, G: GuestMemory> Clone for Table<'m, G> {
             addr: self.addr,
             entries: self.entries,
             host: self.host.clone(),
+            words: self.words,
         }
     }
 }
@@ -134,10 +138,12 @@ impl<'m, G: GuestMemory> Table<'m, G> {
             .and_then(|mut slices| slices.next())
             .and_then(Result::ok)
             .filter(|slice| slice.len() == len);
+        let words = host.as_ref().and_then(atomic_view);
         Table {
             addr,
             entries,
             host,
+            words,
         }
     }
 
@@ -149,27 +155,30 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 
     /// The four fields of entry `index` (below `entries`): `addr: u64`, `len: u32`, then the
     /// two `u16`s (split: `flags`, `next`; packed: `id`, `flags`). Two loads from the host
-    /// mapping, or, when the table is not mapped in one piece or the load is misaligned,
+    /// mapping, or, when the table is not mapped in one piece or not 8-byte aligned,
     /// `read_obj` as virtio-queue does. `None` when guest memory refuses the read.
     pub(crate) fn read_raw(&self, mem: &G, index: u16) -> Option<(u64, u32, u16, u16)> {
-        let offset = usize::from(index) * DESC_SIZE;
-        if let Some(host) = &self.host {
+        let word = usize::from(index) * 2;
+        if let Some([addr, rest]) = self.words.and_then(|w| w.get(word..word + 2)) {
             // The driver published the chain before the available index (split) or the head's
             // flags (packed) that the caller read with Acquire, so Relaxed loads see it.
-            if let (Ok(addr), Ok(rest)) = (
-                host.load::<u64>(offset, Ordering::Relaxed),
-                host.load::<u64>(offset + 8, Ordering::Relaxed),
-            ) {
-                let rest = u64::from_le(rest);
-                // Little-endian fields: `len` in the low 32 bits, then the two u16s.
-                return Some((
-                    u64::from_le(addr),
-                    rest as u32,
-                    (rest >> 32) as u16,
-                    (rest >> 48) as u16,
-                ));
-            }
+            let (addr, rest) = (addr.load(Ordering::Relaxed), rest.load(Ordering::Relaxed));
+            let rest = u64::from_le(rest);
+            // Little-endian fields: `len` in the low 32 bits, then the two u16s.
+            return Some((
+                u64::from_le(addr),
+                rest as u32,
+                (rest >> 32) as u16,
+                (rest >> 48) as u16,
+            ));
         }
+        self.read_guest(mem, index)
+    }
+
+    /// [`read_raw`](Self::read_raw) through guest memory.
+    #[inline(never)]
+    fn read_guest(&self, mem: &G, index: u16) -> Option<(u64, u32, u16, u16)> {
+        let offset = usize::from(index) * DESC_SIZE;
         let addr = self.addr.checked_add(offset as u64)?;
         let desc = mem.read_obj::<Descriptor>(addr).ok()?;
         Some((desc.addr().0, desc.len(), desc.flags(), desc.next()))
@@ -278,7 +287,7 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 pub struct Chain<'m, G: GuestMemory> {
     mem: &'m G,
     /// The ring layout, with what each needs besides the walk.
-    source: Source<'m, G>,
+    source: Source,
     /// What the used ring reports: the head index (split) or the buffer id (packed).
     id: u16,
     /// The table the walk is in: the queue's, then an indirect one.
@@ -305,12 +314,17 @@ struct Translated {
 }
 
 impl<'m, G: GuestMemory> Chain<'m, G> {
-    /// The chain `popped`, whose queue's descriptor table is `table` (from [`ChainTable`]).
-    pub(crate) fn new(popped: DescriptorChain<&'m G>, table: &ChainTable<'m, G>) -> Self {
-        let head = popped.head_index();
+    /// The chain whose head index `head` the available ring held at index `position`; the
+    /// queue's descriptor table and available ring are `table`'s.
+    pub(crate) fn split(head: u16, position: u16, table: &ChainTable<'m, G>) -> Self {
         Chain {
             mem: table.mem,
-            source: Source::Split(Some(popped)),
+            source: Source::Split(Some(AvailEntry {
+                ring: table.avail,
+                table: table.table.addr,
+                size: table.table.entries,
+                position,
+            })),
             id: head,
             table: table.table.clone(),
             next_index: head,
@@ -378,21 +392,31 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// `reader`/`writer` and other virtio-queue APIs). Reads through it take virtio-queue's
     /// slower path.
     ///
+    /// Made when asked: virtio-queue builds a `DescriptorChain` only by popping it from the
+    /// available ring, and the `Chain` was read from the ring without one (see
+    /// docs/ARCHITECTURE.md), so this pops the chain's available entry again through a
+    /// scratch virtio-queue `Queue`. `None` when the entry no longer holds the chain's head
+    /// (the driver rewrote an entry it had published: a driver bug) or the ring cannot be
+    /// read.
+    ///
     /// `None` for a chain served again after a reconnect (inflight I/O tracking): it was not
-    /// popped from the available ring, and virtio-queue builds a `DescriptorChain` only by
-    /// popping; and `None` for a chain of a packed ring: virtio-queue 0.18 walks split rings
-    /// only. Iterate over the `Chain` itself, which yields the same descriptors.
+    /// read from the available ring; and `None` for a chain of a packed ring: virtio-queue
+    /// 0.18 walks split rings only. Iterate over the `Chain` itself, which yields the same
+    /// descriptors.
     ///
     /// `None` behind an IOMMU too: virtio-queue's chain would hand out the descriptors' IOVAs
     /// as guest addresses, where the `Chain` yields them translated.
     pub fn descriptor_chain(&self) -> Option<DescriptorChain<&'m G>> {
-        if self.translated.is_some() {
+        let (Source::Split(Some(entry)), None) = (self.source, &self.translated) else {
             return None;
-        }
-        match &self.source {
-            Source::Split(popped) => popped.clone(),
-            Source::Packed { .. } => None,
-        }
+        };
+        let mut queue = Queue::new(entry.size).ok()?;
+        queue.try_set_desc_table_address(entry.table).ok()?;
+        queue.try_set_avail_ring_address(entry.ring).ok()?;
+        queue.set_ready(true);
+        queue.set_next_avail(entry.position);
+        let chain = queue.pop_descriptor_chain(self.mem)?;
+        (chain.head_index() == self.id).then_some(chain)
     }
 
     /// The same chain, yielding its descriptors translated through `iommu` (see the
@@ -640,18 +664,22 @@ fn is_writable(desc: &Descriptor) -> bool {
     desc.is_write_only()
 }
 
-/// A queue's descriptor table mapped for one pass over its available ring.
+/// A queue's descriptor table mapped for one pass over its available ring, and where that
+/// ring is (for [`Chain::descriptor_chain`]).
 pub(crate) struct ChainTable<'m, G: GuestMemory> {
     mem: &'m G,
     table: Table<'m, G>,
+    avail: GuestAddress,
 }
 
 impl<'m, G: GuestMemory> ChainTable<'m, G> {
-    /// The descriptor table of `size` entries at `addr` in `mem`.
-    pub(crate) fn map(mem: &'m G, addr: GuestAddress, size: u16) -> Self {
+    /// The descriptor table of `size` entries at `addr` in `mem`, of the queue whose
+    /// available ring is at `avail`.
+    pub(crate) fn map(mem: &'m G, addr: GuestAddress, avail: GuestAddress, size: u16) -> Self {
         ChainTable {
             mem,
             table: Table::map(mem, addr, size),
+            avail,
         }
     }
 }
@@ -777,15 +805,23 @@ mod tests {
                 write_desc(&mem, 0x8020, (0x400, 1, WRITE, 0));
             }
             let mut queue = queue_offering_all(&mem, table);
-            let chain_table = ChainTable::map(&mem, GuestAddress(table), SIZE);
+            let chain_table = ChainTable::map(&mem, GuestAddress(table), GuestAddress(AVAIL), SIZE);
             if chain_table.table.host.is_some() {
                 mapped += 1;
             } else {
                 unmapped += 1;
             }
             while let Some(popped) = queue.pop_descriptor_chain(&mem) {
-                let ours = Chain::new(popped.clone(), &chain_table);
+                let position = queue.next_avail().wrapping_sub(1);
+                let ours = Chain::split(popped.head_index(), position, &chain_table);
                 let theirs: Vec<_> = popped.clone().map(|d| fields(&d)).collect();
+                // virtio-queue's view, made when asked, is the same chain.
+                let lazy = ours
+                    .descriptor_chain()
+                    .expect("the entry still holds the head");
+                assert_eq!(lazy.head_index(), popped.head_index());
+                let lazy: Vec<_> = lazy.map(|d| fields(&d)).collect();
+                assert_eq!(lazy, theirs, "round {round}: descriptor_chain()");
                 let mut walked = ours.clone();
                 let got: Vec<_> = walked.by_ref().map(|d| fields(&d)).collect();
                 assert_eq!(got, theirs, "round {round}, head {}", popped.head_index());
@@ -813,8 +849,9 @@ mod tests {
         write_desc(&mem, 0x8000, (0x100, 12, NEXT, 1));
         write_desc(&mem, 0x8010, (0x200, 34, WRITE, 0));
         let mut queue = queue_offering_all(&mem, 0x4000);
-        let table = ChainTable::map(&mem, GuestAddress(0x4000), SIZE);
-        let mut chain = Chain::new(queue.pop_descriptor_chain(&mem).unwrap(), &table);
+        let table = ChainTable::map(&mem, GuestAddress(0x4000), GuestAddress(AVAIL), SIZE);
+        let head = queue.pop_descriptor_chain(&mem).unwrap().head_index();
+        let mut chain = Chain::split(head, 0, &table);
         assert_eq!(chain.head_index(), 0);
         assert_eq!(fields(&chain.next().unwrap()), (0x100, 12, NEXT, 1));
         assert!(chain.in_indirect && chain.table.host.is_some());
@@ -833,10 +870,29 @@ mod tests {
         write_desc(&mem, table, (0x100, 1, NEXT, 3));
         write_desc(&mem, table + 48, (0x300, 3, WRITE, 0));
         let mut queue = queue_offering_all(&mem, table);
-        let chain_table = ChainTable::map(&mem, GuestAddress(table), SIZE);
+        let chain_table = ChainTable::map(&mem, GuestAddress(table), GuestAddress(AVAIL), SIZE);
         assert!(chain_table.table.host.is_none());
-        let chain = Chain::new(queue.pop_descriptor_chain(&mem).unwrap(), &chain_table);
+        let head = queue.pop_descriptor_chain(&mem).unwrap().head_index();
+        let chain = Chain::split(head, 0, &chain_table);
         let lens: Vec<_> = chain.map(|d| d.len()).collect();
         assert_eq!(lens, vec![1, 3]);
+    }
+
+    #[test]
+    fn descriptor_chain_is_none_once_the_entry_changed() {
+        let mem = memory();
+        write_desc(&mem, 0x4000, (0x100, 12, 0, 0));
+        write_desc(&mem, 0x4010, (0x200, 34, 0, 0));
+        let _queue = queue_offering_all(&mem, 0x4000);
+        let table = ChainTable::map(&mem, GuestAddress(0x4000), GuestAddress(AVAIL), SIZE);
+        let chain = Chain::split(0, 0, &table);
+        let lens: Vec<_> = chain.descriptor_chain().unwrap().map(|d| d.len()).collect();
+        assert_eq!(lens, vec![12]);
+        // The driver rewrites the entry it published: virtio-queue would pop another chain.
+        mem.write_obj(1u16.to_le(), GuestAddress(AVAIL + 4))
+            .unwrap();
+        assert!(chain.descriptor_chain().is_none());
+        // The chain itself is the one the device was handed.
+        assert_eq!(chain.map(|d| d.len()).collect::<Vec<_>>(), vec![12]);
     }
 }

@@ -215,6 +215,7 @@
 // `unsafe` is allowed in `sys` alone (raw system calls and memory behind safe types).
 #![deny(unsafe_code)]
 
+mod avail;
 mod chain;
 mod error;
 mod eventfd;

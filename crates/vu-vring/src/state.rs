@@ -5,17 +5,18 @@ use std::fs::File;
 use std::io;
 use std::num::Wrapping;
 use std::ops::Deref;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
+use crate::avail::AvailRing;
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 use crate::eventfd::{eventfd_add_one, eventfd_take};
-use crate::inflight::{crash, InflightError, InflightQueue};
+use crate::inflight::{crash, InflightError, InflightQueue, InflightRegion};
 use crate::iommu::RingIommu;
 
 pub(crate) mod fill;
@@ -23,6 +24,7 @@ mod ring_iommu;
 use crate::packed::{PackedRing, Position};
 use crate::process::Completion;
 use crate::ring_state::{InbandNotifier, Restart, RingState};
+use crate::sys::atomic_view;
 use crate::tracker::Tracker;
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
@@ -293,6 +295,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         let table = ChainTable::map(
             mem,
             GuestAddress(self.queue.desc_table()),
+            GuestAddress(self.queue.avail_ring()),
             self.queue.size(),
         );
         let mut completed = 0;
@@ -360,67 +363,91 @@ impl<M: GuestAddressSpace> VringData<M> {
         };
         let region = queue.as_ref().and_then(|q| q.region().ok());
         let region = region.as_ref();
-        // Chains are taken from one iterator over the available ring per round (one read of
-        // the available index for up to `SERVE_BATCH` chains, where popping one by one reads
-        // it for each), served as they come, and put in the used ring once the iterator,
-        // which borrows the queue, is done.
+        // As virtio-queue's iterator: a queue not set up yields nothing.
+        if !self.queue.ready() || self.queue.avail_ring() == 0 {
+            return Ok(0);
+        }
+        let avail = AvailRing::map(mem, GuestAddress(self.queue.avail_ring()), size);
+        // Chains are read from the available ring in rounds of up to `SERVE_BATCH` (one read
+        // of the available index per round), served as they come, and put in the used ring
+        // at the end of their round.
         let mut served = [(0u16, 0u32); SERVE_BATCH];
         loop {
             let mut n = 0;
-            let mut taken = 0;
-            // An index the ring cannot hold (more than `size` ahead) yields nothing; the
-            // caller's re-check finds it.
-            if let Ok(avail) = self.queue.iter(mem) {
-                for chain in avail.take(SERVE_BATCH) {
-                    taken += 1;
-                    let head = chain.head_index();
-                    if head >= size {
-                        log::warn!(
-                            "skipping available entry with head index {head} (queue size {size})"
-                        );
-                        continue;
+            let next = self.queue.next_avail();
+            let ahead = avail.idx()?.wrapping_sub(next);
+            if ahead > size {
+                return Err(Error::InvalidAvailIndex { next_avail: next });
+            }
+            let taken = usize::from(ahead).min(SERVE_BATCH);
+            for position in (0..taken as u16).map(|i| next.wrapping_add(i)) {
+                let head = match avail.head(position) {
+                    Ok(head) => head,
+                    Err(err) => {
+                        // The round's chains before it are served: complete them first.
+                        self.queue.set_next_avail(position);
+                        self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
+                        return Err(err);
                     }
-                    // Recorded before the device sees it.
-                    if TRACK {
-                        Tracker::record(&mut self.tracker, region, head);
+                };
+                if head >= size {
+                    log::warn!(
+                        "skipping available entry with head index {head} (queue size {size})"
+                    );
+                    continue;
+                }
+                // Recorded before the device sees it.
+                if TRACK {
+                    Tracker::record(&mut self.tracker, region, head);
+                }
+                match serve(Chain::split(head, position, table)) {
+                    Completion::Now(len) => {
+                        served[n] = (head, len);
+                        n += 1;
                     }
-                    match serve(Chain::new(chain, table)) {
-                        Completion::Now(len) => {
-                            served[n] = (head, len);
-                            n += 1;
-                        }
-                        Completion::Later => self.deferred += 1,
-                    }
+                    Completion::Later => self.deferred += 1,
                 }
             }
-            let batch = &served[..n];
-            if TRACK {
-                Tracker::link(&mut self.tracker, region, batch);
-            }
-            let mut published = 0;
-            // Untracked, through the ring's mapping: the round's elements, then one store of
-            // the index (tracking keeps one publication per chain: its area follows each).
-            if let (false, Some(ring)) = (TRACK, ring) {
-                published = put_used_round(&mut self.queue, ring, batch);
-            }
-            for &(head, len) in &batch[published..] {
-                if let Err(err) = put_used(&mut self.queue, ring, mem, head, len) {
-                    if TRACK {
-                        let done = &batch[..published];
-                        Tracker::finish(&mut self.tracker, region, done, self.queue.next_used());
-                    }
-                    return Err(err);
-                }
-                published += 1;
-            }
-            completed += published;
-            if TRACK {
-                Tracker::finish(&mut self.tracker, region, batch, self.queue.next_used());
-            }
+            self.queue.set_next_avail(next.wrapping_add(taken as u16));
+            completed += self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
             if taken < SERVE_BATCH {
                 return Ok(completed);
             }
         }
+    }
+
+    /// Puts a round's completed chains `batch` into the used ring, in order, and returns
+    /// how many (all of them, or an error): untracked through the ring's mapping, the
+    /// elements then one store of the index; tracked (`TRACK`), one publication per chain,
+    /// its area following each.
+    fn put_round<const TRACK: bool, B: BitmapSlice>(
+        &mut self,
+        mem: &M::M,
+        ring: Option<&VolatileSlice<'_, B>>,
+        region: Option<&InflightRegion<'_>>,
+        batch: &[(u16, u32)],
+    ) -> Result<usize, Error> {
+        if TRACK {
+            Tracker::link(&mut self.tracker, region, batch);
+        }
+        let mut published = 0;
+        if let (false, Some(ring)) = (TRACK, ring) {
+            published = put_used_round(&mut self.queue, ring, batch);
+        }
+        for &(head, len) in &batch[published..] {
+            if let Err(err) = put_used(&mut self.queue, ring, mem, head, len) {
+                if TRACK {
+                    let done = &batch[..published];
+                    Tracker::finish(&mut self.tracker, region, done, self.queue.next_used());
+                }
+                return Err(err);
+            }
+            published += 1;
+        }
+        if TRACK {
+            Tracker::finish(&mut self.tracker, region, batch, self.queue.next_used());
+        }
+        Ok(published)
     }
 
     /// Serves the chains found in flight at the restart (or, when the device opted out,
@@ -1163,32 +1190,53 @@ where
 /// [`used_ring_slice`]), then publishes the index after the last one with one `Release`
 /// store: a driver that sees the index sees every element before it, as with [`put_used`],
 /// for one index store per round instead of one per chain. Returns how many were written and
-/// published; the rest of the batch (none, unless a head is past the queue size or a store was
-/// refused) is left to [`put_used`].
+/// published; the rest of the batch (none, unless a head is past the queue size or the ring
+/// is misaligned) is left to [`put_used`].
+///
+/// The stores go through atomic views of the mapping (one bounds check each) and mark the
+/// slice's dirty bitmap as `VolatileSlice::store` would.
 fn put_used_round<B: BitmapSlice>(
     queue: &mut Queue,
     ring: &VolatileSlice<'_, B>,
     batch: &[(u16, u32)],
 ) -> usize {
+    // `idx` is the header's second u16.
+    let (Some(words), Some(idx)) = (
+        atomic_view::<AtomicU32, _>(ring),
+        atomic_view::<AtomicU16, _>(ring).and_then(|halves| halves.get(1)),
+    ) else {
+        return 0;
+    };
     let size = queue.size();
     let mut next = Wrapping(queue.next_used());
     let mut written = 0;
     for &(head, len) in batch {
-        // In bounds: `slot < size` and the slice covers the header and `size` elements.
-        let elem = (USED_HEADER + USED_ELEM * u64::from(next.0 % size)) as usize;
-        if head >= size
-            || !store_used(ring, u32::from(head).to_le(), elem, Ordering::Relaxed)
-            || !store_used(ring, len.to_le(), elem + 4, Ordering::Relaxed)
-        {
+        // The header is word 0; element `slot` is words `1 + 2 * slot` (id) and the next one
+        // (len), below the `1 + 2 * size` words mapped.
+        let word = 1 + 2 * usize::from(next.0 % size);
+        let Some([id_word, len_word]) = words.get(word..word + 2) else {
+            break;
+        };
+        if head >= size {
             break;
         }
+        if crash::store_allowed() {
+            id_word.store(u32::from(head).to_le(), Ordering::Relaxed);
+        }
+        if crash::store_allowed() {
+            len_word.store(len.to_le(), Ordering::Relaxed);
+        }
+        ring.bitmap().mark_dirty(word * 4, 8);
         next += Wrapping(1);
         written += 1;
     }
-    if written == 0 || !store_used(ring, next.0.to_le(), USED_IDX as usize, Ordering::Release) {
-        // Nothing published: put_used writes the elements again, one by one.
+    if written == 0 {
         return 0;
     }
+    if crash::store_allowed() {
+        idx.store(next.0.to_le(), Ordering::Release);
+    }
+    ring.bitmap().mark_dirty(USED_IDX as usize, 2);
     queue.set_next_used(next.0);
     written
 }

@@ -105,6 +105,45 @@ impl Drop for SharedMapping {
     }
 }
 
+/// The memory of `slice` as a slice of atomic integers `T` (as many whole ones as it holds),
+/// or `None` when it is not aligned for `T`. The rings' hot paths load and store their
+/// words through it with one bounds check, where `VolatileSlice::load`/`store` make a
+/// subslice and check its alignment on every access (docs/performance.md).
+///
+/// Stores through the view do not mark the slice's dirty bitmap: a caller that stores marks
+/// it itself (`slice.bitmap().mark_dirty(..)`), as `VolatileSlice::store` does. With
+/// vm-memory's Xen mappings, whose memory is reached through a mapping made per access
+/// (`ptr_guard`), there is no view: `None`.
+#[cfg(not(feature = "xen"))]
+pub(crate) fn atomic_view<'a, T, B>(slice: &VolatileSlice<'a, B>) -> Option<&'a [T]>
+where
+    T: vm_memory::AtomicInteger,
+    B: vm_memory::bitmap::BitmapSlice,
+{
+    // Without Xen the guard is the slice's own pointer and length, and unmaps nothing.
+    let ptr = slice.ptr_guard().as_ptr();
+    if ptr.align_offset(std::mem::align_of::<T>()) != 0 {
+        return None;
+    }
+    let len = slice.len() / std::mem::size_of::<T>();
+    // SAFETY: a `VolatileSlice<'a>` is valid memory of `slice.len()` bytes for `'a` (its
+    // constructors' invariant, on which vm-memory's own `get_atomic_ref` relies the same way);
+    // the view covers no byte past it and is aligned for `T`. `T` is an atomic integer, so
+    // the driver writing the same memory concurrently is not a data race in Rust's sense, and
+    // every access through the view is an atomic load or store, as vm-memory's are.
+    Some(unsafe { std::slice::from_raw_parts(ptr.cast::<T>(), len) })
+}
+
+/// With vm-memory's Xen mappings: no view (see the other `atomic_view`).
+#[cfg(feature = "xen")]
+pub(crate) fn atomic_view<'a, T, B>(_slice: &VolatileSlice<'a, B>) -> Option<&'a [T]>
+where
+    T: vm_memory::AtomicInteger,
+    B: vm_memory::bitmap::BitmapSlice,
+{
+    None
+}
+
 /// A memfd of `len` zero bytes, close-on-exec (for the unit tests).
 #[cfg(test)]
 pub(crate) fn memfd(len: u64) -> io::Result<File> {

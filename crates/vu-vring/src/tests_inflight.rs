@@ -98,15 +98,27 @@ impl Guest {
 
 /// Serves everything `vring` has through `serve_available`, returning the heads served.
 fn serve_all(vring: &VringMutex<Mem>) -> Vec<u16> {
+    let (served, result) = serve_all_result(vring);
+    result.unwrap();
+    served
+}
+
+/// [`serve_all`] for a process past an injected crash: its stores are dropped, so what it
+/// read back from its own writes (the ring's indices after a restart) can be anything, and
+/// what its calls return does not matter, only what reached memory before the crash.
+fn serve_all_crashed(vring: &VringMutex<Mem>) {
+    let _ = serve_all_result(vring);
+}
+
+fn serve_all_result(vring: &VringMutex<Mem>) -> (Vec<u16>, Result<usize, crate::Error>) {
     let mut served = Vec::new();
     let mut data = vring.get_mut();
     let snapshot = data.mem().memory();
-    data.serve_available(&snapshot, |chain| {
+    let result = data.serve_available(&snapshot, |chain| {
         served.push(chain.head_index());
         0
-    })
-    .unwrap();
-    served
+    });
+    (served, result)
 }
 
 fn pop(vring: &VringMutex<Mem>) -> u16 {
@@ -212,7 +224,7 @@ fn a_second_crash_during_the_restart_or_the_resubmission_is_survived_too() {
             // The restart and its pass, killed after `second` stores.
             crash::arm(Some(second));
             let again = guest.vring(guest.used_idx(), true, true);
-            serve_all(&again);
+            serve_all_crashed(&again);
             drop(again);
             crash::arm(None);
             let last = guest.vring(guest.used_idx(), true, true);

@@ -702,6 +702,22 @@ mod tests {
     }
 
     #[test]
+    fn available_index_more_than_the_queue_size_ahead_is_an_error() {
+        let (vring, mut driver) = started::<VringMutex<Mem>>();
+        driver.offer(2);
+        let m = driver.mem.memory();
+        m.write_obj((SIZE + 1).to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+        let err = vring.get_mut().serve_available(&m, |_| 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidAvailIndex { next_avail: 0 }));
+        assert_eq!((vring.queue_next_avail(), driver.used_idx()), (0, 0));
+        // Exactly the queue size ahead is a full ring, served.
+        m.write_obj(SIZE.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+        let served = vring.get_mut().serve_available(&m, |_| 0).unwrap();
+        assert_eq!(served, usize::from(SIZE));
+    }
+
+    #[test]
     fn used_ring_outside_guest_memory_is_an_error() {
         let (vring, mut driver) = started::<VringMutex<Mem>>();
         vring
