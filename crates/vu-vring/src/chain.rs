@@ -627,7 +627,7 @@ impl<G: GuestMemory> Clone for Chain<'_, G> {
     fn clone(&self) -> Self {
         Chain {
             mem: self.mem,
-            source: self.source.clone(),
+            source: self.source,
             id: self.id,
             table: self.table.clone(),
             next_index: self.next_index,
