@@ -175,7 +175,12 @@ impl<M: GuestAddressSpace> VringData<M> {
         let avail_end = self.queue.next_avail();
         let packed = ring.is_some();
         let mut filler = Filler {
-            table: ChainTable::map(mem, desc, self.queue.size()),
+            table: ChainTable::map(
+                mem,
+                desc,
+                GuestAddress(self.queue.avail_ring()),
+                self.queue.size(),
+            ),
             data: self,
             mem,
             ring,
