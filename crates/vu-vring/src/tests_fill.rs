@@ -587,3 +587,26 @@ fn room_leaked_with_mem_forget_is_given_back_not_lost() {
         .unwrap();
     assert_eq!(guest.vring.queue_next_avail(), 1);
 }
+
+#[test]
+fn the_used_index_is_published_once_when_the_pass_ends() {
+    let mut guest = Guest::new(false);
+    for slot in 0..3 {
+        guest.offer_buffer(slot, 32);
+    }
+    let mem = guest.mem.clone();
+    let used_idx = move || -> u16 { mem.memory().read_obj(GuestAddress(USED + 2)).unwrap() };
+    let seen = guest
+        .fill(|rx| {
+            let mut seen = Vec::new();
+            while let Some(buffers) = rx.take(8, 1) {
+                buffers.commit(8);
+                seen.push(used_idx());
+            }
+            seen
+        })
+        .unwrap();
+    // Nothing was visible to the driver during the pass; all three at its end.
+    assert_eq!(seen, vec![0, 0, 0]);
+    assert_eq!(guest.used().len(), 3);
+}
