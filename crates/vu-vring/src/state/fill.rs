@@ -18,20 +18,17 @@
 //! with one publication of the used index, and the caller decides on the interrupt once
 //! ([`VringData::signal_used_queue_if_needed`]).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::bitmap::{BitmapSlice, BS};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
 use super::{put_used, put_used_round, used_ring_slice, VringData};
+use crate::avail::AvailRing;
 use crate::chain::{Chain, ChainTable, Table};
 use crate::error::Error;
 use crate::iommu::Iommu;
-use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER};
 use crate::packed::{self, Position};
 use crate::tracker::Tracker;
 use crate::VringT;
@@ -70,8 +67,8 @@ pub struct Filler<'a, 'm, M: GuestAddressSpace> {
     ring: Option<Table<'m, M::M>>,
     /// A split ring's used ring, when it lies in one region.
     used: Option<WritableSlice<'m, M::M>>,
-    /// A split ring's available ring (header and entries), when it lies in one region.
-    avail: Option<WritableSlice<'m, M::M>>,
+    /// A split ring's available ring, read through its mapping (`None` for a packed ring).
+    avail: Option<AvailRing<'m, M::M>>,
     /// The driver's available index as last read: entries up to it can be taken without
     /// reading it again.
     avail_end: u16,
@@ -168,7 +165,11 @@ impl<M: GuestAddressSpace> VringData<M> {
         let (used, avail) = match ring {
             None => (
                 used_ring_slice(&self.queue, mem),
-                avail_ring_slice(&self.queue, mem),
+                Some(AvailRing::map(
+                    mem,
+                    GuestAddress(self.queue.avail_ring()),
+                    self.queue.size(),
+                )),
             ),
             Some(_) => (None, None),
         };
@@ -359,32 +360,25 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// [`serve_available`](VringData::serve_available) skips it).
     ///
     /// The driver's available index is read (Acquire) only when the entries read before are
-    /// used up, and entries through the ring's mapping, so a pass reads the index about
-    /// once, as `serve_available` does per round; virtio-queue's iterator, which reads it at
-    /// every start, cannot stay open across takes (it borrows the queue the completions go
-    /// through).
+    /// used up, and entries through the ring's mapping ([`AvailRing`]), so a pass reads the
+    /// index about once, as `serve_available` does per round.
     fn next_split(&mut self) -> Option<Origin> {
         if let Some(head) = self.data.tracker.as_mut().and_then(|t| t.resubmit.pop()) {
             return Some(Origin::Resubmitted(head));
         }
+        let avail = self.avail.as_ref()?;
         let size = self.data.queue.size();
         loop {
             let next = self.data.queue.next_avail();
             if next == self.avail_end {
-                let idx = self
-                    .data
-                    .queue
-                    .avail_idx(self.mem, Ordering::Acquire)
-                    .ok()?
-                    .0;
+                let idx = avail.idx().ok()?;
                 // An index the ring cannot hold (more than `size` ahead) yields nothing.
                 if idx == next || idx.wrapping_sub(next) > size {
                     return None;
                 }
                 self.avail_end = idx;
             }
-            let offset = AVAIL_HEADER + AVAIL_ELEM * u64::from(next % size);
-            let head = self.avail_entry(offset)?;
+            let head = avail.head(next).ok()?;
             let data = &mut *self.data;
             data.queue.set_next_avail(next.wrapping_add(1));
             if head >= size {
@@ -396,24 +390,6 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
             }
             return Some(Origin::Avail(head));
         }
-    }
-
-    /// The available ring's entry at byte `offset`, after the Acquire of the index that
-    /// published it: through the ring's mapping, or guest memory; `None` when refused.
-    fn avail_entry(&self, offset: u64) -> Option<u16> {
-        // In bounds: the mapping covers the header and `size` entries.
-        let mapped = self
-            .avail
-            .as_ref()
-            .and_then(|ring| ring.load::<u16>(offset as usize, Ordering::Relaxed).ok());
-        let head = match mapped {
-            Some(head) => head,
-            None => {
-                let addr = GuestAddress(self.data.queue.avail_ring()).checked_add(offset)?;
-                self.mem.load::<u16>(addr, Ordering::Relaxed).ok()?
-            }
-        };
-        Some(u16::from_le(head))
     }
 
     /// Adds the writable buffers of `chain` to the take's slices; returns their room, or why
@@ -579,19 +555,6 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
         self.done_packed.clear();
         result
     }
-}
-
-/// The available ring's header, `size` entries and `used_event` as one host slice, when
-/// they lie in one guest memory region (as `used_ring_slice` maps the used ring).
-fn avail_ring_slice<'m, G>(queue: &Queue, mem: &'m G) -> Option<WritableSlice<'m, G>>
-where
-    G: GuestMemory,
-{
-    let len = usize::try_from(layout::avail_ring_size(u64::from(queue.size()))).ok()?;
-    let addr = GuestAddress(queue.avail_ring());
-    let mut slices = GuestMemory::get_slices(mem, addr, len, Permissions::Read).ok()?;
-    let ring = slices.next()?.ok()?;
-    (ring.len() == len).then_some(ring)
 }
 
 /// Writable room taken by [`Filler::take`]: the buffers of one or more chains, in order.
