@@ -90,7 +90,7 @@ struct Args {
     conventions: Conventions,
     num_queues: u16,
     queue_size: u16,
-    poll_us: u64,
+    poll_us: Option<u64>,
     message_poll_us: Option<u64>,
 }
 
@@ -101,8 +101,9 @@ usage: vu_null (--socket-path PATH | --fd N) [--num-queues N] [--queue-size N]
 
   --num-queues N       queues (default 1, at most 64), all on one worker thread
   --queue-size N       largest queue size accepted (default 1024)
-  --poll-us N          adaptive polling: after serving a queue, spin on it for up to N
-                       microseconds before sleeping (default 0, off)
+  --poll-us N          after serving a queue, spin on it for up to N microseconds before
+                       sleeping, after every kick; 0 turns polling off (default: the
+                       framework's adaptive polling, 50, backing off where it does not pay)
   --message-poll-us N  after each vhost-user message, look for the next one for up to N
                        microseconds before blocking (default: the framework's, 50)
 ";
@@ -118,7 +119,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         conventions: Conventions::default(),
         num_queues: 1,
         queue_size: 1024,
-        poll_us: 0,
+        poll_us: None,
         message_poll_us: None,
     };
     common::for_each_option(args, |name, value| {
@@ -128,7 +129,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         match name {
             "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
-            "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
+            "--poll-us" => parsed.poll_us = Some(common::number(name, &value()?)?),
             "--message-poll-us" => {
                 parsed.message_poll_us = Some(common::number(name, &value()?)?);
             }
@@ -150,21 +151,23 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
-    if args.poll_us > 0 {
+    if let Some(us) = args.poll_us {
         for queue in 0..args.num_queues {
             daemon
-                .set_polling(queue, Duration::from_micros(args.poll_us))
+                .set_polling(queue, Duration::from_micros(us))
                 .map_err(|err| format!("cannot set polling: {err}"))?;
         }
     }
     if let Some(us) = args.message_poll_us {
         daemon.set_message_polling(Duration::from_micros(us));
     }
+    let polling = args
+        .poll_us
+        .map_or_else(|| "adaptive".to_owned(), |us| format!("{us} µs"));
     log::info!(
-        "{} queue(s) of up to {}, polling {} µs",
+        "{} queue(s) of up to {}, polling {polling}",
         args.num_queues,
         args.queue_size,
-        args.poll_us
     );
     common::serve(&mut daemon, socket)
 }

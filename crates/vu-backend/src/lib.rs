@@ -376,7 +376,9 @@ pub use vu_daemon::backend::{
     config_read, BackendChannel, DisabledRing, VhostUserBackend, VhostUserBackendMut,
     DEFAULT_QUEUES_MASK, GM,
 };
-pub use vu_daemon::daemon::{DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT};
+pub use vu_daemon::daemon::{
+    DEFAULT_MESSAGE_POLLING, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_QUEUE_POLLING,
+};
 pub use vu_daemon::process::{process_queue, process_queue_async, Completion};
 pub use vu_daemon::{
     DaemonError, ListenerError, LocalDaemon, Offload, ShutdownHandle, VhostUserDaemon,

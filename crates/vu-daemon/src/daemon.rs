@@ -66,6 +66,12 @@ pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// it blocks, unless changed with `set_message_polling`.
 pub const DEFAULT_MESSAGE_POLLING: Duration = Duration::from_micros(50);
 
+/// How long a worker spins on a queue's ring after serving it before it sleeps, unless changed
+/// with `VhostUserDaemon::set_polling`. This default polling backs off where it does not pay
+/// (nothing found in the window, or the worker's CPU wanted by another task, such as a driver
+/// on the same CPU): see `set_polling`.
+pub const DEFAULT_QUEUE_POLLING: Duration = Duration::from_micros(50);
+
 /// How the connection thread reads messages.
 #[derive(Debug, Clone, Copy)]
 struct Reading {
@@ -473,17 +479,25 @@ where
         self.reading.polling = budget;
     }
 
-    /// Opt-in adaptive polling for queue `queue`: after serving a kick of it, its worker
-    /// spins on the ring for up to `budget`, serving chains as soon as the driver publishes
-    /// them, before it sleeps again; each chain found restarts the budget. A worker whose
-    /// polled queues go quiet sleeps in epoll as without polling, so it costs CPU only while
-    /// the guest is busy (at most `budget` after each burst). `Duration::ZERO` (the default)
-    /// turns it off. Takes effect at the queue's next kick; may be called at any time, from
-    /// any thread. It trades one CPU's time for latency: the wake-up of the worker by the
-    /// kick, tens of microseconds between two vCPUs, is skipped while the guest keeps it
-    /// busy. The spin does not yield: give the worker a CPU of its own. (On a CPU shared with
-    /// the driver the scheduler still runs the driver when its wait ends, but every round trip
-    /// then pays for the switch, and a busy neighbour on the worker's CPU takes the gain away.)
+    /// Polling for queue `queue`: after serving a kick of it, its worker spins on the ring for
+    /// up to `budget`, serving chains as soon as the driver publishes them, before it sleeps
+    /// again; each chain found restarts the budget. A worker whose polled queues go quiet
+    /// sleeps in epoll as without polling, so it costs CPU only while the guest is busy (at
+    /// most `budget` after each burst). `Duration::ZERO` turns it off. Takes effect at the
+    /// queue's next kick; may be called at any time, from any thread. It trades CPU time for
+    /// latency: the wake-up of the worker by the kick, tens of microseconds between two
+    /// vCPUs, is skipped while the guest keeps it busy.
+    ///
+    /// Every queue polls by default, adaptively: [`DEFAULT_QUEUE_POLLING`], backing off where
+    /// polling does not pay. A window that closes with nothing found, or during which the
+    /// worker was preempted (another task wanted its CPU: the driver itself when both share
+    /// one CPU, where spinning only delays it), makes the queue's next served kick open no
+    /// window, then 2, 4, ... up to 1024 after each window that does not pay; a window that
+    /// finds chains without losing the CPU ends the backoff. So on a CPU of its own a busy
+    /// queue is polled, and on a shared one it is served on kicks, with a window tried now
+    /// and then. A budget set here is the device's decision and does not back off: the
+    /// worker polls after every kick, so give it a CPU of its own.
+    ///
     /// While the queue is polled, the driver is asked not to kick
     /// ([`VringData::hold_kicks`](vu_vring::VringData::hold_kicks)): a device's own
     /// `enable_notification` then returns `false` and leaves kicks suppressed, as the worker

@@ -174,3 +174,16 @@ pub(crate) fn no_huge_pages(addr: *mut u8, len: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// How many times the calling thread was switched out involuntarily (preempted by another
+/// task on its CPU) since it started: `getrusage(RUSAGE_THREAD)`'s `ru_nivcsw`; 0 if the call
+/// fails (it cannot for this thread).
+pub(crate) fn involuntary_switches() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the struct we own and keeps no pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    u64::try_from(usage.ru_nivcsw).unwrap_or(0)
+}

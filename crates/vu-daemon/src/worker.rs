@@ -38,7 +38,8 @@
 //!
 //! # Adaptive polling
 //!
-//! A queue can be given a *polling budget* ([`Worker::set_polling`]). After the worker served
+//! Every queue has a *polling budget* ([`DEFAULT_QUEUE_POLLING`], or the device's, set with
+//! [`Worker::set_polling`]). After the worker served
 //! a kick of such a queue, it does not go back to sleep in `epoll_wait` at once: for up to
 //! the budget it spins on the ring, comparing the available index with the device's next
 //! one, and serves new chains as soon as the driver publishes them, without waiting for the
@@ -60,6 +61,13 @@
 //! every [`LOOK_EVERY`], so the stop event, other queues and the device's own fds wait at
 //! most that long behind a busy polled queue, and a busy stream pays no system call per
 //! burst. Busy polled queues are served in turn (the one just served goes last).
+//!
+//! The default budget backs off where polling does not pay ([`Backoff`]): after a window
+//! that closed with nothing found, or in which the worker lost its CPU to another task (its
+//! involuntary context switch count, read after each spin, moved: on a CPU shared with the
+//! driver, spinning only delays the driver), the queue's next served kicks open no window,
+//! 1, 2, 4, ... up to [`MAX_BACKOFF`]; a window that finds chains without losing the CPU
+//! ends the backoff. A budget the device set polls after every kick.
 
 use std::any::Any;
 use std::fs::File;
@@ -75,8 +83,10 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 use vu_proto::fd::BorrowFd;
 
+use crate::daemon::DEFAULT_QUEUE_POLLING;
 use crate::daemon_error::DaemonError;
 use crate::epoll::{eventfd_fd, new_eventfd, Poller, Token, VringEpollHandler, STOP_DATA};
+use crate::sys;
 
 /// What the dispatch of an event needs from the backend and the vrings. Kept apart from the
 /// backend trait so that one implementation of kicks serves both runtimes and unit tests.
@@ -311,8 +321,46 @@ pub(crate) fn call_backend(
     }
 }
 
+/// `budget` in nanoseconds, below [`ADAPTIVE`].
+fn budget_ns(budget: Duration) -> u64 {
+    u64::try_from(budget.as_nanos()).map_or(ADAPTIVE - 1, |ns| ns.min(ADAPTIVE - 1))
+}
+
 /// How often a polling worker looks at its epoll set (stop event, other queues, device fds).
 const LOOK_EVERY: Duration = Duration::from_micros(20);
+
+/// The bit of a queue's polling budget that makes its polling back off ([`Backoff`]): the
+/// default's; a budget set with [`Worker::set_polling`] polls whenever the queue is served.
+const ADAPTIVE: u64 = 1 << 63;
+
+/// The most served kicks a queue's polling waits out after windows that did not pay.
+const MAX_BACKOFF: u32 = 1024;
+
+/// Whether polling a queue has paid lately: windows that found nothing, or during which the
+/// worker lost its CPU, make the queue's next served kicks open none, twice as many after
+/// each such window up to [`MAX_BACKOFF`]; a window that found chains with the CPU to
+/// itself ends the backoff.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Backoff {
+    /// Served kicks still to open no window.
+    skip: u32,
+    /// What `skip` becomes at the next window that does not pay.
+    next: u32,
+    /// Whether the queue's polling backs off at all, as of its last window.
+    adaptive: bool,
+}
+
+impl Backoff {
+    fn paid(&mut self) {
+        self.skip = 0;
+        self.next = 0;
+    }
+
+    fn failed(&mut self) {
+        self.next = (self.next * 2).clamp(1, MAX_BACKOFF);
+        self.skip = self.next;
+    }
+}
 
 /// The polling state of a worker's loop.
 struct Polling {
@@ -322,6 +370,56 @@ struct Polling {
     closed: Vec<u16>,
     /// When the epoll set is looked at next while polling.
     look_at: Instant,
+    /// Each queue's backoff.
+    backoff: Vec<Backoff>,
+    /// The worker's involuntary context switches when last looked at while polling.
+    switches: u64,
+}
+
+impl Polling {
+    fn new(num_queues: usize) -> Self {
+        Polling {
+            windows: Vec::new(),
+            closed: Vec::new(),
+            look_at: Instant::now(),
+            backoff: vec![Backoff::default(); num_queues],
+            switches: 0,
+        }
+    }
+
+    fn backoff(&mut self, queue: u16) -> Option<&mut Backoff> {
+        self.backoff.get_mut(usize::from(queue))
+    }
+
+    /// Judges the polling since the last look, after a spin that found `found` (or closed
+    /// windows into `closed`), `switches` being the worker's involuntary context switches
+    /// now. A switch means another task wanted the worker's CPU while it polled (the driver
+    /// itself, when both share one): spinning there takes that task's time, so every
+    /// window closes and backs off. Otherwise the queue found pays, and a window that
+    /// closed empty does not.
+    fn judge(&mut self, found: Option<u16>, switches: u64) {
+        let lost_cpu = switches != self.switches;
+        self.switches = switches;
+        if lost_cpu {
+            let backoff = &self.backoff;
+            let adaptive = |q: u16| backoff.get(usize::from(q)).is_some_and(|b| b.adaptive);
+            let closed = &mut self.closed;
+            self.windows.retain(|&(q, _)| {
+                if adaptive(q) {
+                    closed.push(q);
+                }
+                !adaptive(q)
+            });
+        } else if let Some(b) = found.and_then(|q| self.backoff(q)) {
+            b.paid();
+        }
+        for i in 0..self.closed.len() {
+            let q = self.closed[i];
+            if let Some(b) = self.backoff(q) {
+                b.failed();
+            }
+        }
+    }
 }
 
 /// Why a worker loop ended without an error.
@@ -342,7 +440,8 @@ pub(crate) struct Worker {
     table: Mutex<KickTable>,
     /// How many kicks of the table are parked, readable without the lock.
     parked: AtomicUsize,
-    /// The polling budget of each queue in nanoseconds; 0 polls not at all.
+    /// The polling budget of each queue in nanoseconds, [`ADAPTIVE`] set when it backs off;
+    /// 0 polls not at all.
     poll: Box<[AtomicU64]>,
     /// The backend's exit event for this thread, kept open while it is in the epoll set.
     _exit: Option<EventConsumer>,
@@ -369,7 +468,9 @@ impl Worker {
             stop,
             table: Mutex::new(KickTable::new(num_queues)),
             parked: AtomicUsize::new(0),
-            poll: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
+            poll: (0..num_queues)
+                .map(|_| AtomicU64::new(budget_ns(DEFAULT_QUEUE_POLLING) | ADAPTIVE))
+                .collect(),
             _exit: exit,
         })
     }
@@ -420,36 +521,45 @@ impl Worker {
                 format!("queue {queue} does not exist"),
             )
         })?;
-        slot.store(
-            u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        slot.store(budget_ns(budget), Ordering::Relaxed);
         Ok(())
     }
 
-    /// The polling budget of `queue`, if it polls.
-    fn poll_budget(&self, queue: u16) -> Option<Duration> {
+    /// The polling budget of `queue`, if it polls, and whether its polling backs off.
+    fn poll_budget(&self, queue: u16) -> Option<(Duration, bool)> {
         let ns = self.poll.get(usize::from(queue))?.load(Ordering::Relaxed);
-        (ns > 0).then(|| Duration::from_nanos(ns))
+        let budget = ns & !ADAPTIVE;
+        (budget > 0).then(|| (Duration::from_nanos(budget), ns & ADAPTIVE != 0))
     }
 
     /// Opens (or extends) the polling window of `queue` after the backend served it; a new
     /// window holds the queue's kicks off, an extended one goes last in the serving order.
-    fn extend_polling(&self, windows: &mut Vec<(u16, Instant)>, queue: u16, d: &dyn Dispatch) {
-        let Some(budget) = self.poll_budget(queue) else {
+    /// A queue backing off ([`Backoff`]) opens no new window.
+    fn extend_polling(&self, p: &mut Polling, queue: u16, d: &dyn Dispatch) {
+        let Some((budget, adaptive)) = self.poll_budget(queue) else {
             return;
         };
         let until = Instant::now() + budget;
-        match windows.iter().position(|(q, _)| *q == queue) {
+        match p.windows.iter().position(|(q, _)| *q == queue) {
             Some(i) => {
-                windows.remove(i);
+                p.windows.remove(i);
             }
             None => {
+                if let Some(b) = p.backoff(queue) {
+                    b.adaptive = adaptive;
+                    if adaptive && b.skip > 0 {
+                        b.skip -= 1;
+                        return;
+                    }
+                }
+                if p.windows.is_empty() {
+                    p.switches = sys::involuntary_switches();
+                }
                 let _table = self.table();
                 d.hold_kicks(queue);
             }
         }
-        windows.push((queue, until));
+        p.windows.push((queue, until));
     }
 
     /// Ends the hold on `queue`'s kicks (its window closed or the loop ends); returns whether
@@ -506,11 +616,7 @@ impl Worker {
     /// The thread loop: waits for events and dispatches them until stopped, the backend's exit
     /// event fires, or dispatch fails. No hold on kicks outlives it.
     pub(crate) fn run(&self, num_queues: usize, d: &dyn Dispatch) -> Result<Ending, DaemonError> {
-        let mut p = Polling {
-            windows: Vec::new(),
-            closed: Vec::new(),
-            look_at: Instant::now(),
-        };
+        let mut p = Polling::new(num_queues);
         let result = self.serve(num_queues, d, &mut p);
         for (queue, _) in p.windows.drain(..) {
             self.release(queue, d);
@@ -547,7 +653,7 @@ impl Worker {
                         token => {
                             if self.dispatch(token, event.event_set(), d)? {
                                 if let Token::Kick(queue) = token {
-                                    self.extend_polling(&mut p.windows, queue, d);
+                                    self.extend_polling(p, queue, d);
                                 }
                             }
                         }
@@ -557,12 +663,14 @@ impl Worker {
                     continue;
                 }
             }
-            if let Some(queue) = self.spin(p, d) {
+            let found = self.spin(p, d);
+            p.judge(found, sys::involuntary_switches());
+            if let Some(queue) = found {
                 if self.dispatch_polled(queue, d)? {
-                    self.extend_polling(&mut p.windows, queue, d);
-                } else {
+                    self.extend_polling(p, queue, d);
+                } else if let Some(i) = p.windows.iter().position(|&(q, _)| q == queue) {
                     // Not armed any more (unwatched or parked): stop polling it.
-                    p.windows.retain(|&(q, _)| q != queue);
+                    p.windows.remove(i);
                     self.release(queue, d);
                 }
             }
@@ -824,9 +932,9 @@ mod tests {
     #[test]
     fn polling_budget_is_per_queue_and_zero_turns_it_off() {
         let w = Worker::new(0, 2, None).unwrap();
-        w.set_polling(1, Duration::from_micros(50)).unwrap();
-        assert_eq!(w.poll_budget(1), Some(Duration::from_micros(50)));
-        assert_eq!(w.poll_budget(0), None);
+        w.set_polling(1, Duration::from_micros(70)).unwrap();
+        assert_eq!(w.poll_budget(1), Some((Duration::from_micros(70), false)));
+        assert_eq!(w.poll_budget(0), Some((DEFAULT_QUEUE_POLLING, true)));
         w.set_polling(1, Duration::ZERO).unwrap();
         assert_eq!(w.poll_budget(1), None);
         assert!(w.set_polling(2, Duration::from_micros(50)).is_err());
@@ -835,8 +943,7 @@ mod tests {
     fn polling(windows: Vec<(u16, Instant)>) -> Polling {
         Polling {
             windows,
-            closed: Vec::new(),
-            look_at: Instant::now(),
+            ..Polling::new(2)
         }
     }
 
@@ -877,13 +984,103 @@ mod tests {
         let d = Recorder::new(2);
         w.set_polling(0, Duration::from_secs(3600)).unwrap();
         w.set_polling(1, Duration::from_secs(3600)).unwrap();
-        let mut windows = Vec::new();
-        w.extend_polling(&mut windows, 0, &d);
-        w.extend_polling(&mut windows, 1, &d);
-        w.extend_polling(&mut windows, 0, &d);
+        let mut p = Polling::new(2);
+        w.extend_polling(&mut p, 0, &d);
+        w.extend_polling(&mut p, 1, &d);
+        w.extend_polling(&mut p, 0, &d);
         assert_eq!(*d.holds.borrow(), vec![(0, true), (1, true)]);
-        let order: Vec<u16> = windows.iter().map(|&(q, _)| q).collect();
+        let order: Vec<u16> = p.windows.iter().map(|&(q, _)| q).collect();
         assert_eq!(order, vec![1, 0]);
+    }
+
+    /// Opens windows for `queue` at `n` served kicks; returns at which of them (0-based) one
+    /// opened (and closes it again, empty, as a spin that found nothing would).
+    fn windows_opened(w: &Worker, p: &mut Polling, d: &Recorder, queue: u16, n: u32) -> Vec<u32> {
+        let mut opened = Vec::new();
+        for kick in 0..n {
+            w.extend_polling(p, queue, d);
+            if let Some(i) = p.windows.iter().position(|&(q, _)| q == queue) {
+                opened.push(kick);
+                p.windows.remove(i);
+                p.closed.push(queue);
+                let switches = p.switches;
+                p.judge(None, switches);
+                p.closed.clear();
+            }
+        }
+        opened
+    }
+
+    #[test]
+    fn polling_is_on_by_default() {
+        let w = Worker::new(0, 1, None).unwrap();
+        assert_eq!(w.poll_budget(0), Some((DEFAULT_QUEUE_POLLING, true)));
+    }
+
+    #[test]
+    fn windows_that_find_nothing_back_off_twice_as_long_each_time() {
+        let w = Worker::new(0, 1, None).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        // Every window closes empty: open at kick 0, skip 1, open, skip 2, open, skip 4 ...
+        let opened = windows_opened(&w, &mut p, &d, 0, 32);
+        assert_eq!(opened, vec![0, 2, 5, 10, 19]);
+        // A window that finds chains with the CPU to itself ends the backoff.
+        p.backoff[0].skip = 0;
+        w.extend_polling(&mut p, 0, &d);
+        assert_eq!(p.windows.len(), 1);
+        let switches = p.switches;
+        p.judge(Some(0), switches);
+        assert_eq!((p.backoff[0].skip, p.backoff[0].next), (0, 0));
+        assert_eq!(p.windows.len(), 1, "a paying window stays open");
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        let mut b = Backoff::default();
+        for _ in 0..40 {
+            b.failed();
+        }
+        assert_eq!(b.skip, MAX_BACKOFF);
+    }
+
+    #[test]
+    fn losing_the_cpu_while_polling_closes_every_window_and_backs_off() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let mut p = Polling::new(2);
+        w.extend_polling(&mut p, 0, &d);
+        w.extend_polling(&mut p, 1, &d);
+        let switches = p.switches + 1;
+        // Even the queue the spin found is judged: the CPU was wanted by another task.
+        p.judge(Some(1), switches);
+        assert!(p.windows.is_empty());
+        assert_eq!(p.closed, vec![0, 1]);
+        assert!(p.backoff.iter().all(|b| b.skip == 1));
+        // Both are released by the loop (here by hand), then the next kick opens none.
+        p.closed.clear();
+        w.extend_polling(&mut p, 1, &d);
+        assert!(p.windows.is_empty());
+        w.extend_polling(&mut p, 1, &d);
+        assert_eq!(p.windows.len(), 1);
+    }
+
+    #[test]
+    fn a_budget_set_by_the_device_polls_whatever_happens() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        w.set_polling(1, Duration::from_secs(3600)).unwrap();
+        let mut p = Polling::new(2);
+        w.extend_polling(&mut p, 0, &d);
+        w.extend_polling(&mut p, 1, &d);
+        let switches = p.switches + 1;
+        p.judge(None, switches);
+        // The default's window closed, the device's stays open.
+        assert_eq!(p.closed, vec![0]);
+        assert_eq!(p.windows.len(), 1);
+        assert_eq!(p.windows[0].0, 1);
+        let opened = windows_opened(&w, &mut p, &d, 1, 8);
+        assert_eq!(opened.len(), 8, "a device's budget never backs off");
     }
 
     /// A ring as the worker sees it, shared with a driver thread: chains published and
