@@ -1046,7 +1046,7 @@ fn callgrind(opts: &Options) {
     let cells: &[(usize, usize)] = if opts.smoke {
         &[(1, 1), (32, 1)]
     } else {
-        &[(1, 1), (32, 1), (32, 3), (128, 1), (128, 3)]
+        &[(1, 1), (1, 3), (32, 1), (32, 3), (128, 1), (128, 3)]
     };
     for &(depth, descs) in cells {
         let cell = Cell {

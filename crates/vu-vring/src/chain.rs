@@ -5,7 +5,8 @@
 //! looks the address up among the guest memory regions and copies through vm-memory's generic
 //! slice iterator: most of a null device's CPU time per request (callgrind, docs/performance.md).
 //! [`VringData::serve_available`](crate::VringData::serve_available) maps the descriptor table
-//! once per pass and hands out [`Chain`]s that read each descriptor with two loads. The walk
+//! once per pass and hands out [`Chain`]s, built from the head indices it reads from the
+//! available ring, that read each descriptor with two loads. The walk
 //! (loop bound, indirect tables, the 4 GiB length limit) is virtio-queue's, step for step, so
 //! both yield the same descriptors for any table, valid or not; a test compares them on random
 //! tables.
@@ -237,7 +238,8 @@ impl<'m, G: GuestMemory> Table<'m, G> {
 /// many descriptors as the table has, stopping where virtio-queue stops on a malformed chain),
 /// reading them through a host mapping of the table made once per pass. For virtio-queue's
 /// `Reader` and `Writer`, or any API that wants the virtio-queue type,
-/// [`descriptor_chain`](Self::descriptor_chain) gives the same chain as a [`DescriptorChain`].
+/// [`descriptor_chain`](Self::descriptor_chain) makes the same chain as a [`DescriptorChain`]
+/// when asked.
 ///
 /// On a packed ring (`VIRTIO_F_RING_PACKED`) it walks the chain's descriptors in ring order
 /// (as many as the chain was counted to have when it was taken, wrapping at the ring's end),

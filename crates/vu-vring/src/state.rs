@@ -231,13 +231,15 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// the chains borrow (normally `self.mem().memory()`, taken once by the caller).
     ///
     /// This is the inner loop of vu-daemon's `process_queue`: it does not touch notifications
-    /// in either direction. The available index is read once per round of up to 64 chains,
-    /// which are served in order and then put in the used ring in order. The descriptor table
-    /// and the used ring are translated to host memory once per call, so reading a descriptor
-    /// is two loads and each completion three stores rather than guest-memory walks; a table
-    /// or ring that does not lie in one guest memory region goes through vm-memory and
-    /// virtio-queue instead, with the same results and errors. An available entry whose head
-    /// index is past the queue size is skipped, as
+    /// in either direction. The available index is read (Acquire) once per round of up to 64
+    /// chains, which are served in order and then put in the used ring in order; an index more
+    /// than the queue size ahead of the device's is [`Error::InvalidAvailIndex`], nothing
+    /// taken. The available ring, the descriptor table and the used ring are translated to
+    /// host memory once per call, so reading an entry or a descriptor is one or two loads and
+    /// each completion two stores (and one of the index per round) rather than guest-memory
+    /// walks; a ring or table that does not lie in one guest memory region goes through
+    /// vm-memory and virtio-queue instead, with the same results and errors. An available
+    /// entry whose head index is past the queue size is skipped, as
     /// [`pop_descriptor_chain`](Self::pop_descriptor_chain) skips it. On error, the chains
     /// completed before it stay completed; the chains served in the same round after it are
     /// not completed (the used ring is broken: the device needs a reset).
