@@ -475,20 +475,23 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
                 }
             }
             _ => {
-                let popped: Vec<(u16, u32)> = back
+                let popped = back
                     .iter()
-                    .filter_map(|i| match i.origin {
-                        Origin::Avail(head) => Some((head, 0)),
-                        _ => None,
-                    })
-                    .collect();
-                // Fewer than the queue size: fits in u16.
-                let n = popped.len() as u16;
-                let next = data.queue.next_avail().wrapping_sub(n);
+                    .filter(|i| matches!(i.origin, Origin::Avail(_)))
+                    .count();
+                // A take's chains are all in flight at once: at most the queue size, a u16.
+                let next = data.queue.next_avail().wrapping_sub(popped as u16);
                 data.queue.set_next_avail(next);
                 if data.tracker.is_some() {
+                    let heads: Vec<(u16, u32)> = back
+                        .iter()
+                        .filter_map(|i| match i.origin {
+                            Origin::Avail(head) => Some((head, 0)),
+                            _ => None,
+                        })
+                        .collect();
                     let used = data.queue.next_used();
-                    Tracker::finish(&mut data.tracker, None, &popped, used);
+                    Tracker::finish(&mut data.tracker, None, &heads, used);
                 }
                 if let Some(tracker) = data.tracker.as_mut() {
                     // Newest first in `resubmit`: the oldest given back is popped first.
