@@ -449,12 +449,19 @@ fn wait_for_line(
     }
 }
 
+/// The guest's round lines on `side`'s console so far.
+fn rounds_on(side: &Side, nonce: &str) -> u64 {
+    let round = format!("VU-MIG-ROUND {nonce} ");
+    read_text(&side.console).matches(&round).count() as u64
+}
+
 /// Migrates `source` to `dest` and returns QEMU's figures.
 fn migrate(
     source: &mut Side,
     dest: &mut Side,
     uri: &Path,
     postcopy: bool,
+    nonce: &str,
 ) -> Result<Migration, String> {
     source.qmp.execute(
         "migrate-set-parameters",
@@ -473,6 +480,7 @@ fn migrate(
         source.qmp.execute("migrate-set-capabilities", Some(caps))?;
     }
     let uri = super::json::quote(&format!("unix:{}", uri.display()));
+    let rounds_before = rounds_on(source, nonce);
     source
         .qmp
         .execute("migrate", Some(&format!(r#"{{"uri": {uri}}}"#)))?;
@@ -480,10 +488,12 @@ fn migrate(
         source.qmp.execute("migrate-start-postcopy", None)?;
     }
     let start = Instant::now();
-    let info = loop {
+    let (info, rounds_during) = loop {
         let info = source.qmp.execute("query-migrate", None)?;
         match info.get("status").and_then(Json::as_str) {
-            Some("completed") => break info,
+            Some("completed") => {
+                break (info, rounds_on(source, nonce).saturating_sub(rounds_before));
+            }
             Some(status @ ("failed" | "cancelled")) => {
                 return Err(format!("migration {status}: {info:?}"));
             }
@@ -508,7 +518,10 @@ fn migrate(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Migration::from_query_migrate(&info))
+    Ok(Migration {
+        rounds_during,
+        ..Migration::from_query_migrate(&info)
+    })
 }
 
 /// One boot with [`MIGRATIONS`] migrations; the report says how it went.
@@ -629,7 +642,7 @@ fn migrate_and_stop(
             }
         };
         consoles.push(dest.console.clone());
-        match migrate(&mut side, &mut dest, &uri, boot.variant.postcopy) {
+        match migrate(&mut side, &mut dest, &uri, boot.variant.postcopy, nonce) {
             Ok(migration) => report.migrations.push(migration),
             Err(failure) => {
                 backend_logs.push_str(&side.kill());
@@ -639,10 +652,16 @@ fn migrate_and_stop(
         }
         backend_logs.push_str(&side.finish());
         side = dest;
-        // Each QEMU has its own console file: a round line on this one is a round the guest
-        // finished on the destination.
-        let next = format!("VU-MIG-ROUND {nonce} ");
-        if let Err(failure) = wait_for_line(&mut side, consoles, &next, PROGRESS_DEADLINE) {
+        if index == MIGRATIONS {
+            // The stop word: the guest's final checks cover the last migration.
+            break;
+        }
+        // The guest checks every region of its page cache after its round and says so on
+        // the destination's console (each QEMU has its own console file).
+        let checked = format!("VU-MIG-CHECKED {nonce} {index} ");
+        let waited = image::write_moved_word(&boot.image, nonce, index)
+            .and_then(|()| wait_for_line(&mut side, consoles, &checked, PROGRESS_DEADLINE));
+        if let Err(failure) = waited {
             backend_logs.push_str(&side.kill());
             return Err(failure);
         }

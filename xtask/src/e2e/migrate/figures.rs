@@ -22,6 +22,9 @@ pub(super) struct Migration {
     pub(super) postcopy_requests: u64,
     /// `ram.postcopy-bytes`: bytes sent after the switch to postcopy.
     pub(super) postcopy_bytes: u64,
+    /// Guest rounds (each fills a region of its page cache by the device's DMA) finished on
+    /// the source between `migrate` and `completed`.
+    pub(super) rounds_during: u64,
 }
 
 impl Migration {
@@ -37,6 +40,7 @@ impl Migration {
             dirty_syncs: ram("dirty-sync-count"),
             postcopy_requests: ram("postcopy-requests"),
             postcopy_bytes: ram("postcopy-bytes"),
+            rounds_during: 0,
         }
     }
 }
@@ -98,6 +102,7 @@ impl Summary {
         let downtimes: Vec<u64> = self.migrations.iter().map(|m| m.downtime_ms).collect();
         let totals: Vec<u64> = self.migrations.iter().map(|m| m.total_ms).collect();
         let syncs: Vec<u64> = self.migrations.iter().map(|m| m.dirty_syncs).collect();
+        let rounds: Vec<u64> = self.migrations.iter().map(|m| m.rounds_during).collect();
         let mib: u64 = self.migrations.iter().map(|m| m.transferred).sum::<u64>() >> 20;
         let requests: u64 = self.migrations.iter().map(|m| m.postcopy_requests).sum();
         let after_switch: u64 = self
@@ -109,7 +114,8 @@ impl Summary {
         let mut line = format!(
             "{name}: {}/{} boots passed ({} data mismatches found by the guest); {} migrations; \
              downtime ms median {} max {}; total ms median {} max {}; dirty syncs median {}; \
-             {mib} MiB sent; {} pages of read data written while logging, {} reads not logged",
+             guest rounds during a migration min {} median {}; {mib} MiB sent; {} pages of \
+             read data written while logging, {} reads not logged",
             self.passes,
             self.boots,
             self.data_failures,
@@ -119,6 +125,8 @@ impl Summary {
             percentile(&totals, 50),
             percentile(&totals, 100),
             percentile(&syncs, 50),
+            percentile(&rounds, 0),
+            percentile(&rounds, 50),
             self.logged_pages,
             self.unlogged_reads,
         );

@@ -9,16 +9,17 @@ use crate::e2e::disk::{repeated, write_control_word, BLOCK, DONE_BLOCK};
 /// Blocks 64..80: the guest's O_DIRECT block of round `r` is in slot `r % 16`.
 const DIRECT_SLOTS_AT: usize = 64;
 const SLOTS: u64 = 16;
-/// The two halves the guest fills in turn and reads through its page cache: even rounds
-/// half A, odd rounds half B.
-const HALF_A_AT: usize = 1 << 20;
-const HALF_B_AT: usize = 5 << 20;
-const HALF_LEN: usize = 4 << 20;
+/// The regions the guest fills in turn and reads through its page cache: round `r` fills
+/// region `r % 16`, from 1 MiB on.
+const REGIONS_AT: usize = 1 << 20;
+const REGIONS: u64 = 16;
+const REGION_LEN: usize = 512 << 10;
 /// The guest's 64 KiB buffered writes: slot `r % 16` from 10 MiB.
 const BUFFERED_AT: usize = 10 << 20;
 const BUFFERED_LEN: usize = 64 << 10;
 
-/// The image after power-off: the final marker and the last rounds' blocks and slots.
+/// The image after power-off: the final marker and the last rounds' blocks, slots and
+/// regions.
 pub(super) fn check(image: &Path, nonce: &str, rounds: u64) -> Result<(), String> {
     let bytes =
         std::fs::read(image).map_err(|err| format!("cannot read {}: {err}", image.display()))?;
@@ -47,16 +48,23 @@ pub(super) fn check(image: &Path, nonce: &str, rounds: u64) -> Result<(), String
             ));
         }
     }
-    for round in rounds.saturating_sub(1).max(1)..=rounds {
-        let at = if round % 2 == 0 { HALF_A_AT } else { HALF_B_AT };
-        let want = repeated(&format!("VU-MIG-P {nonce} {round}"), HALF_LEN);
-        if bytes.get(at..at + HALF_LEN) != Some(&want[..]) {
+    for round in rounds.saturating_sub(REGIONS - 1).max(1)..=rounds {
+        let region = (round % REGIONS) as usize;
+        let at = REGIONS_AT + region * REGION_LEN;
+        let want = repeated(&format!("VU-MIG-P {nonce} {round}"), REGION_LEN);
+        if bytes.get(at..at + REGION_LEN) != Some(&want[..]) {
             return Err(format!(
-                "after power-off the half at {at:#x} lacks round {round}'s lines"
+                "after power-off region {region} lacks round {round}'s lines"
             ));
         }
     }
     Ok(())
+}
+
+/// Writes `VU-MIG-MOVED <nonce> <k>` into the control block: after its round, the guest
+/// checks every region from its page cache and says `VU-MIG-CHECKED <nonce> <k>`.
+pub(super) fn write_moved_word(image: &Path, nonce: &str, migration: u32) -> Result<(), String> {
+    write_control_word(image, &format!("VU-MIG-MOVED {nonce} {migration}"))
 }
 
 /// Writes `VU-MIG-STOP <nonce>` into the control block: the guest finishes after its round.
