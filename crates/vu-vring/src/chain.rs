@@ -23,7 +23,7 @@ use vm_memory::{
     Address, AtomicAccess, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
 };
 
-use crate::iommu::{translate_whole, Iommu};
+use crate::iommu::{translate_whole_with, Iommu, IommuError, Translating};
 use crate::sys::atomic_view;
 
 /// Bytes of one descriptor: split `addr: u64`, `len: u32`, `flags: u16`, `next: u16`; packed
@@ -313,13 +313,39 @@ struct Translated {
     rest: Option<Descriptor>,
     /// The walk ended at a buffer or indirect table that did not translate.
     cut_short: bool,
+    /// An IOVA the frontend did not answer a miss for: missing, it fails the walk (any
+    /// other miss is one to ask about).
+    unanswered: Option<u64>,
+    /// The miss the walk stopped at.
+    miss: Option<(u64, Permissions)>,
+    /// A miss is waited for ([`Iommu::translate`]) rather than reported (the fill pass,
+    /// which cannot put a chain back).
+    wait: bool,
+    /// The descriptors as [`Chain::pretranslate`] translated them, yielded from here, and
+    /// whether that walk was cut short.
+    ready: Option<(std::vec::IntoIter<Descriptor>, bool)>,
+}
+
+impl Translated {
+    /// Ends the walk at a translation that failed with `err` (`what` and `iova` for the
+    /// log): a miss is kept to be asked about, anything else cuts the chain short.
+    fn fail(&mut self, id: u16, what: &str, iova: u64, err: IommuError) {
+        match err {
+            IommuError::Miss { iova, access } if self.unanswered != Some(iova) => {
+                log::debug!("chain {id}: {what} at IOVA {iova:#x} missed; put back");
+                self.miss = Some((iova, access));
+            }
+            err => log::warn!("chain {id}: {what} at IOVA {iova:#x} not translatable: {err}"),
+        }
+        self.cut_short = true;
+    }
 }
 
 impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The chain whose head index `head` the available ring held at index `position`; the
     /// queue's descriptor table and available ring are `table`'s.
     pub(crate) fn split(head: u16, position: u16, table: &ChainTable<'m, G>) -> Self {
-        Chain {
+        let chain = Chain {
             mem: table.mem,
             source: Source::Split(Some(AvailEntry {
                 ring: table.avail,
@@ -334,13 +360,14 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             yielded_bytes: 0,
             in_indirect: false,
             translated: None,
-        }
+        };
+        table.translating(chain)
     }
 
     /// The chain starting at descriptor `head` of the queue's table, found in the inflight
     /// area after a reconnect rather than popped.
     pub(crate) fn resubmitted(head: u16, table: &ChainTable<'m, G>) -> Self {
-        Chain {
+        let chain = Chain {
             mem: table.mem,
             source: Source::Split(None),
             id: head,
@@ -350,7 +377,8 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             yielded_bytes: 0,
             in_indirect: false,
             translated: None,
-        }
+        };
+        table.translating(chain)
     }
 
     /// The chain of a packed ring whose descriptor ring is `ring`: `count` descriptors from
@@ -422,14 +450,54 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     }
 
     /// The same chain, yielding its descriptors translated through `iommu` (see the
-    /// [`iommu`](crate::iommu) module).
-    pub(crate) fn with_iommu(mut self, iommu: Arc<dyn Iommu>) -> Self {
+    /// [`iommu`](crate::iommu) module); a miss of `unanswered` fails the walk.
+    pub(crate) fn with_iommu(mut self, iommu: Arc<dyn Iommu>, unanswered: Option<u64>) -> Self {
         self.translated = Some(Box::new(Translated {
             iommu,
             rest: None,
             cut_short: false,
+            unanswered,
+            wait: false,
+            miss: None,
+            ready: None,
         }));
         self
+    }
+
+    /// The same chain, its misses waited for under the caller's lock (bounded, as
+    /// [`Iommu::translate`] waits): for the fill pass, which cannot put a chain back.
+    pub(crate) fn waiting_for_misses(mut self) -> Self {
+        if let Some(t) = self.translated.as_mut() {
+            t.wait = true;
+        }
+        self
+    }
+
+    /// Behind an IOMMU, translates the whole chain now, never waiting
+    /// ([`Iommu::translate_now`]), so that the device's walk yields it with no lookup of its
+    /// own (the device sees the chain only if this succeeds: nothing of it is touched
+    /// before). `Err` with the miss that stopped the walk (IOVA and access): the chain must
+    /// be put back and the frontend asked. Nothing to do without an IOMMU.
+    #[inline(always)]
+    pub(crate) fn pretranslate(&mut self) -> Result<(), (u64, Permissions)> {
+        if self.translated.is_none() {
+            return Ok(());
+        }
+        self.pretranslate_walk()
+    }
+
+    #[inline(never)]
+    fn pretranslate_walk(&mut self) -> Result<(), (u64, Permissions)> {
+        let mut walk = self.clone();
+        let descs: Vec<Descriptor> = walk.by_ref().collect();
+        let (Some(done), Some(t)) = (walk.translated, self.translated.as_mut()) else {
+            return Ok(());
+        };
+        if let Some(miss) = done.miss {
+            return Err(miss);
+        }
+        t.ready = Some((descs.into_iter(), done.cut_short));
+        Ok(())
     }
 
     /// Whether the walk so far ended because a buffer or an indirect table could not be
@@ -467,12 +535,11 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
         let id = self.id;
         let addr = match &mut self.translated {
             None => addr,
-            Some(t) => translate_whole(&*t.iommu, addr.0, u64::from(len), Permissions::Read)
-                .map_err(|err| {
-                    log::warn!("chain {id}: indirect table not translatable: {err}");
-                    t.cut_short = true;
-                })
-                .ok()?,
+            Some(t) => {
+                translate_whole_with(&*t.iommu, addr.0, u64::from(len), Permissions::Read, t.wait)
+                    .map_err(|err| t.fail(id, "indirect table", addr.0, err))
+                    .ok()?
+            }
         };
         self.table = Table::map(self.mem, addr, entries);
         self.next_index = 0;
@@ -527,6 +594,14 @@ impl<G: GuestMemory> Chain<'_, G> {
     /// it, the rest coming next. A buffer that cannot be translated ends the chain.
     #[inline(never)]
     fn next_translated(&mut self) -> Option<Descriptor> {
+        if let Some(t) = self.translated.as_mut() {
+            if let Some((ready, cut_short)) = &mut t.ready {
+                let next = ready.next();
+                // The end of the translated walk is where the device learns how it ended.
+                t.cut_short = next.is_none() && *cut_short;
+                return next;
+            }
+        }
         let rest = self.translated.as_mut().and_then(|t| t.rest.take());
         let desc = match rest {
             Some(rest) => rest,
@@ -539,7 +614,11 @@ impl<G: GuestMemory> Chain<'_, G> {
             Permissions::Read
         };
         let (iova, len) = (desc.addr().0, desc.len());
-        match t.iommu.translate(iova, u64::from(len), access) {
+        let translated = match t.wait {
+            true => t.iommu.translate(iova, u64::from(len), access),
+            false => t.iommu.translate_now(iova, u64::from(len), access),
+        };
+        match translated {
             // `got <= len`, so it fits in u32 and `iova + got` does not wrap (the
             // translation checked `iova + len`).
             Ok((gpa, got)) if got < u64::from(len) => {
@@ -556,12 +635,8 @@ impl<G: GuestMemory> Chain<'_, G> {
             }
             Ok((gpa, _)) => Some(Descriptor::new(gpa.0, len, desc.flags(), desc.next())),
             Err(err) => {
-                log::warn!(
-                    "chain {}: buffer at IOVA {iova:#x} ({len} bytes) not translatable: {err}",
-                    self.id
-                );
+                t.fail(self.id, "buffer", iova, err);
                 self.ttl = 0;
-                t.cut_short = true;
                 None
             }
         }
@@ -672,6 +747,8 @@ pub(crate) struct ChainTable<'m, G: GuestMemory> {
     mem: &'m G,
     table: Table<'m, G>,
     avail: GuestAddress,
+    /// The IOMMU, and the IOVA whose miss fails a chain's walk.
+    iommu: Option<Translating>,
 }
 
 impl<'m, G: GuestMemory> ChainTable<'m, G> {
@@ -682,6 +759,22 @@ impl<'m, G: GuestMemory> ChainTable<'m, G> {
             mem,
             table: Table::map(mem, addr, size),
             avail,
+            iommu: None,
+        }
+    }
+
+    /// The same table, its chains translated through `iommu` (see [`Chain::with_iommu`]).
+    pub(crate) fn with_iommu(mut self, iommu: Option<Translating>) -> Self {
+        self.iommu = iommu;
+        self
+    }
+
+    /// `chain` behind this table's IOMMU, if it has one.
+    #[inline(always)]
+    fn translating(&self, chain: Chain<'m, G>) -> Chain<'m, G> {
+        match &self.iommu {
+            None => chain,
+            Some((iommu, unanswered)) => chain.with_iommu(iommu.clone(), *unanswered),
         }
     }
 }

@@ -158,6 +158,16 @@ pub enum Error {
         #[source]
         source: crate::iommu::IommuError,
     },
+    /// Behind an IOMMU, a translation the ring or a chain needs is not in the IOTLB: the
+    /// chain was put back (nothing of it served), and the frontend must be asked, without
+    /// the ring's lock ([`process_queue`](crate::process_queue) does this and serves again).
+    #[error("IOTLB miss at IOVA {iova:#x} ({access:?}): the frontend must be asked")]
+    IommuMiss {
+        /// The IOVA missed.
+        iova: u64,
+        /// The access asked for.
+        access: vm_memory::Permissions,
+    },
     /// Behind an IOMMU, the ring was read before its addresses were translated (the worker
     /// translates them when it first serves the ring after `SET_VRING_ADDR` or an
     /// invalidation), or before `SET_VRING_ADDR` gave them.

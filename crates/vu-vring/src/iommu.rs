@@ -10,15 +10,27 @@
 //!   completion call), each part into one contiguous guest range. The translation is cached
 //!   with the IOMMU's [`generation`](Iommu::generation) and made again after any
 //!   invalidation, before the next access.
-//! - Every descriptor a [`Chain`](crate::Chain) yields is translated when it is yielded, for
-//!   reading (device-readable) or writing (device-writable): a buffer that is contiguous in
-//!   IOVA but not in guest memory is yielded as several descriptors, one per contiguous
-//!   piece, with the same flags (the last one keeps `NEXT` as the original had it). Indirect
-//!   tables are translated as one contiguous range.
-//! - A miss makes the [`Iommu`] ask the frontend and wait for its update (bounded). What
-//!   cannot be translated (unmapped after the wait, or not allowed) ends that chain's walk as
-//!   a malformed chain ends it, or, for a ring part, fails that ring's pass with
-//!   [`Error::Iommu`]; other rings and the device go on.
+//! - Every descriptor of a [`Chain`](crate::Chain) is translated before the device sees the
+//!   chain (the whole walk, once), for reading (device-readable) or writing
+//!   (device-writable): a buffer that is contiguous in IOVA but not in guest memory is
+//!   yielded as several descriptors, one per contiguous piece, with the same flags (the
+//!   last one keeps `NEXT` as the original had it). Indirect tables are translated as one
+//!   contiguous range.
+//! - Nothing waits for the frontend under the vring's lock: translations there use
+//!   [`Iommu::translate_now`]. A miss puts the chain back (nothing of it was served; the
+//!   available index is where it was) and ends the pass with [`Error::IommuMiss`];
+//!   [`process_queue`](crate::process_queue) then asks with [`Iommu::translate`] without the
+//!   lock (bounded) and serves again. A completion from another thread
+//!   ([`complete_deferred`](crate::VringData::complete_deferred)) whose used ring misses is
+//!   kept and published by the worker's next pass, whose kick is delivered.
+//! - What cannot be translated (not answered in time, or not allowed) ends that chain's walk
+//!   as a malformed chain ends it ([`Chain::is_cut_short`](crate::Chain::is_cut_short)),
+//!   or, for a ring part, fails that ring's pass with [`Error::Iommu`]; other rings and the
+//!   device go on.
+//! - A chain the device takes for later ([`Completion::Later`](crate::Completion::Later))
+//!   holds its translations ([`Iommu::hold`]) until it is completed, so that an
+//!   invalidation is acknowledged only once nothing uses what it withdrew: the daemon takes
+//!   each vring's lock once (what the ring does under it ends) and waits for the older holds.
 //!
 //! Guest addresses come out: the device reads and writes through [`Chain::memory`] as without
 //! an IOMMU, and the dirty log, indexed by guest address, is marked as without one.
@@ -54,6 +66,38 @@ pub trait Iommu: fmt::Debug + Send + Sync {
         len: u64,
         access: Permissions,
     ) -> Result<(GuestAddress, u64), IommuError>;
+
+    /// [`translate`](Self::translate) from what is known now: a miss is
+    /// [`IommuError::Miss`] at once, nothing is asked and nothing waited for. The vring
+    /// translates this way under its lock (a pass, a completion, a notification), so that no
+    /// lock is held while the frontend is asked; [`process_queue`](crate::process_queue)
+    /// then asks with [`translate`](Self::translate) without the lock and serves again. The
+    /// default is [`translate`](Self::translate), for an IOMMU that never waits.
+    fn translate_now(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(GuestAddress, u64), IommuError> {
+        self.translate(iova, len, access)
+    }
+
+    /// A chain the device keeps past the pass that took it ([`Completion::Later`]) holds
+    /// translations made at `generation` or later until it is completed
+    /// ([`release`](Self::release) with the same `generation`). An IOMMU that acknowledges
+    /// invalidations waits for the holds older than the invalidation before it acknowledges
+    /// (what the vring accesses under its lock needs no hold: take each vring's lock once
+    /// instead). The default does nothing.
+    ///
+    /// [`Completion::Later`]: crate::Completion::Later
+    fn hold(&self, generation: u64) {
+        let _ = generation;
+    }
+
+    /// Ends a [`hold`](Self::hold) of `generation`.
+    fn release(&self, generation: u64) {
+        let _ = generation;
+    }
 }
 
 /// Why an IOVA could not be translated.
@@ -74,6 +118,15 @@ pub enum IommuError {
         /// The access asked for.
         access: Permissions,
     },
+    /// Nothing maps `iova` now ([`Iommu::translate_now`]): [`Iommu::translate`] would ask
+    /// the frontend and wait for its answer.
+    #[error("IOVA {iova:#x} is not in the IOTLB yet (miss for {access:?})")]
+    Miss {
+        /// The first IOVA not mapped.
+        iova: u64,
+        /// The access asked for.
+        access: Permissions,
+    },
     /// `iova + len` wraps, or the range does not map to guest memory.
     #[error("IOVA range {iova:#x} + {len:#x} is invalid")]
     Invalid {
@@ -84,18 +137,38 @@ pub enum IommuError {
     },
 }
 
+/// What a pass translates its chains through: the IOMMU, and the IOVA whose miss fails a
+/// chain (the frontend did not answer it in time) rather than putting it back.
+pub(crate) type Translating = (Arc<dyn Iommu>, Option<u64>);
+
 /// Translates the whole range of `len` bytes at `iova` into one contiguous guest range, or
-/// fails: ring parts and indirect tables must be contiguous in guest memory.
+/// fails: ring parts and indirect tables must be contiguous in guest memory. Never waits
+/// ([`Iommu::translate_now`]).
 pub(crate) fn translate_whole(
     iommu: &dyn Iommu,
     iova: u64,
     len: u64,
     access: Permissions,
 ) -> Result<GuestAddress, IommuError> {
-    let (gpa, got) = iommu.translate(iova, len, access)?;
+    translate_whole_with(iommu, iova, len, access, false)
+}
+
+/// [`translate_whole`], waiting for a miss's answer when `wait` ([`Iommu::translate`]).
+pub(crate) fn translate_whole_with(
+    iommu: &dyn Iommu,
+    iova: u64,
+    len: u64,
+    access: Permissions,
+    wait: bool,
+) -> Result<GuestAddress, IommuError> {
+    let translate = |iova, len| match wait {
+        true => iommu.translate(iova, len, access),
+        false => iommu.translate_now(iova, len, access),
+    };
+    let (gpa, got) = translate(iova, len)?;
     if got != len {
         // The next piece is elsewhere in guest memory (or missing).
-        return Err(match iommu.translate(iova + got, len - got, access) {
+        return Err(match translate(iova + got, len - got) {
             Err(err) => err,
             Ok(_) => IommuError::Invalid { iova, len },
         });
@@ -118,6 +191,24 @@ pub(crate) struct RingIommu {
     sync_used: bool,
     /// The restart of the ring (`VringData::restart`), waiting for the ring to be readable.
     deferred_restart: Option<(Option<InflightQueue>, bool)>,
+    /// An IOVA the frontend was asked for and did not answer in time: for one more try, its
+    /// miss counts as unmapped rather than stopping the pass to ask again.
+    pub(crate) unanswered: Option<u64>,
+    /// The IOMMU's generation when the current pass started: its chains' translations are
+    /// that recent at least.
+    pub(crate) pass_generation: u64,
+    /// The chains taken for later (head index) and the generation of their hold.
+    held: Vec<(u16, u64)>,
+    /// Completions waiting for the used ring's translation (a miss when they came).
+    pub(crate) unpublished: Vec<(u16, u32)>,
+}
+
+impl Drop for RingIommu {
+    fn drop(&mut self) {
+        for (_, generation) in self.held.drain(..) {
+            self.iommu.release(generation);
+        }
+    }
 }
 
 impl RingIommu {
@@ -129,12 +220,41 @@ impl RingIommu {
             translated: None,
             sync_used: false,
             deferred_restart: None,
+            unanswered: None,
+            pass_generation: 0,
+            held: Vec::new(),
+            unpublished: Vec::new(),
         }
     }
 
-    /// Forgets the ring addresses and their translation (a reset), keeping the IOMMU.
+    /// Forgets the ring addresses and their translation (a reset), keeping the IOMMU; the
+    /// holds of chains not completed end.
     pub(crate) fn forget_rings(&mut self) {
         *self = RingIommu::new(self.iommu.clone());
+    }
+
+    /// A miss as this ring takes it now: [`IommuError::Unmapped`] for the unanswered IOVA.
+    pub(crate) fn miss(&self, err: IommuError) -> IommuError {
+        match err {
+            IommuError::Miss { iova, .. } if self.unanswered == Some(iova) => {
+                IommuError::Unmapped { iova }
+            }
+            err => err,
+        }
+    }
+
+    /// The chain `head` was taken for later, with translations of the current pass.
+    pub(crate) fn hold(&mut self, head: u16) {
+        self.iommu.hold(self.pass_generation);
+        self.held.push((head, self.pass_generation));
+    }
+
+    /// The chain `head` was completed: its hold ends.
+    pub(crate) fn release(&mut self, head: u16) {
+        if let Some(at) = self.held.iter().position(|&(h, _)| h == head) {
+            let (_, generation) = self.held.swap_remove(at);
+            self.iommu.release(generation);
+        }
     }
 
     /// Keeps the restart of the ring for the first translation.
@@ -197,8 +317,13 @@ impl RingIommu {
         };
         let mut gpas = [GuestAddress(0); 3];
         for (slot, (part, iova, len, access)) in gpas.iter_mut().zip(parts) {
-            *slot = translate_whole(&*self.iommu, iova, len, access)
-                .map_err(|source| Error::Iommu { part, source })?;
+            *slot =
+                translate_whole(&*self.iommu, iova, len, access).map_err(|source| {
+                    match self.miss(source) {
+                        IommuError::Miss { iova, access } => Error::IommuMiss { iova, access },
+                        source => Error::Iommu { part, source },
+                    }
+                })?;
             let align = if packed {
                 part.align().max(4)
             } else {

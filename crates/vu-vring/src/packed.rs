@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{Chain, PackedDesc, ReadAhead, Table, DESC_SIZE, PACKED_F_NEXT};
 use crate::error::Error;
+use crate::iommu::Translating;
 
 /// Descriptor flag: the driver's avail wrap counter when it made the descriptor available.
 pub(crate) const PACKED_F_AVAIL: u16 = 1 << 7;
@@ -179,6 +180,7 @@ impl PackedRing {
         &mut self,
         queue: &Queue,
         mem: &G,
+        iommu: Option<&Translating>,
         mut serve: F,
     ) -> Result<usize, Error>
     where
@@ -190,6 +192,7 @@ impl PackedRing {
         let mut completed = 0;
         let mut descriptors = 0u32;
         while descriptors < u32::from(size) {
+            let position = self.next_avail;
             let taken = match self.take(&ring, mem) {
                 Ok(Some(taken)) => taken,
                 Ok(None) => break,
@@ -202,6 +205,15 @@ impl PackedRing {
                 (taken.head, taken.count, taken.id),
                 taken.read_ahead,
             );
+            let mut chain = match iommu {
+                None => chain,
+                Some((iommu, unanswered)) => chain.with_iommu(iommu.clone(), *unanswered),
+            };
+            if let Err((iova, access)) = chain.pretranslate() {
+                // Put back, to be taken again once the frontend answered the miss.
+                self.next_avail = position;
+                return Err(Error::IommuMiss { iova, access });
+            }
             let len = serve(chain);
             self.put_used(&ring, mem, taken, len)?;
             descriptors += u32::from(taken.count);

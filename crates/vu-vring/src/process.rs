@@ -52,6 +52,12 @@ use crate::{Chain, Error, VringData, VringT};
 /// before stay completed, and the ring is looked at again at its next kick. An available
 /// entry whose head index is past the descriptor table is skipped with a warning.
 ///
+/// Behind an IOMMU, a translation missing from the IOTLB is asked for with the vring
+/// unlocked: the chain that needs it is put back, the lock released, the frontend asked and
+/// its answer waited for (bounded, [`Iommu::translate`](crate::Iommu::translate)), then the
+/// ring is served again; a miss the frontend does not answer in time fails the chain that
+/// needs it.
+///
 /// With inflight I/O tracking on for the ring (see [`VringData::restart`]), the chains found
 /// in flight at the restart are served first, oldest first, and every chain is recorded in
 /// the inflight area before `serve` sees it and cleared after its used element is
@@ -109,6 +115,11 @@ pub enum Completion {
     Later,
 }
 
+/// How many IOTLB misses one call of [`process_queue_async`] asks the frontend for before it
+/// fails the chain that needs the next one (each is answered, then invalidated again before
+/// the ring is served: a frontend that does this forever must not keep the worker here).
+const MAX_MISSES: usize = 256;
+
 /// [`process_queue`] for a device that completes chains later and out of order: `serve`
 /// returns [`Completion::Now`] with the used length, or [`Completion::Later`] for a chain the
 /// device keeps (a request handed to a thread pool, say). Returns how many chains were handed
@@ -155,22 +166,53 @@ where
     V: VringT<M> + ?Sized,
     F: FnMut(Chain<'_, M::M>) -> Completion,
 {
-    let mut guard = vring.get_mut();
-    let data = &mut *guard;
+    let mut serve = serve;
     let mut completed = 0;
-    if let Err(err) = serve_passes(data, serve, &mut completed) {
+    // An IOVA the frontend did not answer in time: one more try, in which its miss fails
+    // what needs it.
+    let mut unanswered = None;
+    // Misses asked for in this call: a bound, should invalidations keep undoing the answers.
+    let mut asked = 0;
+    loop {
+        let mut guard = vring.get_mut();
+        let data = &mut *guard;
+        if asked > 0 && !data.ready() {
+            // Stopped (GET_VRING_BASE) while the miss was asked: the chain it put back is
+            // still available, after the index the frontend was given.
+            return completed;
+        }
+        data.set_unanswered(unanswered);
+        let result = serve_passes(data, &mut serve, &mut completed);
+        data.set_unanswered(None);
+        let err = match result {
+            Ok(()) => return completed,
+            Err(err) => err,
+        };
+        // Behind an IOMMU, a miss put its chain back (or stopped before a ring access): the
+        // frontend is asked and its answer waited for without the ring's lock, so that the
+        // connection thread and the device's other threads can use the ring meanwhile.
+        if let (Error::IommuMiss { iova, access }, Some(iommu)) = (&err, data.iommu()) {
+            if unanswered != Some(*iova) {
+                let (iova, access) = (*iova, *access);
+                drop(guard);
+                asked += 1;
+                let answered = asked <= MAX_MISSES && iommu.translate(iova, 1, access).is_ok();
+                unanswered = (!answered).then_some(iova);
+                continue;
+            }
+        }
         log::warn!("ring not served: {err}; left alone until its next kick");
         if let Err(e) = data.signal_error() {
             log::warn!("cannot write the ring's error eventfd: {e}");
         }
+        return completed;
     }
-    completed
 }
 
 /// The passes of [`process_queue_async`], counting the chains handed out in `completed`.
 fn serve_passes<M, F>(
     data: &mut VringData<M>,
-    mut serve: F,
+    serve: &mut F,
     completed: &mut usize,
 ) -> Result<(), Error>
 where
@@ -186,7 +228,7 @@ where
         data.disable_notification()?;
         let used_before = data.queue_next_used();
         // Entries added here count for the interrupt decision below too.
-        let served = match data.serve_available_async(mem, &mut serve) {
+        let served = match data.serve_available_async(mem, &mut *serve) {
             Ok(n) => n,
             Err(err) => {
                 // The chains completed before the error are counted and signalled. A pass

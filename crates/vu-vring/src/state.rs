@@ -17,15 +17,17 @@ use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 use crate::eventfd::{eventfd_add_one, eventfd_take};
 use crate::inflight::{InflightError, InflightQueue, InflightRegion};
-use crate::iommu::RingIommu;
+use crate::iommu::{RingIommu, Translating};
 
 pub(crate) mod fill;
+mod resubmit;
 mod ring_iommu;
 mod used;
 use crate::packed::{PackedRing, Position};
 use crate::process::Completion;
 use crate::ring_state::{InbandNotifier, Restart, RingState};
 use crate::tracker::Tracker;
+use ring_iommu::taken_for_later;
 use used::{put_used, put_used_round, used_ring_slice};
 
 /// The largest queue size a split virtqueue may have: the virtio specification's split
@@ -268,28 +270,38 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// for later too. A packed ring completes in order: there a chain `serve` takes for later
     /// is completed at once with a used length of 0 and an error is logged; serve packed
     /// rings ([`Chain::is_packed`]) with [`Completion::Now`].
-    pub fn serve_available_async<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
+    ///
+    /// Behind an IOMMU (see the [`iommu`](crate::iommu) module) each chain is translated
+    /// whole before `serve` sees it, without waiting: a miss puts the chain back and ends the
+    /// call with [`Error::IommuMiss`] (the chains before it stay completed), for the caller
+    /// to ask the frontend without the lock ([`process_queue`](crate::process_queue) does).
+    pub fn serve_available_async<F>(&mut self, mem: &M::M, serve: F) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
-        if let Some(iommu) = self.translated_iommu()? {
-            // Every chain translates its descriptors through the IOMMU.
-            return self.serve_translated(mem, |chain| serve(chain.with_iommu(iommu.clone())));
-        }
-        self.serve_translated(mem, serve)
+        let translating = self.translated_iommu()?;
+        self.serve_translated(mem, translating, serve)
     }
 
-    /// [`serve_available_async`](Self::serve_available_async) once the rings are translated.
-    fn serve_translated<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
+    /// [`serve_available_async`](Self::serve_available_async) once the rings are translated,
+    /// the chains translated through `iommu` (and the IOVA whose miss fails them) behind one.
+    fn serve_translated<F>(
+        &mut self,
+        mem: &M::M,
+        iommu: Option<Translating>,
+        mut serve: F,
+    ) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
         if let Some(packed) = &mut self.packed {
-            return packed.serve(&self.queue, mem, |chain| match serve(chain) {
-                Completion::Now(len) => len,
-                Completion::Later => {
-                    log::error!("a packed ring completes in order: chain completed now, empty");
-                    0
+            return packed.serve(&self.queue, mem, iommu.as_ref(), |chain| {
+                match serve(chain) {
+                    Completion::Now(len) => len,
+                    Completion::Later => {
+                        log::error!("a packed ring completes in order: chain completed now, empty");
+                        0
+                    }
                 }
             });
         }
@@ -300,7 +312,8 @@ impl<M: GuestAddressSpace> VringData<M> {
             GuestAddress(self.queue.desc_table()),
             GuestAddress(self.queue.avail_ring()),
             self.queue.size(),
-        );
+        )
+        .with_iommu(iommu);
         let mut completed = 0;
         // Chains found in flight at a restart come first, oldest first.
         if self
@@ -325,12 +338,19 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// cleared from the area with the last-batch protocol), and it does not notify: call
     /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) after. Returns how
     /// many were completed.
+    ///
+    /// Behind an IOMMU the chains' translations stop being held (see
+    /// [`Iommu::hold`](crate::Iommu::hold)); when the used ring's translation misses, the
+    /// completions wait for the worker's next pass, whose kick is delivered.
     pub fn complete_deferred<I>(&mut self, done: I) -> Result<usize, Error>
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
         let done: Vec<(u16, u32)> = done.into_iter().collect();
         self.deferred = self.deferred.saturating_sub(done.len());
+        if self.iommu.is_some() {
+            return self.complete_translated(done);
+        }
         self.add_used_batch(done)
     }
 
@@ -399,16 +419,23 @@ impl<M: GuestAddressSpace> VringData<M> {
                     );
                     continue;
                 }
+                let mut chain = Chain::split(head, position, table);
+                // Behind an IOMMU, a miss puts the chain back, to ask without the lock.
+                if let Err((iova, access)) = chain.pretranslate() {
+                    self.queue.set_next_avail(position);
+                    self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
+                    return Err(Error::IommuMiss { iova, access });
+                }
                 // Recorded before the device sees it.
                 if TRACK {
                     Tracker::record(&mut self.tracker, region, head);
                 }
-                match serve(Chain::split(head, position, table)) {
+                match serve(chain) {
                     Completion::Now(len) => {
                         served[n] = (head, len);
                         n += 1;
                     }
-                    Completion::Later => self.deferred += 1,
+                    Completion::Later => taken_for_later(&mut self.deferred, &mut self.iommu, head),
                 }
             }
             self.queue.set_next_avail(next.wrapping_add(taken as u16));
@@ -451,45 +478,6 @@ impl<M: GuestAddressSpace> VringData<M> {
             Tracker::finish(&mut self.tracker, region, batch, self.queue.next_used());
         }
         Ok(published)
-    }
-
-    /// Serves the chains found in flight at the restart (or, when the device opted out,
-    /// returns them unserved with a used length of 0), one completion each; returns how many
-    /// were completed now.
-    fn serve_resubmitted<F, B>(
-        &mut self,
-        mem: &M::M,
-        table: &ChainTable<'_, M::M>,
-        ring: Option<&VolatileSlice<'_, B>>,
-        serve: &mut F,
-    ) -> Result<usize, Error>
-    where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
-        B: BitmapSlice,
-    {
-        let mut completed = 0;
-        while let Some(tracker) = self.tracker.as_mut() {
-            let Some(head) = tracker.resubmit.pop() else {
-                break;
-            };
-            let len = if tracker.serve_resubmitted {
-                match serve(Chain::resubmitted(head, table)) {
-                    Completion::Now(len) => len,
-                    Completion::Later => {
-                        self.deferred += 1;
-                        continue;
-                    }
-                }
-            } else {
-                0
-            };
-            let batch = [(head, len)];
-            Tracker::link(&mut self.tracker, None, &batch);
-            put_used(&mut self.queue, ring, mem, head, len)?;
-            Tracker::finish(&mut self.tracker, None, &batch, self.queue.next_used());
-            completed += 1;
-        }
-        Ok(completed)
     }
 
     /// Fixes the point the ring starts from when it is started (`SET_VRING_KICK` on a stopped
@@ -665,7 +653,10 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// On a packed ring the driver area's event suppression structure decides instead: see
     /// the [crate documentation](crate#packed-rings).
     pub fn needs_notification(&mut self) -> Result<bool, Error> {
-        self.translate_rings()?;
+        if let Err(err) = self.translate_rings() {
+            // Behind an IOMMU, a miss leaves the decision to the worker's next pass.
+            return self.leave_miss_to_worker(err).map(|()| false);
+        }
         if let Some(packed) = &mut self.packed {
             return packed.needs_notification(&self.queue, self.mem.memory().deref());
         }

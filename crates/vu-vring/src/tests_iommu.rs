@@ -1,8 +1,9 @@
 //! Rings behind an IOMMU: ring parts and buffers given as IOVAs, translated through a table
 //! that maps IOVA pages to guest pages out of order, with misses, refusals and invalidations.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
@@ -34,17 +35,47 @@ const WRITE: u16 = 2;
 const NEXT: u16 = 1;
 const INDIRECT: u16 = 4;
 
-/// An IOMMU over a list of page mappings; a miss is answered at once (unmapped).
+/// An IOMMU over a list of page mappings; a miss is answered at once (unmapped), or, once
+/// [`asking`](Table::asking), asked: `translate_now` reports it, `translate` records the
+/// IOVA and waits for a [`map`](Table::map) (at most ten seconds).
 #[derive(Debug, Default)]
 struct Table {
     maps: Mutex<Vec<(u64, u64, u64, Permissions)>>,
     generation: AtomicU64,
     translations: AtomicUsize,
+    asking: AtomicBool,
+    /// Asked misses are not answered.
+    refusing: AtomicBool,
+    /// The IOVAs `translate` asked for, in order.
+    asked: Mutex<Vec<u64>>,
+    /// Signalled on every map and every ask.
+    changed: Condvar,
+    /// The generations of the holds not released.
+    holds: Mutex<Vec<u64>>,
 }
 
 impl Table {
     fn map(&self, iova: u64, gpa: u64, len: u64, perm: Permissions) {
         self.maps.lock().unwrap().push((iova, gpa, len, perm));
+        self.changed.notify_all();
+    }
+
+    fn asking(&self) {
+        self.asking.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until `translate` asked for `iova` (a bounded wait: the test fails after it).
+    fn wait_asked(&self, iova: u64) {
+        let asked = self.asked.lock().unwrap();
+        let (asked, timeout) = self
+            .changed
+            .wait_timeout_while(asked, Duration::from_secs(10), |a| !a.contains(&iova))
+            .unwrap();
+        assert!(!timeout.timed_out(), "{iova:#x} never asked: {asked:x?}");
+    }
+
+    fn holds(&self) -> Vec<u64> {
+        self.holds.lock().unwrap().clone()
     }
 
     fn invalidate(&self, iova: u64) {
@@ -74,7 +105,29 @@ impl Iommu for Table {
         self.translations.fetch_add(1, Ordering::Relaxed);
         iova.checked_add(len)
             .ok_or(IommuError::Invalid { iova, len })?;
-        let (start, gpa, size, perm) = self.find(iova).ok_or(IommuError::Unmapped { iova })?;
+        let Some((start, gpa, size, perm)) = self.find(iova) else {
+            if !self.asking.load(Ordering::Relaxed) {
+                return Err(IommuError::Unmapped { iova });
+            }
+            self.asked.lock().unwrap().push(iova);
+            self.changed.notify_all();
+            let maps = self.maps.lock().unwrap();
+            let wait = match self.refusing.load(Ordering::Relaxed) {
+                true => Duration::ZERO,
+                false => Duration::from_secs(10),
+            };
+            let (maps, timeout) = self
+                .changed
+                .wait_timeout_while(maps, wait, |m| {
+                    !m.iter().any(|m| m.0 <= iova && iova - m.0 < m.2)
+                })
+                .unwrap();
+            drop(maps);
+            if timeout.timed_out() {
+                return Err(IommuError::Unmapped { iova });
+            }
+            return self.translate(iova, len, access);
+        };
         if !perm.allow(access) {
             return Err(IommuError::Denied { iova, access });
         }
@@ -89,6 +142,29 @@ impl Iommu for Table {
             }
         }
         Ok((GuestAddress(first), got))
+    }
+
+    fn translate_now(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(GuestAddress, u64), IommuError> {
+        let missing = self.find(iova).is_none();
+        if missing && self.asking.load(Ordering::Relaxed) {
+            return Err(IommuError::Miss { iova, access });
+        }
+        self.translate(iova, len, access)
+    }
+
+    fn hold(&self, generation: u64) {
+        self.holds.lock().unwrap().push(generation);
+    }
+
+    fn release(&self, generation: u64) {
+        let mut holds = self.holds.lock().unwrap();
+        let at = holds.iter().position(|&g| g == generation).unwrap();
+        holds.swap_remove(at);
     }
 }
 
@@ -495,4 +571,217 @@ fn room_the_iommu_does_not_map_is_a_malformed_chain() {
     assert_eq!((taken, malformed), (false, 1));
     assert_eq!(guest.used_elem(USED_GPA, 0), (0, 0));
     assert_eq!(guest.used_idx(USED_GPA), 1);
+}
+
+/// An IOVA page nothing maps until a test does.
+const LATE_IOVA: u64 = 0x4_0000_0000;
+const LATE_GPA: u64 = 0x30000;
+
+#[test]
+fn a_miss_is_asked_without_the_ring_lock_and_its_chain_is_served_once_answered() {
+    let mut g = Guest::new();
+    g.iommu.asking();
+    // Chain 0 is fine; chain 1 writes into a page the IOTLB does not have yet.
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 0x10, WRITE, 0));
+    g.desc(DESC_GPA, 1, (LATE_IOVA + 0x20, 0x10, WRITE, 0));
+    g.offer(0);
+    g.offer(1);
+    let vring = g.vring.clone();
+    let worker = std::thread::spawn(move || {
+        crate::process_queue(&vring, |chain| {
+            assert!(!chain.is_cut_short());
+            let written = chain.clone().map(|d| d.len()).sum();
+            assert!(!chain.clone().any(|d| d.addr().0 == LATE_IOVA + 0x20));
+            written
+        })
+    });
+    g.iommu.wait_asked(LATE_IOVA + 0x20);
+    {
+        // The worker waits for the answer without the ring's lock; chain 1 was put back,
+        // nothing of it served, chain 0 completed.
+        let data = g.vring.get_mut();
+        assert_eq!(data.queue_next_avail(), 1);
+        assert_eq!(g.used_idx(USED_GPA), 1);
+    }
+    g.iommu
+        .map(LATE_IOVA, LATE_GPA, PAGE, Permissions::ReadWrite);
+    assert_eq!(worker.join().unwrap(), 2);
+    assert_eq!(g.used_idx(USED_GPA), 2);
+    assert_eq!(g.used_elem(USED_GPA, 1), (1, 0x10));
+}
+
+#[test]
+fn a_miss_the_frontend_does_not_answer_fails_its_chain_and_the_ring_goes_on() {
+    let mut g = Guest::new();
+    g.iommu.asking();
+    g.iommu.refusing.store(true, Ordering::Relaxed);
+    g.desc(DESC_GPA, 0, (LATE_IOVA, 0x10, WRITE, 0));
+    g.desc(DESC_GPA, 1, (BUF_IOVA, 0x10, WRITE, 0));
+    g.offer(0);
+    g.offer(1);
+    // The miss is asked once, not answered: the chain is cut short at the second try.
+    let mut cut = Vec::new();
+    let vring = g.vring.clone();
+    let served = std::thread::spawn(move || {
+        let n = crate::process_queue(&vring, |chain| {
+            let mut walk = chain;
+            let len = walk.by_ref().map(|d| d.len()).sum();
+            cut.push(walk.is_cut_short());
+            len
+        });
+        (n, cut)
+    });
+    g.iommu.wait_asked(LATE_IOVA);
+    let (n, cut) = served.join().unwrap();
+    assert_eq!((n, cut), (2, vec![true, false]));
+    assert_eq!(g.used_elem(USED_GPA, 0), (0, 0));
+    assert_eq!(g.used_elem(USED_GPA, 1), (1, 0x10));
+}
+
+#[test]
+fn a_chain_taken_for_later_holds_its_translations_until_it_is_completed() {
+    let mut g = Guest::new();
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 0x10, WRITE, 0));
+    g.desc(DESC_GPA, 1, (BUF_IOVA + 0x10, 0x10, WRITE, 0));
+    g.offer(0);
+    g.offer(1);
+    let generation = g.iommu.generation();
+    let m = g.mem.memory();
+    let taken = g
+        .vring
+        .get_mut()
+        .serve_available_async(&m, |chain| match chain.head_index() {
+            0 => crate::Completion::Later,
+            _ => crate::Completion::Now(0x10),
+        })
+        .unwrap();
+    assert_eq!(taken, 2);
+    // Chain 1, completed in its pass, holds nothing; chain 0 holds until completed.
+    assert_eq!(g.iommu.holds(), vec![generation]);
+    g.vring.get_mut().complete_deferred([(0, 4)]).unwrap();
+    assert_eq!(g.iommu.holds(), Vec::<u64>::new());
+    assert_eq!(g.used_elem(USED_GPA, 1), (0, 4));
+    // A ring reset ends the holds of chains never completed.
+    g.desc(DESC_GPA, 2, (BUF_IOVA, 0x10, WRITE, 0));
+    g.offer(2);
+    g.vring
+        .get_mut()
+        .serve_available_async(&m, |_| crate::Completion::Later)
+        .unwrap();
+    assert_eq!(g.iommu.holds().len(), 1);
+    g.vring.get_mut().reset();
+    assert_eq!(g.iommu.holds(), Vec::<u64>::new());
+}
+
+#[test]
+fn a_completion_whose_used_ring_missed_is_published_by_the_workers_next_pass() {
+    let mut g = Guest::new();
+    g.iommu.asking();
+    let (kick, kicked) = crate::testutil::eventfd_pair();
+    g.vring.set_kick(Some(kick));
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 0x10, WRITE, 0));
+    g.offer(0);
+    crate::process_queue_async(&g.vring, |_| crate::Completion::Later);
+    // The used ring is invalidated before the device completes the chain from its thread.
+    g.iommu.invalidate(USED_IOVA);
+    let vring = g.vring.clone();
+    std::thread::spawn(move || {
+        let mut data = vring.get_mut();
+        assert_eq!(data.complete_deferred([(0, 7)]).unwrap(), 1);
+        // The decision waits for the worker too.
+        assert!(!data.signal_used_queue_if_needed().unwrap());
+    })
+    .join()
+    .unwrap();
+    assert_eq!(g.used_idx(USED_GPA), 0);
+    // The worker was kicked; its pass asks for the used ring and publishes the completion.
+    let mut buf = [0u8; 8];
+    std::io::Read::read_exact(&mut &kicked, &mut buf).unwrap();
+    assert!(u64::from_ne_bytes(buf) >= 1);
+    let vring = g.vring.clone();
+    let worker = std::thread::spawn(move || crate::process_queue(&vring, |_| 0));
+    g.iommu.wait_asked(USED_IOVA);
+    g.iommu
+        .map(USED_IOVA, USED_GPA, PAGE, Permissions::ReadWrite);
+    worker.join().unwrap();
+    assert_eq!(g.used_idx(USED_GPA), 1);
+    assert_eq!(g.used_elem(USED_GPA, 0), (0, 7));
+}
+
+#[test]
+fn a_packed_chain_that_misses_is_put_back_and_served_once_answered() {
+    let g = Guest::new();
+    g.iommu.asking();
+    // The device writes used descriptors into a packed ring.
+    g.iommu.invalidate(DESC_IOVA);
+    g.iommu
+        .map(DESC_IOVA, DESC_GPA, PAGE, Permissions::ReadWrite);
+    let m = g.mem.memory();
+    {
+        let mut data = g.vring.get_mut();
+        data.set_queue_packed(true);
+        data.set_queue_info(DESC_IOVA, AVAIL_IOVA, USED_IOVA)
+            .unwrap();
+    }
+    // One available packed descriptor (wrap counter 1: AVAIL set, USED clear) at a missing IOVA.
+    let avail = 1u16 << 7;
+    m.write_obj(LATE_IOVA, GuestAddress(DESC_GPA)).unwrap();
+    m.write_obj(0x10u32, GuestAddress(DESC_GPA + 8)).unwrap();
+    m.write_obj(9u16, GuestAddress(DESC_GPA + 12)).unwrap();
+    m.write_obj(avail | WRITE, GuestAddress(DESC_GPA + 14))
+        .unwrap();
+    let err = g
+        .vring
+        .get_mut()
+        .serve_available(&m, |_| unreachable!("a chain that missed is not served"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::IommuMiss {
+                iova: LATE_IOVA,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    g.iommu
+        .map(LATE_IOVA, LATE_GPA, PAGE, Permissions::ReadWrite);
+    let mut seen = Vec::new();
+    g.vring
+        .get_mut()
+        .serve_available(&m, |chain| {
+            seen.extend(chain.map(|d| d.addr().0));
+            3
+        })
+        .unwrap();
+    assert_eq!(seen, vec![LATE_GPA]);
+    // The used descriptor: id 9, length 3.
+    let id: u16 = m.read_obj(GuestAddress(DESC_GPA + 12)).unwrap();
+    let len: u32 = m.read_obj(GuestAddress(DESC_GPA + 8)).unwrap();
+    assert_eq!((id, len), (9, 3));
+}
+
+#[test]
+fn a_ring_stopped_while_its_miss_is_asked_keeps_the_chain_available() {
+    let mut g = Guest::new();
+    g.iommu.asking();
+    g.desc(DESC_GPA, 0, (BUF_IOVA, 0x10, WRITE, 0));
+    g.desc(DESC_GPA, 1, (LATE_IOVA, 0x10, WRITE, 0));
+    g.offer(0);
+    g.offer(1);
+    let vring = g.vring.clone();
+    let worker = std::thread::spawn(move || crate::process_queue(&vring, |_| 1));
+    g.iommu.wait_asked(LATE_IOVA);
+    {
+        // GET_VRING_BASE meanwhile: the ring stops where chain 1 is still available.
+        let mut data = g.vring.get_mut();
+        data.set_queue_ready(false);
+        assert_eq!(data.vring_base(), 1);
+    }
+    g.iommu
+        .map(LATE_IOVA, LATE_GPA, PAGE, Permissions::ReadWrite);
+    assert_eq!(worker.join().unwrap(), 1);
+    assert_eq!(g.used_idx(USED_GPA), 1);
+    assert_eq!(g.vring.queue_next_avail(), 1);
 }

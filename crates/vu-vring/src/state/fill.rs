@@ -18,8 +18,6 @@
 //! with one publication of the used index, and the caller decides on the interrupt once
 //! ([`VringData::signal_used_queue_if_needed`]).
 
-use std::sync::Arc;
-
 use virtio_queue::QueueT;
 use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
@@ -28,7 +26,7 @@ use super::{put_used, put_used_round, used_ring_slice, VringData};
 use crate::avail::AvailRing;
 use crate::chain::{Chain, ChainTable, Table};
 use crate::error::Error;
-use crate::iommu::Iommu;
+use crate::iommu::Translating;
 use crate::packed::{self, Position};
 use crate::tracker::Tracker;
 use crate::VringT;
@@ -72,7 +70,7 @@ pub struct Filler<'a, 'm, M: GuestAddressSpace> {
     /// The driver's available index as last read: entries up to it can be taken without
     /// reading it again.
     avail_end: u16,
-    iommu: Option<Arc<dyn Iommu>>,
+    iommu: Option<Translating>,
     /// The current take: its chains in ring order, and their writable slices.
     items: Vec<Item>,
     slices: Vec<WritableSlice<'m, M::M>>,
@@ -216,6 +214,11 @@ impl<M: GuestAddressSpace> VringData<M> {
 /// once. Returns what `fill` returned. The vring is locked for the whole call, so `fill`
 /// must not call methods of the same vring.
 ///
+/// Behind an IOMMU, a ring part the IOTLB misses is asked for before the pass, without the
+/// lock; a buffer that misses during the pass is waited for under it (bounded): a fill pass
+/// cannot put a chain back as [`process_queue`](crate::process_queue) does, so an
+/// invalidation arriving meanwhile waits for it (vu_net does not offer ACCESS_PLATFORM).
+///
 /// A ring the driver broke (see [`VringData::fill_available`]) is the returned error; the
 /// chains committed before it are in the used ring and the interrupt is still decided. When
 /// the device keeps data because the ring ran out of chains, re-enable kicks afterwards
@@ -255,6 +258,19 @@ where
     F: FnOnce(&mut Filler<'_, '_, M>) -> R,
 {
     let mut guard = vring.get_mut();
+    // Behind an IOMMU, a ring part the IOTLB misses is asked for without the lock (a few
+    // times at most; then the pass meets the miss as an error).
+    for _ in 0..4 {
+        let Err(Error::IommuMiss { iova, access }) = guard.translate_rings() else {
+            break;
+        };
+        let iommu = guard.iommu();
+        drop(guard);
+        if let Some(iommu) = iommu {
+            let _ = iommu.translate(iova, 1, access);
+        }
+        guard = vring.get_mut();
+    }
     let data = &mut *guard;
     let mem = data.mem().memory();
     let filled = data.fill_available(&mem, fill);
@@ -406,7 +422,7 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
             (origin, _) => Chain::resubmitted(self.head(origin), &self.table),
         };
         let mut chain = match &self.iommu {
-            Some(iommu) => chain.with_iommu(iommu.clone()),
+            Some((iommu, _)) => chain.with_iommu(iommu.clone(), None).waiting_for_misses(),
             None => chain,
         };
         let mut room = 0usize;

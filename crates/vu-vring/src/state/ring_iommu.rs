@@ -10,7 +10,7 @@ use virtio_queue::QueueT;
 use super::{Restart, VringData};
 use crate::error::Error;
 use crate::inflight::InflightQueue;
-use crate::iommu::{Iommu, RingIommu};
+use crate::iommu::{Iommu, RingIommu, Translating};
 
 impl<M: GuestAddressSpace> VringData<M> {
     /// Puts the ring behind an IOMMU (`VIRTIO_F_ACCESS_PLATFORM` acked; the daemon calls this
@@ -115,11 +115,89 @@ impl<M: GuestAddressSpace> VringData<M> {
         Ok(self.mem.memory())
     }
 
-    /// Behind an IOMMU: translates the rings (see [`translate_rings`](Self::translate_rings))
-    /// and returns the IOMMU the chains translate their descriptors through.
-    pub(super) fn translated_iommu(&mut self) -> Result<Option<Arc<dyn Iommu>>, Error> {
+    /// Behind an IOMMU, at the start of a pass: notes the IOMMU's generation (the chains the
+    /// pass takes for later hold translations that recent), translates the rings (see
+    /// [`translate_rings`](Self::translate_rings)), publishes the completions that waited
+    /// for the used ring, and returns the IOMMU the chains translate their descriptors
+    /// through, with the IOVA whose miss fails them.
+    pub(super) fn translated_iommu(&mut self) -> Result<Option<Translating>, Error> {
+        let Some(ring) = &mut self.iommu else {
+            return Ok(None);
+        };
+        ring.pass_generation = ring.iommu.generation();
         self.translate_rings()?;
-        Ok(self.iommu.as_ref().map(|i| i.iommu.clone()))
+        let Some(ring) = &mut self.iommu else {
+            return Ok(None);
+        };
+        let translating = (ring.iommu.clone(), ring.unanswered);
+        let unpublished = std::mem::take(&mut ring.unpublished);
+        if !unpublished.is_empty() {
+            if let Err(err) = self.add_used_batch(unpublished.iter().copied()) {
+                if let (Error::IommuMiss { .. }, Some(ring)) = (&err, &mut self.iommu) {
+                    ring.unpublished = unpublished;
+                }
+                return Err(err);
+            }
+        }
+        Ok(Some(translating))
+    }
+
+    /// Completes chains taken for later behind an IOMMU ([`complete_deferred`]): their
+    /// holds end (the device is done with their buffers), then they go into the used ring;
+    /// when the used ring's translation misses (an invalidation since the last pass), they
+    /// wait for the worker's next pass, which asks for it without this lock: the ring's
+    /// kick is delivered to wake it. Returns how many were completed (or left to publish).
+    ///
+    /// [`complete_deferred`]: Self::complete_deferred
+    pub(super) fn complete_translated(&mut self, done: Vec<(u16, u32)>) -> Result<usize, Error> {
+        let completed = done.len();
+        let Some(ring) = &mut self.iommu else {
+            return self.add_used_batch(done);
+        };
+        for &(head, _) in &done {
+            ring.release(head);
+        }
+        // Completions still waiting for the used ring go first, in the order they came.
+        let mut batch = std::mem::take(&mut ring.unpublished);
+        batch.extend(done);
+        match self.add_used_batch(batch.iter().copied()) {
+            Err(err @ Error::IommuMiss { .. }) => {
+                if let Some(ring) = &mut self.iommu {
+                    ring.unpublished = batch;
+                }
+                self.leave_miss_to_worker(err).map(|()| completed)
+            }
+            result => result.map(|_| completed),
+        }
+    }
+
+    /// Outside a pass (a completion from another thread, a notification decision), a miss
+    /// is left to the worker: its kick is delivered, and its next pass asks the frontend
+    /// without the ring's lock. Any other error is returned.
+    pub(super) fn leave_miss_to_worker(&self, err: Error) -> Result<(), Error> {
+        match err {
+            Error::IommuMiss { iova, .. } => {
+                log::debug!("IOTLB miss at IOVA {iova:#x} outside a pass: left to the worker");
+                self.deliver_kick()?;
+                Ok(())
+            }
+            err => Err(err),
+        }
+    }
+
+    /// Behind an IOMMU, sets the IOVA whose miss fails what needs it (the chain, or the pass
+    /// for a ring part) rather than stopping the pass to ask the frontend:
+    /// [`process_queue`](crate::process_queue) sets it for one try after the frontend did
+    /// not answer that miss in time.
+    pub(crate) fn set_unanswered(&mut self, iova: Option<u64>) {
+        if let Some(ring) = &mut self.iommu {
+            ring.unanswered = iova;
+        }
+    }
+
+    /// The IOMMU the ring is behind.
+    pub(crate) fn iommu(&self) -> Option<Arc<dyn Iommu>> {
+        self.iommu.as_ref().map(|ring| ring.iommu.clone())
     }
 
     /// Behind an IOMMU, keeps `SET_VRING_ADDR`'s addresses as IOVAs, to be translated before
@@ -133,5 +211,15 @@ impl<M: GuestAddressSpace> VringData<M> {
             }
             None => false,
         }
+    }
+}
+
+/// A chain the device took for later ([`Completion::Later`](crate::Completion::Later)):
+/// counted, and behind an IOMMU its translations held until it is completed.
+#[inline(always)]
+pub(super) fn taken_for_later(deferred: &mut usize, iommu: &mut Option<RingIommu>, head: u16) {
+    *deferred += 1;
+    if let Some(iommu) = iommu {
+        iommu.hold(head);
     }
 }

@@ -315,3 +315,56 @@ fn a_new_memory_table_empties_the_iotlb() {
     f.ok(mem_table(&[(0, MEM_SIZE)]));
     assert!(f.session.iommu.iotlb.lock().is_empty());
 }
+
+#[test]
+fn an_invalidation_is_acked_only_once_the_chains_taken_before_it_are_completed() {
+    let mut f = negotiated_with_iommu(protocol());
+    f.ok(update(0x1000, 0x1000, VMM_BASE, IotlbPerm::ReadWrite));
+    // A chain a device took for later (its I/O on another thread) with a translation of now.
+    let iommu = f.session.iommu.clone();
+    let generation = iommu.generation();
+    iommu.hold(generation);
+    let completed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let device = {
+        let (iommu, completed) = (iommu.clone(), completed.clone());
+        thread::spawn(move || {
+            // The device completes the chain only once the acknowledgement waits for it.
+            let waited = iommu.wait_for_a_waiter(Duration::from_secs(10));
+            completed.store(true, std::sync::atomic::Ordering::SeqCst);
+            iommu.release(generation);
+            waited
+        })
+    };
+    f.ok(invalidate(0x1000, 0x1000));
+    assert!(completed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        device.join().unwrap(),
+        "the invalidation did not wait for the chain"
+    );
+}
+
+#[test]
+fn an_invalidation_waits_only_for_chains_translated_before_it() {
+    let mut f = negotiated_with_iommu(protocol());
+    f.ok(update(0x1000, 0x1000, VMM_BASE, IotlbPerm::ReadWrite));
+    f.ok(invalidate(0x1000, 0x1000));
+    // A chain taken for later after that invalidation: it has nothing to wait for.
+    let iommu = f.session.iommu.clone();
+    let generation = iommu.generation();
+    iommu.hold(generation);
+    assert_eq!(
+        iommu.wait_for_holds_before(generation, Duration::ZERO),
+        Ok(())
+    );
+    // A later change of the table (generation + 1) would wait for it.
+    assert_eq!(
+        iommu.wait_for_holds_before(generation + 1, Duration::ZERO),
+        Err(1)
+    );
+    iommu.release(generation);
+    assert_eq!(
+        iommu.wait_for_holds_before(u64::MAX, Duration::ZERO),
+        Ok(())
+    );
+    f.ok(invalidate(0x1000, 0x1000));
+}
