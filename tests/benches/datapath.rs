@@ -743,14 +743,20 @@ fn callgrind_total(path: &Path) -> u64 {
 }
 
 /// Instructions the backend executes per request at `depth`: the difference between two runs
-/// of `n` and `5n` requests, so that start-up and handshake cancel out.
-fn instructions_per_request<Q: LeanDriver>(opts: &Options, which: Impl, cell: Cell, n: u64) -> f64 {
+/// of `n` and `5n` requests, so that start-up and handshake cancel out. `extra` goes to the
+/// backend's command line.
+fn instructions_per_request<Q: LeanDriver>(
+    opts: &Options,
+    (which, extra): (Impl, &[&str]),
+    cell: Cell,
+    n: u64,
+) -> f64 {
     let dir = TempDir::new_with_prefix("/tmp/vu-cg-").expect("temp dir");
     let mut totals = Vec::new();
     let depth = cell.depth;
     for requests in [n, 5 * n] {
         let out = dir.as_path().join(format!("cg-{requests}.out"));
-        let backend = Backend::spawn(opts, which, 1, &[], Some(&out));
+        let backend = Backend::spawn(opts, which, 1, extra, Some(&out));
         let (mut device, _) = handshake::<Q>(&backend.path, true, &cell.chain());
         drive(&mut device.queue, depth, Until::Requests(requests));
         drop(device);
@@ -1042,7 +1048,10 @@ fn footprint(opts: &Options) {
 fn callgrind(opts: &Options) {
     let n = if opts.smoke { 200 } else { 5000 };
     println!("\n### Instructions per request in the backend (callgrind; EVENT_IDX, 2 CPUs)\n");
-    println!("| depth | descs | vu | ref | vu/ref |\n|---|---|---|---|---|");
+    // vu_null polls its queue after a kick by default (adaptive); the instructions of a poll
+    // depend on timing, so the column without polling is the load-independent one.
+    println!("| depth | descs | vu | vu, no polling | ref | vu/ref | vu no polling/ref |");
+    println!("|---|---|---|---|---|---|---|");
     let cells: &[(usize, usize)] = if opts.smoke {
         &[(1, 1), (32, 1)]
     } else {
@@ -1055,9 +1064,15 @@ fn callgrind(opts: &Options) {
             descs,
             event_idx: true,
         };
-        let vu = instructions_per_request::<LeanQueue>(opts, Impl::Vu, cell, n);
-        let rf = instructions_per_request::<LeanQueue>(opts, Impl::Ref, cell, n);
-        println!("| {depth} | {descs} | {vu:.0} | {rf:.0} | {:.2} |", vu / rf);
+        let vu = instructions_per_request::<LeanQueue>(opts, (Impl::Vu, &[]), cell, n);
+        let no_poll = (Impl::Vu, &["--poll-us", "0"][..]);
+        let quiet = instructions_per_request::<LeanQueue>(opts, no_poll, cell, n);
+        let rf = instructions_per_request::<LeanQueue>(opts, (Impl::Ref, &[]), cell, n);
+        println!(
+            "| {depth} | {descs} | {vu:.0} | {quiet:.0} | {rf:.0} | {:.2} | {:.2} |",
+            vu / rf,
+            quiet / rf
+        );
     }
 }
 
@@ -1135,8 +1150,8 @@ fn layouts_callgrind(opts: &Options) {
                 descs,
                 event_idx: true,
             };
-            let split = instructions_per_request::<LeanQueue>(opts, Impl::Vu, cell, n);
-            let packed = instructions_per_request::<LeanPacked>(opts, Impl::Vu, cell, n);
+            let split = instructions_per_request::<LeanQueue>(opts, (Impl::Vu, &[]), cell, n);
+            let packed = instructions_per_request::<LeanPacked>(opts, (Impl::Vu, &[]), cell, n);
             println!(
                 "| {depth} | {descs} | {split:.0} | {packed:.0} | {:.2} |",
                 packed / split
