@@ -127,8 +127,10 @@ mod tests {
                 assert_eq!(ring.head(position).unwrap(), expected, "at {start:#x}");
             }
         }
+        // With the `xen` feature there is no atomic view: every ring goes through guest memory.
+        let views = !cfg!(feature = "xen");
         assert!(
-            mapped > 0 && unmapped > 0,
+            (mapped > 0) == views && unmapped > 0,
             "{mapped} mapped, {unmapped} not"
         );
         // Past the end of guest memory: a typed error, no panic.
