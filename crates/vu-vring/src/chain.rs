@@ -327,6 +327,19 @@ struct Translated {
 }
 
 impl Translated {
+    /// The state of a chain not walked yet.
+    fn new(iommu: Arc<dyn Iommu>, unanswered: Option<u64>) -> Box<Self> {
+        Box::new(Translated {
+            iommu,
+            rest: None,
+            cut_short: false,
+            unanswered,
+            wait: false,
+            miss: None,
+            ready: None,
+        })
+    }
+
     /// Ends the walk at a translation that failed with `err` (`what` and `iova` for the
     /// log): a miss is kept to be asked about, anything else cuts the chain short.
     fn fail(&mut self, id: u16, what: &str, iova: u64, err: IommuError) {
@@ -345,7 +358,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The chain whose head index `head` the available ring held at index `position`; the
     /// queue's descriptor table and available ring are `table`'s.
     pub(crate) fn split(head: u16, position: u16, table: &ChainTable<'m, G>) -> Self {
-        let chain = Chain {
+        Chain {
             mem: table.mem,
             source: Source::Split(Some(AvailEntry {
                 ring: table.avail,
@@ -359,15 +372,14 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             ttl: table.table.entries,
             yielded_bytes: 0,
             in_indirect: false,
-            translated: None,
-        };
-        table.translating(chain)
+            translated: table.translated(),
+        }
     }
 
     /// The chain starting at descriptor `head` of the queue's table, found in the inflight
     /// area after a reconnect rather than popped.
     pub(crate) fn resubmitted(head: u16, table: &ChainTable<'m, G>) -> Self {
-        let chain = Chain {
+        Chain {
             mem: table.mem,
             source: Source::Split(None),
             id: head,
@@ -376,9 +388,8 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
             ttl: table.table.entries,
             yielded_bytes: 0,
             in_indirect: false,
-            translated: None,
-        };
-        table.translating(chain)
+            translated: table.translated(),
+        }
     }
 
     /// The chain of a packed ring whose descriptor ring is `ring`: `count` descriptors from
@@ -452,15 +463,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// The same chain, yielding its descriptors translated through `iommu` (see the
     /// [`iommu`](crate::iommu) module); a miss of `unanswered` fails the walk.
     pub(crate) fn with_iommu(mut self, iommu: Arc<dyn Iommu>, unanswered: Option<u64>) -> Self {
-        self.translated = Some(Box::new(Translated {
-            iommu,
-            rest: None,
-            cut_short: false,
-            unanswered,
-            wait: false,
-            miss: None,
-            ready: None,
-        }));
+        self.translated = Some(Translated::new(iommu, unanswered));
         self
     }
 
@@ -488,15 +491,18 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
 
     #[inline(never)]
     fn pretranslate_walk(&mut self) -> Result<(), (u64, Permissions)> {
-        let mut walk = self.clone();
-        let descs: Vec<Descriptor> = walk.by_ref().collect();
-        let (Some(done), Some(t)) = (walk.translated, self.translated.as_mut()) else {
+        // The walk itself (the chain is handed out only when it succeeds): each descriptor
+        // translated once; what it yielded is then yielded again from the list.
+        let mut descs = Vec::with_capacity(4);
+        descs.extend(self.by_ref());
+        let Some(t) = self.translated.as_mut() else {
             return Ok(());
         };
-        if let Some(miss) = done.miss {
+        if let Some(miss) = t.miss {
             return Err(miss);
         }
-        t.ready = Some((descs.into_iter(), done.cut_short));
+        t.ready = Some((descs.into_iter(), t.cut_short));
+        t.cut_short = false;
         Ok(())
     }
 
@@ -769,13 +775,16 @@ impl<'m, G: GuestMemory> ChainTable<'m, G> {
         self
     }
 
-    /// `chain` behind this table's IOMMU, if it has one.
+    /// Whether the chains translate through an IOMMU.
+    pub(crate) fn has_iommu(&self) -> bool {
+        self.iommu.is_some()
+    }
+
+    /// A chain's translation state behind this table's IOMMU, if it has one.
     #[inline(always)]
-    fn translating(&self, chain: Chain<'m, G>) -> Chain<'m, G> {
-        match &self.iommu {
-            None => chain,
-            Some((iommu, unanswered)) => chain.with_iommu(iommu.clone(), *unanswered),
-        }
+    fn translated(&self) -> Option<Box<Translated>> {
+        let (iommu, unanswered) = self.iommu.as_ref()?;
+        Some(Translated::new(iommu.clone(), *unanswered))
     }
 }
 

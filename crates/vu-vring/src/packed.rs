@@ -205,16 +205,18 @@ impl PackedRing {
                 (taken.head, taken.count, taken.id),
                 taken.read_ahead,
             );
-            let mut chain = match iommu {
-                None => chain,
-                Some((iommu, unanswered)) => chain.with_iommu(iommu.clone(), *unanswered),
+            let len = match iommu {
+                None => serve(chain),
+                Some((iommu, unanswered)) => {
+                    let mut chain = chain.with_iommu(iommu.clone(), *unanswered);
+                    if let Err((iova, access)) = chain.pretranslate() {
+                        // Put back, to be taken again once the frontend answered the miss.
+                        self.next_avail = position;
+                        return Err(Error::IommuMiss { iova, access });
+                    }
+                    serve(chain)
+                }
             };
-            if let Err((iova, access)) = chain.pretranslate() {
-                // Put back, to be taken again once the frontend answered the miss.
-                self.next_avail = position;
-                return Err(Error::IommuMiss { iova, access });
-            }
-            let len = serve(chain);
             self.put_used(&ring, mem, taken, len)?;
             descriptors += u32::from(taken.count);
             completed += 1;

@@ -325,9 +325,23 @@ impl<M: GuestAddressSpace> VringData<M> {
         }
         // Two instances of the loop, so that a ring without tracking pays for no check of it.
         completed += if self.tracker.is_some() {
-            self.serve_rounds::<true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+            match table.has_iommu() {
+                true => {
+                    self.serve_rounds::<true, true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+                }
+                false => {
+                    self.serve_rounds::<true, false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+                }
+            }
         } else {
-            self.serve_rounds::<false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+            match table.has_iommu() {
+                true => {
+                    self.serve_rounds::<false, true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+                }
+                false => {
+                    self.serve_rounds::<false, false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
+                }
+            }
         };
         Ok(completed + self.deferred.wrapping_sub(deferred_before))
     }
@@ -365,7 +379,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// The rounds of [`serve_available`](Self::serve_available), with inflight tracking when
     /// `TRACK` (then `self.tracker` is set on entry; an area error inside ends it, after which
     /// the tracker calls do nothing).
-    fn serve_rounds<'m, const TRACK: bool, F, B>(
+    fn serve_rounds<'m, const TRACK: bool, const IOMMU: bool, F, B>(
         &mut self,
         mem: &'m M::M,
         table: &ChainTable<'m, M::M>,
@@ -419,18 +433,25 @@ impl<M: GuestAddressSpace> VringData<M> {
                     );
                     continue;
                 }
-                let mut chain = Chain::split(head, position, table);
-                // Behind an IOMMU, a miss puts the chain back, to ask without the lock.
-                if let Err((iova, access)) = chain.pretranslate() {
-                    self.queue.set_next_avail(position);
-                    self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
-                    return Err(Error::IommuMiss { iova, access });
-                }
-                // Recorded before the device sees it.
-                if TRACK {
-                    Tracker::record(&mut self.tracker, region, head);
-                }
-                match serve(chain) {
+                let outcome = if IOMMU {
+                    let chain = Chain::split(head, position, table);
+                    match self.serve_whole::<TRACK, F>(chain, region, serve) {
+                        Ok(outcome) => outcome,
+                        Err(miss) => {
+                            // Put back, to be asked for without the lock.
+                            self.queue.set_next_avail(position);
+                            self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
+                            return Err(miss);
+                        }
+                    }
+                } else {
+                    // Recorded before the device sees it.
+                    if TRACK {
+                        Tracker::record(&mut self.tracker, region, head);
+                    }
+                    serve(Chain::split(head, position, table))
+                };
+                match outcome {
                     Completion::Now(len) => {
                         served[n] = (head, len);
                         n += 1;

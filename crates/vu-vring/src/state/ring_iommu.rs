@@ -8,9 +8,13 @@ use vm_memory::GuestAddressSpace;
 use virtio_queue::QueueT;
 
 use super::{Restart, VringData};
+use crate::chain::Chain;
 use crate::error::Error;
 use crate::inflight::InflightQueue;
+use crate::inflight::InflightRegion;
 use crate::iommu::{Iommu, RingIommu, Translating};
+use crate::process::Completion;
+use crate::tracker::Tracker;
 
 impl<M: GuestAddressSpace> VringData<M> {
     /// Puts the ring behind an IOMMU (`VIRTIO_F_ACCESS_PLATFORM` acked; the daemon calls this
@@ -169,6 +173,28 @@ impl<M: GuestAddressSpace> VringData<M> {
             }
             result => result.map(|_| completed),
         }
+    }
+
+    /// Behind an IOMMU, in a pass: translates `chain` whole without waiting, then records it
+    /// (inflight tracking, when `TRACK`) and hands it to `serve`. [`Error::IommuMiss`] when a
+    /// translation missed: nothing of the chain was served or recorded, the caller puts it
+    /// back.
+    pub(super) fn serve_whole<const TRACK: bool, F>(
+        &mut self,
+        mut chain: Chain<'_, M::M>,
+        region: Option<&InflightRegion<'_>>,
+        serve: &mut F,
+    ) -> Result<Completion, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> Completion,
+    {
+        if let Err((iova, access)) = chain.pretranslate() {
+            return Err(Error::IommuMiss { iova, access });
+        }
+        if TRACK {
+            Tracker::record(&mut self.tracker, region, chain.head_index());
+        }
+        Ok(serve(chain))
     }
 
     /// Outside a pass (a completion from another thread, a notification decision), a miss
