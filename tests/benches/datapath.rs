@@ -38,6 +38,8 @@
 // their sockets), system calls std does not wrap: its `unsafe` blocks are allowed here.
 #![allow(unsafe_code)]
 
+#[path = "datapath/blk.rs"]
+mod blk;
 #[path = "datapath/models.rs"]
 mod models;
 
@@ -247,6 +249,11 @@ struct Options {
     /// Where to write the driver-model charts (`--svg DIR`).
     svg_dir: Option<PathBuf>,
     vu_null: PathBuf,
+    /// Only the block tables (`--blk`).
+    blk_only: bool,
+    /// Which block cells to run.
+    blk_filter: blk::BlkFilter,
+    vu_blk: PathBuf,
 }
 
 /// A running backend process.
@@ -300,7 +307,7 @@ impl Backend {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the {} backend: {e}", which.name()));
-        wait_for_socket(&watch, &path, which);
+        wait_for_socket(&watch, &path, which.name());
         Backend {
             child,
             which,
@@ -316,22 +323,7 @@ impl Backend {
     /// CPU time of all the backend's threads so far, in nanoseconds, from the process's CPU
     /// clock (exact to the call: the kernel adds the running slice of a thread on a CPU).
     fn cpu_ns(&self) -> u64 {
-        let pid = libc::pid_t::try_from(self.pid()).expect("pid");
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: `clock` is a valid place for one clockid_t; the pid is our unwaited child.
-        if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
-            return 0;
-        }
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid timespec to write; the clock id was just obtained.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return 0;
-        }
-        u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(ts.tv_nsec).unwrap_or(0)
+        process_cpu_ns(self.pid())
     }
 
     /// Resident memory (KiB) and thread count.
@@ -362,6 +354,27 @@ impl Backend {
             self.which.name()
         );
     }
+}
+
+/// CPU time of all the threads of process `pid` so far, in nanoseconds: its CPU-time clock,
+/// which is the utime + stime of /proc/<pid>/stat at full precision (the kernel adds the
+/// running slice of a thread on a CPU).
+fn process_cpu_ns(pid: u32) -> u64 {
+    let pid = libc::pid_t::try_from(pid).expect("pid");
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for one clockid_t; the pid is our unwaited child.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return 0;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; the clock id was just obtained.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Bytes of an echoed message: a vhost-user header and a `u64` body.
@@ -432,17 +445,13 @@ impl Watch {
 }
 
 /// Waits (on inotify, not on a timer) until the backend created its socket.
-fn wait_for_socket(watch: &Watch, path: &Path, which: Impl) {
+fn wait_for_socket(watch: &Watch, path: &Path, name: &str) {
     let deadline = Instant::now() + TIMEOUT;
     let mut events = File::from(watch.0.try_clone().expect("dup inotify fd"));
     let mut buf = [0u8; 4096];
     while !path.exists() {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "the {} backend never listened",
-            which.name()
-        );
+        assert!(!left.is_zero(), "the {name} backend never listened");
         if wait_readable(watch.0.as_raw_fd(), left) {
             let _ = events.read(&mut buf);
         }
@@ -853,6 +862,24 @@ fn run(opts: &Options) {
         callgrind(opts);
     }
     layouts(opts);
+    match blk_ready(opts) {
+        Ok(()) => blk::blk(opts),
+        Err(e) => println!("\n(block tables skipped: {e})"),
+    }
+}
+
+/// Whether the block tables can run: vu_blk built and qemu-storage-daemon installed.
+fn blk_ready(opts: &Options) -> Result<(), String> {
+    if !opts.vu_blk.exists() {
+        return Err(format!(
+            "{} not found; build it with `cargo build --release -p vu-backend --example vu_blk` or pass --vu-blk",
+            opts.vu_blk.display()
+        ));
+    }
+    if !blk::qsd_available() {
+        return Err("qemu-storage-daemon not found (cargo xtask deps installs it)".to_owned());
+    }
+    Ok(())
 }
 
 /// The two-CPU cells at depth 32 and above with EVENT_IDX, `vu_null` polling 50 µs after every
@@ -1161,12 +1188,17 @@ fn layouts_callgrind(opts: &Options) {
 }
 
 fn default_vu_null() -> PathBuf {
-    // target/<profile>/deps/datapath-<hash> -> target/<profile>/examples/vu_null
+    default_example("vu_null")
+}
+
+/// Where cargo puts the example `name` of this build.
+fn default_example(name: &str) -> PathBuf {
+    // target/<profile>/deps/datapath-<hash> -> target/<profile>/examples/<name>
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
         .and_then(Path::parent)
-        .map(|p| p.join("examples").join("vu_null"))
-        .unwrap_or_else(|| PathBuf::from("vu_null"))
+        .map(|p| p.join("examples").join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 fn main() -> ExitCode {
@@ -1209,6 +1241,9 @@ fn main() -> ExitCode {
         model_filter: models::ModelFilter::default(),
         svg_dir: None,
         vu_null: default_vu_null(),
+        blk_only: false,
+        blk_filter: blk::BlkFilter::default(),
+        vu_blk: default_example("vu_blk"),
     };
     let mut words = args.iter();
     while let Some(word) = words.next() {
@@ -1221,6 +1256,15 @@ fn main() -> ExitCode {
                 opts.smoke = true;
                 opts.runs = 1;
                 opts.run_time = Duration::from_millis(20);
+            }
+            "--run-ms" => {
+                opts.run_time = Duration::from_millis(
+                    words
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n > 0)
+                        .expect("--run-ms N"),
+                );
             }
             "--runs" => {
                 opts.runs = words
@@ -1270,6 +1314,26 @@ fn main() -> ExitCode {
                 opts.model_filter.descs = words.next().and_then(|n| n.parse().ok());
             }
             "--vu-null" => opts.vu_null = PathBuf::from(words.next().expect("--vu-null PATH")),
+            "--blk" => opts.blk_only = true,
+            "--request" => {
+                let name = words.next().map(String::as_str).unwrap_or_default();
+                let Some(op) = blk::Op::from_name(name) else {
+                    eprintln!("datapath: --request takes 4k-read, 4k-write, 64k-read or 64k-write");
+                    return ExitCode::from(2);
+                };
+                opts.blk_filter.requests.push(op);
+            }
+            "--queues" => {
+                opts.blk_filter.queues = match words.next().map(String::as_str) {
+                    Some("1") => Some(1),
+                    Some("2") => Some(2),
+                    _ => {
+                        eprintln!("datapath: --queues takes 1 or 2");
+                        return ExitCode::from(2);
+                    }
+                };
+            }
+            "--vu-blk" => opts.vu_blk = PathBuf::from(words.next().expect("--vu-blk PATH")),
             // Passed by `cargo bench`.
             "--bench" => {}
             other => {
@@ -1277,6 +1341,19 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if opts.blk_only {
+        print_machine();
+        return match blk_ready(&opts) {
+            Ok(()) => {
+                blk::blk(&opts);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("datapath: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if !opts.vu_null.exists() {
         eprintln!(

@@ -24,7 +24,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_proto::features::VirtioFeatures;
 use vu_proto::payload::{VringAddr, VringAddrFlags};
@@ -83,7 +83,7 @@ pub struct LeanQueue {
     index: u16,
     size: u16,
     /// Keeps the mapping the pointers below point into alive.
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     desc: *const Desc,
     avail_flags: *const AtomicU16,
     avail_idx_ptr: *const AtomicU16,
@@ -121,6 +121,12 @@ pub struct LeanQueue {
     pub call: EventFd,
 }
 
+// SAFETY: the raw pointers point into the mapping that `mem` (a reference-counted
+// `GuestMemoryMmap`, itself `Send`) keeps alive wherever the queue goes; the queue holds no
+// thread-bound state, so one thread may build it and another drive it (one queue per driver
+// thread, as a guest has one per vCPU).
+unsafe impl Send for LeanQueue {}
+
 impl LeanQueue {
     /// Lays out queue `index` of `size` entries (a power of two) in `memory`, with one buffer
     /// per descriptor for the chain `chain`, fresh eventfds and zeroed rings.
@@ -148,7 +154,7 @@ impl LeanQueue {
         let mut q = LeanQueue {
             index,
             size,
-            _mem: memory.mem().clone(),
+            mem: memory.mem().clone(),
             desc: d.cast(),
             avail_flags: a.cast(),
             avail_idx_ptr: at(a, 2).cast(),
@@ -190,7 +196,7 @@ impl LeanQueue {
     fn desc(&self, i: u16) -> &Desc {
         debug_assert!(i < self.size);
         // SAFETY: `desc` points at the descriptor table of `size` entries, 16-byte aligned,
-        // inside the mapping that `_mem` keeps alive; `i < size` (every caller passes a
+        // inside the mapping that `mem` keeps alive; `i < size` (every caller passes a
         // descriptor index below `size`: slot heads and offsets inside a slot, or a used id
         // checked against `size`). Desc is four atomics, valid for any bytes, and shared
         // access through atomics is sound while the device writes the same memory.
@@ -202,14 +208,14 @@ impl LeanQueue {
         // SAFETY: every caller passes one of the pointers `new` made into this queue's
         // available or used ring, 2-byte aligned, and an index inside that ring (slot indices
         // are taken modulo `size`; the single fields pass 0); the mapping lives as long as
-        // `self` (`_mem`), and so does the returned reference.
+        // `self` (`mem`), and so does the returned reference.
         unsafe { &*ptr.add(usize::from(i)) }
     }
 
     fn used_elem(&self, slot: u16) -> &UsedElem {
         debug_assert!(slot < self.size);
         // SAFETY: `used_ring` points at `size` used elements, 4-byte aligned, inside the
-        // mapping `_mem` keeps alive; `slot` is taken modulo `size` by the caller.
+        // mapping `mem` keeps alive; `slot` is taken modulo `size` by the caller.
         unsafe { &*self.used_ring.add(usize::from(slot)) }
     }
 
@@ -236,6 +242,37 @@ impl LeanQueue {
     /// The sum of the lengths the device reported in used entries.
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes
+    }
+
+    /// How many chain slots the queue has (each with its own buffers).
+    pub fn slots(&self) -> usize {
+        self.buffers.len() / self.chain.len()
+    }
+
+    /// Writes `bytes` at the start of buffer `segment` of chain slot `slot`, which every
+    /// request posted from that slot then carries (a block request's header, set once).
+    pub fn write_buffer(&self, slot: usize, segment: usize, bytes: &[u8]) {
+        let at = self.buffer_addr(slot, segment, bytes.len());
+        self.mem
+            .write_slice(bytes, GuestAddress(at))
+            .expect("write a buffer");
+    }
+
+    /// Reads the start of buffer `segment` of chain slot `slot` into `out`.
+    pub fn read_buffer(&self, slot: usize, segment: usize, out: &mut [u8]) {
+        let at = self.buffer_addr(slot, segment, out.len());
+        self.mem
+            .read_slice(out, GuestAddress(at))
+            .expect("read a buffer");
+    }
+
+    fn buffer_addr(&self, slot: usize, segment: usize, len: usize) -> u64 {
+        assert!(
+            slot < self.slots() && segment < self.chain.len(),
+            "no such buffer"
+        );
+        assert!(len <= self.chain[segment].len as usize, "beyond the buffer");
+        self.buffers[slot * self.chain.len() + segment]
     }
 
     /// The `SET_VRING_ADDR` payload for this queue (frontend addresses, no logging).

@@ -2,7 +2,9 @@
 //! `datapath` bench of `vu-tests` (tests/benches/datapath.rs), which drives `vu_null` and a null
 //! device on rust-vmm's vhost-user-backend with one virtqueue driver (the lean driver of
 //! `vu-tests`) and prints the tables of docs/performance.md, the in-memory floor among them,
-//! then the same backends under five guest driver models (`vu_tests::driver_models`).
+//! then the same backends under five guest driver models (`vu_tests::driver_models`), then
+//! `vu_blk --null` against qemu-storage-daemon's vhost-user-blk export of a `null-co` disk
+//! (tests/benches/datapath/blk.rs).
 //! Timings never gate anything: this is not a `ci` step.
 
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ const USAGE: &str = "\
 usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                          [--handshake-only | --polling-only | --callgrind-only | --layouts-only]
                          [--models [--model NAME]...]
+                         [--blk [--request KIND]... [--queues 1|2] [--depth N]]
        cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts, then the
@@ -33,8 +36,16 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                   descriptors, vu_null against both rust-vmm idioms (with --quick
                   about 8 minutes)
   --model NAME    with --models: only this model (repeatable)
-  Every run that draws the driver-model tables (but --smoke) redraws
-  docs/charts/model-*.svg.
+  --blk           only the block tables: vu_blk --null against qemu-storage-daemon
+                  (null-co, read-zeroes=on), virtio-blk requests under the linux-blk
+                  driver model, 4 and 64 KiB reads and writes x depth 1/32/128 x 1 and
+                  2 queues, with and without polling, then callgrind counts (with
+                  --quick about 6 minutes)
+  --request KIND  with --blk: only 4k-read, 4k-write, 64k-read or 64k-write (repeatable)
+  --queues N      with --blk: only 1 or 2 queues
+  --depth N       only the cells of that depth
+  Every run that draws the driver-model or block tables (but --smoke) redraws
+  docs/charts/model-*.svg and docs/charts/blk-vs-qsd.svg.
   --net           vu_net against DPDK's vhost PMD, both driven by DPDK's virtio-user
                   (cargo xtask bench --net --help)
 ";
@@ -50,11 +61,11 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     while let Some(word) = words.next() {
         match word.as_str() {
             "--quick" | "--smoke" | "--no-callgrind" | "--handshake-only" | "--polling-only"
-            | "--callgrind-only" | "--layouts-only" | "--models" => pass.push(word),
-            "--model" => match words.next() {
-                Some(name) => pass.extend(["--model", name.as_str()]),
+            | "--callgrind-only" | "--layouts-only" | "--models" | "--blk" => pass.push(word),
+            "--model" | "--request" | "--queues" | "--depth" => match words.next() {
+                Some(value) => pass.extend([word.as_str(), value.as_str()]),
                 None => {
-                    eprintln!("xtask bench: --model needs a name\n\n{USAGE}");
+                    eprintln!("xtask bench: {word} needs a value\n\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },
@@ -96,6 +107,8 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             "vu-backend",
             "--example",
             "vu_null",
+            "--example",
+            "vu_blk",
         ]),
         Cmd::cargo(&["bench", "-p", "vu-tests", "--bench", "datapath", "--"])
             .args(&pass)

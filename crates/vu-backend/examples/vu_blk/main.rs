@@ -40,20 +40,24 @@
 //!
 //! `cargo xtask e2e` boots a Linux guest against it (docs/e2e.md).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vu_backend::prelude::*;
+use vu_backend::vm_memory::bitmap::Bitmap;
 use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
 use vu_backend::vu_daemon::device_state::StateTransfer;
 use vu_backend::{LogBitmap, Offload, TransferDirection, TransferPhase};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
+
+mod storage;
+
+use storage::{Source, Storage};
 
 /// virtio-blk feature bits (virtio spec 5.2.3).
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -98,76 +102,6 @@ const CONFIG_NUM_QUEUES: usize = 34;
 /// The config space size up to and including the write-zeroes fields (60 bytes in Linux and
 /// QEMU 7.2); reads beyond what we fill are zeros.
 const CONFIG_LEN: usize = 60;
-
-/// Where the disk's bytes live.
-#[derive(Debug)]
-enum Storage {
-    File(File),
-    Memory(Mutex<Vec<u8>>),
-}
-
-impl Storage {
-    fn len(&self) -> io::Result<u64> {
-        match self {
-            Storage::File(file) => Ok(file.metadata()?.len()),
-            Storage::Memory(bytes) => Ok(lock(bytes).len() as u64),
-        }
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self {
-            Storage::File(file) => file.read_exact_at(buf, offset),
-            Storage::Memory(bytes) => {
-                let bytes = lock(bytes);
-                let range = byte_range(offset, buf.len(), bytes.len())?;
-                buf.copy_from_slice(&bytes[range]);
-                Ok(())
-            }
-        }
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match self {
-            Storage::File(file) => file.write_all_at(buf, offset),
-            Storage::Memory(bytes) => {
-                let mut bytes = lock(bytes);
-                let range = byte_range(offset, buf.len(), bytes.len())?;
-                bytes[range].copy_from_slice(buf);
-                Ok(())
-            }
-        }
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        match self {
-            Storage::File(file) => file.sync_data(),
-            Storage::Memory(_) => Ok(()),
-        }
-    }
-}
-
-/// A poisoned lock only means another worker panicked mid-copy; the bytes are still bytes.
-fn lock(bytes: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
-    bytes
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn byte_range(offset: u64, len: usize, size: usize) -> io::Result<std::ops::Range<usize>> {
-    let start = usize::try_from(offset).map_err(|_| out_of_range())?;
-    let end = start.checked_add(len).ok_or_else(out_of_range)?;
-    if end > size {
-        return Err(out_of_range());
-    }
-    Ok(start..end)
-}
-
-fn out_of_range() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "request beyond the end of the disk",
-    )
-}
 
 /// The disk and what serving it counts: shared by the daemon's workers and the offload
 /// threads.
@@ -384,6 +318,42 @@ fn write_unlogged(mem: &Mem, chunk: &[u8], addr: GuestAddress) -> Result<(), Str
     Ok(())
 }
 
+/// Writes `len` zero bytes at the start of the segments (a read of the null disk): a
+/// `memset` of the guest's buffers, marking the dirty log unless `how` says not to.
+#[allow(unsafe_code)]
+fn zero(
+    mem: &Mem,
+    list: &[(GuestAddress, usize)],
+    len: usize,
+    how: GuestWrite,
+) -> Result<(), String> {
+    let mut left = len;
+    for &(addr, seg) in list {
+        if left == 0 {
+            break;
+        }
+        let take = seg.min(left);
+        for slice in GuestMemoryBackend::get_slices(mem, addr, take) {
+            let slice =
+                slice.map_err(|err| format!("writing guest memory at {addr:#x?}: {err}"))?;
+            let guard = slice.ptr_guard_mut();
+            // SAFETY: `guard` keeps the mapping of `slice` alive, and `slice.len()` bytes from
+            // its pointer are guest memory mapped read-write, which the guest lent the device
+            // for this request; u8 has no invalid values.
+            unsafe { std::ptr::write_bytes(guard.as_ptr(), 0, slice.len()) };
+            if how == GuestWrite::Logged {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+        }
+        left -= take;
+    }
+    if left == 0 {
+        Ok(())
+    } else {
+        Err("writable part too short".to_owned())
+    }
+}
+
 impl Disk {
     /// Executes one request and returns its status and how many data bytes it wrote into the
     /// writable segments (the status byte not included).
@@ -412,13 +382,19 @@ impl Disk {
                     log::warn!("read of {in_len} bytes at sector {sector} is beyond the disk");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 };
-                let mut data = vec![0u8; in_len];
-                if let Err(err) = self.storage.read_at(&mut data, start) {
-                    log::warn!("read at sector {sector}: {err}");
-                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                if self.storage.is_null() {
+                    // Zeroes straight into the guest's buffers, no copy in between.
+                    let how = self.read_write_mode(&segments.writable, in_len);
+                    zero(mem, &segments.writable, in_len, how)?;
+                } else {
+                    let mut data = vec![0u8; in_len];
+                    if let Err(err) = self.storage.read_at(&mut data, start) {
+                        log::warn!("read at sector {sector}: {err}");
+                        return Ok((VIRTIO_BLK_S_IOERR, 0));
+                    }
+                    let how = self.read_write_mode(&segments.writable, in_len);
+                    scatter(mem, &segments.writable, &data, how)?;
                 }
-                let how = self.read_write_mode(&segments.writable, in_len);
-                scatter(mem, &segments.writable, &data, how)?;
                 Stats::count(&self.stats.reads, 1);
                 Stats::count(&self.stats.read_bytes, in_len);
                 Ok((VIRTIO_BLK_S_OK, in_len))
@@ -431,11 +407,14 @@ impl Disk {
                     log::warn!("write of {out_len} bytes at sector {sector} is beyond the disk");
                     return Ok((VIRTIO_BLK_S_IOERR, 0));
                 };
-                let mut data = vec![0u8; out_len];
-                gather(mem, &segments.readable, HEADER_LEN, &mut data)?;
-                if let Err(err) = self.storage.write_at(&data, start) {
-                    log::warn!("write at sector {sector}: {err}");
-                    return Ok((VIRTIO_BLK_S_IOERR, 0));
+                // The null disk drops the data unread.
+                if !self.storage.is_null() {
+                    let mut data = vec![0u8; out_len];
+                    gather(mem, &segments.readable, HEADER_LEN, &mut data)?;
+                    if let Err(err) = self.storage.write_at(&data, start) {
+                        log::warn!("write at sector {sector}: {err}");
+                        return Ok((VIRTIO_BLK_S_IOERR, 0));
+                    }
                 }
                 Stats::count(&self.stats.writes, 1);
                 Stats::count(&self.stats.written_bytes, out_len);
@@ -779,8 +758,8 @@ impl VhostUserBackend for BlkBackend {
 #[derive(Debug)]
 struct Args {
     conventions: Conventions,
-    blk_file: Option<PathBuf>,
-    memory_size_mib: Option<u64>,
+    /// The disk: `--blk-file`, `--memory-size` or `--null`.
+    source: Option<Source>,
     read_only: bool,
     packed: bool,
     iommu: bool,
@@ -789,6 +768,8 @@ struct Args {
     skip_logging: Option<u64>,
     /// Threads requests run on; 0: served in the kick's pass (`--sync`).
     io_threads: usize,
+    /// `--poll-us N`: each queue's polling budget (the framework's default if not given).
+    poll_us: Option<u64>,
 }
 
 /// Threads of the request pool by default: enough for many requests in flight on a few
@@ -796,14 +777,17 @@ struct Args {
 const IO_THREADS: usize = 4;
 
 const USAGE: &str = "\
-usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB)
+usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB | --null MIB)
               [--read-only] [--packed] [--iommu] [--num-queues N] [--queue-size N]
-              [--io-threads N | --sync] [--log-level LEVEL]
+              [--io-threads N | --sync] [--poll-us N] [--log-level LEVEL]
               [--test-skip-logging N]
        vu_blk --print-capabilities
 
   --blk-file FILE      the raw disk image (its size is the capacity, in 512-byte sectors)
   --memory-size MIB    an in-memory disk of this size instead
+  --null MIB           a disk of this size that holds nothing, as qemu's null-co driver
+                       with read-zeroes=on: a read writes zeroes into the guest's buffers,
+                       a write is completed without reading its data (benchmarks)
   --read-only          offer VIRTIO_BLK_F_RO and refuse writes
   --packed             offer packed virtqueues (VIRTIO_F_RING_PACKED); inflight tracking,
                        which covers split rings only, is then not offered
@@ -815,6 +799,8 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
                        in flight per queue, completed as they finish (default 4)
   --sync               no threads: each request is served and completed in the kick's pass,
                        in order
+  --poll-us N          after serving a queue, spin on it for up to N microseconds before
+                       sleeping (0: never; default: the framework's)
   --test-skip-logging N  BROKEN ON PURPOSE, for tests: while migrating, copy the data of
                        every Nth read into the guest without marking the dirty log
 ";
@@ -828,11 +814,12 @@ const CAPABILITIES: &str = r#"{
   ]
 }"#;
 
+const ONE_SOURCE: &str = "give exactly one of --blk-file, --memory-size and --null";
+
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut parsed = Args {
         conventions: Conventions::default(),
-        blk_file: None,
-        memory_size_mib: None,
+        source: None,
         read_only: false,
         packed: false,
         iommu: false,
@@ -840,14 +827,24 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         queue_size: 1024,
         skip_logging: None,
         io_threads: IO_THREADS,
+        poll_us: None,
     };
     common::for_each_option(args, |name, value| {
         if parsed.conventions.take(name, value)? {
             return Ok(());
         }
         match name {
-            "--blk-file" => parsed.blk_file = Some(PathBuf::from(value()?)),
-            "--memory-size" => parsed.memory_size_mib = Some(common::number(name, &value()?)?),
+            "--blk-file" | "--memory-size" | "--null" => {
+                if parsed.source.is_some() {
+                    return Err(ONE_SOURCE.to_owned());
+                }
+                let value = value()?;
+                parsed.source = Some(match name {
+                    "--blk-file" => Source::File(PathBuf::from(value)),
+                    "--memory-size" => Source::Memory(common::number(name, &value)?),
+                    _ => Source::Null(common::number(name, &value)?),
+                });
+            }
             "--read-only" => parsed.read_only = true,
             "--packed" => parsed.packed = true,
             "--iommu" => parsed.iommu = true,
@@ -855,6 +852,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--io-threads" => parsed.io_threads = common::number_in(name, &value()?, 1..=64)?,
             "--sync" => parsed.io_threads = 0,
+            "--poll-us" => parsed.poll_us = Some(common::number(name, &value()?)?),
             "--test-skip-logging" => {
                 let n = common::number(name, &value()?)?;
                 parsed.skip_logging = Some(n.max(1));
@@ -863,35 +861,17 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         }
         Ok(())
     })?;
-    if !parsed.conventions.print_capabilities
-        && parsed.blk_file.is_some() == parsed.memory_size_mib.is_some()
-    {
-        return Err("give exactly one of --blk-file and --memory-size".to_owned());
+    if !parsed.conventions.print_capabilities && parsed.source.is_none() {
+        return Err(ONE_SOURCE.to_owned());
     }
     Ok(parsed)
 }
 
-fn open_storage(args: &Args) -> Result<Storage, String> {
-    match (&args.blk_file, args.memory_size_mib) {
-        (Some(path), _) => OpenOptions::new()
-            .read(true)
-            .write(!args.read_only)
-            .open(path)
-            .map(Storage::File)
-            .map_err(|err| format!("cannot open {}: {err}", path.display())),
-        (None, Some(mib)) => {
-            let bytes = mib
-                .checked_mul(1 << 20)
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or("--memory-size too large")?;
-            Ok(Storage::Memory(Mutex::new(vec![0u8; bytes])))
-        }
-        (None, None) => Err("no storage".to_owned()),
-    }
-}
-
 fn run(args: &Args, socket: &Socket) -> Result<(), String> {
-    let storage = open_storage(args)?;
+    let Some(source) = &args.source else {
+        return Err("no storage".to_owned());
+    };
+    let storage = Storage::open(source, args.read_only)?;
     let size = storage
         .len()
         .map_err(|err| format!("cannot size the disk: {err}"))?;
@@ -922,6 +902,13 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         GuestMemoryAtomic::new(Mem::new()),
     )
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
+    if let Some(us) = args.poll_us {
+        for queue in 0..args.num_queues {
+            daemon
+                .set_polling(queue, std::time::Duration::from_micros(us))
+                .map_err(|err| format!("cannot set polling: {err}"))?;
+        }
+    }
     match args.io_threads {
         0 => log::info!("requests served in the kick's pass, in order (--sync)"),
         n => log::info!("requests served on {n} threads, completed as they finish"),
@@ -985,7 +972,7 @@ mod tests {
     fn device(capacity: u64) -> BlkBackend {
         BlkBackend {
             disk: Arc::new(Disk {
-                storage: Storage::Memory(Mutex::new(vec![0; capacity as usize])),
+                storage: Storage::Null(capacity),
                 capacity,
                 read_only: false,
                 stats: Stats::default(),
@@ -1068,6 +1055,66 @@ mod tests {
         write.write_all(state).unwrap();
         drop(write);
         frontend.check_device_state().is_ok()
+    }
+
+    /// Guest memory of 64 KiB at address 0, and a request in it: header at 0, data (`len`
+    /// bytes at 0x1000, filled with 0xaa), status at 0x8000.
+    fn request(kind: u32, len: usize) -> (Mem, Segments) {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..].copy_from_slice(&8u64.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(0)).unwrap();
+        mem.write_slice(&vec![0xaa; len], GuestAddress(0x1000))
+            .unwrap();
+        let data = (GuestAddress(0x1000), len);
+        let status = (GuestAddress(0x8000), 1);
+        let (readable, writable) = if kind == VIRTIO_BLK_T_IN {
+            (vec![(GuestAddress(0), HEADER_LEN)], vec![data, status])
+        } else {
+            (vec![(GuestAddress(0), HEADER_LEN), data], vec![status])
+        };
+        let segments = Segments {
+            readable,
+            writable,
+            cut_short: false,
+        };
+        (mem, segments)
+    }
+
+    #[test]
+    fn the_null_disk_reads_zeroes_into_the_guest_and_drops_writes() {
+        let disk = device(1 << 20).disk;
+        let (mem, segments) = request(VIRTIO_BLK_T_IN, 4096);
+        assert_eq!(disk.serve(&mem, &segments, 0), 4097);
+        let mut data = vec![0xffu8; 4096];
+        mem.read_slice(&mut data, GuestAddress(0x1000)).unwrap();
+        assert!(data.iter().all(|&b| b == 0));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap(), 0);
+
+        let (mem, segments) = request(VIRTIO_BLK_T_OUT, 4096);
+        assert_eq!(disk.serve(&mem, &segments, 0), 1);
+        mem.read_slice(&mut data, GuestAddress(0x1000)).unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0xaa),
+            "a write's data is left alone"
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap(), 0);
+        assert_eq!(disk.stats.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(disk.stats.writes.load(Ordering::Relaxed), 1);
+
+        // Beyond the end of the null disk: an I/O error, nothing zeroed.
+        let (mem, segments) = request(VIRTIO_BLK_T_IN, 4096);
+        let mut header = [0u8; HEADER_LEN];
+        header[8..].copy_from_slice(&((1u64 << 20) / 512).to_le_bytes());
+        mem.write_slice(&header, GuestAddress(0)).unwrap();
+        assert_eq!(disk.serve(&mem, &segments, 0), 1);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap(),
+            VIRTIO_BLK_S_IOERR
+        );
+        mem.read_slice(&mut data, GuestAddress(0x1000)).unwrap();
+        assert!(data.iter().all(|&b| b == 0xaa));
     }
 
     #[test]
