@@ -41,7 +41,12 @@ struct Guest {
 
 impl Guest {
     fn new(packed: bool) -> Self {
-        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap();
+        Self::with_regions(packed, &[(GuestAddress(0), MEM_LEN)])
+    }
+
+    /// The same over guest memory made of `regions` (each mapped on its own).
+    fn with_regions(packed: bool, regions: &[(GuestAddress, usize)]) -> Self {
+        let mmap = GuestMemoryMmap::from_ranges(regions).unwrap();
         let mem = GuestMemoryAtomic::new(mmap);
         let vring = VringMutex::<Mem>::new(mem.clone(), 256).unwrap();
         vring.set_queue_packed(packed);
@@ -187,6 +192,45 @@ fn each_packet_goes_in_place_into_its_chain_and_the_pass_publishes_them() {
     assert_eq!(placed, 3);
     assert_eq!(guest.used(), vec![(0, 10), (1, 11), (2, 12)]);
     assert_eq!(guest.read(BUFFERS + 0x200, 12), pattern(12));
+}
+
+#[test]
+fn buffers_in_several_regions_and_across_two_are_filled_where_they_are() {
+    // Two regions, mapped apart in the host: buffers in the first, across the boundary (two
+    // slices), in the second, and in the first again (the pass's region window moves).
+    let boundary = 0xC000;
+    let regions = [
+        (GuestAddress(0), boundary as usize),
+        (GuestAddress(boundary), MEM_LEN - boundary as usize),
+    ];
+    for packed in [false, true] {
+        let mut guest = Guest::with_regions(packed, &regions);
+        let places = [BUFFERS, boundary - 0x40, boundary + 0x1000, BUFFERS + 0x200];
+        let data = |i: usize| {
+            (0..0x80)
+                .map(|j| (j * 3 + i * 41) as u8)
+                .collect::<Vec<_>>()
+        };
+        for &at in &places {
+            guest.offer(&[(at, 0x80, WRITE)]);
+        }
+        let slices = guest
+            .fill(|rx| {
+                let mut slices = Vec::new();
+                for i in 0..places.len() {
+                    let buffers = rx.take(0x80, 1).unwrap();
+                    slices.push(buffers.slices().len());
+                    assert_eq!(buffers.write_at(0, &data(i)), 0x80);
+                    buffers.commit(0x80);
+                }
+                slices
+            })
+            .unwrap();
+        assert_eq!(slices, vec![1, 2, 1, 1], "packed {packed}");
+        for (i, &at) in places.iter().enumerate() {
+            assert_eq!(guest.read(at, 0x80), data(i), "packed {packed}");
+        }
+    }
 }
 
 #[test]

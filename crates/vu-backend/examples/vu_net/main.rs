@@ -58,12 +58,16 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use vu_backend::prelude::*;
+use vu_backend::virtio_queue::desc::split::Descriptor;
 use vu_backend::vu_vring::{Chain, RingState, VringData};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
 use io::{Loopback, PacketIo, Tap};
-use packet::{deliver, read_tx, reflect, Backlog, Counters, Delivery, RxMode};
+use packet::{
+    deliver, read_tx, reflect, segment_descriptors, tx_segments, Backlog, Counters, Delivery,
+    RxMode,
+};
 use virtio_net::{
     header_len, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS, F_MAC, F_MQ,
     F_MRG_RXBUF, F_MTU, F_STATUS, S_LINK_UP,
@@ -158,8 +162,24 @@ impl NetBackend {
     ) {
         let mem = chain.memory();
         let head = chain.head_index();
+        self.send_from(pair, head, chain, mem, backlog, counters, hdr_len);
+    }
+
+    /// Hands the packet in `descriptors` (of TX chain `head`) to the host side (or the
+    /// backlog, in loopback).
+    #[allow(clippy::too_many_arguments)]
+    fn send_from(
+        &self,
+        pair: usize,
+        head: u16,
+        descriptors: impl Iterator<Item = Descriptor>,
+        mem: &GuestMemoryMmap,
+        backlog: &mut Backlog,
+        counters: &Counters,
+        hdr_len: usize,
+    ) {
         let mut packet = backlog.buffer();
-        match read_tx(chain, mem, hdr_len, &mut packet) {
+        match read_tx(descriptors, mem, hdr_len, &mut packet) {
             Ok(()) => {
                 Counters::add(&counters.tx_packets, 1);
                 Counters::add(
@@ -197,19 +217,36 @@ impl NetBackend {
         let mem = data.mem().memory();
         let filled = data.fill_available(&mem, |rx| {
             process_queue(tx, |chain| {
-                if backlog.len() == 0 {
-                    match reflect(chain.clone(), rx, mode, size, counters, segments) {
-                        Ok(Delivery::Placed(_)) => return 0,
-                        // No room now: the packet waits in the backlog.
-                        Ok(_) => {}
-                        Err(err) => {
-                            log::warn!("tx chain {} of pair {pair}: {err}", chain.head_index());
-                            Counters::add(&counters.tx_errors, 1);
-                            return 0;
-                        }
+                let head = chain.head_index();
+                let mem = chain.memory();
+                // The chain is walked once; its segments are copied into RX room, or into
+                // the backlog when there is none (then every later packet waits too).
+                let placed = tx_segments(chain, mode.hdr_len, segments).and_then(|seen| {
+                    if backlog.len() > 0 {
+                        return Ok(false);
+                    }
+                    let delivery = reflect(mem, segments, seen, rx, mode, size, counters)?;
+                    Ok(matches!(delivery, Delivery::Placed(_)))
+                });
+                match placed {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let descriptors = segment_descriptors(segments);
+                        self.send_from(
+                            pair,
+                            head,
+                            descriptors,
+                            mem,
+                            backlog,
+                            counters,
+                            mode.hdr_len,
+                        );
+                    }
+                    Err(err) => {
+                        log::warn!("tx chain {head} of pair {pair}: {err}");
+                        Counters::add(&counters.tx_errors, 1);
                     }
                 }
-                self.send(pair, chain, backlog, counters, mode.hdr_len);
                 0
             });
             Counters::add(&counters.rx_errors, rx.malformed() as u64);

@@ -330,22 +330,16 @@ pub(crate) fn deliver<M: GuestAddressSpace>(
     })
 }
 
-/// The loopback's TX-to-RX copy with nothing in between: the frame of TX chain `chain`
-/// (whose first `hdr_len` bytes are the driver's header) goes straight from the TX buffers'
-/// guest memory into RX room of `rx`, behind a zeroed header (no offload is offered) with
-/// its `num_buffers`. `segments` is scratch space. A chain that is not a packet is the
-/// error [`read_tx`] would give; [`Delivery::NoBuffers`] and [`Delivery::TooBig`] leave the
-/// packet to the caller (to queue, or to drop as [`deliver`] would).
-pub(crate) fn reflect<M: GuestAddressSpace>(
-    chain: Chain<'_, M::M>,
-    rx: &mut Filler<'_, '_, M>,
-    mode: RxMode,
-    queue_size: u16,
-    counters: &Counters,
+/// The buffers of TX chain `chain` (a header of `hdr_len` bytes, then the frame) as
+/// `(address, length)` segments in `segments` (zero-length descriptors left out); returns
+/// the chain's length. A chain that is not a packet is the error [`read_tx`] would give.
+/// The chain is walked once: [`reflect`] copies from the segments, and a packet that finds no
+/// RX room is read from them into the backlog ([`segment_descriptors`]).
+pub(crate) fn tx_segments<G: GuestMemory>(
+    chain: Chain<'_, G>,
+    hdr_len: usize,
     segments: &mut Vec<(GuestAddress, usize)>,
-) -> Result<Delivery, ChainError> {
-    let mem = chain.memory();
-    let hdr_len = mode.hdr_len;
+) -> Result<usize, ChainError> {
     segments.clear();
     let mut seen = 0usize;
     for desc in chain {
@@ -366,6 +360,35 @@ pub(crate) fn reflect<M: GuestAddressSpace>(
     if seen < hdr_len {
         return Err(ChainError::ShortHeader { len: seen });
     }
+    Ok(seen)
+}
+
+/// The segments [`tx_segments`] found, as the device-readable descriptors [`read_tx`] reads.
+pub(crate) fn segment_descriptors(
+    segments: &[(GuestAddress, usize)],
+) -> impl Iterator<Item = Descriptor> + '_ {
+    // A segment is one descriptor's buffer: its length came from a u32.
+    segments
+        .iter()
+        .map(|&(addr, len)| Descriptor::new(addr.raw_value(), len as u32, 0, 0))
+}
+
+/// The loopback's TX-to-RX copy with nothing in between: the packet of `seen` bytes in
+/// `segments` of guest memory `mem` (found by [`tx_segments`]; its first `hdr_len` bytes are
+/// the driver's header) goes straight into RX room of `rx`, behind a zeroed header (no
+/// offload is offered) with its `num_buffers`. A segment outside guest memory is
+/// [`ChainError::BadAddress`]; [`Delivery::NoBuffers`] and [`Delivery::TooBig`] leave the
+/// packet to the caller (to queue, or to drop as [`deliver`] would).
+pub(crate) fn reflect<M: GuestAddressSpace>(
+    mem: &M::M,
+    segments: &[(GuestAddress, usize)],
+    seen: usize,
+    rx: &mut Filler<'_, '_, M>,
+    mode: RxMode,
+    queue_size: u16,
+    counters: &Counters,
+) -> Result<Delivery, ChainError> {
+    let hdr_len = mode.hdr_len;
     let mut bad = None;
     let delivery = place(rx, seen, mode, queue_size, counters, |room, chains| {
         let mut header = [0u8; HDR_LEN];
