@@ -216,12 +216,12 @@ impl NetBackend {
         let Pair { backlog, segments } = state;
         let mem = data.mem().memory();
         let filled = data.fill_available(&mem, |rx| {
-            process_queue(tx, |chain| {
+            process_queue(tx, |mut chain| {
                 let head = chain.head_index();
                 let mem = chain.memory();
                 // The chain is walked once; its segments are copied into RX room, or into
                 // the backlog when there is none (then every later packet waits too).
-                let placed = tx_segments(chain, mode.hdr_len, segments).and_then(|seen| {
+                let placed = tx_segments(&mut chain, mode.hdr_len, segments).and_then(|seen| {
                     if backlog.len() > 0 {
                         return Ok(false);
                     }

@@ -336,7 +336,7 @@ pub(crate) fn deliver<M: GuestAddressSpace>(
 /// The chain is walked once: [`reflect`] copies from the segments, and a packet that finds no
 /// RX room is read from them into the backlog ([`segment_descriptors`]).
 pub(crate) fn tx_segments<G: GuestMemory>(
-    chain: Chain<'_, G>,
+    chain: &mut Chain<'_, G>,
     hdr_len: usize,
     segments: &mut Vec<(GuestAddress, usize)>,
 ) -> Result<usize, ChainError> {
