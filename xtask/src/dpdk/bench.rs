@@ -7,8 +7,9 @@
 //! packets circulate between the two sides as fast as both can move them (DPDK's own
 //! "loopback" performance setup). The backend is either a second testpmd with a `net_vhost`
 //! port in `io` mode (a reflector: what arrives on a queue goes back out on it) or `vu_net
-//! --loopback --poll-us`. The frontend's forwarding core is CPU 1, the backend's CPU 0 (testpmd
-//! with `--main-lcore 1`, `vu_net` under `taskset -c 0`); every side busy-polls. The figure is
+//! --loopback --poll-us --threads 1`. The frontend's forwarding core is CPU 1, the backend's
+//! CPU 0 (testpmd with `--main-lcore 1` and one forwarding core for every queue; `vu_net` under
+//! `taskset -c 0` with one worker thread serving every pair); every side busy-polls. The figure is
 //! the frontend's received packets per second over the measured interval, after a warm-up.
 
 use std::io::{BufRead, BufReader};
@@ -128,8 +129,8 @@ fn report(table: &str, seconds: u64, before: &str, after: &str) -> String {
     let mut text = format!(
         "Mpps received by the frontend (testpmd net_virtio_user, io forwarding after `start \
          tx_first`, bursts of 32, on CPU 1) from each backend on CPU 0 (DPDK's vhost PMD in \
-         testpmd; vu_net --loopback --poll-us {POLL_US}); {seconds} s per cell after 1 s of \
-         warm-up.\nmachine: {cpus} CPUs, {model}; load average (1, 5, 15 min) before: \
+         testpmd, one forwarding core; vu_net --loopback --poll-us {POLL_US} --threads 1, one \
+         worker thread); {seconds} s per cell after 1 s of warm-up.\nmachine: {cpus} CPUs, {model}; load average (1, 5, 15 min) before: \
          {before}, after: {after}\n\n{table}"
     );
     let busiest = [before, after]
@@ -290,6 +291,11 @@ fn measure(
                 &queues,
                 "--poll-us",
                 POLL_US,
+                // One worker thread for every pair, as DPDK's vhost has one forwarding core
+                // (`--nb-cores=1`): two spinning threads on one CPU would share it in
+                // scheduler slices.
+                "--threads",
+                "1",
                 "--log-level",
                 "warn",
             ]);

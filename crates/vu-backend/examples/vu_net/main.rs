@@ -87,6 +87,8 @@ struct Pair {
 /// The device.
 struct NetBackend {
     pairs: u16,
+    /// Worker threads serving the pairs (pair `k` on thread `k % threads`).
+    threads: u16,
     queue_size: u16,
     mac: [u8; 6],
     mtu: u16,
@@ -101,6 +103,7 @@ impl NetBackend {
     fn new(pairs: u16, queue_size: u16, backlog: usize, io: Box<dyn PacketIo>) -> Self {
         NetBackend {
             pairs,
+            threads: pairs,
             queue_size,
             // A locally administered unicast address.
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
@@ -437,10 +440,17 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 
-    /// One worker thread per queue pair: a pair's RX and TX queues and its host side are
-    /// served together, pairs in parallel.
+    /// A pair's RX and TX queues and its host side are served together by one worker
+    /// thread; pair `k` on thread `k % threads` (by default one thread per pair, pairs in
+    /// parallel; `--threads 1` serves every pair from one thread, in turn).
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.pairs).map(|k| 0b11u64 << (2 * k)).collect()
+        (0..self.threads)
+            .map(|t| {
+                (t..self.pairs)
+                    .step_by(usize::from(self.threads))
+                    .fold(0u64, |mask, k| mask | 0b11u64 << (2 * k))
+            })
+            .collect()
     }
 
     fn handle_event(
@@ -496,19 +506,22 @@ struct Args {
     mtu: u16,
     backlog: usize,
     poll_us: u64,
+    threads: Option<u16>,
 }
 
 const USAGE: &str = "\
 usage: vu_net (--socket-path PATH | --fd N) (--loopback | --tap NAME) [--queue-pairs N]
               [--queue-size N] [--mac XX:XX:XX:XX:XX:XX] [--mtu N] [--backlog N]
-              [--poll-us N] [--log-level LEVEL]
+              [--poll-us N] [--threads N] [--log-level LEVEL]
        vu_net --print-capabilities
 
   --loopback           what the driver sends on TX queue k comes back on RX queue k
   --tap NAME           a Linux tap device with a virtio-net header (created if needed);
                        one tap queue per pair (a multi-queue tap with several pairs),
                        the checksum and TSO offloads passed through
-  --queue-pairs N      RX/TX queue pairs, one worker thread each (default 1, at most 32)
+  --queue-pairs N      RX/TX queue pairs (default 1, at most 32)
+  --threads N          worker threads serving the pairs, pair k on thread k % N
+                       (default: one per pair; 1: every pair on one thread, in turn)
   --queue-size N       largest queue size accepted (default 1024)
   --mac ADDR           the MAC address in the configuration space (default 52:54:00:12:34:56)
   --mtu N              the MTU in the configuration space (default 1500)
@@ -546,6 +559,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         mtu: 1500,
         backlog: DEFAULT_BACKLOG,
         poll_us: 0,
+        threads: None,
     };
     let mut sides = 0;
     common::for_each_option(args, |name, value| {
@@ -567,6 +581,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--mtu" => parsed.mtu = common::number_in(name, &value()?, 68..=u16::MAX)?,
             "--backlog" => parsed.backlog = common::number_in(name, &value()?, 1..=65536)?,
             "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
+            "--threads" => parsed.threads = Some(common::number_in(name, &value()?, 1..=32)?),
             other => return Err(format!("unexpected argument `{other}`")),
         }
         Ok(())
@@ -592,6 +607,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         backend.mac = mac;
     }
     backend.mtu = args.mtu;
+    backend.threads = args.threads.unwrap_or(args.pairs).min(args.pairs);
     let mut daemon = VhostUserDaemon::new(
         "vu_net".to_owned(),
         backend,
@@ -600,7 +616,12 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     .map_err(|err| format!("cannot create the daemon: {err}"))?;
     // The host side's fd wakes the worker of its pair, after the queues' kicks.
     let queues = 2 * u64::from(args.pairs);
-    for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+    let handlers = daemon.get_epoll_handlers();
+    let threads = usize::from(daemon.backend().threads);
+    for pair in 0..usize::from(args.pairs) {
+        let Some(handler) = handlers.get(pair % threads) else {
+            return Err(format!("no worker thread for pair {pair}"));
+        };
         if let Some(fd) = daemon.backend().io.ready_fd(pair) {
             handler
                 .register_listener(

@@ -696,7 +696,13 @@ mod over_a_socket {
     /// A loopback `vu_net` of `pairs` queue pairs served by the daemon, and a driver that
     /// negotiated mergeable buffers (and MQ with two pairs) and started every queue.
     fn device(pairs: u16) -> (VhostUserDaemon<NetBackend>, TestDevice) {
-        let backend = NetBackend::new(pairs, 256, 64, Box::new(Loopback));
+        device_on(pairs, pairs)
+    }
+
+    /// The same with the pairs served by `threads` worker threads (`--threads`).
+    fn device_on(pairs: u16, threads: u16) -> (VhostUserDaemon<NetBackend>, TestDevice) {
+        let mut backend = NetBackend::new(pairs, 256, 64, Box::new(Loopback));
+        backend.threads = threads;
         let mut daemon = VhostUserDaemon::new(
             "vu_net".to_owned(),
             backend,
@@ -756,9 +762,18 @@ mod over_a_socket {
 
     #[test]
     fn each_pair_sends_back_on_its_own_rx_queue() {
-        let (mut daemon, mut device) = device(2);
+        for (pairs, threads) in [(2, 2), (2, 1), (3, 2)] {
+            each_pair_on_threads(pairs, threads);
+        }
+    }
+
+    /// `pairs` pairs on `threads` worker threads: every pair's packets come back on its own
+    /// RX queue, in order.
+    fn each_pair_on_threads(pairs: u8, threads: u16) {
+        let (mut daemon, mut device) = device_on(u16::from(pairs), threads);
+        assert_eq!(daemon.get_epoll_handlers().len(), usize::from(threads));
         let mut sent = Vec::new();
-        for pair in 0..2u8 {
+        for pair in 0..pairs {
             let rx = u16::from(2 * pair);
             for _ in 0..4 {
                 device.queue(rx).post(&[Buf::Writable(2048)]);
@@ -774,7 +789,7 @@ mod over_a_socket {
             }
             sent.push(frames);
         }
-        for pair in 0..2u8 {
+        for pair in 0..pairs {
             let rx = u16::from(2 * pair);
             assert_eq!(device.queue(rx + 1).wait_used(4, WAIT).len(), 4);
             let used = device.queue(rx).wait_used(4, WAIT);
@@ -786,7 +801,11 @@ mod over_a_socket {
                     bytes[HDR_LEN..].to_vec()
                 })
                 .collect();
-            assert_eq!(got, sent[usize::from(pair)], "pair {pair}");
+            assert_eq!(
+                got,
+                sent[usize::from(pair)],
+                "pair {pair} of {pairs} on {threads}"
+            );
         }
         daemon.request_shutdown();
         daemon.wait().unwrap();
