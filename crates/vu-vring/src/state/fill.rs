@@ -739,6 +739,17 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
     /// completed. More than [`capacity`](Self::capacity) counts as the capacity.
     pub fn commit(self, written: usize) -> usize {
         let filler = &mut *self.filler;
+        // One chain (a packet without mergeable buffers, or that fits one): it takes it all.
+        if let [Item {
+            origin,
+            room: Some(_),
+        }] = filler.items[..]
+        {
+            filler.items.clear();
+            // At most a descriptor chain's length, which is below 4 GiB.
+            filler.complete(origin, written.min(self.capacity) as u32);
+            return 1;
+        }
         let mut left = written.min(self.capacity);
         let mut used = 0;
         let mut cut = filler.items.len();
