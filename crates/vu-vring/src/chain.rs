@@ -323,7 +323,41 @@ struct Translated {
     wait: bool,
     /// The descriptors as [`Chain::pretranslate`] translated them, yielded from here, and
     /// whether that walk was cut short.
-    ready: Option<(std::vec::IntoIter<Descriptor>, bool)>,
+    ready: Option<Ready>,
+}
+
+/// How many descriptors of a translated chain are kept without an allocation.
+const READY_INLINE: usize = 4;
+
+/// The descriptors of a chain as [`Chain::pretranslate`] translated them: the first
+/// [`READY_INLINE`] in place, the rest in a vector; and whether that walk was cut short.
+#[derive(Clone, Default)]
+struct Ready {
+    first: [Descriptor; READY_INLINE],
+    rest: Vec<Descriptor>,
+    len: usize,
+    next: usize,
+    cut_short: bool,
+}
+
+impl Ready {
+    fn push(&mut self, desc: Descriptor) {
+        match self.first.get_mut(self.len) {
+            Some(slot) => *slot = desc,
+            None => self.rest.push(desc),
+        }
+        self.len += 1;
+    }
+
+    fn next(&mut self) -> Option<Descriptor> {
+        let at = self.next;
+        let desc = match at.checked_sub(READY_INLINE) {
+            None => self.first.get(at).filter(|_| at < self.len).copied(),
+            Some(spilled) => self.rest.get(spilled).copied(),
+        }?;
+        self.next += 1;
+        Some(desc)
+    }
 }
 
 impl Translated {
@@ -493,16 +527,18 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     fn pretranslate_walk(&mut self) -> Result<(), (u64, Permissions)> {
         // The walk itself (the chain is handed out only when it succeeds): each descriptor
         // translated once; what it yielded is then yielded again from the list.
-        let mut descs = Vec::with_capacity(4);
-        descs.extend(self.by_ref());
+        let mut ready = Ready::default();
+        for desc in self.by_ref() {
+            ready.push(desc);
+        }
         let Some(t) = self.translated.as_mut() else {
             return Ok(());
         };
         if let Some(miss) = t.miss {
             return Err(miss);
         }
-        t.ready = Some((descs.into_iter(), t.cut_short));
-        t.cut_short = false;
+        ready.cut_short = std::mem::take(&mut t.cut_short);
+        t.ready = Some(ready);
         Ok(())
     }
 
@@ -601,10 +637,10 @@ impl<G: GuestMemory> Chain<'_, G> {
     #[inline(never)]
     fn next_translated(&mut self) -> Option<Descriptor> {
         if let Some(t) = self.translated.as_mut() {
-            if let Some((ready, cut_short)) = &mut t.ready {
+            if let Some(ready) = &mut t.ready {
                 let next = ready.next();
                 // The end of the translated walk is where the device learns how it ended.
-                t.cut_short = next.is_none() && *cut_short;
+                t.cut_short = next.is_none() && ready.cut_short;
                 return next;
             }
         }

@@ -785,3 +785,22 @@ fn a_ring_stopped_while_its_miss_is_asked_keeps_the_chain_available() {
     assert_eq!(g.used_idx(USED_GPA), 1);
     assert_eq!(g.vring.queue_next_avail(), 1);
 }
+
+#[test]
+fn a_chain_longer_than_the_inline_list_is_yielded_whole_and_in_order() {
+    let mut g = Guest::new();
+    for i in 0..6u16 {
+        let flags = if i < 5 { NEXT } else { WRITE };
+        g.desc(
+            DESC_GPA,
+            i,
+            (BUF_IOVA + 0x100 * u64::from(i), 0x10, flags, i + 1),
+        );
+    }
+    g.offer(0);
+    let seen = g.serve().unwrap();
+    let expected: Seen = (0..6u64)
+        .map(|i| (BUF_GPA[0] + 0x100 * i, 0x10, i == 5))
+        .collect();
+    assert_eq!(seen, vec![expected]);
+}
