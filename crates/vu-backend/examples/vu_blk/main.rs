@@ -55,8 +55,10 @@ use vu_backend::{LogBitmap, Offload, TransferDirection, TransferPhase};
 
 use vu_backend::conventions::{self as common, Conventions, Socket};
 
+mod segments;
 mod storage;
 
+use segments::SegmentList;
 use storage::{Source, Storage};
 
 /// virtio-blk feature bits (virtio spec 5.2.3).
@@ -200,8 +202,8 @@ impl Stats {
 
 /// One request, located in guest memory: the readable and the writable segments of its chain.
 struct Segments {
-    readable: Vec<(GuestAddress, usize)>,
-    writable: Vec<(GuestAddress, usize)>,
+    readable: SegmentList,
+    writable: SegmentList,
     /// Behind an IOMMU, the walk stopped at a buffer that did not translate: the segments
     /// are not the whole request.
     cut_short: bool,
@@ -210,8 +212,8 @@ struct Segments {
 impl Segments {
     fn of(chain: &Chain<'_, Mem>) -> Self {
         let mut segments = Segments {
-            readable: Vec::new(),
-            writable: Vec::new(),
+            readable: SegmentList::new(),
+            writable: SegmentList::new(),
             cut_short: false,
         };
         let mut walk = chain.clone();
@@ -1074,12 +1076,30 @@ mod tests {
         } else {
             (vec![(GuestAddress(0), HEADER_LEN), data], vec![status])
         };
+        let list = |entries: Vec<(GuestAddress, usize)>| {
+            let mut list = SegmentList::new();
+            entries.into_iter().for_each(|e| list.push(e));
+            list
+        };
         let segments = Segments {
-            readable,
-            writable,
+            readable: list(readable),
+            writable: list(writable),
             cut_short: false,
         };
         (mem, segments)
+    }
+
+    #[test]
+    fn a_segment_list_holds_any_number_of_segments_in_order() {
+        let mut list = SegmentList::new();
+        let entries: Vec<(GuestAddress, usize)> = (0..7)
+            .map(|i| (GuestAddress(i * 0x1000), i as usize + 1))
+            .collect();
+        for (k, &entry) in entries.iter().enumerate() {
+            list.push(entry);
+            assert_eq!(&*list, &entries[..=k]);
+        }
+        assert_eq!(Segments::total(&list), 28);
     }
 
     #[test]
