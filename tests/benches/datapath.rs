@@ -25,7 +25,12 @@
 //! layouts' one), `--vu-null PATH`,
 //! `--models` (only the driver-model tables of `datapath/models.rs`; `--model NAME`,
 //! `--cpus 1|2` and `--descs N` narrow them; the full run prints them after the others),
-//! `--svg DIR` (write the driver-model charts there, one SVG per model).
+//! `--svg DIR` (write the driver-model charts there, one SVG per model, and the block chart),
+//! `--blk` (only the block tables of `datapath/blk.rs`: `vu_blk --null` against
+//! qemu-storage-daemon's vhost-user-blk export of a `null-co` disk; `--request KIND`,
+//! `--queues 1|2` and `--depth N` narrow them, `--callgrind-only` leaves only their
+//! instruction counts; the full run prints them last), `--vu-blk PATH`, `--run-ms N` (the
+//! length of each timed run).
 //!
 //! The last tables compare the two ring layouts on `vu_null` alone (the reference serves split
 //! rings only): the same matrix and driver model, the driver [`LeanPacked`] for packed rings.

@@ -19,7 +19,7 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
        cargo xtask bench --net [--seconds N]
 
   (default)       5 interleaved runs of 250 ms per cell, callgrind counts, then the
-                  driver-model tables (about 20 minutes; --quick about 10)
+                  driver-model and block tables (about 30 minutes; --quick about 18)
   --quick         3 runs of 100 ms per cell
   --smoke         one tiny run of everything: checks that the harness works end to end
   --runs N        this many interleaved runs per cell
@@ -40,7 +40,7 @@ usage: cargo xtask bench [--quick | --smoke] [--runs N] [--no-callgrind]
                   (null-co, read-zeroes=on), virtio-blk requests under the linux-blk
                   driver model, 4 and 64 KiB reads and writes x depth 1/32/128 x 1 and
                   2 queues, with and without polling, then callgrind counts (with
-                  --quick about 6 minutes)
+                  --quick about 8 minutes; the default full run ends with them)
   --request KIND  with --blk: only 4k-read, 4k-write, 64k-read or 64k-write (repeatable)
   --queues N      with --blk: only 1 or 2 queues
   --depth N       only the cells of that depth
