@@ -67,7 +67,8 @@
 //! involuntary context switch count, read after each spin, moved: on a CPU shared with the
 //! driver, spinning only delays the driver), the queue's next served kicks open no window,
 //! 1, 2, 4, ... up to [`MAX_BACKOFF`]; a window that finds chains without losing the CPU
-//! ends the backoff. A budget the device set polls after every kick.
+//! ends the backoff. A budget the device set polls after every kick, and is not judged: while
+//! only such windows are open the count (a `getrusage` system call) is not read.
 
 use std::any::Any;
 use std::fs::File;
@@ -391,6 +392,14 @@ impl Polling {
         self.backoff.get_mut(usize::from(queue))
     }
 
+    /// Whether an open window backs off: only those are judged by the worker's context
+    /// switches, so the count (a system call) is read only then.
+    fn any_adaptive(&self) -> bool {
+        self.windows
+            .iter()
+            .any(|&(q, _)| self.backoff.get(usize::from(q)).is_some_and(|b| b.adaptive))
+    }
+
     /// Judges the polling since the last look, after a spin that found `found` (or closed
     /// windows into `closed`), `switches` being the worker's involuntary context switches
     /// now. A switch means another task wanted the worker's CPU while it polled (the driver
@@ -552,7 +561,8 @@ impl Worker {
                         return;
                     }
                 }
-                if p.windows.is_empty() {
+                if adaptive && !p.any_adaptive() {
+                    // The count adaptive windows are judged from (read while one is open).
                     p.switches = sys::involuntary_switches();
                 }
                 let _table = self.table();
@@ -664,7 +674,14 @@ impl Worker {
                 }
             }
             let found = self.spin(p, d);
-            p.judge(found, sys::involuntary_switches());
+            // A getrusage per polled burst only while a window that backs off is open (a
+            // budget the device set never backs off).
+            let switches = if p.any_adaptive() {
+                sys::involuntary_switches()
+            } else {
+                p.switches
+            };
+            p.judge(found, switches);
             if let Some(queue) = found {
                 if self.dispatch_polled(queue, d)? {
                     self.extend_polling(p, queue, d);
@@ -1033,6 +1050,26 @@ mod tests {
         p.judge(Some(0), switches);
         assert_eq!((p.backoff[0].skip, p.backoff[0].next), (0, 0));
         assert_eq!(p.windows.len(), 1, "a paying window stays open");
+    }
+
+    #[test]
+    fn only_windows_that_back_off_read_the_switch_count() {
+        let w = Worker::new(0, 2, None).unwrap();
+        let d = Recorder::new(2);
+        let mut p = Polling::new(2);
+        // Queue 0 with a budget the device set: its window is not judged by switches, so
+        // the worker does not read them (`serve` passes the stale count).
+        w.set_polling(0, Duration::from_millis(1)).unwrap();
+        p.switches = u64::MAX;
+        w.extend_polling(&mut p, 0, &d);
+        assert!(!p.any_adaptive());
+        assert_eq!(p.switches, u64::MAX, "no baseline taken for a fixed budget");
+        // Queue 1 polls by default (adaptive): its window takes the baseline as it opens.
+        w.extend_polling(&mut p, 1, &d);
+        assert!(p.any_adaptive());
+        assert_ne!(p.switches, u64::MAX);
+        p.windows.retain(|&(q, _)| q != 1);
+        assert!(!p.any_adaptive());
     }
 
     #[test]
