@@ -393,13 +393,20 @@ impl PackedQueue {
     pub fn poll_used(&mut self) -> Vec<Used> {
         let mut out = Vec::new();
         loop {
-            let (_, len, id, flags) = self.read_desc(self.next_used.idx);
+            // The flags first, with Acquire: `len` and `id` read before them could be the
+            // descriptor's own (the driver's) values, from before the device's used write.
+            let d = self.desc_addr(self.next_used.idx);
+            let flags = u16::from_le(
+                self.mem
+                    .load::<u16>(d.unchecked_add(14), Ordering::Acquire)
+                    .expect("desc flags"),
+            );
             let used = (flags & PACKED_AVAIL != 0) == self.next_used.wrap
                 && (flags & PACKED_USED != 0) == self.next_used.wrap;
             if !used {
                 break;
             }
-            fence(Ordering::Acquire);
+            let (_, len, id, _) = self.read_desc(self.next_used.idx);
             let posted = self
                 .posted
                 .remove(&id)
