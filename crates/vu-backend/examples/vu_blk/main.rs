@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use vu_backend::prelude::*;
 use vu_backend::vm_memory::bitmap::Bitmap;
-use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileSlice};
+use vu_backend::vm_memory::{Address, GuestMemoryBackend, VolatileMemory, VolatileSlice};
 use vu_backend::vu_daemon::device_state::StateTransfer;
 use vu_backend::{LogBitmap, Offload, TransferDirection, TransferPhase};
 
@@ -266,6 +266,21 @@ fn gather<G: GuestMemory + ?Sized>(
     }
 }
 
+/// The request header: copied from one slice of guest memory when the first readable segment
+/// holds it whole (the usual request), else gathered across segments.
+fn read_header(mem: &Mem, readable: &[(GuestAddress, usize)]) -> Result<[u8; HEADER_LEN], String> {
+    let mut header = [0u8; HEADER_LEN];
+    if let Some(&(addr, _)) = readable.first().filter(|&&(_, len)| len >= HEADER_LEN) {
+        if let Ok(slice) = GuestMemoryBackend::get_slice(mem, addr, HEADER_LEN) {
+            if slice.copy_to(&mut header[..]) == HEADER_LEN {
+                return Ok(header);
+            }
+        }
+    }
+    gather(mem, readable, 0, &mut header)?;
+    Ok(header)
+}
+
 /// How `scatter` writes guest memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum GuestWrite {
@@ -360,8 +375,7 @@ impl Disk {
     /// Executes one request and returns its status and how many data bytes it wrote into the
     /// writable segments (the status byte not included).
     fn execute(&self, mem: &Mem, segments: &Segments) -> Result<(u8, usize), String> {
-        let mut header = [0u8; HEADER_LEN];
-        gather(mem, &segments.readable, 0, &mut header)?;
+        let header = read_header(mem, &segments.readable)?;
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector_bytes = [0u8; 8];
         sector_bytes.copy_from_slice(&header[8..16]);
@@ -514,7 +528,15 @@ impl Disk {
         if status == VIRTIO_BLK_S_IOERR {
             Stats::count(&self.stats.errors, 1);
         }
-        if let Err(err) = mem.write_obj(status, status_at) {
+        // One byte through one slice: no copy loop (the dirty log is marked by the store).
+        let stored = GuestMemoryBackend::get_slice(mem, status_at, 1)
+            .map_err(|err| err.to_string())
+            .and_then(|slice| {
+                let byte = slice.get_ref::<u8>(0).map_err(|err| err.to_string())?;
+                byte.store(status);
+                Ok(())
+            });
+        if let Err(err) = stored {
             log::warn!("cannot write the status byte: {err}");
             return 0;
         }
