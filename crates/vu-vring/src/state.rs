@@ -768,6 +768,12 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.enable_notification_now()
     }
 
+    /// Whether a poller holds kicks off ([`hold_kicks`](Self::hold_kicks) without its
+    /// [`release_kicks`](Self::release_kicks) yet).
+    pub fn kicks_held(&self) -> bool {
+        self.kicks_held
+    }
+
     /// Whether the ring is enabled (`SET_VRING_ENABLE`).
     pub fn is_enabled(&self) -> bool {
         self.enabled

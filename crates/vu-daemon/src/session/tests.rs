@@ -973,6 +973,45 @@ fn get_vring_base_stops_in_order_and_returns_next_avail() {
     assert!(f.vring(0).get_ref().get_kick().is_none());
 }
 
+/// A started ring asks the driver to kick from its restart point on, whatever the ring's
+/// previous owner left in guest memory: a back-end stopped or killed while its poller held
+/// kicks off leaves `avail_event` behind, and a driver that finds it behind never kicks again
+/// (a migrated guest hung on it). GET_VRING_BASE leaves the ring asking for kicks too.
+#[cfg(not(feature = "xen"))]
+#[test]
+fn a_started_ring_asks_for_kicks_whatever_the_previous_owner_left() {
+    use vm_memory::Bytes;
+    let mut f = Fixture::negotiated();
+    f.start_queue(0);
+    // avail_event, after the used ring's flags, index and 256 elements.
+    let avail_event = GuestAddress(USED + 4 + 8 * 256);
+    let mem = f.vring(0).get_ref().mem().memory();
+    mem.write_obj(9u16, GuestAddress(AVAIL + 2)).unwrap();
+    f.ok(FrontendRequest::SetVringBase(VringState {
+        index: 0,
+        num: 9,
+    }));
+    f.vring(0).get_mut().hold_kicks().unwrap();
+    mem.write_obj(3u16, avail_event).unwrap();
+    let outcome = f.send(
+        FrontendRequest::GetVringBase(VringState { index: 0, num: 0 }),
+        HeaderFlags::empty(),
+    );
+    assert!(!outcome.close);
+    assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 9);
+    // The next owner's view: a stale avail_event written while the ring was stopped.
+    mem.write_obj(3u16, avail_event).unwrap();
+    f.ok(FrontendRequest::SetVringBase(VringState {
+        index: 0,
+        num: 9,
+    }));
+    f.ok(FrontendRequest::SetVringKick {
+        index: 0,
+        fd: Some(new_eventfd().unwrap().into()),
+    });
+    assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 9);
+}
+
 /// A packed ring's base word carries the avail position and wrap counter in bits 0-15 and
 /// the used ones in bits 16-31, in and out. (The fixture's backend does not offer
 /// RING_PACKED, so the layout is chosen on the vring directly.)

@@ -229,6 +229,13 @@ where
         ctl.unwatch_kick(queue).map_err(ctl_err)?;
         ctl.quiesce(queue).map_err(ctl_err)?;
         let vring = self.vring(queue);
+        // A poller was holding kicks off: whoever drives the ring next (QEMU itself, a
+        // migration's destination, another back-end) finds the driver asked to kick.
+        if vring.get_ref().kicks_held() {
+            if let Err(err) = vring.get_mut().release_kicks() {
+                warn!("GET_VRING_BASE: queue {queue}: notifications not re-enabled: {err}");
+            }
+        }
         vring.set_queue_ready(false);
         if let Err(err) = self.backend.stop_vring(queue) {
             // The ring is stopped whatever the device says; the index is still the truth.
@@ -405,6 +412,15 @@ where
             vring.queue_size(),
             vring.is_enabled()
         );
+        // The driver is asked to kick from the restart point on, whatever the ring's previous
+        // owner left in it: a back-end killed (or stopped by an older version) while a poller
+        // held kicks off leaves `avail_event` behind or NO_NOTIFY set, and a driver that
+        // finds either never kicks again.
+        // (A ring behind an IOMMU whose rings are not translated yet is re-armed by its first
+        // pass instead.)
+        if let Err(err) = vring.get_mut().release_kicks() {
+            log::warn!("queue {queue}: notifications not re-enabled at start: {err}");
+        }
         // As on enable: a ring that goes live holding chains gets one look.
         if vring.is_enabled() && has_available_chains(vring) {
             self.wake(request, queue, "waking the worker of a started ring")?;
