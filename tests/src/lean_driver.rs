@@ -28,6 +28,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_proto::features::VirtioFeatures;
 use vu_proto::payload::{VringAddr, VringAddrFlags};
+use vu_vring::layout;
 
 use crate::virtqueue::{wait_readable, DriverMemory};
 
@@ -39,14 +40,6 @@ const DESC_F_WRITE: u16 = 2;
 const USED_F_NO_NOTIFY: u16 = 1;
 /// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-// The ring layout is vu-vring's (`vu_vring::layout`), the one the device reads.
-/// Bytes of a split-ring descriptor.
-const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
-/// Offset of the first entry in the available and used rings (after `flags` and `idx`).
-const RING_ENTRIES: u64 = vu_vring::layout::AVAIL_HEADER;
-/// Bytes of a used ring entry.
-const USED_ELEM_SIZE: u64 = vu_vring::layout::USED_ELEM;
 
 /// One buffer of the chain every request posts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,9 +129,9 @@ impl LeanQueue {
         let n = u64::from(size);
         let chain_len = u16::try_from(chain.len()).expect("chain length");
         assert!(chain_len <= size, "the chain is longer than the queue");
-        let desc = memory.alloc(DESC_SIZE * n, 16);
-        let avail = memory.alloc(RING_ENTRIES + 2 * n + 2, 2);
-        let used = memory.alloc(RING_ENTRIES + USED_ELEM_SIZE * n + 2, 4);
+        let desc = memory.alloc(layout::desc_table_size(n), 16);
+        let avail = memory.alloc(layout::avail_ring_size(n), 2);
+        let used = memory.alloc(layout::used_ring_size(n), 4);
         let slots = size / chain_len;
         let mut buffers = Vec::with_capacity(usize::from(size));
         for _ in 0..slots {
@@ -158,12 +151,12 @@ impl LeanQueue {
             desc: d.cast(),
             avail_flags: a.cast(),
             avail_idx_ptr: at(a, 2).cast(),
-            avail_ring: at(a, RING_ENTRIES).cast(),
-            used_event: at(a, RING_ENTRIES + 2 * n).cast(),
+            avail_ring: at(a, layout::AVAIL_HEADER).cast(),
+            used_event: at(a, layout::AVAIL_HEADER + layout::AVAIL_ELEM * n).cast(),
             used_flags: u.cast(),
             used_idx_ptr: at(u, 2).cast(),
-            used_ring: at(u, RING_ENTRIES).cast(),
-            avail_event: at(u, RING_ENTRIES + USED_ELEM_SIZE * n).cast(),
+            used_ring: at(u, layout::USED_HEADER).cast(),
+            avail_event: at(u, layout::USED_HEADER + layout::USED_ELEM * n).cast(),
             desc_user: memory.user_addr(desc),
             avail_user: memory.user_addr(avail),
             used_user: memory.user_addr(used),

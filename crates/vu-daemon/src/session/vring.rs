@@ -24,18 +24,6 @@ use crate::error::SessionError;
 
 use vu_vring::layout;
 
-// The ring layout is vu-vring's (`vu_vring::layout`); these name the sizes this file checks.
-/// Bytes per descriptor (both layouts).
-const DESC_ENTRY: u64 = layout::DESC_SIZE;
-/// Bytes per available ring entry.
-const AVAIL_ENTRY: u64 = layout::AVAIL_ELEM;
-/// Bytes per used ring entry.
-const USED_ENTRY: u64 = layout::USED_ELEM;
-/// `flags` and `idx` before a split ring's entries, plus the trailing event index.
-const RING_EXTRA: u64 = layout::AVAIL_HEADER + layout::EVENT_IDX;
-/// Bytes of a packed ring's driver or device area.
-const EVENT_AREA: u64 = layout::EVENT_SUPPRESSION;
-
 /// How often a polled ring (`SET_VRING_KICK` with the no-fd flag) is looked at.
 pub(crate) const POLL_PERIOD: Duration = Duration::from_millis(1);
 
@@ -119,15 +107,15 @@ where
         // device area.
         let parts = if vring.queue_packed() {
             [
-                (addr.descriptor, DESC_ENTRY * size),
-                (addr.available, EVENT_AREA),
-                (addr.used, EVENT_AREA),
+                (addr.descriptor, layout::desc_table_size(size)),
+                (addr.available, layout::EVENT_SUPPRESSION),
+                (addr.used, layout::EVENT_SUPPRESSION),
             ]
         } else {
             [
-                (addr.descriptor, DESC_ENTRY * size),
-                (addr.available, AVAIL_ENTRY * size + RING_EXTRA),
-                (addr.used, USED_ENTRY * size + RING_EXTRA),
+                (addr.descriptor, layout::desc_table_size(size)),
+                (addr.available, layout::avail_ring_size(size)),
+                (addr.used, layout::used_ring_size(size)),
             ]
         };
         // Behind an IOMMU the addresses are IOVAs: the vring translates them when the worker
@@ -179,7 +167,7 @@ where
         let Some(log_size) = self.mem.dirty_log().log_size() else {
             return Ok(());
         };
-        let len = USED_ENTRY * queue_size + RING_EXTRA;
+        let len = layout::used_ring_size(queue_size);
         let inside = start
             .checked_add(len)
             .is_some_and(|end| vu_mem::log_size_for(end) <= log_size);

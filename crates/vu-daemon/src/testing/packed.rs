@@ -20,6 +20,7 @@ use std::time::Duration;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_proto::payload::{VringAddr, VringAddrFlags};
+use vu_vring::layout;
 
 use super::virtqueue::{
     fill_buffer, wait_used, Buf, DriverMemory, PolledQueue, Posted, Used, BUF_SIZE,
@@ -41,11 +42,6 @@ pub const EVENT_ENABLE: u16 = 0;
 pub const EVENT_DISABLE: u16 = 1;
 /// Event suppression: at the position in `off_wrap`.
 pub const EVENT_DESC: u16 = 2;
-
-/// Bytes of a packed descriptor (`vu_vring::layout`, the layout the device reads).
-const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
-/// Bytes of an event suppression structure (`off_wrap: u16`, `flags: u16`).
-const EVENT_SIZE: u64 = vu_vring::layout::EVENT_SUPPRESSION;
 
 /// The flags bits that make a descriptor at a position whose avail wrap counter is `wrap`
 /// available: AVAIL equal to the counter, USED its inverse.
@@ -128,9 +124,9 @@ impl PackedQueue {
     pub fn new(memory: &mut DriverMemory, index: u16, size: u16) -> Self {
         assert!(size > 0 && size <= 1 << 15, "packed ring size out of range");
         let n = u64::from(size);
-        let desc = memory.alloc(DESC_SIZE * n, 16);
-        let driver = memory.alloc(EVENT_SIZE, 4);
-        let device = memory.alloc(EVENT_SIZE, 4);
+        let desc = memory.alloc(layout::desc_table_size(n), 16);
+        let driver = memory.alloc(layout::EVENT_SUPPRESSION, 4);
+        let device = memory.alloc(layout::EVENT_SUPPRESSION, 4);
         let data = memory.alloc(u64::from(BUF_SIZE) * n, 64);
         let mut q = PackedQueue {
             index,
@@ -159,7 +155,8 @@ impl PackedQueue {
 
     /// Zeroes the ring and both areas and forgets every posted chain (a driver reset).
     pub fn reset(&mut self) {
-        let zero = vec![0u8; usize::try_from(DESC_SIZE * u64::from(self.size)).expect("size")];
+        let zero =
+            vec![0u8; usize::try_from(layout::DESC_SIZE * u64::from(self.size)).expect("size")];
         self.mem.write_slice(&zero, self.desc).expect("zero ring");
         self.mem
             .write_slice(&[0; 4], self.driver)
@@ -228,7 +225,7 @@ impl PackedQueue {
     }
 
     fn desc_addr(&self, pos: u16) -> GuestAddress {
-        self.desc.unchecked_add(DESC_SIZE * u64::from(pos))
+        self.desc.unchecked_add(layout::DESC_SIZE * u64::from(pos))
     }
 
     /// The data buffer of ring position `pos`.

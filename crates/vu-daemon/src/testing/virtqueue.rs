@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vu_mem::SharedMemory;
 use vu_proto::fd::BorrowFd;
 use vu_proto::payload::{MemoryRegion, VringAddr, VringAddrFlags};
+use vu_vring::layout;
 
 /// Guest physical address of the start of [`DriverMemory`]: not zero, so that a backend that
 /// mixes up guest and frontend (VMM) addresses fails.
@@ -35,16 +36,6 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// `VIRTQ_USED_F_NO_NOTIFY`.
 const USED_F_NO_NOTIFY: u16 = 1;
-
-// The ring layout is vu-vring's (`vu_vring::layout`), the one the device reads.
-/// Bytes of a split-ring descriptor.
-const DESC_SIZE: u64 = vu_vring::layout::DESC_SIZE;
-/// Offset of `idx` in the available and used rings (after `flags`).
-const RING_IDX: u64 = vu_vring::layout::AVAIL_IDX;
-/// Offset of the first entry in the available and used rings.
-const RING_ENTRIES: u64 = vu_vring::layout::AVAIL_HEADER;
-/// Bytes of a used ring entry (`id: u32`, `len: u32`).
-const USED_ELEM_SIZE: u64 = vu_vring::layout::USED_ELEM;
 
 /// Guest memory shared with the backend: a memfd mapped at [`GPA_BASE`], with a bump
 /// allocator for rings and buffers.
@@ -252,9 +243,9 @@ impl SplitQueue {
     pub fn new(memory: &mut DriverMemory, index: u16, size: u16) -> Self {
         assert!(size.is_power_of_two(), "queue size must be a power of two");
         let n = u64::from(size);
-        let desc = memory.alloc(DESC_SIZE * n, 16);
-        let avail = memory.alloc(RING_ENTRIES + 2 * n + 2, 2);
-        let used = memory.alloc(RING_ENTRIES + USED_ELEM_SIZE * n + 2, 4);
+        let desc = memory.alloc(layout::desc_table_size(n), 16);
+        let avail = memory.alloc(layout::avail_ring_size(n), 2);
+        let used = memory.alloc(layout::used_ring_size(n), 4);
         let data = memory.alloc(u64::from(BUF_SIZE) * n, 64);
         let mut q = SplitQueue {
             index,
@@ -286,9 +277,9 @@ impl SplitQueue {
             let bytes = vec![0u8; usize::try_from(len).expect("ring size")];
             self.mem.write_slice(&bytes, addr).expect("zero ring");
         };
-        zero(self.desc, DESC_SIZE * n);
-        zero(self.avail, RING_ENTRIES + 2 * n + 2);
-        zero(self.used, RING_ENTRIES + USED_ELEM_SIZE * n + 2);
+        zero(self.desc, layout::desc_table_size(n));
+        zero(self.avail, layout::avail_ring_size(n));
+        zero(self.used, layout::used_ring_size(n));
         self.free = (0..self.size).rev().collect();
         self.posted.clear();
         self.avail_idx = 0;
@@ -336,7 +327,7 @@ impl SplitQueue {
     /// The used ring's `idx`, as the device last wrote it.
     pub fn used_idx(&self) -> u16 {
         self.mem
-            .load(self.used.unchecked_add(RING_IDX), Ordering::Acquire)
+            .load(self.used.unchecked_add(layout::USED_IDX), Ordering::Acquire)
             .expect("read used idx")
     }
 
@@ -351,7 +342,7 @@ impl SplitQueue {
     }
 
     fn desc_addr(&self, i: u16) -> GuestAddress {
-        self.desc.unchecked_add(DESC_SIZE * u64::from(i))
+        self.desc.unchecked_add(layout::DESC_SIZE * u64::from(i))
     }
 
     fn buf_addr(&self, i: u16) -> GuestAddress {
@@ -392,7 +383,9 @@ impl SplitQueue {
         }
         let head = ids[0];
         let slot = u64::from(self.avail_idx % self.size);
-        let entry = self.avail.unchecked_add(RING_ENTRIES + 2 * slot);
+        let entry = self
+            .avail
+            .unchecked_add(layout::AVAIL_HEADER + layout::AVAIL_ELEM * slot);
         self.mem
             .write_obj(head.to_le(), entry)
             .expect("avail entry");
@@ -403,7 +396,7 @@ impl SplitQueue {
         self.mem
             .store(
                 self.avail_idx.to_le(),
-                self.avail.unchecked_add(RING_IDX),
+                self.avail.unchecked_add(layout::AVAIL_IDX),
                 Ordering::Release,
             )
             .expect("avail idx");
@@ -424,7 +417,7 @@ impl SplitQueue {
         if self.event_idx {
             let event_addr = self
                 .used
-                .unchecked_add(RING_ENTRIES + USED_ELEM_SIZE * u64::from(self.size));
+                .unchecked_add(layout::USED_HEADER + layout::USED_ELEM * u64::from(self.size));
             let event: u16 = self.mem.read_obj(event_addr).expect("avail_event");
             let new = self.avail_idx;
             // virtio's vring_need_event(event, new, old).
@@ -459,7 +452,7 @@ impl SplitQueue {
             let slot = u64::from(self.last_used % self.size);
             let elem = self
                 .used
-                .unchecked_add(RING_ENTRIES + USED_ELEM_SIZE * slot);
+                .unchecked_add(layout::USED_HEADER + layout::USED_ELEM * slot);
             let id: u32 = u32::from_le(self.mem.read_obj(elem).expect("used id"));
             let len: u32 =
                 u32::from_le(self.mem.read_obj(elem.unchecked_add(4)).expect("used len"));
@@ -481,7 +474,7 @@ impl SplitQueue {
         if self.event_idx {
             let used_event = self
                 .avail
-                .unchecked_add(RING_ENTRIES + 2 * u64::from(self.size));
+                .unchecked_add(layout::AVAIL_HEADER + layout::AVAIL_ELEM * u64::from(self.size));
             self.mem
                 .write_obj(self.last_used.to_le(), used_event)
                 .expect("used_event");
@@ -554,11 +547,14 @@ mod tests {
         let mut q = SplitQueue::new(&mut mem, 0, 8);
         let head = q.post(&[Buf::Readable(vec![1, 2, 3]), Buf::Writable(16)]);
         assert_eq!(q.avail_idx(), 1);
-        let idx: u16 = mem.mem().read_obj(q.avail.unchecked_add(RING_IDX)).unwrap();
+        let idx: u16 = mem
+            .mem()
+            .read_obj(q.avail.unchecked_add(layout::AVAIL_IDX))
+            .unwrap();
         assert_eq!(idx, 1);
         let entry: u16 = mem
             .mem()
-            .read_obj(q.avail.unchecked_add(RING_ENTRIES))
+            .read_obj(q.avail.unchecked_add(layout::AVAIL_HEADER))
             .unwrap();
         assert_eq!(entry, head);
         let flags: u16 = mem
@@ -602,7 +598,9 @@ mod tests {
         let mut mem = DriverMemory::new(1 << 20);
         let mut q = SplitQueue::new(&mut mem, 0, 8);
         q.set_event_idx(true);
-        let event_addr = q.used.unchecked_add(RING_ENTRIES + USED_ELEM_SIZE * 8);
+        let event_addr = q
+            .used
+            .unchecked_add(layout::USED_HEADER + layout::USED_ELEM * 8);
         q.post(&[Buf::Writable(1)]);
         // avail_event 0: the device wants a kick when entry 0 becomes available.
         assert!(q.needs_kick(0));
