@@ -189,6 +189,25 @@ pub trait VhostUserBackend {
         Err(unsupported("the vhost-user GPU protocol"))
     }
 
+    /// Broadcasts a fake RARP for the guest whose MAC address is `mac` (`SEND_RARP`, protocol
+    /// feature RARP): the spec's "broadcast a fake RARP to notify the migration is terminated
+    /// for guest that does not support GUEST_ANNOUNCE", so that the network learns where the
+    /// guest now is. A network device that offers
+    /// [`ProtocolFeatures::RARP`] implements it; the default refuses.
+    fn send_rarp(&self, _mac: [u8; 6]) -> io::Result<()> {
+        Err(unsupported("broadcasting a RARP"))
+    }
+
+    /// The host MTU exposed to the guest (`NET_SET_MTU`, protocol feature NET_MTU, sent once
+    /// `VIRTIO_NET_F_MTU` is negotiated); `mtu` is the message's value, which the framework
+    /// has checked fits 16 bits. An error tells the frontend the MTU is not valid ("the
+    /// back-end must respond with zero in case the specified MTU is valid, or non-zero
+    /// otherwise"). A network device that offers [`ProtocolFeatures::MTU`] implements it; the
+    /// default refuses.
+    fn set_mtu(&self, _mtu: u16) -> io::Result<()> {
+        Err(unsupported("setting the MTU"))
+    }
+
     /// The guest memory table changed; `mem` is the same handle the vrings hold.
     fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()>;
 
@@ -342,6 +361,16 @@ pub trait VhostUserBackendMut {
         Err(unsupported("the vhost-user GPU protocol"))
     }
 
+    /// See [`VhostUserBackend::send_rarp`].
+    fn send_rarp(&mut self, _mac: [u8; 6]) -> io::Result<()> {
+        Err(unsupported("broadcasting a RARP"))
+    }
+
+    /// See [`VhostUserBackend::set_mtu`].
+    fn set_mtu(&mut self, _mtu: u16) -> io::Result<()> {
+        Err(unsupported("setting the MTU"))
+    }
+
     /// See [`VhostUserBackend::update_memory`].
     fn update_memory(&mut self, mem: GM<Self::Bitmap>) -> io::Result<()>;
 
@@ -449,6 +478,12 @@ impl<T: VhostUserBackend + ?Sized> VhostUserBackend for Arc<T> {
     }
     fn set_gpu_socket(&self, socket: OwnedFd) -> io::Result<()> {
         self.deref().set_gpu_socket(socket)
+    }
+    fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        self.deref().send_rarp(mac)
+    }
+    fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        self.deref().set_mtu(mtu)
     }
     fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
         self.deref().update_memory(mem)
@@ -582,6 +617,16 @@ macro_rules! locked_backend {
                 self.$write()
                     .unwrap_or_else(PoisonError::into_inner)
                     .set_gpu_socket(socket)
+            }
+            fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .send_rarp(mac)
+            }
+            fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+                self.$write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_mtu(mtu)
             }
             fn update_memory(&self, mem: GM<Self::Bitmap>) -> io::Result<()> {
                 self.$write()

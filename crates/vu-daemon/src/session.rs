@@ -62,7 +62,7 @@ use vu_proto::header::Header;
 use vu_proto::message::{encode_reply, FrontendRequest, RawMessage};
 use vu_proto::payload::{
     ConfigReply, CryptoSession, DeviceConfig, DeviceStateFdReply, DeviceStateTransfer, Inflight,
-    Payload, SharedObject, ShmemConfig, U64,
+    MacAddr, Payload, SharedObject, ShmemConfig, U64,
 };
 use vu_proto::request::{FrontendReq, ReplyRule};
 use vu_vring::VringT;
@@ -311,8 +311,8 @@ where
             R::SetProtocolFeatures(f) => self.handle_set_protocol_features(f).map(none),
             R::GetQueueNum => self.handle_get_queue_num(hdr).map(Some),
             R::SetVringEnable(enable) => self.handle_set_vring_enable(enable).map(none),
-            R::SendRarp(_) => Err(refuse_unserved(FrontendReq::SendRarp)),
-            R::NetSetMtu(_) => Err(refuse_unserved(FrontendReq::NetSetMtu)),
+            R::SendRarp(mac) => self.handle_send_rarp(mac).map(none),
+            R::NetSetMtu(mtu) => self.handle_net_set_mtu(mtu).map(none),
             R::SetBackendReqFd { fd } => self.handle_set_backend_req_fd(fd).map(none),
             R::IotlbMsg(msg) => self.handle_iotlb_msg(msg).map(none),
             R::SetVringEndian(_) => Err(refuse_unserved(FrontendReq::SetVringEndian)),
@@ -655,6 +655,32 @@ where
             .map_err(|source| SessionError::Backend { request, source })
     }
 
+    /// `VHOST_USER_SEND_RARP`: hands the guest's MAC address to the backend, which broadcasts
+    /// the fake RARP ([`VhostUserBackend::send_rarp`]).
+    fn handle_send_rarp(&mut self, mac: MacAddr) -> Result<(), SessionError> {
+        let request = FrontendReq::SendRarp;
+        self.require(request, ProtocolFeatures::RARP)?;
+        self.backend
+            .send_rarp(mac.0)
+            .map_err(|source| SessionError::Backend { request, source })
+    }
+
+    /// `VHOST_USER_NET_SET_MTU`: hands the host MTU to the backend
+    /// ([`VhostUserBackend::set_mtu`]); a value wider than 16 bits (the virtio-net config
+    /// space's `mtu`) is refused before it.
+    fn handle_net_set_mtu(&mut self, mtu: U64) -> Result<(), SessionError> {
+        let request = FrontendReq::NetSetMtu;
+        self.require(request, ProtocolFeatures::MTU)?;
+        let mtu = u16::try_from(mtu.0).map_err(|_| SessionError::ValueOutOfRange {
+            request,
+            field: "MTU",
+            value: mtu.0,
+        })?;
+        self.backend
+            .set_mtu(mtu)
+            .map_err(|source| SessionError::Backend { request, source })
+    }
+
     /// `VHOST_USER_SET_STATUS`.
     ///
     /// Stores the status for `GET_STATUS` once the backend accepted it. The virtio status is
@@ -818,13 +844,10 @@ fn none(_: ()) -> Option<Reply> {
     None
 }
 
-/// `VHOST_USER_SEND_RARP`, `VHOST_USER_NET_SET_MTU`, `VHOST_USER_SET_VRING_ENDIAN` and
-/// `VHOST_USER_CLOSE_CRYPTO_SESSION`: refused, as the features they belong to are never
-/// offered (docs/conformance.md).
+/// `VHOST_USER_SET_VRING_ENDIAN` and `VHOST_USER_CLOSE_CRYPTO_SESSION`: refused, as the
+/// features they belong to are never offered (docs/conformance.md).
 fn refuse_unserved(request: FrontendReq) -> SessionError {
     let reason = match request {
-        FrontendReq::SendRarp => "no RARP support",
-        FrontendReq::NetSetMtu => "no MTU support",
         FrontendReq::SetVringEndian => "legacy cross-endian rings are not supported",
         FrontendReq::CloseCryptoSession => "no crypto sessions",
         _ => "not served",

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use super::dump::{self, Dump};
 use super::host;
-use super::judge::{check_pairs, judge};
+use super::judge::{check_net_requests, check_pairs, judge};
 use super::net;
 use super::progress::{
-    classify_timeout, Class, ConsoleWatch, Deadlines, Expiry, Failure, Progress,
+    classify_timeout, Class, ConsoleWatch, Deadlines, Expiry, Failure, Progress, Stage,
 };
 use crate::cmd::Cmd;
 
@@ -313,6 +313,10 @@ pub(crate) fn backend_command(spec: &Spec, files: &Files) -> Option<Command> {
     })
 }
 
+/// The MTU QEMU gives a net boot's device (`host_mtu`), which reaches the backend as
+/// `NET_SET_MTU`: the tap's own, so the guest's traffic does not change.
+pub(crate) const NET_MTU: u16 = 1500;
+
 /// The `-device` of the vhost-user device (its options) and, for a boot behind an IOMMU, the
 /// arguments that must come before it.
 fn device_and_iommu(spec: &Spec) -> (String, Vec<String>) {
@@ -326,8 +330,12 @@ fn device_and_iommu(spec: &Spec) -> (String, Vec<String>) {
         // `vhost_net_start` -> `msix_set_vector_notifiers` when the driver starts a
         // vhost-user net device with MSI-X, whichever backend serves it (DPDK's vhost PMD
         // too). The backend's side is the same either way: QEMU hands it call eventfds.
-        Device::Net if spec.queues > 1 => "virtio-net-pci,netdev=net0,vectors=0,mq=on".to_owned(),
-        Device::Net => "virtio-net-pci,netdev=net0,vectors=0".to_owned(),
+        // `host_mtu`: QEMU offers VIRTIO_NET_F_MTU and, once the driver takes it, sends
+        // NET_SET_MTU, which the backend must accept for the device to start.
+        Device::Net if spec.queues > 1 => {
+            format!("virtio-net-pci,netdev=net0,vectors=0,host_mtu={NET_MTU},mq=on")
+        }
+        Device::Net => format!("virtio-net-pci,netdev=net0,vectors=0,host_mtu={NET_MTU}"),
     };
     if spec.packed {
         device.push_str(",packed=on");
@@ -569,7 +577,15 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
         (Device::Net, Backend::Vu(_)) => Some(net::HostSide::start(&files, spec.queues)?),
         _ => None,
     };
-    let launched = launch(machine, spec, &files, &append, &nonce);
+    // A net boot asks QEMU to announce the guest once its interface is there: QEMU sends the
+    // fake RARP to the vhost-user netdev, which passes it on as SEND_RARP.
+    let mut announced: Option<Result<(), String>> = None;
+    let mut announce = |progress: &Progress| {
+        if announced.is_none() && host_net.is_some() && progress.at(Stage::Device).is_some() {
+            announced = Some(net::announce_self(&files.qmp));
+        }
+    };
+    let launched = launch(machine, spec, &files, &append, &nonce, &mut announce);
     let peer = host_net.map(net::HostSide::finish);
     let (mut outcome, console_text) = launched?;
     if outcome.failure.is_none() {
@@ -579,6 +595,7 @@ fn run_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Outcome, Str
     if outcome.failure.is_none() && spec.device == Device::Net {
         let log = std::fs::read_to_string(&outcome.backend_log).unwrap_or_default();
         outcome.failure = check_pairs(&log, spec.queues)
+            .and_then(|()| check_net_requests(&log, announced))
             .err()
             .map(|reason| Failure::new(Class::WrongAnswer, reason));
     }
@@ -633,17 +650,20 @@ pub(crate) fn spawn_qemu(
         .map_err(|err| format!("cannot start `{}`: {err}", shell_line(&command)))
 }
 
-/// Waits for QEMU, started at `start`, to exit, following the console in `watch`; returns
-/// its status, or which of `deadlines` ran out first (QEMU is then still running).
+/// Waits for QEMU, started at `start`, to exit, following the console in `watch` (and
+/// showing each look's progress to `on_progress`); returns its status, or which of
+/// `deadlines` ran out first (QEMU is then still running).
 pub(crate) fn wait_for_qemu(
     qemu: &mut Child,
     start: Instant,
     watch: &mut ConsoleWatch,
     deadlines: &Deadlines,
+    on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<Option<ExitStatus>, Expiry> {
     loop {
         let exited = qemu.try_wait();
         watch.poll(start.elapsed());
+        on_progress(&watch.progress);
         match exited {
             Ok(Some(status)) => return Ok(Some(status)),
             Err(_) => return Ok(None),
@@ -734,15 +754,17 @@ pub(crate) fn keep_failed(machine: &Machine, spec: &Spec, outcome: &mut Outcome)
 }
 
 /// Starts the backend (if any) and QEMU on `files`, waits for QEMU within the spec's
-/// deadlines (classifying and dumping a boot that passes one), stops the backend, and
-/// returns how it went with the console's text. `Outcome::failure` is set only when the
-/// backend never listened or a deadline passed; the caller judges the rest.
+/// deadlines (classifying and dumping a boot that passes one; `on_progress` sees the guest's
+/// progress meanwhile), stops the backend, and returns how it went with the console's text.
+/// `Outcome::failure` is set only when the backend never listened or a deadline passed; the
+/// caller judges the rest.
 pub(crate) fn launch(
     machine: &Machine,
     spec: &Spec,
     files: &Files,
     append: &str,
     nonce: &str,
+    on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Outcome, String), String> {
     for socket in [&files.socket, &files.qmp] {
         if socket.as_os_str().len() > SUN_PATH_MAX {
@@ -774,7 +796,7 @@ pub(crate) fn launch(
         }
     };
     let mut watch = ConsoleWatch::new(&files.console, nonce);
-    match wait_for_qemu(&mut qemu, start, &mut watch, &spec.deadlines) {
+    match wait_for_qemu(&mut qemu, start, &mut watch, &spec.deadlines, on_progress) {
         Ok(status) => outcome.qemu_status = status,
         Err(expiry) => {
             let (failure, dump) = at_deadline(

@@ -183,7 +183,7 @@ fn demo_in(machine: &Machine, spec: &Spec, sockets: &Path) -> Result<Demo, Strin
         .and_then(|file| file.set_len(DEMO_IMAGE_SIZE))
         .map_err(|err| format!("cannot create {}: {err}", files.image.display()))?;
     let append = kernel_command_line("demo", &nonce, "");
-    let (mut outcome, console) = launch(machine, spec, &files, &append, &nonce)?;
+    let (mut outcome, console) = launch(machine, spec, &files, &append, &nonce, &mut |_| {})?;
     let guest = demo_lines(&console);
     if outcome.failure.is_none() {
         outcome.failure = judge_demo(&console, &nonce, &files.image).err();

@@ -101,6 +101,34 @@ pub(crate) fn check_pairs(backend_log: &str, pairs: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// What QEMU asked of a net boot's backend beside the rings reached it: `NET_SET_MTU` with the
+/// device's `host_mtu` (`vu_net` logs `MTU N`), and, when the harness had QEMU announce the
+/// guest (`announced`, the monitor's answer), `SEND_RARP` (`vu_net` logs `broadcast a RARP
+/// for MAC`).
+pub(crate) fn check_net_requests(
+    backend_log: &str,
+    announced: Option<Result<(), String>>,
+) -> Result<(), String> {
+    let mtu = format!("MTU {}", super::boot::NET_MTU);
+    if !backend_log.lines().any(|line| line.ends_with(&mtu)) {
+        return Err(format!(
+            "the backend's log has no `{mtu}`: QEMU's NET_SET_MTU (host_mtu) did not reach it"
+        ));
+    }
+    match announced {
+        None => Err(
+            "the guest's interface never appeared, so QEMU was not asked to announce it".to_owned(),
+        ),
+        Some(Err(err)) => Err(format!("QEMU's announce-self failed: {err}")),
+        Some(Ok(())) if backend_log.contains("broadcast a RARP for ") => Ok(()),
+        Some(Ok(())) => Err(
+            "QEMU announced the guest, but the backend's log has no `broadcast a RARP for`: \
+             SEND_RARP did not reach it"
+                .to_owned(),
+        ),
+    }
+}
+
 /// The guest's success line names the queue count the run asked for (`queues=N`).
 fn check_queues(spec: &Spec, pass_line: &str) -> Result<(), String> {
     if pass_line.contains(&format!("queues={}", spec.queues)) {
@@ -250,6 +278,22 @@ mod tests {
         let first = log.lines().next().unwrap_or_default();
         let err = check_pairs(first, 2).unwrap_err();
         assert!(err.contains("no summary of queue pair"), "{err}");
+    }
+
+    #[test]
+    fn a_net_boot_needs_the_mtu_and_the_announcement_in_the_backend_log() {
+        let both = "vu_net: info: MTU 1500\nvu_net: info: broadcast a RARP for 52:54:00:12:34:56\n";
+        check_net_requests(both, Some(Ok(()))).unwrap();
+        let no_rarp = "vu_net: info: MTU 1500\n";
+        let err = check_net_requests(no_rarp, Some(Ok(()))).unwrap_err();
+        assert!(err.contains("SEND_RARP did not reach it"), "{err}");
+        let err = check_net_requests(both, Some(Err("no monitor".to_owned()))).unwrap_err();
+        assert!(err.contains("announce-self failed: no monitor"), "{err}");
+        let err = check_net_requests(both, None).unwrap_err();
+        assert!(err.contains("never appeared"), "{err}");
+        let no_mtu = "vu_net: info: broadcast a RARP for 52:54:00:12:34:56\n";
+        let err = check_net_requests(no_mtu, Some(Ok(()))).unwrap_err();
+        assert!(err.contains("NET_SET_MTU"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A client for QMP, QEMU's machine monitor protocol, on a unix socket.
 //!
-//! Every boot starts QEMU with `-qmp unix:<sockets>/qmp.sock,server=on,wait=off`; nothing
-//! connects on a passing boot. [`Qmp::connect`] waits for the socket, reads the greeting and
-//! leaves negotiation mode; [`Qmp::execute`] runs one command and returns its `return` value;
+//! Every boot starts QEMU with `-qmp unix:<sockets>/qmp.sock,server=on,wait=off`; on a
+//! passing boot only a net boot connects (to have QEMU announce the guest).
+//! [`Qmp::connect`] waits for the socket, reads the greeting and leaves negotiation mode; [`Qmp::execute`] runs one command and returns its `return` value;
 //! [`Qmp::hmp`] runs a human-monitor (HMP) command line through QMP's `human-monitor-command`
 //! and returns its text. Asynchronous events that arrive meanwhile are kept ([`Qmp::events`]).
 

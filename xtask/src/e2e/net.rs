@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::boot::{shell_line, stop, Files};
 use super::host;
+use super::monitor::Qmp;
 use crate::cmd::Cmd;
 
 /// The host end of the tap, in the boot's namespace.
@@ -80,6 +81,20 @@ pub(crate) fn remove_stale_namespaces() {
             }
         }
     }
+}
+
+/// Asks QEMU, over its monitor at `qmp`, to announce its NICs once (`announce-self`): for a
+/// guest without `VIRTIO_NET_F_GUEST_ANNOUNCE` QEMU hands its fake RARP to the vhost-user
+/// netdev, which sends the backend `SEND_RARP` with the guest's MAC address (what QEMU does
+/// at the end of a migration).
+pub(crate) fn announce_self(qmp: &Path) -> Result<(), String> {
+    let mut monitor = Qmp::connect(qmp, Duration::from_secs(5))?;
+    monitor
+        .execute(
+            "announce-self",
+            Some(r#"{"initial": 1, "max": 1, "rounds": 1, "step": 1}"#),
+        )
+        .map(drop)
 }
 
 /// `program` run inside namespace `namespace`.

@@ -24,11 +24,11 @@
 //! bounded backlog per pair and go out at the next RX kick; when the backlog is full the
 //! loopback drops them (counted as TX drops) and the tap is left unread until there is room. Malformed chains
 //! are completed with length 0, logged and counted (`packet.rs`).
-//! `VIRTIO_NET_F_GUEST_ANNOUNCE` and the `RARP` protocol feature are not offered, so a
-//! frontend never sends `SEND_RARP` (the session refuses it, as it refuses any request whose
-//! protocol feature was not negotiated): announcing a migrated guest is then the frontend's
-//! or the guest's business, and this device has no migration state to carry anyway (no
-//! dirty-page log is offered).
+//! The `RARP` and `NET_MTU` protocol features are offered: `SEND_RARP` (which QEMU sends
+//! after a migration, or on the monitor's `announce-self`, for a guest without
+//! `VIRTIO_NET_F_GUEST_ANNOUNCE`, which is not offered) puts a fake RARP from the guest's MAC
+//! address out on the first pair, as if the guest had sent it; `NET_SET_MTU` sets the
+//! configuration space's `mtu` (68 or more).
 //!
 //! It follows the vhost-user spec's "Backend program conventions": `--socket-path PATH`
 //! (listen) or `--fd N` (an inherited connected socket), `--print-capabilities` (JSON on
@@ -53,7 +53,7 @@ mod virtio_net;
 
 use std::io as stdio;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -69,8 +69,8 @@ use packet::{
     RxMode,
 };
 use virtio_net::{
-    header_len, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS, F_MAC, F_MQ,
-    F_MRG_RXBUF, F_MTU, F_STATUS, S_LINK_UP,
+    header_len, rarp_frame, CONFIG_LEN, CONFIG_MAC, CONFIG_MAX_PAIRS, CONFIG_MTU, CONFIG_STATUS,
+    F_MAC, F_MQ, F_MRG_RXBUF, F_MTU, F_STATUS, HDR_LEN, MIN_MTU, S_LINK_UP,
 };
 
 /// Packets one pair holds while the driver has posted no RX buffer for them.
@@ -91,7 +91,8 @@ struct NetBackend {
     threads: u16,
     queue_size: u16,
     mac: [u8; 6],
-    mtu: u16,
+    /// The configuration space's `mtu`: `--mtu`, or what the frontend set (`NET_SET_MTU`).
+    mtu: AtomicU16,
     io: Box<dyn PacketIo>,
     state: Vec<Mutex<Pair>>,
     counters: Vec<Counters>,
@@ -107,7 +108,7 @@ impl NetBackend {
             queue_size,
             // A locally administered unicast address.
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
-            mtu: 1500,
+            mtu: AtomicU16::new(1500),
             io,
             state: (0..pairs)
                 .map(|_| {
@@ -185,10 +186,7 @@ impl NetBackend {
         match read_tx(descriptors, mem, hdr_len, &mut packet) {
             Ok(()) => {
                 Counters::add(&counters.tx_packets, 1);
-                Counters::add(
-                    &counters.tx_bytes,
-                    (packet.len() - virtio_net::HDR_LEN) as u64,
-                );
+                Counters::add(&counters.tx_bytes, (packet.len() - HDR_LEN) as u64);
                 if let Err(packet) = self.io.transmit(pair, packet, backlog) {
                     Counters::add(&counters.tx_dropped, 1);
                     backlog.recycle(packet);
@@ -413,7 +411,42 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> ProtocolFeatures {
-        ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK | ProtocolFeatures::CONFIG
+        ProtocolFeatures::MQ
+            | ProtocolFeatures::REPLY_ACK
+            | ProtocolFeatures::CONFIG
+            | ProtocolFeatures::RARP
+            | ProtocolFeatures::MTU
+    }
+
+    /// The fake RARP goes out on the first pair like a frame the guest sent: onto the tap,
+    /// or, in loopback, back to the guest's own RX queue (a reflector's "network" is the
+    /// guest), from the backlog at the RX queue's next pass.
+    fn send_rarp(&self, mac: [u8; 6]) -> stdio::Result<()> {
+        let mut packet = vec![0u8; HDR_LEN];
+        packet.extend_from_slice(&rarp_frame(mac));
+        let mut pair = self.pair(0);
+        self.io
+            .transmit(0, packet, &mut pair.backlog)
+            .map_err(|_| stdio::Error::other("the host side did not take the RARP"))?;
+        log::info!("broadcast a RARP for {}", mac_string(mac));
+        Ok(())
+    }
+
+    /// Any MTU a virtio-net device may have. The spec sends it "only when VIRTIO_NET_F_MTU
+    /// feature has been successfully negotiated", between the guest and the frontend: QEMU
+    /// sends `NET_SET_MTU` when it starts the device, before the `SET_FEATURES` that tells
+    /// this back-end the features, so the acknowledged features here cannot be checked.
+    /// The packet path takes frames of any size up to `MAX_FRAME` either way, so the MTU is
+    /// what the configuration space says.
+    fn set_mtu(&self, mtu: u16) -> stdio::Result<()> {
+        if mtu < MIN_MTU {
+            return Err(stdio::Error::other(format!(
+                "MTU {mtu} is below virtio-net's minimum of {MIN_MTU}"
+            )));
+        }
+        self.mtu.store(mtu, Ordering::Relaxed);
+        log::info!("MTU {mtu}");
+        Ok(())
     }
 
     fn reset_device(&self) {
@@ -431,7 +464,8 @@ impl VhostUserBackend for NetBackend {
         config[CONFIG_MAC..CONFIG_MAC + 6].copy_from_slice(&self.mac);
         config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&S_LINK_UP.to_le_bytes());
         config[CONFIG_MAX_PAIRS..CONFIG_MAX_PAIRS + 2].copy_from_slice(&self.pairs.to_le_bytes());
-        config[CONFIG_MTU..CONFIG_MTU + 2].copy_from_slice(&self.mtu.to_le_bytes());
+        config[CONFIG_MTU..CONFIG_MTU + 2]
+            .copy_from_slice(&self.mtu.load(Ordering::Relaxed).to_le_bytes());
         vu_backend::config_read(&config, offset, size)
     }
 
@@ -536,6 +570,11 @@ const CAPABILITIES: &str = r#"{
   "features": []
 }"#;
 
+/// `mac` as `XX:XX:XX:XX:XX:XX`, the form `--mac` takes.
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|byte| format!("{byte:02x}")).join(":")
+}
+
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
@@ -578,7 +617,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--queue-pairs" => parsed.pairs = common::number_in(name, &value()?, 1..=32)?,
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--mac" => parsed.mac = Some(parse_mac(&value()?)?),
-            "--mtu" => parsed.mtu = common::number_in(name, &value()?, 68..=u16::MAX)?,
+            "--mtu" => parsed.mtu = common::number_in(name, &value()?, MIN_MTU..=u16::MAX)?,
             "--backlog" => parsed.backlog = common::number_in(name, &value()?, 1..=65536)?,
             "--poll-us" => parsed.poll_us = common::number(name, &value()?)?,
             "--threads" => parsed.threads = Some(common::number_in(name, &value()?, 1..=32)?),
@@ -606,7 +645,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
     if let Some(mac) = args.mac {
         backend.mac = mac;
     }
-    backend.mtu = args.mtu;
+    backend.mtu = AtomicU16::new(args.mtu);
     backend.threads = args.threads.unwrap_or(args.pairs).min(args.pairs);
     let mut daemon = VhostUserDaemon::new(
         "vu_net".to_owned(),

@@ -689,7 +689,8 @@ mod over_a_socket {
     use vu_backend::testing::{socket_pair, Buf, DriverMemory, SplitQueue, TestDevice};
 
     use super::*;
-    use crate::virtio_net::F_MQ;
+    use crate::virtio_net::{rarp_frame, CONFIG_MTU, F_MQ, F_MTU};
+    use vu_backend::vu_proto::payload::{ConfigFlags, MacAddr};
 
     const QUEUE_SIZE: u16 = 64;
 
@@ -701,6 +702,17 @@ mod over_a_socket {
 
     /// The same with the pairs served by `threads` worker threads (`--threads`).
     fn device_on(pairs: u16, threads: u16) -> (VhostUserDaemon<NetBackend>, TestDevice) {
+        device_negotiating(pairs, threads, 0, ProtocolFeatures::empty())
+    }
+
+    /// The same, the driver also negotiating the virtio bits `virtio` and the protocol
+    /// features `protocol` (each must be offered).
+    fn device_negotiating(
+        pairs: u16,
+        threads: u16,
+        virtio: u64,
+        protocol: ProtocolFeatures,
+    ) -> (VhostUserDaemon<NetBackend>, TestDevice) {
         let mut backend = NetBackend::new(pairs, 256, 64, Box::new(Loopback));
         backend.threads = threads;
         let mut daemon = VhostUserDaemon::new(
@@ -715,12 +727,14 @@ mod over_a_socket {
         let offered = frontend.get_features().unwrap();
         let wanted = VirtioFeatures::VERSION_1
             | VirtioFeatures::PROTOCOL_FEATURES
-            | VirtioFeatures::from_bits_retain(F_MRG_RXBUF | F_MQ);
+            | VirtioFeatures::from_bits_retain(F_MRG_RXBUF | F_MQ | virtio);
         let features = offered & wanted;
-        assert!(features.contains(VirtioFeatures::from_bits_retain(F_MRG_RXBUF)));
-        let protocol = frontend.get_protocol_features().unwrap();
+        assert!(features.contains(VirtioFeatures::from_bits_retain(F_MRG_RXBUF | virtio)));
+        let offered_protocol = frontend.get_protocol_features().unwrap();
+        assert!(offered_protocol.contains(protocol));
+        let wanted_protocol = ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK | protocol;
         frontend
-            .set_protocol_features(protocol & (ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK))
+            .set_protocol_features(offered_protocol & wanted_protocol)
             .unwrap();
         frontend.set_features(features).unwrap();
         assert_eq!(frontend.get_queue_num().unwrap(), u64::from(2 * pairs));
@@ -807,6 +821,43 @@ mod over_a_socket {
                 "pair {pair} of {pairs} on {threads}"
             );
         }
+        daemon.request_shutdown();
+        daemon.wait().unwrap();
+    }
+
+    /// `SEND_RARP` from the frontend: the fake RARP for the MAC it names goes out like a
+    /// frame the guest sent, which the loopback brings back on the first RX queue.
+    #[test]
+    fn a_rarp_the_frontend_asks_for_goes_out_on_the_first_pair() {
+        let (mut daemon, mut device) = device_negotiating(1, 1, 0, ProtocolFeatures::RARP);
+        let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+        device.frontend.send_rarp(MacAddr(mac)).unwrap();
+        device.queue(0).post_and_kick(&[Buf::Writable(2048)]);
+        let used = device.queue(0).wait_used(1, WAIT);
+        let bytes = &used[0].written[0][..used[0].len as usize];
+        assert_eq!(&bytes[HDR_LEN..], &rarp_frame(mac)[..]);
+        daemon.request_shutdown();
+        daemon.wait().unwrap();
+    }
+
+    /// `NET_SET_MTU` with `VIRTIO_NET_F_MTU` negotiated: the configuration space's `mtu`
+    /// becomes it; an MTU below virtio-net's minimum is refused and changes nothing.
+    #[test]
+    fn the_mtu_the_frontend_sets_is_the_one_the_config_space_shows() {
+        let protocol = ProtocolFeatures::MTU | ProtocolFeatures::CONFIG;
+        let (mut daemon, mut device) = device_negotiating(1, 1, F_MTU, protocol);
+        let mtu = |device: &mut TestDevice| {
+            let config = device
+                .frontend
+                .get_config(CONFIG_MTU as u32, 2, ConfigFlags::empty())
+                .unwrap();
+            u16::from_le_bytes([config[0], config[1]])
+        };
+        assert_eq!(mtu(&mut device), 1500);
+        device.frontend.net_set_mtu(9000).unwrap();
+        assert_eq!(mtu(&mut device), 9000);
+        assert!(device.frontend.net_set_mtu(67).is_err());
+        assert_eq!(mtu(&mut device), 9000);
         daemon.request_shutdown();
         daemon.wait().unwrap();
     }

@@ -68,6 +68,36 @@ pub(crate) const HDR_F_DATA_VALID: u8 = 2;
 /// and VLAN header, the most a TSO packet can be).
 pub(crate) const MAX_FRAME: usize = 65535 + 14 + 4;
 
+/// The smallest MTU a virtio-net device may have (virtio 1.2, 5.1.4.1: "The device MUST set
+/// mtu to between 68 and 65535 inclusive").
+pub(crate) const MIN_MTU: u16 = 68;
+
+/// Bytes of a fake RARP frame: an Ethernet header and the 28-byte RARP packet, padded to
+/// Ethernet's 60-byte minimum (without the frame check sequence, which the host adds).
+pub(crate) const RARP_FRAME_LEN: usize = 60;
+
+/// The fake RARP a back-end broadcasts for a migrated guest (`VHOST_USER_SEND_RARP`): a
+/// reverse request (RFC 903, opcode 3) from `mac` asking for its own protocol address, sent
+/// to the Ethernet broadcast address, so that switches learn on which port `mac` now is.
+pub(crate) fn rarp_frame(mac: [u8; 6]) -> [u8; RARP_FRAME_LEN] {
+    let mut frame = [0u8; RARP_FRAME_LEN];
+    // Ethernet: to everyone, from the guest, EtherType RARP.
+    frame[0..6].fill(0xff);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    // Hardware Ethernet (1), protocol IPv4 (0x0800), address lengths 6 and 4, opcode 3.
+    frame[14..16].copy_from_slice(&1u16.to_be_bytes());
+    frame[16..18].copy_from_slice(&0x0800u16.to_be_bytes());
+    frame[18] = 6;
+    frame[19] = 4;
+    frame[20..22].copy_from_slice(&3u16.to_be_bytes());
+    // Sender and target hardware addresses are the guest's; both protocol addresses are
+    // unknown (zero), which is what a reverse request asks for.
+    frame[22..28].copy_from_slice(&mac);
+    frame[32..38].copy_from_slice(&mac);
+    frame
+}
+
 /// The header length the driver and the device use, given the negotiated features.
 pub(crate) fn header_len(features: u64) -> usize {
     let version_1 = features & (1 << 32) != 0;
@@ -87,5 +117,23 @@ mod tests {
         assert_eq!(header_len(1 << 32), HDR_LEN);
         assert_eq!(header_len(F_MRG_RXBUF), HDR_LEN);
         assert_eq!(header_len(F_CSUM), HDR_LEN_LEGACY);
+    }
+
+    /// The frame as a packet capture shows it (Wireshark: "Reverse request Who is
+    /// 52:54:00:12:34:56? Tell 52:54:00:12:34:56").
+    #[test]
+    fn rarp_frame_is_a_broadcast_reverse_request_from_the_guest() {
+        let frame = rarp_frame([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        let expected: [u8; 42] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // destination: broadcast
+            0x52, 0x54, 0x00, 0x12, 0x34, 0x56, // source: the guest
+            0x80, 0x35, // EtherType: RARP
+            0x00, 0x01, 0x08, 0x00, 0x06, 0x04, // Ethernet / IPv4, lengths 6 and 4
+            0x00, 0x03, // reverse request
+            0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0, 0, 0, 0, // sender: MAC, 0.0.0.0
+            0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0, 0, 0, 0, // target: MAC, 0.0.0.0
+        ];
+        assert_eq!(frame[..42], expected);
+        assert!(frame[42..].iter().all(|&b| b == 0), "padding");
     }
 }

@@ -42,15 +42,11 @@ pub(crate) const PROTOCOL_SERVICE: &[(ProtocolFeatures, Service)] = &[
     // Served only for a bitmap that logs writes: with `()`, the session masks LOG_SHMFD and
     // LOG_ALL by type (`without_unlogged_migration` in session.rs).
     (ProtocolFeatures::LOG_SHMFD, Service::Served),
-    (
-        ProtocolFeatures::RARP,
-        Service::Masked("SEND_RARP is refused: no network device in the framework"),
-    ),
+    // Handed to the backend (`send_rarp`), offered when a network device offers it.
+    (ProtocolFeatures::RARP, Service::Served),
     (ProtocolFeatures::REPLY_ACK, Service::Served),
-    (
-        ProtocolFeatures::MTU,
-        Service::Masked("NET_SET_MTU is refused: no network device in the framework"),
-    ),
+    // Handed to the backend (`set_mtu`), offered when a network device offers it.
+    (ProtocolFeatures::MTU, Service::Served),
     (ProtocolFeatures::BACKEND_REQ, Service::Served),
     (
         ProtocolFeatures::CROSS_ENDIAN,

@@ -76,6 +76,8 @@ struct Record {
     statuses: Vec<u8>,
     polled: Vec<(u16, bool)>,
     gpu_socket: Option<OwnedFd>,
+    rarps: Vec<[u8; 6]>,
+    mtus: Vec<u16>,
     disabled_ring: Option<DisabledRing>,
     state_fd: Option<File>,
     fail: bool,
@@ -183,6 +185,22 @@ impl VhostUserBackend for TestBackend {
             return Err(failure());
         }
         rec.gpu_socket = Some(socket);
+        Ok(())
+    }
+    fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.rarps.push(mac);
+        Ok(())
+    }
+    fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let mut rec = lock(&self.rec);
+        if rec.fail {
+            return Err(failure());
+        }
+        rec.mtus.push(mtu);
         Ok(())
     }
     fn disabled_ring(&self, _queue: u16) -> DisabledRing {
@@ -518,11 +536,11 @@ fn request_without_need_reply_gets_no_reply() {
 fn protocol_features_the_session_cannot_serve_are_not_offered() {
     let mut f = Fixture::with(
         FEATURES,
-        protocol() | ProtocolFeatures::RARP | ProtocolFeatures::MTU,
+        protocol() | ProtocolFeatures::CROSS_ENDIAN | ProtocolFeatures::CRYPTO_SESSION,
     );
     let offered =
         ProtocolFeatures::from_bits_retain(ack(&f.ask(FrontendRequest::GetProtocolFeatures)));
-    assert!(!offered.intersects(ProtocolFeatures::RARP | ProtocolFeatures::MTU));
+    assert!(!offered.intersects(ProtocolFeatures::CROSS_ENDIAN | ProtocolFeatures::CRYPTO_SESSION));
     assert!(offered.contains(ProtocolFeatures::REPLY_ACK | ProtocolFeatures::MQ));
     assert_eq!(
         offered.contains(ProtocolFeatures::PAGEFAULT),
@@ -1795,6 +1813,42 @@ fn create_crypto_session_gets_a_negative_session_id() {
     let id_at = |at: usize| i64::from_ne_bytes(reply.body[at..at + 8].try_into().unwrap());
     assert_eq!((id_at(0), id_at(8)), (-1, -1));
     assert!(reply.body[16..].iter().all(|&b| b == 7));
+    f.alive();
+}
+
+/// A network device's requests: offered when the backend offers them, handed to it with the
+/// payload decoded (the MAC address, the MTU).
+#[test]
+fn send_rarp_and_net_set_mtu_reach_a_backend_that_offers_them() {
+    let net = ProtocolFeatures::RARP | ProtocolFeatures::MTU;
+    let mut f = Fixture::with(FEATURES, protocol() | net);
+    let offered =
+        ProtocolFeatures::from_bits_retain(ack(&f.ask(FrontendRequest::GetProtocolFeatures)));
+    assert!(offered.contains(net));
+    f.negotiate(protocol() | net);
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    f.ok(FrontendRequest::SendRarp(MacAddr(mac)));
+    f.ok(FrontendRequest::NetSetMtu(U64(9000)));
+    // Wider than the config space's 16-bit `mtu`: refused before the backend sees it.
+    assert_refused(&f.ask(FrontendRequest::NetSetMtu(U64(0x1_0000))));
+    let rec = lock(&f.rec);
+    assert_eq!(
+        (rec.rarps.as_slice(), rec.mtus.as_slice()),
+        (&[mac][..], &[9000][..])
+    );
+}
+
+/// "The back-end must respond with zero in case the specified MTU is valid, or non-zero
+/// otherwise": the backend's error is the failure reply, and the connection goes on.
+#[test]
+fn send_rarp_and_net_set_mtu_refused_by_the_backend_are_failure_replies() {
+    let net = ProtocolFeatures::RARP | ProtocolFeatures::MTU;
+    let mut f = Fixture::with(FEATURES, protocol() | net);
+    f.negotiate(protocol() | net);
+    lock(&f.rec).fail = true;
+    assert_refused(&f.ask(FrontendRequest::SendRarp(MacAddr([2; 6]))));
+    assert_refused(&f.ask(FrontendRequest::NetSetMtu(U64(1500))));
+    lock(&f.rec).fail = false;
     f.alive();
 }
 
