@@ -30,23 +30,42 @@ const INDIRECT_F: u16 = 4;
 struct Ring {
     mem: Mem,
     vring: VringMutex<Mem>,
+    /// Where the ring's structures and tables start in `mem` (see [`Ring::in_memory`]).
+    base: u64,
     avail: u16,
     used: u16,
 }
 
+/// Guest memory for one or more rings.
+fn guest_memory() -> Mem {
+    GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
+    )
+}
+
 impl Ring {
+    /// A ring in guest memory of its own.
     fn new() -> Ring {
-        let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-        );
+        Ring::in_memory(guest_memory(), 0)
+    }
+
+    /// A ring in `mem` whose table, available and used rings (and the tables [`desc`]
+    /// writes) are `base` bytes further than [`DESC`], [`AVAIL`], [`USED`] say: two rings in
+    /// the same guest memory, as a device's queues are.
+    ///
+    /// [`desc`]: Ring::desc
+    fn in_memory(mem: Mem, base: u64) -> Ring {
         let vring = VringMutex::<Mem>::new(mem.clone(), 256).unwrap();
         vring.set_queue_size(SIZE).unwrap();
-        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring
+            .set_queue_info(base + DESC, base + AVAIL, base + USED)
+            .unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         Ring {
             mem,
             vring,
+            base,
             avail: 0,
             used: 0,
         }
@@ -73,7 +92,10 @@ impl Ring {
         let desc = Descriptor::new(addr, len, flags, next);
         self.mem
             .memory()
-            .write_obj(desc, GuestAddress(table + 16 * u64::from(index)))
+            .write_obj(
+                desc,
+                GuestAddress(self.base + table + 16 * u64::from(index)),
+            )
             .unwrap();
     }
 
@@ -81,20 +103,20 @@ impl Ring {
     fn offer(&mut self, head: u16) {
         let m = self.mem.memory();
         let slot = u64::from(self.avail % SIZE);
-        m.write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot))
+        m.write_obj(head.to_le(), GuestAddress(self.base + AVAIL + 4 + 2 * slot))
             .unwrap();
         self.avail = self.avail.wrapping_add(1);
-        m.write_obj(self.avail.to_le(), GuestAddress(AVAIL + 2))
+        m.write_obj(self.avail.to_le(), GuestAddress(self.base + AVAIL + 2))
             .unwrap();
     }
 
     /// The used entries written since the last call: `(head, len)`.
     fn take_used(&mut self) -> Vec<(u16, u32)> {
         let m = self.mem.memory();
-        let idx = u16::from_le(m.read_obj(GuestAddress(USED + 2)).unwrap());
+        let idx = u16::from_le(m.read_obj(GuestAddress(self.base + USED + 2)).unwrap());
         let mut out = Vec::new();
         while self.used != idx {
-            let at = USED + 4 + 8 * u64::from(self.used % SIZE);
+            let at = self.base + USED + 4 + 8 * u64::from(self.used % SIZE);
             let id = u32::from_le(m.read_obj(GuestAddress(at)).unwrap());
             let len = u32::from_le(m.read_obj(GuestAddress(at + 4)).unwrap());
             out.push((u16::try_from(id).unwrap(), len));
@@ -943,10 +965,20 @@ fn burst(backend: &NetBackend, rx: &mut Ring, tx: &mut Ring, body: &[u8], rx_fir
     );
 }
 
+/// A pair's RX and TX rings in one guest memory, as a frontend lays them out: the RX ring's
+/// structures after the TX ring's, below the data buffers.
+fn ring_pair() -> (Ring, Ring) {
+    let mem = guest_memory();
+    (
+        Ring::in_memory(mem.clone(), 0x8000),
+        Ring::in_memory(mem, 0),
+    )
+}
+
 #[test]
 fn loopback_bursts_with_rx_room_come_straight_back() {
     let backend = loopback(64);
-    let (mut rx, mut tx) = (Ring::new(), Ring::new());
+    let (mut rx, mut tx) = ring_pair();
     let body = burst_frame();
     for _ in 0..burst_rounds() {
         burst(&backend, &mut rx, &mut tx, &body, true);
@@ -956,7 +988,7 @@ fn loopback_bursts_with_rx_room_come_straight_back() {
 #[test]
 fn loopback_bursts_without_rx_room_come_back_at_the_rx_kick() {
     let backend = loopback(64);
-    let (mut rx, mut tx) = (Ring::new(), Ring::new());
+    let (mut rx, mut tx) = ring_pair();
     let body = burst_frame();
     for _ in 0..burst_rounds() {
         burst(&backend, &mut rx, &mut tx, &body, false);
