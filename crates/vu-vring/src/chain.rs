@@ -816,6 +816,23 @@ impl<'m, G: GuestMemory> ChainTable<'m, G> {
         self.iommu.is_some()
     }
 
+    /// The chain at `head` (below the table's size) when it is one plain descriptor (no
+    /// `NEXT` link, no indirect table) of a table without an IOMMU: its buffer's address and
+    /// length, and whether it is device-writable. That is all a walk of it would yield, so a
+    /// caller may skip building and walking a [`Chain`]; `None` means walk it. (The fill pass
+    /// keeps its IOMMU apart from its table: it asks only without one.)
+    #[inline]
+    pub(crate) fn single(&self, head: u16) -> Option<(GuestAddress, u32, bool)> {
+        if self.iommu.is_some() {
+            return None;
+        }
+        let desc = self.table.read(self.mem, head)?;
+        if desc.has_next() || desc.refers_to_indirect_table() {
+            return None;
+        }
+        Some((desc.addr(), desc.len(), desc.is_write_only()))
+    }
+
     /// A chain's translation state behind this table's IOMMU, if it has one.
     #[inline(always)]
     fn translated(&self) -> Option<Box<Translated>> {

@@ -344,6 +344,8 @@ fn malformed_chains_are_completed_empty_and_the_ring_goes_on() {
     let readable = guest.offer(&[(BUFFERS, 16, 0)]);
     let outside = guest.offer(&[(MEM_LEN as u64 - 8, 16, WRITE)]);
     let empty = guest.offer(&[(BUFFERS, 0, WRITE), (BUFFERS, 0, WRITE)]);
+    // One descriptor, read straight from the table rather than walked: the same verdict.
+    let zero = guest.offer(&[(BUFFERS, 0, WRITE)]);
     // An indirect table inside an indirect table.
     {
         let m = guest.mem.memory();
@@ -360,13 +362,14 @@ fn malformed_chains_are_completed_empty_and_the_ring_goes_on() {
             (rx.malformed(), room)
         })
         .unwrap();
-    assert_eq!((malformed, room), (4, 32));
+    assert_eq!((malformed, room), (5, 32));
     assert_eq!(
         guest.used(),
         vec![
             (readable, 0),
             (outside, 0),
             (empty, 0),
+            (zero, 0),
             (nested, 0),
             (good, 8)
         ]

@@ -419,6 +419,25 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// Adds the writable buffers of `chain` to the take's slices; returns their room, or why
     /// the chain cannot take data.
     fn gather(&mut self, origin: Origin) -> Result<usize, &'static str> {
+        // A split chain of one descriptor (every buffer of a driver posting one per chain, as
+        // mergeable receive buffers are) is read straight from the table: what its walk
+        // would yield, without building and walking a `Chain`.
+        if let (Origin::Avail(head) | Origin::Resubmitted(head), None, None) =
+            (origin, &self.ring, &self.iommu)
+        {
+            if let Some((addr, len, writable)) = self.table.single(head) {
+                if !writable {
+                    return Err("a device-readable descriptor");
+                }
+                if len == 0 {
+                    return Err("no writable room");
+                }
+                let len = len as usize;
+                self.writable(addr, len)
+                    .map_err(|()| "a buffer outside guest memory")?;
+                return Ok(len);
+            }
+        }
         // Built here, walked here: a `Chain` returned or passed along is copied each time.
         let chain = match (origin, &self.ring) {
             (Origin::Packed(t, _), Some(ring)) => {
