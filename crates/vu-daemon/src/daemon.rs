@@ -177,6 +177,12 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
             true
         })
     }
+
+    fn set_driver_concurrent(&self, queue: u16, concurrent: bool) {
+        if let Some(vring) = self.vrings.get(usize::from(queue)) {
+            vring.get_mut().set_driver_concurrent(concurrent);
+        }
+    }
 }
 
 /// A duplicate of the kick eventfd currently stored in `vring`, if any.

@@ -106,6 +106,9 @@ pub(crate) trait Dispatch {
     /// Ends [`hold_kicks`](Self::hold_kicks); returns whether chains are available that no
     /// kick will announce (the worker then dispatches the queue before it sleeps).
     fn release_kicks(&self, queue: u16) -> bool;
+    /// Tells queue `queue`'s ring whether its driver is known to run concurrently with the
+    /// worker (`VringData::set_driver_concurrent`: interrupt decisions per round of a pass).
+    fn set_driver_concurrent(&self, queue: u16, concurrent: bool);
 }
 
 /// Assigns each queue to a worker thread from the backend's `queues_per_thread()` masks.
@@ -341,6 +344,14 @@ const MAX_BACKOFF: u32 = 1024;
 /// worker lost its CPU, make the queue's next served kicks open none, twice as many after
 /// each such window up to [`MAX_BACKOFF`]; a window that found chains with the CPU to
 /// itself ends the backoff.
+///
+/// The same judgement is the worker's evidence that the queue's driver runs on another CPU:
+/// it published chains while the worker spun, and did not need the worker's CPU to do it.
+/// From a window that pays to the next one that does not, the ring is told so
+/// ([`Dispatch::set_driver_concurrent`]) and its passes decide on interrupts per round: the
+/// driver is woken by the first completions, not the last. On a CPU shared with the driver
+/// no window pays (the driver runs only by preempting the spinning worker), so there a pass
+/// decides once, and an early interrupt never splits it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Backoff {
     /// Served kicks still to open no window.
@@ -349,17 +360,23 @@ struct Backoff {
     next: u32,
     /// Whether the queue's polling backs off at all, as of its last window.
     adaptive: bool,
+    /// Whether the last judged window paid: the driver runs concurrently.
+    concurrent: bool,
+    /// What the ring was last told of `concurrent`.
+    told: bool,
 }
 
 impl Backoff {
     fn paid(&mut self) {
         self.skip = 0;
         self.next = 0;
+        self.concurrent = true;
     }
 
     fn failed(&mut self) {
         self.next = (self.next * 2).clamp(1, MAX_BACKOFF);
         self.skip = self.next;
+        self.concurrent = false;
     }
 }
 
@@ -574,9 +591,23 @@ impl Worker {
 
     /// Ends the hold on `queue`'s kicks (its window closed or the loop ends); returns whether
     /// chains arrived that no kick announces.
-    fn release(&self, queue: u16, d: &dyn Dispatch) -> bool {
+    fn release(&self, p: &mut Polling, queue: u16, d: &dyn Dispatch) -> bool {
+        self.tell_concurrent(p, queue, d);
         let _table = self.table();
         d.release_kicks(queue)
+    }
+
+    /// Tells `queue`'s ring what its last judged window says of its driver, if that changed.
+    fn tell_concurrent(&self, p: &mut Polling, queue: u16, d: &dyn Dispatch) {
+        let Some(b) = p.backoff(queue) else {
+            return;
+        };
+        if b.concurrent != b.told {
+            b.told = b.concurrent;
+            let concurrent = b.concurrent;
+            let _table = self.table();
+            d.set_driver_concurrent(queue, concurrent);
+        }
     }
 
     /// Spins over the polled rings until one has work (returned), or returns `None` when
@@ -628,8 +659,18 @@ impl Worker {
     pub(crate) fn run(&self, num_queues: usize, d: &dyn Dispatch) -> Result<Ending, DaemonError> {
         let mut p = Polling::new(num_queues);
         let result = self.serve(num_queues, d, &mut p);
-        for (queue, _) in p.windows.drain(..) {
-            self.release(queue, d);
+        let open: Vec<u16> = p.windows.drain(..).map(|(queue, _)| queue).collect();
+        for queue in open {
+            self.release(&mut p, queue, d);
+        }
+        // No ring keeps a judgement this loop can no longer revise.
+        for queue in 0..p.backoff.len() {
+            if let Ok(queue) = u16::try_from(queue) {
+                if let Some(b) = p.backoff(queue) {
+                    b.concurrent = false;
+                }
+                self.tell_concurrent(&mut p, queue, d);
+            }
         }
         result
     }
@@ -683,18 +724,20 @@ impl Worker {
             };
             p.judge(found, switches);
             if let Some(queue) = found {
+                // Before the dispatch: the judgement of this very find sets the pass's cadence.
+                self.tell_concurrent(p, queue, d);
                 if self.dispatch_polled(queue, d)? {
                     self.extend_polling(p, queue, d);
                 } else if let Some(i) = p.windows.iter().position(|&(q, _)| q == queue) {
                     // Not armed any more (unwatched or parked): stop polling it.
                     p.windows.remove(i);
-                    self.release(queue, d);
+                    self.release(p, queue, d);
                 }
             }
             while let Some(queue) = p.closed.pop() {
                 // The re-check before sleeping: chains published while kicks were held are
                 // served now, as their kick would have had them served.
-                if self.release(queue, d) {
+                if self.release(p, queue, d) {
                     self.dispatch_polled(queue, d)?;
                 }
             }
@@ -827,6 +870,8 @@ mod tests {
         work: Vec<bool>,
         /// Holds taken and released, in order: (queue, held).
         holds: RefCell<Vec<(u16, bool)>>,
+        /// What the rings were told of their drivers, in order: (queue, concurrent).
+        concurrent: RefCell<Vec<(u16, bool)>>,
     }
 
     impl Recorder {
@@ -838,6 +883,7 @@ mod tests {
                 panic: Cell::new(false),
                 work: vec![false; n],
                 holds: RefCell::new(Vec::new()),
+                concurrent: RefCell::new(Vec::new()),
             }
         }
     }
@@ -855,6 +901,9 @@ mod tests {
         fn release_kicks(&self, queue: u16) -> bool {
             self.holds.borrow_mut().push((queue, false));
             false
+        }
+        fn set_driver_concurrent(&self, queue: u16, concurrent: bool) {
+            self.concurrent.borrow_mut().push((queue, concurrent));
         }
         fn handle_event(&self, device_event: u16, _: EventSet, _: usize) -> io::Result<()> {
             if self.panic.get() {
@@ -1120,6 +1169,62 @@ mod tests {
         assert_eq!(opened.len(), 8, "a device's budget never backs off");
     }
 
+    #[test]
+    fn a_window_that_pays_tells_the_ring_its_driver_runs_concurrently_until_one_does_not() {
+        let w = Worker::new(0, 1, None).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        w.extend_polling(&mut p, 0, &d);
+        // The spin found chains with the CPU to itself: the driver runs on another CPU.
+        let switches = p.switches;
+        p.judge(Some(0), switches);
+        w.tell_concurrent(&mut p, 0, &d);
+        w.tell_concurrent(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true)], "told once");
+        // A later spin loses the CPU: the window closes, and its release tells the ring.
+        p.judge(None, switches + 1);
+        assert_eq!(p.closed, vec![0]);
+        p.closed.clear();
+        w.release(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+    }
+
+    #[test]
+    fn chains_found_after_losing_the_cpu_are_no_evidence_of_a_concurrent_driver() {
+        // One CPU: the driver published only by preempting the spinning worker.
+        let w = Worker::new(0, 1, None).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        w.extend_polling(&mut p, 0, &d);
+        let switches = p.switches + 1;
+        p.judge(Some(0), switches);
+        w.tell_concurrent(&mut p, 0, &d);
+        p.closed.clear();
+        w.release(&mut p, 0, &d);
+        assert!(
+            d.concurrent.borrow().is_empty(),
+            "the ring keeps one decision per pass"
+        );
+    }
+
+    #[test]
+    fn a_window_that_closes_empty_ends_the_concurrent_cadence() {
+        let w = Worker::new(0, 1, None).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        w.extend_polling(&mut p, 0, &d);
+        let switches = p.switches;
+        p.judge(Some(0), switches);
+        w.tell_concurrent(&mut p, 0, &d);
+        // The window runs out with nothing found: the driver went quiet.
+        p.windows.clear();
+        p.closed.push(0);
+        p.judge(None, switches);
+        p.closed.clear();
+        w.release(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+    }
+
     /// A ring as the worker sees it, shared with a driver thread: chains published and
     /// served, and the hold on kicks, with the driver's side of the notification protocol.
     struct SharedRing {
@@ -1160,6 +1265,7 @@ mod tests {
             fence(Ordering::SeqCst);
             self.ring_has_work(q)
         }
+        fn set_driver_concurrent(&self, _: u16, _: bool) {}
     }
 
     #[test]
@@ -1261,6 +1367,7 @@ mod tests {
                 fn release_kicks(&self, _: u16) -> bool {
                     false
                 }
+                fn set_driver_concurrent(&self, _: u16, _: bool) {}
             }
             tx.send(w2.rearm(&Enabled).is_ok()).unwrap();
         });

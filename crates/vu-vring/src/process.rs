@@ -35,7 +35,9 @@ use crate::{Chain, Error, VringData, VringT};
 ///    ([`VringData::serve_available`]);
 /// 3. decide once whether the driver wants an interrupt for the entries of this pass
 ///    ([`VringData::signal_used_queue_if_needed`])
-///    and write the call eventfd at most once;
+///    and write the call eventfd at most once (while the driver is known to run on another
+///    CPU, [`VringData::set_driver_concurrent`], also after every round of 8 chains, so
+///    that it reaps the first ones while the rest are served);
 /// 4. re-enable kicks (with EVENT_IDX: publish `avail_event`) and look at the ring again: a
 ///    chain made available meanwhile, whose kick the driver may have skipped, starts another
 ///    pass.
@@ -228,7 +230,7 @@ where
         data.disable_notification()?;
         let used_before = data.queue_next_used();
         // Entries added here count for the interrupt decision below too.
-        let served = match data.serve_available_async(mem, &mut *serve) {
+        let served = match data.serve_pass(mem, &mut *serve) {
             Ok(n) => n,
             Err(err) => {
                 // The chains completed before the error are counted and signalled. A pass
@@ -275,11 +277,15 @@ mod tests {
     const USED: u64 = 0x3000;
 
     fn started() -> (VringMutex<Mem>, Mem) {
+        started_sized(SIZE)
+    }
+
+    fn started_sized(size: u16) -> (VringMutex<Mem>, Mem) {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
         );
         let vring = VringMutex::<Mem>::new(mem.clone(), 256).unwrap();
-        vring.set_queue_size(SIZE).unwrap();
+        vring.set_queue_size(size).unwrap();
         vring.set_queue_info(DESC, AVAIL, USED).unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
@@ -308,6 +314,111 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("process_queue did not return")
+    }
+
+    /// Chains per round while the driver runs concurrently.
+    const ROUND: usize = crate::state::CONCURRENT_ROUND;
+
+    /// Interrupt cadence: a ring of 64 entries with EVENT_IDX and a call eventfd, 40 chains
+    /// offered, the driver's `used_event` at `used_event`.
+    fn cadence_ring(concurrent: bool, used_event: u16) -> (VringMutex<Mem>, Mem, std::fs::File) {
+        const CADENCE_SIZE: u16 = 64;
+        let (vring, mem) = started_sized(CADENCE_SIZE);
+        vring.set_queue_event_idx(true);
+        let (call, observer) = crate::testutil::eventfd_pair();
+        vring.set_call(Some(call));
+        vring.get_mut().set_driver_concurrent(concurrent);
+        let used_event_at = AVAIL + 4 + 2 * u64::from(CADENCE_SIZE);
+        mem.memory()
+            .write_obj(used_event.to_le(), GuestAddress(used_event_at))
+            .unwrap();
+        offer(&mem, 40);
+        (vring, mem, observer)
+    }
+
+    /// The call eventfd's count since the last look (0 when not written).
+    fn calls(observer: &std::fs::File) -> u64 {
+        let mut buf = [0u8; 8];
+        match std::io::Read::read(&mut &*observer, &mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            _ => 0,
+        }
+    }
+
+    /// Serves the cadence ring, recording for each chain (head index) the used index the
+    /// driver could see and the calls written so far while it was served.
+    fn serve_recording(
+        vring: &VringMutex<Mem>,
+        mem: &Mem,
+        observer: &std::fs::File,
+    ) -> Vec<(u16, u64)> {
+        let mut seen = Vec::new();
+        let mut signalled = 0;
+        let served = process_queue(vring, |_chain| {
+            let used: u16 = mem.memory().read_obj(GuestAddress(USED + 2)).unwrap();
+            signalled += calls(observer);
+            seen.push((u16::from_le(used), signalled));
+            0
+        });
+        assert_eq!(served, 40);
+        seen
+    }
+
+    #[test]
+    fn a_concurrent_driver_is_interrupted_after_the_first_round_of_a_pass() {
+        // The driver sleeps waiting for the very next completion (used_event 0).
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        let seen = serve_recording(&vring, &mem, &observer);
+        // While the second round is served the first is published and the driver was
+        // interrupted once; it is not interrupted again for the rest of the pass (its
+        // used_event stays behind).
+        assert_eq!(seen[ROUND - 1], (0, 0));
+        assert_eq!(seen[ROUND], (ROUND as u16, 1));
+        assert_eq!(seen[3 * ROUND], (3 * ROUND as u16, 1));
+        assert_eq!(calls(&observer), 0, "one interrupt in all");
+        assert_eq!(vring.queue_used_idx().unwrap(), 40);
+    }
+
+    #[test]
+    fn a_driver_not_known_to_be_concurrent_is_interrupted_once_at_the_end_of_the_pass() {
+        let (vring, mem, observer) = cadence_ring(false, 0);
+        let seen = serve_recording(&vring, &mem, &observer);
+        // One round: nothing published and no interrupt while the pass runs.
+        assert!(seen.iter().all(|&s| s == (0, 0)), "{seen:?}");
+        assert_eq!(calls(&observer), 1);
+        assert_eq!(vring.queue_used_idx().unwrap(), 40);
+    }
+
+    #[test]
+    fn a_concurrent_driver_that_asked_for_no_interrupt_gets_none_from_the_rounds() {
+        // used_event ahead of this pass: the driver is busy and wants an interrupt later.
+        let (vring, mem, observer) = cadence_ring(true, 100);
+        let seen = serve_recording(&vring, &mem, &observer);
+        assert!(seen.iter().all(|&(_, signalled)| signalled == 0));
+        assert_eq!(calls(&observer), 0);
+    }
+
+    #[test]
+    fn a_concurrent_driver_that_rearms_mid_pass_is_interrupted_for_the_next_round() {
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        let used_event_at = AVAIL + 4 + 2 * 64;
+        let mut signalled = 0;
+        let mut at = Vec::new();
+        process_queue(&vring, |chain| {
+            signalled += calls(&observer);
+            at.push(signalled);
+            if usize::from(chain.head_index()) == ROUND + 1 {
+                // The driver woke for the first round, reaped it and armed for the next
+                // completion (Linux's virtqueue_enable_cb after its drain).
+                mem.memory()
+                    .write_obj((ROUND as u16).to_le(), GuestAddress(used_event_at))
+                    .unwrap();
+            }
+            0
+        });
+        // Interrupted after round 1 and after round 2 (which crosses the new used_event).
+        assert_eq!((at[ROUND], at[2 * ROUND]), (1, 2));
+        assert_eq!(calls(&observer), 0);
     }
 
     #[test]

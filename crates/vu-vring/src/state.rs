@@ -45,6 +45,12 @@ use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER};
 /// them in the used ring.
 const SERVE_BATCH: usize = 64;
 
+/// Chains per round of a [`process_queue`](crate::process_queue) pass while the driver runs
+/// concurrently ([`VringData::set_driver_concurrent`]): the used index is published and the
+/// interrupt decided after each such round, so that a driver on another CPU reaps and
+/// reposts the first completions while the rest of the pass is served.
+pub(crate) const CONCURRENT_ROUND: usize = 8;
+
 /// The plain, unsynchronised state of one vring.
 ///
 /// Every guard of a [`VringT`](crate::VringT) implementation dereferences to this type, so
@@ -77,6 +83,9 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Driver notifications are held off by a poller ([`VringData::hold_kicks`]):
     /// [`VringData::enable_notification`] leaves them suppressed.
     kicks_held: bool,
+    /// The driver is known to run concurrently with the device
+    /// ([`VringData::set_driver_concurrent`]): passes decide on interrupts per round.
+    driver_concurrent: bool,
     /// Behind an IOMMU: the ring addresses as IOVAs and their translation.
     iommu: Option<RingIommu>,
 }
@@ -106,6 +115,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             deferred: 0,
             packed: None,
             kicks_held: false,
+            driver_concurrent: false,
             iommu: None,
         })
     }
@@ -280,16 +290,32 @@ impl<M: GuestAddressSpace> VringData<M> {
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
         let translating = self.translated_iommu()?;
-        self.serve_translated(mem, translating, serve)
+        self.serve_translated(mem, translating, serve, false)
+    }
+
+    /// One pass of [`process_queue_async`](crate::process_queue_async):
+    /// [`serve_available_async`](Self::serve_available_async), with an interrupt decision
+    /// ([`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)) after every round
+    /// of [`CONCURRENT_ROUND`] chains while the driver runs concurrently
+    /// ([`set_driver_concurrent`](Self::set_driver_concurrent)).
+    pub(crate) fn serve_pass<F>(&mut self, mem: &M::M, serve: F) -> Result<usize, Error>
+    where
+        F: FnMut(Chain<'_, M::M>) -> Completion,
+    {
+        let translating = self.translated_iommu()?;
+        let decide = self.driver_concurrent;
+        self.serve_translated(mem, translating, serve, decide)
     }
 
     /// [`serve_available_async`](Self::serve_available_async) once the rings are translated,
-    /// the chains translated through `iommu` (and the IOVA whose miss fails them) behind one.
+    /// the chains translated through `iommu` (and the IOVA whose miss fails them) behind one;
+    /// `decide`: rounds of [`CONCURRENT_ROUND`], each followed by an interrupt decision.
     fn serve_translated<F>(
         &mut self,
         mem: &M::M,
         iommu: Option<Translating>,
         mut serve: F,
+        decide: bool,
     ) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
@@ -326,21 +352,37 @@ impl<M: GuestAddressSpace> VringData<M> {
         // Two instances of the loop, so that a ring without tracking pays for no check of it.
         completed += if self.tracker.is_some() {
             match table.has_iommu() {
-                true => {
-                    self.serve_rounds::<true, true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
-                }
-                false => {
-                    self.serve_rounds::<true, false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
-                }
+                true => self.serve_rounds::<true, true, F, _>(
+                    mem,
+                    &table,
+                    ring.as_ref(),
+                    &mut serve,
+                    decide,
+                )?,
+                false => self.serve_rounds::<true, false, F, _>(
+                    mem,
+                    &table,
+                    ring.as_ref(),
+                    &mut serve,
+                    decide,
+                )?,
             }
         } else {
             match table.has_iommu() {
-                true => {
-                    self.serve_rounds::<false, true, F, _>(mem, &table, ring.as_ref(), &mut serve)?
-                }
-                false => {
-                    self.serve_rounds::<false, false, F, _>(mem, &table, ring.as_ref(), &mut serve)?
-                }
+                true => self.serve_rounds::<false, true, F, _>(
+                    mem,
+                    &table,
+                    ring.as_ref(),
+                    &mut serve,
+                    decide,
+                )?,
+                false => self.serve_rounds::<false, false, F, _>(
+                    mem,
+                    &table,
+                    ring.as_ref(),
+                    &mut serve,
+                    decide,
+                )?,
             }
         };
         Ok(completed + self.deferred.wrapping_sub(deferred_before))
@@ -378,13 +420,15 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// The rounds of [`serve_available`](Self::serve_available), with inflight tracking when
     /// `TRACK` (then `self.tracker` is set on entry; an area error inside ends it, after which
-    /// the tracker calls do nothing).
+    /// the tracker calls do nothing); `decide`: rounds of [`CONCURRENT_ROUND`] chains, each
+    /// followed by an interrupt decision.
     fn serve_rounds<'m, const TRACK: bool, const IOMMU: bool, F, B>(
         &mut self,
         mem: &'m M::M,
         table: &ChainTable<'m, M::M>,
         ring: Option<&VolatileSlice<'_, B>>,
         serve: &mut F,
+        decide: bool,
     ) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
@@ -407,7 +451,14 @@ impl<M: GuestAddressSpace> VringData<M> {
         let avail = AvailRing::map(mem, GuestAddress(self.queue.avail_ring()), size);
         // Chains are read from the available ring in rounds of up to `SERVE_BATCH` (one read
         // of the available index per round), served as they come, and put in the used ring
-        // at the end of their round.
+        // at the end of their round. While the driver runs concurrently the rounds are
+        // shorter and each ends with an interrupt decision: the driver on the other CPU can
+        // reap the first ones (and be woken for them) while the rest are served.
+        let round = if decide {
+            CONCURRENT_ROUND
+        } else {
+            SERVE_BATCH
+        };
         let mut served = [(0u16, 0u32); SERVE_BATCH];
         loop {
             let mut n = 0;
@@ -416,7 +467,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             if ahead > size {
                 return Err(Error::InvalidAvailIndex { next_avail: next });
             }
-            let taken = usize::from(ahead).min(SERVE_BATCH);
+            let taken = usize::from(ahead).min(round);
             for position in (0..taken as u16).map(|i| next.wrapping_add(i)) {
                 let head = match avail.head(position) {
                     Ok(head) => head,
@@ -461,8 +512,12 @@ impl<M: GuestAddressSpace> VringData<M> {
             }
             self.queue.set_next_avail(next.wrapping_add(taken as u16));
             completed += self.put_round::<TRACK, _>(mem, ring, region, &served[..n])?;
-            if taken < SERVE_BATCH {
+            if taken < round {
                 return Ok(completed);
+            }
+            if decide {
+                // Not after the last round: the caller decides after the pass.
+                self.signal_used_queue_if_needed()?;
             }
         }
     }
@@ -772,6 +827,30 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// [`release_kicks`](Self::release_kicks) yet).
     pub fn kicks_held(&self) -> bool {
         self.kicks_held
+    }
+
+    /// Tells the ring whether its driver is known to run concurrently with the device, on
+    /// another CPU (vu-daemon's worker sets it while a polling window finds chains without
+    /// the worker losing its CPU, and clears it when the window closes).
+    ///
+    /// While it is set, each [`process_queue`](crate::process_queue) pass serves the split
+    /// ring in rounds of 8 chains, publishes the used index after each and decides on an
+    /// interrupt after each ([`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)),
+    /// instead of once at the end of the pass: a driver sleeping for the next completion is
+    /// woken by the first round and reaps and reposts while the rest is served, rather than
+    /// waiting for the whole pass. While it is not (the default), a pass decides once: a
+    /// driver that shares the device's CPU would, woken early, preempt the device in the
+    /// middle of its pass and split it, for more interrupts and context switches per
+    /// request. A driver that is already awake and has not asked for an interrupt
+    /// (`used_event` behind) costs nothing more either way. Packed rings decide once per pass.
+    pub fn set_driver_concurrent(&mut self, concurrent: bool) {
+        self.driver_concurrent = concurrent;
+    }
+
+    /// Whether the driver is known to run concurrently
+    /// ([`set_driver_concurrent`](Self::set_driver_concurrent)).
+    pub fn driver_concurrent(&self) -> bool {
+        self.driver_concurrent
     }
 
     /// Whether the ring is enabled (`SET_VRING_ENABLE`).
@@ -1103,6 +1182,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.packed = None;
         self.deferred = 0;
         self.kicks_held = false;
+        self.driver_concurrent = false;
         self.iommu.iter_mut().for_each(RingIommu::forget_rings);
     }
 
