@@ -552,6 +552,76 @@ fn guest_memory_is_copied_into_gathered_room_with_nothing_in_between() {
 }
 
 #[test]
+fn guest_memory_at_an_address_is_copied_in_from_the_window_across_regions_or_refused() {
+    // Two regions mapped apart in the host: a source in the room's region (cut from the
+    // pass's window), one across the boundary (two slices), one past guest memory.
+    let boundary = 0xC000;
+    let regions = [
+        (GuestAddress(0), boundary as usize),
+        (GuestAddress(boundary), MEM_LEN - boundary as usize),
+    ];
+    let mut guest = Guest::with_regions(false, &regions);
+    guest.offer_buffer(0, 24);
+    guest.offer_buffer(1, 24);
+    let m = guest.mem.memory();
+    let near = BUFFERS + 0x1000;
+    let across = boundary - 8;
+    m.write_slice(&pattern(20), GuestAddress(near)).unwrap();
+    m.write_slice(&pattern(40)[20..], GuestAddress(across))
+        .unwrap();
+    let copied = guest
+        .fill(|rx| {
+            let buffers = rx.take(44, 64).unwrap();
+            let m = &*m;
+            let refused = buffers.write_guest_at(0, m, GuestAddress(MEM_LEN as u64 - 4), 8);
+            assert!(
+                matches!(refused, Err(crate::Error::GuestMemory { addr, .. }) if addr == MEM_LEN as u64 - 4)
+            );
+            let first = buffers.write_guest_at(4, m, GuestAddress(near), 20).unwrap();
+            let second = buffers.write_guest_at(24, m, GuestAddress(across), 20).unwrap();
+            buffers.commit(44);
+            (first, second)
+        })
+        .unwrap();
+    assert_eq!(copied, (20, 20));
+    assert_eq!(guest.used(), vec![(0, 24), (1, 20)]);
+    // Nothing of the refused copy was written.
+    assert_eq!(guest.read(BUFFERS, 4), vec![0; 4]);
+    let mut got = guest.read(BUFFERS + 4, 20);
+    got.extend(guest.read(BUFFERS + 0x100, 20));
+    assert_eq!(got, pattern(40));
+}
+
+#[test]
+fn guest_memory_of_another_snapshot_is_copied_from_that_snapshot() {
+    // The source chain's memory is not the pass's (here: other guest memory altogether, as
+    // after a memory update between the two snapshots): its bytes come from it, not from
+    // the pass's window at the same address.
+    let mut guest = Guest::new(false);
+    guest.offer_buffer(0, 24);
+    let source = BUFFERS + 0x1000;
+    guest
+        .mem
+        .memory()
+        .write_slice(&[0xee; 16], GuestAddress(source))
+        .unwrap();
+    let other = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap();
+    other
+        .write_slice(&pattern(16), GuestAddress(source))
+        .unwrap();
+    let copied = guest
+        .fill(|rx| {
+            let buffers = rx.take(16, 1).unwrap();
+            let copied = buffers.write_guest_at(0, &other, GuestAddress(source), 16);
+            buffers.commit(16);
+            copied.unwrap()
+        })
+        .unwrap();
+    assert_eq!(copied, 16);
+    assert_eq!(guest.read(BUFFERS, 16), pattern(16));
+}
+
+#[test]
 fn a_split_pass_goes_on_past_a_ring_of_chains_while_the_driver_refills() {
     let mut guest = Guest::new(false);
     for slot in 0..u64::from(SIZE) {

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vu_backend::prelude::*;
 use vu_backend::virtio_queue::desc::split::Descriptor;
 use vu_backend::vm_memory::Address;
-use vu_backend::vm_memory::Permissions;
 use vu_backend::vu_vring::{Buffers, Chain, Filler};
 
 use crate::virtio_net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
@@ -410,17 +409,13 @@ pub(crate) fn reflect<M: GuestAddressSpace>(
                 bad = Some(addr);
                 return false;
             };
-            let Ok(slices) = GuestMemory::get_slices(mem, from, len - skip, Permissions::Read)
-            else {
-                bad = Some(from);
-                return false;
-            };
-            for slice in slices {
-                let Ok(slice) = slice else {
+            // Cut from the fill pass's region window when `mem` is its snapshot.
+            match room.write_guest_at(at, mem, from, len - skip) {
+                Ok(n) => at += n,
+                Err(_) => {
                     bad = Some(from);
                     return false;
-                };
-                at += room.write_volatile_at(at, &slice);
+                }
             }
         }
         true

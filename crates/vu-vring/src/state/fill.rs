@@ -699,6 +699,7 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
 
     /// Copies `bytes` into the buffers from byte `offset` of their room on, as far as they
     /// reach; returns how many bytes were copied.
+    #[inline]
     pub fn write_at(&self, mut offset: usize, bytes: &[u8]) -> usize {
         let mut copied = 0;
         for slice in &self.filler.slices {
@@ -750,6 +751,46 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
             offset = 0;
         }
         copied
+    }
+
+    /// Copies the `len` bytes at `addr` of guest memory `mem` (a buffer of another chain: a
+    /// loopback, a bridge between queues; `mem` is that chain's snapshot,
+    /// [`Chain::memory`]) into the buffers from byte `offset` of their room on, as far as
+    /// they reach, with no copy in between; returns how many bytes were copied. When `mem`
+    /// is the pass's own snapshot (the same guest memory, not updated in between), the
+    /// source is cut from the pass's region window as the room's buffers are (no region
+    /// lookup). Guest memory that does not hold all `len` bytes is [`Error::GuestMemory`],
+    /// and nothing is copied.
+    pub fn write_guest_at(
+        &self,
+        offset: usize,
+        mem: &M::M,
+        addr: GuestAddress,
+        len: usize,
+    ) -> Result<usize, Error> {
+        if std::ptr::eq(mem, self.filler.mem) {
+            if let Some(src) = self.filler.in_window(addr, len) {
+                return Ok(self.write_volatile_at(offset, &src));
+            }
+        }
+        let refused = |source| Error::GuestMemory {
+            addr: addr.0,
+            source,
+        };
+        // Across regions, or outside the window: every piece is checked before any is copied.
+        let slices = GuestMemory::get_slices(mem, addr, len, Permissions::Read)
+            .map_err(refused)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(refused)?;
+        let mut copied = 0;
+        for slice in &slices {
+            let n = self.write_volatile_at(offset + copied, slice);
+            copied += n;
+            if n < slice.len() {
+                break;
+            }
+        }
+        Ok(copied)
     }
 
     /// Completes the chains `written` bytes (written from the start of the room) fill, in
