@@ -30,7 +30,14 @@ pub(crate) struct AvailRing<'m, G: GuestMemory> {
 impl<'m, G: GuestMemory> AvailRing<'m, G> {
     /// The available ring of `size` entries at `addr`, mapped when it lies in one region.
     pub(crate) fn map(mem: &'m G, addr: GuestAddress, size: u16) -> Self {
-        let len = (AVAIL_HEADER + AVAIL_ELEM * u64::from(size)) as usize;
+        Self::map_fields(mem, addr, size, false)
+    }
+
+    /// [`map`](Self::map), with the driver's `used_event` field after the ring when
+    /// `used_event` (`VIRTIO_F_EVENT_IDX`), for the interrupt decisions of a pass.
+    pub(crate) fn map_fields(mem: &'m G, addr: GuestAddress, size: u16, used_event: bool) -> Self {
+        let entries = u64::from(size) + u64::from(used_event);
+        let len = (AVAIL_HEADER + AVAIL_ELEM * entries) as usize;
         let host = GuestMemory::get_slices(mem, addr, len, Permissions::Read)
             .ok()
             .and_then(|mut slices| slices.next())
@@ -62,6 +69,16 @@ impl<'m, G: GuestMemory> AvailRing<'m, G> {
 
     /// The little-endian `u16` word `word` of the ring (1: `idx`, 2 on: the entries): from
     /// the mapping, or through guest memory when there is none.
+    /// The 16-bit field at byte `offset` of the ring (`flags` at 0, `used_event` after the
+    /// entries), loaded Relaxed: through the mapping when it covers the field, else through
+    /// guest memory.
+    pub(crate) fn field(&self, offset: u64) -> Result<u16, Error> {
+        match usize::try_from(offset / AVAIL_ELEM) {
+            Ok(word) => self.load(word, Ordering::Relaxed),
+            Err(_) => self.load_guest(offset, Ordering::Relaxed),
+        }
+    }
+
     fn load(&self, word: usize, order: Ordering) -> Result<u16, Error> {
         // `word` is below the `2 + size` words mapped.
         match self.words.and_then(|w| w.get(word)) {
@@ -134,6 +151,20 @@ mod tests {
             "{mapped} mapped, {unmapped} not"
         );
         // Past the end of guest memory: a typed error, no panic.
+        // The driver's fields, `flags` and `used_event`, mapped with the ring or not.
+        for start in (BOUNDARY - 24..BOUNDARY + 8).step_by(2) {
+            let used_event_at = start + AVAIL_HEADER + AVAIL_ELEM * 8;
+            mem.write_obj(0x0101u16.to_le(), GuestAddress(start))
+                .unwrap();
+            mem.write_obj(0xfeedu16.to_le(), GuestAddress(used_event_at))
+                .unwrap();
+            for used_event in [false, true] {
+                let ring = AvailRing::map_fields(&mem, GuestAddress(start), 8, used_event);
+                assert_eq!(ring.field(0).unwrap(), 0x0101, "flags at {start:#x}");
+                let field = ring.field(AVAIL_HEADER + AVAIL_ELEM * 8).unwrap();
+                assert_eq!(field, 0xfeed, "used_event at {start:#x}");
+            }
+        }
         let ring = AvailRing::map(&mem, GuestAddress(2 * BOUNDARY - 6), 8);
         assert!(ring.idx().is_ok());
         assert!(matches!(ring.head(7), Err(Error::GuestMemory { .. })));

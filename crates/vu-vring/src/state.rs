@@ -448,7 +448,12 @@ impl<M: GuestAddressSpace> VringData<M> {
         if !self.queue.ready() || self.queue.avail_ring() == 0 {
             return Ok(0);
         }
-        let avail = AvailRing::map(mem, GuestAddress(self.queue.avail_ring()), size);
+        let avail = AvailRing::map_fields(
+            mem,
+            GuestAddress(self.queue.avail_ring()),
+            size,
+            decide && self.queue.event_idx_enabled(),
+        );
         // Chains are read from the available ring in rounds of up to `SERVE_BATCH` (one read
         // of the available index per round), served as they come, and put in the used ring
         // at the end of their round. While the driver runs concurrently the rounds are
@@ -517,7 +522,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             }
             if decide {
                 // Not after the last round: the caller decides after the pass.
-                self.signal_used_queue_if_needed()?;
+                self.signal_round(&avail)?;
             }
         }
     }
@@ -736,24 +741,10 @@ impl<M: GuestAddressSpace> VringData<M> {
         if let Some(packed) = &mut self.packed {
             return packed.needs_notification(&self.queue, self.mem.memory().deref());
         }
-        let used = Wrapping(self.queue.next_used());
-        let old = self.notified_used;
-        if used == old {
-            return Ok(false);
-        }
-        // The used index store in `add_used` (Release) must be visible to the driver before
-        // we read what the driver asked for; otherwise both sides can miss each other's update
-        // and the driver sleeps forever.
-        fence(Ordering::SeqCst);
-        let needed = if self.queue.event_idx_enabled() {
-            let offset = AVAIL_HEADER + AVAIL_ELEM * u64::from(self.queue.size());
-            let used_event = Wrapping(self.read_avail_u16(offset)?);
-            used - used_event - Wrapping(1) < used - old
-        } else {
-            self.read_avail_u16(0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
-        };
-        self.notified_used = used;
-        Ok(needed)
+        let (mem, base) = (&self.mem, self.queue.avail_ring());
+        split_needs_notification(&self.queue, &mut self.notified_used, |offset| {
+            read_avail_u16(mem, base, offset)
+        })
     }
 
     /// Signals the call eventfd once if the entries added since the last decision need a
@@ -1194,16 +1185,56 @@ impl<M: GuestAddressSpace> VringData<M> {
         }
     }
 
-    fn read_avail_u16(&self, offset: u64) -> Result<u16, Error> {
-        let base = self.queue.avail_ring();
-        let addr = base
-            .checked_add(offset)
-            .ok_or(Error::AddressOverflow { base, offset })?;
-        let mem = self.mem.memory();
-        mem.load::<u16>(GuestAddress(addr), Ordering::Relaxed)
-            .map(u16::from_le)
-            .map_err(|source| Error::GuestMemory { addr, source })
+    /// The interrupt decision after a round of a pass whose driver runs concurrently:
+    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) for a split ring,
+    /// the driver's fields read through the pass's mapping of the available ring.
+    fn signal_round<G: GuestMemory>(&mut self, avail: &AvailRing<'_, G>) -> Result<(), Error> {
+        let needed =
+            split_needs_notification(&self.queue, &mut self.notified_used, |o| avail.field(o))?;
+        if needed {
+            self.signal_used_queue()?;
+        }
+        Ok(())
     }
+}
+
+/// The 16-bit field at byte `offset` of the available ring at `base`, loaded Relaxed.
+fn read_avail_u16<M: GuestAddressSpace>(mem: &M, base: u64, offset: u64) -> Result<u16, Error> {
+    let addr = base
+        .checked_add(offset)
+        .ok_or(Error::AddressOverflow { base, offset })?;
+    mem.memory()
+        .load::<u16>(GuestAddress(addr), Ordering::Relaxed)
+        .map(u16::from_le)
+        .map_err(|source| Error::GuestMemory { addr, source })
+}
+
+/// [`VringData::needs_notification`] for a split ring: whether the entries added since
+/// `notified` (then moved to `next_used`) need an interrupt, `read(offset)` loading the
+/// available ring's 16-bit field at that byte offset (`flags`, or `used_event` with EVENT_IDX).
+fn split_needs_notification(
+    queue: &Queue,
+    notified: &mut Wrapping<u16>,
+    read: impl FnOnce(u64) -> Result<u16, Error>,
+) -> Result<bool, Error> {
+    let used = Wrapping(queue.next_used());
+    let old = *notified;
+    if used == old {
+        return Ok(false);
+    }
+    // The used index store in `add_used` (Release) must be visible to the driver before
+    // we read what the driver asked for; otherwise both sides can miss each other's update
+    // and the driver sleeps forever.
+    fence(Ordering::SeqCst);
+    let needed = if queue.event_idx_enabled() {
+        let offset = AVAIL_HEADER + AVAIL_ELEM * u64::from(queue.size());
+        let used_event = Wrapping(read(offset)?);
+        used - used_event - Wrapping(1) < used - old
+    } else {
+        read(0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
+    };
+    *notified = used;
+    Ok(needed)
 }
 
 /// Pops the next available chain whose head index is in the descriptor table; an entry with
