@@ -5,14 +5,13 @@ use std::fs::File;
 use std::io;
 use std::num::Wrapping;
 use std::ops::Deref;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, VolatileSlice};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, VolatileSlice};
 
-use crate::avail::AvailRing;
 use crate::chain::{Chain, ChainTable};
 use crate::error::{Error, RingPart};
 use crate::eventfd::{eventfd_add_one, eventfd_take};
@@ -20,6 +19,7 @@ use crate::inflight::{InflightError, InflightQueue, InflightRegion};
 use crate::iommu::{RingIommu, Translating};
 
 pub(crate) mod fill;
+mod notify;
 mod resubmit;
 mod ring_iommu;
 mod used;
@@ -39,7 +39,7 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 // The split ring's layout lives in `layout`, shared with vu-daemon and the test kit.
-use crate::layout::{self, AVAIL_ELEM, AVAIL_HEADER};
+use crate::layout;
 
 /// Chains `serve_available` takes from one iterator over the available ring before it puts
 /// them in the used ring.
@@ -448,22 +448,13 @@ impl<M: GuestAddressSpace> VringData<M> {
         if !self.queue.ready() || self.queue.avail_ring() == 0 {
             return Ok(0);
         }
-        let avail = AvailRing::map_fields(
-            mem,
-            GuestAddress(self.queue.avail_ring()),
-            size,
-            decide && self.queue.event_idx_enabled(),
-        );
+        let avail = self.pass_avail(mem, decide);
         // Chains are read from the available ring in rounds of up to `SERVE_BATCH` (one read
         // of the available index per round), served as they come, and put in the used ring
         // at the end of their round. While the driver runs concurrently the rounds are
         // shorter and each ends with an interrupt decision: the driver on the other CPU can
         // reap the first ones (and be woken for them) while the rest are served.
-        let round = if decide {
-            CONCURRENT_ROUND
-        } else {
-            SERVE_BATCH
-        };
+        let round = notify::round(decide);
         let mut served = [(0u16, 0u32); SERVE_BATCH];
         loop {
             let mut n = 0;
@@ -742,8 +733,8 @@ impl<M: GuestAddressSpace> VringData<M> {
             return packed.needs_notification(&self.queue, self.mem.memory().deref());
         }
         let (mem, base) = (&self.mem, self.queue.avail_ring());
-        split_needs_notification(&self.queue, &mut self.notified_used, |offset| {
-            read_avail_u16(mem, base, offset)
+        notify::split_needs_notification(&self.queue, &mut self.notified_used, |offset| {
+            notify::read_avail_u16(mem, base, offset)
         })
     }
 
@@ -1184,57 +1175,6 @@ impl<M: GuestAddressSpace> VringData<M> {
             None => Ok(()),
         }
     }
-
-    /// The interrupt decision after a round of a pass whose driver runs concurrently:
-    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) for a split ring,
-    /// the driver's fields read through the pass's mapping of the available ring.
-    fn signal_round<G: GuestMemory>(&mut self, avail: &AvailRing<'_, G>) -> Result<(), Error> {
-        let needed =
-            split_needs_notification(&self.queue, &mut self.notified_used, |o| avail.field(o))?;
-        if needed {
-            self.signal_used_queue()?;
-        }
-        Ok(())
-    }
-}
-
-/// The 16-bit field at byte `offset` of the available ring at `base`, loaded Relaxed.
-fn read_avail_u16<M: GuestAddressSpace>(mem: &M, base: u64, offset: u64) -> Result<u16, Error> {
-    let addr = base
-        .checked_add(offset)
-        .ok_or(Error::AddressOverflow { base, offset })?;
-    mem.memory()
-        .load::<u16>(GuestAddress(addr), Ordering::Relaxed)
-        .map(u16::from_le)
-        .map_err(|source| Error::GuestMemory { addr, source })
-}
-
-/// [`VringData::needs_notification`] for a split ring: whether the entries added since
-/// `notified` (then moved to `next_used`) need an interrupt, `read(offset)` loading the
-/// available ring's 16-bit field at that byte offset (`flags`, or `used_event` with EVENT_IDX).
-fn split_needs_notification(
-    queue: &Queue,
-    notified: &mut Wrapping<u16>,
-    read: impl FnOnce(u64) -> Result<u16, Error>,
-) -> Result<bool, Error> {
-    let used = Wrapping(queue.next_used());
-    let old = *notified;
-    if used == old {
-        return Ok(false);
-    }
-    // The used index store in `add_used` (Release) must be visible to the driver before
-    // we read what the driver asked for; otherwise both sides can miss each other's update
-    // and the driver sleeps forever.
-    fence(Ordering::SeqCst);
-    let needed = if queue.event_idx_enabled() {
-        let offset = AVAIL_HEADER + AVAIL_ELEM * u64::from(queue.size());
-        let used_event = Wrapping(read(offset)?);
-        used - used_event - Wrapping(1) < used - old
-    } else {
-        read(0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
-    };
-    *notified = used;
-    Ok(needed)
 }
 
 /// Pops the next available chain whose head index is in the descriptor table; an entry with
