@@ -569,6 +569,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
     /// no indirect table inside one, a length that is a whole number of descriptors, at most
     /// `u16::MAX` of them.
     /// The same checks hold for a packed ring's indirect descriptor.
+    #[inline(never)]
     fn enter_indirect(&mut self, addr: GuestAddress, len: u32) -> Option<()> {
         if self.in_indirect || len as usize % DESC_SIZE != 0 {
             return None;
@@ -594,6 +595,7 @@ impl<'m, G: GuestMemory> Chain<'m, G> {
 impl<G: GuestMemory> Iterator for Chain<'_, G> {
     type Item = Descriptor;
 
+    #[inline]
     fn next(&mut self) -> Option<Descriptor> {
         if self.translated.is_none() {
             return self.next_raw();

@@ -318,18 +318,7 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
                     capacity += room;
                     good += 1;
                 }
-                Err(reason) => {
-                    self.slices.truncate(start);
-                    let head = self.head(origin);
-                    log::warn!("chain {head} cannot take data: {reason}; completed empty");
-                    self.malformed += 1;
-                    if good == 0 {
-                        // Before the take's first chain: nothing of it to keep consecutive.
-                        self.complete(origin, 0);
-                    } else {
-                        self.items.push(Item { origin, room: None });
-                    }
-                }
+                Err(reason) => self.refuse(origin, reason, start, good == 0),
             }
         }
         if good == 0 {
@@ -339,6 +328,24 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
             filler: self,
             capacity,
         })
+    }
+
+    /// A chain of the current take that cannot take data (`reason`): its slices from `start`
+    /// dropped, logged, counted, and completed empty (at once when it comes `first` in the
+    /// take, else after the take's chains).
+    #[cold]
+    #[inline(never)]
+    fn refuse(&mut self, origin: Origin, reason: &str, start: usize, first: bool) {
+        self.slices.truncate(start);
+        let head = self.head(origin);
+        log::warn!("chain {head} cannot take data: {reason}; completed empty");
+        self.malformed += 1;
+        if first {
+            // Before the take's first chain: nothing of it to keep consecutive.
+            self.complete(origin, 0);
+        } else {
+            self.items.push(Item { origin, room: None });
+        }
     }
 
     /// Chains completed by this pass so far (committed or completed empty).
@@ -477,11 +484,18 @@ impl<'a, 'm, M: GuestAddressSpace> Filler<'a, 'm, M> {
     /// Adds the guest memory at `addr`, `len` bytes, to the take's slices: cut from the
     /// pass's region window when it lies in it, else looked up (and the window moved to its
     /// region).
+    #[inline]
     fn writable(&mut self, addr: GuestAddress, len: usize) -> Result<(), ()> {
         if let Some(slice) = self.in_window(addr, len) {
             self.slices.push(slice);
             return Ok(());
         }
+        self.writable_elsewhere(addr, len)
+    }
+
+    /// [`writable`](Self::writable) for a buffer outside the window.
+    #[inline(never)]
+    fn writable_elsewhere(&mut self, addr: GuestAddress, len: usize) -> Result<(), ()> {
         self.window = self.region_window(addr);
         if let Some(slice) = self.in_window(addr, len) {
             self.slices.push(slice);
@@ -761,6 +775,7 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
     /// source is cut from the pass's region window as the room's buffers are (no region
     /// lookup). Guest memory that does not hold all `len` bytes is [`Error::GuestMemory`],
     /// and nothing is copied.
+    #[inline]
     pub fn write_guest_at(
         &self,
         offset: usize,
@@ -773,6 +788,18 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
                 return Ok(self.write_volatile_at(offset, &src));
             }
         }
+        self.write_guest_elsewhere(offset, mem, addr, len)
+    }
+
+    /// [`write_guest_at`](Self::write_guest_at) from outside the pass's window.
+    #[inline(never)]
+    fn write_guest_elsewhere(
+        &self,
+        offset: usize,
+        mem: &M::M,
+        addr: GuestAddress,
+        len: usize,
+    ) -> Result<usize, Error> {
         let refused = |source| Error::GuestMemory {
             addr: addr.0,
             source,
@@ -797,6 +824,7 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
     /// order, each with the bytes that went into it (at least the first chain, with 0 when
     /// `written` is 0), and gives back the chains after them; returns how many chains were
     /// completed. More than [`capacity`](Self::capacity) counts as the capacity.
+    #[inline]
     pub fn commit(self, written: usize) -> usize {
         let filler = &mut *self.filler;
         // One chain (a packet without mergeable buffers, or that fits one): it takes it all.
@@ -810,7 +838,14 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
             filler.complete(origin, written.min(self.capacity) as u32);
             return 1;
         }
-        let mut left = written.min(self.capacity);
+        Self::commit_chains(filler, written.min(self.capacity))
+    }
+
+    /// [`commit`](Self::commit) of a take of several chains (or with chains that cannot take
+    /// data among them), `written` at most the capacity.
+    #[inline(never)]
+    fn commit_chains(filler: &mut Filler<'_, 'm, M>, written: usize) -> usize {
+        let mut left = written;
         let mut used = 0;
         let mut cut = filler.items.len();
         for (i, item) in filler.items.iter().enumerate() {
@@ -823,7 +858,7 @@ impl<'m, M: GuestAddressSpace> Buffers<'_, '_, 'm, M> {
                 left -= left.min(room);
             }
         }
-        left = written.min(self.capacity);
+        left = written;
         let items = std::mem::take(&mut filler.items);
         // The data's chains first, then the chains found unable to take data among them.
         for item in &items[..cut] {
