@@ -88,6 +88,8 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     driver_concurrent: bool,
     /// Behind an IOMMU: the ring addresses as IOVAs and their translation.
     iommu: Option<RingIommu>,
+    /// The fill pass's lists, kept between passes (allocated once, not per pass).
+    fill: fill::Scratch,
 }
 
 impl<M: GuestAddressSpace> VringData<M> {
@@ -117,6 +119,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             kicks_held: false,
             driver_concurrent: false,
             iommu: None,
+            fill: fill::Scratch::default(),
         })
     }
 
