@@ -352,42 +352,21 @@ impl<M: GuestAddressSpace> VringData<M> {
         {
             completed += self.serve_resubmitted(mem, &table, ring.as_ref(), &mut serve)?;
         }
-        // Two instances of the loop, so that a ring without tracking pays for no check of it.
-        completed += if self.tracker.is_some() {
-            match table.has_iommu() {
-                true => self.serve_rounds::<true, true, F, _>(
-                    mem,
-                    &table,
-                    ring.as_ref(),
-                    &mut serve,
-                    decide,
-                )?,
-                false => self.serve_rounds::<true, false, F, _>(
-                    mem,
-                    &table,
-                    ring.as_ref(),
-                    &mut serve,
-                    decide,
-                )?,
+        // One instance of the loop per (tracking, IOMMU), so that a ring without either pays
+        // for no check of it.
+        let (table, ring, serve) = (&table, ring.as_ref(), &mut serve);
+        completed += match (self.tracker.is_some(), table.has_iommu()) {
+            (true, true) => self.serve_rounds::<true, true, F, _>(mem, table, ring, serve, decide),
+            (true, false) => {
+                self.serve_rounds::<true, false, F, _>(mem, table, ring, serve, decide)
             }
-        } else {
-            match table.has_iommu() {
-                true => self.serve_rounds::<false, true, F, _>(
-                    mem,
-                    &table,
-                    ring.as_ref(),
-                    &mut serve,
-                    decide,
-                )?,
-                false => self.serve_rounds::<false, false, F, _>(
-                    mem,
-                    &table,
-                    ring.as_ref(),
-                    &mut serve,
-                    decide,
-                )?,
+            (false, true) => {
+                self.serve_rounds::<false, true, F, _>(mem, table, ring, serve, decide)
             }
-        };
+            (false, false) => {
+                self.serve_rounds::<false, false, F, _>(mem, table, ring, serve, decide)
+            }
+        }?;
         Ok(completed + self.deferred.wrapping_sub(deferred_before))
     }
 
