@@ -1169,16 +1169,24 @@ mod tests {
         assert_eq!(opened.len(), 8, "a device's budget never backs off");
     }
 
-    #[test]
-    fn a_window_that_pays_tells_the_ring_its_driver_runs_concurrently_until_one_does_not() {
+    /// A worker whose queue 0 polling window found chains on its first spin, the worker
+    /// having lost its CPU `lost` times meanwhile, and told the ring what it concluded;
+    /// returns the involuntary switch count the spin was judged with.
+    fn judged_window(lost: u64) -> (Worker, Recorder, Polling, u64) {
         let w = Worker::new(0, 1, None).unwrap();
         let d = Recorder::new(1);
         let mut p = Polling::new(1);
         w.extend_polling(&mut p, 0, &d);
-        // The spin found chains with the CPU to itself: the driver runs on another CPU.
-        let switches = p.switches;
+        let switches = p.switches + lost;
         p.judge(Some(0), switches);
         w.tell_concurrent(&mut p, 0, &d);
+        (w, d, p, switches)
+    }
+
+    #[test]
+    fn a_window_that_pays_tells_the_ring_its_driver_runs_concurrently_until_one_does_not() {
+        // The spin found chains with the CPU to itself: the driver runs on another CPU.
+        let (w, d, mut p, switches) = judged_window(0);
         w.tell_concurrent(&mut p, 0, &d);
         assert_eq!(*d.concurrent.borrow(), vec![(0, true)], "told once");
         // A later spin loses the CPU: the window closes, and its release tells the ring.
@@ -1192,13 +1200,7 @@ mod tests {
     #[test]
     fn chains_found_after_losing_the_cpu_are_no_evidence_of_a_concurrent_driver() {
         // One CPU: the driver published only by preempting the spinning worker.
-        let w = Worker::new(0, 1, None).unwrap();
-        let d = Recorder::new(1);
-        let mut p = Polling::new(1);
-        w.extend_polling(&mut p, 0, &d);
-        let switches = p.switches + 1;
-        p.judge(Some(0), switches);
-        w.tell_concurrent(&mut p, 0, &d);
+        let (w, d, mut p, _) = judged_window(1);
         p.closed.clear();
         w.release(&mut p, 0, &d);
         assert!(
@@ -1209,13 +1211,7 @@ mod tests {
 
     #[test]
     fn a_window_that_closes_empty_ends_the_concurrent_cadence() {
-        let w = Worker::new(0, 1, None).unwrap();
-        let d = Recorder::new(1);
-        let mut p = Polling::new(1);
-        w.extend_polling(&mut p, 0, &d);
-        let switches = p.switches;
-        p.judge(Some(0), switches);
-        w.tell_concurrent(&mut p, 0, &d);
+        let (w, d, mut p, switches) = judged_window(0);
         // The window runs out with nothing found: the driver went quiet.
         p.windows.clear();
         p.closed.push(0);
