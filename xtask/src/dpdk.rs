@@ -55,8 +55,8 @@ const PMDS: &[(&str, &str)] = &[
 pub(crate) fn run(_options: &Options) -> StepResult {
     ensure_packages()?;
     ensure_hugepages(HUGEPAGES)?;
-    Cmd::cargo(&["build", "-p", "vu-backend", "--example", "vu_net"]).run()?;
-    let vu_net = crate::workspace_root().join("target/debug/examples/vu_net");
+    // Where cargo put it: `CARGO_TARGET_DIR` or `build.target-dir` may point anywhere.
+    let vu_net = crate::e2e::build_vu_net(false)?;
     for pairs in [1, 2] {
         let start = Instant::now();
         let summary = run_case(&vu_net, pairs)?;

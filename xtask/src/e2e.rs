@@ -496,6 +496,12 @@ fn tail(path: &Path, lines: usize) -> String {
         .collect()
 }
 
+/// Builds `vu_net` (the release build when `release`) and returns its path as cargo reports
+/// it, for the DPDK steps.
+pub(crate) fn build_vu_net(release: bool) -> Result<PathBuf, String> {
+    build_vu_backend(Device::Net, release)
+}
+
 /// Builds the vu example serving `device` and returns its path, as cargo reports it (so
 /// that `CARGO_TARGET_DIR` and `build.target-dir` are followed wherever they point).
 fn build_vu_backend(device: Device, release: bool) -> Result<PathBuf, String> {

@@ -19,7 +19,6 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use super::{ensure_hugepages, ensure_packages, send, shell_line, wait_or_kill, Scratch, MAC};
-use crate::cmd::Cmd;
 
 const USAGE: &str = "\
 usage: cargo xtask bench --net [--seconds N]
@@ -82,16 +81,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
 fn run(seconds: u64) -> Result<String, String> {
     ensure_packages()?;
     ensure_hugepages(BENCH_HUGEPAGES)?;
-    Cmd::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "vu-backend",
-        "--example",
-        "vu_net",
-    ])
-    .run()?;
-    let vu_net = crate::workspace_root().join("target/release/examples/vu_net");
+    let vu_net = crate::e2e::build_vu_net(true)?;
     let before = load_average();
     let mut table = String::from(
         "| packet | queue pairs | DPDK vhost (Mpps) | vu_net (Mpps) | vu_net / DPDK |\n\
