@@ -129,6 +129,8 @@ struct BlkBackend {
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` (`--iommu`): serve a guest behind a virtual IOMMU.
     iommu: bool,
     num_queues: u16,
+    /// Worker threads serving the queues: queue `q` on thread `q % threads`.
+    threads: u16,
     queue_size: u16,
     /// The device state transfer under way (`SET_DEVICE_STATE_FD`).
     transfer: StateTransfer,
@@ -718,9 +720,17 @@ impl VhostUserBackend for BlkBackend {
         self.transfer.finish(|input| self.load_state(input))
     }
 
-    /// One worker thread per queue, so that queues are served in parallel.
+    /// Queue `q` on worker thread `q % threads`: by default one thread per queue, queues
+    /// served in parallel; `--threads 1` serves every queue from one thread, in turn (as
+    /// one iothread does in qemu-storage-daemon), which suits a backend given one CPU.
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues).map(|q| 1u64 << q).collect()
+        (0..self.threads)
+            .map(|t| {
+                (t..self.num_queues)
+                    .step_by(usize::from(self.threads))
+                    .fold(0u64, |mask, q| mask | 1u64 << q)
+            })
+            .collect()
     }
 
     fn handle_event(
@@ -788,6 +798,8 @@ struct Args {
     packed: bool,
     iommu: bool,
     num_queues: u16,
+    /// `--threads N`: worker threads (default: one per queue).
+    threads: Option<u16>,
     queue_size: u16,
     skip_logging: Option<u64>,
     /// Threads requests run on; 0: served in the kick's pass (`--sync`).
@@ -802,8 +814,9 @@ const IO_THREADS: usize = 4;
 
 const USAGE: &str = "\
 usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB | --null MIB)
-              [--read-only] [--packed] [--iommu] [--num-queues N] [--queue-size N]
-              [--io-threads N | --sync] [--poll-us N] [--log-level LEVEL]
+              [--read-only] [--packed] [--iommu] [--num-queues N] [--threads N]
+              [--queue-size N] [--io-threads N | --sync] [--poll-us N]
+              [--log-level LEVEL]
               [--test-skip-logging N]
        vu_blk --print-capabilities
 
@@ -817,7 +830,9 @@ usage: vu_blk (--socket-path PATH | --fd N) (--blk-file FILE | --memory-size MIB
                        which covers split rings only, is then not offered
   --iommu              offer VIRTIO_F_ACCESS_PLATFORM (and BACKEND_REQ for IOTLB misses):
                        serves a guest behind a virtual IOMMU (QEMU's iommu_platform=on)
-  --num-queues N       request queues, one worker thread each (default 1, at most 64)
+  --num-queues N       request queues (default 1, at most 64)
+  --threads N          worker threads serving the queues, queue q on thread q % N
+                       (default: one per queue; 1: every queue on one thread, in turn)
   --queue-size N       largest queue size accepted (default 1024)
   --io-threads N       requests of split rings run on N threads shared by the queues, many
                        in flight per queue, completed as they finish (default 4)
@@ -848,6 +863,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         packed: false,
         iommu: false,
         num_queues: 1,
+        threads: None,
         queue_size: 1024,
         skip_logging: None,
         io_threads: IO_THREADS,
@@ -873,6 +889,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--packed" => parsed.packed = true,
             "--iommu" => parsed.iommu = true,
             "--num-queues" => parsed.num_queues = common::number_in(name, &value()?, 1..=64)?,
+            "--threads" => parsed.threads = Some(common::number_in(name, &value()?, 1..=64)?),
             "--queue-size" => parsed.queue_size = common::queue_size(name, &value()?)?,
             "--io-threads" => parsed.io_threads = common::number_in(name, &value()?, 1..=64)?,
             "--sync" => parsed.io_threads = 0,
@@ -916,6 +933,7 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         packed: args.packed,
         iommu: args.iommu,
         num_queues: args.num_queues,
+        threads: args.threads.unwrap_or(args.num_queues).min(args.num_queues),
         queue_size: args.queue_size,
         transfer: StateTransfer::new(),
         offload,
@@ -941,10 +959,11 @@ fn run(args: &Args, socket: &Socket) -> Result<(), String> {
         log::warn!("--test-skip-logging {n}: the data of every {n}th read is NOT logged");
     }
     log::info!(
-        "{} sectors, {} queue(s) of up to {}, {}",
+        "{} sectors, {} queue(s) of up to {} on {} worker thread(s), {}",
         capacity / SECTOR_SIZE,
         args.num_queues,
         args.queue_size,
+        daemon.backend().threads,
         if args.read_only {
             "read-only"
         } else {
@@ -1006,6 +1025,7 @@ mod tests {
             packed: false,
             iommu: false,
             num_queues: 1,
+            threads: 1,
             queue_size: 256,
             transfer: StateTransfer::new(),
             offload: None,
@@ -1122,6 +1142,20 @@ mod tests {
             assert_eq!(&*list, &entries[..=k]);
         }
         assert_eq!(Segments::total(&list), 28);
+    }
+
+    #[test]
+    fn queues_go_round_the_worker_threads() {
+        let mut backend = device(1 << 20);
+        (backend.num_queues, backend.threads) = (5, 2);
+        assert_eq!(backend.queues_per_thread(), [0b10101, 0b01010]);
+        backend.threads = 1;
+        assert_eq!(backend.queues_per_thread(), [0b11111]);
+        backend.threads = 5;
+        assert_eq!(
+            backend.queues_per_thread(),
+            [0b00001, 0b00010, 0b00100, 0b01000, 0b10000]
+        );
     }
 
     #[test]
