@@ -4,8 +4,8 @@
 //!
 //! - `vu_blk --null`, the vu framework's block example on a disk that holds nothing (a read
 //!   writes zeroes into the guest's buffers, a write is completed without reading its data),
-//!   served in the kick's pass (`--sync`, one thread per queue) and, for comparison, on its
-//!   offload threads (the default), and
+//!   served in the kick's pass (`--sync`) by one worker thread for every queue
+//!   (`--threads 1`) and, for comparison, on its offload threads (the default), and
 //! - `qemu-storage-daemon`'s `vhost-user-blk` export (QEMU's block layer on libvhost-user) of
 //!   a `null-co` node with `read-zeroes=on` (the same work per request: zeroes into the
 //!   guest's buffers for a read, nothing for a write), served in an iothread.
@@ -180,6 +180,9 @@ impl BlkProcess {
                     .arg(&path)
                     .args(["--null", &DISK_MIB.to_string()])
                     .args(["--num-queues", &queues.to_string()])
+                    // Every queue on one worker thread, as qsd serves every queue from its
+                    // one iothread: the backend has one CPU either way.
+                    .args(["--threads", "1"])
                     .args(["--poll-us", &poll.to_string()])
                     .args(["--log-level", "warn"]);
                 if which != Blk::VuThreads {
@@ -414,17 +417,28 @@ struct BlkSample {
     rate: f64,
     cpu_per_req: f64,
     irq_per_req: f64,
+    /// The driver threads' CPU time over the run's wall time: the share of CPU 0 the driver
+    /// used. Near 1 the driver's CPU is the bound, whichever backend serves it.
+    driver_busy: f64,
+}
+
+/// CPU time and wall time of one measured run.
+struct Spent {
+    backend_ns: u64,
+    driver_ns: u64,
+    wall: Duration,
 }
 
 /// Drives every queue of `device` in its own thread (on CPU 0) with the `linux-blk` model: a
 /// warm-up of 1000 requests, then `until` at once on all queues. Returns the queues and
-/// their outcomes, and the backend CPU time of the measured part.
+/// their outcomes, and the backend's and the driver's CPU time of the measured part (the
+/// driver's: this process's, whose other threads wait in the meantime).
 fn drive_all(
     device: &mut BlkDevice,
     depth: usize,
     until: Until,
     cpu: &dyn Fn() -> u64,
-) -> (Vec<Outcome>, u64) {
+) -> (Vec<Outcome>, Spent) {
     let start = Arc::new(Barrier::new(device.queues.len() + 1));
     let threads: Vec<_> = std::mem::take(&mut device.queues)
         .into_iter()
@@ -442,19 +456,26 @@ fn drive_all(
         .collect();
     start.wait();
     let cpu0 = cpu();
+    let driver0 = process_cpu_ns(std::process::id());
+    let wall0 = Instant::now();
     let mut outcomes = Vec::new();
     for thread in threads {
         let (queue, out) = thread.join().expect("a driver thread panicked");
         device.queues.push(queue);
         outcomes.push(out);
     }
-    (outcomes, cpu() - cpu0)
+    let spent = Spent {
+        backend_ns: cpu() - cpu0,
+        driver_ns: process_cpu_ns(std::process::id()) - driver0,
+        wall: wall0.elapsed(),
+    };
+    (outcomes, spent)
 }
 
 fn measure_blk(opts: &Options, which: Blk, cell: BlkCell) -> BlkSample {
     let backend = BlkProcess::spawn(opts, which, cell.queues, None);
     let mut device = blk_handshake(&backend.path, cell);
-    let (outs, cpu) = drive_all(&mut device, cell.depth, Until::Time(opts.run_time), &|| {
+    let (outs, spent) = drive_all(&mut device, cell.depth, Until::Time(opts.run_time), &|| {
         backend.cpu_ns()
     });
     for queue in &device.queues {
@@ -466,8 +487,9 @@ fn measure_blk(opts: &Options, which: Blk, cell: BlkCell) -> BlkSample {
     let irqs: u64 = outs.iter().map(|o| o.interrupts).sum();
     BlkSample {
         rate: outs.iter().map(Outcome::rate).sum(),
-        cpu_per_req: cpu as f64 / done as f64,
+        cpu_per_req: spent.backend_ns as f64 / done as f64,
         irq_per_req: irqs as f64 / done as f64,
+        driver_busy: spent.driver_ns as f64 / spent.wall.as_nanos() as f64,
     }
 }
 
@@ -527,6 +549,7 @@ pub(crate) struct BlkRow {
     rate: [f64; 5],
     cpu: [f64; 5],
     irqs: [f64; 5],
+    driver: [f64; 5],
 }
 
 /// Whether `qemu-storage-daemon` can be run.
@@ -566,6 +589,7 @@ pub(crate) fn blk(opts: &Options) {
             rate: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.rate)),
             cpu: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.cpu_per_req)),
             irqs: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.irq_per_req)),
+            driver: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.driver_busy)),
         })
         .collect();
     print_blk_table(opts, &rows);
@@ -588,11 +612,13 @@ fn print_blk_table(opts: &Options, rows: &[BlkRow]) {
         opts.run_time.as_millis()
     );
     println!("Requests/s, interrupts per request, backend CPU ns per request. Without polling: both sleep as soon as the queue is empty; with polling: both spin up to {POLL_US} µs first.\n");
-    println!("| queues | request | depth | vu_blk | irq/req | CPU ns | qsd | irq/req | CPU ns | vu/qsd rate | vu/qsd CPU | vu_blk poll | CPU ns | qsd poll | CPU ns | vu/qsd rate | vu/qsd CPU | vu_blk threads | CPU ns |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| queues | request | depth | vu_blk | irq/req | CPU ns | qsd | irq/req | CPU ns | vu/qsd rate | vu/qsd CPU | vu_blk poll | irq/req | CPU ns | qsd poll | irq/req | CPU ns | vu/qsd rate | vu/qsd CPU | vu_blk threads | irq/req | CPU ns |");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {:.3} | {:.0} | {} | {:.3} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0} | {:.2} | {:.2} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {:.3} | {:.0} | {} | {:.3} | {:.0} | {:.2} | {:.2} | {} | {:.3} | {:.0} | {} | {:.3} | {:.0} | {:.2} | {:.2} | {} | {:.3} | {:.0} |",
             r.cell.queues,
             r.cell.op.name(),
             r.cell.depth,
@@ -605,14 +631,35 @@ fn print_blk_table(opts: &Options, rows: &[BlkRow]) {
             r.rate[0] / r.rate[1],
             r.cpu[0] / r.cpu[1],
             fmt_rate(r.rate[2]),
+            r.irqs[2],
             r.cpu[2],
             fmt_rate(r.rate[3]),
+            r.irqs[3],
             r.cpu[3],
             r.rate[2] / r.rate[3],
             r.cpu[2] / r.cpu[3],
             fmt_rate(r.rate[4]),
+            r.irqs[4],
             r.cpu[4],
         );
+    }
+    println!("\nThe driver's CPU: the share of CPU 0 its threads used during each run (near 1.00 the driver is the bound, whichever backend serves it; well under 1 on both sides the cell waits on wake-ups).\n");
+    print!("| queues | request | depth |");
+    for b in Blk::ALL {
+        print!(" {} |", b.name());
+    }
+    println!("\n|---|---|---|{}", "---|".repeat(Blk::ALL.len()));
+    for r in rows {
+        print!(
+            "| {} | {} | {} |",
+            r.cell.queues,
+            r.cell.op.name(),
+            r.cell.depth
+        );
+        for busy in r.driver {
+            print!(" {busy:.2} |");
+        }
+        println!();
     }
     let at = |r: &BlkRow| {
         format!(
