@@ -420,13 +420,27 @@ struct BlkSample {
     /// The driver threads' CPU time over the run's wall time: the share of CPU 0 the driver
     /// used. Near 1 the driver's CPU is the bound, whichever backend serves it.
     driver_busy: f64,
+    /// The driver threads' blocking waits (voluntary context switches) per request: each
+    /// costs a wake-up of CPU 0 when the device's interrupt comes.
+    driver_sleeps: f64,
 }
 
 /// CPU time and wall time of one measured run.
 struct Spent {
     backend_ns: u64,
     driver_ns: u64,
+    driver_sleeps: u64,
     wall: Duration,
+}
+
+/// The calling thread's voluntary context switches so far (`getrusage(RUSAGE_THREAD)`).
+fn voluntary_switches() -> u64 {
+    // SAFETY: a zeroed rusage is a valid place for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `usage`, which outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    u64::try_from(usage.ru_nvcsw).unwrap_or(0)
 }
 
 /// Drives every queue of `device` in its own thread (on CPU 0) with the `linux-blk` model: a
@@ -449,8 +463,9 @@ fn drive_all(
                 let warm = Until::Requests(1000);
                 driver_models::drive(&mut queue, Model::Blk, depth, warm, TIMEOUT);
                 start.wait();
+                let sleeps = voluntary_switches();
                 let out = driver_models::drive(&mut queue, Model::Blk, depth, until, TIMEOUT);
-                (queue, out)
+                (queue, out, voluntary_switches() - sleeps)
             })
         })
         .collect();
@@ -459,14 +474,17 @@ fn drive_all(
     let driver0 = process_cpu_ns(std::process::id());
     let wall0 = Instant::now();
     let mut outcomes = Vec::new();
+    let mut driver_sleeps = 0;
     for thread in threads {
-        let (queue, out) = thread.join().expect("a driver thread panicked");
+        let (queue, out, sleeps) = thread.join().expect("a driver thread panicked");
         device.queues.push(queue);
         outcomes.push(out);
+        driver_sleeps += sleeps;
     }
     let spent = Spent {
         backend_ns: cpu() - cpu0,
         driver_ns: process_cpu_ns(std::process::id()) - driver0,
+        driver_sleeps,
         wall: wall0.elapsed(),
     };
     (outcomes, spent)
@@ -490,6 +508,7 @@ fn measure_blk(opts: &Options, which: Blk, cell: BlkCell) -> BlkSample {
         cpu_per_req: spent.backend_ns as f64 / done as f64,
         irq_per_req: irqs as f64 / done as f64,
         driver_busy: spent.driver_ns as f64 / spent.wall.as_nanos() as f64,
+        driver_sleeps: spent.driver_sleeps as f64 / done as f64,
     }
 }
 
@@ -550,6 +569,7 @@ pub(crate) struct BlkRow {
     cpu: [f64; 5],
     irqs: [f64; 5],
     driver: [f64; 5],
+    sleeps: [f64; 5],
 }
 
 /// Whether `qemu-storage-daemon` can be run.
@@ -590,6 +610,7 @@ pub(crate) fn blk(opts: &Options) {
             cpu: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.cpu_per_req)),
             irqs: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.irq_per_req)),
             driver: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.driver_busy)),
+            sleeps: [0, 1, 2, 3, 4].map(|b| med(&s[b], |x| x.driver_sleeps)),
         })
         .collect();
     print_blk_table(opts, &rows);
@@ -643,12 +664,12 @@ fn print_blk_table(opts: &Options, rows: &[BlkRow]) {
             r.cpu[4],
         );
     }
-    println!("\nThe driver's CPU: the share of CPU 0 its threads used during each run (near 1.00 the driver is the bound, whichever backend serves it; well under 1 on both sides the cell waits on wake-ups).\n");
+    println!("\nThe driver behind each backend: the share of CPU 0 its threads used during the run (busy; near 1.00 the driver is the bound, whichever backend serves it) and its blocking waits per request (sleeps/req: each one a wake-up of CPU 0 to pay when the interrupt comes; the machine line above gives its cost).\n");
     print!("| queues | request | depth |");
     for b in Blk::ALL {
-        print!(" {} |", b.name());
+        print!(" {} busy | sleeps/req |", b.name());
     }
-    println!("\n|---|---|---|{}", "---|".repeat(Blk::ALL.len()));
+    println!("\n|---|---|---|{}", "---|---|".repeat(Blk::ALL.len()));
     for r in rows {
         print!(
             "| {} | {} | {} |",
@@ -656,8 +677,8 @@ fn print_blk_table(opts: &Options, rows: &[BlkRow]) {
             r.cell.op.name(),
             r.cell.depth
         );
-        for busy in r.driver {
-            print!(" {busy:.2} |");
+        for (busy, sleeps) in r.driver.iter().zip(r.sleeps) {
+            print!(" {busy:.2} | {sleeps:.3} |");
         }
         println!();
     }
