@@ -31,6 +31,7 @@
 use std::time::{Duration, Instant};
 
 use crate::lean_driver::LeanQueue;
+use crate::virtqueue::voluntary_switches;
 
 /// CPU time the block layer spends between a completion and the repost of its request in
 /// [`Model::Blk`] (completion to the submitter, a new request built and queued).
@@ -99,6 +100,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// The device's call eventfd writes over the run, the drain included.
     pub interrupts: u64,
+    /// The driver's blocking waits over the run, the drain included (its thread's voluntary
+    /// context switches): each one a wake-up to pay when the interrupt comes.
+    pub sleeps: u64,
 }
 
 impl Outcome {
@@ -110,6 +114,11 @@ impl Outcome {
     /// Interrupts per completed request.
     pub fn interrupts_per_request(&self) -> f64 {
         self.interrupts as f64 / self.done.max(1) as f64
+    }
+
+    /// Blocking waits of the driver per completed request.
+    pub fn sleeps_per_request(&self) -> f64 {
+        self.sleeps as f64 / self.done.max(1) as f64
     }
 }
 
@@ -154,6 +163,7 @@ pub fn drive(
     );
     queue.collect_interrupts();
     let interrupts_before = queue.interrupts();
+    let sleeps_before = voluntary_switches();
     // Interrupts start enabled, as a driver's callbacks are after probe (a previous run's
     // drain may have left `used_event` behind).
     if model == Model::Poll {
@@ -189,6 +199,7 @@ pub fn drive(
         done: p.done,
         elapsed,
         interrupts: queue.interrupts() - interrupts_before,
+        sleeps: voluntary_switches() - sleeps_before,
     }
 }
 

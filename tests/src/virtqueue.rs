@@ -23,3 +23,15 @@ pub fn wait_readable(fd: i32, timeout: Duration) -> bool {
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     n > 0
 }
+
+/// The calling thread's voluntary context switches so far (`getrusage(RUSAGE_THREAD)`'s
+/// `ru_nvcsw`): its blocking waits.
+#[allow(unsafe_code)]
+pub fn voluntary_switches() -> u64 {
+    // SAFETY: all zeroes is a valid rusage (integers and timevals) for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into `usage`, which outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    u64::try_from(usage.ru_nvcsw).unwrap_or(0)
+}

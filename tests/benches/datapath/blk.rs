@@ -429,18 +429,7 @@ struct BlkSample {
 struct Spent {
     backend_ns: u64,
     driver_ns: u64,
-    driver_sleeps: u64,
     wall: Duration,
-}
-
-/// The calling thread's voluntary context switches so far (`getrusage(RUSAGE_THREAD)`).
-fn voluntary_switches() -> u64 {
-    // SAFETY: a zeroed rusage is a valid place for getrusage to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes one rusage into `usage`, which outlives the call.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
-    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
-    u64::try_from(usage.ru_nvcsw).unwrap_or(0)
 }
 
 /// Drives every queue of `device` in its own thread (on CPU 0) with the `linux-blk` model: a
@@ -463,9 +452,8 @@ fn drive_all(
                 let warm = Until::Requests(1000);
                 driver_models::drive(&mut queue, Model::Blk, depth, warm, TIMEOUT);
                 start.wait();
-                let sleeps = voluntary_switches();
                 let out = driver_models::drive(&mut queue, Model::Blk, depth, until, TIMEOUT);
-                (queue, out, voluntary_switches() - sleeps)
+                (queue, out)
             })
         })
         .collect();
@@ -474,17 +462,14 @@ fn drive_all(
     let driver0 = process_cpu_ns(std::process::id());
     let wall0 = Instant::now();
     let mut outcomes = Vec::new();
-    let mut driver_sleeps = 0;
     for thread in threads {
-        let (queue, out, sleeps) = thread.join().expect("a driver thread panicked");
+        let (queue, out) = thread.join().expect("a driver thread panicked");
         device.queues.push(queue);
         outcomes.push(out);
-        driver_sleeps += sleeps;
     }
     let spent = Spent {
         backend_ns: cpu() - cpu0,
         driver_ns: process_cpu_ns(std::process::id()) - driver0,
-        driver_sleeps,
         wall: wall0.elapsed(),
     };
     (outcomes, spent)
@@ -508,7 +493,7 @@ fn measure_blk(opts: &Options, which: Blk, cell: BlkCell) -> BlkSample {
         cpu_per_req: spent.backend_ns as f64 / done as f64,
         irq_per_req: irqs as f64 / done as f64,
         driver_busy: spent.driver_ns as f64 / spent.wall.as_nanos() as f64,
-        driver_sleeps: spent.driver_sleeps as f64 / done as f64,
+        driver_sleeps: outs.iter().map(|o| o.sleeps).sum::<u64>() as f64 / done as f64,
     }
 }
 

@@ -14,13 +14,14 @@ pub(crate) struct ModelCell {
     pub(crate) cell: Cell,
 }
 
-/// The medians of one cell: for each backend of [`BACKENDS`], requests per second and
-/// interrupts per request.
+/// The medians of one cell: for each backend of [`BACKENDS`], requests per second,
+/// interrupts per request and the driver's blocking waits per request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ModelRow {
     pub(crate) at: ModelCell,
     pub(crate) rate: [f64; 3],
     pub(crate) irqs: [f64; 3],
+    pub(crate) sleeps: [f64; 3],
 }
 
 impl ModelRow {
@@ -111,6 +112,8 @@ pub(crate) fn models(opts: &Options) -> Vec<ModelRow> {
             rate: [0, 1, 2].map(|b| median(s[b].iter().map(Outcome::rate).collect())),
             irqs: [0, 1, 2]
                 .map(|b| median(s[b].iter().map(Outcome::interrupts_per_request).collect())),
+            sleeps: [0, 1, 2]
+                .map(|b| median(s[b].iter().map(Outcome::sleeps_per_request).collect())),
         })
         .collect();
     print_model_tables(opts, &rows);
@@ -135,26 +138,29 @@ fn print_model_tables(opts: &Options, rows: &[ModelRow]) {
         let model = row.at.model;
         seen.push(model);
         println!(
-            "\n### Driver model `{}` (requests/s and interrupts per request, EVENT_IDX; medians of {} interleaved runs of {} ms)\n",
+            "\n### Driver model `{}` (requests/s, interrupts and the driver's blocking waits per request, EVENT_IDX; medians of {} interleaved runs of {} ms)\n",
             model.name(),
             opts.runs,
             opts.run_time.as_millis()
         );
-        println!("| placement | depth | descs | vu | irq/req | ref batch | irq/req | ref per chain | irq/req | vu/best ref |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| placement | depth | descs | vu | irq/req | sleeps/req | ref batch | irq/req | sleeps/req | ref per chain | irq/req | sleeps/req | vu/best ref |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in rows.iter().filter(|r| r.at.model == model) {
             let c = r.at.cell;
             println!(
-                "| {} | {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {:.2} |",
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.2} |",
                 c.placement.name(),
                 c.depth,
                 c.descs,
                 fmt_rate(r.rate[0]),
                 r.irqs[0],
+                r.sleeps[0],
                 fmt_rate(r.rate[1]),
                 r.irqs[1],
+                r.sleeps[1],
                 fmt_rate(r.rate[2]),
                 r.irqs[2],
+                r.sleeps[2],
                 r.ratio(),
             );
         }
