@@ -100,7 +100,8 @@ where
     V: VringT<M> + ?Sized,
     F: FnMut(Chain<'_, M::M>) -> u32,
 {
-    process_queue_async(vring, |chain| Completion::Now(serve(chain)))
+    // The device's closure itself, not one that wraps it: each chain moves once.
+    serve_queue(vring, &mut serve)
 }
 
 /// What a device did with a chain [`process_queue_async`] (or
@@ -115,6 +116,13 @@ pub enum Completion {
     /// [`VringData::complete_deferred`] under the vring's lock, then
     /// [`VringData::signal_used_queue_if_needed`].
     Later,
+}
+
+impl From<u32> for Completion {
+    /// A used length: the chain is served now ([`Completion::Now`]).
+    fn from(len: u32) -> Self {
+        Completion::Now(len)
+    }
 }
 
 /// How many IOTLB misses one call of [`process_queue_async`] asks the frontend for before it
@@ -162,13 +170,24 @@ const MAX_MISSES: usize = 256;
 /// # use vu_vring::vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 /// # on_kick(&VringMutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 256).unwrap());
 /// ```
-pub fn process_queue_async<M, V, F>(vring: &V, serve: F) -> usize
+pub fn process_queue_async<M, V, F>(vring: &V, mut serve: F) -> usize
 where
     M: GuestAddressSpace,
     V: VringT<M> + ?Sized,
     F: FnMut(Chain<'_, M::M>) -> Completion,
 {
-    let mut serve = serve;
+    serve_queue(vring, &mut serve)
+}
+
+/// [`process_queue_async`] for a `serve` returning anything that converts into a
+/// [`Completion`] (a used length is [`Completion::Now`]).
+fn serve_queue<M, V, F, R>(vring: &V, serve: &mut F) -> usize
+where
+    M: GuestAddressSpace,
+    V: VringT<M> + ?Sized,
+    F: FnMut(Chain<'_, M::M>) -> R,
+    R: Into<Completion>,
+{
     let mut completed = 0;
     // An IOVA the frontend did not answer in time: one more try, in which its miss fails
     // what needs it.
@@ -184,7 +203,7 @@ where
             return completed;
         }
         data.set_unanswered(unanswered);
-        let result = serve_passes(data, &mut serve, &mut completed);
+        let result = serve_passes(data, serve, &mut completed);
         data.set_unanswered(None);
         let err = match result {
             Ok(()) => return completed,
@@ -212,14 +231,15 @@ where
 }
 
 /// The passes of [`process_queue_async`], counting the chains handed out in `completed`.
-fn serve_passes<M, F>(
+fn serve_passes<M, F, R>(
     data: &mut VringData<M>,
     serve: &mut F,
     completed: &mut usize,
 ) -> Result<(), Error>
 where
     M: GuestAddressSpace,
-    F: FnMut(Chain<'_, M::M>) -> Completion,
+    F: FnMut(Chain<'_, M::M>) -> R,
+    R: Into<Completion>,
 {
     // One memory snapshot for the whole call: the chains borrow it, so popping and completing
     // a chain touches no reference count.
@@ -230,7 +250,7 @@ where
         data.disable_notification()?;
         let used_before = data.queue_next_used();
         // Entries added here count for the interrupt decision below too.
-        let served = match data.serve_pass(mem, &mut *serve) {
+        let served = match data.serve_pass(mem, serve) {
             Ok(n) => n,
             Err(err) => {
                 // The chains completed before the error are counted and signalled. A pass

@@ -267,7 +267,8 @@ impl<M: GuestAddressSpace> VringData<M> {
     where
         F: FnMut(Chain<'_, M::M>) -> u32,
     {
-        self.serve_available_async(mem, |chain| Completion::Now(serve(chain)))
+        let translating = self.translated_iommu()?;
+        self.serve_translated(mem, translating, &mut serve, false)
     }
 
     /// [`serve_available`](Self::serve_available) for a device that may complete chains
@@ -288,12 +289,12 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// whole before `serve` sees it, without waiting: a miss puts the chain back and ends the
     /// call with [`Error::IommuMiss`] (the chains before it stay completed), for the caller
     /// to ask the frontend without the lock ([`process_queue`](crate::process_queue) does).
-    pub fn serve_available_async<F>(&mut self, mem: &M::M, serve: F) -> Result<usize, Error>
+    pub fn serve_available_async<F>(&mut self, mem: &M::M, mut serve: F) -> Result<usize, Error>
     where
         F: FnMut(Chain<'_, M::M>) -> Completion,
     {
         let translating = self.translated_iommu()?;
-        self.serve_translated(mem, translating, serve, false)
+        self.serve_translated(mem, translating, &mut serve, false)
     }
 
     /// One pass of [`process_queue_async`](crate::process_queue_async):
@@ -301,9 +302,14 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// ([`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed)) after every round
     /// of [`CONCURRENT_ROUND`] chains while the driver runs concurrently
     /// ([`set_driver_concurrent`](Self::set_driver_concurrent)).
-    pub(crate) fn serve_pass<F>(&mut self, mem: &M::M, serve: F) -> Result<usize, Error>
+    ///
+    /// `serve` is borrowed and returns anything that converts into a [`Completion`] (a used
+    /// length is [`Completion::Now`]), so that the device's own closure is what the rounds
+    /// call: no adapter between them moves each [`Chain`] once more.
+    pub(crate) fn serve_pass<F, R>(&mut self, mem: &M::M, serve: &mut F) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
+        F: FnMut(Chain<'_, M::M>) -> R,
+        R: Into<Completion>,
     {
         let translating = self.translated_iommu()?;
         let decide = self.driver_concurrent;
@@ -313,19 +319,20 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// [`serve_available_async`](Self::serve_available_async) once the rings are translated,
     /// the chains translated through `iommu` (and the IOVA whose miss fails them) behind one;
     /// `decide`: rounds of [`CONCURRENT_ROUND`], each followed by an interrupt decision.
-    fn serve_translated<F>(
+    fn serve_translated<F, R>(
         &mut self,
         mem: &M::M,
         iommu: Option<Translating>,
-        mut serve: F,
+        serve: &mut F,
         decide: bool,
     ) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
+        F: FnMut(Chain<'_, M::M>) -> R,
+        R: Into<Completion>,
     {
         if let Some(packed) = &mut self.packed {
             return packed.serve(&self.queue, mem, iommu.as_ref(), |chain| {
-                match serve(chain) {
+                match serve(chain).into() {
                     Completion::Now(len) => len,
                     Completion::Later => {
                         log::error!("a packed ring completes in order: chain completed now, empty");
@@ -350,21 +357,23 @@ impl<M: GuestAddressSpace> VringData<M> {
             .as_ref()
             .is_some_and(|t| !t.resubmit.is_empty())
         {
-            completed += self.serve_resubmitted(mem, &table, ring.as_ref(), &mut serve)?;
+            completed += self.serve_resubmitted(mem, &table, ring.as_ref(), serve)?;
         }
         // One instance of the loop per (tracking, IOMMU), so that a ring without either pays
         // for no check of it.
-        let (table, ring, serve) = (&table, ring.as_ref(), &mut serve);
+        let (table, ring) = (&table, ring.as_ref());
         completed += match (self.tracker.is_some(), table.has_iommu()) {
-            (true, true) => self.serve_rounds::<true, true, F, _>(mem, table, ring, serve, decide),
+            (true, true) => {
+                self.serve_rounds::<true, true, F, R, _>(mem, table, ring, serve, decide)
+            }
             (true, false) => {
-                self.serve_rounds::<true, false, F, _>(mem, table, ring, serve, decide)
+                self.serve_rounds::<true, false, F, R, _>(mem, table, ring, serve, decide)
             }
             (false, true) => {
-                self.serve_rounds::<false, true, F, _>(mem, table, ring, serve, decide)
+                self.serve_rounds::<false, true, F, R, _>(mem, table, ring, serve, decide)
             }
             (false, false) => {
-                self.serve_rounds::<false, false, F, _>(mem, table, ring, serve, decide)
+                self.serve_rounds::<false, false, F, R, _>(mem, table, ring, serve, decide)
             }
         }?;
         Ok(completed + self.deferred.wrapping_sub(deferred_before))
@@ -404,7 +413,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// `TRACK` (then `self.tracker` is set on entry; an area error inside ends it, after which
     /// the tracker calls do nothing); `decide`: rounds of [`CONCURRENT_ROUND`] chains, each
     /// followed by an interrupt decision.
-    fn serve_rounds<'m, const TRACK: bool, const IOMMU: bool, F, B>(
+    fn serve_rounds<'m, const TRACK: bool, const IOMMU: bool, F, R, B>(
         &mut self,
         mem: &'m M::M,
         table: &ChainTable<'m, M::M>,
@@ -413,7 +422,8 @@ impl<M: GuestAddressSpace> VringData<M> {
         decide: bool,
     ) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
+        F: FnMut(Chain<'_, M::M>) -> R,
+        R: Into<Completion>,
         B: BitmapSlice,
     {
         let size = self.queue.size();
@@ -464,7 +474,7 @@ impl<M: GuestAddressSpace> VringData<M> {
                 }
                 let outcome = if IOMMU {
                     let chain = Chain::split(head, position, table);
-                    match self.serve_whole::<TRACK, F>(chain, region, serve) {
+                    match self.serve_whole::<TRACK, F, R>(chain, region, serve) {
                         Ok(outcome) => outcome,
                         Err(miss) => {
                             // Put back, to be asked for without the lock.
@@ -478,7 +488,7 @@ impl<M: GuestAddressSpace> VringData<M> {
                     if TRACK {
                         Tracker::record(&mut self.tracker, region, head);
                     }
-                    serve(Chain::split(head, position, table))
+                    serve(Chain::split(head, position, table)).into()
                 };
                 match outcome {
                     Completion::Now(len) => {

@@ -17,7 +17,7 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// Serves the chains found in flight at the restart (or, when the device opted out,
     /// returns them unserved with a used length of 0), one completion each; returns how many
     /// were completed now.
-    pub(super) fn serve_resubmitted<F, B>(
+    pub(super) fn serve_resubmitted<F, R, B>(
         &mut self,
         mem: &M::M,
         table: &ChainTable<'_, M::M>,
@@ -25,7 +25,8 @@ impl<M: GuestAddressSpace> VringData<M> {
         serve: &mut F,
     ) -> Result<usize, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
+        F: FnMut(Chain<'_, M::M>) -> R,
+        R: Into<Completion>,
         B: BitmapSlice,
     {
         let mut completed = 0;
@@ -39,7 +40,7 @@ impl<M: GuestAddressSpace> VringData<M> {
                     tracker.resubmit.push(head);
                     return Err(Error::IommuMiss { iova, access });
                 }
-                match serve(chain) {
+                match serve(chain).into() {
                     Completion::Now(len) => len,
                     Completion::Later => {
                         taken_for_later(&mut self.deferred, &mut self.iommu, head);

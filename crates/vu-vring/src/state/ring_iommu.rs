@@ -179,14 +179,15 @@ impl<M: GuestAddressSpace> VringData<M> {
     /// (inflight tracking, when `TRACK`) and hands it to `serve`. [`Error::IommuMiss`] when a
     /// translation missed: nothing of the chain was served or recorded, the caller puts it
     /// back.
-    pub(super) fn serve_whole<const TRACK: bool, F>(
+    pub(super) fn serve_whole<const TRACK: bool, F, R>(
         &mut self,
         mut chain: Chain<'_, M::M>,
         region: Option<&InflightRegion<'_>>,
         serve: &mut F,
     ) -> Result<Completion, Error>
     where
-        F: FnMut(Chain<'_, M::M>) -> Completion,
+        F: FnMut(Chain<'_, M::M>) -> R,
+        R: Into<Completion>,
     {
         if let Err((iova, access)) = chain.pretranslate() {
             return Err(Error::IommuMiss { iova, access });
@@ -194,7 +195,7 @@ impl<M: GuestAddressSpace> VringData<M> {
         if TRACK {
             Tracker::record(&mut self.tracker, region, chain.head_index());
         }
-        Ok(serve(chain))
+        Ok(serve(chain).into())
     }
 
     /// Outside a pass (a completion from another thread, a notification decision), a miss
