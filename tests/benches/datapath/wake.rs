@@ -4,7 +4,7 @@
 //! batch whatever the backend does, so it bounds every cell where the driver sleeps:
 //! `depth / (wake-up + the driver's own work per batch)` requests per second at best.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -13,9 +13,6 @@ use super::*;
 
 /// Wake-ups measured per placement.
 const SAMPLES: usize = 200;
-/// How long the waker lets the sleeper settle into its wait before each write: long
-/// enough for it to be blocked, as a driver is after its arm found nothing.
-const SETTLE: Duration = Duration::from_micros(100);
 
 /// Median and 90th percentile of the wake-up latency, in microseconds.
 pub(crate) struct Latency {
@@ -29,10 +26,14 @@ pub(crate) fn wake_latency(waker_cpu: usize) -> Latency {
     let call = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     let written_at = Arc::new(AtomicU64::new(0));
     let waiting = Arc::new(AtomicBool::new(false));
+    let tid = Arc::new(AtomicI32::new(0));
     let sleeper = {
         let (call, written_at, waiting) = (call.clone(), written_at.clone(), waiting.clone());
+        let tid = tid.clone();
         std::thread::spawn(move || {
             pin_self(0);
+            // SAFETY: gettid has no arguments and cannot fail.
+            tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
             let mut us = Vec::with_capacity(SAMPLES);
             for _ in 0..SAMPLES {
                 waiting.store(true, Ordering::SeqCst);
@@ -54,8 +55,11 @@ pub(crate) fn wake_latency(waker_cpu: usize) -> Latency {
             while !waiting.swap(false, Ordering::SeqCst) {
                 std::thread::yield_now();
             }
-            // Sleep (not spin) while the sleeper blocks: on one CPU it must get to run.
-            std::thread::sleep(SETTLE);
+            // The write goes to a sleeper blocked in its wait, as a driver is after its arm
+            // found nothing (on one CPU, the waker gets to look only once it is).
+            while !blocked(tid.load(Ordering::SeqCst)) {
+                std::thread::yield_now();
+            }
             written_at.store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
             call.write(1).expect("eventfd write");
         }
@@ -67,4 +71,12 @@ pub(crate) fn wake_latency(waker_cpu: usize) -> Latency {
         median_us: us[SAMPLES / 2],
         p90_us: us[SAMPLES * 9 / 10],
     }
+}
+
+/// Whether thread `tid` of this process is blocked: state `S` in its `/proc` stat line.
+fn blocked(tid: i32) -> bool {
+    fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('S'))
+    })
 }
