@@ -41,7 +41,7 @@ use vmm_sys_util::epoll::EventSet;
 use vu_mem::DirtyLog;
 use vu_proto::listener::Listener;
 use vu_proto::socket::Endpoint;
-use vu_vring::VringT;
+use vu_vring::{MidPassInterrupt, VringT};
 
 use crate::backend::{DisabledRing, VhostUserBackend};
 use crate::control::RingControl;
@@ -178,10 +178,20 @@ impl<S: VhostUserBackend> Dispatch for Serving<'_, S> {
         })
     }
 
-    fn set_driver_concurrent(&self, queue: u16, concurrent: bool) {
+    fn set_driver_concurrent(&self, queue: u16, concurrent: bool, spacing: u16) {
         if let Some(vring) = self.vrings.get(usize::from(queue)) {
-            vring.get_mut().set_driver_concurrent(concurrent);
+            let mut ring = vring.get_mut();
+            ring.set_driver_concurrent(concurrent);
+            ring.space_round_interrupts(spacing);
         }
+    }
+
+    fn take_mid_pass_interrupt(&self, queue: u16) -> MidPassInterrupt {
+        self.vrings
+            .get(usize::from(queue))
+            .map_or(MidPassInterrupt::NotSent, |vring| {
+                vring.get_mut().take_mid_pass_interrupt()
+            })
     }
 }
 

@@ -83,6 +83,7 @@ use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 use vu_proto::fd::BorrowFd;
+use vu_vring::MidPassInterrupt;
 
 use crate::daemon::DEFAULT_QUEUE_POLLING;
 use crate::daemon_error::DaemonError;
@@ -107,8 +108,13 @@ pub(crate) trait Dispatch {
     /// kick will announce (the worker then dispatches the queue before it sleeps).
     fn release_kicks(&self, queue: u16) -> bool;
     /// Tells queue `queue`'s ring whether its driver is known to run concurrently with the
-    /// worker (`VringData::set_driver_concurrent`: interrupt decisions per round of a pass).
-    fn set_driver_concurrent(&self, queue: u16, concurrent: bool);
+    /// worker (`VringData::set_driver_concurrent`: interrupt decisions per round of a pass),
+    /// and the chains a pass uses between two of its round interrupts
+    /// (`VringData::space_round_interrupts`, 0: none).
+    fn set_driver_concurrent(&self, queue: u16, concurrent: bool, spacing: u16);
+    /// What the driver did after a pass over queue `queue`'s ring interrupted it before the
+    /// pass ended, since the last call (`VringData::take_mid_pass_interrupt`).
+    fn take_mid_pass_interrupt(&self, queue: u16) -> MidPassInterrupt;
 }
 
 /// Assigns each queue to a worker thread from the backend's `queues_per_thread()` masks.
@@ -362,8 +368,24 @@ struct Backoff {
     adaptive: bool,
     /// Whether the last judged window paid: the driver runs concurrently.
     concurrent: bool,
-    /// What the ring was last told of `concurrent`.
-    told: bool,
+    /// What the ring was last told of [`cadence`](Self::cadence).
+    told: Cadence,
+    /// Evidence of a concurrent driver without polling: a pass interrupted the driver before
+    /// it ended, the driver touched the ring after that (reaped or posted,
+    /// `MidPassInterrupt::Answered`) and the worker kept its CPU. A driver sharing the
+    /// worker's CPU can answer only by preempting the worker (or after the pass). Ends at a
+    /// pass that interrupted the driver mid-pass and lost the CPU. Passes whose interrupt is
+    /// not answered yet (the driver woke slower than that pass lasted) or that interrupt
+    /// nothing mid-pass leave it: the interrupt came earlier, not more often.
+    overlap: bool,
+    /// The pass being served is a probe: its ring decides per round although nothing says
+    /// the driver is concurrent, to see whether a driver woken mid-pass answers without
+    /// costing the worker its CPU (without polling nothing else tells).
+    probing: bool,
+    /// Served kicks still to go before the next probe.
+    probe_skip: u32,
+    /// What `probe_skip` becomes after the next probe that fails.
+    probe_next: u32,
 }
 
 impl Backoff {
@@ -378,6 +400,83 @@ impl Backoff {
         self.skip = self.next;
         self.concurrent = false;
     }
+
+    /// How the ring's passes should decide: per round if polling found the driver
+    /// concurrent; per round with mid-pass interrupts [`PROBED_INTERRUPT_SPACING`] apart if
+    /// only probes say so (or the pass is a probe); else once per pass.
+    fn cadence(&self) -> Cadence {
+        if self.concurrent {
+            Cadence::Rounds
+        } else if self.overlap || self.probing {
+            Cadence::ProbedRounds
+        } else {
+            Cadence::Pass
+        }
+    }
+
+    /// Before a pass: whether it is a probe (nothing says the driver is concurrent and the
+    /// probe's gap has run out).
+    fn start_probe(&mut self) -> bool {
+        if self.concurrent || self.overlap {
+            return false;
+        }
+        if self.probe_skip > 0 {
+            self.probe_skip -= 1;
+            return false;
+        }
+        self.probing = true;
+        true
+    }
+
+    /// Judges a pass that was a probe or served while `overlap` held: `interrupt` is what
+    /// the driver did after the pass interrupted it mid-pass, `lost_cpu` whether the worker
+    /// was preempted since before the pass. An answer with the CPU kept is the evidence. A
+    /// mid-pass interrupt with the CPU lost (the driver, woken early, took the worker's CPU)
+    /// refutes it. A probe needs the evidence: unanswered (a driver on the worker's CPU that
+    /// did not preempt it, or one slower to wake than the pass), or with nothing interrupted
+    /// mid-pass, it fails and waits its gap; a pass served while the evidence holds keeps it.
+    fn judge_pass(&mut self, interrupt: MidPassInterrupt, lost_cpu: bool) {
+        let probing = std::mem::take(&mut self.probing);
+        match (interrupt, lost_cpu) {
+            (MidPassInterrupt::Answered, false) => {
+                self.overlap = true;
+                self.probe_skip = 0;
+                self.probe_next = 0;
+            }
+            (MidPassInterrupt::NotSent, _) | (MidPassInterrupt::Unanswered, false) if !probing => {}
+            _ => self.probe_failed(),
+        }
+    }
+
+    fn probe_failed(&mut self) {
+        self.overlap = false;
+        self.probe_next = (self.probe_next * 2).clamp(1, MAX_PROBE_GAP);
+        self.probe_skip = self.probe_next;
+    }
+}
+
+/// The most served kicks between two probes of a queue's driver ([`Backoff::overlap`]).
+const MAX_PROBE_GAP: u32 = 256;
+
+/// Chains a pass uses between two of its interrupts before it ends while only probes say
+/// the driver is concurrent ([`Cadence::ProbedRounds`]). A driver that re-arms after each
+/// reap is otherwise woken after every round of 8: a CPU-bound pass (64 KiB reads into
+/// the guest's buffers at depth 128) sent ~10 interrupts a pass and lost a third of its
+/// rate. A pass that is not CPU-bound is served faster than the driver reaps, so the
+/// spacing seldom delays its interrupts; the rounds still publish the used index.
+const PROBED_INTERRUPT_SPACING: u16 = 32;
+
+/// How a ring's passes decide on interrupts ([`Dispatch::set_driver_concurrent`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Cadence {
+    /// Once, at the end of the pass (nothing says the driver is concurrent).
+    #[default]
+    Pass,
+    /// After every round: a polling window found the driver concurrent.
+    Rounds,
+    /// After rounds at least [`PROBED_INTERRUPT_SPACING`] chains apart: without
+    /// polling, probes found the driver concurrent (or the pass is a probe).
+    ProbedRounds,
 }
 
 /// The polling state of a worker's loop.
@@ -392,6 +491,9 @@ struct Polling {
     backoff: Vec<Backoff>,
     /// The worker's involuntary context switches when last looked at while polling.
     switches: u64,
+    /// The same count as read before a probe or after a judged pass ([`Backoff::overlap`]):
+    /// always read before the pass being judged began.
+    pass_switches: u64,
 }
 
 impl Polling {
@@ -402,6 +504,7 @@ impl Polling {
             look_at: Instant::now(),
             backoff: vec![Backoff::default(); num_queues],
             switches: 0,
+            pass_switches: 0,
         }
     }
 
@@ -415,6 +518,19 @@ impl Polling {
         self.windows
             .iter()
             .any(|&(q, _)| self.backoff.get(usize::from(q)).is_some_and(|b| b.adaptive))
+    }
+
+    /// Judges a pass over `queue` ([`Backoff::judge_pass`]); `signalled_at` is the worker's
+    /// involuntary switch count read after a pass that interrupted the driver mid-pass,
+    /// `None` if it did not.
+    fn judge_pass(&mut self, queue: u16, interrupt: MidPassInterrupt, signalled_at: Option<u64>) {
+        let lost_cpu = signalled_at.is_some_and(|s| s != self.pass_switches);
+        if let Some(s) = signalled_at {
+            self.pass_switches = s;
+        }
+        if let Some(b) = self.backoff(queue) {
+            b.judge_pass(interrupt, lost_cpu);
+        }
     }
 
     /// Judges the polling since the last look, after a spin that found `found` (or closed
@@ -602,12 +718,61 @@ impl Worker {
         let Some(b) = p.backoff(queue) else {
             return;
         };
-        if b.concurrent != b.told {
-            b.told = b.concurrent;
-            let concurrent = b.concurrent;
+        let cadence = b.cadence();
+        if cadence != b.told {
+            b.told = cadence;
+            let (concurrent, limit) = match cadence {
+                Cadence::Pass => (false, 0),
+                Cadence::Rounds => (true, 0),
+                Cadence::ProbedRounds => (true, PROBED_INTERRUPT_SPACING),
+            };
             let _table = self.table();
-            d.set_driver_concurrent(queue, concurrent);
+            d.set_driver_concurrent(queue, concurrent, limit);
         }
+    }
+
+    /// Before the backend serves `queue`: if it does not poll, opens a probe if one is due
+    /// ([`Backoff::probing`]), reading the switch count it is judged from and clearing the
+    /// record of earlier passes.
+    fn before_pass(&self, p: &mut Polling, queue: u16, d: &dyn Dispatch) {
+        let polled = self.poll_budget(queue).is_some();
+        let Some(b) = p.backoff(queue) else {
+            return;
+        };
+        if polled {
+            // Its polling windows judge the driver (`Backoff::concurrent`): no probes. An
+            // early interrupt can also cost a driver that reposts in batches more than a
+            // window gains; the windows' judgement is the one measured against that.
+            if std::mem::take(&mut b.overlap) {
+                self.tell_concurrent(p, queue, d);
+            }
+            return;
+        }
+        if !b.start_probe() {
+            return;
+        }
+        p.pass_switches = sys::involuntary_switches();
+        {
+            let _table = self.table();
+            d.take_mid_pass_interrupt(queue);
+        }
+        self.tell_concurrent(p, queue, d);
+    }
+
+    /// After the backend served `queue`: judges the pass if it was a probe or served while
+    /// the evidence held ([`Backoff::judge_pass`]); the switch count is read only when the
+    /// pass interrupted the driver mid-pass.
+    fn after_pass(&self, p: &mut Polling, queue: u16, d: &dyn Dispatch) {
+        if !p.backoff(queue).is_some_and(|b| b.overlap || b.probing) {
+            return;
+        }
+        let interrupt = {
+            let _table = self.table();
+            d.take_mid_pass_interrupt(queue)
+        };
+        let switches = (interrupt != MidPassInterrupt::NotSent).then(sys::involuntary_switches);
+        p.judge_pass(queue, interrupt, switches);
+        self.tell_concurrent(p, queue, d);
     }
 
     /// Spins over the polled rings until one has work (returned), or returns `None` when
@@ -667,7 +832,7 @@ impl Worker {
         for queue in 0..p.backoff.len() {
             if let Ok(queue) = u16::try_from(queue) {
                 if let Some(b) = p.backoff(queue) {
-                    b.concurrent = false;
+                    (b.concurrent, b.overlap, b.probing) = (false, false, false);
                 }
                 self.tell_concurrent(&mut p, queue, d);
             }
@@ -701,12 +866,16 @@ impl Worker {
                     match Token::of(event.data(), num_queues) {
                         Token::Stop => return Ok(Ending::Stopped),
                         Token::Exit => return Ok(Ending::ExitEvent),
-                        token => {
-                            if self.dispatch(token, event.event_set(), d)? {
-                                if let Token::Kick(queue) = token {
-                                    self.extend_polling(p, queue, d);
-                                }
+                        Token::Kick(queue) => {
+                            self.before_pass(p, queue, d);
+                            let served = self.dispatch(Token::Kick(queue), event.event_set(), d)?;
+                            self.after_pass(p, queue, d);
+                            if served {
+                                self.extend_polling(p, queue, d);
                             }
+                        }
+                        token => {
+                            self.dispatch(token, event.event_set(), d)?;
                         }
                     }
                 }
@@ -726,7 +895,10 @@ impl Worker {
             if let Some(queue) = found {
                 // Before the dispatch: the judgement of this very find sets the pass's cadence.
                 self.tell_concurrent(p, queue, d);
-                if self.dispatch_polled(queue, d)? {
+                self.before_pass(p, queue, d);
+                let served = self.dispatch_polled(queue, d)?;
+                self.after_pass(p, queue, d);
+                if served {
                     self.extend_polling(p, queue, d);
                 } else if let Some(i) = p.windows.iter().position(|&(q, _)| q == queue) {
                     // Not armed any more (unwatched or parked): stop polling it.
@@ -872,6 +1044,10 @@ mod tests {
         holds: RefCell<Vec<(u16, bool)>>,
         /// What the rings were told of their drivers, in order: (queue, concurrent).
         concurrent: RefCell<Vec<(u16, bool)>>,
+        /// The spacings of round interrupts told with them, in the same order.
+        spacings: RefCell<Vec<u16>>,
+        /// What the next `take_mid_pass_interrupt` returns (then `NotSent`).
+        interrupt: Cell<MidPassInterrupt>,
     }
 
     impl Recorder {
@@ -884,6 +1060,8 @@ mod tests {
                 work: vec![false; n],
                 holds: RefCell::new(Vec::new()),
                 concurrent: RefCell::new(Vec::new()),
+                spacings: RefCell::new(Vec::new()),
+                interrupt: Cell::new(MidPassInterrupt::NotSent),
             }
         }
     }
@@ -902,8 +1080,12 @@ mod tests {
             self.holds.borrow_mut().push((queue, false));
             false
         }
-        fn set_driver_concurrent(&self, queue: u16, concurrent: bool) {
+        fn set_driver_concurrent(&self, queue: u16, concurrent: bool, spacing: u16) {
             self.concurrent.borrow_mut().push((queue, concurrent));
+            self.spacings.borrow_mut().push(spacing);
+        }
+        fn take_mid_pass_interrupt(&self, _: u16) -> MidPassInterrupt {
+            self.interrupt.replace(MidPassInterrupt::NotSent)
         }
         fn handle_event(&self, device_event: u16, _: EventSet, _: usize) -> io::Result<()> {
             if self.panic.get() {
@@ -1189,6 +1371,7 @@ mod tests {
         let (w, d, mut p, switches) = judged_window(0);
         w.tell_concurrent(&mut p, 0, &d);
         assert_eq!(*d.concurrent.borrow(), vec![(0, true)], "told once");
+        assert_eq!(*d.spacings.borrow(), vec![0], "every round decides");
         // A later spin loses the CPU: the window closes, and its release tells the ring.
         p.judge(None, switches + 1);
         assert_eq!(p.closed, vec![0]);
@@ -1219,6 +1402,178 @@ mod tests {
         p.closed.clear();
         w.release(&mut p, 0, &d);
         assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+    }
+
+    /// A worker, its recorder and polling state for queue 0 after its first served kick,
+    /// which is a probe: the ring was told to decide per round, its interrupts
+    /// [`PROBED_INTERRUPT_SPACING`] chains apart. The pass's switch count is set to
+    /// 10 so that a judgement can be fed counts with or without a lost CPU.
+    fn probed() -> (Worker, Recorder, Polling) {
+        let w = Worker::new(0, 1, None).unwrap();
+        w.set_polling(0, Duration::ZERO).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        // A record of an earlier pass: cleared by the probe.
+        d.interrupt.set(MidPassInterrupt::Answered);
+        w.before_pass(&mut p, 0, &d);
+        assert_eq!(
+            d.interrupt.get(),
+            MidPassInterrupt::NotSent,
+            "the probe starts from a clean record"
+        );
+        assert_eq!(
+            *d.concurrent.borrow(),
+            vec![(0, true)],
+            "the probe decides per round"
+        );
+        assert_eq!(*d.spacings.borrow(), vec![PROBED_INTERRUPT_SPACING]);
+        p.pass_switches = 10;
+        (w, d, p)
+    }
+
+    /// Serves up to `kicks` more kicks of queue 0 that interrupt nothing mid-pass, until one is a
+    /// probe (left to judge); returns its index among them.
+    fn next_probe(w: &Worker, d: &Recorder, p: &mut Polling, kicks: u32) -> Option<u32> {
+        (0..kicks).find(|_| {
+            w.before_pass(p, 0, d);
+            if p.backoff[0].probing {
+                return true;
+            }
+            w.after_pass(p, 0, d);
+            false
+        })
+    }
+
+    #[test]
+    fn a_probe_answered_with_the_cpu_kept_keeps_the_ring_deciding_per_round() {
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        w.tell_concurrent(&mut p, 0, &d);
+        assert_eq!(
+            *d.concurrent.borrow(),
+            vec![(0, true)],
+            "nothing more to tell"
+        );
+        assert!(p.backoff[0].overlap);
+        // Later passes are no probes, and another answered pass renews the evidence.
+        w.before_pass(&mut p, 0, &d);
+        assert!(!p.backoff[0].probing);
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        assert!(p.backoff[0].overlap);
+        assert_eq!(*d.spacings.borrow(), vec![PROBED_INTERRUPT_SPACING]);
+    }
+
+    #[test]
+    fn a_probe_answered_after_losing_the_cpu_ends_and_backs_off() {
+        // One CPU: the driver, woken by the probe's first round, preempted the worker.
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(11));
+        w.tell_concurrent(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+        assert_eq!(*d.spacings.borrow(), vec![PROBED_INTERRUPT_SPACING, 0]);
+        assert_eq!(
+            p.pass_switches, 11,
+            "the next pass is judged from the new count"
+        );
+        // The next probe waits a kick, the one after two.
+        assert_eq!(next_probe(&w, &d, &mut p, 10), Some(1));
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(12));
+        assert_eq!(next_probe(&w, &d, &mut p, 10), Some(2));
+    }
+
+    #[test]
+    fn a_probe_left_unanswered_with_the_cpu_kept_ends_and_backs_off() {
+        // One CPU: the driver, woken by the probe's first round, did not preempt the worker
+        // and has not run since; or another CPU, a driver slower to wake than the pass.
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Unanswered, Some(10));
+        w.tell_concurrent(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+        assert!(!p.backoff[0].overlap);
+        assert_eq!(next_probe(&w, &d, &mut p, 10), Some(1));
+    }
+
+    #[test]
+    fn a_probe_that_interrupts_nothing_mid_pass_backs_off_up_to_the_longest_gap() {
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::NotSent, None);
+        w.tell_concurrent(&mut p, 0, &d);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+        let mut gaps = Vec::new();
+        for _ in 0..10 {
+            gaps.push(next_probe(&w, &d, &mut p, 2 * MAX_PROBE_GAP).unwrap());
+            p.judge_pass(0, MidPassInterrupt::NotSent, None);
+        }
+        assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        assert!(!p.backoff[0].overlap);
+    }
+
+    #[test]
+    fn passes_that_interrupt_nothing_mid_pass_keep_the_evidence() {
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        for _ in 0..2 * MAX_PROBE_GAP {
+            w.after_pass(&mut p, 0, &d);
+        }
+        assert!(p.backoff[0].overlap);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_mid_pass_interrupt_not_answered_yet_keeps_the_evidence() {
+        // Another CPU: the driver, once known concurrent, woke slower than this pass lasted.
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        p.judge_pass(0, MidPassInterrupt::Unanswered, Some(10));
+        w.tell_concurrent(&mut p, 0, &d);
+        assert!(p.backoff[0].overlap);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_mid_pass_interrupt_with_the_cpu_lost_ends_the_evidence() {
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        p.judge_pass(0, MidPassInterrupt::Unanswered, Some(11));
+        w.tell_concurrent(&mut p, 0, &d);
+        assert!(!p.backoff[0].overlap);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+    }
+
+    #[test]
+    fn a_polled_queue_is_never_probed() {
+        // Polling on by default: its windows judge the driver.
+        let w = Worker::new(0, 1, None).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        for _ in 0..2 * MAX_PROBE_GAP {
+            w.before_pass(&mut p, 0, &d);
+            assert!(!p.backoff[0].probing);
+            w.after_pass(&mut p, 0, &d);
+        }
+        assert!(d.concurrent.borrow().is_empty());
+    }
+
+    #[test]
+    fn polling_turned_on_ends_the_probes_evidence() {
+        let (w, d, mut p) = probed();
+        p.judge_pass(0, MidPassInterrupt::Answered, Some(10));
+        w.set_polling(0, Duration::from_micros(50)).unwrap();
+        w.before_pass(&mut p, 0, &d);
+        assert!(!p.backoff[0].overlap);
+        assert_eq!(*d.concurrent.borrow(), vec![(0, true), (0, false)]);
+    }
+
+    #[test]
+    fn a_ring_known_concurrent_from_polling_is_not_probed() {
+        let w = Worker::new(0, 1, None).unwrap();
+        w.set_polling(0, Duration::ZERO).unwrap();
+        let d = Recorder::new(1);
+        let mut p = Polling::new(1);
+        p.backoff[0].concurrent = true;
+        w.before_pass(&mut p, 0, &d);
+        assert!(!p.backoff[0].probing);
+        assert!(d.concurrent.borrow().is_empty());
     }
 
     /// A ring as the worker sees it, shared with a driver thread: chains published and
@@ -1261,7 +1616,10 @@ mod tests {
             fence(Ordering::SeqCst);
             self.ring_has_work(q)
         }
-        fn set_driver_concurrent(&self, _: u16, _: bool) {}
+        fn set_driver_concurrent(&self, _: u16, _: bool, _: u16) {}
+        fn take_mid_pass_interrupt(&self, _: u16) -> MidPassInterrupt {
+            MidPassInterrupt::NotSent
+        }
     }
 
     #[test]
@@ -1363,7 +1721,10 @@ mod tests {
                 fn release_kicks(&self, _: u16) -> bool {
                     false
                 }
-                fn set_driver_concurrent(&self, _: u16, _: bool) {}
+                fn set_driver_concurrent(&self, _: u16, _: bool, _: u16) {}
+                fn take_mid_pass_interrupt(&self, _: u16) -> MidPassInterrupt {
+                    MidPassInterrupt::NotSent
+                }
             }
             tx.send(w2.rearm(&Enabled).is_ok()).unwrap();
         });

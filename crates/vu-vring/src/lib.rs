@@ -249,7 +249,7 @@ pub use iommu::{Iommu, IommuError};
 pub use process::{process_queue, process_queue_async, Completion};
 pub use ring_state::{InbandNotifier, Restart, RingState};
 pub use state::fill::{fill_queue, Buffers, Filler, WritableSlice};
-pub use state::{VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
+pub use state::{MidPassInterrupt, VringData, MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT};
 pub use vring::{
     DefaultMem, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
 };

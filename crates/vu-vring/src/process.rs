@@ -287,7 +287,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-    use crate::VringMutex;
+    use crate::{MidPassInterrupt, VringMutex};
 
     type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -439,6 +439,99 @@ mod tests {
         // Interrupted after round 1 and after round 2 (which crosses the new used_event).
         assert_eq!((at[ROUND], at[2 * ROUND]), (1, 2));
         assert_eq!(calls(&observer), 0);
+    }
+
+    #[test]
+    fn a_mid_pass_interrupt_is_unanswered_while_the_driver_has_not_touched_the_ring() {
+        // One CPU: the driver, woken by the first round, has not run by the end of the pass.
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        serve_recording(&vring, &mem, &observer);
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::Unanswered
+        );
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::NotSent,
+            "cleared once read"
+        );
+    }
+
+    #[test]
+    fn a_mid_pass_interrupt_is_answered_once_the_driver_reaps_after_it() {
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        let used_event_at = AVAIL + 4 + 2 * 64;
+        process_queue(&vring, |chain| {
+            if usize::from(chain.head_index()) == 2 * ROUND {
+                // Another CPU: the driver woke for the first round and re-armed after it.
+                mem.memory()
+                    .write_obj((ROUND as u16).to_le(), GuestAddress(used_event_at))
+                    .unwrap();
+            }
+            0
+        });
+        assert!(calls(&observer) > 0);
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::Answered
+        );
+    }
+
+    #[test]
+    fn a_mid_pass_interrupt_is_answered_by_chains_posted_after_it() {
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        serve_recording(&vring, &mem, &observer);
+        // The driver posts after the pass (and before the device looks).
+        offer(&mem, 41);
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::Answered
+        );
+    }
+
+    #[test]
+    fn a_pass_that_interrupts_only_at_its_end_records_nothing() {
+        // Not known concurrent: one decision, at the end.
+        let (vring, mem, observer) = cadence_ring(false, 0);
+        serve_recording(&vring, &mem, &observer);
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::NotSent
+        );
+        // Concurrent, but the driver asked for no interrupt during the pass.
+        let (vring, mem, observer) = cadence_ring(true, 100);
+        serve_recording(&vring, &mem, &observer);
+        assert_eq!(
+            vring.get_mut().take_mid_pass_interrupt(),
+            MidPassInterrupt::NotSent
+        );
+    }
+
+    #[test]
+    fn spaced_round_interrupts_wait_for_the_spacing_after_each_one() {
+        let (vring, mem, observer) = cadence_ring(true, 0);
+        vring.get_mut().space_round_interrupts(2 * ROUND as u16);
+        let used_event_at = AVAIL + 4 + 2 * 64;
+        let mut signalled = 0;
+        let mut at = Vec::new();
+        process_queue(&vring, |chain| {
+            signalled += calls(&observer);
+            at.push(signalled);
+            let head = usize::from(chain.head_index());
+            if head % ROUND == 1 && head > ROUND {
+                // A driver that re-arms after each reap: armed for the next completion.
+                let next = (head - head % ROUND) as u16;
+                mem.memory()
+                    .write_obj(next.to_le(), GuestAddress(used_event_at))
+                    .unwrap();
+            }
+            0
+        });
+        // Interrupted after round 1, then not after round 2 (one round since) but after
+        // round 3; the rounds between still publish the used index.
+        assert_eq!((at[ROUND], at[2 * ROUND], at[3 * ROUND]), (1, 1, 2));
+        assert_eq!(calls(&observer), 1, "the end of the pass decides");
+        assert_eq!(vring.queue_used_idx().unwrap(), 40);
     }
 
     #[test]

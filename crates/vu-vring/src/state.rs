@@ -27,6 +27,7 @@ use crate::packed::{PackedRing, Position};
 use crate::process::Completion;
 use crate::ring_state::{InbandNotifier, Restart, RingState};
 use crate::tracker::Tracker;
+pub use notify::MidPassInterrupt;
 use ring_iommu::taken_for_later;
 use used::{put_used, put_used_round, used_ring_slice};
 
@@ -86,6 +87,12 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// The driver is known to run concurrently with the device
     /// ([`VringData::set_driver_concurrent`]): passes decide on interrupts per round.
     driver_concurrent: bool,
+    /// The driver's marks when a pass first wrote the call eventfd before it ended, since
+    /// the device last asked ([`VringData::take_mid_pass_interrupt`]).
+    signalled_mid_pass: Option<notify::DriverMarks>,
+    /// Chains a pass uses between two of its round interrupts
+    /// ([`VringData::space_round_interrupts`]); 0: a decision after every round.
+    round_interrupt_spacing: u16,
     /// Behind an IOMMU: the ring addresses as IOVAs and their translation.
     iommu: Option<RingIommu>,
     /// The fill pass's lists, kept between passes (allocated once, not per pass).
@@ -118,6 +125,8 @@ impl<M: GuestAddressSpace> VringData<M> {
             packed: None,
             kicks_held: false,
             driver_concurrent: false,
+            signalled_mid_pass: None,
+            round_interrupt_spacing: 0,
             iommu: None,
             fill: fill::Scratch::default(),
         })
@@ -447,6 +456,8 @@ impl<M: GuestAddressSpace> VringData<M> {
         // shorter and each ends with an interrupt decision: the driver on the other CPU can
         // reap the first ones (and be woken for them) while the rest are served.
         let round = notify::round(decide);
+        // The used index at the pass's last interrupt before it ended.
+        let mut interrupted_at = None;
         let mut served = [(0u16, 0u32); SERVE_BATCH];
         loop {
             let mut n = 0;
@@ -505,7 +516,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             }
             if decide {
                 // Not after the last round: the caller decides after the pass.
-                self.signal_round(&avail)?;
+                self.decide_round(&avail, &mut interrupted_at)?;
             }
         }
     }
@@ -805,7 +816,10 @@ impl<M: GuestAddressSpace> VringData<M> {
 
     /// Tells the ring whether its driver is known to run concurrently with the device, on
     /// another CPU (vu-daemon's worker sets it while a polling window finds chains without
-    /// the worker losing its CPU, and clears it when the window closes).
+    /// the worker losing its CPU, and clears it when the window closes; without polling, it
+    /// sets it for a probe pass and keeps it while the driver answers the passes' mid-pass
+    /// interrupts, [`take_mid_pass_interrupt`](Self::take_mid_pass_interrupt), without the
+    /// worker losing its CPU, with [`space_round_interrupts`](Self::space_round_interrupts)).
     ///
     /// While it is set, each [`process_queue`](crate::process_queue) pass serves the split
     /// ring in rounds of 8 chains, publishes the used index after each and decides on an
@@ -1157,6 +1171,8 @@ impl<M: GuestAddressSpace> VringData<M> {
         self.deferred = 0;
         self.kicks_held = false;
         self.driver_concurrent = false;
+        self.signalled_mid_pass = None;
+        self.round_interrupt_spacing = 0;
         self.iommu.iter_mut().for_each(RingIommu::forget_rings);
     }
 

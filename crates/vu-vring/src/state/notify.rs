@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 use super::{VringData, CONCURRENT_ROUND, SERVE_BATCH, VRING_AVAIL_F_NO_INTERRUPT};
 use crate::avail::AvailRing;
 use crate::error::Error;
-use crate::layout::{AVAIL_ELEM, AVAIL_HEADER};
+use crate::layout::{AVAIL_ELEM, AVAIL_HEADER, AVAIL_IDX};
 
 /// Chains per round of a pass: [`CONCURRENT_ROUND`] when each round ends with an interrupt
 /// decision (`decide`), else [`SERVE_BATCH`].
@@ -24,6 +24,46 @@ pub(super) fn round(decide: bool) -> usize {
 }
 
 impl<M: GuestAddressSpace> VringData<M> {
+    /// What the driver did after a [`process_queue`](crate::process_queue) pass first wrote
+    /// the call eventfd before it ended (a round's decision while the driver is known to run
+    /// concurrently, [`set_driver_concurrent`](Self::set_driver_concurrent)), since the last
+    /// call (which clears the record): whether it has touched the ring since, read now.
+    ///
+    /// This tells where the driver runs. Woken in the middle of a pass, a driver on another
+    /// CPU reaps (its `used_event` moves) or posts (its available index moves) while the
+    /// device goes on; one on the device's CPU can do neither before it preempts the device
+    /// (vu-daemon's worker sees an involuntary context switch) or the device stops running.
+    pub fn take_mid_pass_interrupt(&mut self) -> MidPassInterrupt {
+        let Some(marks) = self.signalled_mid_pass.take() else {
+            return MidPassInterrupt::NotSent;
+        };
+        if self.packed.is_some() || self.check_translated().is_err() {
+            return MidPassInterrupt::Unanswered;
+        }
+        let base = self.queue.avail_ring();
+        let idx = read_avail_u16(&self.mem, base, AVAIL_IDX);
+        let field = read_avail_u16(&self.mem, base, marks.offset);
+        match (idx, field) {
+            (Ok(idx), Ok(field)) if idx != marks.avail_idx || field != marks.field => {
+                MidPassInterrupt::Answered
+            }
+            _ => MidPassInterrupt::Unanswered,
+        }
+    }
+
+    /// Spaces the interrupts a pass sends before it ends while the driver is known to run
+    /// concurrently ([`set_driver_concurrent`](Self::set_driver_concurrent)): after one, the
+    /// pass's rounds go on publishing the used index, but the next round decision waits
+    /// until `chains` more entries were used (the decision covers every entry since the
+    /// last one). 0, the default: a decision after every round.
+    ///
+    /// For a driver whose concurrency is only presumed (vu-daemon's worker probing a queue
+    /// that does not poll): a driver that re-arms after each reap is otherwise woken after
+    /// every round, which costs a pass that is CPU-bound an interrupt every few chains.
+    pub fn space_round_interrupts(&mut self, chains: u16) {
+        self.round_interrupt_spacing = chains;
+    }
+
     /// The pass's mapping of the available ring; with the driver's `used_event` field when
     /// the pass decides after each round (`decide`) and EVENT_IDX is on.
     pub(super) fn pass_avail<'m>(&self, mem: &'m M::M, decide: bool) -> AvailRing<'m, M::M> {
@@ -32,20 +72,78 @@ impl<M: GuestAddressSpace> VringData<M> {
         AvailRing::map_fields(mem, addr, self.queue.size(), used_event)
     }
 
-    /// The interrupt decision after a round of a pass whose driver runs concurrently:
-    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) for a split ring,
-    /// the driver's fields read through the pass's mapping of the available ring.
-    pub(super) fn signal_round<G: GuestMemory>(
+    /// After a round of a pass whose driver runs concurrently: the interrupt decision
+    /// ([`signal_round`](Self::signal_round)), unless the pass's last interrupt, at used
+    /// index `interrupted_at` (then updated), was fewer than the ring's spacing of chains
+    /// ago ([`space_round_interrupts`](Self::space_round_interrupts)).
+    pub(super) fn decide_round<G: GuestMemory>(
         &mut self,
         avail: &AvailRing<'_, G>,
+        interrupted_at: &mut Option<u16>,
     ) -> Result<(), Error> {
-        let needed =
-            split_needs_notification(&self.queue, &mut self.notified_used, |o| avail.field(o))?;
-        if needed {
-            self.signal_used_queue()?;
+        let used = self.queue.next_used();
+        let spacing = self.round_interrupt_spacing;
+        if interrupted_at.is_none_or(|at| used.wrapping_sub(at) >= spacing)
+            && self.signal_round(avail)?
+        {
+            *interrupted_at = Some(used);
         }
         Ok(())
     }
+
+    /// The interrupt decision after a round of a pass whose driver runs concurrently:
+    /// [`signal_used_queue_if_needed`](Self::signal_used_queue_if_needed) for a split ring,
+    /// the driver's fields read through the pass's mapping of the available ring.
+    /// Returns whether it interrupted the driver; the first such round since
+    /// [`take_mid_pass_interrupt`](Self::take_mid_pass_interrupt) records the driver's marks.
+    pub(super) fn signal_round<G: GuestMemory>(
+        &mut self,
+        avail: &AvailRing<'_, G>,
+    ) -> Result<bool, Error> {
+        let mut read = (0, 0);
+        let needed = split_needs_notification(&self.queue, &mut self.notified_used, |o| {
+            read = (o, avail.field(o)?);
+            Ok(read.1)
+        })?;
+        if !needed {
+            return Ok(false);
+        }
+        if self.signalled_mid_pass.is_none() {
+            let (offset, field) = read;
+            self.signalled_mid_pass = Some(DriverMarks {
+                avail_idx: avail.idx()?,
+                offset,
+                field,
+            });
+        }
+        self.signal_used_queue()?;
+        Ok(true)
+    }
+}
+
+/// What the driver did after a pass interrupted it before the pass ended
+/// ([`VringData::take_mid_pass_interrupt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidPassInterrupt {
+    /// No pass interrupted the driver before it ended.
+    NotSent,
+    /// One did, and the driver has not touched the ring since: it has not run yet (on the
+    /// device's CPU, it waits for the device to stop or be preempted), or the ring is packed
+    /// or not readable now.
+    Unanswered,
+    /// One did, and the driver has touched the ring since: it reaped (moved `used_event`,
+    /// or the available ring's flags without EVENT_IDX) or posted chains.
+    Answered,
+}
+
+/// The driver's fields when a pass first interrupted it mid-pass: its available index and
+/// the field the interrupt decision read (`used_event`, or the flags without EVENT_IDX), at
+/// byte `offset` of the available ring.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DriverMarks {
+    avail_idx: u16,
+    offset: u64,
+    field: u16,
 }
 
 /// The 16-bit field at byte `offset` of the available ring at `base`, loaded Relaxed.
