@@ -534,6 +534,64 @@ mod tests {
         assert_eq!(vring.queue_used_idx().unwrap(), 40);
     }
 
+    /// The cadence ring polled (the poller holds the kicks), its tail wait set to `wait`.
+    fn polled_ring(used_event: u16, wait: Duration) -> (VringMutex<Mem>, Mem, std::fs::File) {
+        let (vring, mem, observer) = cadence_ring(true, used_event);
+        vring.get_mut().hold_kicks().unwrap();
+        vring.get_mut().set_tail_wait(wait);
+        (vring, mem, observer)
+    }
+
+    /// Longer than any test: the tail wait never runs out.
+    const NO_DEADLINE: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_polled_pass_leaves_its_last_round_until_the_driver_has_reaped_and_armed() {
+        // The driver armed at 5 once (it moves used_event: it arms for interrupts).
+        let (vring, mem, observer) = polled_ring(5, NO_DEADLINE);
+        // Rounds until a round's worth is left: the driver has not reaped what they used.
+        assert_eq!(process_queue(&vring, |_| 0), 40 - ROUND);
+        assert_eq!(vring.queue_used_idx().unwrap(), (40 - ROUND) as u16);
+        assert_eq!(calls(&observer), 1, "interrupted for the first round");
+        // Found again by the poller while the driver still reaps: left again.
+        assert_eq!(process_queue(&vring, |_| 0), 0);
+        // The driver has reaped them and armed for the next completion: the tail is served,
+        // and the driver interrupted for it.
+        let used_event_at = AVAIL + 4 + 2 * 64;
+        mem.memory()
+            .write_obj(((40 - ROUND) as u16).to_le(), GuestAddress(used_event_at))
+            .unwrap();
+        assert_eq!(process_queue(&vring, |_| 0), ROUND);
+        assert_eq!(vring.queue_used_idx().unwrap(), 40);
+        assert_eq!(calls(&observer), 1);
+    }
+
+    #[test]
+    fn a_pass_that_is_not_polled_serves_its_last_round_at_once() {
+        let (vring, _mem, _observer) = cadence_ring(true, 5);
+        vring.get_mut().set_tail_wait(NO_DEADLINE);
+        assert_eq!(process_queue(&vring, |_| 0), 40);
+    }
+
+    #[test]
+    fn a_driver_that_never_moves_used_event_is_not_waited_for() {
+        // A polling driver leaves used_event where it is.
+        let (vring, _mem, _observer) = polled_ring(0, NO_DEADLINE);
+        assert_eq!(process_queue(&vring, |_| 0), 40);
+    }
+
+    #[test]
+    fn a_driver_that_does_not_arm_in_time_gets_the_tail_and_is_not_waited_for_again() {
+        let (vring, mem, _observer) = polled_ring(5, Duration::ZERO);
+        assert_eq!(process_queue(&vring, |_| 0), 40 - ROUND);
+        // The wait ran out: the tail is served without the driver having armed.
+        assert_eq!(process_queue(&vring, |_| 0), ROUND);
+        // Its used_event has not moved since: the next pass leaves nothing.
+        offer(&mem, 48);
+        assert_eq!(process_queue(&vring, |_| 0), ROUND);
+        assert_eq!(vring.queue_used_idx().unwrap(), 48);
+    }
+
     #[test]
     fn completes_every_offered_chain_with_the_served_length() {
         let (vring, mem) = started();

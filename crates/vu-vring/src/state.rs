@@ -93,6 +93,9 @@ pub struct VringData<M: GuestAddressSpace = crate::vring::DefaultMem> {
     /// Chains a pass uses between two of its round interrupts
     /// ([`VringData::space_round_interrupts`]); 0: a decision after every round.
     round_interrupt_spacing: u16,
+    /// What a polled pass in rounds remembers of the driver's arming between passes
+    /// ([`VringData::leaves_tail`]).
+    tail: notify::TailWait,
     /// Behind an IOMMU: the ring addresses as IOVAs and their translation.
     iommu: Option<RingIommu>,
     /// The fill pass's lists, kept between passes (allocated once, not per pass).
@@ -127,6 +130,7 @@ impl<M: GuestAddressSpace> VringData<M> {
             driver_concurrent: false,
             signalled_mid_pass: None,
             round_interrupt_spacing: 0,
+            tail: notify::TailWait::default(),
             iommu: None,
             fill: fill::Scratch::default(),
         })
@@ -438,11 +442,9 @@ impl<M: GuestAddressSpace> VringData<M> {
         let size = self.queue.size();
         let mut completed = 0;
         // The region's view, made once for the call (a shared handle of the mapping).
-        let queue = if TRACK {
-            self.tracker.as_ref().map(|t| t.queue.clone())
-        } else {
-            None
-        };
+        let queue = TRACK
+            .then(|| self.tracker.as_ref().map(|t| t.queue.clone()))
+            .flatten();
         let region = queue.as_ref().and_then(|q| q.region().ok());
         let region = region.as_ref();
         // As virtio-queue's iterator: a queue not set up yields nothing.
@@ -466,6 +468,11 @@ impl<M: GuestAddressSpace> VringData<M> {
             if ahead > size {
                 return Err(Error::InvalidAvailIndex { next_avail: next });
             }
+            // Polled and in rounds, the last round may wait for the driver to arm
+            // (notify.rs): chains left are not popped, a stop finds them available.
+            if decide && self.leaves_tail(&avail, ahead)? {
+                return Ok(completed);
+            }
             let taken = usize::from(ahead).min(round);
             for position in (0..taken as u16).map(|i| next.wrapping_add(i)) {
                 let head = match avail.head(position) {
@@ -478,9 +485,7 @@ impl<M: GuestAddressSpace> VringData<M> {
                     }
                 };
                 if head >= size {
-                    log::warn!(
-                        "skipping available entry with head index {head} (queue size {size})"
-                    );
+                    warn_head_beyond(head, size);
                     continue;
                 }
                 let outcome = if IOMMU {
@@ -1209,6 +1214,11 @@ where
 }
 
 /// A queue size is valid when it is a non-zero power of two no larger than `max`.
+/// The log line for an available entry whose head index is past the queue (skipped).
+fn warn_head_beyond(head: u16, size: u16) {
+    log::warn!("skipping available entry with head index {head} (queue size {size})");
+}
+
 fn is_valid_size(size: u16, max: u16) -> bool {
     size.is_power_of_two() && size <= max && size <= MAX_QUEUE_SIZE
 }

@@ -4,6 +4,7 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
@@ -12,6 +13,36 @@ use super::{VringData, CONCURRENT_ROUND, SERVE_BATCH, VRING_AVAIL_F_NO_INTERRUPT
 use crate::avail::AvailRing;
 use crate::error::Error;
 use crate::layout::{AVAIL_ELEM, AVAIL_HEADER, AVAIL_IDX};
+
+/// The longest a polled pass leaves its last round for the driver to arm
+/// ([`VringData::leaves_tail`]): more than a wake-up across CPUs in a VM (20 to 40 µs on the
+/// bench's machine), as long as the default polling budget.
+pub(super) const TAIL_WAIT: Duration = Duration::from_micros(50);
+
+/// What [`VringData::leaves_tail`] remembers between passes.
+#[derive(Debug)]
+pub(crate) struct TailWait {
+    /// The driver's `used_event` when a polled pass in rounds last looked.
+    used_event: u16,
+    /// Whether `used_event` moved since the driver last failed to arm in time: only a
+    /// driver that arms for interrupts is waited for (a polling one never moves it).
+    arms: bool,
+    /// Since when passes have left the tail: the wait's start.
+    since: Option<Instant>,
+    /// The longest wait: [`TAIL_WAIT`] (tests shorten it).
+    limit: Duration,
+}
+
+impl Default for TailWait {
+    fn default() -> Self {
+        TailWait {
+            used_event: 0,
+            arms: false,
+            since: None,
+            limit: TAIL_WAIT,
+        }
+    }
+}
 
 /// Chains per round of a pass: [`CONCURRENT_ROUND`] when each round ends with an interrupt
 /// decision (`decide`), else [`SERVE_BATCH`].
@@ -144,6 +175,61 @@ pub(super) struct DriverMarks {
     avail_idx: u16,
     offset: u64,
     field: u16,
+}
+
+impl<M: GuestAddressSpace> VringData<M> {
+    /// Whether a polled pass in rounds (a poller holds the kicks, the driver runs on another
+    /// CPU) with `ahead` chains still available, no more than a round, leaves them in the
+    /// available ring for now: yes while the driver has not reaped what is published (its `used_event`,
+    /// which it moves when it arms for interrupts, is behind the used index) and for at most
+    /// [`TAIL_WAIT`]. The poller finds them again and a later pass serves them once the
+    /// driver has armed: their completions and the interrupt then come while it reposts, and
+    /// it finds that interrupt pending when it waits, instead of sleeping and paying a
+    /// wake-up across CPUs (served at once, they would be reaped with the rest, and the
+    /// driver's next wait would find nothing). Needs EVENT_IDX and a driver seen to move
+    /// `used_event`; a driver that does not arm in time is not waited for again until it
+    /// moves it.
+    pub(super) fn leaves_tail<G: GuestMemory>(
+        &mut self,
+        avail: &AvailRing<'_, G>,
+        ahead: u16,
+    ) -> Result<bool, Error> {
+        let last_round = ahead > 0 && usize::from(ahead) <= CONCURRENT_ROUND;
+        if !(self.kicks_held && last_round && self.queue.event_idx_enabled()) {
+            return Ok(false);
+        }
+        let size = self.queue.size();
+        let used_event = avail.field(AVAIL_HEADER + AVAIL_ELEM * u64::from(size))?;
+        let tail = &mut self.tail;
+        if used_event != tail.used_event {
+            tail.used_event = used_event;
+            tail.arms = true;
+        }
+        let behind = self.queue.next_used().wrapping_sub(used_event);
+        if !tail.arms || behind == 0 || behind > size {
+            tail.since = None;
+            return Ok(false);
+        }
+        let now = Instant::now();
+        match tail.since {
+            None => {
+                tail.since = Some(now);
+                Ok(true)
+            }
+            Some(since) if now.duration_since(since) < tail.limit => Ok(true),
+            Some(_) => {
+                tail.arms = false;
+                tail.since = None;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Shortens [`TAIL_WAIT`] (tests).
+    #[cfg(test)]
+    pub(crate) fn set_tail_wait(&mut self, limit: Duration) {
+        self.tail.limit = limit;
+    }
 }
 
 /// The 16-bit field at byte `offset` of the available ring at `base`, loaded Relaxed.
